@@ -1,0 +1,188 @@
+"""Reading a stream straight from storage: replay, resume, follow the tail.
+
+A reader never reads past the checkpoint it loaded, so it never sees a torn
+or uncommitted write. Any number of readers, in any process, can read while
+the writer appends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+
+from messagevault.errors import CorruptData, InvalidPosition
+from messagevault.format import (
+    FRAME_HEADER_SIZE,
+    SLOT_SIZE,
+    Checkpoint,
+    FrameHeader,
+    Message,
+    decode_messages,
+    read_header,
+    slot_index,
+)
+from messagevault.storage.base import Storage, StreamStore
+
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+
+
+class Reader:
+    """Reads one stream from storage.
+
+    >>> from messagevault.storage import MemoryStorage
+    >>> from messagevault.writer import Writer
+    >>> storage = MemoryStorage()
+    >>> with Writer.open(storage, "orders") as writer:
+    ...     _ = writer.append([(b"k", b"v1"), (b"k", b"v2")])
+    >>> [m.value for m in Reader.open(storage, "orders").read()]
+    [b'v1', b'v2']
+    """
+
+    def __init__(self, store: StreamStore, name: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.name = name
+        self._store = store
+        self._chunk_size = chunk_size
+        self._stop = threading.Event()
+
+    @classmethod
+    def open(cls, storage: Storage, name: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Reader:
+        return cls(storage.open_stream(name), name, chunk_size=chunk_size)
+
+    def checkpoint(self) -> Checkpoint:
+        """The stream's committed state, fresh from storage."""
+        return self._store.read_checkpoint()
+
+    def read(self, position: int = 0, *, end: int | None = None) -> Iterator[Message]:
+        """Yield committed messages from ``position`` up to the current committed length.
+
+        ``position`` must be a message position (``Message.position`` or
+        ``Message.next_position`` of an earlier read, an ``AppendResult``
+        position, or 0). ``end`` stops early, at a position known to be a
+        frame boundary (such as an earlier committed length).
+        """
+        committed = self._store.read_checkpoint().length
+        limit = committed if end is None else min(end, committed)
+        frame_position, first = self._locate(position, committed)
+        if frame_position < limit:
+            yield from self._scan(frame_position, first, limit)
+
+    def follow(
+        self,
+        position: int = 0,
+        *,
+        poll_interval: float = 0.1,
+        stop: threading.Event | None = None,
+    ) -> Iterator[Message]:
+        """Yield messages from ``position`` forever, waiting for new commits.
+
+        Checks the checkpoint every ``poll_interval`` seconds while at the
+        tail. Ends cleanly when ``stop`` is set, when ``close()`` is called,
+        or when the caller closes the generator.
+        """
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        committed = self._store.read_checkpoint().length
+        frame_position, first = self._locate(position, committed)
+        while not self._stopped(stop):
+            committed = self._store.read_checkpoint().length
+            if frame_position < committed:
+                for message in self._scan(frame_position, first, committed):
+                    yield message
+                    if self._stopped(stop):
+                        return
+                frame_position, first = committed, 0
+                continue
+            waiter = stop if stop is not None else self._stop
+            waiter.wait(poll_interval)
+
+    def _stopped(self, stop: threading.Event | None) -> bool:
+        return self._stop.is_set() or (stop is not None and stop.is_set())
+
+    def _locate(self, position: int, committed: int) -> tuple[int, int]:
+        """Map a message position to (frame position, index in frame), or raise."""
+        if not isinstance(position, int) or position < 0:
+            raise InvalidPosition(f"position must be a non-negative integer, not {position!r}")
+        if position > committed:
+            raise InvalidPosition(
+                f"position {position} is beyond the end of stream {self.name!r} "
+                f"(committed length {committed})"
+            )
+        if position == committed:
+            return position, 0
+        not_a_message = InvalidPosition(
+            f"position {position} is not the position of a message in stream {self.name!r}"
+        )
+        raw = self._store.read(position, FRAME_HEADER_SIZE)
+        try:
+            if read_header(raw, 0, position).end <= committed:
+                return position, 0  # the start of a frame: message 0 of it
+        except CorruptData:
+            pass
+        if len(raw) < SLOT_SIZE:
+            raise not_a_message
+        index = slot_index(raw[:SLOT_SIZE], position)
+        frame_position = position - FRAME_HEADER_SIZE - SLOT_SIZE * index
+        header = None
+        if index >= 1 and frame_position >= 0:
+            try:
+                header = read_header(self._store.read(frame_position, FRAME_HEADER_SIZE), 0, frame_position)
+            except CorruptData:
+                header = None
+        if header is None or index >= header.count or header.end > committed:
+            raise not_a_message
+        return frame_position, index
+
+    def _scan(self, position: int, first: int, end: int) -> Iterator[Message]:
+        """Yield messages of the frames from ``position`` (a frame start) to ``end``."""
+        buffer = b""
+        buffer_start = position
+        while position < end:
+            offset = position - buffer_start
+            if len(buffer) - offset < FRAME_HEADER_SIZE:
+                buffer, buffer_start = self._refill(buffer, buffer_start, position, FRAME_HEADER_SIZE, end)
+                offset = 0
+            header: FrameHeader = read_header(buffer, offset, position)
+            if header.end > end:
+                raise CorruptData(
+                    f"frame at position {position} runs past the committed length {end}",
+                    position=position,
+                )
+            if len(buffer) - offset < header.frame_size:
+                buffer, buffer_start = self._refill(buffer, buffer_start, position, header.frame_size, end)
+                offset = 0
+            yield from decode_messages(buffer, offset, header, first)
+            first = 0
+            position = header.end
+
+    def _refill(
+        self, buffer: bytes, buffer_start: int, position: int, needed: int, end: int
+    ) -> tuple[bytes, int]:
+        """Return a buffer starting at ``position`` that holds at least ``needed`` bytes."""
+        keep = buffer[position - buffer_start :]
+        want = min(max(self._chunk_size, needed) - len(keep), end - position - len(keep))
+        more = self._store.read(position + len(keep), want) if want > 0 else b""
+        buffer = keep + more if keep else more
+        if len(buffer) < needed:
+            raise CorruptData(
+                f"stream {self.name!r} ends at {position + len(buffer)}, inside the frame at "
+                f"{position}, although the checkpoint says {end}",
+                position=position,
+            )
+        return buffer, position
+
+    def close(self) -> None:
+        """Stop any ``follow`` loop and release the storage handle."""
+        self._stop.set()
+        self._store.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,114 @@
+"""The storage seam: what the log needs from a place that keeps bytes.
+
+Everything above this module (writer, reader, server, CLI) reaches storage
+only through these two protocols; each backend (``file``, ``memory``, later
+``azure``) implements them and passes ``tests/test_storage_contract.py``.
+
+A stream in storage is one *data object* (a file, a page blob) plus one small
+*checkpoint* (``format.Checkpoint``). The commit protocol built on top is:
+write frames past the committed length, then ``advance_checkpoint``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from messagevault.format import Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAccess:
+    """How a consumer can read a stream without going through the server.
+
+    ``kind`` is ``"file"`` (``location`` is the stream folder), ``"memory"``
+    (only in this process) or ``"azure-sas"`` (``location`` is a read-only
+    SAS URL that stops working at ``expires_at``, a Unix time).
+    """
+
+    kind: str
+    location: str
+    expires_at: float | None = None
+
+
+class StreamStore(Protocol):
+    """One stream's data object and checkpoint, opened for reading or writing.
+
+    Offsets are stream byte offsets. Handles are not thread-safe; open one per
+    thread. A handle opened for writing is the only writer of its stream
+    until ``close``.
+    """
+
+    @property
+    def page_size(self) -> int:
+        """Writes must start at a multiple of this and cover whole pages (1: any byte)."""
+        ...
+
+    @property
+    def max_write_size(self) -> int:
+        """The largest ``write`` this backend accepts in one call (4 MiB on Azure)."""
+        ...
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Return up to ``size`` bytes from ``offset``.
+
+        Fewer bytes only where the data object ends. Bytes past the committed
+        length may be anything (garbage from a crashed write, padding, zeros):
+        callers bound reads by the checkpoint, never by what comes back.
+        """
+        ...
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset``; the object grows as needed.
+
+        Only allowed on a handle opened for writing. ``offset`` and
+        ``len(data)`` must respect ``page_size`` and ``max_write_size``
+        (``ValueError`` otherwise). Not durable, and not visible to readers as
+        committed, until ``advance_checkpoint`` returns.
+        """
+        ...
+
+    def read_checkpoint(self) -> Checkpoint:
+        """The last checkpoint committed by any writer (fresh from storage)."""
+        ...
+
+    def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
+        """Commit: make all written data durable, then replace the checkpoint.
+
+        Atomic and conditional: if the stored checkpoint is no longer
+        ``expected`` (another writer committed), raise ``StaleWriter`` and
+        change nothing. When this returns, ``new`` is what every reader sees,
+        and it survives a crash as far as the backend's durability setting
+        promises.
+        """
+        ...
+
+    def read_access(self) -> ReadAccess:
+        """A descriptor a direct consumer can use to read this stream."""
+        ...
+
+    def close(self) -> None:
+        """Release the handle and, for a writer, the single-writer lock. Idempotent."""
+        ...
+
+
+class Storage(Protocol):
+    """A set of named streams: a data folder, an Azure storage account, memory."""
+
+    def open_stream(self, name: str, *, write: bool = False, create: bool = False) -> StreamStore:
+        """Open stream ``name``.
+
+        ``create=True`` creates it (empty, checkpoint at length 0) if missing,
+        and is a no-op if it exists; otherwise a missing stream raises
+        ``StreamNotFound``. ``write=True`` takes the single-writer lock at once
+        and raises ``StreamLocked`` if another writer holds it.
+        """
+        ...
+
+    def list_streams(self) -> list[str]:
+        """Names of all streams, sorted."""
+        ...
+
+    def describe(self) -> str:
+        """A one-line, credential-free description for logs and errors."""
+        ...

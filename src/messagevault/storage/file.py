@@ -1,0 +1,301 @@
+"""The embedded default: streams as files in a local data folder.
+
+    <root>/<stream>/data          frames, laid end to end (see docs/FORMAT.md)
+    <root>/<stream>/checkpoint    two 64-byte checkpoint slots
+    <root>/<stream>/writer.lock   flock()ed by the single writer; holds its pid
+
+The checkpoint file has two slots, written alternately (commit number mod 2),
+so a torn checkpoint write can only damage the slot being replaced: readers
+take the valid slot with the higher commit number. A commit is therefore one
+small in-place write, with no rename and no directory fsync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import time
+from enum import StrEnum
+from pathlib import Path
+
+from messagevault.errors import (
+    CorruptData,
+    InvalidStreamName,
+    StaleWriter,
+    StorageError,
+    StreamLocked,
+    StreamNotFound,
+)
+from messagevault.format import CHECKPOINT_SIZE, Checkpoint
+from messagevault.names import validate_stream_name
+from messagevault.storage.base import ReadAccess
+
+DATA_FILE = "data"
+CHECKPOINT_FILE = "checkpoint"
+LOCK_FILE = "writer.lock"
+MAX_WRITE_SIZE = 4 * 1024 * 1024
+
+
+class FsyncPolicy(StrEnum):
+    """When the file backend forces data to disk.
+
+    ``always``: every commit fsyncs the data, then writes and fsyncs the
+    checkpoint, before it returns: an acknowledged batch survives power loss.
+    ``batch``: commits are synced together, at most ``sync_interval`` seconds
+    apart; a process crash loses nothing, a power failure may lose the
+    commits of the last interval. ``never``: left to the operating system.
+    """
+
+    ALWAYS = "always"
+    BATCH = "batch"
+    NEVER = "never"
+
+
+class FileStorage:
+    """Streams in a folder on local disk."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS,
+        sync_interval: float = 0.05,
+    ) -> None:
+        self.root = Path(root)
+        try:
+            self.fsync = FsyncPolicy(fsync)
+        except ValueError:
+            choices = ", ".join(p.value for p in FsyncPolicy)
+            raise ValueError(f"unknown fsync policy {fsync!r}; choose one of {choices}") from None
+        self.sync_interval = sync_interval
+
+    def open_stream(self, name: str, *, write: bool = False, create: bool = False) -> FileStreamStore:
+        validate_stream_name(name)
+        folder = self.root / name
+        if not (folder / CHECKPOINT_FILE).exists():
+            if not create:
+                raise StreamNotFound(f"stream {name!r} does not exist in {self.describe()}")
+            _create_stream_folder(self.root, name)
+        return FileStreamStore(self, name, folder, write=write)
+
+    def list_streams(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if (entry / CHECKPOINT_FILE).is_file() and _is_valid_name(entry.name)
+        )
+
+    def describe(self) -> str:
+        return f"file storage at {self.root}"
+
+
+def _is_valid_name(name: str) -> bool:
+    try:
+        validate_stream_name(name)
+    except InvalidStreamName:
+        return False
+    return True
+
+
+def _create_stream_folder(root: Path, name: str) -> None:
+    """Create a stream folder atomically: build it aside, fsync, rename into place."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        temp = root / f".new-{name}-{secrets.token_hex(4)}"
+        temp.mkdir()
+        try:
+            (temp / DATA_FILE).touch()
+            checkpoint = Checkpoint().encode() + bytes(CHECKPOINT_SIZE)
+            _write_file_durably(temp / CHECKPOINT_FILE, checkpoint)
+            _fsync_path(temp)
+            try:
+                temp.rename(root / name)
+            except OSError as exc:
+                # ENOTEMPTY/EEXIST: a concurrent creator won; theirs is as good as ours.
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        finally:
+            if temp.exists():
+                for child in temp.iterdir():
+                    child.unlink()
+                temp.rmdir()
+        _fsync_path(root)
+    except OSError as exc:
+        raise StorageError(f"cannot create stream {name!r} under {root}: {exc}") from exc
+
+
+def _write_file_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStreamStore:
+    """One stream's files. A writable handle holds ``writer.lock`` until closed."""
+
+    def __init__(self, storage: FileStorage, name: str, folder: Path, *, write: bool) -> None:
+        self._storage = storage
+        self._name = name
+        self._folder = folder
+        self._writable = write
+        self._lock_fd: int | None = None
+        self._last_sync = time.monotonic()
+        self._closed = False
+        flags = os.O_RDWR if write else os.O_RDONLY
+        try:
+            if write:
+                self._lock_fd = _take_writer_lock(folder / LOCK_FILE, name)
+            self._data_fd = os.open(folder / DATA_FILE, flags)
+            self._checkpoint_fd = os.open(folder / CHECKPOINT_FILE, flags)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def page_size(self) -> int:
+        return 1
+
+    @property
+    def max_write_size(self) -> int:
+        return MAX_WRITE_SIZE
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must not be negative")
+        try:
+            data = os.pread(self._data_fd, size, offset)
+            if len(data) == size or not data:
+                return data
+            # A short read of a regular file means end of file, except on the
+            # rare signal interruption: finish the read to be sure.
+            chunks = [data]
+            got = len(data)
+            while got < size:
+                more = os.pread(self._data_fd, size - got, offset + got)
+                if not more:
+                    break
+                chunks.append(more)
+                got += len(more)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise StorageError(f"cannot read stream {self._name!r}: {exc}") from exc
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        if not self._writable:
+            raise PermissionError(f"stream {self._name!r} was opened read-only")
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        if len(data) > MAX_WRITE_SIZE:
+            raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self._data_fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise StorageError(f"cannot write stream {self._name!r}: {exc}") from exc
+
+    def read_checkpoint(self) -> Checkpoint:
+        try:
+            raw = os.pread(self._checkpoint_fd, 2 * CHECKPOINT_SIZE, 0)
+        except OSError as exc:
+            raise StorageError(f"cannot read checkpoint of {self._name!r}: {exc}") from exc
+        best: Checkpoint | None = None
+        for start in (0, CHECKPOINT_SIZE):
+            try:
+                slot = Checkpoint.decode(raw[start : start + CHECKPOINT_SIZE])
+            except CorruptData:
+                continue  # a torn write of the slot being replaced; the other one holds
+            if best is None or slot.commit > best.commit:
+                best = slot
+        if best is None:
+            raise CorruptData(f"both checkpoint slots of stream {self._name!r} are damaged")
+        return best
+
+    def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
+        if not self._writable:
+            raise PermissionError(f"stream {self._name!r} was opened read-only")
+        current = self.read_checkpoint()
+        if current != expected:
+            raise StaleWriter(
+                f"stream {self._name!r} was committed by another writer "
+                f"(checkpoint is at commit {current.commit}, this writer expected {expected.commit})"
+            )
+        if new.commit % 2 == current.commit % 2:
+            raise ValueError("a new checkpoint must advance the commit number by one")
+        policy = self._storage.fsync
+        sync_now = policy is FsyncPolicy.ALWAYS or (
+            policy is FsyncPolicy.BATCH
+            and time.monotonic() - self._last_sync >= self._storage.sync_interval
+        )
+        try:
+            if sync_now:
+                os.fdatasync(self._data_fd)  # data must be durable before the checkpoint names it
+            os.pwrite(self._checkpoint_fd, new.encode(), (new.commit % 2) * CHECKPOINT_SIZE)
+            if sync_now:
+                os.fdatasync(self._checkpoint_fd)
+                self._last_sync = time.monotonic()
+        except OSError as exc:
+            raise StorageError(f"cannot commit stream {self._name!r}: {exc}") from exc
+
+    def read_access(self) -> ReadAccess:
+        return ReadAccess("file", str(self._folder.resolve()))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writable and self._storage.fsync is FsyncPolicy.BATCH:
+            with contextlib.suppress(OSError, AttributeError):
+                os.fdatasync(self._data_fd)
+                os.fdatasync(self._checkpoint_fd)
+        for attr in ("_data_fd", "_checkpoint_fd"):
+            fd = getattr(self, attr, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+
+def _take_writer_lock(path: Path, name: str) -> int:
+    """flock() the stream's lock file, or raise ``StreamLocked`` naming the holder.
+
+    flock locks belong to the open file description, so a second open in the
+    same process conflicts too, and the kernel drops the lock when the holder
+    dies, however it dies: no stale lock files to clean up after a crash.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StreamLocked(
+            f"stream {name!r} is already open for writing by another writer (pid {holder})"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

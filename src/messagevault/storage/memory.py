@@ -1,0 +1,146 @@
+"""In-process storage for unit tests.
+
+With ``page_size=512`` it behaves like an Azure page blob: writes must be
+whole, aligned pages of at most ``max_write_size`` bytes, the data object
+grows in large zero-filled steps, and bytes past the committed length read
+back as whatever was last written there (or zeros). That lets the writer's
+page alignment and tail-page rewrite be tested without Azure.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from messagevault.errors import StaleWriter, StreamLocked, StreamNotFound
+from messagevault.format import Checkpoint
+from messagevault.names import validate_stream_name
+from messagevault.storage.base import ReadAccess
+
+DEFAULT_MAX_WRITE_SIZE = 4 * 1024 * 1024
+GROWTH_STEP = 1024 * 1024
+
+
+@dataclass
+class _StreamState:
+    data: bytearray = field(default_factory=bytearray)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    writer: object | None = None
+    writes: int = 0  # storage writes so far, for tests that count commits
+
+
+class MemoryStorage:
+    """Streams kept in this process's memory. Thread-safe."""
+
+    def __init__(self, *, page_size: int = 1, max_write_size: int = DEFAULT_MAX_WRITE_SIZE) -> None:
+        if page_size < 1 or max_write_size % page_size:
+            raise ValueError("max_write_size must be a positive multiple of page_size")
+        self.page_size = page_size
+        self.max_write_size = max_write_size
+        self._streams: dict[str, _StreamState] = {}
+        self._lock = threading.Lock()
+
+    def open_stream(
+        self, name: str, *, write: bool = False, create: bool = False
+    ) -> MemoryStreamStore:
+        validate_stream_name(name)
+        with self._lock:
+            state = self._streams.get(name)
+            if state is None:
+                if not create:
+                    raise StreamNotFound(f"stream {name!r} does not exist in {self.describe()}")
+                state = self._streams[name] = _StreamState()
+            handle = MemoryStreamStore(self, name, state, write=write)
+            if write:
+                if state.writer is not None:
+                    raise StreamLocked(f"stream {name!r} is already open for writing")
+                state.writer = handle
+            return handle
+
+    def list_streams(self) -> list[str]:
+        with self._lock:
+            return sorted(self._streams)
+
+    def describe(self) -> str:
+        return f"memory storage (page size {self.page_size})"
+
+    def storage_writes(self, name: str) -> int:
+        """How many ``write`` calls stream ``name`` has received (for tests)."""
+        return self._streams[name].writes
+
+
+class MemoryStreamStore:
+    def __init__(
+        self, storage: MemoryStorage, name: str, state: _StreamState, *, write: bool
+    ) -> None:
+        self._storage = storage
+        self._name = name
+        self._state = state
+        self._writable = write
+        self._closed = False
+
+    @property
+    def page_size(self) -> int:
+        return self._storage.page_size
+
+    @property
+    def max_write_size(self) -> int:
+        return self._storage.max_write_size
+
+    def read(self, offset: int, size: int) -> bytes:
+        self._check_open()
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must not be negative")
+        return bytes(self._state.data[offset : offset + size])
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
+        if not self._writable:
+            raise PermissionError(f"stream {self._name!r} was opened read-only")
+        page = self.page_size
+        if offset < 0 or offset % page or len(data) % page:
+            raise ValueError(f"writes must cover whole {page}-byte pages")
+        if len(data) > self.max_write_size:
+            raise ValueError(f"write of {len(data)} bytes exceeds {self.max_write_size}")
+        with self._storage._lock:
+            buf = self._state.data
+            end = offset + len(data)
+            if end > len(buf):
+                if page > 1:  # page blobs grow in big steps; the new space reads as zeros
+                    end = -(-end // GROWTH_STEP) * GROWTH_STEP
+                buf.extend(bytes(end - len(buf)))
+            buf[offset : offset + len(data)] = data
+            self._state.writes += 1
+
+    def read_checkpoint(self) -> Checkpoint:
+        self._check_open()
+        return self._state.checkpoint
+
+    def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
+        self._check_open()
+        if not self._writable:
+            raise PermissionError(f"stream {self._name!r} was opened read-only")
+        with self._storage._lock:
+            if self._state.checkpoint != expected:
+                raise StaleWriter(
+                    f"stream {self._name!r} was committed by another writer "
+                    f"(checkpoint is at commit {self._state.checkpoint.commit}, "
+                    f"this writer expected {expected.commit})"
+                )
+            self._state.checkpoint = new
+
+    def read_access(self) -> ReadAccess:
+        return ReadAccess("memory", self._name)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writable:
+            with self._storage._lock:
+                if self._state.writer is self:
+                    self._state.writer = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("stream handle is closed")

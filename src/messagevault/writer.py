@@ -1,0 +1,258 @@
+"""The single writer of a stream: frames batches and commits them.
+
+A commit writes the new frames just past the committed length, then advances
+the checkpoint conditionally. Until the checkpoint moves, the new bytes are
+invisible to readers, and a crash leaves them as garbage that the next commit
+overwrites, so opening a stream never needs a repair step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import NamedTuple, overload
+
+from messagevault.errors import CorruptData, MessageVaultError, StaleWriter
+from messagevault.format import (
+    Checkpoint,
+    EncodedBatch,
+    encode_batch,
+    message_id,
+    message_positions,
+    verify_frame,
+)
+from messagevault.storage.base import Storage, StreamStore
+
+
+class Receipt(NamedTuple):
+    """Where one appended message landed."""
+
+    position: int
+    sequence: int
+    id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult(Sequence[Receipt]):
+    """The outcome of appending one batch: a sequence of ``Receipt``, one per message.
+
+    Receipts are computed on demand, so appending a large batch costs no
+    per-message Python objects unless the caller asks for them.
+    """
+
+    frame_position: int
+    frame_size: int
+    base_sequence: int
+    message_count: int
+    timestamp: int  # milliseconds since the Unix epoch, shared by the whole batch
+    committed_length: int  # stream length after the commit that carried this batch
+
+    @property
+    def positions(self) -> Sequence[int]:
+        return message_positions(self.frame_position, 0, self.message_count)
+
+    @property
+    def sequences(self) -> range:
+        return range(self.base_sequence, self.base_sequence + self.message_count)
+
+    @property
+    def end(self) -> int:
+        """Position just past this batch: where the next message goes."""
+        return self.frame_position + self.frame_size
+
+    def __len__(self) -> int:
+        return self.message_count
+
+    @overload
+    def __getitem__(self, index: int) -> Receipt: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Receipt]: ...
+    def __getitem__(self, index: int | slice) -> Receipt | Sequence[Receipt]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.message_count))]
+        if index < 0:
+            index += self.message_count
+        if not 0 <= index < self.message_count:
+            raise IndexError("receipt index out of range")
+        position = message_positions(self.frame_position, index, index + 1)[0]
+        sequence = self.base_sequence + index
+        return Receipt(position, sequence, message_id(self.timestamp, position, sequence))
+
+    def __iter__(self) -> Iterator[Receipt]:
+        for index in range(self.message_count):
+            yield self[index]
+
+
+class Writer:
+    """Appends batches to one stream; the only writer while it is open.
+
+    >>> from messagevault.storage import MemoryStorage
+    >>> with Writer.open(MemoryStorage(), "orders") as writer:
+    ...     result = writer.append([(b"OrderPlaced", b'{"id": 1}')])
+    >>> result[0].sequence
+    0
+    """
+
+    def __init__(self, store: StreamStore, name: str) -> None:
+        self.name = name
+        self._store = store
+        self._closed = False
+        self._broken: MessageVaultError | None = None
+        self._in_doubt: Checkpoint | None = None
+        self._needs_resync = False
+        self._checkpoint = store.read_checkpoint()
+        self._verify_tail()
+        self._tail = self._read_tail_page()
+
+    @classmethod
+    def open(cls, storage: Storage, name: str, *, create: bool = True) -> Writer:
+        """Open ``name`` for writing (creating it by default) and take its writer lock."""
+        store = storage.open_stream(name, write=True, create=create)
+        try:
+            return cls(store, name)
+        except BaseException:
+            store.close()
+            raise
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The last checkpoint this writer committed or found."""
+        return self._checkpoint
+
+    def append(self, messages: Iterable[tuple[bytes | str, bytes]]) -> AppendResult:
+        """Append one batch of ``(key, value)`` pairs as one atomic commit.
+
+        Returns once the batch is committed (durable per the storage's policy).
+        Invalid input raises ``InvalidBatch`` and leaves the stream unchanged.
+        """
+        return self.append_batches([encode_batch(messages)])[0]
+
+    def append_batches(self, batches: Sequence[EncodedBatch]) -> list[AppendResult]:
+        """Commit several encoded batches with one storage commit (group commit).
+
+        All of them are committed, or (on an exception) none of them.
+        """
+        if not batches:
+            return []
+        self._check_usable()
+        start = self._checkpoint
+        timestamp = max(time.time_ns() // 1_000_000, start.last_timestamp)
+        pieces: list[bytes | memoryview] = []
+        frames: list[tuple[int, EncodedBatch, int]] = []
+        position, sequence = start.length, start.next_sequence
+        for batch in batches:
+            pieces.append(batch.header(position, sequence, timestamp))
+            pieces.extend(batch.parts)
+            frames.append((position, batch, sequence))
+            position += batch.frame_size
+            sequence += batch.count
+        new = Checkpoint(start.commit + 1, position, sequence, frames[-1][0], timestamp)
+        try:
+            self._write_after_tail(pieces)
+            self._in_doubt = new
+            self._store.advance_checkpoint(new, expected=start)
+        except StaleWriter as exc:
+            self._broken = exc
+            raise
+        except BaseException:
+            self._needs_resync = True
+            raise
+        self._in_doubt = None
+        self._checkpoint = new
+        return [
+            AppendResult(frame, batch.frame_size, base, batch.count, timestamp, position)
+            for frame, batch, base in frames
+        ]
+
+    def _write_after_tail(self, pieces: list[bytes | memoryview]) -> None:
+        """Write ``pieces`` at the committed length, in whole pages where required."""
+        store = self._store
+        page = store.page_size
+        committed = self._checkpoint.length
+        tail = self._tail
+        if tail:
+            pieces.insert(0, tail)
+        buffer = b"".join(pieces)
+        used = len(buffer)
+        if page > 1 and used % page:
+            buffer += bytes(page - used % page)
+        write_start = committed - len(tail)
+        view = memoryview(buffer)
+        step = store.max_write_size
+        for offset in range(0, len(buffer), step):
+            store.write(write_start + offset, view[offset : offset + step])
+        if page > 1:
+            new_length = write_start + used
+            tail_start = new_length - new_length % page
+            self._tail = bytes(view[tail_start - write_start : used])
+
+    def _read_tail_page(self) -> bytes:
+        """The committed bytes of the partly filled last page (page backends only)."""
+        page = self._store.page_size
+        length = self._checkpoint.length
+        if page == 1 or length % page == 0:
+            return b""
+        start = length - length % page
+        tail = self._store.read(start, length - start)
+        if len(tail) != length - start:
+            raise CorruptData(
+                f"stream {self.name!r} is shorter than its checkpoint ({length} bytes)",
+                position=start,
+            )
+        return tail
+
+    def _verify_tail(self) -> None:
+        """Check the last committed frame, so damage is found before we build on it."""
+        checkpoint = self._checkpoint
+        if checkpoint.length == 0:
+            return
+        start = checkpoint.last_frame_position
+        raw = self._store.read(start, checkpoint.length - start)
+        header = verify_frame(raw, 0, start)
+        if header.end != checkpoint.length:
+            raise CorruptData(
+                f"stream {self.name!r}: last frame ends at {header.end}, "
+                f"checkpoint says {checkpoint.length}",
+                position=start,
+            )
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ValueError("writer is closed")
+        if self._broken is not None:
+            raise StaleWriter(f"writer of {self.name!r} lost the stream: {self._broken}")
+        if self._needs_resync:
+            self._resync()
+
+    def _resync(self) -> None:
+        """After a failed commit, learn from storage whether it happened."""
+        stored = self._store.read_checkpoint()
+        if stored not in (self._checkpoint, self._in_doubt):
+            self._broken = StaleWriter(
+                f"stream {self.name!r} was committed by another writer "
+                f"(commit {stored.commit}, expected {self._checkpoint.commit})"
+            )
+            raise self._broken
+        self._checkpoint = stored
+        self._in_doubt = None
+        self._tail = self._read_tail_page()
+        self._needs_resync = False
+
+    def close(self) -> None:
+        """Release the stream's writer lock. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._store.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
