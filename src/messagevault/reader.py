@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from itertools import chain
 from types import TracebackType
 
 from messagevault.errors import CorruptData, InvalidPosition
@@ -54,18 +55,19 @@ class Reader:
         return self._store.read_checkpoint()
 
     def read(self, position: int = 0, *, end: int | None = None) -> Iterator[Message]:
-        """Yield committed messages from ``position`` up to the current committed length.
+        """Iterate committed messages from ``position`` up to the current committed length.
 
         ``position`` must be a message position (``Message.position`` or
         ``Message.next_position`` of an earlier read, an ``AppendResult``
-        position, or 0). ``end`` stops early, at a position known to be a
-        frame boundary (such as an earlier committed length).
+        position, or 0); a bad one raises ``InvalidPosition`` here, before
+        iteration starts. ``end`` stops early, at a frame boundary such as an
+        earlier committed length.
         """
         committed = self._store.read_checkpoint().length
         limit = committed if end is None else min(end, committed)
         frame_position, first = self._locate(position, committed)
-        if frame_position < limit:
-            yield from self._scan(frame_position, first, limit)
+        # Frames decode to lists; chaining them keeps per-message iteration in C.
+        return chain.from_iterable(self._frames(frame_position, first, limit))
 
     def follow(
         self,
@@ -74,27 +76,31 @@ class Reader:
         poll_interval: float = 0.1,
         stop: threading.Event | None = None,
     ) -> Iterator[Message]:
-        """Yield messages from ``position`` forever, waiting for new commits.
+        """Iterate messages from ``position`` forever, waiting for new commits.
 
         Checks the checkpoint every ``poll_interval`` seconds while at the
         tail. Ends cleanly when ``stop`` is set, when ``close()`` is called,
-        or when the caller closes the generator.
+        or when the caller closes the iterator.
         """
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
-        committed = self._store.read_checkpoint().length
-        frame_position, first = self._locate(position, committed)
+        frame_position, first = self._locate(position, self._store.read_checkpoint().length)
+        return chain.from_iterable(self._follow_frames(frame_position, first, poll_interval, stop))
+
+    def _follow_frames(
+        self, frame_position: int, first: int, poll_interval: float, stop: threading.Event | None
+    ) -> Iterator[list[Message]]:
+        waiter = stop if stop is not None else self._stop
         while not self._stopped(stop):
             committed = self._store.read_checkpoint().length
             if frame_position < committed:
-                for message in self._scan(frame_position, first, committed):
-                    yield message
+                for messages in self._frames(frame_position, first, committed):
+                    yield messages
                     if self._stopped(stop):
                         return
                 frame_position, first = committed, 0
-                continue
-            waiter = stop if stop is not None else self._stop
-            waiter.wait(poll_interval)
+            else:
+                waiter.wait(poll_interval)
 
     def _stopped(self, stop: threading.Event | None) -> bool:
         return self._stop.is_set() or (stop is not None and stop.is_set())
@@ -133,8 +139,8 @@ class Reader:
             raise not_a_message
         return frame_position, index
 
-    def _scan(self, position: int, first: int, end: int) -> Iterator[Message]:
-        """Yield messages of the frames from ``position`` (a frame start) to ``end``."""
+    def _frames(self, position: int, first: int, end: int) -> Iterator[list[Message]]:
+        """Decode the frames from ``position`` (a frame start) to ``end``, one list each."""
         buffer = b""
         buffer_start = position
         while position < end:
@@ -151,7 +157,7 @@ class Reader:
             if len(buffer) - offset < header.frame_size:
                 buffer, buffer_start = self._refill(buffer, buffer_start, position, header.frame_size, end)
                 offset = 0
-            yield from decode_messages(buffer, offset, header, first)
+            yield decode_messages(buffer, offset, header, first)
             first = 0
             position = header.end
 
