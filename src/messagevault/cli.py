@@ -1,3 +1,195 @@
-"""placeholder"""
+"""The ``messagevault`` command: thin wrappers over the library.
+
+Storage is named by ``--storage`` (or ``MESSAGEVAULT_STORAGE``), default
+``file:./data``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from messagevault.errors import MessageVaultError
+from messagevault.format import Message
+from messagevault.reader import Reader
+from messagevault.storage import open_storage
+from messagevault.storage.base import Storage
+from messagevault.writer import Writer
+
+storage_option = click.option(
+    "--storage",
+    "storage_url",
+    envvar="MESSAGEVAULT_STORAGE",
+    default="file:./data",
+    show_default=True,
+    help="Where streams live: file:PATH.",
+)
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _open(storage_url: str) -> Storage:
+    try:
+        return open_storage(storage_url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--storage") from exc
+
+
+class _Group(click.Group):
+    """Turns our own errors into one clear line and exit code 1, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except MessageVaultError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="messagevault")
 def main() -> None:
-    pass
+    """MessageVault: durable append-only message streams in blob storage."""
+
+
+@main.command()
+def serve() -> None:
+    """Start the HTTP server (not built yet)."""
+    click.echo(
+        "messagevault: the HTTP server is not built yet; the storage core is.\n"
+        "Try: messagevault publish demo hello && messagevault read demo",
+        err=True,
+    )
+
+
+@main.command()
+@storage_option
+def streams(storage_url: str) -> None:
+    """List streams with their length and message count."""
+    storage = _open(storage_url)
+    table = Table("stream", "messages", "length")
+    for name in storage.list_streams():
+        with Reader.open(storage, name) as reader:
+            checkpoint = reader.checkpoint()
+        table.add_row(name, f"{checkpoint.next_sequence:,}", _human_bytes(checkpoint.length))
+    Console().print(table)
+
+
+@main.command()
+@storage_option
+@click.argument("stream")
+def info(storage_url: str, stream: str) -> None:
+    """Show a stream's committed state as JSON."""
+    with Reader.open(_open(storage_url), stream) as reader:
+        checkpoint = reader.checkpoint()
+        first = next(reader.read(), None)  # decodes only the first frame
+    last_write = checkpoint.last_timestamp if checkpoint.length else None
+    click.echo(
+        json.dumps(
+            {
+                "stream": stream,
+                "length": checkpoint.length,
+                "messages": checkpoint.next_sequence,
+                "first_write": _iso(first.timestamp) if first else None,
+                "last_write": _iso(last_write) if last_write is not None else None,
+            },
+            indent=2,
+        )
+    )
+
+
+def _iso(timestamp_ms: int) -> str:
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+@main.command()
+@storage_option
+@click.argument("stream")
+@click.argument("values", nargs=-1)
+@click.option("--key", default="", help="Key for every message.")
+@click.option("--stdin", "from_stdin", is_flag=True, help="One message per line of stdin.")
+def publish(
+    storage_url: str, stream: str, values: tuple[str, ...], key: str, from_stdin: bool
+) -> None:
+    """Append VALUES (or stdin lines) to STREAM as one batch."""
+    payload = [value.encode() for value in values]
+    if from_stdin:
+        payload += [line.rstrip(b"\n") for line in sys.stdin.buffer]
+    if not payload:
+        raise click.UsageError("nothing to publish: give VALUES or --stdin")
+    with Writer.open(_open(storage_url), stream) as writer:
+        result = writer.append([(key, value) for value in payload])
+    click.echo(
+        json.dumps(
+            {
+                "stream": stream,
+                "position": result.committed_length,
+                "first_sequence": result.base_sequence,
+                "count": result.message_count,
+            }
+        )
+    )
+
+
+@main.command()
+@storage_option
+@click.argument("stream")
+@click.option("--from", "position", default=0, show_default=True, help="Start position.")
+@click.option("--follow", is_flag=True, help="Keep waiting for new messages.")
+@click.option("--limit", type=int, default=None, help="Stop after this many messages.")
+def read(storage_url: str, stream: str, position: int, follow: bool, limit: int | None) -> None:
+    """Print messages as NDJSON (value as UTF-8 text, or base64 if it is not text)."""
+    reader = Reader.open(_open(storage_url), stream)
+    messages: Iterator[Message] = reader.follow(position) if follow else reader.read(position)
+    try:
+        for count, message in enumerate(messages, 1):
+            click.echo(json.dumps(_message_json(message)))
+            if limit is not None and count >= limit:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close()
+
+
+def _message_json(message: Message) -> dict[str, object]:
+    record: dict[str, object] = {
+        "position": message.position,
+        "sequence": message.sequence,
+        "id": message.id.hex(),
+        "timestamp": _iso(message.timestamp),
+        "key": message.key.decode("utf-8", "replace"),
+        "next_position": message.next_position,
+    }
+    try:
+        record["value"] = message.value.decode("utf-8")
+    except UnicodeDecodeError:
+        record["value"] = base64.b64encode(message.value).decode("ascii")
+        record["encoding"] = "base64"
+    return record
+
+
+@main.command()
+@storage_option
+@click.argument("stream")
+def verify(storage_url: str, stream: str) -> None:
+    """Walk STREAM and check every frame's CRCs; exit 1 at the first damage."""
+    with Reader.open(_open(storage_url), stream) as reader:
+        report = reader.verify()
+    click.echo(
+        f"{stream}: OK, {report.messages:,} messages in {report.frames:,} frames, "
+        f"{_human_bytes(report.bytes)}"
+    )

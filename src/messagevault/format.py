@@ -100,7 +100,7 @@ class FrameHeader(NamedTuple):
     """The decoded, checked header of one frame."""
 
     frame_size: int
-    count: int
+    message_count: int
     base_position: int
     base_sequence: int
     timestamp: int
@@ -199,7 +199,12 @@ class EncodedBatch:
 
     @property
     def frame_size(self) -> int:
-        return FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * self.count + self.keys_size + self.values_size
+        return (
+            FRAME_HEADER_SIZE
+            + PER_MESSAGE_OVERHEAD * self.count
+            + self.keys_size
+            + self.values_size
+        )
 
     def header(self, base_position: int, base_sequence: int, timestamp: int) -> bytes:
         head = FRAME_HEADER.pack(
@@ -236,18 +241,21 @@ def encode_batch(messages: Iterable[tuple[bytes | str, bytes]]) -> EncodedBatch:
         columns = tuple(zip(*rows, strict=True))
     except (TypeError, ValueError):
         columns = ()
-    if len(columns) != 2:
-        bad = next((i for i, row in enumerate(rows) if not _is_pair(row)), 0)
-        raise InvalidBatch(f"message {bad} must be a (key, value) pair")
-    keys, values = columns
-    return encode_columns(keys, values)
+    try:
+        if len(columns) != 2:
+            raise InvalidBatch("not pairs")
+        keys, values = columns
+        return encode_columns(keys, values)
+    except InvalidBatch:
+        # A 2-byte string also unpacks into two "columns"; name the real fault.
+        bad = next((i for i, row in enumerate(rows) if not _is_pair(row)), None)
+        if bad is not None:
+            raise InvalidBatch(f"message {bad} must be a (key, value) pair") from None
+        raise
 
 
 def _is_pair(row: object) -> bool:
-    try:
-        return len(row) == 2  # type: ignore[arg-type]
-    except TypeError:
-        return False
+    return isinstance(row, tuple | list) and len(row) == 2
 
 
 def encode_columns(keys: Sequence[bytes | str], values: Sequence[bytes]) -> EncodedBatch:
@@ -283,7 +291,9 @@ def encode_columns(keys: Sequence[bytes | str], values: Sequence[bytes]) -> Enco
         )
     if len(values_blob) != sum(value_lengths):
         raise InvalidBatch("values must be flat byte strings (a memoryview of items > 1 byte?)")
-    frame_size = FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count + len(keys_blob) + len(values_blob)
+    frame_size = (
+        FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count + len(keys_blob) + len(values_blob)
+    )
     if frame_size > MAX_FRAME_SIZE:
         raise InvalidBatch(
             f"batch encodes to {frame_size} bytes; the limit is {MAX_FRAME_SIZE} "
@@ -342,7 +352,9 @@ def read_header(buf: bytes | memoryview, offset: int, position: int | None) -> F
     fields = FRAME_HEADER.unpack_from(buf, offset)
     magic, version, flags, header_size = fields[:4]
     if magic != FRAME_MAGIC:
-        raise CorruptData(f"no frame at position {position} (bad magic {magic!r})", position=position)
+        raise CorruptData(
+            f"no frame at position {position} (bad magic {magic!r})", position=position
+        )
     (stored_crc,) = FRAME_HEADER_CRC.unpack_from(buf, offset + FRAME_HEADER.size)
     if zlib.crc32(memoryview(buf)[offset : offset + FRAME_HEADER.size]) != stored_crc:
         raise CorruptData(f"frame header CRC mismatch at position {position}", position=position)
@@ -364,7 +376,7 @@ def read_header(buf: bytes | memoryview, offset: int, position: int | None) -> F
             f"frame found at position {position} claims position {header.base_position}",
             position=position,
         )
-    count = header.count
+    count = header.message_count
     expected_size = (
         FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count + header.keys_size + header.values_size
     )
@@ -408,13 +420,16 @@ def _check_body(buf: bytes | memoryview, offset: int, header: FrameHeader) -> st
     view = memoryview(buf)
     if zlib.crc32(view[body_start:body_end]) != header.body_crc:
         raise CorruptData(f"frame body CRC mismatch at position {position}", position=position)
-    count = header.count
+    count = header.message_count
     lengths_start = body_start + SLOT_SIZE * count
     key_lengths_start = lengths_start + 4 * count
     keys_start = key_lengths_start + count
     if bytes(view[body_start:lengths_start]) != _SLOT_BYTES[: SLOT_SIZE * count]:
         raise CorruptData(f"frame at position {position} has damaged slots", position=position)
-    lengths = (*view[key_lengths_start:keys_start], *_u32_column(view[lengths_start:key_lengths_start]))
+    lengths = (
+        *view[key_lengths_start:keys_start],
+        *_u32_column(view[lengths_start:key_lengths_start]),
+    )
     try:
         layout = "".join(map(_SPLIT_FORMATS.__getitem__, lengths))
     except IndexError:  # some value is longer than the table: format every length
@@ -431,7 +446,7 @@ def _check_body(buf: bytes | memoryview, offset: int, header: FrameHeader) -> st
 def decode_messages(buf: bytes, offset: int, header: FrameHeader, first: int = 0) -> list[Message]:
     """Check the frame body at ``buf[offset:]`` and return messages ``first..count-1``."""
     splitter = _check_body(buf, offset, header)
-    count = header.count
+    count = header.message_count
     fields = splitter.unpack_from(buf, offset + FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count)
     keys = fields[first:count]
     values = fields[count + first :]
@@ -459,15 +474,18 @@ def parse_batch(frame: bytes | memoryview) -> EncodedBatch:
     header = read_header(view, 0, None)
     _check_body(view, 0, header)
     if header.values_size > MAX_VALUE_SIZE:
-        lengths_start = FRAME_HEADER_SIZE + SLOT_SIZE * header.count
-        if max(_u32_column(view[lengths_start : lengths_start + 4 * header.count])) > MAX_VALUE_SIZE:
+        lengths_start = FRAME_HEADER_SIZE + SLOT_SIZE * header.message_count
+        if (
+            max(_u32_column(view[lengths_start : lengths_start + 4 * header.message_count]))
+            > MAX_VALUE_SIZE
+        ):
             raise InvalidBatch(f"batch holds a value over the {MAX_VALUE_SIZE}-byte limit")
     if header.frame_size != len(view):
         raise CorruptData(
             f"batch is {len(view)} bytes but its header says {header.frame_size}", position=0
         )
     return EncodedBatch(
-        header.count,
+        header.message_count,
         header.keys_size,
         header.values_size,
         header.body_crc,

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from itertools import chain
 from types import TracebackType
+from typing import NamedTuple
 
 from messagevault.errors import CorruptData, InvalidPosition
 from messagevault.format import (
@@ -22,10 +23,17 @@ from messagevault.format import (
     decode_messages,
     read_header,
     slot_index,
+    verify_frame,
 )
 from messagevault.storage.base import Storage, StreamStore
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+
+
+class VerifyReport(NamedTuple):
+    frames: int
+    messages: int
+    bytes: int
 
 
 class Reader:
@@ -132,33 +140,70 @@ class Reader:
         header = None
         if index >= 1 and frame_position >= 0:
             try:
-                header = read_header(self._store.read(frame_position, FRAME_HEADER_SIZE), 0, frame_position)
+                header = read_header(
+                    self._store.read(frame_position, FRAME_HEADER_SIZE), 0, frame_position
+                )
             except CorruptData:
                 header = None
-        if header is None or index >= header.count or header.end > committed:
+        if header is None or index >= header.message_count or header.end > committed:
             raise not_a_message
         return frame_position, index
 
     def _frames(self, position: int, first: int, end: int) -> Iterator[list[Message]]:
         """Decode the frames from ``position`` (a frame start) to ``end``, one list each."""
+        for buffer, offset, header in self._raw_frames(position, end):
+            yield decode_messages(buffer, offset, header, first)
+            first = 0
+
+    def verify(self, position: int = 0) -> VerifyReport:
+        """Check every frame's CRCs and columns from ``position`` to the committed end.
+
+        Raises ``CorruptData`` naming the first bad position.
+        """
+        committed = self._store.read_checkpoint()
+        frame_position, _ = self._locate(position, committed.length)
+        frames = messages = 0
+        last: FrameHeader | None = None
+        for buffer, offset, header in self._raw_frames(frame_position, committed.length):
+            verify_frame(buffer, offset, header.base_position)
+            frames += 1
+            messages += header.message_count
+            last = header
+        if (
+            last is not None
+            and position == 0
+            and last.base_sequence + last.message_count != committed.next_sequence
+        ):
+            raise CorruptData(
+                f"stream {self.name!r} holds {last.base_sequence + last.message_count} messages "
+                f"but its checkpoint says {committed.next_sequence}",
+                position=last.base_position,
+            )
+        return VerifyReport(frames, messages, committed.length - frame_position)
+
+    def _raw_frames(self, position: int, end: int) -> Iterator[tuple[bytes, int, FrameHeader]]:
+        """Yield (buffer, offset, checked header) for each whole frame up to ``end``."""
         buffer = b""
         buffer_start = position
         while position < end:
             offset = position - buffer_start
             if len(buffer) - offset < FRAME_HEADER_SIZE:
-                buffer, buffer_start = self._refill(buffer, buffer_start, position, FRAME_HEADER_SIZE, end)
+                buffer, buffer_start = self._refill(
+                    buffer, buffer_start, position, FRAME_HEADER_SIZE, end
+                )
                 offset = 0
-            header: FrameHeader = read_header(buffer, offset, position)
+            header = read_header(buffer, offset, position)
             if header.end > end:
                 raise CorruptData(
                     f"frame at position {position} runs past the committed length {end}",
                     position=position,
                 )
             if len(buffer) - offset < header.frame_size:
-                buffer, buffer_start = self._refill(buffer, buffer_start, position, header.frame_size, end)
+                buffer, buffer_start = self._refill(
+                    buffer, buffer_start, position, header.frame_size, end
+                )
                 offset = 0
-            yield decode_messages(buffer, offset, header, first)
-            first = 0
+            yield buffer, offset, header
             position = header.end
 
     def _refill(

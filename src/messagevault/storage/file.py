@@ -72,7 +72,9 @@ class FileStorage:
             raise ValueError(f"unknown fsync policy {fsync!r}; choose one of {choices}") from None
         self.sync_interval = sync_interval
 
-    def open_stream(self, name: str, *, write: bool = False, create: bool = False) -> FileStreamStore:
+    def open_stream(
+        self, name: str, *, write: bool = False, create: bool = False
+    ) -> FileStreamStore:
         validate_stream_name(name)
         folder = self.root / name
         if not (folder / CHECKPOINT_FILE).exists():
@@ -236,7 +238,8 @@ class FileStreamStore:
         if current != expected:
             raise StaleWriter(
                 f"stream {self._name!r} was committed by another writer "
-                f"(checkpoint is at commit {current.commit}, this writer expected {expected.commit})"
+                f"(checkpoint is at commit {current.commit}, "
+                f"this writer expected {expected.commit})"
             )
         if new.commit % 2 == current.commit % 2:
             raise ValueError("a new checkpoint must advance the commit number by one")

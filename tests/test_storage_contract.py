@@ -1,0 +1,137 @@
+"""The storage contract (``storage/base.py``), run against every backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from messagevault.errors import InvalidStreamName, StaleWriter, StreamLocked, StreamNotFound
+from messagevault.format import Checkpoint
+from messagevault.storage.base import Storage, StreamStore
+
+
+def _pages(store: StreamStore, data: bytes) -> bytes:
+    """Pad ``data`` to whole pages, as a page-blob writer must."""
+    return data + bytes(-len(data) % store.page_size)
+
+
+def test_missing_stream_is_not_found(storage: Storage) -> None:
+    with pytest.raises(StreamNotFound, match="nope"):
+        storage.open_stream("nope")
+    assert storage.list_streams() == []
+
+
+@pytest.mark.parametrize("name", ["ab", "Orders", "a--b", "-ab", "ab-", "a_b", "x" * 61, "ünï"])
+def test_invalid_names_are_rejected_before_touching_storage(storage: Storage, name: str) -> None:
+    with pytest.raises(InvalidStreamName):
+        storage.open_stream(name, write=True, create=True)
+    assert storage.list_streams() == []
+
+
+def test_create_is_idempotent_and_listed(storage: Storage) -> None:
+    for _ in range(2):
+        storage.open_stream("orders", create=True).close()
+    storage.open_stream("billing-2", create=True).close()
+    assert storage.list_streams() == ["billing-2", "orders"]
+
+
+def test_new_stream_has_empty_checkpoint(storage: Storage) -> None:
+    store = storage.open_stream("orders", create=True)
+    assert store.read_checkpoint() == Checkpoint()
+    store.read(0, 100)  # nothing committed yet; whatever comes back, no error
+    store.close()
+
+
+def test_write_then_read_any_range(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    data = _pages(store, bytes(range(256)) * 20)
+    store.write(0, data)
+    assert store.read(0, len(data)) == data
+    assert store.read(100, 50) == data[100:150]
+    assert store.read(len(data) - 10, 10) == data[-10:]
+    store.close()
+
+
+def test_read_is_short_only_at_the_end(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    data = _pages(store, b"x" * 1000)
+    store.write(0, data)
+    tail = store.read(len(data) - 4, 100)
+    # Page blobs are allocated in big steps and read back zeros past the data.
+    assert tail[:4] == data[-4:]
+    assert tail[4:] == bytes(len(tail) - 4)
+    store.close()
+
+
+def test_checkpoint_advances_and_other_handles_see_it(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    reader = storage.open_stream("orders")
+    data = _pages(writer, b"frame bytes")
+    writer.write(0, data)
+    new = Checkpoint(commit=1, length=11, next_sequence=1, last_frame_position=0, last_timestamp=5)
+    writer.advance_checkpoint(new, expected=Checkpoint())
+    assert writer.read_checkpoint() == new
+    assert reader.read_checkpoint() == new
+    assert reader.read(0, 11) == b"frame bytes"
+    newer = Checkpoint(commit=2, length=20, next_sequence=2, last_frame_position=11)
+    writer.advance_checkpoint(newer, expected=new)
+    assert reader.read_checkpoint() == newer
+    writer.close()
+    reader.close()
+
+
+def test_conditional_checkpoint_refuses_a_stale_expectation(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    first = Checkpoint(commit=1, length=10, next_sequence=1)
+    store.advance_checkpoint(first, expected=Checkpoint())
+    with pytest.raises(StaleWriter):
+        store.advance_checkpoint(Checkpoint(commit=2, length=99), expected=Checkpoint())
+    assert store.read_checkpoint() == first
+    store.close()
+
+
+def test_single_writer_lock(storage: Storage) -> None:
+    first = storage.open_stream("orders", write=True, create=True)
+    with pytest.raises(StreamLocked, match="orders"):
+        storage.open_stream("orders", write=True)
+    reader = storage.open_stream("orders")  # readers are never locked out
+    reader.close()
+    first.close()
+    first.close()  # idempotent
+    second = storage.open_stream("orders", write=True)
+    second.close()
+
+
+def test_read_only_handle_cannot_write(storage: Storage) -> None:
+    storage.open_stream("orders", create=True).close()
+    store = storage.open_stream("orders")
+    with pytest.raises(PermissionError):
+        store.write(0, _pages(store, b"x"))
+    with pytest.raises(PermissionError):
+        store.advance_checkpoint(Checkpoint(commit=1, length=1), expected=Checkpoint())
+    assert store.read_checkpoint() == Checkpoint()
+    store.close()
+
+
+def test_write_limits(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    with pytest.raises(ValueError, match="exceeds"):
+        store.write(0, bytes(store.max_write_size + store.page_size))
+    if store.page_size > 1:
+        with pytest.raises(ValueError, match="pages"):
+            store.write(1, bytes(store.page_size))
+        with pytest.raises(ValueError, match="pages"):
+            store.write(0, bytes(store.page_size + 1))
+    store.write(0, bytes(store.max_write_size))  # exactly the limit is fine
+    store.close()
+
+
+def test_read_access_descriptor(storage: Storage) -> None:
+    store = storage.open_stream("orders", create=True)
+    access = store.read_access()
+    assert access.kind in {"file", "memory", "azure-sas"}
+    assert access.location
+    store.close()
+
+
+def test_describe_names_the_backend(storage: Storage) -> None:
+    assert storage.describe()
