@@ -135,3 +135,14 @@ def test_read_access_descriptor(storage: Storage) -> None:
 
 def test_describe_names_the_backend(storage: Storage) -> None:
     assert storage.describe()
+
+
+def test_closed_handle_refuses_io(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    store.close()
+    with pytest.raises(ValueError, match="closed"):
+        store.read(0, 1)
+    with pytest.raises(ValueError, match="closed"):
+        store.read_checkpoint()
+    with pytest.raises(ValueError, match="closed"):
+        store.write(0, bytes(store.page_size))

@@ -178,6 +178,7 @@ class FileStreamStore:
         return MAX_WRITE_SIZE
 
     def read(self, offset: int, size: int) -> bytes:
+        self._check_open()
         if offset < 0 or size < 0:
             raise ValueError("offset and size must not be negative")
         try:
@@ -199,6 +200,7 @@ class FileStreamStore:
             raise StorageError(f"cannot read stream {self._name!r}: {exc}") from exc
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
         if not self._writable:
             raise PermissionError(f"stream {self._name!r} was opened read-only")
         if offset < 0:
@@ -215,6 +217,7 @@ class FileStreamStore:
             raise StorageError(f"cannot write stream {self._name!r}: {exc}") from exc
 
     def read_checkpoint(self) -> Checkpoint:
+        self._check_open()
         try:
             raw = os.pread(self._checkpoint_fd, 2 * CHECKPOINT_SIZE, 0)
         except OSError as exc:
@@ -232,6 +235,7 @@ class FileStreamStore:
         return best
 
     def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
+        self._check_open()
         if not self._writable:
             raise PermissionError(f"stream {self._name!r} was opened read-only")
         current = self.read_checkpoint()
@@ -257,6 +261,11 @@ class FileStreamStore:
                 self._last_sync = time.monotonic()
         except OSError as exc:
             raise StorageError(f"cannot commit stream {self._name!r}: {exc}") from exc
+
+    def _check_open(self) -> None:
+        # A closed descriptor number may already belong to another file.
+        if self._closed:
+            raise ValueError(f"stream handle of {self._name!r} is closed")
 
     def read_access(self) -> ReadAccess:
         return ReadAccess("file", str(self._folder.resolve()))

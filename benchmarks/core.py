@@ -1,0 +1,204 @@
+"""Core benchmark: in-process append and read-back on the file backend.
+
+    make bench-core            # full size, 3 runs per case, medians
+    python benchmarks/core.py --scale 0.1 --runs 1
+
+Workloads (from the issue; keys are b"key-%012d", 16 bytes):
+  W1  1,000,000 messages x 100-byte values, batches of 1,000
+  W2    200,000 messages x 1,000-byte values, batches of 100
+each with fsync per commit (``always``) and without (``never``). The read-back
+iterates every message through ``Reader.read`` and compares key and value with
+what was written. Results go to benchmarks/results/core-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from itertools import chain
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from messagevault import FileStorage, Reader, Writer
+
+RESULTS = Path(__file__).parent / "results"
+
+# msgs/s targets from the issue, for the table's last column.
+TARGETS = {("W1", "never", "append"): 1_500_000, ("W1", "never", "read"): 1_500_000}
+TARGETS[("W1", "always", "append")] = 1_000_000
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    messages: int
+    value_size: int
+    batch_size: int
+
+
+WORKLOADS = [Workload("W1", 1_000_000, 100, 1_000), Workload("W2", 200_000, 1_000, 100)]
+
+
+@dataclass
+class Case:
+    workload: str
+    fsync: str
+    phase: str
+    messages: int
+    payload_bytes: int
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def msgs_per_s(self) -> float:
+        return self.messages / self.median
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.payload_bytes / self.median / 1e6
+
+
+def make_batches(workload: Workload) -> tuple[list[list[tuple[bytes, bytes]]], list[bytes]]:
+    filler = os.urandom(workload.value_size)
+    keys = [b"key-%012d" % i for i in range(workload.messages)]
+    values = [(b"%012d" % i + filler)[: workload.value_size] for i in range(workload.messages)]
+    pairs = list(zip(keys, values, strict=True))
+    size = workload.batch_size
+    return [pairs[i : i + size] for i in range(0, len(pairs), size)], values
+
+
+def run_once(
+    workload: Workload, fsync: str, batches: list[list[tuple[bytes, bytes]]], folder: Path
+) -> tuple[float, float]:
+    storage = FileStorage(folder, fsync=fsync)
+    started = time.perf_counter()
+    with Writer.open(storage, "bench") as writer:
+        for batch in batches:
+            writer.append(batch)
+    append_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    with Reader.open(storage, "bench") as reader:
+        # strict=True fails if the stream holds more or fewer messages than written.
+        written = chain.from_iterable(batches)
+        for message, (key, value) in zip(reader.read(), written, strict=True):
+            if message.value != value or message.key != key:
+                raise SystemExit(f"content mismatch at sequence {message.sequence}")
+        read_seconds = time.perf_counter() - started
+        if reader.checkpoint().next_sequence != workload.messages:
+            raise SystemExit("message count mismatch")
+    return append_seconds, read_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the test streams")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    cases: list[Case] = []
+    for base in WORKLOADS:
+        workload = Workload(
+            base.name,
+            max(base.batch_size, int(base.messages * args.scale)),
+            base.value_size,
+            base.batch_size,
+        )
+        batches, values = make_batches(workload)
+        payload = sum(16 + len(v) for v in values)
+        del values
+        # The harness holds millions of pre-built objects that a real producer
+        # would not; freezing them keeps every GC pass from rescanning them.
+        gc.collect()
+        gc.freeze()
+        for fsync in ("never", "always"):
+            appends, reads = [], []
+            for _ in range(args.runs):
+                folder = Path(tempfile.mkdtemp(prefix="mv-bench-", dir=args.dir))
+                try:
+                    append_seconds, read_seconds = run_once(workload, fsync, batches, folder)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                appends.append(append_seconds)
+                reads.append(read_seconds)
+            for phase, seconds in (("append", appends), ("read", reads)):
+                cases.append(Case(workload.name, fsync, phase, workload.messages, payload, seconds))
+        del batches
+        gc.unfreeze()
+        gc.collect()
+
+    table = Table(
+        title=f"MessageVault core, file backend, median of {args.runs} (scale {args.scale})"
+    )
+    for column in ("workload", "fsync", "phase", "msgs/s", "MB/s", "min..max s", "target msgs/s"):
+        table.add_column(
+            column, justify="right" if column not in ("workload", "fsync", "phase") else "left"
+        )
+    for case in cases:
+        target = TARGETS.get((case.workload, case.fsync, case.phase))
+        mark = (
+            ""
+            if target is None
+            else f"{target:,} {'ok' if case.msgs_per_s >= target else 'MISSED'}"
+        )
+        table.add_row(
+            case.workload,
+            case.fsync,
+            case.phase,
+            f"{case.msgs_per_s:,.0f}",
+            f"{case.mb_per_s:,.1f}",
+            f"{min(case.seconds):.2f}..{max(case.seconds):.2f}",
+            mark,
+        )
+    Console().print(table)
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = args.output / f"core-{stamp}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "benchmark": "core",
+                "time": stamp,
+                "runs": args.runs,
+                "scale": args.scale,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0],
+                    "platform": platform.platform(),
+                },
+                "cases": [
+                    {
+                        **asdict(case),
+                        "median_s": case.median,
+                        "msgs_per_s": case.msgs_per_s,
+                        "mb_per_s": case.mb_per_s,
+                    }
+                    for case in cases
+                ],
+            },
+            indent=2,
+        )
+    )
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
