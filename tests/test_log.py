@@ -147,7 +147,7 @@ def test_group_commit_is_one_storage_commit(storage: Storage) -> None:
         ([(b"k" * (MAX_KEY_SIZE + 1), b"v")], "message 0: key is 256 bytes"),
         ([(b"k", b"v"), (b"k", bytes(MAX_VALUE_SIZE + 1))], "message 1: value is"),
         ([(b"k", b"")] * (MAX_BATCH_COUNT + 1), "at most"),
-        ([(b"k", "text")], "message 0: value must be bytes"),
+        ([(b"k", "text")], "message 0: value must be a contiguous bytes-like"),
         ([(3, b"v")], "message 0: key must be bytes or str"),
         ([(b"k", b"v", b"extra")], "pair"),
         ([b"kv"], "pair"),

@@ -276,12 +276,16 @@ def encode_columns(keys: Sequence[bytes | str], values: Sequence[bytes]) -> Enco
         raise InvalidBatch(
             f"message {bad}: key is {len(keys[bad])} bytes; the limit is {MAX_KEY_SIZE}"
         ) from None
+    if len(keys_blob) != sum(key_lengths):  # len() counted items, not bytes
+        bad = next(i for i, key in enumerate(keys) if len(key) != len(b"".join((key,))))  # type: ignore[arg-type]
+        raise InvalidBatch(f"message {bad}: key must be a flat byte string")
     try:
         values_blob = b"".join(values)
     except TypeError:
-        bad = next(i for i, value in enumerate(values) if not _is_bytes_like(value))
+        bad = next((i for i, value in enumerate(values) if not _joins(value)), 0)
         raise InvalidBatch(
-            f"message {bad}: value must be bytes, not {type(values[bad]).__name__}"
+            f"message {bad}: value must be a contiguous bytes-like object, "
+            f"not {type(values[bad]).__name__}"
         ) from None
     value_lengths = array(_U32, map(len, values))
     if len(values_blob) > MAX_VALUE_SIZE and max(value_lengths) > MAX_VALUE_SIZE:
@@ -318,6 +322,15 @@ def _key_bytes(index: int, key: object) -> bytes:
     if _is_bytes_like(key):
         return bytes(key)  # type: ignore[call-overload,no-any-return]
     raise InvalidBatch(f"message {index}: key must be bytes or str, not {type(key).__name__}")
+
+
+def _joins(value: object) -> bool:
+    """Whether ``bytes.join`` takes ``value``: the test that failed for the batch."""
+    try:
+        b"".join((value,))  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
 
 
 def _is_bytes_like(value: object) -> bool:
@@ -370,6 +383,10 @@ def read_header(buf: bytes | memoryview, offset: int, position: int | None) -> F
             "unknown to format v1",
             position=position,
         )
+    if any(memoryview(buf)[offset + 52 : offset + 60]):
+        raise UnsupportedVersion(
+            f"frame at position {position} sets reserved header bytes", position=position
+        )
     header = FrameHeader(*fields[4:])
     if in_stream and header.base_position != position:
         raise CorruptData(
@@ -400,7 +417,9 @@ def read_header(buf: bytes | memoryview, offset: int, position: int | None) -> F
 _SPLIT_FORMATS: Final = [f"{size}s" for size in range(4096)]
 
 
-def _check_body(buf: bytes | memoryview, offset: int, header: FrameHeader) -> struct.Struct:
+def _check_body(
+    buf: bytes | memoryview, offset: int, header: FrameHeader, position: int
+) -> struct.Struct:
     """Check the body CRC and columns; return a ``Struct`` that splits keys and values.
 
     The splitter's format (``"3s5s...100s..."``: every key, then every value)
@@ -408,7 +427,6 @@ def _check_body(buf: bytes | memoryview, offset: int, header: FrameHeader) -> st
     creates all key and value ``bytes`` in a single C call. Its size doubling
     as the sum of the lengths is what checks them against the header.
     """
-    position = header.base_position
     body_start = offset + FRAME_HEADER_SIZE
     body_end = offset + header.frame_size
     if len(buf) < body_end:
@@ -426,10 +444,14 @@ def _check_body(buf: bytes | memoryview, offset: int, header: FrameHeader) -> st
     keys_start = key_lengths_start + count
     if bytes(view[body_start:lengths_start]) != _SLOT_BYTES[: SLOT_SIZE * count]:
         raise CorruptData(f"frame at position {position} has damaged slots", position=position)
-    lengths = (
-        *view[key_lengths_start:keys_start],
-        *_u32_column(view[lengths_start:key_lengths_start]),
-    )
+    key_lengths = view[key_lengths_start:keys_start]
+    if sum(key_lengths) != header.keys_size:
+        raise CorruptData(
+            f"frame at position {position}: key lengths do not add up to the header's "
+            f"{header.keys_size} key bytes",
+            position=position,
+        )
+    lengths = (*key_lengths, *_u32_column(view[lengths_start:key_lengths_start]))
     try:
         layout = "".join(map(_SPLIT_FORMATS.__getitem__, lengths))
     except IndexError:  # some value is longer than the table: format every length
@@ -445,7 +467,7 @@ def _check_body(buf: bytes | memoryview, offset: int, header: FrameHeader) -> st
 
 def decode_messages(buf: bytes, offset: int, header: FrameHeader, first: int = 0) -> list[Message]:
     """Check the frame body at ``buf[offset:]`` and return messages ``first..count-1``."""
-    splitter = _check_body(buf, offset, header)
+    splitter = _check_body(buf, offset, header, header.base_position)
     count = header.message_count
     fields = splitter.unpack_from(buf, offset + FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count)
     keys = fields[first:count]
@@ -460,7 +482,7 @@ def decode_messages(buf: bytes, offset: int, header: FrameHeader, first: int = 0
 def verify_frame(buf: bytes | memoryview, offset: int, position: int | None) -> FrameHeader:
     """Fully check the frame at ``buf[offset:]`` without building messages."""
     header = read_header(buf, offset, position)
-    _check_body(buf, offset, header)
+    _check_body(buf, offset, header, offset if position is None else position)
     return header
 
 
@@ -472,7 +494,7 @@ def parse_batch(frame: bytes | memoryview) -> EncodedBatch:
     """
     view = memoryview(frame)
     header = read_header(view, 0, None)
-    _check_body(view, 0, header)
+    _check_body(view, 0, header, 0)
     if header.values_size > MAX_VALUE_SIZE:
         lengths_start = FRAME_HEADER_SIZE + SLOT_SIZE * header.message_count
         if (
