@@ -34,6 +34,7 @@ import zlib
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain, repeat
 from typing import Final, NamedTuple
 
@@ -417,6 +418,34 @@ def read_header(buf: bytes | memoryview, offset: int, position: int | None) -> F
 _SPLIT_FORMATS: Final = [f"{size}s" for size in range(4096)]
 
 
+def _splitter(length_columns: bytes) -> struct.Struct:
+    """The ``Struct`` for one frame's value-length and key-length columns.
+
+    Streams of fixed-size records (one event type, telemetry) repeat the same
+    columns frame after frame; a small cache then skips building the format.
+    Big frames are not cached, to bound the cache's memory.
+    """
+    if len(length_columns) <= _CACHED_COLUMNS_LIMIT:
+        return _cached_splitter(length_columns)
+    return _build_splitter(length_columns)
+
+
+_CACHED_COLUMNS_LIMIT: Final = 5 * 4096
+
+
+def _build_splitter(length_columns: bytes) -> struct.Struct:
+    count = len(length_columns) // 5
+    lengths = (*length_columns[4 * count :], *_u32_column(length_columns[: 4 * count]))
+    try:
+        layout = "".join(map(_SPLIT_FORMATS.__getitem__, lengths))
+    except IndexError:  # some value is longer than the table: format every length
+        layout = ("%ds" * (2 * count)) % lengths
+    return struct.Struct(layout)
+
+
+_cached_splitter = lru_cache(maxsize=32)(_build_splitter)
+
+
 def _check_body(
     buf: bytes | memoryview, offset: int, header: FrameHeader, position: int
 ) -> struct.Struct:
@@ -451,12 +480,7 @@ def _check_body(
             f"{header.keys_size} key bytes",
             position=position,
         )
-    lengths = (*key_lengths, *_u32_column(view[lengths_start:key_lengths_start]))
-    try:
-        layout = "".join(map(_SPLIT_FORMATS.__getitem__, lengths))
-    except IndexError:  # some value is longer than the table: format every length
-        layout = ("%ds" * (2 * count)) % lengths
-    splitter = struct.Struct(layout)
+    splitter = _splitter(bytes(view[lengths_start:keys_start]))
     if splitter.size != header.keys_size + header.values_size:
         raise CorruptData(
             f"frame at position {position}: key/value lengths do not match the header",
