@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -44,11 +45,19 @@ TARGETS[("W1", "always", "append")] = 1_000_000
 class Workload:
     name: str
     messages: int
-    value_size: int
+    value_size: int  # mean size; exact unless `varied`
     batch_size: int
+    varied: bool = False  # sizes spread over 0.5x..1.5x (no two frames alike)
+    fsync_policies: tuple[str, ...] = ("never", "always")
 
 
-WORKLOADS = [Workload("W1", 1_000_000, 100, 1_000), Workload("W2", 200_000, 1_000, 100)]
+WORKLOADS = [
+    Workload("W1", 1_000_000, 100, 1_000),
+    Workload("W2", 200_000, 1_000, 100),
+    # Not in the issue: W1 with varied value sizes, so that no reader-side
+    # cache of a frame's layout can help; keeps the W1 read figure honest.
+    Workload("W1-varied", 1_000_000, 100, 1_000, varied=True, fsync_policies=("never",)),
+]
 
 
 @dataclass
@@ -76,7 +85,14 @@ class Case:
 def make_batches(workload: Workload) -> tuple[list[list[tuple[bytes, bytes]]], list[bytes]]:
     filler = os.urandom(workload.value_size)
     keys = [b"key-%012d" % i for i in range(workload.messages)]
-    values = [(b"%012d" % i + filler)[: workload.value_size] for i in range(workload.messages)]
+    if workload.varied:
+        spread = random.Random(7)
+        low, high = workload.value_size // 2, workload.value_size * 3 // 2
+        sizes = [spread.randint(low, high) for _ in range(workload.messages)]
+        filler = filler * 2
+    else:
+        sizes = [workload.value_size] * workload.messages
+    values = [(b"%012d" % i + filler)[:size] for i, size in enumerate(sizes)]
     pairs = list(zip(keys, values, strict=True))
     size = workload.batch_size
     return [pairs[i : i + size] for i in range(0, len(pairs), size)], values
@@ -120,6 +136,8 @@ def main() -> None:
             max(base.batch_size, int(base.messages * args.scale)),
             base.value_size,
             base.batch_size,
+            base.varied,
+            base.fsync_policies,
         )
         batches, values = make_batches(workload)
         payload = sum(16 + len(v) for v in values)
@@ -128,7 +146,7 @@ def main() -> None:
         # would not; freezing them keeps every GC pass from rescanning them.
         gc.collect()
         gc.freeze()
-        for fsync in ("never", "always"):
+        for fsync in workload.fsync_policies:
             appends, reads = [], []
             for _ in range(args.runs):
                 folder = Path(tempfile.mkdtemp(prefix="mv-bench-", dir=args.dir))

@@ -20,7 +20,7 @@ from messagevault.format import (
     Checkpoint,
     FrameHeader,
     Message,
-    decode_messages,
+    iter_messages,
     read_header,
     slot_index,
     verify_frame,
@@ -97,7 +97,7 @@ class Reader:
 
     def _follow_frames(
         self, frame_position: int, first: int, poll_interval: float, stop: threading.Event | None
-    ) -> Iterator[list[Message]]:
+    ) -> Iterator[Iterator[Message]]:
         waiter = stop if stop is not None else self._stop
         while not self._stopped(stop):
             committed = self._store.read_checkpoint().length
@@ -149,10 +149,10 @@ class Reader:
             raise not_a_message
         return frame_position, index
 
-    def _frames(self, position: int, first: int, end: int) -> Iterator[list[Message]]:
-        """Decode the frames from ``position`` (a frame start) to ``end``, one list each."""
+    def _frames(self, position: int, first: int, end: int) -> Iterator[Iterator[Message]]:
+        """Check the frames from ``position`` (a frame start) to ``end``; one iterator each."""
         for buffer, offset, header in self._raw_frames(position, end):
-            yield decode_messages(buffer, offset, header, first)
+            yield iter_messages(buffer, offset, header, first)
             first = 0
 
     def verify(self, position: int = 0) -> VerifyReport:
