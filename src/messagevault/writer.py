@@ -88,6 +88,9 @@ class AppendResult(Sequence[Receipt]):
 class Writer:
     """Appends batches to one stream; the only writer while it is open.
 
+    Not thread-safe: one thread appends at a time (the server funnels each
+    stream's appends through one task).
+
     >>> from messagevault.storage import MemoryStorage
     >>> with Writer.open(MemoryStorage(), "orders") as writer:
     ...     result = writer.append([(b"OrderPlaced", b'{"id": 1}')])
@@ -174,10 +177,10 @@ class Writer:
         tail = self._tail
         if tail:
             pieces.insert(0, tail)
-        buffer = b"".join(pieces)
-        used = len(buffer)
+        used = sum(map(len, pieces))
         if page > 1 and used % page:
-            buffer += bytes(page - used % page)
+            pieces.append(bytes(page - used % page))  # page blobs take whole pages only
+        buffer = b"".join(pieces)
         write_start = committed - len(tail)
         view = memoryview(buffer)
         step = store.max_write_size
