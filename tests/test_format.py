@@ -21,11 +21,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from messagevault.checkpoint import CHECKPOINT, CHECKPOINT_CRC, CHECKPOINT_SIZE, Checkpoint
 from messagevault.errors import CorruptData, InvalidBatch, UnsupportedVersion
 from messagevault.format import (
-    CHECKPOINT,
-    CHECKPOINT_CRC,
-    CHECKPOINT_SIZE,
     FRAME_HEADER,
     FRAME_HEADER_CRC,
     FRAME_HEADER_SIZE,
@@ -34,7 +32,6 @@ from messagevault.format import (
     MAX_KEY_SIZE,
     MAX_VALUE_SIZE,
     PER_MESSAGE_OVERHEAD,
-    Checkpoint,
     Message,
     decode_messages,
     encode_batch,

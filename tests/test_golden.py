@@ -18,8 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from messagevault.checkpoint import Checkpoint
 from messagevault.format import (
-    Checkpoint,
     decode_messages,
     encode_batch,
     message_id,

@@ -23,7 +23,10 @@ from messagevault import (
     Writer,
     errors,
 )
-from messagevault.format import CHECKPOINT_SIZE, Checkpoint, encode_batch
+from messagevault.checkpoint import CHECKPOINT_SIZE, Checkpoint
+from messagevault.format import (
+    encode_batch,
+)
 from messagevault.storage import FileStorage, MemoryStorage
 from messagevault.storage.base import Storage
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from messagevault.checkpoint import Checkpoint
 from messagevault.errors import InvalidStreamName, StaleWriter, StreamLocked, StreamNotFound
-from messagevault.format import Checkpoint
 from messagevault.storage.base import Storage, StreamStore
 
 

@@ -10,6 +10,7 @@ b'{"id": 7}'
 
 from __future__ import annotations
 
+from messagevault.checkpoint import Checkpoint
 from messagevault.errors import (
     CorruptData,
     InvalidBatch,
@@ -29,7 +30,6 @@ from messagevault.format import (
     MAX_FRAME_SIZE,
     MAX_KEY_SIZE,
     MAX_VALUE_SIZE,
-    Checkpoint,
     EncodedBatch,
     Message,
     encode_batch,

@@ -13,11 +13,11 @@ from itertools import chain
 from types import TracebackType
 from typing import NamedTuple
 
+from messagevault.checkpoint import Checkpoint
 from messagevault.errors import CorruptData, InvalidPosition
 from messagevault.format import (
     FRAME_HEADER_SIZE,
     SLOT_SIZE,
-    Checkpoint,
     FrameHeader,
     Message,
     iter_messages,

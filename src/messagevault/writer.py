@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, overload
 
+from messagevault.checkpoint import Checkpoint
 from messagevault.errors import CorruptData, MessageVaultError, StaleWriter
 from messagevault.format import (
-    Checkpoint,
     EncodedBatch,
     encode_batch,
     message_id,

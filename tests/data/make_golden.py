@@ -19,7 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from messagevault.format import Checkpoint, encode_batch, message_id, verify_frame
+from messagevault.checkpoint import Checkpoint
+from messagevault.format import (
+    encode_batch,
+    message_id,
+    verify_frame,
+)
 
 HERE = Path(__file__).resolve().parent
 STREAM_FILE = HERE / "golden-v1.mvlog"

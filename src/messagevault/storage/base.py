@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from messagevault.format import Checkpoint
+from messagevault.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import time
 from enum import StrEnum
 from pathlib import Path
 
+from messagevault.checkpoint import CHECKPOINT_SIZE, Checkpoint
 from messagevault.errors import (
     CorruptData,
     InvalidStreamName,
@@ -29,7 +30,6 @@ from messagevault.errors import (
     StreamLocked,
     StreamNotFound,
 )
-from messagevault.format import CHECKPOINT_SIZE, Checkpoint
 from messagevault.names import validate_stream_name
 from messagevault.storage.base import ReadAccess
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from messagevault.checkpoint import Checkpoint
 from messagevault.errors import StaleWriter, StreamLocked, StreamNotFound
-from messagevault.format import Checkpoint
 from messagevault.names import validate_stream_name
 from messagevault.storage.base import ReadAccess
 
