@@ -188,9 +188,7 @@ class Reader:
         while position < end:
             offset = position - buffer_start
             if len(buffer) - offset < FRAME_HEADER_SIZE:
-                buffer, buffer_start = self._refill(
-                    buffer, buffer_start, position, FRAME_HEADER_SIZE, end
-                )
+                buffer, buffer_start = self._refill(position, FRAME_HEADER_SIZE, end)
                 offset = 0
             header = read_header(buffer, offset, position)
             if header.end > end:
@@ -199,21 +197,19 @@ class Reader:
                     position=position,
                 )
             if len(buffer) - offset < header.frame_size:
-                buffer, buffer_start = self._refill(
-                    buffer, buffer_start, position, header.frame_size, end
-                )
+                buffer, buffer_start = self._refill(position, header.frame_size, end)
                 offset = 0
             yield buffer, offset, header
             position = header.end
 
-    def _refill(
-        self, buffer: bytes, buffer_start: int, position: int, needed: int, end: int
-    ) -> tuple[bytes, int]:
-        """Return a buffer starting at ``position`` that holds at least ``needed`` bytes."""
-        keep = buffer[position - buffer_start :]
-        want = min(max(self._chunk_size, needed) - len(keep), end - position - len(keep))
-        more = self._store.read(position + len(keep), want) if want > 0 else b""
-        buffer = keep + more if keep else more
+    def _refill(self, position: int, needed: int, end: int) -> tuple[bytes, int]:
+        """Return a buffer starting at ``position`` that holds at least ``needed`` bytes.
+
+        The partial frame at the end of the old buffer is read again rather
+        than joined to the new chunk: that rereads part of a frame instead of
+        copying a whole chunk.
+        """
+        buffer = self._store.read(position, min(max(self._chunk_size, needed), end - position))
         if len(buffer) < needed:
             raise CorruptData(
                 f"stream {self.name!r} ends at {position + len(buffer)}, inside the frame at "
