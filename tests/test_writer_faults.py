@@ -1,4 +1,4 @@
-"""The writer when storage fails under it: nothing half-done is ever visible.
+"""The writer when storage fails under it: nothing half-done, nothing twice.
 
 A thin wrapper around a real store makes chosen calls fail, before or after
 they reach storage (the ambiguous case a network timeout leaves behind).
@@ -10,24 +10,29 @@ from typing import Any
 
 import pytest
 
-from messagevault import MemoryStorage, Reader, StorageError, Writer
+from messagevault import MemoryStorage, Reader, StaleWriter, StorageError, Writer
 from messagevault.checkpoint import Checkpoint
 from messagevault.storage.base import StreamStore
 
 
 class FailingStore:
-    """Delegates to a real store; ``fail[name] = "before" | "after"`` breaks one call."""
+    """Delegates to a real store; ``fail[name] = (when, times)`` breaks a call ``times`` times.
+
+    ``when`` is "before" (the call never reaches storage) or "after" (it
+    takes effect but the caller sees an error, like a lost response).
+    """
 
     def __init__(self, inner: StreamStore) -> None:
         self.inner = inner
-        self.fail: dict[str, str] = {}
+        self.fail: dict[str, tuple[str, int]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def _maybe_fail(self, name: str, when: str) -> None:
-        if self.fail.get(name) == when:
-            del self.fail[name]
+        planned, times = self.fail.get(name, ("", 0))
+        if planned == when and times > 0:
+            self.fail[name] = (when, times - 1)
             raise StorageError(f"injected failure {when} {name}")
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -40,41 +45,81 @@ class FailingStore:
         self.inner.advance_checkpoint(new, expected=expected)
         self._maybe_fail("advance_checkpoint", "after")
 
+    def read_checkpoint(self) -> Checkpoint:
+        self._maybe_fail("read_checkpoint", "before")
+        return self.inner.read_checkpoint()
 
-def _open(storage: MemoryStorage) -> tuple[Writer, FailingStore]:
+
+def _open(storage: MemoryStorage, commit_timeout: float = 5.0) -> tuple[Writer, FailingStore]:
     store = FailingStore(storage.open_stream("orders", write=True, create=True))
-    return Writer(store, "orders"), store  # type: ignore[arg-type]
+    return Writer(store, "orders", commit_timeout=commit_timeout), store  # type: ignore[arg-type]
 
 
 def _values(storage: MemoryStorage) -> list[bytes]:
     return [m.value for m in Reader.open(storage, "orders").read()]
 
 
+CALLS = [
+    ("write", "before"),
+    ("write", "after"),
+    ("advance_checkpoint", "before"),
+    ("advance_checkpoint", "after"),  # landed, but the writer saw an error
+]
+
+
 @pytest.mark.parametrize("page_size", [1, 512])
-@pytest.mark.parametrize(
-    ("call", "when", "committed"),
-    [
-        ("write", "before", False),
-        ("write", "after", False),
-        ("advance_checkpoint", "before", False),
-        ("advance_checkpoint", "after", True),  # committed, but the caller saw an error
-    ],
-)
-def test_failed_commit_then_recovery(page_size: int, call: str, when: str, committed: bool) -> None:
+@pytest.mark.parametrize(("call", "when"), CALLS)
+def test_transient_fault_is_ridden_out_without_duplicates(
+    page_size: int, call: str, when: str
+) -> None:
     storage = MemoryStorage(page_size=page_size)
     writer, store = _open(storage)
     writer.append([(b"k", b"first" * 30)])
-    store.fail[call] = when
-    with pytest.raises(StorageError, match="injected"):
+    store.fail[call] = (when, 2)
+    store.fail["read_checkpoint"] = ("before", 1)  # and the first look fails too
+    result = writer.append([(b"k", b"second" * 7)])
+    assert result.base_sequence == 1
+    assert _values(storage) == [b"first" * 30, b"second" * 7]  # exactly once
+    writer.append([(b"k", b"third")])
+    writer.close()
+    with Writer.open(storage, "orders") as again:  # tail page and checkpoint agree
+        again.append([(b"k", b"fourth")])
+    assert _values(storage) == [b"first" * 30, b"second" * 7, b"third", b"fourth"]
+
+
+@pytest.mark.parametrize("page_size", [1, 512])
+@pytest.mark.parametrize(("call", "when"), CALLS)
+def test_lasting_fault_fails_the_append_then_the_writer_recovers(
+    page_size: int, call: str, when: str
+) -> None:
+    storage = MemoryStorage(page_size=page_size)
+    writer, store = _open(storage, commit_timeout=0.3)
+    writer.append([(b"k", b"first" * 30)])
+    store.fail[call] = (when, 1000)
+    store.fail["read_checkpoint"] = ("before", 1000)  # storage is unreachable
+    with pytest.raises(StorageError, match=r"not confirmed within 0\.3 s"):
         writer.append([(b"k", b"second" * 7)])
-    expected = [b"first" * 30] + ([b"second" * 7] if committed else [])
+    landed = call == "advance_checkpoint" and when == "after"
+    expected = [b"first" * 30] + ([b"second" * 7] if landed else [])
     assert _values(storage) == expected
-    # The writer learns from storage whether the failed commit happened and goes on.
+    store.fail.clear()  # storage is back: the writer learns what happened and goes on
     result = writer.append([(b"k", b"third")])
     assert result.base_sequence == len(expected)
     assert _values(storage) == [*expected, b"third"]
     writer.close()
-    # A fresh writer agrees (its tail page and checkpoint match what is stored).
     with Writer.open(storage, "orders") as again:
         again.append([(b"k", b"fourth")])
     assert _values(storage)[-2:] == [b"third", b"fourth"]
+
+
+def test_takeover_fences_the_old_writer() -> None:
+    storage = MemoryStorage(page_size=512)
+    old = Writer.open(storage, "orders")
+    old.append([(b"k", b"old-1")])
+    new = Writer.open(storage, "orders", takeover=True)
+    new.append([(b"k", b"new-1")])
+    with pytest.raises(StaleWriter):
+        old.append([(b"k", b"old-2")])
+    assert _values(storage) == [b"old-1", b"new-1"]
+    new.close()
+    old.close()

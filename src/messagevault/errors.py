@@ -8,9 +8,12 @@
     ├── StreamNotFound
     ├── CorruptData                  bytes in storage (or on the wire) fail their checks
     │   └── UnsupportedVersion       a frame or checkpoint from a newer format
+    ├── AccessDenied                 read-only access (a SAS URL, a reader) asked to write
     ├── WriterConflict               single-writer rule
     │   ├── StreamLocked             another writer holds the stream now
-    │   └── StaleWriter              another writer committed since we last looked
+    │   ├── StaleWriter              another writer committed or took over since we last looked
+    │   ├── LeaseHeld                a lease is held by someone else
+    │   └── LeaseLost                our lease expired, was broken or taken over
     └── StorageError                 the storage itself failed (I/O, network); may be retriable
 
 Each class carries a stable ``code`` (used on the wire by the server) and a
@@ -75,6 +78,12 @@ class UnsupportedVersion(CorruptData):
     code = "unsupported_version"
 
 
+class AccessDenied(MessageVaultError, PermissionError):
+    """The credentials in use may read but not write (also a ``PermissionError``)."""
+
+    code = "access_denied"
+
+
 class WriterConflict(MessageVaultError):
     """The single-writer rule was about to be broken; nothing was written."""
 
@@ -91,6 +100,18 @@ class StaleWriter(WriterConflict):
     """The checkpoint moved under us: another writer committed. This writer is done."""
 
     code = "stale_writer"
+
+
+class LeaseHeld(WriterConflict):
+    """Someone else holds the lease; ``lease.break_()`` takes it by force."""
+
+    code = "lease_held"
+
+
+class LeaseLost(WriterConflict):
+    """Our lease is gone (expired, broken, or replaced): stop acting as its holder."""
+
+    code = "lease_lost"
 
 
 class StorageError(MessageVaultError):

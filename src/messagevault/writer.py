@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import NamedTuple, overload
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.errors import CorruptData, MessageVaultError, StaleWriter
+from messagevault.errors import CorruptData, MessageVaultError, StaleWriter, StorageError
 from messagevault.format import (
     EncodedBatch,
     encode_batch,
@@ -98,23 +98,37 @@ class Writer:
     0
     """
 
-    def __init__(self, store: StreamStore, name: str) -> None:
+    def __init__(self, store: StreamStore, name: str, *, commit_timeout: float = 30.0) -> None:
         self.name = name
         self._store = store
         self._closed = False
         self._broken: MessageVaultError | None = None
-        self._in_doubt: Checkpoint | None = None
         self._needs_resync = False
+        self._in_doubt: Checkpoint | None = None
+        self.commit_timeout = commit_timeout
         self._checkpoint = store.read_checkpoint()
         self._verify_tail()
         self._tail = self._read_tail_page()
 
     @classmethod
-    def open(cls, storage: Storage, name: str, *, create: bool = True) -> Writer:
-        """Open ``name`` for writing (creating it by default) and take its writer lock."""
-        store = storage.open_stream(name, write=True, create=create)
+    def open(
+        cls,
+        storage: Storage,
+        name: str,
+        *,
+        create: bool = True,
+        takeover: bool = False,
+        commit_timeout: float = 30.0,
+    ) -> Writer:
+        """Open ``name`` for writing (creating it by default) and take its writer lock.
+
+        ``takeover=True`` deposes a current writer where the backend can fence
+        it (see ``Storage.open_stream``). ``commit_timeout`` bounds how long an
+        append rides out storage faults before it raises ``StorageError``.
+        """
+        store = storage.open_stream(name, write=True, create=create, takeover=takeover)
         try:
-            return cls(store, name)
+            return cls(store, name, commit_timeout=commit_timeout)
         except BaseException:
             store.close()
             raise
@@ -153,43 +167,96 @@ class Writer:
             sequence += batch.count
         new = Checkpoint(start.commit + 1, position, sequence, frames[-1][0], timestamp)
         try:
-            self._write_after_tail(pieces)
-            self._in_doubt = new
-            self._store.advance_checkpoint(new, expected=start)
+            self._commit(pieces, new, start)
         except StaleWriter as exc:
             self._broken = exc
             raise
         except BaseException:
             self._needs_resync = True
+            self._in_doubt = new  # it may yet turn out to have landed
             raise
-        self._in_doubt = None
         self._checkpoint = new
         return [
             AppendResult(frame, batch.frame_size, base, batch.count, timestamp, position)
             for frame, batch, base in frames
         ]
 
-    def _write_after_tail(self, pieces: list[bytes | memoryview]) -> None:
-        """Write ``pieces`` at the committed length, in whole pages where required."""
+    def _commit(self, pieces: list[bytes | memoryview], new: Checkpoint, start: Checkpoint) -> None:
+        """Write the frames and advance the checkpoint, riding out transient faults.
+
+        A failed storage call may still have taken effect (a lost response),
+        so before trying again the checkpoint is read back: if it already says
+        ``new`` the commit happened and must not happen twice; if it still says
+        ``start`` the whole commit is repeated (same bytes, same offsets). Gives
+        up after ``commit_timeout`` seconds with a ``StorageError``.
+        """
+        deadline = time.monotonic() + self.commit_timeout
+        delay = 0.05
+        while True:
+            try:
+                tail = self._write_after_tail(pieces)
+                self._store.advance_checkpoint(new, expected=start)
+            except StorageError as exc:
+                failure: StorageError = exc
+            else:
+                self._tail = tail
+                return
+            while True:  # learn whether that commit landed
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(
+                        f"stream {self.name!r}: commit not confirmed within "
+                        f"{self.commit_timeout:g} s; last error: {failure}"
+                    ) from failure
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                try:
+                    stored = self._store.read_checkpoint()
+                except StorageError as exc:
+                    failure = exc
+                    continue
+                break
+            if stored == new:
+                self._tail = self._tail_after(new.length, pieces)
+                return
+            if stored != start:
+                raise StaleWriter(
+                    f"stream {self.name!r} was committed by another writer "
+                    f"(commit {stored.commit}, expected {start.commit})"
+                )
+
+    def _tail_after(self, length: int, pieces: list[bytes | memoryview]) -> bytes:
+        """The partial last page once ``pieces`` are committed (page backends)."""
+        page = self._store.page_size
+        if page == 1 or length % page == 0:
+            return b""
+        data = b"".join([self._tail, *pieces])
+        return data[len(data) - length % page :]
+
+    def _write_after_tail(self, pieces: list[bytes | memoryview]) -> bytes:
+        """Write ``pieces`` at the committed length, in whole pages where required.
+
+        Returns what the tail page will hold once this write is committed.
+        """
         store = self._store
         page = store.page_size
         committed = self._checkpoint.length
         tail = self._tail
         if tail:
-            pieces.insert(0, tail)
+            pieces = [tail, *pieces]
         used = sum(map(len, pieces))
         if page > 1 and used % page:
-            pieces.append(bytes(page - used % page))  # page blobs take whole pages only
+            pieces = [*pieces, bytes(page - used % page)]  # page blobs take whole pages only
         buffer = b"".join(pieces)
         write_start = committed - len(tail)
         view = memoryview(buffer)
         step = store.max_write_size
         for offset in range(0, len(buffer), step):
             store.write(write_start + offset, view[offset : offset + step])
-        if page > 1:
-            new_length = write_start + used
-            tail_start = new_length - new_length % page
-            self._tail = bytes(view[tail_start - write_start : used])
+        if page == 1:
+            return b""
+        new_length = write_start + used
+        tail_start = new_length - new_length % page
+        return bytes(view[tail_start - write_start : used])
 
     def _read_tail_page(self) -> bytes:
         """The committed bytes of the partly filled last page (page backends only)."""

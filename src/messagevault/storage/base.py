@@ -95,13 +95,19 @@ class StreamStore(Protocol):
 class Storage(Protocol):
     """A set of named streams: a data folder, an Azure storage account, memory."""
 
-    def open_stream(self, name: str, *, write: bool = False, create: bool = False) -> StreamStore:
+    def open_stream(
+        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+    ) -> StreamStore:
         """Open stream ``name``.
 
         ``create=True`` creates it (empty, checkpoint at length 0) if missing,
         and is a no-op if it exists; otherwise a missing stream raises
         ``StreamNotFound``. ``write=True`` takes the single-writer lock at once
-        and raises ``StreamLocked`` if another writer holds it.
+        and raises ``StreamLocked`` if another writer holds it, unless
+        ``takeover=True``: then a backend that can fence (memory, Azure
+        leases) deposes the holder, whose next write or commit fails with
+        ``StaleWriter``. The file backend cannot depose a live process; its
+        lock is released by the kernel when the holder dies.
         """
         ...
 

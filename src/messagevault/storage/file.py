@@ -23,6 +23,7 @@ from pathlib import Path
 
 from messagevault.checkpoint import CHECKPOINT_SIZE, Checkpoint
 from messagevault.errors import (
+    AccessDenied,
     CorruptData,
     InvalidStreamName,
     StaleWriter,
@@ -73,8 +74,11 @@ class FileStorage:
         self.sync_interval = sync_interval
 
     def open_stream(
-        self, name: str, *, write: bool = False, create: bool = False
+        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
     ) -> FileStreamStore:
+        # ``takeover`` cannot apply here: a live process's flock cannot be
+        # broken, and a dead one's is already gone.
+        del takeover
         validate_stream_name(name)
         folder = self.root / name
         if not (folder / CHECKPOINT_FILE).exists():
@@ -202,7 +206,7 @@ class FileStreamStore:
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_open()
         if not self._writable:
-            raise PermissionError(f"stream {self._name!r} was opened read-only")
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
         if offset < 0:
             raise ValueError("offset must not be negative")
         if len(data) > MAX_WRITE_SIZE:
@@ -237,7 +241,7 @@ class FileStreamStore:
     def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
         self._check_open()
         if not self._writable:
-            raise PermissionError(f"stream {self._name!r} was opened read-only")
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
         current = self.read_checkpoint()
         if current != expected:
             raise StaleWriter(

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.errors import StaleWriter, StreamLocked, StreamNotFound
+from messagevault.errors import AccessDenied, StaleWriter, StreamLocked, StreamNotFound
 from messagevault.names import validate_stream_name
 from messagevault.storage.base import ReadAccess
 
@@ -41,7 +41,7 @@ class MemoryStorage:
         self._lock = threading.Lock()
 
     def open_stream(
-        self, name: str, *, write: bool = False, create: bool = False
+        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
     ) -> MemoryStreamStore:
         validate_stream_name(name)
         with self._lock:
@@ -52,7 +52,7 @@ class MemoryStorage:
                 state = self._streams[name] = _StreamState()
             handle = MemoryStreamStore(self, name, state, write=write)
             if write:
-                if state.writer is not None:
+                if state.writer is not None and not takeover:
                     raise StreamLocked(f"stream {name!r} is already open for writing")
                 state.writer = handle
             return handle
@@ -96,13 +96,14 @@ class MemoryStreamStore:
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_open()
         if not self._writable:
-            raise PermissionError(f"stream {self._name!r} was opened read-only")
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
         page = self.page_size
         if offset < 0 or offset % page or len(data) % page:
             raise ValueError(f"writes must cover whole {page}-byte pages")
         if len(data) > self.max_write_size:
             raise ValueError(f"write of {len(data)} bytes exceeds {self.max_write_size}")
         with self._storage._lock:
+            self._check_still_writer()
             buf = self._state.data
             end = offset + len(data)
             if end > len(buf):
@@ -119,8 +120,9 @@ class MemoryStreamStore:
     def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
         self._check_open()
         if not self._writable:
-            raise PermissionError(f"stream {self._name!r} was opened read-only")
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
         with self._storage._lock:
+            self._check_still_writer()
             if self._state.checkpoint != expected:
                 raise StaleWriter(
                     f"stream {self._name!r} was committed by another writer "
@@ -128,6 +130,10 @@ class MemoryStreamStore:
                     f"this writer expected {expected.commit})"
                 )
             self._state.checkpoint = new
+
+    def _check_still_writer(self) -> None:
+        if self._state.writer is not self:
+            raise StaleWriter(f"stream {self._name!r} was taken over by another writer")
 
     def read_access(self) -> ReadAccess:
         return ReadAccess("memory", self._name)

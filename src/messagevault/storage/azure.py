@@ -1,0 +1,417 @@
+"""Streams in Azure Storage page blobs, through the official SDK.
+
+    container  mv-<stream>
+      data        page blob: the frames (docs/FORMAT.md), grown in large steps
+      checkpoint  block blob, empty; its metadata holds the checkpoint fields
+    container  messagevault-system   what the server keeps (users, leader lock)
+
+A writer holds an infinite lease on both blobs; every data write, resize and
+checkpoint update names it, and the checkpoint update is also conditional on
+the checkpoint's ETag. A writer that lost its lease (``takeover`` by another)
+or whose ETag is stale fails with ``StaleWriter`` and changes nothing.
+
+Only this module and ``azure_lease.py`` import the Azure SDK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import (
+    BlobClient,
+    BlobServiceClient,
+    ContainerClient,
+    ContainerSasPermissions,
+    ExponentialRetry,
+    generate_container_sas,
+)
+
+from messagevault.checkpoint import Checkpoint
+from messagevault.errors import (
+    AccessDenied,
+    CorruptData,
+    InvalidStreamName,
+    LeaseHeld,
+    MessageVaultError,
+    StaleWriter,
+    StorageError,
+    StreamLocked,
+    StreamNotFound,
+    UnsupportedVersion,
+)
+from messagevault.format import FORMAT_VERSION
+from messagevault.names import validate_stream_name
+from messagevault.storage.azure_lease import BlobLease, error_code
+from messagevault.storage.base import ReadAccess
+
+CONTAINER_PREFIX = "mv-"
+SYSTEM_CONTAINER = "messagevault-system"  # cannot clash: stream containers start "mv-"
+DATA_BLOB = "data"
+CHECKPOINT_BLOB = "checkpoint"
+PAGE_SIZE = 512
+MAX_WRITE_SIZE = 4 * 1024 * 1024  # Azure's Put Page limit (Azurite accepts more: we don't)
+MAX_BLOB_SIZE = 8 * 1024**4  # Azure's page blob limit
+INITIAL_SIZE = 4 * 1024 * 1024
+MAX_GROWTH_STEP = 1024**3
+DEFAULT_SAS_EXPIRY = timedelta(hours=1)
+
+_LEASE_LOST_CODES = {
+    "LeaseIdMismatchWithBlobOperation",
+    "LeaseNotPresentWithBlobOperation",
+    "LeaseIdMissing",
+    "LeaseLost",
+    "LeaseIdMismatchWithLeaseOperation",
+}
+
+
+def retry_policy() -> ExponentialRetry:
+    """Retries of transient faults: about 1 s, 3 s, 5 s, 9 s apart, then give up.
+
+    The SDK's default waits 15 s before the first retry; a log should notice
+    a restarted storage endpoint sooner than that.
+    """
+    return ExponentialRetry(
+        initial_backoff=1, increment_base=2, retry_total=4, random_jitter_range=1
+    )
+
+
+@contextlib.contextmanager
+def _azure_errors(what: str) -> Iterator[None]:
+    """Translate SDK errors into ours, most specific first, chained."""
+    try:
+        yield
+    except MessageVaultError:
+        raise
+    except ResourceNotFoundError as exc:
+        raise StreamNotFound(f"{what}: not found") from exc
+    except HttpResponseError as exc:
+        code = error_code(exc)
+        if exc.status_code == 403:
+            raise AccessDenied(f"{what}: access denied ({code or exc.reason})") from exc
+        if exc.status_code == 412 and code in _LEASE_LOST_CODES:
+            raise StaleWriter(f"{what}: this writer lost its lease ({code})") from exc
+        raise StorageError(f"{what}: {exc.status_code} {code or exc.reason}") from exc
+    except AzureError as exc:
+        raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+class AzureStorage:
+    """Streams in one Azure storage account (or Azurite)."""
+
+    def __init__(
+        self, service: BlobServiceClient, *, sas_expiry: timedelta = DEFAULT_SAS_EXPIRY
+    ) -> None:
+        self.service = service
+        self.sas_expiry = sas_expiry
+
+    @classmethod
+    def from_connection_string(cls, connection_string: str, **kwargs: Any) -> AzureStorage:
+        service = BlobServiceClient.from_connection_string(
+            connection_string, retry_policy=retry_policy()
+        )
+        return cls(service, **kwargs)
+
+    def open_stream(
+        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+    ) -> AzureStreamStore:
+        validate_stream_name(name)
+        container = self.service.get_container_client(CONTAINER_PREFIX + name)
+        if create:
+            _create_stream(container, name)
+        store = AzureStreamStore(container, name, storage=self, write=write)
+        try:
+            store.open(takeover=takeover)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def list_streams(self) -> list[str]:
+        names = []
+        with _azure_errors("cannot list streams"):
+            for container in self.service.list_containers(name_starts_with=CONTAINER_PREFIX):
+                name = container.name[len(CONTAINER_PREFIX) :]
+                with contextlib.suppress(InvalidStreamName):
+                    names.append(validate_stream_name(name))
+        return sorted(names)
+
+    def system_container(self) -> ContainerClient:
+        """The container for server state (users, leader lock), created on first use."""
+        container = self.service.get_container_client(SYSTEM_CONTAINER)
+        with (
+            _azure_errors("cannot create the system container"),
+            contextlib.suppress(ResourceExistsError),
+        ):
+            container.create_container()
+        return container
+
+    def describe(self) -> str:
+        return f"azure storage account {self.service.account_name} at {self.service.url}"
+
+
+def _create_stream(container: ContainerClient, name: str) -> None:
+    """Create container, data blob, then checkpoint: a stream exists once its checkpoint does."""
+    with _azure_errors(f"cannot create stream {name!r}"):
+        with contextlib.suppress(ResourceExistsError):
+            container.create_container()
+        with contextlib.suppress(ResourceExistsError):
+            container.get_blob_client(DATA_BLOB).create_page_blob(
+                INITIAL_SIZE, match_condition=MatchConditions.IfMissing
+            )
+        with contextlib.suppress(ResourceExistsError):
+            container.get_blob_client(CHECKPOINT_BLOB).upload_blob(
+                b"", metadata=_metadata(Checkpoint()), overwrite=False
+            )
+
+
+def _metadata(checkpoint: Checkpoint) -> dict[str, str]:
+    return {
+        "formatversion": str(FORMAT_VERSION),
+        "commit": str(checkpoint.commit),
+        "length": str(checkpoint.length),
+        "nextsequence": str(checkpoint.next_sequence),
+        "lastframeposition": str(checkpoint.last_frame_position),
+        "lasttimestamp": str(checkpoint.last_timestamp),
+    }
+
+
+def _checkpoint_from(metadata: dict[str, str], where: str) -> Checkpoint:
+    try:
+        version = int(metadata["formatversion"])
+        if version != FORMAT_VERSION:
+            raise UnsupportedVersion(f"{where}: checkpoint format version {version}")
+        return Checkpoint(
+            int(metadata["commit"]),
+            int(metadata["length"]),
+            int(metadata["nextsequence"]),
+            int(metadata["lastframeposition"]),
+            int(metadata["lasttimestamp"]),
+        )
+    except (KeyError, ValueError) as exc:
+        raise CorruptData(f"{where}: damaged checkpoint metadata {metadata!r}") from exc
+
+
+class AzureStreamStore:
+    """One stream's data page blob and checkpoint blob."""
+
+    def __init__(
+        self,
+        container: ContainerClient,
+        name: str,
+        *,
+        storage: AzureStorage | None,
+        write: bool,
+    ) -> None:
+        self._container = container
+        self._name = name
+        self._storage = storage
+        self._writable = write
+        self._data: BlobClient = container.get_blob_client(DATA_BLOB)
+        self._checkpoint_blob: BlobClient = container.get_blob_client(CHECKPOINT_BLOB)
+        self._leases: list[BlobLease] = []
+        self._known: tuple[Checkpoint, str] | None = None  # last checkpoint seen, with its ETag
+        self._size = 0
+        self._closed = False
+
+    def open(self, *, takeover: bool = False) -> None:
+        self.read_checkpoint()  # StreamNotFound now rather than at first use
+        if self._writable:
+            self._take_leases(takeover)
+            with _azure_errors(f"cannot open stream {self._name!r}"):
+                self._size = self._data.get_blob_properties().size
+            # Read again under the lease: a deposed writer's last commit may
+            # have landed between the first read and the takeover.
+            self.read_checkpoint()
+
+    def _take_leases(self, takeover: bool) -> None:
+        # Same id on both blobs; the checkpoint is leased too, so that a
+        # deposed writer's checkpoint update fails even before its ETag does.
+        data_lease = BlobLease(self._data)
+        leases = [data_lease, BlobLease(self._checkpoint_blob, data_lease.lease_id)]
+        try:
+            for lease in leases:
+                if takeover:
+                    lease.break_()
+                lease.acquire()
+                self._leases.append(lease)
+        except LeaseHeld as exc:
+            raise StreamLocked(
+                f"stream {self._name!r} is already open for writing by another writer "
+                "(its lease is held; open with takeover=True to depose it)"
+            ) from exc
+
+    @property
+    def page_size(self) -> int:
+        return PAGE_SIZE
+
+    @property
+    def max_write_size(self) -> int:
+        return MAX_WRITE_SIZE
+
+    @property
+    def _lease_id(self) -> str | None:
+        return self._leases[0].lease_id if self._leases else None
+
+    def read(self, offset: int, size: int) -> bytes:
+        self._check_open()
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must not be negative")
+        if size == 0:
+            return b""
+        with _azure_errors(f"cannot read stream {self._name!r}"):
+            try:
+                # The generated client's plain ranged GET: BlobClient.download_blob
+                # would add a Get Page Ranges call per read, which grows slow as
+                # a page blob fragments (one range per commit).
+                chunks = self._data._client.blob.download(
+                    range=f"bytes={offset}-{offset + size - 1}"
+                )
+                return b"".join(chunks)
+            except HttpResponseError as exc:
+                if exc.status_code == 416:  # at or past the end (Azurite: 206, empty)
+                    return b""
+                raise
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if offset < 0 or offset % PAGE_SIZE or len(data) % PAGE_SIZE:
+            raise ValueError(f"writes must cover whole {PAGE_SIZE}-byte pages")
+        if len(data) > MAX_WRITE_SIZE:
+            raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
+        if not data:
+            return
+        end = offset + len(data)
+        with _azure_errors(f"cannot write stream {self._name!r}"):
+            if end > self._size:
+                self._grow(end)
+            self._data.upload_page(
+                bytes(data), offset=offset, length=len(data), lease=self._lease_id
+            )
+
+    def _grow(self, needed: int) -> None:
+        """Resize in large steps: doubling, at most 1 GiB at a time, whole 4 MiB units."""
+        if needed > MAX_BLOB_SIZE:
+            raise StorageError(f"stream {self._name!r} would exceed Azure's 8 TiB page blob limit")
+        step = min(max(self._size, INITIAL_SIZE), MAX_GROWTH_STEP)
+        size = max(needed, self._size + step)
+        size = min(-(-size // INITIAL_SIZE) * INITIAL_SIZE, MAX_BLOB_SIZE)
+        self._data.resize_blob(size, lease=self._lease_id)
+        self._size = size
+
+    def read_checkpoint(self) -> Checkpoint:
+        self._check_open()
+        with _azure_errors(f"cannot read the checkpoint of stream {self._name!r}"):
+            properties = self._checkpoint_blob.get_blob_properties()
+        checkpoint = _checkpoint_from(properties.metadata, f"stream {self._name!r}")
+        self._known = (checkpoint, str(properties.etag))
+        return checkpoint
+
+    def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        known = self._known if self._known and self._known[0] == expected else None
+        if known is None:
+            current = self.read_checkpoint()
+            if current != expected:
+                raise self._stale(current, expected)
+            known = self._known
+        assert known is not None
+        what = f"cannot commit stream {self._name!r}"
+        try:
+            with _azure_errors(what):
+                result = self._checkpoint_blob.set_blob_metadata(
+                    _metadata(new),
+                    lease=self._lease_id,
+                    etag=known[1],
+                    match_condition=MatchConditions.IfNotModified,
+                )
+        except StorageError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, HttpResponseError) and cause.status_code == 412):
+                raise
+            # ETag mismatch. If the SDK retried a request that had in fact
+            # landed, the checkpoint is ours; otherwise another writer moved it.
+            current = self.read_checkpoint()
+            if current != new:
+                raise self._stale(current, expected) from exc
+            return
+        self._known = (new, str(result["etag"]))
+
+    def _stale(self, current: Checkpoint, expected: Checkpoint) -> StaleWriter:
+        return StaleWriter(
+            f"stream {self._name!r} was committed by another writer "
+            f"(checkpoint is at commit {current.commit}, this writer expected {expected.commit})"
+        )
+
+    def read_access(self) -> ReadAccess:
+        """A read+list SAS URL for the stream's container, valid for ``sas_expiry``."""
+        storage = self._storage
+        if storage is None:  # opened from a SAS URL: hand on what we were given
+            return ReadAccess("azure-sas", self._container.url, None)
+        credential = storage.service.credential
+        account_key = getattr(credential, "account_key", None)
+        if account_key is None:
+            raise AccessDenied("creating a SAS needs the account key (connection string)")
+        now = datetime.now(UTC)
+        expiry = now + storage.sas_expiry
+        token = generate_container_sas(
+            str(storage.service.account_name),
+            self._container.container_name,
+            account_key=account_key,
+            permission=ContainerSasPermissions(read=True, list=True),
+            start=now - timedelta(minutes=5),  # tolerate clock skew
+            expiry=expiry,
+        )
+        return ReadAccess("azure-sas", f"{self._container.url}?{token}", expiry.timestamp())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for lease in reversed(self._leases):
+            with contextlib.suppress(MessageVaultError):
+                lease.release()
+        self._leases.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"stream handle of {self._name!r} is closed")
+
+
+def open_sas_stream(url: str) -> tuple[AzureStreamStore, str]:
+    """A read-only store from a container SAS URL alone (no account key): (store, name)."""
+    container = ContainerClient.from_container_url(url, retry_policy=retry_policy())
+    name = container.container_name.removeprefix(CONTAINER_PREFIX)
+    validate_stream_name(name)
+    store = AzureStreamStore(container, name, storage=None, write=False)
+    store.open()
+    return store, name
+
+
+def wait_until_reachable(service: BlobServiceClient, timeout: float) -> None:
+    """Poll the account until it answers (used by tests and ``serve`` start-up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            service.get_account_information()
+            return
+        except HttpResponseError:
+            return  # it answered, if only to refuse
+        except AzureError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
