@@ -12,19 +12,42 @@ from pathlib import Path
 import pytest
 
 from messagevault.storage import FileStorage, MemoryStorage
+from messagevault.storage.azure import CONTAINER_PREFIX, AzureStorage
 from messagevault.storage.base import Storage
+from tests.azurite import Azurite
 
-BACKENDS: dict[str, Callable[[Path], Storage]] = {
-    "memory": lambda _: MemoryStorage(),
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Storage]] = {
+    "memory": lambda _, __: MemoryStorage(),
     # Emulates Azure page blobs: 512-byte aligned writes, tail page rewritten.
-    "memory-paged": lambda _: MemoryStorage(page_size=512),
-    "file": lambda path: FileStorage(path / "data"),
+    "memory-paged": lambda _, __: MemoryStorage(page_size=512),
+    "file": lambda _, path: FileStorage(path / "data"),
+    "azure": lambda request, _: request.getfixturevalue("azure_storage"),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    yield BACKENDS[request.param](tmp_path)
+    yield BACKENDS[request.param](request, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    """A real Azurite for the whole session, stopped by PID at the end."""
+    server = Azurite()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def azure_storage(azurite: Azurite) -> Iterator[AzureStorage]:
+    """Azure storage on the session's Azurite; every stream is deleted afterwards."""
+    storage = AzureStorage.from_connection_string(azurite.connection_string)
+    yield storage
+    for container in storage.service.list_containers(name_starts_with=CONTAINER_PREFIX):
+        storage.service.delete_container(container.name)
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ from messagevault.format import (
     slot_index,
     verify_frame,
 )
-from messagevault.storage.base import Storage, StreamStore
+from messagevault.storage import open_read_access
+from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 
@@ -57,6 +58,14 @@ class Reader:
     @classmethod
     def open(cls, storage: Storage, name: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Reader:
         return cls(storage.open_stream(name), name, chunk_size=chunk_size)
+
+    @classmethod
+    def from_read_access(
+        cls, access: ReadAccess, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> Reader:
+        """A reader from a ``ReadAccess`` alone (e.g. a SAS URL handed out by the server)."""
+        store, name = open_read_access(access)
+        return cls(store, name, chunk_size=chunk_size)
 
     def checkpoint(self) -> Checkpoint:
         """The stream's committed state, fresh from storage."""

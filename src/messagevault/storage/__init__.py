@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 from messagevault.storage.file import FileStorage, FsyncPolicy
 from messagevault.storage.memory import MemoryStorage
@@ -13,6 +15,7 @@ __all__ = [
     "ReadAccess",
     "Storage",
     "StreamStore",
+    "open_read_access",
     "open_storage",
 ]
 
@@ -20,8 +23,9 @@ __all__ = [
 def open_storage(url: str, *, fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS) -> Storage:
     """Open storage from a URL-like string.
 
-    ``file:PATH`` (or a bare path) is a data folder; ``memory:`` is in-process
-    storage (tests only).
+    ``file:PATH`` (or a bare path) is a data folder; ``azure:CONNECTION_STRING``
+    an Azure storage account (needs the ``azure`` extra); ``memory:`` is
+    in-process storage (tests only).
 
     >>> open_storage("file:./data").describe()
     'file storage at data'
@@ -33,4 +37,26 @@ def open_storage(url: str, *, fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS) -> 
         return FileStorage(rest or ".", fsync=fsync)
     if scheme == "memory":
         return MemoryStorage()
-    raise ValueError(f"unknown storage {url!r}: expected file:PATH or memory:")
+    if scheme == "azure":
+        from messagevault.storage.azure import AzureStorage  # the SDK only when asked for
+
+        return AzureStorage.from_connection_string(rest)
+    raise ValueError(
+        f"unknown storage {scheme!r}: expected file:PATH, azure:CONNECTION_STRING or memory:"
+    )
+
+
+def open_read_access(access: ReadAccess) -> tuple[StreamStore, str]:
+    """Open a stream read-only from a ``ReadAccess`` descriptor: (store, stream name).
+
+    This is all a direct consumer needs: a SAS URL on Azure (no account key),
+    a folder path for file storage.
+    """
+    if access.kind == "azure-sas":
+        from messagevault.storage.azure import open_sas_stream
+
+        return open_sas_stream(access.location)
+    if access.kind == "file":
+        folder = Path(access.location)
+        return FileStorage(folder.parent).open_stream(folder.name), folder.name
+    raise ValueError(f"cannot open {access.kind!r} read access from another process")
