@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from messagevault.checkpoint import Checkpoint
 from messagevault.errors import (
+    AccessDenied,
     CorruptData,
     InvalidBatch,
     InvalidInput,
     InvalidPosition,
     InvalidStreamName,
+    LeaseHeld,
+    LeaseLost,
     MessageVaultError,
     StaleWriter,
     StorageError,
@@ -37,7 +40,14 @@ from messagevault.format import (
 )
 from messagevault.names import validate_stream_name
 from messagevault.reader import Reader
-from messagevault.storage import FileStorage, FsyncPolicy, MemoryStorage, ReadAccess, open_storage
+from messagevault.storage import (
+    FileStorage,
+    FsyncPolicy,
+    MemoryStorage,
+    ReadAccess,
+    open_read_access,
+    open_storage,
+)
 from messagevault.writer import AppendResult, Receipt, Writer
 
 __version__ = "0.1.0"
@@ -47,6 +57,7 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_KEY_SIZE",
     "MAX_VALUE_SIZE",
+    "AccessDenied",
     "AppendResult",
     "Checkpoint",
     "CorruptData",
@@ -57,6 +68,8 @@ __all__ = [
     "InvalidInput",
     "InvalidPosition",
     "InvalidStreamName",
+    "LeaseHeld",
+    "LeaseLost",
     "MemoryStorage",
     "Message",
     "MessageVaultError",
@@ -73,6 +86,7 @@ __all__ = [
     "__version__",
     "encode_batch",
     "message_id",
+    "open_read_access",
     "open_storage",
     "validate_stream_name",
 ]

@@ -34,7 +34,12 @@ class BlobLease:
         # Keep our own id: after release() the SDK forgets it, and a forgotten
         # id would let a later write go out unfenced (see docs/notes on Azurite).
         self.lease_id = self.lease_id or str(uuid.uuid4())
-        self._client = BlobLeaseClient(self.blob, lease_id=self.lease_id)
+
+    @property
+    def _client(self) -> BlobLeaseClient:
+        # A fresh client per call: the SDK's client sets its id to None on
+        # release, after which it would acquire under a random id of its own.
+        return BlobLeaseClient(self.blob, lease_id=self.lease_id)
 
     def acquire(self, duration: int = INFINITE) -> None:
         """Take the lease for ``duration`` seconds (15-60, or -1 for ever). Idempotent for us."""
@@ -79,7 +84,9 @@ class BlobLease:
 
 
 def error_code(exc: HttpResponseError) -> str:
-    return str(getattr(exc, "error_code", None) or "")
+    """The service's error code, e.g. ``LeaseIdMismatchWithBlobOperation``."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
 
 
 def _storage_error(message: str, exc: HttpResponseError) -> StorageError:

@@ -1,0 +1,225 @@
+"""Azure-only behaviour, on a real Azurite: fencing, SAS readers, leases, layout."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import pytest
+from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ExponentialRetry
+
+from messagevault import (
+    AccessDenied,
+    CorruptData,
+    Message,
+    Reader,
+    StaleWriter,
+    StorageError,
+    StreamLocked,
+    Writer,
+)
+from messagevault.errors import LeaseHeld, LeaseLost
+from messagevault.storage import open_read_access
+from messagevault.storage.azure import (
+    CHECKPOINT_BLOB,
+    DATA_BLOB,
+    INITIAL_SIZE,
+    SYSTEM_CONTAINER,
+    AzureStorage,
+    _azure_errors,
+)
+from messagevault.storage.azure_lease import BlobLease
+
+
+def _values(storage: AzureStorage, name: str = "orders") -> list[bytes]:
+    return [m.value for m in Reader.open(storage, name).read()]
+
+
+def test_layout_container_blobs_and_checkpoint_metadata(azure_storage: AzureStorage) -> None:
+    with Writer.open(azure_storage, "orders") as writer:
+        result = writer.append([(b"k", b"v" * 1000)])
+    container = azure_storage.service.get_container_client("mv-orders")
+    data = container.get_blob_client(DATA_BLOB).get_blob_properties()
+    assert data.blob_type == "PageBlob"
+    assert data.size % 512 == 0
+    assert data.size >= INITIAL_SIZE
+    metadata = container.get_blob_client(CHECKPOINT_BLOB).get_blob_properties().metadata
+    assert metadata["length"] == str(result.committed_length)
+    assert metadata["nextsequence"] == "1"
+    assert metadata["commit"] == "1"
+    assert metadata["formatversion"] == "1"
+
+
+def test_data_blob_grows_in_large_steps(azure_storage: AzureStorage) -> None:
+    blob = azure_storage.service.get_container_client("mv-orders").get_blob_client(DATA_BLOB)
+    sizes = set()
+    with Writer.open(azure_storage, "orders") as writer:
+        for n in range(12):
+            writer.append([(b"k", bytes([n]) * 1_000_000)])
+            sizes.add(blob.get_blob_properties().size)
+    # 12 MB of frames, yet only a few resizes, each to a multiple of 4 MiB.
+    assert len(sizes) <= 3
+    assert all(size % INITIAL_SIZE == 0 for size in sizes)
+    assert len(_values(azure_storage)) == 12
+
+
+def test_takeover_fences_the_old_writer(azure_storage: AzureStorage) -> None:
+    old = Writer.open(azure_storage, "orders")
+    old.append([(b"k", b"old-1")])
+    with pytest.raises(StreamLocked, match="takeover"):
+        Writer.open(azure_storage, "orders")
+    new = Writer.open(azure_storage, "orders", takeover=True)
+    new.append([(b"k", b"new-1")])
+    with pytest.raises(StaleWriter):
+        old.append([(b"k", b"old-2")])
+    with pytest.raises(StaleWriter):
+        old.append([(b"k", b"old-3")])
+    assert _values(azure_storage) == [b"old-1", b"new-1"]
+    new.append([(b"k", b"new-2")])
+    assert _values(azure_storage) == [b"old-1", b"new-1", b"new-2"]
+    old.close()
+    new.close()
+
+
+def test_takeover_before_the_new_writer_commits(azure_storage: AzureStorage) -> None:
+    """The deposed writer cannot commit even while the new one has written nothing."""
+    old = Writer.open(azure_storage, "orders")
+    old.append([(b"k", b"old-1")])
+    new = Writer.open(azure_storage, "orders", takeover=True)
+    with pytest.raises(StaleWriter):
+        old.append([(b"k", b"old-2")])
+    new.append([(b"k", b"new-1")])
+    assert _values(azure_storage) == [b"old-1", b"new-1"]
+    old.close()
+    new.close()
+
+
+def test_stale_checkpoint_etag_is_refused(azure_storage: AzureStorage) -> None:
+    """Even holding the lease, a writer with an out-of-date view cannot commit."""
+    store = azure_storage.open_stream("orders", write=True, create=True)
+    writer = Writer(store, "orders")
+    writer.append([(b"k", b"one")])
+    # Someone with the lease id moves the checkpoint behind the writer's back.
+    blob = azure_storage.service.get_container_client("mv-orders").get_blob_client(CHECKPOINT_BLOB)
+    metadata = blob.get_blob_properties().metadata
+    blob.set_blob_metadata({**metadata, "commit": "7"}, lease=store._lease_id)
+    with pytest.raises(StaleWriter):
+        writer.append([(b"k", b"two")])
+    writer.close()
+
+
+def test_sas_reader_reads_and_follows_without_the_account_key(
+    azure_storage: AzureStorage,
+) -> None:
+    with Writer.open(azure_storage, "orders") as writer:
+        writer.append([(b"k", b"first"), (b"k", b"second")])
+        access = writer._store.read_access()
+        assert access.kind == "azure-sas"
+        assert "sig=" in access.location
+        assert "AccountKey" not in access.location
+        assert access.expires_at is not None
+        assert 0 < access.expires_at - time.time() <= 3600 + 5  # hours, not years
+
+        reader = Reader.from_read_access(access)
+        assert [m.value for m in reader.read()] == [b"first", b"second"]
+        stop = threading.Event()
+        seen: list[Message] = []
+        thread = threading.Thread(
+            target=lambda: seen.extend(reader.follow(poll_interval=0.02, stop=stop))
+        )
+        thread.start()
+        writer.append([(b"k", b"third")])
+        deadline = time.monotonic() + 20
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        thread.join(timeout=20)
+    assert [m.value for m in seen] == [b"first", b"second", b"third"]
+
+
+def test_sas_cannot_write(azure_storage: AzureStorage) -> None:
+    with Writer.open(azure_storage, "orders") as writer:
+        writer.append([(b"k", b"v")])
+        access = writer._store.read_access()
+    store, name = open_read_access(access)
+    assert name == "orders"
+    with pytest.raises(AccessDenied):
+        store.write(0, bytes(512))
+    # Straight through the SDK with the SAS URL: the service itself refuses.
+    container = ContainerClient.from_container_url(access.location)
+    with pytest.raises(AccessDenied), _azure_errors("write through a SAS"):
+        container.get_blob_client(DATA_BLOB).upload_page(bytes(512), offset=0, length=512)
+    with pytest.raises(AccessDenied), _azure_errors("metadata through a SAS"):
+        container.get_blob_client(CHECKPOINT_BLOB).set_blob_metadata({"length": "0"})
+    assert _values(azure_storage) == [b"v"]
+    store.close()
+
+
+def test_tampered_sas_is_refused(azure_storage: AzureStorage) -> None:
+    with Writer.open(azure_storage, "orders") as writer:
+        writer.append([(b"k", b"v")])
+        access = writer._store.read_access()
+    tampered = access.location.replace("sp=rl", "sp=rwl")
+    with pytest.raises(AccessDenied):
+        open_read_access(type(access)(access.kind, tampered, access.expires_at))
+    url = access.location.replace("?", f"/{DATA_BLOB}?")
+    request = urllib.request.Request(url, headers={"x-ms-range": "bytes=0-63"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.read()[:4] == b"MVLB"  # plain HTTP readers work too
+
+
+def test_damaged_checkpoint_metadata_is_reported(azure_storage: AzureStorage) -> None:
+    with Writer.open(azure_storage, "orders") as writer:
+        writer.append([(b"k", b"v")])
+    blob = azure_storage.service.get_container_client("mv-orders").get_blob_client(CHECKPOINT_BLOB)
+    blob.set_blob_metadata({"formatversion": "1", "length": "eleven"})
+    with pytest.raises(CorruptData, match="checkpoint"):
+        Reader.open(azure_storage, "orders")
+
+
+def _lease_pair(azure_storage: AzureStorage) -> tuple[BlobLease, BlobLease, BlobClient]:
+    blob = azure_storage.system_container().get_blob_client("leader")
+    blob.upload_blob(b"", overwrite=True)
+    return BlobLease(blob), BlobLease(blob), blob
+
+
+def test_leases_between_two_holders(azure_storage: AzureStorage) -> None:
+    first, second, blob = _lease_pair(azure_storage)
+    try:
+        first.acquire(duration=15)
+        first.acquire(duration=15)  # idempotent for the holder
+        with pytest.raises(LeaseHeld):
+            second.acquire(duration=15)
+        first.renew()
+        first.release()
+        first.release()  # idempotent
+        second.acquire(duration=15)
+        with pytest.raises(LeaseLost):
+            first.renew()
+        first.break_()  # takeover by force
+        with pytest.raises(LeaseLost):
+            second.renew()
+        first.acquire(duration=-1)
+        first.release()
+    finally:
+        for lease in (first, second):
+            lease.release()
+        azure_storage.service.delete_container(SYSTEM_CONTAINER)
+    with pytest.raises(ValueError, match="15-60"):
+        first.acquire(duration=10)
+    assert blob.blob_name == "leader"
+
+
+def test_unreachable_storage_is_a_storage_error() -> None:
+    # No retries here: the retry policy itself is exercised by test_azure_faults.py.
+    service = BlobServiceClient.from_connection_string(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        "AccountKey=bm90LWEta2V5;BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;",
+        retry_policy=ExponentialRetry(retry_total=0),
+    )
+    unreachable = AzureStorage(service)
+    with pytest.raises(StorageError, match="cannot list streams"):
+        unreachable.list_streams()
+    with pytest.raises(StorageError):
+        unreachable.open_stream("orders")
