@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import messagevault
 
 
@@ -18,3 +21,15 @@ def test_all_lists_exactly_the_public_names() -> None:
 def test_all_names_resolve() -> None:
     for name in messagevault.__all__:
         assert getattr(messagevault, name) is not None
+
+
+def test_only_the_azure_backend_imports_the_azure_sdk() -> None:
+    """The seam: everything above storage/ sees no SDK type (STYLE.md, practice 3)."""
+    package = Path(messagevault.__file__).parent
+    allowed = {package / "storage" / "azure.py", package / "storage" / "azure_lease.py"}
+    offenders = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path not in allowed and re.search(r"^\s*(from|import) azure\b", path.read_text(), re.M)
+    ]
+    assert offenders == []

@@ -114,7 +114,7 @@ def test_sas_reader_reads_and_follows_without_the_account_key(
 ) -> None:
     with Writer.open(azure_storage, "orders") as writer:
         writer.append([(b"k", b"first"), (b"k", b"second")])
-        access = writer._store.read_access()
+        access = writer.read_access()
         assert access.kind == "azure-sas"
         assert "sig=" in access.location
         assert "AccountKey" not in access.location
@@ -141,7 +141,7 @@ def test_sas_reader_reads_and_follows_without_the_account_key(
 def test_sas_cannot_write(azure_storage: AzureStorage) -> None:
     with Writer.open(azure_storage, "orders") as writer:
         writer.append([(b"k", b"v")])
-        access = writer._store.read_access()
+        access = writer.read_access()
     store, name = open_read_access(access)
     assert name == "orders"
     with pytest.raises(AccessDenied):
@@ -159,7 +159,7 @@ def test_sas_cannot_write(azure_storage: AzureStorage) -> None:
 def test_tampered_sas_is_refused(azure_storage: AzureStorage) -> None:
     with Writer.open(azure_storage, "orders") as writer:
         writer.append([(b"k", b"v")])
-        access = writer._store.read_access()
+        access = writer.read_access()
     tampered = access.location.replace("sp=rl", "sp=rwl")
     with pytest.raises(AccessDenied):
         open_read_access(type(access)(access.kind, tampered, access.expires_at))

@@ -23,7 +23,7 @@ from messagevault.format import (
     message_positions,
     verify_frame,
 )
-from messagevault.storage.base import Storage, StreamStore
+from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
 
 class Receipt(NamedTuple):
@@ -137,6 +137,10 @@ class Writer:
     def checkpoint(self) -> Checkpoint:
         """The last checkpoint this writer committed or found."""
         return self._checkpoint
+
+    def read_access(self) -> ReadAccess:
+        """What to hand a direct consumer (a read-only SAS URL on Azure)."""
+        return self._store.read_access()
 
     def append(self, messages: Iterable[tuple[bytes | str, bytes]]) -> AppendResult:
         """Append one batch of ``(key, value)`` pairs as one atomic commit.
