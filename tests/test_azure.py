@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from datetime import timedelta
 
 import pytest
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ExponentialRetry
@@ -20,7 +21,7 @@ from messagevault import (
     Writer,
 )
 from messagevault.errors import LeaseHeld, LeaseLost
-from messagevault.storage import open_read_access
+from messagevault.storage import ReadAccess, open_read_access
 from messagevault.storage.azure import (
     CHECKPOINT_BLOB,
     DATA_BLOB,
@@ -30,6 +31,7 @@ from messagevault.storage.azure import (
     _azure_errors,
 )
 from messagevault.storage.azure_lease import BlobLease
+from tests.azurite import Azurite
 
 
 def _values(storage: AzureStorage, name: str = "orders") -> list[bytes]:
@@ -223,3 +225,32 @@ def test_unreachable_storage_is_a_storage_error() -> None:
         unreachable.list_streams()
     with pytest.raises(StorageError):
         unreachable.open_stream("orders")
+
+
+def test_expired_sas_is_refused_and_a_renewing_reader_carries_on(azurite: Azurite) -> None:
+    storage = AzureStorage.from_connection_string(
+        azurite.connection_string, sas_expiry=timedelta(seconds=2)
+    )
+    try:
+        with Writer.open(storage, "short-lived") as writer:
+            writer.append([(b"k", b"one")])
+            access = writer.read_access()
+            renewals: list[ReadAccess] = []
+
+            def renew() -> ReadAccess:
+                renewals.append(writer.read_access())
+                return renewals[-1]
+
+            plain = Reader.from_read_access(access)
+            renewing = Reader.from_read_access(access, refresh=renew)
+            assert [m.value for m in renewing.read()] == [b"one"]
+            time.sleep(3)  # both SAS URLs have now expired
+            writer.append([(b"k", b"two")])
+            with pytest.raises(AccessDenied):
+                plain.checkpoint()
+            assert [m.value for m in renewing.read()] == [b"one", b"two"]
+            assert renewals  # it did fetch a new SAS
+            plain.close()
+            renewing.close()
+    finally:
+        storage.service.delete_container("mv-short-lived")

@@ -8,13 +8,14 @@ the writer appends.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from itertools import chain
 from types import TracebackType
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.errors import CorruptData, InvalidPosition
+from messagevault.errors import AccessDenied, CorruptData, InvalidPosition
 from messagevault.format import (
     FRAME_HEADER_SIZE,
     SLOT_SIZE,
@@ -29,12 +30,63 @@ from messagevault.storage import open_read_access
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+T = TypeVar("T")
 
 
 class VerifyReport(NamedTuple):
     frames: int
     messages: int
     bytes: int
+
+
+class RenewingStore:
+    """A read-only store behind expiring access: renews it when expired or refused."""
+
+    def __init__(self, access: ReadAccess, refresh: Callable[[], ReadAccess]) -> None:
+        self._refresh = refresh
+        self._access = access
+        self._store, self.name = open_read_access(access)
+
+    def _renew(self) -> None:
+        self._store.close()
+        self._access = self._refresh()
+        self._store, self.name = open_read_access(self._access)
+
+    def _call(self, operation: Callable[[StreamStore], T]) -> T:
+        expires_at = self._access.expires_at
+        if expires_at is not None and time.time() >= expires_at:
+            self._renew()
+        try:
+            return operation(self._store)
+        except AccessDenied:
+            self._renew()  # revoked or expired early (clock skew): one fresh try
+            return operation(self._store)
+
+    @property
+    def page_size(self) -> int:
+        return self._store.page_size
+
+    @property
+    def max_write_size(self) -> int:
+        return self._store.max_write_size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._call(lambda store: store.read(offset, size))
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise AccessDenied("a reader's access is read-only")
+
+    def read_checkpoint(self) -> Checkpoint:
+        return self._call(lambda store: store.read_checkpoint())
+
+    def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
+        raise AccessDenied("a reader's access is read-only")
+
+    def read_access(self) -> ReadAccess:
+        return self._access
+
+    def close(self) -> None:
+        self._store.close()
 
 
 class Reader:
@@ -61,10 +113,23 @@ class Reader:
 
     @classmethod
     def from_read_access(
-        cls, access: ReadAccess, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+        cls,
+        access: ReadAccess,
+        *,
+        refresh: Callable[[], ReadAccess] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> Reader:
-        """A reader from a ``ReadAccess`` alone (e.g. a SAS URL handed out by the server)."""
-        store, name = open_read_access(access)
+        """A reader from a ``ReadAccess`` alone (e.g. a SAS URL handed out by the server).
+
+        SAS URLs expire (an hour by default). With ``refresh``, a function that
+        fetches a new ``ReadAccess`` (from the server, say), the reader renews
+        its access when it has expired or storage refuses it, and carries on.
+        """
+        if refresh is None:
+            store, name = open_read_access(access)
+        else:
+            store = RenewingStore(access, refresh)
+            name = store.name
         return cls(store, name, chunk_size=chunk_size)
 
     def checkpoint(self) -> Checkpoint:
