@@ -8,7 +8,7 @@ import urllib.request
 from datetime import timedelta
 
 import pytest
-from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ExponentialRetry
+from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
 
 from messagevault import (
     AccessDenied,
@@ -26,11 +26,11 @@ from messagevault.storage.azure import (
     CHECKPOINT_BLOB,
     DATA_BLOB,
     INITIAL_SIZE,
+    LEADER_LOCK_BLOB,
     SYSTEM_CONTAINER,
     AzureStorage,
     _azure_errors,
 )
-from messagevault.storage.azure_lease import BlobLease
 from tests.azurite import Azurite
 
 
@@ -180,14 +180,11 @@ def test_damaged_checkpoint_metadata_is_reported(azure_storage: AzureStorage) ->
         Reader.open(azure_storage, "orders")
 
 
-def _lease_pair(azure_storage: AzureStorage) -> tuple[BlobLease, BlobLease, BlobClient]:
-    blob = azure_storage.system_container().get_blob_client("leader")
-    blob.upload_blob(b"", overwrite=True)
-    return BlobLease(blob), BlobLease(blob), blob
-
-
-def test_leases_between_two_holders(azure_storage: AzureStorage) -> None:
-    first, second, blob = _lease_pair(azure_storage)
+def test_leases_between_two_holders(azure_storage: AzureStorage, azurite: Azurite) -> None:
+    # Two nodes with their own clients, competing for the leader lock.
+    other_node = AzureStorage.from_connection_string(azurite.connection_string)
+    first, second = azure_storage.leader_lease(), other_node.leader_lease()
+    assert first.lease_id != second.lease_id
     try:
         first.acquire(duration=15)
         first.acquire(duration=15)  # idempotent for the holder
@@ -204,13 +201,14 @@ def test_leases_between_two_holders(azure_storage: AzureStorage) -> None:
             second.renew()
         first.acquire(duration=-1)
         first.release()
+        with pytest.raises(ValueError, match="15-60"):
+            first.acquire(duration=10)
     finally:
         for lease in (first, second):
             lease.release()
-        azure_storage.service.delete_container(SYSTEM_CONTAINER)
-    with pytest.raises(ValueError, match="15-60"):
-        first.acquire(duration=10)
-    assert blob.blob_name == "leader"
+    names = {blob.name for blob in azure_storage.system_container().list_blobs()}
+    assert LEADER_LOCK_BLOB in names
+    azure_storage.service.delete_container(SYSTEM_CONTAINER)
 
 
 def test_unreachable_storage_is_a_storage_error() -> None:

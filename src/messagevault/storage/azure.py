@@ -59,6 +59,9 @@ CONTAINER_PREFIX = "mv-"
 SYSTEM_CONTAINER = "messagevault-system"  # cannot clash: stream containers start "mv-"
 DATA_BLOB = "data"
 CHECKPOINT_BLOB = "checkpoint"
+USERS_BLOB = "users.json"  # the server's users and claims (hashed passwords only)
+LEADER_LOCK_BLOB = "leader-lock"  # empty; leased by the node that is leader
+LEADER_INFO_BLOB = "leader.json"  # the leader's address, for other nodes to forward to
 PAGE_SIZE = 512
 MAX_WRITE_SIZE = 4 * 1024 * 1024  # Azure's Put Page limit (Azurite accepts more: we don't)
 MAX_BLOB_SIZE = 8 * 1024**4  # Azure's page blob limit
@@ -149,12 +152,16 @@ class AzureStorage:
     def system_container(self) -> ContainerClient:
         """The container for server state (users, leader lock), created on first use."""
         container = self.service.get_container_client(SYSTEM_CONTAINER)
-        with (
-            _azure_errors("cannot create the system container"),
-            contextlib.suppress(ResourceExistsError),
-        ):
-            container.create_container()
+        with _azure_errors("cannot create the system container"):
+            with contextlib.suppress(ResourceExistsError):
+                container.create_container()
+            with contextlib.suppress(ResourceExistsError):
+                container.get_blob_client(LEADER_LOCK_BLOB).upload_blob(b"", overwrite=False)
         return container
+
+    def leader_lease(self) -> BlobLease:
+        """A lease on the leader lock, for a server node to compete for leadership."""
+        return BlobLease(self.system_container().get_blob_client(LEADER_LOCK_BLOB))
 
     def describe(self) -> str:
         return f"azure storage account {self.service.account_name} at {self.service.url}"
