@@ -33,7 +33,7 @@ from azure.storage.blob import (
     BlobServiceClient,
     ContainerClient,
     ContainerSasPermissions,
-    ExponentialRetry,
+    LinearRetry,
     generate_container_sas,
 )
 
@@ -78,15 +78,25 @@ _LEASE_LOST_CODES = {
 }
 
 
-def retry_policy() -> ExponentialRetry:
-    """Retries of transient faults: about 1 s, 3 s, 5 s, 9 s apart, then give up.
+def client_options() -> dict[str, Any]:
+    """SDK options: short retries and timeouts, so one call fails within seconds.
 
-    The SDK's default waits 15 s before the first retry; a log should notice
-    a restarted storage endpoint sooner than that.
+    The writer rides out longer outages itself, bounded by its
+    ``commit_timeout``, and checks between attempts whether a commit that
+    seemed to fail had landed. The SDK's own default (retries 15 s and more
+    apart, 20 s to connect, 60 s to read) would let a single call overrun
+    that bound several times over.
     """
-    return ExponentialRetry(
-        initial_backoff=1, increment_base=2, retry_total=4, random_jitter_range=1
-    )
+    return {
+        # The SDK annotates these as int but sleeps for any float.
+        "retry_policy": LinearRetry(
+            backoff=0.5,  # type: ignore[arg-type]
+            retry_total=2,
+            random_jitter_range=0.25,  # type: ignore[arg-type]
+        ),
+        "connection_timeout": 5,
+        "read_timeout": 20,
+    }
 
 
 @contextlib.contextmanager
@@ -120,9 +130,7 @@ class AzureStorage:
 
     @classmethod
     def from_connection_string(cls, connection_string: str, **kwargs: Any) -> AzureStorage:
-        service = BlobServiceClient.from_connection_string(
-            connection_string, retry_policy=retry_policy()
-        )
+        service = BlobServiceClient.from_connection_string(connection_string, **client_options())
         return cls(service, **kwargs)
 
     def open_stream(
@@ -401,7 +409,7 @@ class AzureStreamStore:
 
 def open_sas_stream(url: str) -> tuple[AzureStreamStore, str]:
     """A read-only store from a container SAS URL alone (no account key): (store, name)."""
-    container = ContainerClient.from_container_url(url, retry_policy=retry_policy())
+    container = ContainerClient.from_container_url(url, **client_options())
     name = container.container_name.removeprefix(CONTAINER_PREFIX)
     validate_stream_name(name)
     store = AzureStreamStore(container, name, storage=None, write=False)
