@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench-core clean
+.PHONY: install serve test lint typecheck pytest bench-core bench-azure clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: lint typecheck pytest
 
 bench-core: $(STAMP)
 	$(BIN)/python benchmarks/core.py
+
+bench-azure: $(STAMP) node_modules/.installed
+	$(BIN)/python benchmarks/azure.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

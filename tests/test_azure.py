@@ -252,3 +252,25 @@ def test_expired_sas_is_refused_and_a_renewing_reader_carries_on(azurite: Azurit
             renewing.close()
     finally:
         storage.service.delete_container("mv-short-lived")
+
+
+@pytest.mark.parametrize("chunk_size", [3000, 64 * 1024])
+def test_read_ahead_across_chunk_and_frame_boundaries(
+    azure_storage: AzureStorage, chunk_size: int
+) -> None:
+    batches = [[(b"k%d" % n, bytes([n]) * (n * 997 % 9_000))] * (1 + n % 3) for n in range(30)]
+    with Writer.open(azure_storage, "orders") as writer:
+        for batch in batches:
+            writer.append(batch)
+        access = writer.read_access()
+    expected = [pair for batch in batches for pair in batch]
+    store, name = open_read_access(access)
+    reader = Reader(store, name, chunk_size=chunk_size)
+    messages = list(reader.read())
+    assert [(m.key, m.value) for m in messages] == expected
+    middle = messages[len(messages) // 2]
+    assert [m.value for m in reader.read(middle.position)] == [
+        value for _, value in expected[len(messages) // 2 :]
+    ]
+    assert reader.verify().messages == len(expected)
+    reader.close()

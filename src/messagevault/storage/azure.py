@@ -220,6 +220,8 @@ def _checkpoint_from(metadata: dict[str, str], where: str) -> Checkpoint:
 class AzureStreamStore:
     """One stream's data page blob and checkpoint blob."""
 
+    remote = True  # reads are round trips: readers fetch ahead (reader._ReadAhead)
+
     def __init__(
         self,
         container: ContainerClient,

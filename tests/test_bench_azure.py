@@ -1,0 +1,47 @@
+"""The Azure benchmark still runs (tiny scale, its own Azurite): a tool, not a timed test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_azure_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "azure.py"),
+            "--scale",
+            "0.002",
+            "--runs",
+            "2",  # two runs, so that both phase orders are exercised
+            "--output",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for word in ("W1", "W2", "raw upload", "append", "raw download", "read", "MB/s", "target"):
+        assert word in result.stdout
+    (saved,) = (tmp_path / "results").glob("azure-*.json")
+    report = json.loads(saved.read_text())
+    assert report["benchmark"] == "azure"
+    cases = {(c["workload"], c["phase"]): c for c in report["cases"]}
+    for workload in ("W1", "W2"):
+        for phase in ("raw upload", "append", "raw download", "sdk download", "read"):
+            case = cases[(workload, phase)]
+            assert len(case["seconds"]) == 2
+            assert case["mb_per_s"] > 0
+        for phase, baseline in (("append", "raw upload"), ("read", "raw download")):
+            case = cases[(workload, phase)]
+            assert case["baseline"] == baseline
+            assert case["ratio"] > 0
+            assert case["msgs_per_s"] > 0
+        assert cases[(workload, "append")]["commits_per_s"] > 0
