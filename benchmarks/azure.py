@@ -30,8 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
@@ -54,13 +53,12 @@ from azure.storage.blob import __version__ as sdk_version  # noqa: E402
 from tests.azurite import Azurite  # noqa: E402
 
 from messagevault import (  # noqa: E402
-    AppendResult,
-    EncodedBatch,
     MemoryStorage,
     Reader,
     Writer,
     encode_batch,
 )
+from messagevault.committer import GroupCommitter  # noqa: E402
 from messagevault.storage.azure import CONTAINER_PREFIX, DATA_BLOB, AzureStorage  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -123,7 +121,7 @@ PHASES = {
     "append": "Writer.append, 1 commit/batch",
     # What the server's group commit does under load: waiting batches share a
     # commit of up to 4 MiB (one Put Page, one checkpoint update).
-    "group append": "append_batches, <= 4 MiB/commit, pipelined",
+    "group append": "GroupCommitter, <= 4 MiB/commit",
     "raw download": "ranged GET, 4 MiB",
     "sdk download": "download_blob, 4 MiB",
     "stream blob download": "ranged GET of stream's blob",
@@ -196,48 +194,22 @@ def append_phase(storage: AzureStorage, name: str, batches: Batches) -> float:
         writer.close()
 
 
-def commit_groups(batches: Batches) -> Iterator[list[EncodedBatch]]:
-    """Consecutive batches, encoded, in groups of frames that fit one Put Page.
+def group_append_phase(storage: AzureStorage, name: str, batches: Batches) -> tuple[float, int]:
+    """Group commit as the server does it: batches queue while a commit is in flight.
 
-    One page is kept free for the partly filled tail page the writer rewrites
-    at the start of each commit, so that a commit is one 4 MiB write.
+    The producer submits every batch without waiting (encoding included in
+    the timing); ``GroupCommitter`` commits whatever has queued, up to one
+    4 MiB Put Page and one checkpoint update per commit, in order.
     """
-    group: list[EncodedBatch] = []
-    size = 0
-    for batch in batches:
-        encoded = encode_batch(batch)
-        if group and size + encoded.frame_size > CHUNK - PAGE:
-            yield group
-            group, size = [], 0
-        group.append(encoded)
-        size += encoded.frame_size
-    if group:
-        yield group
-
-
-def group_append_phase(storage: AzureStorage, name: str, batches: Batches) -> float:
-    """Group commit as the server does it: batches arrive while a commit is in flight.
-
-    One thread commits (``Writer.append_batches``, one Put Page and one
-    checkpoint update per group) while the next group is encoded, as a
-    server's committer overlaps storage round trips with receiving and
-    checking the next requests. Encoding stays inside the timing.
-    """
-    writer = Writer.open(storage, name)
-    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-commit")
+    committer = GroupCommitter(Writer.open(storage, name))
     try:
         started = time.perf_counter()
-        in_flight: Future[list[AppendResult]] | None = None
-        for group in commit_groups(batches):
-            if in_flight is not None:
-                in_flight.result()  # one commit at a time, in order
-            in_flight = committer.submit(writer.append_batches, group)
-        if in_flight is not None:
-            in_flight.result()
-        return time.perf_counter() - started
+        futures = [committer.submit(encode_batch(batch)) for batch in batches]
+        for future in futures:
+            future.result()
+        return time.perf_counter() - started, committer.stats.commits
     finally:
-        committer.shutdown()
-        writer.close()
+        committer.close()
 
 
 def read_phase(storage: AzureStorage, name: str, batches: Batches, messages: int) -> float:
@@ -292,9 +264,23 @@ def download_phase(
 
 
 def measure_run(
-    storage: AzureStorage, workload: Workload, batches: Batches, image: bytes, run: int
+    storage: AzureStorage,
+    workload: Workload,
+    batches: Batches,
+    image: bytes,
+    run: int,
+    group_commits: list[int],
 ) -> dict[str, float]:
-    """One run of every phase, in this run's order; returns seconds per phase."""
+    """One run of every phase, in this run's order; returns seconds per phase.
+
+    ``group_commits`` receives how many commits the group append made.
+    """
+
+    def group_append() -> float:
+        seconds, commits = group_append_phase(storage, f"{stream}-g", batches)
+        group_commits.append(commits)
+        return seconds
+
     tag = f"{workload.name.lower()}-r{run}"
     stream = f"bench-{tag}"
     raw_container = storage.service.get_container_client(f"raw-{tag}")
@@ -305,7 +291,7 @@ def measure_run(
     steps: dict[str, Callable[[], float]] = {
         "raw upload": lambda: raw_upload_phase(raw, image),
         "append": lambda: append_phase(storage, stream, batches),
-        "group append": lambda: group_append_phase(storage, f"{stream}-g", batches),
+        "group append": group_append,
         "group read": lambda: read_phase(storage, f"{stream}-g", batches, workload.messages),
         "raw download": lambda: download_phase(raw, padded, ranged_get),
         "read": lambda: read_phase(storage, stream, batches, workload.messages),
@@ -449,20 +435,16 @@ def main() -> None:
             # rescanning them.
             gc.collect()
             gc.freeze()
-            commits = {"group append": sum(1 for _ in commit_groups(batches))}
             workload_cases = {
-                phase: Case(
-                    workload.name,
-                    phase,
-                    workload.messages,
-                    len(image),
-                    commits.get(phase, len(batches)),
-                )
+                phase: Case(workload.name, phase, workload.messages, len(image), len(batches))
                 for phase in PHASES
             }
+            group_commits: list[int] = []
             for run in range(args.runs):
-                for phase, seconds in measure_run(storage, workload, batches, image, run).items():
+                timings = measure_run(storage, workload, batches, image, run, group_commits)
+                for phase, seconds in timings.items():
                     workload_cases[phase].seconds.append(seconds)
+            workload_cases["group append"].commits = int(statistics.median(group_commits))
             cases.extend(workload_cases.values())
             del batches, image
             gc.unfreeze()

@@ -138,6 +138,15 @@ class Writer:
         """The last checkpoint this writer committed or found."""
         return self._checkpoint
 
+    @property
+    def max_commit_bytes(self) -> int:
+        """The most frame bytes one commit can carry in a single storage write.
+
+        One page less than the storage's write limit: a commit on page storage
+        starts by rewriting the partly filled tail page.
+        """
+        return self._store.max_write_size - self._store.page_size
+
     def read_access(self) -> ReadAccess:
         """What to hand a direct consumer (a read-only SAS URL on Azure)."""
         return self._store.read_access()

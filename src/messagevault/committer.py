@@ -1,0 +1,178 @@
+"""Group commit: many concurrent appends to one stream, few storage commits.
+
+Each append joins a queue and gets a future; one committer thread takes as
+many queued batches as fit one storage write (4 MiB on Azure, less the tail
+page the writer rewrites), commits them with ``Writer.append_batches`` and
+resolves their futures with their own receipts. Order is arrival order.
+
+While a commit is in flight (a device flush, a storage round trip), new
+appends queue up behind it and share the next commit, so throughput grows
+with load instead of being bounded by commits per second. This is the
+per-stream write scheduler the server uses; producers in one process can use
+it directly.
+
+    committer = GroupCommitter(Writer.open(storage, "orders"))
+    future = committer.submit(encode_batch(messages))   # returns at once
+    receipt = future.result()                            # once committed
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import TracebackType
+
+from messagevault.errors import MessageVaultError, StaleWriter
+from messagevault.format import EncodedBatch, encode_batch
+from messagevault.writer import AppendResult, Writer
+
+DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
+
+
+class CommitterClosed(MessageVaultError):
+    """The committer was closed (or its writer lost the stream) before this append ran."""
+
+    code = "committer_closed"
+    retriable = True
+
+
+@dataclass
+class CommitStats:
+    commits: int = 0
+    batches: int = 0
+    messages: int = 0
+
+
+class GroupCommitter:
+    """Coalesces appends from any number of threads into group commits of one writer.
+
+    ``linger`` (seconds) lets a commit wait briefly for more batches when the
+    queue is short; 0 commits as soon as the previous commit is done, which
+    already groups everything that arrived meanwhile. ``max_queued_bytes``
+    bounds memory: ``submit`` blocks while more than that is waiting.
+    """
+
+    def __init__(
+        self,
+        writer: Writer,
+        *,
+        linger: float = 0.0,
+        max_commit_bytes: int | None = None,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    ) -> None:
+        self.writer = writer
+        self.linger = linger
+        self.max_commit_bytes = max_commit_bytes or writer.max_commit_bytes
+        self.max_queued_bytes = max_queued_bytes
+        self.stats = CommitStats()
+        self._queue: deque[tuple[EncodedBatch, Future[AppendResult]]] = deque()
+        self._queued_bytes = 0
+        self._changed = threading.Condition()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"messagevault-commit-{writer.name}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, batch: EncodedBatch) -> Future[AppendResult]:
+        """Queue an encoded batch; the future resolves once it is committed."""
+        future: Future[AppendResult] = Future()
+        with self._changed:
+            while (
+                self._queued_bytes > self.max_queued_bytes
+                and not self._closing
+                and self._failure is None
+            ):
+                self._changed.wait()
+            if self._closing or self._failure is not None:
+                raise CommitterClosed(self._closed_reason())
+            self._queue.append((batch, future))
+            self._queued_bytes += batch.frame_size
+            self._changed.notify_all()
+        return future
+
+    def append(self, messages: Iterable[tuple[bytes | str, bytes]]) -> AppendResult:
+        """Encode, queue and wait: ``Writer.append`` for many threads at once."""
+        return self.submit(encode_batch(messages)).result()
+
+    def _closed_reason(self) -> str:
+        if self._failure is not None:
+            return f"stream {self.writer.name!r} can no longer be written: {self._failure}"
+        return f"the committer of stream {self.writer.name!r} is closed"
+
+    def _run(self) -> None:
+        while True:
+            group = self._next_group()
+            if group is None:
+                return
+            batches = [batch for batch, _ in group]
+            try:
+                results = self.writer.append_batches(batches)
+            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+                for _, future in group:
+                    future.set_exception(exc)
+                if isinstance(exc, StaleWriter):
+                    self._fail_all(exc)  # deposed: nothing queued can ever commit
+                    return
+                continue
+            self.stats.commits += 1
+            self.stats.batches += len(group)
+            self.stats.messages += sum(result.message_count for result in results)
+            for (_, future), result in zip(group, results, strict=True):
+                future.set_result(result)
+
+    def _next_group(self) -> list[tuple[EncodedBatch, Future[AppendResult]]] | None:
+        with self._changed:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._changed.wait()
+            if self.linger > 0 and not self._closing:
+                deadline = time.monotonic() + self.linger
+                while self._queued_bytes < self.max_commit_bytes and not self._closing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+            group = [self._queue.popleft()]
+            size = group[0][0].frame_size
+            while self._queue and size + self._queue[0][0].frame_size <= self.max_commit_bytes:
+                size += self._queue[0][0].frame_size
+                group.append(self._queue.popleft())
+            self._queued_bytes -= size
+            self._changed.notify_all()  # room for blocked submitters
+            return group
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._changed:
+            self._failure = exc
+            pending, self._queue = list(self._queue), deque()
+            self._queued_bytes = 0
+            self._changed.notify_all()
+        for _, future in pending:
+            future.set_exception(CommitterClosed(self._closed_reason()))
+
+    def close(self, *, close_writer: bool = True) -> None:
+        """Commit what is queued, stop the committer thread, and close the writer."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._thread.join()
+        if close_writer:
+            self.writer.close()
+
+    def __enter__(self) -> GroupCommitter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
