@@ -79,7 +79,7 @@ def test_verify_reports_damage(tmp_path: Path) -> None:
     assert "CRC mismatch at position 0" in err
 
 
-def test_serve_explains_it_is_not_built_yet(tmp_path: Path) -> None:
-    code, _, err = _run(tmp_path, "serve")
-    assert code == 0
-    assert "not built yet" in err
+def test_serve_rejects_an_unknown_storage(tmp_path: Path) -> None:
+    code, _, err = _run(tmp_path, "serve", "--storage", "ftp:somewhere", "--port", "0")
+    assert code == 2
+    assert "unknown storage" in err

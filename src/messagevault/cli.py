@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from messagevault.errors import MessageVaultError
-from messagevault.format import Message
+from messagevault.format import MAX_FRAME_SIZE, Message
 from messagevault.reader import Reader
 from messagevault.storage import open_storage
 from messagevault.storage.base import Storage
@@ -66,13 +66,50 @@ def main() -> None:
 
 
 @main.command()
-def serve() -> None:
-    """Start the HTTP server (not built yet)."""
-    click.echo(
-        "messagevault: the HTTP server is not built yet; the storage core is.\n"
-        "Try: messagevault publish demo hello && messagevault read demo",
-        err=True,
-    )
+@click.option("--host", envvar="MESSAGEVAULT_HOST", default="127.0.0.1", show_default=True)
+@click.option("--port", envvar="MESSAGEVAULT_PORT", default=8080, show_default=True, type=int)
+@storage_option
+@click.option(
+    "--fsync",
+    envvar="MESSAGEVAULT_FSYNC",
+    type=click.Choice(["always", "batch", "never"]),
+    default="always",
+    show_default=True,
+    help="File storage: when commits are forced to disk.",
+)
+@click.option(
+    "--max-body",
+    envvar="MESSAGEVAULT_MAX_BODY",
+    type=int,
+    default=MAX_FRAME_SIZE,
+    show_default=True,
+    help="Largest request body in bytes (413 beyond).",
+)
+def serve(host: str, port: int, storage_url: str, fsync: str, max_body: int) -> None:
+    """Run the HTTP server, the single writer of the storage's streams."""
+    import logging
+
+    from aiohttp import web
+
+    from messagevault.server import Limits, StreamHub, create_app
+    from messagevault.server.logs import configure
+
+    configure()
+    log = logging.getLogger("messagevault.server")
+    try:
+        storage = open_storage(storage_url, fsync=fsync)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--storage") from exc
+    app = create_app(StreamHub(storage), Limits(max_body=max_body))
+
+    async def announce(app: web.Application) -> None:
+        log.info("listening", extra={"host": host, "port": port, "storage": storage.describe()})
+
+    app.on_startup.append(announce)
+    # run_app turns SIGINT/SIGTERM into a graceful stop: no new requests,
+    # in-flight commits finish (the hub drains its committers), exit 0.
+    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=30)
+    log.info("stopped")
 
 
 @main.command()
@@ -193,3 +230,7 @@ def verify(storage_url: str, stream: str) -> None:
         f"{stream}: OK, {report.messages:,} messages in {report.frames:,} frames, "
         f"{_human_bytes(report.bytes)}"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The HTTP API (aiohttp): append, read, stream info, health, metrics, OpenAPI.
+
+Errors are JSON, one shape everywhere: ``{"error": code, "detail": text}``
+with ``code`` the stable ``MessageVaultError.code`` (or an HTTP-level one
+such as ``unsupported_media_type``). docs/HTTP.md describes every route.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from messagevault.errors import (
+    AccessDenied,
+    CorruptData,
+    InvalidBatch,
+    InvalidInput,
+    InvalidPosition,
+    MessageVaultError,
+    StorageError,
+    StreamNotFound,
+    WriterConflict,
+)
+from messagevault.format import MAX_BATCH_COUNT, MAX_FRAME_SIZE, Message, encode_batch, parse_batch
+from messagevault.names import validate_stream_name
+from messagevault.server.hub import StreamHub
+from messagevault.server.openapi import openapi_document
+
+BATCH_CONTENT_TYPE = "application/x-messagevault-batch"
+NDJSON = "application/x-ndjson"
+EVENT_STREAM = "text/event-stream"
+
+log = logging.getLogger("messagevault.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body: int = MAX_FRAME_SIZE  # bytes of one request body
+    max_read_messages: int = 10_000  # per read request
+    max_read_bytes: int = 8 * 1024 * 1024  # of values, per read request
+    max_wait: float = 60.0  # seconds of long-poll
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "messagevault_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.appended = Counter(
+            "messagevault_appended_messages", "Messages committed", registry=self.registry
+        )
+        self.latency = Histogram(
+            "messagevault_request_seconds", "Request latency", ["route"], registry=self.registry
+        )
+
+
+HUB = web.AppKey("hub", StreamHub)
+METRICS = web.AppKey("metrics", Metrics)
+LIMITS = web.AppKey("limits", Limits)
+
+_STATUS = {
+    InvalidPosition: 400,
+    InvalidInput: 400,
+    CorruptData: 400,  # on the request path, corrupt bytes are a bad request body
+    AccessDenied: 403,
+    StreamNotFound: 404,
+    WriterConflict: 409,
+    StorageError: 503,
+}
+
+
+def _status_for(exc: MessageVaultError) -> int:
+    for cls, status in _STATUS.items():
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status)
+
+
+@web.middleware
+async def errors_and_metrics(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map every failure to the JSON error shape; count and time each route."""
+    metrics = request.app[METRICS]
+    route = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
+    )
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except MessageVaultError as exc:
+        response = error_response(_status_for(exc), exc.code, str(exc))
+    except web.HTTPException as exc:
+        code = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
+        response = error_response(exc.status, code, exc.text or exc.reason)
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.latency.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def create_app(hub: StreamHub, limits: Limits | None = None) -> web.Application:
+    limits = limits or Limits()
+    # client_max_size: aiohttp refuses a larger body with 413 before reading it all.
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=limits.max_body)
+    app[HUB] = hub
+    app[METRICS] = Metrics()
+    app[LIMITS] = limits
+    app.router.add_post("/streams/{stream}", append)
+    app.router.add_get("/streams", list_streams)
+    app.router.add_get("/streams/{stream}", stream_info)
+    app.router.add_get("/streams/{stream}/messages", read_messages)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_route)
+    app.router.add_get("/openapi.json", openapi)
+
+    async def close_hub(app: web.Application) -> None:
+        await app[HUB].close()
+
+    app.on_cleanup.append(close_hub)
+    return app
+
+
+def _stream(request: web.Request) -> str:
+    return validate_stream_name(request.match_info["stream"])
+
+
+async def append(request: web.Request) -> web.Response:
+    stream = _stream(request)
+    if request.content_length is not None and request.content_length > request.app[LIMITS].max_body:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.app[LIMITS].max_body, actual_size=request.content_length
+        )
+    content_type = request.content_type
+    if content_type == BATCH_CONTENT_TYPE:
+        batch = parse_batch(await request.read())
+    elif content_type == "application/json":
+        batch = encode_batch(_json_messages(await request.read()))
+    else:
+        return error_response(
+            415,
+            "unsupported_media_type",
+            f"send {BATCH_CONTENT_TYPE} or application/json, not {content_type!r}",
+        )
+    result = await request.app[HUB].append(stream, batch)
+    request.app[METRICS].appended.inc(result.message_count)
+    return web.json_response(
+        {
+            "stream": stream,
+            "position": result.committed_length,
+            "messages": [
+                {"position": r.position, "sequence": r.sequence, "id": r.id.hex()} for r in result
+            ],
+        }
+    )
+
+
+def _json_messages(body: bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidBatch(f"body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("messages"), list):
+        raise InvalidBatch('body must be {"messages": [{"key": ..., "value": ...}, ...]}')
+    messages = document["messages"]
+    if len(messages) > MAX_BATCH_COUNT:
+        raise InvalidBatch(f"a batch holds at most {MAX_BATCH_COUNT} messages")
+    pairs = []
+    for index, item in enumerate(messages):
+        if not isinstance(item, dict):
+            raise InvalidBatch(f"message {index} must be an object")
+        key, value = item.get("key", ""), item.get("value")
+        encoding = item.get("encoding", "utf-8")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidBatch(f"message {index}: key and value must be strings")
+        if encoding == "utf-8":
+            raw = value.encode("utf-8", "surrogatepass")
+        elif encoding == "base64":
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidBatch(f"message {index}: value is not valid base64") from None
+        else:
+            raise InvalidBatch(f"message {index}: encoding must be 'utf-8' or 'base64'")
+        pairs.append((key.encode("utf-8"), raw))
+    return pairs
+
+
+async def list_streams(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    streams = []
+    for name in await hub.list_streams():
+        checkpoint = await hub.checkpoint(name)
+        streams.append(
+            {"stream": name, "length": checkpoint.length, "messages": checkpoint.next_sequence}
+        )
+    return web.json_response({"streams": streams})
+
+
+def _iso(timestamp_ms: int) -> str:
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+async def stream_info(request: web.Request) -> web.Response:
+    stream = _stream(request)
+    hub = request.app[HUB]
+    checkpoint = await hub.checkpoint(stream)
+    first, _ = await hub.read(stream, 0, 1, 1) if checkpoint.length else ([], 0)
+    access = await hub.read_access(stream)
+    return web.json_response(
+        {
+            "stream": stream,
+            "length": checkpoint.length,
+            "messages": checkpoint.next_sequence,
+            "first_write": _iso(first[0].timestamp) if first else None,
+            "last_write": _iso(checkpoint.last_timestamp) if checkpoint.length else None,
+            "read_access": {
+                "kind": access.kind,
+                "location": access.location,
+                "expires_at": access.expires_at,
+            },
+        }
+    )
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name!r} must be an integer, not {raw!r}") from None
+    if not low <= value <= high:
+        raise InvalidInput(f"query parameter {name!r} must be within {low}..{high}")
+    return value
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "position": message.position,
+        "sequence": message.sequence,
+        "id": message.id.hex(),
+        "timestamp": _iso(message.timestamp),
+        "key": message.key.decode("utf-8", "replace"),
+        "next_position": message.next_position,
+    }
+    try:
+        record["value"] = message.value.decode("utf-8")
+        record["encoding"] = "utf-8"
+    except UnicodeDecodeError:
+        record["value"] = base64.b64encode(message.value).decode("ascii")
+        record["encoding"] = "base64"
+    return record
+
+
+async def read_messages(request: web.Request) -> web.StreamResponse:
+    stream = _stream(request)
+    limits = request.app[LIMITS]
+    hub = request.app[HUB]
+    position = _int_param(request, "from", 0, 0, 2**63 - 1)
+    limit = _int_param(request, "limit", 1000, 1, limits.max_read_messages)
+    wait = _int_param(request, "wait", 0, 0, int(limits.max_wait))
+    if EVENT_STREAM in request.headers.get("Accept", ""):
+        return await _server_sent_events(request, stream, position, limit)
+    messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
+    if not messages and wait:
+        await hub.wait_for_commit(stream, position, wait)
+        messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
+    if NDJSON in request.headers.get("Accept", ""):
+        lines = "".join(json.dumps(_message_json(m)) + "\n" for m in messages)
+        return web.Response(text=lines, content_type=NDJSON, headers={"X-Next": str(next_position)})
+    return web.json_response(
+        {"stream": stream, "messages": [_message_json(m) for m in messages], "next": next_position}
+    )
+
+
+async def _server_sent_events(
+    request: web.Request, stream: str, position: int, limit: int
+) -> web.StreamResponse:
+    """Follow the tail: one event per message, id = next position (for Last-Event-ID)."""
+    hub = request.app[HUB]
+    resume = request.headers.get("Last-Event-ID")
+    if resume is not None and resume.isdigit():
+        position = int(resume)
+    await hub.checkpoint(stream)  # 404 before the stream starts
+    response = web.StreamResponse(
+        headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    while True:
+        messages, position_after = await hub.read(
+            stream, position, limit, request.app[LIMITS].max_read_bytes
+        )
+        for message in messages:
+            data = json.dumps(_message_json(message))
+            await response.write(f"id: {message.next_position}\ndata: {data}\n\n".encode())
+        position = position_after
+        if not messages:
+            await hub.wait_for_commit(stream, position, 15)
+            await response.write(b": keep-alive\n\n")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    try:
+        await request.app[HUB].list_streams()
+    except MessageVaultError as exc:
+        return error_response(503, "not_ready", f"storage is not reachable: {exc}")
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_route(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())

@@ -1,0 +1,132 @@
+"""The server's hold on storage: one writer and group committer per stream.
+
+Storage calls block (files, the Azure SDK), so they run in a thread pool;
+appends go through each stream's ``GroupCommitter``, whose thread turns the
+requests waiting at any moment into one storage commit. Long-polling readers
+wait on a per-stream condition that every commit notifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from messagevault.checkpoint import Checkpoint
+from messagevault.committer import GroupCommitter
+from messagevault.format import EncodedBatch, Message
+from messagevault.names import validate_stream_name
+from messagevault.reader import Reader
+from messagevault.storage.base import ReadAccess, Storage
+from messagevault.writer import AppendResult, Writer
+
+T = TypeVar("T")
+
+
+class StreamHub:
+    """Writers, committers and commit notifications for the streams of one storage."""
+
+    def __init__(self, storage: Storage, *, io_threads: int = 16) -> None:
+        self.storage = storage
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="mv-io")
+        self._committers: dict[str, GroupCommitter] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self._commits: dict[str, asyncio.Condition] = {}
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        """Run a blocking storage call in the I/O pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(function, *args))
+
+    async def append(self, stream: str, batch: EncodedBatch) -> AppendResult:
+        committer = await self._committer(stream)
+        result = await asyncio.wrap_future(committer.submit(batch))
+        condition = self._condition(stream)
+        async with condition:
+            condition.notify_all()
+        return result
+
+    async def _committer(self, stream: str) -> GroupCommitter:
+        committer = self._committers.get(stream)
+        if committer is not None:
+            return committer
+        lock = self._opening.setdefault(stream, asyncio.Lock())
+        async with lock:
+            committer = self._committers.get(stream)
+            if committer is None:
+                writer = await self.run(Writer.open, self.storage, stream)
+                committer = self._committers[stream] = GroupCommitter(writer)
+        return committer
+
+    def _condition(self, stream: str) -> asyncio.Condition:
+        return self._commits.setdefault(stream, asyncio.Condition())
+
+    async def wait_for_commit(self, stream: str, beyond: int, timeout: float) -> None:
+        """Return once the stream is longer than ``beyond``, or after ``timeout`` seconds."""
+        condition = self._condition(stream)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (await self.checkpoint(stream)).length <= beyond:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            # Commits by this server notify; others (another node) are seen by
+            # re-reading the checkpoint at least every second.
+            async with condition:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(condition.wait(), min(remaining, 1.0))
+
+    async def checkpoint(self, stream: str) -> Checkpoint:
+        committer = self._committers.get(stream)
+        if committer is not None:
+            return committer.writer.checkpoint
+        return await self.run(_read_checkpoint, self.storage, stream)
+
+    async def read(
+        self, stream: str, position: int, limit: int, max_bytes: int
+    ) -> tuple[list[Message], int]:
+        """Up to ``limit`` messages from ``position``; (messages, next position)."""
+        return await self.run(_read_messages, self.storage, stream, position, limit, max_bytes)
+
+    async def read_access(self, stream: str) -> ReadAccess:
+        return await self.run(_read_access, self.storage, stream)
+
+    async def list_streams(self) -> list[str]:
+        return await self.run(self.storage.list_streams)
+
+    async def close(self) -> None:
+        """Finish in-flight commits, close every writer, stop the I/O pool."""
+        committers, self._committers = list(self._committers.values()), {}
+        for committer in committers:
+            await self.run(committer.close)
+        self._pool.shutdown(wait=True)
+
+
+def _read_checkpoint(storage: Storage, stream: str) -> Checkpoint:
+    with Reader.open(storage, validate_stream_name(stream)) as reader:
+        return reader.checkpoint()
+
+
+def _read_access(storage: Storage, stream: str) -> ReadAccess:
+    store = storage.open_stream(validate_stream_name(stream))
+    try:
+        return store.read_access()
+    finally:
+        store.close()
+
+
+def _read_messages(
+    storage: Storage, stream: str, position: int, limit: int, max_bytes: int
+) -> tuple[list[Message], int]:
+    messages: list[Message] = []
+    size = 0
+    with Reader.open(storage, stream) as reader:
+        for message in reader.read(position):
+            if len(messages) >= limit or (messages and size + len(message.value) > max_bytes):
+                break
+            messages.append(message)
+            size += len(message.value) + len(message.key)
+    return messages, messages[-1].next_position if messages else position

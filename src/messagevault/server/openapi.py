@@ -1,0 +1,235 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at ``/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from messagevault.format import MAX_BATCH_COUNT
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_STREAM = {
+    "name": "stream",
+    "in": "path",
+    "required": True,
+    "schema": {
+        "type": "string",
+        "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$",
+        "minLength": 3,
+        "maxLength": 60,
+    },
+}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {
+        str(status): {
+            "description": "error",
+            "content": {"application/json": {"schema": _ERROR}},
+        }
+        for status in statuses
+    }
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document() -> dict[str, Any]:
+    message_out = {
+        "type": "object",
+        "required": ["position", "sequence", "id", "timestamp", "key", "value", "next_position"],
+        "properties": {
+            "position": {"type": "integer", "minimum": 0},
+            "sequence": {"type": "integer", "minimum": 0},
+            "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "key": {"type": "string"},
+            "value": {"type": "string"},
+            "encoding": {"enum": ["utf-8", "base64"]},
+            "next_position": {"type": "integer", "minimum": 0},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "MessageVault", "version": "1"},
+        "paths": {
+            "/streams/{stream}": {
+                "parameters": [_STREAM],
+                "post": {
+                    "summary": "Append a batch; answered once it is committed",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Batch"}},
+                            "application/x-messagevault-batch": {
+                                "schema": {"type": "string", "format": "binary"}
+                            },
+                        },
+                    },
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Appended"}),
+                        **_errors(400, 403, 404, 409, 413, 415, 503),
+                    },
+                },
+                "get": {
+                    "summary": "Stream info and direct read access",
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/StreamInfo"}),
+                        **_errors(400, 404, 503),
+                    },
+                },
+            },
+            "/streams": {
+                "get": {
+                    "summary": "List streams",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["streams"],
+                                "properties": {
+                                    "streams": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["stream", "length", "messages"],
+                                            "properties": {
+                                                "stream": {"type": "string"},
+                                                "length": {"type": "integer"},
+                                                "messages": {"type": "integer"},
+                                            },
+                                        },
+                                    }
+                                },
+                            }
+                        ),
+                        **_errors(503),
+                    },
+                }
+            },
+            "/streams/{stream}/messages": {
+                "parameters": [_STREAM],
+                "get": {
+                    "summary": (
+                        "Messages from a position; long-poll with wait; "
+                        "Server-Sent Events with Accept: text/event-stream"
+                    ),
+                    "parameters": [
+                        {
+                            "name": "from",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 10_000},
+                        },
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 60},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["stream", "messages", "next"],
+                                "properties": {
+                                    "stream": {"type": "string"},
+                                    "messages": {"type": "array", "items": message_out},
+                                    "next": {"type": "integer"},
+                                },
+                            }
+                        ),
+                        **_errors(400, 404, 503),
+                    },
+                },
+            },
+            "/health": {
+                "get": {"summary": "Liveness", "responses": {"200": _json({"type": "object"})}}
+            },
+            "/ready": {
+                "get": {
+                    "summary": "Readiness: storage reachable",
+                    "responses": {"200": _json({"type": "object"}), **_errors(503)},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "detail"],
+                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                },
+                "Batch": {
+                    "type": "object",
+                    "required": ["messages"],
+                    "properties": {
+                        "messages": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_BATCH_COUNT,
+                            "items": {
+                                "type": "object",
+                                "required": ["value"],
+                                "properties": {
+                                    "key": {"type": "string", "maxLength": 255},
+                                    "value": {"type": "string"},
+                                    "encoding": {"enum": ["utf-8", "base64"]},
+                                },
+                            },
+                        }
+                    },
+                },
+                "Appended": {
+                    "type": "object",
+                    "required": ["stream", "position", "messages"],
+                    "properties": {
+                        "stream": {"type": "string"},
+                        "position": {"type": "integer"},
+                        "messages": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["position", "sequence", "id"],
+                                "properties": {
+                                    "position": {"type": "integer"},
+                                    "sequence": {"type": "integer"},
+                                    "id": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "StreamInfo": {
+                    "type": "object",
+                    "required": ["stream", "length", "messages", "read_access"],
+                    "properties": {
+                        "stream": {"type": "string"},
+                        "length": {"type": "integer"},
+                        "messages": {"type": "integer"},
+                        "first_write": {"type": ["string", "null"]},
+                        "last_write": {"type": ["string", "null"]},
+                        "read_access": {"type": "object"},
+                    },
+                },
+            }
+        },
+    }

@@ -1,0 +1,66 @@
+"""`messagevault serve` as a real process: starts, answers, logs JSON, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from messagevault import FileStorage, Reader
+from tests.azurite import free_port
+
+
+def _wait_until_up(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "server exited early"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("server did not come up")
+
+
+def _post(port: int, stream: str, values: list[str]) -> dict[str, object]:
+    body = json.dumps({"messages": [{"key": "k", "value": v} for v in values]}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/streams/{stream}",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "MESSAGEVAULT_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", "serve"],
+        cwd=tmp_path,  # the default storage is ./data
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_until_up(port, process)
+        answer = _post(port, "orders", ["one", "two"])
+        assert answer["stream"] == "orders"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        _, stderr = process.communicate(timeout=30)
+    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
+    assert any(line["message"] == "listening" and line["port"] == port for line in lines)
+    assert lines[-1]["message"] == "stopped"
+    values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
+    assert values == [b"one", b"two"]

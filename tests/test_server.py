@@ -1,0 +1,262 @@
+"""The HTTP API, in process (aiohttp test client on a loopback port), on real storage."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from messagevault import FileStorage, Reader, encode_batch
+from messagevault.server import Limits, StreamHub, create_app
+from messagevault.storage.base import Storage
+
+BATCH = "application/x-messagevault-batch"
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def client(aiohttp_client: MakeClient, storage: Storage) -> Client:
+    return await aiohttp_client(create_app(StreamHub(storage), Limits(max_body=64 * 1024)))
+
+
+@pytest.fixture
+async def file_client(aiohttp_client: MakeClient, tmp_path: Path) -> Client:
+    return await aiohttp_client(create_app(StreamHub(FileStorage(tmp_path))))
+
+
+async def _post_json(client: Client, stream: str, messages: list[dict[str, Any]]) -> Any:
+    response = await client.post(f"/streams/{stream}", json={"messages": messages})
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def _state(client: Client, stream: str) -> tuple[int, int, str]:
+    info = await (await client.get(f"/streams/{stream}")).json()
+    return info["length"], info["messages"], info["last_write"]
+
+
+async def _error(response: Any, status: int, code: str) -> None:
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert body["error"] == code
+    assert body["detail"]
+
+
+async def test_append_json_and_binary_then_read(client: Client) -> None:
+    first = await _post_json(
+        client,
+        "orders",
+        [
+            {"key": "OrderPlaced", "value": '{"id": 1}'},
+            {"key": "Blob", "value": base64.b64encode(b"\x00\xff").decode(), "encoding": "base64"},
+        ],
+    )
+    assert first["stream"] == "orders"
+    assert [m["sequence"] for m in first["messages"]] == [0, 1]
+    frame = encode_batch([(b"Binary", b"from the client library")]).frame()
+    response = await client.post("/streams/orders", data=frame, headers={"Content-Type": BATCH})
+    second = await response.json()
+    assert second["messages"][0]["sequence"] == 2
+    assert second["messages"][0]["position"] == first["position"]
+
+    response = await client.get("/streams/orders/messages", params={"from": 0})
+    body = await response.json()
+    assert [m["key"] for m in body["messages"]] == ["OrderPlaced", "Blob", "Binary"]
+    assert body["messages"][1] | {} == body["messages"][1]
+    assert body["messages"][1]["encoding"] == "base64"
+    assert base64.b64decode(body["messages"][1]["value"]) == b"\x00\xff"
+    assert body["next"] == second["position"]
+    ids = [m["id"] for m in first["messages"] + second["messages"]]
+    assert [m["id"] for m in body["messages"]] == ids
+
+    response = await client.get(
+        "/streams/orders/messages",
+        params={"from": first["messages"][1]["position"], "limit": 1},
+        headers={"Accept": "application/x-ndjson"},
+    )
+    lines = (await response.text()).splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["Blob"]
+    assert response.headers["X-Next"] == str(first["position"])
+
+
+async def test_streams_and_info(client: Client) -> None:
+    await _post_json(client, "orders", [{"key": "k", "value": "v"}])
+    await _post_json(client, "billing", [{"key": "k", "value": "v"}, {"value": "w"}])
+    streams = (await (await client.get("/streams")).json())["streams"]
+    assert {(s["stream"], s["messages"]) for s in streams} == {("orders", 1), ("billing", 2)}
+    info = await (await client.get("/streams/billing")).json()
+    assert info["messages"] == 2
+    assert info["first_write"] and info["last_write"]
+    assert info["read_access"]["kind"] in {"file", "memory", "azure-sas"}
+    await _error(await client.get("/streams/missing"), 404, "stream_not_found")
+
+
+async def test_long_poll_waits_for_the_next_commit(client: Client) -> None:
+    end = (await _post_json(client, "orders", [{"value": "one"}]))["position"]
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        await _post_json(client, "orders", [{"value": "two"}])
+
+    task = asyncio.create_task(later())
+    response = await client.get("/streams/orders/messages", params={"from": end, "wait": 10})
+    body = await response.json()
+    await task
+    assert [m["value"] for m in body["messages"]] == ["two"]
+
+
+async def test_long_poll_times_out_empty(client: Client) -> None:
+    end = (await _post_json(client, "orders", [{"value": "one"}]))["position"]
+    response = await client.get("/streams/orders/messages", params={"from": end, "wait": 1})
+    body = await response.json()
+    assert body["messages"] == []
+    assert body["next"] == end
+
+
+async def test_server_sent_events_follow_the_tail(file_client: Client) -> None:
+    await _post_json(file_client, "orders", [{"value": "one"}])
+    response = await file_client.get(
+        "/streams/orders/messages", headers={"Accept": "text/event-stream"}
+    )
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events: list[dict[str, Any]] = []
+
+    async def collect() -> None:
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+                if len(events) == 2:
+                    return
+
+    await _post_json(file_client, "orders", [{"value": "two"}])
+    await asyncio.wait_for(collect(), 20)
+    response.close()
+    assert [e["value"] for e in events] == ["one", "two"]
+
+
+async def test_concurrent_posts_are_group_committed(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    hub = StreamHub(FileStorage(tmp_path, fsync="always"))
+    client = await aiohttp_client(create_app(hub))
+    answers = await asyncio.gather(
+        *(_post_json(client, "orders", [{"key": f"p{n}", "value": f"v{n}"}]) for n in range(60))
+    )
+    committer = hub._committers["orders"]
+    assert committer.stats.batches == 60
+    assert committer.stats.commits < 60  # fewer storage commits than requests
+    by_position = {m.position: m for m in Reader.open(FileStorage(tmp_path), "orders").read()}
+    for n, answer in enumerate(answers):
+        (receipt,) = answer["messages"]
+        assert by_position[receipt["position"]].value == f"v{n}".encode()
+        assert by_position[receipt["position"]].id.hex() == receipt["id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (b'{"messages": []}', "application/json", 400, "invalid_batch"),
+        (b"{not json", "application/json", 400, "invalid_batch"),
+        (
+            b'{"messages": [{"value": "%%%", "encoding": "base64"}]}',
+            "application/json",
+            400,
+            "invalid_batch",
+        ),
+        (b'{"messages": [{"value": 5}]}', "application/json", 400, "invalid_batch"),
+        (
+            b'{"messages": [{"value": "x", "encoding": "rot13"}]}',
+            "application/json",
+            400,
+            "invalid_batch",
+        ),
+        (
+            b'{"messages": [{"key": "' + b"k" * 256 + b'", "value": "x"}]}',
+            "application/json",
+            400,
+            "invalid_batch",
+        ),
+        (b"MVLB garbage", BATCH, 400, "corrupt_data"),
+        (b"", BATCH, 400, "corrupt_data"),
+        (b"hello", "text/plain", 415, "unsupported_media_type"),
+    ],
+)
+async def test_bad_appends_change_nothing(
+    client: Client, body: bytes, content_type: str, status: int, code: str
+) -> None:
+    await _post_json(client, "orders", [{"value": "kept"}])
+    before = await _state(client, "orders")
+    response = await client.post(
+        "/streams/orders", data=body, headers={"Content-Type": content_type}
+    )
+    await _error(response, status, code)
+    assert await _state(client, "orders") == before
+
+
+async def test_corrupted_and_truncated_binary_batches(client: Client) -> None:
+    await _post_json(client, "orders", [{"value": "kept"}])
+    before = await _state(client, "orders")
+    frame = encode_batch([(b"k", b"value one"), (b"k", b"value two")]).frame()
+    flipped = bytearray(frame)
+    flipped[-3] ^= 0x10
+    for bad in (bytes(flipped), frame[:-5], frame + b"extra"):
+        response = await client.post("/streams/orders", data=bad, headers={"Content-Type": BATCH})
+        await _error(response, 400, "corrupt_data")
+    assert await _state(client, "orders") == before
+
+
+async def test_body_over_the_limit_is_413(client: Client) -> None:
+    response = await client.post(
+        "/streams/orders", data=bytes(65 * 1024), headers={"Content-Type": BATCH}
+    )
+    assert response.status == 413
+    assert (await response.json())["error"]
+    await _error(await client.get("/streams/orders"), 404, "stream_not_found")
+
+
+@pytest.mark.parametrize("stream", ["ab", "Orders", "a--b", "x" * 61])
+async def test_bad_stream_names(client: Client, stream: str) -> None:
+    response = await client.post(f"/streams/{stream}", json={"messages": [{"value": "v"}]})
+    await _error(response, 400, "invalid_stream_name")
+    assert (await (await client.get("/streams")).json())["streams"] == []
+
+
+async def test_bad_read_positions_and_parameters(client: Client) -> None:
+    answer = await _post_json(client, "orders", [{"value": "a"}, {"value": "b"}])
+    end = answer["position"]
+    for params, code in [
+        ({"from": 3}, "invalid_position"),
+        ({"from": end + 1}, "invalid_position"),
+        ({"from": "x"}, "invalid_input"),
+        ({"limit": 0}, "invalid_input"),
+        ({"wait": 999}, "invalid_input"),
+    ]:
+        response = await client.get("/streams/orders/messages", params=params)
+        await _error(response, 400, code)
+
+
+async def test_health_ready_metrics_openapi(client: Client) -> None:
+    assert (await client.get("/health")).status == 200
+    assert (await (await client.get("/ready")).json())["status"] == "ready"
+    await _post_json(client, "orders", [{"value": "v"}])
+    metrics = await (await client.get("/metrics")).text()
+    assert "messagevault_appended_messages_total 1.0" in metrics
+    assert "messagevault_requests_total" in metrics
+    document = await (await client.get("/openapi.json")).json()
+    assert set(document["paths"]) >= {
+        "/streams",
+        "/streams/{stream}",
+        "/streams/{stream}/messages",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/openapi.json",
+    }
