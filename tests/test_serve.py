@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -27,12 +28,13 @@ def _wait_until_up(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise AssertionError("server did not come up")
 
 
-def _post(port: int, stream: str, values: list[str]) -> dict[str, object]:
+def _post(port: int, stream: str, values: list[str], password: str) -> dict[str, object]:
     body = json.dumps({"messages": [{"key": "k", "value": v} for v in values]}).encode()
+    token = base64.b64encode(f"admin:{password}".encode()).decode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/streams/{stream}",
         data=body,
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
@@ -49,8 +51,13 @@ def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
+        assert process.stderr is not None
+        # The first start prints the new admin's password once, before listening.
+        first_line = process.stderr.readline().decode()
+        assert first_line.startswith("Created user 'admin' with password: ")
+        password = first_line.rsplit(": ", 1)[1].strip()
         _wait_until_up(port, process)
-        answer = _post(port, "orders", ["one", "two"])
+        answer = _post(port, "orders", ["one", "two"], password)
         assert answer["stream"] == "orders"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
@@ -59,8 +66,9 @@ def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
             process.kill()
             process.wait(timeout=30)
         _, stderr = process.communicate(timeout=30)
-    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
     assert any(line["message"] == "listening" and line["port"] == port for line in lines)
     assert lines[-1]["message"] == "stopped"
     values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
     assert values == [b"one", b"two"]
+    assert password.encode() not in (tmp_path / "data" / "_system" / "users.json").read_bytes()

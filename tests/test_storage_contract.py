@@ -146,3 +146,12 @@ def test_closed_handle_refuses_io(storage: Storage) -> None:
         store.read_checkpoint()
     with pytest.raises(ValueError, match="closed"):
         store.write(0, bytes(store.page_size))
+
+
+def test_system_files(storage: Storage) -> None:
+    files = storage  # every backend keeps small system files beside the streams
+    assert files.read_system_file("users.json") is None  # type: ignore[attr-defined]
+    files.write_system_file("users.json", b'{"v": 1}')  # type: ignore[attr-defined]
+    files.write_system_file("users.json", b'{"v": 2}')  # type: ignore[attr-defined]
+    assert files.read_system_file("users.json") == b'{"v": 2}'  # type: ignore[attr-defined]
+    assert storage.list_streams() == []  # not mistaken for a stream

@@ -20,7 +20,7 @@ from messagevault.errors import MessageVaultError
 from messagevault.format import MAX_FRAME_SIZE, Message
 from messagevault.reader import Reader
 from messagevault.storage import open_storage
-from messagevault.storage.base import Storage
+from messagevault.storage.base import Storage, SystemFiles
 from messagevault.writer import Writer
 
 storage_option = click.option(
@@ -92,6 +92,7 @@ def serve(host: str, port: int, storage_url: str, fsync: str, max_body: int) -> 
     from aiohttp import web
 
     from messagevault.server import Limits, StreamHub, create_app
+    from messagevault.server.auth import Authenticator, ensure_admin
     from messagevault.server.logs import configure
 
     configure()
@@ -100,7 +101,16 @@ def serve(host: str, port: int, storage_url: str, fsync: str, max_body: int) -> 
         storage = open_storage(storage_url, fsync=fsync)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--storage") from exc
-    app = create_app(StreamHub(storage), Limits(max_body=max_body))
+    files = _system_files(storage)
+    password = ensure_admin(files)
+    if password is not None:
+        # Shown once, never stored: only its argon2 hash is in users.json.
+        click.echo(
+            f"Created user 'admin' with password: {password}\n"
+            "Keep it now; change it with `messagevault users passwd admin`.",
+            err=True,
+        )
+    app = create_app(StreamHub(storage), Limits(max_body=max_body), Authenticator(files))
 
     async def announce(app: web.Application) -> None:
         log.info("listening", extra={"host": host, "port": port, "storage": storage.describe()})
@@ -110,6 +120,99 @@ def serve(host: str, port: int, storage_url: str, fsync: str, max_body: int) -> 
     # in-flight commits finish (the hub drains its committers), exit 0.
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=30)
     log.info("stopped")
+
+
+def _system_files(storage: Storage) -> SystemFiles:
+    if not hasattr(storage, "read_system_file"):
+        raise click.UsageError(f"{storage.describe()} cannot hold users")
+    return storage  # type: ignore[return-value]
+
+
+@main.group()
+def users() -> None:
+    """Manage the server's users (works while the server runs)."""
+
+
+def _read_password(prompt: str) -> str:
+    if sys.stdin.isatty():
+        return str(click.prompt(prompt, hide_input=True, confirmation_prompt=True))
+    return sys.stdin.readline().rstrip("\n")
+
+
+@users.command("add")
+@storage_option
+@click.argument("name")
+@click.option("--claim", "claims", multiple=True, help="e.g. orders:write, all:read, admin")
+def users_add(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
+    """Add user NAME; the password is read from stdin or prompted for."""
+    from messagevault.server.auth import load_users, save_users
+
+    files = _system_files(_open(storage_url))
+    accounts = load_users(files)
+    if name in accounts.entries:
+        raise click.UsageError(f"user {name!r} exists; use passwd or grant")
+    accounts.set_password(name, _read_password(f"Password for {name}"))
+    accounts.grant(name, list(claims))
+    save_users(files, accounts)
+    click.echo(f"added {name}: {', '.join(sorted(claims)) or 'no claims'}")
+
+
+@users.command("remove")
+@storage_option
+@click.argument("name")
+def users_remove(storage_url: str, name: str) -> None:
+    """Remove user NAME."""
+    from messagevault.server.auth import load_users, save_users
+
+    files = _system_files(_open(storage_url))
+    accounts = load_users(files)
+    if accounts.entries.pop(name, None) is None:
+        raise click.UsageError(f"no user {name!r}")
+    save_users(files, accounts)
+    click.echo(f"removed {name}")
+
+
+@users.command("list")
+@storage_option
+def users_list(storage_url: str) -> None:
+    """List users and their claims."""
+    from messagevault.server.auth import load_users
+
+    for name, (_, claims) in sorted(load_users(_system_files(_open(storage_url))).entries.items()):
+        click.echo(f"{name}\t{' '.join(claims)}")
+
+
+@users.command("passwd")
+@storage_option
+@click.argument("name")
+def users_passwd(storage_url: str, name: str) -> None:
+    """Set user NAME's password (stdin or prompt)."""
+    from messagevault.server.auth import load_users, save_users
+
+    files = _system_files(_open(storage_url))
+    accounts = load_users(files)
+    if name not in accounts.entries:
+        raise click.UsageError(f"no user {name!r}")
+    accounts.set_password(name, _read_password(f"New password for {name}"))
+    save_users(files, accounts)
+    click.echo(f"password of {name} changed")
+
+
+@users.command("grant")
+@storage_option
+@click.argument("name")
+@click.argument("claims", nargs=-1, required=True)
+def users_grant(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
+    """Give user NAME more CLAIMS."""
+    from messagevault.server.auth import load_users, save_users
+
+    files = _system_files(_open(storage_url))
+    accounts = load_users(files)
+    if name not in accounts.entries:
+        raise click.UsageError(f"no user {name!r}")
+    accounts.grant(name, list(claims))
+    save_users(files, accounts)
+    click.echo(f"{name}: {' '.join(accounts.entries[name][1])}")
 
 
 @main.command()

@@ -39,6 +39,7 @@ from messagevault.errors import (
 )
 from messagevault.format import MAX_BATCH_COUNT, MAX_FRAME_SIZE, Message, encode_batch, parse_batch
 from messagevault.names import validate_stream_name
+from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
 from messagevault.server.openapi import openapi_document
 
@@ -72,10 +73,14 @@ class Metrics:
 
 
 HUB = web.AppKey("hub", StreamHub)
+AUTH = web.AppKey("auth", Authenticator)
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS = web.AppKey("limits", Limits)
 
 _STATUS = {
+    Unauthenticated: 401,
+    Forbidden: 403,
     InvalidPosition: 400,
     InvalidInput: 400,
     CorruptData: 400,  # on the request path, corrupt bytes are a bad request body
@@ -111,6 +116,9 @@ async def errors_and_metrics(
         response = await handler(request)
     except MessageVaultError as exc:
         response = error_response(_status_for(exc), exc.code, str(exc))
+        if isinstance(exc, Unauthenticated):
+            response.headers["WWW-Authenticate"] = 'Basic realm="messagevault"'
+
     except web.HTTPException as exc:
         code = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
         response = error_response(exc.status, code, exc.text or exc.reason)
@@ -119,10 +127,43 @@ async def errors_and_metrics(
     return response
 
 
-def create_app(hub: StreamHub, limits: Limits | None = None) -> web.Application:
+@web.middleware
+async def authentication(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every stream route needs a user; handlers then check that user's claims."""
+    auth = request.app.get(AUTH)
+    if auth is None:
+        request[PRINCIPAL] = OPEN_ACCESS
+    elif request.path not in PUBLIC_PATHS:
+        # argon2 is slow on purpose: verify off the event loop.
+        header = request.headers.get("Authorization")
+        request[PRINCIPAL] = await request.app[HUB].run(auth.authenticate, header)
+    return await handler(request)
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+OPEN_ACCESS = Principal("anonymous", frozenset({"admin"}))
+
+
+def _require(request: web.Request, action: str, stream: str | None) -> None:
+    principal: Principal = request[PRINCIPAL]
+    if not principal.may(action, stream):
+        target = f"stream {stream!r}" if stream else "streams"
+        raise Forbidden(f"user {principal.name!r} may not {action} {target}")
+
+
+def create_app(
+    hub: StreamHub, limits: Limits | None = None, authenticator: Authenticator | None = None
+) -> web.Application:
+    """The application. Without ``authenticator`` every request is allowed (embedding, tests)."""
     limits = limits or Limits()
     # client_max_size: aiohttp refuses a larger body with 413 before reading it all.
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=limits.max_body)
+    app = web.Application(
+        middlewares=[errors_and_metrics, authentication], client_max_size=limits.max_body
+    )
+    if authenticator is not None:
+        app[AUTH] = authenticator
     app[HUB] = hub
     app[METRICS] = Metrics()
     app[LIMITS] = limits
@@ -148,6 +189,7 @@ def _stream(request: web.Request) -> str:
 
 async def append(request: web.Request) -> web.Response:
     stream = _stream(request)
+    _require(request, "write", stream)
     if request.content_length is not None and request.content_length > request.app[LIMITS].max_body:
         raise web.HTTPRequestEntityTooLarge(
             max_size=request.app[LIMITS].max_body, actual_size=request.content_length
@@ -211,6 +253,8 @@ async def list_streams(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     streams = []
     for name in await hub.list_streams():
+        if not request[PRINCIPAL].may("read", name):
+            continue
         checkpoint = await hub.checkpoint(name)
         streams.append(
             {"stream": name, "length": checkpoint.length, "messages": checkpoint.next_sequence}
@@ -224,6 +268,7 @@ def _iso(timestamp_ms: int) -> str:
 
 async def stream_info(request: web.Request) -> web.Response:
     stream = _stream(request)
+    _require(request, "read", stream)
     hub = request.app[HUB]
     checkpoint = await hub.checkpoint(stream)
     first, _ = await hub.read(stream, 0, 1, 1) if checkpoint.length else ([], 0)
@@ -277,6 +322,7 @@ def _message_json(message: Message) -> dict[str, Any]:
 
 async def read_messages(request: web.Request) -> web.StreamResponse:
     stream = _stream(request)
+    _require(request, "read", stream)
     limits = request.app[LIMITS]
     hub = request.app[HUB]
     position = _int_param(request, "from", 0, 0, 2**63 - 1)

@@ -174,6 +174,19 @@ class AzureStorage:
     def describe(self) -> str:
         return f"azure storage account {self.service.account_name} at {self.service.url}"
 
+    def read_system_file(self, name: str) -> bytes | None:
+        blob = self.system_container().get_blob_client(name)
+        try:
+            with _azure_errors(f"cannot read {name}"):
+                return bytes(blob.download_blob().readall())
+        except StreamNotFound:
+            return None
+
+    def write_system_file(self, name: str, data: bytes) -> None:
+        # A block blob upload replaces the whole blob atomically.
+        with _azure_errors(f"cannot write {name}"):
+            self.system_container().get_blob_client(name).upload_blob(data, overwrite=True)
+
 
 def _create_stream(container: ContainerClient, name: str) -> None:
     """Create container, data blob, then checkpoint: a stream exists once its checkpoint does."""

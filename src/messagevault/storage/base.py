@@ -92,6 +92,22 @@ class StreamStore(Protocol):
         ...
 
 
+class SystemFiles(Protocol):
+    """Small named files the server keeps beside the streams (users, leader info).
+
+    File storage keeps them under ``<root>/_system/`` (no stream name starts
+    with ``_``), Azure in the ``messagevault-system`` container.
+    """
+
+    def read_system_file(self, name: str) -> bytes | None:
+        """The file's bytes, or ``None`` if it does not exist."""
+        ...
+
+    def write_system_file(self, name: str, data: bytes) -> None:
+        """Replace the file atomically: readers see the old bytes or the new, never a mix."""
+        ...
+
+
 class Storage(Protocol):
     """A set of named streams: a data folder, an Azure storage account, memory."""
 

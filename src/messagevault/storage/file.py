@@ -37,6 +37,7 @@ from messagevault.storage.base import ReadAccess
 DATA_FILE = "data"
 CHECKPOINT_FILE = "checkpoint"
 LOCK_FILE = "writer.lock"
+SYSTEM_FOLDER = "_system"  # cannot clash: stream names never start with "_"
 MAX_WRITE_SIZE = 4 * 1024 * 1024
 
 
@@ -98,6 +99,28 @@ class FileStorage:
 
     def describe(self) -> str:
         return f"file storage at {self.root}"
+
+    def read_system_file(self, name: str) -> bytes | None:
+        try:
+            return (self.root / SYSTEM_FOLDER / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {name}: {exc}") from exc
+
+    def write_system_file(self, name: str, data: bytes) -> None:
+        """Write a temp file, fsync, rename over the old one, fsync the folder."""
+        folder = self.root / SYSTEM_FOLDER
+        temp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_file_durably(temp, data)
+            temp.replace(folder / name)
+            _fsync_path(folder)
+        except OSError as exc:
+            raise StorageError(f"cannot write {name}: {exc}") from exc
+        finally:
+            temp.unlink(missing_ok=True)
 
 
 def _is_valid_name(name: str) -> bool:

@@ -38,6 +38,7 @@ class MemoryStorage:
         self.page_size = page_size
         self.max_write_size = max_write_size
         self._streams: dict[str, _StreamState] = {}
+        self._system_files: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     def open_stream(
@@ -63,6 +64,12 @@ class MemoryStorage:
 
     def describe(self) -> str:
         return f"memory storage (page size {self.page_size})"
+
+    def read_system_file(self, name: str) -> bytes | None:
+        return self._system_files.get(name)
+
+    def write_system_file(self, name: str, data: bytes) -> None:
+        self._system_files[name] = bytes(data)
 
     def storage_writes(self, name: str) -> int:
         """How many ``write`` calls stream ``name`` has received (for tests)."""

@@ -1,0 +1,214 @@
+"""Auth: every stream route refuses missing, wrong or insufficient credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
+
+from messagevault import FileStorage, MemoryStorage, encode_batch
+from messagevault.cli import main
+from messagevault.server import StreamHub, create_app
+from messagevault.server.auth import (
+    USERS_FILE,
+    Authenticator,
+    Principal,
+    Users,
+    ensure_admin,
+    load_users,
+    save_users,
+)
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+def _basic(name: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{name}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.fixture
+def storage() -> MemoryStorage:  # type: ignore[override]
+    storage = MemoryStorage()
+    users = Users()
+    for name, claims in {
+        "root": ["admin"],
+        "writer": ["orders:write"],
+        "reader": ["orders:read"],
+        "everyone": ["all:read"],
+    }.items():
+        users.set_password(name, f"{name}-secret")
+        users.grant(name, claims)
+    save_users(storage, users)
+    return storage
+
+
+@pytest.fixture
+async def client(aiohttp_client: MakeClient, storage: MemoryStorage) -> Client:
+    app = create_app(StreamHub(storage), authenticator=Authenticator(storage, reload_interval=0))
+    client = await aiohttp_client(app)
+    for stream in ("orders", "billing"):
+        response = await client.post(
+            f"/streams/{stream}",
+            json={"messages": [{"value": "seed"}]},
+            headers=_basic("root", "root-secret"),
+        )
+        assert response.status == 200
+    return client
+
+
+ROUTES: list[tuple[str, str, dict[str, Any]]] = [
+    ("POST", "/streams/orders", {"json": {"messages": [{"value": "x"}]}}),
+    (
+        "POST",
+        "/streams/orders",
+        {
+            "data": encode_batch([(b"k", b"x")]).frame(),
+            "headers": {"Content-Type": "application/x-messagevault-batch"},
+        },
+    ),
+    ("GET", "/streams", {}),
+    ("GET", "/streams/orders", {}),
+    ("GET", "/streams/orders/messages", {}),
+]
+
+
+async def _lengths(client: Client) -> dict[str, int]:
+    response = await client.get("/streams", headers=_basic("root", "root-secret"))
+    return {s["stream"]: s["length"] for s in (await response.json())["streams"]}
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), ROUTES)
+@pytest.mark.parametrize(
+    "credentials",
+    [None, ("root", "wrong"), ("nobody", "x"), "Basic !!!notbase64", "Bearer token"],
+)
+async def test_every_stream_route_needs_valid_credentials(
+    client: Client, method: str, path: str, kwargs: dict[str, Any], credentials: object
+) -> None:
+    before = await _lengths(client)
+    headers = dict(kwargs.get("headers", {}))
+    if isinstance(credentials, tuple):
+        headers |= _basic(*credentials)
+    elif isinstance(credentials, str):
+        headers["Authorization"] = credentials
+    response = await client.request(method, path, **{**kwargs, "headers": headers})
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Basic")
+    assert (await response.json())["error"] == "unauthenticated"
+    assert await _lengths(client) == before
+
+
+async def test_claims_per_stream(client: Client) -> None:
+    before = await _lengths(client)
+    writer, reader = _basic("writer", "writer-secret"), _basic("reader", "reader-secret")
+    # orders:write may write and read orders, nothing of billing.
+    assert (
+        await client.post("/streams/orders", json={"messages": [{"value": "w"}]}, headers=writer)
+    ).status == 200
+    assert (await client.get("/streams/orders/messages", headers=writer)).status == 200
+    for method, path in [
+        ("POST", "/streams/billing"),
+        ("GET", "/streams/billing"),
+        ("GET", "/streams/billing/messages"),
+    ]:
+        response = await client.request(
+            method, path, json={"messages": [{"value": "x"}]}, headers=writer
+        )
+        assert response.status == 403, path
+        assert (await response.json())["error"] == "forbidden"
+    # orders:read may read orders but not write it.
+    assert (await client.get("/streams/orders", headers=reader)).status == 200
+    response = await client.post(
+        "/streams/orders", json={"messages": [{"value": "x"}]}, headers=reader
+    )
+    assert response.status == 403
+    # The list shows only what the user may read.
+    listed = await (await client.get("/streams", headers=writer)).json()
+    assert [s["stream"] for s in listed["streams"]] == ["orders"]
+    everyone = await (
+        await client.get("/streams", headers=_basic("everyone", "everyone-secret"))
+    ).json()
+    assert {s["stream"] for s in everyone["streams"]} == {"orders", "billing"}
+    after = await _lengths(client)
+    assert after["billing"] == before["billing"]
+    assert after["orders"] > before["orders"]  # only the one allowed append
+
+
+async def test_public_routes(client: Client) -> None:
+    for path in ("/health", "/ready", "/metrics", "/openapi.json"):
+        assert (await client.get(path)).status == 200
+
+
+async def test_user_changes_reach_a_running_server(client: Client, storage: MemoryStorage) -> None:
+    headers = _basic("late", "late-secret")
+    assert (await client.get("/streams/orders", headers=headers)).status == 401
+    users = load_users(storage)
+    users.set_password("late", "late-secret")
+    users.grant("late", ["orders:read"])
+    save_users(storage, users)
+    assert (await client.get("/streams/orders", headers=headers)).status == 200
+    users.entries.pop("late")
+    save_users(storage, users)
+    assert (await client.get("/streams/orders", headers=headers)).status == 401
+
+
+def test_first_start_creates_admin_once_with_a_random_password(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path)
+    password = ensure_admin(storage)
+    assert password and len(password) >= 20
+    assert ensure_admin(storage) is None  # never again, never a well-known default
+    raw = (tmp_path / "_system" / USERS_FILE).read_bytes()
+    assert password.encode() not in raw  # only the argon2 hash is stored
+    assert b"$argon2id$" in raw
+    principal = Authenticator(storage).authenticate(_basic("admin", password)["Authorization"])
+    assert principal == Principal("admin", frozenset({"admin"}))
+    assert ensure_admin(FileStorage(tmp_path / "other")) != password
+
+
+def test_users_cli(tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = {"MESSAGEVAULT_STORAGE": f"file:{tmp_path}"}
+
+    def run(*args: str, stdin: str | None = None) -> tuple[int, str]:
+        result = runner.invoke(main, ["users", *args], input=stdin, env=env)
+        return result.exit_code, result.output
+
+    assert run("add", "alice", "--claim", "orders:write", stdin="pw-1\n")[0] == 0
+    assert run("add", "alice", stdin="pw\n")[0] == 2  # exists
+    assert run("grant", "alice", "billing:read")[0] == 0
+    code, out = run("list")
+    assert code == 0
+    assert "alice\tbilling:read orders:write" in out
+    assert run("grant", "alice", "bogus")[0] != 0
+    assert run("passwd", "alice", stdin="pw-2\n")[0] == 0
+    auth = Authenticator(FileStorage(tmp_path))
+    assert auth.authenticate(_basic("alice", "pw-2")["Authorization"]).name == "alice"
+    assert run("remove", "alice")[0] == 0
+    assert run("remove", "alice")[0] == 2
+    assert json.loads((tmp_path / "_system" / USERS_FILE).read_text())["users"] == {}
+
+
+async def test_verification_is_cached_but_a_new_password_is_checked(storage: MemoryStorage) -> None:
+    auth = Authenticator(storage, reload_interval=0)
+    header = _basic("reader", "reader-secret")["Authorization"]
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, auth.authenticate, header)
+    started = loop.time()
+    for _ in range(50):
+        auth.authenticate(header)  # cached: no argon2 per request
+    assert loop.time() - started < 5
+    users = load_users(storage)
+    users.set_password("reader", "changed")
+    save_users(storage, users)
+    with pytest.raises(Exception, match="wrong password"):
+        auth.authenticate(header)
