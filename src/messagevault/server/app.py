@@ -245,7 +245,8 @@ def _json_messages(body: bytes) -> list[tuple[bytes, bytes]]:
                 raise InvalidBatch(f"message {index}: value is not valid base64") from None
         else:
             raise InvalidBatch(f"message {index}: encoding must be 'utf-8' or 'base64'")
-        pairs.append((key.encode("utf-8"), raw))
+        # JSON may carry lone surrogates; keep them rather than fail on them.
+        pairs.append((key.encode("utf-8", "surrogatepass"), raw))
     return pairs
 
 

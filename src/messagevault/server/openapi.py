@@ -20,6 +20,11 @@ _STREAM = {
 }
 
 
+# Keys are at most 255 bytes of UTF-8: 63 characters always fit (4 bytes each at most).
+_KEY = {"type": "string", "maxLength": 63}
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     return {
         str(status): {
@@ -187,13 +192,26 @@ def openapi_document() -> dict[str, Any]:
                             "minItems": 1,
                             "maxItems": MAX_BATCH_COUNT,
                             "items": {
-                                "type": "object",
-                                "required": ["value"],
-                                "properties": {
-                                    "key": {"type": "string", "maxLength": 255},
-                                    "value": {"type": "string"},
-                                    "encoding": {"enum": ["utf-8", "base64"]},
-                                },
+                                "oneOf": [
+                                    {
+                                        "type": "object",
+                                        "required": ["value"],
+                                        "properties": {
+                                            "key": _KEY,
+                                            "value": {"type": "string"},
+                                            "encoding": {"const": "utf-8"},
+                                        },
+                                    },
+                                    {
+                                        "type": "object",
+                                        "required": ["value", "encoding"],
+                                        "properties": {
+                                            "key": _KEY,
+                                            "value": {"type": "string", "pattern": _BASE64},
+                                            "encoding": {"const": "base64"},
+                                        },
+                                    },
+                                ]
                             },
                         }
                     },
