@@ -122,6 +122,9 @@ async def errors_and_metrics(
     except web.HTTPException as exc:
         code = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
         response = error_response(exc.status, code, exc.text or exc.reason)
+    except Exception:  # a bug: still answer in the documented shape, and say so in the log
+        log.exception("unhandled error", extra={"route": route})
+        response = error_response(500, "internal_error", "the server failed; see its log")
     metrics.requests.labels(route, str(response.status)).inc()
     metrics.latency.labels(route).observe(time.perf_counter() - started)
     return response
