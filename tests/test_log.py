@@ -281,3 +281,26 @@ def test_fsync_policies(tmp_path: Path, policy: str) -> None:
 def test_unknown_fsync_policy(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="always, batch, never"):
         FileStorage(tmp_path, fsync="sometimes")
+
+
+def test_read_frames_relays_whole_checked_frames(storage: Storage) -> None:
+    with Writer.open(storage, "orders") as writer:
+        results = [writer.append(_batch(f"b{n}", 3, size=100)) for n in range(6)]
+    reader = Reader.open(storage, "orders")
+    everything = reader.read_frames(0, max_bytes=10**9)
+    assert everything.skip == 0
+    assert everything.next_position == results[-1].end
+    # The relayed bytes are the stream itself: a reader of them sees the same messages.
+    relay = MemoryStorage()
+    store = relay.open_stream("orders", write=True, create=True)
+    store.write(0, everything.data)
+    store.advance_checkpoint(
+        Checkpoint(1, len(everything.data), 18, results[-1].frame_position, 0),
+        expected=Checkpoint(),
+    )
+    assert list(Reader.open(relay, "orders").read()) == list(reader.read())
+    # Bounded by max_bytes, but never less than one frame; mid-frame starts say what to skip.
+    one = reader.read_frames(results[2][1].position, max_bytes=1)
+    assert (one.skip, one.next_position) == (1, results[2].end)
+    assert len(one.data) == results[2].frame_size
+    assert reader.read_frames(results[-1].end).data == b""

@@ -260,3 +260,31 @@ async def test_health_ready_metrics_openapi(client: Client) -> None:
         "/metrics",
         "/openapi.json",
     }
+
+
+async def test_binary_read_relays_stored_frames(client: Client) -> None:
+    from messagevault.format import iter_messages, read_header
+
+    first = await _post_json(client, "orders", [{"value": "a"}, {"value": "b"}])
+    await _post_json(client, "orders", [{"value": "c"}])
+    response = await client.get(
+        "/streams/orders/messages",
+        params={"from": first["messages"][1]["position"]},
+        headers={"Accept": BATCH},
+    )
+    assert response.headers["Content-Type"] == BATCH
+    data = await response.read()
+    skip = int(response.headers["X-Skip"])
+    values, offset = [], 0
+    while offset < len(data):
+        header = read_header(data, offset, None)
+        values += [m.value for m in iter_messages(data, offset, header)]
+        offset += header.frame_size
+    assert skip == 1
+    assert values[skip:] == [b"b", b"c"]
+    end = int(response.headers["X-Next"])
+    empty = await client.get(
+        "/streams/orders/messages", params={"from": end, "wait": 1}, headers={"Accept": BATCH}
+    )
+    assert await empty.read() == b""
+    assert empty.headers["X-Next"] == str(end)

@@ -37,6 +37,12 @@ REMOTE_CHUNK_SIZE = 8 * 1024 * 1024
 T = TypeVar("T")
 
 
+class RawFrames(NamedTuple):
+    data: bytes  # whole frames, laid end to end as in storage
+    skip: int  # leading messages of the first frame before the requested position
+    next_position: int  # position just after the last frame
+
+
 class VerifyReport(NamedTuple):
     frames: int
     messages: int
@@ -286,6 +292,28 @@ class Reader:
         for buffer, offset, header in self._raw_frames(position, end):
             yield iter_messages(buffer, offset, header, first)
             first = 0
+
+    def read_frames(self, position: int = 0, *, max_bytes: int = DEFAULT_CHUNK_SIZE) -> RawFrames:
+        """Whole committed frames from ``position``, as stored, each checked.
+
+        For relaying a stream without decoding it (the server's binary read
+        route): at least one frame, then more while they fit ``max_bytes``.
+        If ``position`` is inside a frame, that frame comes whole and ``skip``
+        says how many of its leading messages the caller did not ask for.
+        """
+        committed = self._store.read_checkpoint().length
+        frame_position, skip = self._locate(position, committed)
+        pieces: list[bytes] = []
+        size = 0
+        end = frame_position
+        for buffer, offset, header in self._raw_frames(frame_position, committed):
+            if pieces and size + header.frame_size > max_bytes:
+                break
+            verify_frame(buffer, offset, header.base_position)
+            pieces.append(buffer[offset : offset + header.frame_size])
+            size += header.frame_size
+            end = header.end
+        return RawFrames(b"".join(pieces), skip, end)
 
     def verify(self, position: int = 0) -> VerifyReport:
         """Check every frame's CRCs and columns from ``position`` to the committed end.

@@ -19,7 +19,7 @@ from messagevault.checkpoint import Checkpoint
 from messagevault.committer import GroupCommitter
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
-from messagevault.reader import Reader
+from messagevault.reader import RawFrames, Reader
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.writer import AppendResult, Writer
 
@@ -91,6 +91,10 @@ class StreamHub:
         """Up to ``limit`` messages from ``position``; (messages, next position)."""
         return await self.run(_read_messages, self.storage, stream, position, limit, max_bytes)
 
+    async def read_frames(self, stream: str, position: int, max_bytes: int) -> RawFrames:
+        """Whole stored frames from ``position`` (see ``Reader.read_frames``)."""
+        return await self.run(_read_frames, self.storage, stream, position, max_bytes)
+
     async def read_access(self, stream: str) -> ReadAccess:
         return await self.run(_read_access, self.storage, stream)
 
@@ -108,6 +112,11 @@ class StreamHub:
 def _read_checkpoint(storage: Storage, stream: str) -> Checkpoint:
     with Reader.open(storage, validate_stream_name(stream)) as reader:
         return reader.checkpoint()
+
+
+def _read_frames(storage: Storage, stream: str, position: int, max_bytes: int) -> RawFrames:
+    with Reader.open(storage, stream) as reader:
+        return reader.read_frames(position, max_bytes=max_bytes)
 
 
 def _read_access(storage: Storage, stream: str) -> ReadAccess:

@@ -35,6 +35,15 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
 
 
+def _json_or_frames(schema: dict[str, Any]) -> dict[str, Any]:
+    response = _json(schema, "messages (JSON), or whole stored frames by Accept")
+    response["content"]["application/x-messagevault-batch"] = {
+        "schema": {"type": "string", "format": "binary"}
+    }
+    response["content"]["application/x-ndjson"] = {"schema": {"type": "string"}}
+    return response
+
+
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -137,7 +146,7 @@ def openapi_document() -> dict[str, Any]:
                         },
                     ],
                     "responses": {
-                        "200": _json(
+                        "200": _json_or_frames(
                             {
                                 "type": "object",
                                 "required": ["stream", "messages", "next"],
