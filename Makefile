@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench-core bench-azure clean
+.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: lint typecheck pytest
 
 bench-core: $(STAMP)
 	$(BIN)/python benchmarks/core.py
+
+bench-http: $(STAMP)
+	$(BIN)/python benchmarks/http.py
 
 bench-azure: $(STAMP) node_modules/.installed
 	$(BIN)/python benchmarks/azure.py

@@ -1,0 +1,745 @@
+"""HTTP benchmark: `messagevault serve` in its own process, loaded over loopback by aiohttp.
+
+    make bench-http            # full size, 3 runs per case, medians
+    python benchmarks/http.py --scale 0.1 --runs 1
+    python benchmarks/http.py --only W1 --runs 1 --profile /tmp/prof   # cProfile the server
+
+The server runs as a subprocess on the file backend with fsync per commit
+(``serve --fsync always``); this process is the load client (one asyncio loop,
+one aiohttp session with a connection pool, HTTP Basic auth). Every case gets
+a fresh data folder and a fresh server, stopped by PID when the case ends.
+
+Workloads (keys b"key-%012d", 16 bytes; values printable ASCII, so that JSON
+reads carry them as UTF-8 text, not base64):
+  W1  1,000,000 x 100 B in batches of 1,000; 1 and 4 concurrent producers (--producers)
+  W2    200,000 x 1,000 B in batches of 100; 1 and 4 producers
+  W3  2,000 sequential batches of 10 x 100 B, 1 producer: ack latency p50/p99/max
+  W4  1,000,000 x 100 B in batches of 100, 16 concurrent producers on one stream
+All producers write to one stream and wait for each batch's ack before they
+send their next one, so more producers is what gives group commit something
+to group. Batches are sent as application/x-messagevault-batch bodies,
+pre-encoded with ``encode_batch(pairs).frame()`` before the clock starts, as a
+client library would hold them ready; every ack's JSON is parsed and checked.
+Commits are the stream checkpoint's commit counter after the case.
+
+Everything is then read back by one consumer through
+GET /streams/{stream}/messages?from=POS&limit=10000, once per read format
+(--read-formats, default json,binary): JSON pages paged by ``next``, and the
+stored frames themselves (Accept: application/x-messagevault-batch, paged by
+X-Next), whose headers and CRCs the client checks as the client library
+would; ndjson on request. Each timed read checks every message's key, value
+and sequence; afterwards the benchmark checks that each message arrived
+exactly once and each producer's messages in the order it sent them.
+
+Server and client CPU time are reported as a share of one core for each phase
+(the machine may have only 2 cores, shared by both processes). Peer figures
+come from /work/shared/notes/peers.md. Results go to benchmarks/results/http-<time>.json.
+"""
+
+# ruff: noqa: E402 - the imports must follow the sys.path fix below
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path, where this very
+# file would shadow the standard library's ``http`` package (aiohttp and urllib
+# import it); the repo root instead makes tests/azurite.py importable.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import base64
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import string
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from operator import itemgetter
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+from tests.azurite import free_port
+
+from messagevault import FileStorage, Reader, encode_batch
+from messagevault.format import iter_messages, read_header
+from messagevault.server.auth import Users, save_users
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STREAM = "bench"
+USER, PASSWORD = "bench", "bench-password"
+BATCH_CONTENT_TYPE = "application/x-messagevault-batch"
+READ_LIMIT = 10_000  # the server's max_read_messages
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    messages: int
+    value_size: int
+    batch_size: int
+    producers: int
+    latency: bool = False  # W3: time every request, report percentiles
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}x{self.producers}"
+
+
+def workloads(producers: list[int]) -> list[Workload]:
+    """The issue's workloads; W1 and W2 once per producer count (``--producers``)."""
+    return [
+        *(Workload("W1", 1_000_000, 100, 1_000, p) for p in producers),
+        *(Workload("W2", 200_000, 1_000, 100, p) for p in producers),
+        Workload("W3", 20_000, 100, 10, 1, latency=True),
+        # The issue gives no size for W4; W1's million messages keeps it comparable.
+        Workload("W4", 1_000_000, 100, 100, 16),
+    ]
+
+
+# (workload, phase) -> msgs/s target, from the issue.
+TARGETS: dict[tuple[str, str], float] = {
+    ("W1", "write"): 1_000_000,
+    ("W1", "read"): 1_000_000,
+    ("W2", "write"): 200_000,
+    ("W4", "write"): 500_000,
+}
+W3_TARGET_MS = {"p50": 1.0, "p99": 3.0}
+
+# From /work/shared/notes/peers.md (2026-11-26, same machine kind, one producer,
+# Python clients): Redis Streams with AOF always (the comparable durability)
+# and NATS JetStream (fsync every 2 min; its reads by pull fetch, push
+# consumers reached 85-111k). Ranges are the notes' two runs; W3 is p50/p99.
+PEERS: dict[tuple[str, str], str] = {
+    ("W1", "write"): "Redis 49-64k, NATS 23-24k",
+    ("W1", "read"): "Redis 186-222k, NATS 24k",
+    ("W2", "write"): "Redis 22-37k, NATS 24-28k",
+    ("W2", "read"): "Redis 133-197k, NATS 26k",
+    ("W3", "write"): "Redis 0.24-0.35/0.45-2.8 ms, NATS 0.52/1.1-1.8",
+}
+
+
+@dataclass
+class Case:
+    workload: str
+    producers: int
+    phase: str  # "write", or "read <format>"
+    messages: int
+    payload_bytes: int  # keys + values
+    seconds: list[float] = field(default_factory=list)
+    commits: list[int] = field(default_factory=list)  # writes only
+    server_cpu_s: list[float] = field(default_factory=list)
+    client_cpu_s: list[float] = field(default_factory=list)
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)  # W3 writes
+
+    @property
+    def kind(self) -> str:
+        """``write`` or ``read``: what targets and peer figures are keyed by."""
+        return self.phase.split()[0]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def msgs_per_s(self) -> float:
+        return self.messages / self.median
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.payload_bytes / self.median / 1e6
+
+    @property
+    def commits_per_s(self) -> float | None:
+        if not self.commits:
+            return None
+        return statistics.median(c / s for c, s in zip(self.commits, self.seconds, strict=True))
+
+    @property
+    def msgs_per_commit(self) -> float | None:
+        return self.messages / statistics.median(self.commits) if self.commits else None
+
+    def cpu_share(self, seconds: list[float]) -> float:
+        """Median CPU time per wall second (1.0 = one core busy)."""
+        return statistics.median(c / s for c, s in zip(seconds, self.seconds, strict=True))
+
+    def latency(self, name: str) -> float:
+        return statistics.median(self.latency_ms[name])
+
+
+@dataclass
+class Data:
+    """One workload's pre-built requests and what reading them back must yield."""
+
+    frames: list[bytes]  # one pre-encoded batch per request, in key order
+    keys: list[str]  # as JSON reads return them
+    values: list[str]
+    raw_keys: list[bytes]  # as binary reads return them
+    raw_values: list[bytes]
+    payload_bytes: int
+
+
+def make_data(workload: Workload) -> Data:
+    alphabet = string.ascii_letters + string.digits
+    filler = "".join(random.Random(7).choices(alphabet, k=workload.value_size))
+    count, size = workload.messages, workload.batch_size
+    keys = [f"key-{i:012d}" for i in range(count)]
+    values = [(f"{i:012d}" + filler)[: workload.value_size] for i in range(count)]
+    raw_keys = [k.encode() for k in keys]
+    raw_values = [v.encode() for v in values]
+    frames = [
+        encode_batch(
+            list(zip(raw_keys[i : i + size], raw_values[i : i + size], strict=True))
+        ).frame()
+        for i in range(0, count, size)
+    ]
+    payload = sum(map(len, raw_keys)) + sum(map(len, raw_values))
+    return Data(frames, keys, values, raw_keys, raw_values, payload)
+
+
+class Server:
+    """`messagevault serve` as a subprocess; optionally under cProfile."""
+
+    def __init__(self, folder: Path, profile: Path | None) -> None:
+        self.folder = folder
+        self.port = free_port()
+        command = [sys.executable]
+        if profile is not None:
+            # run_app stops gracefully on SIGTERM, so cProfile gets to write its file.
+            command += ["-m", "cProfile", "-o", str(profile)]
+        command += [
+            *("-m", "messagevault.cli", "serve", "--host", "127.0.0.1"),
+            *("--port", str(self.port), "--storage", f"file:{folder / 'data'}"),
+            *("--fsync", "always"),
+        ]
+        self.log = folder / "server.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_until_up(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited early:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("server did not come up")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process so far (all its threads); Linux only."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return float("nan")
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        if self.process.returncode not in (0, -signal.SIGKILL):
+            print(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+
+
+@dataclass
+class Phase:
+    seconds: float
+    server_cpu_s: float
+    client_cpu_s: float
+
+
+class Clock:
+    """Wall time and both processes' CPU time over one phase."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.started = time.perf_counter()
+        self.server_cpu = server.cpu_seconds()
+        self.client_cpu = time.process_time()
+
+    def stop(self) -> Phase:
+        return Phase(
+            time.perf_counter() - self.started,
+            self.server.cpu_seconds() - self.server_cpu,
+            time.process_time() - self.client_cpu,
+        )
+
+
+async def produce(
+    session: aiohttp.ClientSession,
+    url: str,
+    frames: list[bytes],
+    batch_size: int,
+    latencies: list[float] | None,
+) -> None:
+    """Send ``frames`` one after the other, each acknowledged before the next."""
+    headers = {"Content-Type": BATCH_CONTENT_TYPE}
+    for frame in frames:
+        started = time.perf_counter()
+        async with session.post(url, data=frame, headers=headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise SystemExit(f"append failed: {response.status} {body[:500]!r}")
+        if latencies is not None:
+            latencies.append(time.perf_counter() - started)
+        # A producer uses its receipts; a short ack would be a lost message.
+        if len(json.loads(body)["messages"]) != batch_size:
+            raise SystemExit(f"ack does not cover the batch: {body[:500]!r}")
+
+
+ACCEPT = {
+    "json": "application/json",
+    "ndjson": "application/x-ndjson",
+    "binary": BATCH_CONTENT_TYPE,
+}
+
+# One page of a read: keys, values, sequences, and where the next page starts.
+Page = tuple[list[Any], list[Any], list[int], int]
+
+
+def json_page(body: bytes, headers: Mapping[str, str], position: int) -> Page:
+    document = json.loads(body)
+    messages = document["messages"]
+    return (
+        [m["key"] for m in messages],
+        [m["value"] for m in messages],
+        [m["sequence"] for m in messages],
+        document["next"],
+    )
+
+
+def ndjson_page(body: bytes, headers: Mapping[str, str], position: int) -> Page:
+    messages = [json.loads(line) for line in body.splitlines()]
+    return (
+        [m["key"] for m in messages],
+        [m["value"] for m in messages],
+        [m["sequence"] for m in messages],
+        int(headers["X-Next"]),
+    )
+
+
+_KEY, _VALUE = itemgetter(3), itemgetter(4)  # fields of a decoded Message
+
+
+def binary_page(body: bytes, headers: Mapping[str, str], position: int) -> Page:
+    """Stored frames: check headers, CRCs and columns as the client library would, then split."""
+    skip = int(headers["X-Skip"])
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    sequences: list[int] = []
+    offset = 0
+    # Each frame must sit where the previous one ended (the first, at ``from``
+    # unless the server had to start inside a frame).
+    at: int | None = position if skip == 0 else None
+    while offset < len(body):
+        header = read_header(body, offset, at)
+        messages = list(iter_messages(body, offset, header, skip))
+        # map + itemgetter keeps the per-message work in C.
+        keys += map(_KEY, messages)
+        values += map(_VALUE, messages)
+        sequences += range(header.base_sequence + skip, header.base_sequence + header.message_count)
+        offset += header.frame_size
+        at, skip = header.end, 0
+    return keys, values, sequences, int(headers["X-Next"])
+
+
+PAGE_DECODERS: dict[str, Callable[[bytes, Mapping[str, str], int], Page]] = {
+    "json": json_page,
+    "ndjson": ndjson_page,
+    "binary": binary_page,
+}
+
+
+async def read_back(
+    session: aiohttp.ClientSession, data: Data, batch_size: int, read_format: str
+) -> list[tuple[int, int]]:
+    """Page through the stream, checking every message.
+
+    Returns the runs of consecutive keys read, as (first key index, count), in stream order.
+    """
+    url = f"/streams/{STREAM}/messages"
+    headers = {"Accept": ACCEPT[read_format]}
+    decode = PAGE_DECODERS[read_format]
+    keys, values = (
+        (data.raw_keys, data.raw_values) if read_format == "binary" else (data.keys, data.values)
+    )
+    runs: list[tuple[int, int]] = []
+    read = position = 0
+    while read < len(keys):
+        async with session.get(f"{url}?from={position}&limit={READ_LIMIT}", headers=headers) as r:
+            body = await r.read()
+            if r.status != 200:
+                raise SystemExit(f"{read_format} read failed: {r.status} {body[:500]!r}")
+            page_keys, page_values, sequences, position = decode(body, r.headers, position)
+        if not page_keys:
+            raise SystemExit(f"stream ends after {read} of {len(keys)} messages")
+        if sequences != list(range(read, read + len(page_keys))):
+            raise SystemExit(f"{read_format} read: sequence gap in the page from {read}")
+        read += len(page_keys)
+        # The stream holds each producer batch whole and in order, so the page
+        # is runs of consecutive keys, each ending at a batch boundary at the
+        # latest: comparing runs by slices keeps the checking in C, where
+        # looking up every key on its own would cost more than decoding it.
+        at = 0
+        while at < len(page_keys):
+            try:
+                start = int(page_keys[at][4:])
+            except ValueError:
+                raise SystemExit(f"{read_format} read: unexpected key {page_keys[at]!r}") from None
+            length = min(batch_size - start % batch_size, len(page_keys) - at)
+            end = start + length
+            if (
+                page_keys[at : at + length] != keys[start:end]
+                or page_values[at : at + length] != values[start:end]
+            ):
+                raise SystemExit(f"{read_format} read: content mismatch at key {start}")
+            runs.append((start, length))
+            at += length
+    return runs
+
+
+def check_order(runs: list[tuple[int, int]], workload: Workload) -> None:
+    """Each message exactly once; each producer's messages in the order it sent them."""
+    covered = 0
+    for start, length in sorted(runs):
+        if start != covered:
+            raise SystemExit(f"{workload.label}: messages missing or repeated at {start}")
+        covered += length
+    if covered != workload.messages:
+        raise SystemExit(f"{workload.label}: {covered} of {workload.messages} messages read")
+    last = [-1] * workload.producers
+    for start, _ in runs:
+        producer = (start // workload.batch_size) % workload.producers
+        if start < last[producer]:
+            raise SystemExit(f"{workload.label}: producer {producer} out of order at {start}")
+        last[producer] = start
+
+
+async def drive(
+    server: Server, workload: Workload, data: Data, read_formats: list[str]
+) -> tuple[Phase, list[float], dict[str, tuple[Phase, list[tuple[int, int]]]]]:
+    """Warm up, write (timed), read back in each format (timed).
+
+    Returns the write phase, the W3 latencies, and per read format its phase
+    and the runs of keys it read, in stream order.
+    """
+    producers = workload.producers
+    connector = aiohttp.TCPConnector(limit=producers + 1)
+    # Built by hand: aiohttp's BasicAuth helpers differ between its versions.
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    headers = {"Authorization": f"Basic {token}"}
+    async with aiohttp.ClientSession(server.base, connector=connector, headers=headers) as session:
+        # Untimed: the first request verifies the password (argon2, ~0.2 s by
+        # design, then cached); then open every pooled connection and run one
+        # append through the server's code paths on another stream.
+        async with session.get("/streams") as response:
+            if response.status != 200:
+                raise SystemExit(f"warm-up failed: {response.status} {await response.text()}")
+
+        async def ping() -> None:
+            async with session.get("/streams") as response:
+                await response.read()
+
+        await asyncio.gather(*(ping() for _ in range(producers)))
+        await produce(session, "/streams/warmup", data.frames[:1], workload.batch_size, None)
+
+        latencies: list[float] = []
+        clock = Clock(server)
+        await asyncio.gather(
+            *(
+                produce(
+                    session,
+                    f"/streams/{STREAM}",
+                    data.frames[p::producers],
+                    workload.batch_size,
+                    latencies if workload.latency else None,
+                )
+                for p in range(producers)
+            )
+        )
+        write = clock.stop()
+
+        reads: dict[str, tuple[Phase, list[tuple[int, int]]]] = {}
+        for read_format in read_formats:
+            clock = Clock(server)
+            runs = await read_back(session, data, workload.batch_size, read_format)
+            reads[read_format] = (clock.stop(), runs)
+    return write, latencies, reads
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    rank = max(1, round(fraction * len(sorted_values) + 0.5))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def run_once(
+    workload: Workload,
+    data: Data,
+    users: Users,
+    write: Case,
+    reads: dict[str, Case],
+    args: argparse.Namespace,
+    run: int,
+) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="mv-bench-http-", dir=args.dir))
+    server: Server | None = None
+    try:
+        save_users(FileStorage(folder / "data"), users)
+        profile = None
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile = args.profile / f"server-{workload.label}-run{run}.prof"
+        server = Server(folder, profile)
+        server.wait_until_up()
+        writing, latencies, reading = asyncio.run(drive(server, workload, data, list(reads)))
+        with Reader.open(FileStorage(folder / "data"), STREAM) as reader:
+            checkpoint = reader.checkpoint()
+        if checkpoint.next_sequence != workload.messages:
+            raise SystemExit(f"{workload.label}: {checkpoint.next_sequence} messages stored")
+        for _, runs in reading.values():
+            check_order(runs, workload)
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    phases = [(write, writing)] + [(reads[f], phase) for f, (phase, _) in reading.items()]
+    for case, phase in phases:
+        case.seconds.append(phase.seconds)
+        case.server_cpu_s.append(phase.server_cpu_s)
+        case.client_cpu_s.append(phase.client_cpu_s)
+    write.commits.append(checkpoint.commit)
+    if latencies:
+        ordered = sorted(latencies)
+        for name, value in (
+            ("p50", percentile(ordered, 0.50)),
+            ("p99", percentile(ordered, 0.99)),
+            ("max", ordered[-1]),
+        ):
+            write.latency_ms.setdefault(name, []).append(value * 1000)
+
+
+def target_mark(case: Case) -> str:
+    if case.workload == "W3" and case.phase == "write":
+        marks = [
+            f"{name}<={limit:g}ms {'ok' if case.latency(name) <= limit else 'MISSED'}"
+            for name, limit in W3_TARGET_MS.items()
+        ]
+        return ", ".join(marks)
+    target = TARGETS.get((case.workload, case.kind))
+    if target is None:
+        return ""
+    return f">= {target:,.0f} {'ok' if case.msgs_per_s >= target else 'MISSED'}"
+
+
+def scaled(base: Workload, scale: float) -> Workload:
+    batches = max(base.producers, round(base.messages * scale / base.batch_size))
+    return Workload(
+        base.name,
+        batches * base.batch_size,
+        base.value_size,
+        base.batch_size,
+        base.producers,
+        base.latency,
+    )
+
+
+def print_table(cases: list[Case], args: argparse.Namespace) -> None:
+    table = Table(
+        title=(
+            f"MessageVault HTTP (aiohttp client process -> serve --fsync always, file backend), "
+            f"median of {args.runs} (scale {args.scale})"
+        ),
+        caption=(
+            "Batches pre-encoded by the client (encode_batch().frame()) before timing; each "
+            "producer waits for its ack. Reads: one consumer, pages of <= 10,000 messages "
+            "(binary: whole stored frames, <= 8 MiB), every message checked. "
+            "CPU: share of one core. Peers (peers.md, 1 producer): Redis AOF always / NATS."
+        ),
+    )
+    columns = [
+        "case",
+        "phase",
+        "msgs/s",
+        "MB/s",
+        "commits/s",
+        "msgs/commit",
+        "ack ms p50/p99/max",
+        "server CPU",
+        "client CPU",
+        "runs s",
+        "target",
+        "peers",
+    ]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("case", "phase") else "right")
+    for case in cases:
+        commits, per_commit = case.commits_per_s, case.msgs_per_commit
+        latency = (
+            "/".join(f"{case.latency(n):.2f}" for n in ("p50", "p99", "max"))
+            if case.latency_ms
+            else ""
+        )
+        table.add_row(
+            f"{case.workload} x{case.producers}",
+            case.phase,
+            f"{case.msgs_per_s:,.0f}",
+            f"{case.mb_per_s:,.1f}",
+            "" if commits is None else f"{commits:,.0f}",
+            "" if per_commit is None else f"{per_commit:,.0f}",
+            latency,
+            f"{case.cpu_share(case.server_cpu_s):.0%}",
+            f"{case.cpu_share(case.client_cpu_s):.0%}",
+            f"{min(case.seconds):.2f}..{max(case.seconds):.2f}",
+            target_mark(case),
+            PEERS.get((case.workload, case.kind), "") if case.producers == 1 else "",
+        )
+    # Wide enough for every column even when the output is not a terminal.
+    Console(width=max(Console().width, 200)).print(table)
+
+
+def save(cases: list[Case], args: argparse.Namespace) -> Path:
+    output: Path = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = output / f"http-{stamp}.json"
+    records: list[dict[str, Any]] = []
+    for case in cases:
+        record: dict[str, Any] = {
+            **asdict(case),
+            "median_s": case.median,
+            "msgs_per_s": case.msgs_per_s,
+            "mb_per_s": case.mb_per_s,
+            "commits_per_s": case.commits_per_s,
+            "msgs_per_commit": case.msgs_per_commit,
+            "server_cpu_share": case.cpu_share(case.server_cpu_s),
+            "client_cpu_share": case.cpu_share(case.client_cpu_s),
+            "target": target_mark(case) or None,
+            "peers": PEERS.get((case.workload, case.kind)),
+        }
+        if case.latency_ms:
+            record["median_latency_ms"] = {n: case.latency(n) for n in case.latency_ms}
+        records.append(record)
+    path.write_text(
+        json.dumps(
+            {
+                "benchmark": "http",
+                "time": stamp,
+                "runs": args.runs,
+                "scale": args.scale,
+                "settings": {
+                    "server": "messagevault serve --fsync always, file backend, subprocess",
+                    "client": "aiohttp, one process, one session, batches pre-encoded",
+                    "read_formats": args.read_formats,
+                    "read_limit": READ_LIMIT,
+                    "profiled": args.profile is not None,
+                },
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0],
+                    "aiohttp": aiohttp.__version__,
+                    "platform": platform.platform(),
+                },
+                "cases": records,
+            },
+            indent=2,
+        )
+    )
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the data folders")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--read-formats",
+        default="json,binary",
+        help="comma-separated read formats, each timed separately: json, ndjson, binary "
+        "(the stored frames, Accept: application/x-messagevault-batch)",
+    )
+    parser.add_argument(
+        "--producers",
+        default="1,4",
+        help="comma-separated concurrent producer counts for W1 and W2 (default 1,4)",
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated workloads to run, e.g. W1,W3 (default all)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run the server under cProfile, one .prof file per case and run in this folder "
+        "(slows the server: figures are then not comparable)",
+    )
+    args = parser.parse_args()
+    wanted = set(args.only.split(",")) if args.only else None
+    args.read_formats = args.read_formats.split(",")
+    if unknown := set(args.read_formats) - set(ACCEPT):
+        parser.error(f"unknown read formats {sorted(unknown)}; choose from {sorted(ACCEPT)}")
+
+    # One argon2 hash for every case's users file (hashing is slow on purpose).
+    users = Users()
+    users.set_password(USER, PASSWORD)
+    users.grant(USER, ["admin"])
+
+    cases: list[Case] = []
+    for base in workloads([int(p) for p in args.producers.split(",")]):
+        if wanted is not None and base.name not in wanted:
+            continue
+        workload = scaled(base, args.scale)
+        data = make_data(workload)
+        write, *read_cases = (
+            Case(workload.name, workload.producers, phase, workload.messages, data.payload_bytes)
+            for phase in ["write"] + [f"read {f}" for f in args.read_formats]
+        )
+        reads = dict(zip(args.read_formats, read_cases, strict=True))
+        # The harness holds millions of pre-built objects that a real client
+        # would not; freezing them keeps every GC pass from rescanning them.
+        gc.collect()
+        gc.freeze()
+        for run in range(args.runs):
+            run_once(workload, data, users, write, reads, args, run)
+        cases += [write, *read_cases]
+        del data
+        gc.unfreeze()
+        gc.collect()
+
+    print_table(cases, args)
+    print(f"saved {save(cases, args)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The HTTP benchmark still runs (tiny scale): a tool, not a timed test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "http.py"),
+            "--scale",
+            "0.002",
+            "--runs",
+            "1",
+            "--dir",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "results"),
+            "--read-formats",
+            "json,ndjson,binary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for workload in ("W1", "W2", "W3", "W4"):
+        assert workload in result.stdout
+    (saved,) = (tmp_path / "results").glob("http-*.json")
+    cases = json.loads(saved.read_text())["cases"]
+    assert {(c["workload"], c["producers"], c["phase"]) for c in cases} == {
+        (workload, producers, phase)
+        for workload, producers in (
+            ("W1", 1),
+            ("W1", 4),
+            ("W2", 1),
+            ("W2", 4),
+            ("W3", 1),
+            ("W4", 16),
+        )
+        for phase in ("write", "read json", "read ndjson", "read binary")
+    }
+    assert all(c["msgs_per_s"] > 0 for c in cases)
+    assert all(c["commits"][0] >= 1 for c in cases if c["phase"] == "write")
+    (w3,) = (c for c in cases if c["workload"] == "W3" and c["phase"] == "write")
+    assert 0 < w3["median_latency_ms"]["p50"] <= w3["median_latency_ms"]["max"]
+    # Every case's server was stopped and its data folder removed.
+    assert not list(tmp_path.glob("mv-bench-http-*"))
