@@ -6,11 +6,9 @@ Storage is named by ``--storage`` (or ``MESSAGEVAULT_STORAGE``), default
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import click
 from rich.console import Console
@@ -19,6 +17,7 @@ from rich.table import Table
 from messagevault.errors import MessageVaultError
 from messagevault.format import MAX_FRAME_SIZE, Message
 from messagevault.reader import Reader
+from messagevault.records import iso_time, message_record
 from messagevault.storage import open_storage
 from messagevault.storage.base import Storage, SystemFiles
 from messagevault.writer import Writer
@@ -243,16 +242,12 @@ def info(storage_url: str, stream: str) -> None:
                 "stream": stream,
                 "length": checkpoint.length,
                 "messages": checkpoint.next_sequence,
-                "first_write": _iso(first.timestamp) if first else None,
-                "last_write": _iso(last_write) if last_write is not None else None,
+                "first_write": iso_time(first.timestamp) if first else None,
+                "last_write": iso_time(last_write) if last_write is not None else None,
             },
             indent=2,
         )
     )
-
-
-def _iso(timestamp_ms: int) -> str:
-    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 @main.command()
@@ -296,30 +291,13 @@ def read(storage_url: str, stream: str, position: int, follow: bool, limit: int 
     messages: Iterator[Message] = reader.follow(position) if follow else reader.read(position)
     try:
         for count, message in enumerate(messages, 1):
-            click.echo(json.dumps(_message_json(message)))
+            click.echo(json.dumps(message_record(message)))
             if limit is not None and count >= limit:
                 break
     except KeyboardInterrupt:
         pass
     finally:
         reader.close()
-
-
-def _message_json(message: Message) -> dict[str, object]:
-    record: dict[str, object] = {
-        "position": message.position,
-        "sequence": message.sequence,
-        "id": message.id.hex(),
-        "timestamp": _iso(message.timestamp),
-        "key": message.key.decode("utf-8", "replace"),
-        "next_position": message.next_position,
-    }
-    try:
-        record["value"] = message.value.decode("utf-8")
-    except UnicodeDecodeError:
-        record["value"] = base64.b64encode(message.value).decode("ascii")
-        record["encoding"] = "base64"
-    return record
 
 
 @main.command()

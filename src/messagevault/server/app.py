@@ -14,8 +14,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -37,8 +35,9 @@ from messagevault.errors import (
     StreamNotFound,
     WriterConflict,
 )
-from messagevault.format import MAX_BATCH_COUNT, MAX_FRAME_SIZE, Message, encode_batch, parse_batch
+from messagevault.format import MAX_BATCH_COUNT, MAX_FRAME_SIZE, encode_batch, parse_batch
 from messagevault.names import validate_stream_name
+from messagevault.records import iso_time, message_record
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
 from messagevault.server.openapi import openapi_document
@@ -266,10 +265,6 @@ async def list_streams(request: web.Request) -> web.Response:
     return web.json_response({"streams": streams})
 
 
-def _iso(timestamp_ms: int) -> str:
-    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
 async def stream_info(request: web.Request) -> web.Response:
     stream = _stream(request)
     _require(request, "read", stream)
@@ -282,8 +277,8 @@ async def stream_info(request: web.Request) -> web.Response:
             "stream": stream,
             "length": checkpoint.length,
             "messages": checkpoint.next_sequence,
-            "first_write": _iso(first[0].timestamp) if first else None,
-            "last_write": _iso(checkpoint.last_timestamp) if checkpoint.length else None,
+            "first_write": iso_time(first[0].timestamp) if first else None,
+            "last_write": iso_time(checkpoint.last_timestamp) if checkpoint.length else None,
             "read_access": {
                 "kind": access.kind,
                 "location": access.location,
@@ -306,24 +301,6 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
-def _message_json(message: Message) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "position": message.position,
-        "sequence": message.sequence,
-        "id": message.id.hex(),
-        "timestamp": _iso(message.timestamp),
-        "key": message.key.decode("utf-8", "replace"),
-        "next_position": message.next_position,
-    }
-    try:
-        record["value"] = message.value.decode("utf-8")
-        record["encoding"] = "utf-8"
-    except UnicodeDecodeError:
-        record["value"] = base64.b64encode(message.value).decode("ascii")
-        record["encoding"] = "base64"
-    return record
-
-
 async def read_messages(request: web.Request) -> web.StreamResponse:
     stream = _stream(request)
     _require(request, "read", stream)
@@ -342,10 +319,10 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
         await hub.wait_for_commit(stream, position, wait)
         messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
     if NDJSON in request.headers.get("Accept", ""):
-        lines = "".join(json.dumps(_message_json(m)) + "\n" for m in messages)
+        lines = "".join(json.dumps(message_record(m)) + "\n" for m in messages)
         return web.Response(text=lines, content_type=NDJSON, headers={"X-Next": str(next_position)})
     return web.json_response(
-        {"stream": stream, "messages": [_message_json(m) for m in messages], "next": next_position}
+        {"stream": stream, "messages": [message_record(m) for m in messages], "next": next_position}
     )
 
 
@@ -389,7 +366,7 @@ async def _server_sent_events(
             stream, position, limit, request.app[LIMITS].max_read_bytes
         )
         for message in messages:
-            data = json.dumps(_message_json(message))
+            data = json.dumps(message_record(message))
             await response.write(f"id: {message.next_position}\ndata: {data}\n\n".encode())
         position = position_after
         if not messages:
