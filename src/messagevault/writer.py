@@ -203,11 +203,12 @@ class Writer:
         ``start`` the whole commit is repeated (same bytes, same offsets). Gives
         up after ``commit_timeout`` seconds with a ``StorageError``.
         """
+        tail = self._tail_after(new.length, pieces)
         deadline = time.monotonic() + self.commit_timeout
         delay = 0.05
         while True:
             try:
-                tail = self._write_after_tail(pieces)
+                self._write_after_tail(pieces)
                 self._store.advance_checkpoint(new, expected=start)
             except StorageError as exc:
                 failure: StorageError = exc
@@ -229,7 +230,7 @@ class Writer:
                     continue
                 break
             if stored == new:
-                self._tail = self._tail_after(new.length, pieces)
+                self._tail = tail
                 return
             if stored != start:
                 raise StaleWriter(
@@ -238,18 +239,24 @@ class Writer:
                 )
 
     def _tail_after(self, length: int, pieces: list[bytes | memoryview]) -> bytes:
-        """The partial last page once ``pieces`` are committed (page backends)."""
-        page = self._store.page_size
-        if page == 1 or length % page == 0:
-            return b""
-        data = b"".join([self._tail, *pieces])
-        return data[len(data) - length % page :]
+        """The partly filled last page once ``pieces`` are committed (page backends).
 
-    def _write_after_tail(self, pieces: list[bytes | memoryview]) -> bytes:
-        """Write ``pieces`` at the committed length, in whole pages where required.
-
-        Returns what the tail page will hold once this write is committed.
+        Taken from the last pieces only, without joining the whole commit.
         """
+        page = self._store.page_size
+        needed = length % page
+        if page == 1 or needed == 0:
+            return b""
+        chunks: list[bytes] = []
+        for piece in reversed([self._tail, *pieces]):
+            chunks.append(bytes(piece[-needed:]) if len(piece) > needed else bytes(piece))
+            needed -= len(chunks[-1])
+            if needed == 0:
+                break
+        return b"".join(reversed(chunks))
+
+    def _write_after_tail(self, pieces: list[bytes | memoryview]) -> None:
+        """Write ``pieces`` at the committed length, in whole pages where required."""
         store = self._store
         page = store.page_size
         committed = self._checkpoint.length
@@ -265,11 +272,6 @@ class Writer:
         step = store.max_write_size
         for offset in range(0, len(buffer), step):
             store.write(write_start + offset, view[offset : offset + step])
-        if page == 1:
-            return b""
-        new_length = write_start + used
-        tail_start = new_length - new_length % page
-        return bytes(view[tail_start - write_start : used])
 
     def _read_tail_page(self) -> bytes:
         """The committed bytes of the partly filled last page (page backends only)."""

@@ -16,7 +16,6 @@ Only this module and ``azure_lease.py`` import the Azure SDK.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -430,18 +429,3 @@ def open_sas_stream(url: str) -> tuple[AzureStreamStore, str]:
     store = AzureStreamStore(container, name, storage=None, write=False)
     store.open()
     return store, name
-
-
-def wait_until_reachable(service: BlobServiceClient, timeout: float) -> None:
-    """Poll the account until it answers (used by tests and ``serve`` start-up)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            service.get_account_information()
-            return
-        except HttpResponseError:
-            return  # it answered, if only to refuse
-        except AzureError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
