@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from click.testing import CliRunner
 from messagevault import FileStorage, MemoryStorage, encode_batch
 from messagevault.cli import main
 from messagevault.server import StreamHub, create_app
+from messagevault.server import auth as auth_module
 from messagevault.server.auth import (
     USERS_FILE,
     Authenticator,
@@ -198,17 +198,110 @@ def test_users_cli(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "_system" / USERS_FILE).read_text())["users"] == {}
 
 
-async def test_verification_is_cached_but_a_new_password_is_checked(storage: MemoryStorage) -> None:
+class CountingHasher:
+    """The module's argon2 hasher, counting verifications (argon2 is the cost the cache saves)."""
+
+    def __init__(self, hasher: Any) -> None:
+        self.hasher = hasher
+        self.verified = 0
+
+    def hash(self, password: str) -> str:
+        return str(self.hasher.hash(password))
+
+    def verify(self, stored_hash: str, password: str) -> bool:
+        self.verified += 1
+        return bool(self.hasher.verify(stored_hash, password))
+
+
+@pytest.fixture
+def hasher(monkeypatch: pytest.MonkeyPatch) -> CountingHasher:
+    counting = CountingHasher(auth_module._hasher)
+    monkeypatch.setattr(auth_module, "_hasher", counting)
+    return counting
+
+
+def test_verification_is_cached_but_a_new_password_is_checked(
+    storage: MemoryStorage, hasher: CountingHasher
+) -> None:
     auth = Authenticator(storage, reload_interval=0)
     header = _basic("reader", "reader-secret")["Authorization"]
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, auth.authenticate, header)
-    started = loop.time()
     for _ in range(50):
-        auth.authenticate(header)  # cached: no argon2 per request
-    assert loop.time() - started < 5
+        assert auth.authenticate(header).name == "reader"
+    assert hasher.verified == 1
     users = load_users(storage)
     users.set_password("reader", "changed")
     save_users(storage, users)
     with pytest.raises(Exception, match="wrong password"):
         auth.authenticate(header)
+    assert auth.authenticate(_basic("reader", "changed")["Authorization"]).name == "reader"
+
+
+def test_known_answers_only_verified_unchanged_credentials(
+    storage: MemoryStorage, hasher: CountingHasher
+) -> None:
+    auth = Authenticator(storage, reload_interval=3600)
+    header = _basic("reader", "reader-secret")["Authorization"]
+    wrong = _basic("reader", "not-the-secret")["Authorization"]
+    assert auth.known(header) is None  # never verified
+    assert auth.known(None) is None
+    assert auth.authenticate(header) == Principal("reader", frozenset({"orders:read"}))
+    assert auth.known(header) == Principal("reader", frozenset({"orders:read"}))
+    with pytest.raises(Exception, match="wrong password"):
+        auth.authenticate(wrong)
+    assert auth.known(wrong) is None  # a failure is never remembered
+    assert hasher.verified == 2
+
+
+def test_known_forgets_credentials_whose_user_changed(storage: MemoryStorage) -> None:
+    auth = Authenticator(storage, reload_interval=3600)
+    header = _basic("reader", "reader-secret")["Authorization"]
+    auth.authenticate(header)
+    users = load_users(storage)
+    users.grant("reader", ["billing:read"])
+    save_users(storage, users)
+    assert auth.known(header) is not None  # the file is not due for a re-read yet
+    auth._loaded_at = -float("inf")  # it is now
+    assert auth.known(header) is None, "a stale users file must send the check to a thread"
+    assert auth.authenticate(header).claims == {"orders:read", "billing:read"}
+    assert auth.known(header) == Principal("reader", frozenset({"orders:read", "billing:read"}))
+    users.entries.pop("reader")
+    save_users(storage, users)
+    auth._loaded_at = -float("inf")
+    auth.authenticate(_basic("root", "root-secret")["Authorization"])  # re-reads the file
+    assert auth.known(header) is None, "a removed user is not known"
+
+
+def test_known_is_never_used_when_the_file_is_reread_on_every_request(
+    storage: MemoryStorage,
+) -> None:
+    auth = Authenticator(storage, reload_interval=0)
+    header = _basic("reader", "reader-secret")["Authorization"]
+    auth.authenticate(header)
+    assert auth.known(header) is None
+
+
+async def test_remembered_credentials_keep_their_claims_on_the_server(
+    aiohttp_client: MakeClient, storage: MemoryStorage
+) -> None:
+    """With a slow re-read, repeat requests take the in-memory path; it must decide the same."""
+    client = await aiohttp_client(
+        create_app(StreamHub(storage), authenticator=Authenticator(storage, reload_interval=3600))
+    )
+    body = {"json": {"messages": [{"value": "x"}]}}
+    for _ in range(3):  # the first verifies with argon2, the rest are remembered
+        response = await client.post(
+            "/streams/orders", headers=_basic("writer", "writer-secret"), **body
+        )
+        assert response.status == 200
+        response = await client.post(
+            "/streams/billing", headers=_basic("writer", "writer-secret"), **body
+        )
+        assert response.status == 403
+        response = await client.post(
+            "/streams/orders", headers=_basic("reader", "reader-secret"), **body
+        )
+        assert response.status == 403
+        response = await client.post("/streams/orders", headers=_basic("writer", "wrong"), **body)
+        assert response.status == 401
+    response = await client.get("/streams/orders", headers=_basic("writer", "writer-secret"))
+    assert (await response.json())["messages"] == 3

@@ -297,6 +297,8 @@ def test_append_answer_text_equals_the_plain_json_of_its_receipts() -> None:
     for result in (
         AppendResult(0, 100, 0, 3, 1_700_000_000_123, 100),
         AppendResult(2**40 + 5, 4000, 2**33, 500, 2**47 + 9, 2**40 + 4005),
+        AppendResult(2**49 - 100, 400, 2**32 - 3, 7, 2**49 + 1, 2**49 + 300),  # masked id fields
+        AppendResult(77, 68, 5, 1, 0, 145),
     ):
         expected = {
             "stream": "orders",
@@ -306,3 +308,56 @@ def test_append_answer_text_equals_the_plain_json_of_its_receipts() -> None:
             ],
         }
         assert json.loads(appended_json("orders", result)) == expected
+
+
+def _expand(minimal: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every receipt of a batch from its minimal answer, by the rule docs/HTTP.md gives."""
+    first = minimal["first"]
+    stamp = first["id"][:12]
+    receipts = []
+    for i in range(minimal["count"]):
+        position = first["position"] + (64 + 4 * i if i else 0)
+        sequence = first["sequence"] + i
+        ident = f"{stamp}{position & (2**48 - 1):012x}{sequence & (2**32 - 1):08x}"
+        receipts.append({"position": position, "sequence": sequence, "id": ident})
+    return receipts
+
+
+@pytest.mark.parametrize(
+    "prefer", ["return=minimal", "respond-async, RETURN=minimal", "wait=5,return=minimal"]
+)
+async def test_prefer_minimal_answers_with_first_and_last_receipts(
+    client: Client, prefer: str
+) -> None:
+    await _post_json(client, "orders", [{"value": "before"}])
+    frame = encode_batch([(b"k%d" % i, b"v" * i) for i in range(25)]).frame()
+    response = await client.post(
+        "/streams/orders", data=frame, headers={"Content-Type": BATCH, "Prefer": prefer}
+    )
+    assert response.status == 200, await response.text()
+    assert response.headers["Preference-Applied"] == "return=minimal"
+    minimal = await response.json()
+    assert minimal["count"] == 25
+    assert minimal["stream"] == "orders"
+    receipts = _expand(minimal)
+    assert receipts[0] == minimal["first"]
+    assert receipts[-1] == minimal["last"]
+    read = await (await client.get("/streams/orders/messages", params={"from": 0})).json()
+    assert [
+        {k: m[k] for k in ("position", "sequence", "id")} for m in read["messages"][1:]
+    ] == receipts
+    assert read["messages"][-1]["timestamp"] == minimal["timestamp"]
+    assert minimal["position"] == read["next"]
+
+
+@pytest.mark.parametrize("prefer", [None, "return=representation", "return=minimalist", "bogus"])
+async def test_without_prefer_minimal_every_receipt_comes(
+    client: Client, prefer: str | None
+) -> None:
+    headers = {"Prefer": prefer} if prefer else {}
+    response = await client.post(
+        "/streams/orders", json={"messages": [{"value": "a"}, {"value": "b"}]}, headers=headers
+    )
+    assert response.status == 200
+    assert "Preference-Applied" not in response.headers
+    assert len((await response.json())["messages"]) == 2

@@ -139,9 +139,13 @@ async def authentication(
     if auth is None:
         request[PRINCIPAL] = OPEN_ACCESS
     elif request.path not in PUBLIC_PATHS:
-        # argon2 is slow on purpose: verify off the event loop.
         header = request.headers.get("Authorization")
-        request[PRINCIPAL] = await request.app[HUB].run(auth.authenticate, header)
+        principal = auth.known(header)
+        if principal is None:
+            # argon2 is slow on purpose, and the users file may need a
+            # re-read: both happen off the event loop.
+            principal = await request.app[HUB].run(auth.authenticate, header)
+        request[PRINCIPAL] = principal
     return await handler(request)
 
 
@@ -210,30 +214,71 @@ async def append(request: web.Request) -> web.Response:
         )
     result = await request.app[HUB].append(stream, batch)
     request.app[METRICS].appended.inc(result.message_count)
-    return web.Response(text=appended_json(stream, result), content_type="application/json")
+    if _prefers_minimal(request):
+        return web.Response(
+            text=json.dumps(appended_minimal(stream, result)),
+            content_type="application/json",
+            headers={"Preference-Applied": "return=minimal"},
+        )
+    return web.Response(body=appended_json(stream, result), content_type="application/json")
+
+
+def _prefers_minimal(request: web.Request) -> bool:
+    """``Prefer: return=minimal`` (RFC 7240); other preferences are ignored, as the RFC says."""
+    return any(
+        preference.strip().lower() == "return=minimal"
+        for header in request.headers.getall("Prefer", ())
+        for preference in header.split(",")
+    )
 
 
 _MASK48 = (1 << 48) - 1
 _MASK32 = (1 << 32) - 1
 
 
-def appended_json(stream: str, result: AppendResult) -> str:
-    """The append answer, one receipt per message, formatted straight to text.
+def appended_json(stream: str, result: AppendResult) -> bytes:
+    """The append answer, one receipt per message, formatted straight to bytes.
 
     Building a dict per message and ``json.dumps``-ing them cost ~3.4 us a
-    message, most of the server's time on large batches; formatting each
-    receipt (the id is ``message_id`` as one 128-bit integer) costs ~0.9 us.
+    message, most of the server's time on large batches. Here one ``%``
+    over a template repeated per message does it in ~0.45 us: the id is
+    ``message_id`` as hex, the batch's timestamp, then position and sequence.
     """
-    stamp = (result.timestamp & _MASK48) << 80
-    receipts = ",".join(
-        f'{{"position": {position}, "sequence": {sequence}, '
-        f'"id": "{stamp | (position & _MASK48) << 32 | (sequence & _MASK32):032x}"}}'
-        for position, sequence in zip(result.positions, result.sequences, strict=True)
+    count = result.message_count
+    positions = result.positions
+    sequences = result.sequences
+    arguments: list[int] = [0] * (4 * count)
+    arguments[0::4] = positions
+    arguments[1::4] = sequences
+    # Positions and sequences only grow, so the last says whether any needs masking.
+    arguments[2::4] = positions if positions[-1] <= _MASK48 else [p & _MASK48 for p in positions]
+    arguments[3::4] = sequences if sequences[-1] <= _MASK32 else [s & _MASK32 for s in sequences]
+    stamp = b"%012x" % (result.timestamp & _MASK48)
+    receipt = b'{"position": %d, "sequence": %d, "id": "' + stamp + b'%012x%08x"},'
+    receipts = (receipt * count) % tuple(arguments)
+    return b'{"stream": %b, "position": %d, "messages": [%b]}' % (
+        json.dumps(stream).encode(),
+        result.committed_length,
+        receipts[:-1],
     )
-    return (
-        f'{{"stream": {json.dumps(stream)}, "position": {result.committed_length}, '
-        f'"messages": [{receipts}]}}'
-    )
+
+
+def appended_minimal(stream: str, result: AppendResult) -> dict[str, object]:
+    """The ``return=minimal`` answer: the batch's first and last receipts and its count.
+
+    A batch is stored as one frame, so the receipts in between follow from
+    these (docs/HTTP.md): position ``first + 64 + 4 * i`` for message i >= 1,
+    sequence ``first + i``, and ids from those and the shared timestamp.
+    """
+    first, last = result[0], result[-1]
+    return {
+        "stream": stream,
+        "position": result.committed_length,
+        "count": result.message_count,
+        "timestamp": iso_time(result.timestamp),
+        "first": {"position": first.position, "sequence": first.sequence, "id": first.id.hex()},
+        "last": {"position": last.position, "sequence": last.sequence, "id": last.id.hex()},
+    }
 
 
 def _json_messages(body: bytes) -> list[tuple[bytes, bytes]]:

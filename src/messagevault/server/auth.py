@@ -135,6 +135,9 @@ class Authenticator:
         self._users = Users()
         self._loaded_at = -float("inf")
         self._verified: set[tuple[str, str, bytes]] = set()
+        # Authorization header -> (the users-file entry it was verified
+        # against, its principal): lets ``known`` answer without blocking.
+        self._known: dict[str, tuple[tuple[str, list[str]], Principal]] = {}
         self._lock = threading.Lock()
 
     def _current(self) -> Users:
@@ -143,6 +146,21 @@ class Authenticator:
                 self._users = load_users(self._files)
                 self._loaded_at = time.monotonic()
             return self._users
+
+    def known(self, authorization: str | None) -> Principal | None:
+        """The principal of credentials verified before, if that needs no I/O and no argon2.
+
+        For the event loop: None means "call ``authenticate`` in a thread"
+        (unknown or wrong credentials, or a users file due for a re-read).
+        An entry changed since (new password, other claims) is not known.
+        """
+        if authorization is None or time.monotonic() - self._loaded_at >= self._reload_interval:
+            return None
+        known = self._known.get(authorization)
+        if known is None:
+            return None
+        entry, principal = known
+        return principal if self._users.entries.get(principal.name) == entry else None
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The user named by an ``Authorization: Basic ...`` header, or ``Unauthenticated``."""
@@ -168,4 +186,9 @@ class Authenticator:
                 if len(self._verified) > 10_000:
                     self._verified.clear()
                 self._verified.add(token)
-        return Principal(name, frozenset(claims))
+        principal = Principal(name, frozenset(claims))
+        with self._lock:
+            if len(self._known) > 10_000:
+                self._known.clear()
+            self._known[authorization] = (entry, principal)
+        return principal

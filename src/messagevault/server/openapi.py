@@ -71,6 +71,16 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [_STREAM],
                 "post": {
                     "summary": "Append a batch; answered once it is committed",
+                    "parameters": [
+                        {
+                            "name": "Prefer",
+                            "in": "header",
+                            "required": False,
+                            "description": "return=minimal answers with the batch's first and "
+                            "last receipts instead of one per message (RFC 7240)",
+                            "schema": {"enum": ["return=minimal", "return=representation"]},
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -225,25 +235,43 @@ def openapi_document() -> dict[str, Any]:
                         }
                     },
                 },
-                "Appended": {
+                "Receipt": {
                     "type": "object",
-                    "required": ["stream", "position", "messages"],
+                    "required": ["position", "sequence", "id"],
                     "properties": {
-                        "stream": {"type": "string"},
-                        "position": {"type": "integer"},
-                        "messages": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["position", "sequence", "id"],
-                                "properties": {
-                                    "position": {"type": "integer"},
-                                    "sequence": {"type": "integer"},
-                                    "id": {"type": "string"},
+                        "position": {"type": "integer", "minimum": 0},
+                        "sequence": {"type": "integer", "minimum": 0},
+                        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                    },
+                },
+                "Appended": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["stream", "position", "messages"],
+                            "properties": {
+                                "stream": {"type": "string"},
+                                "position": {"type": "integer"},
+                                "messages": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {"$ref": "#/components/schemas/Receipt"},
                                 },
                             },
                         },
-                    },
+                        {
+                            "type": "object",
+                            "required": ["stream", "position", "count", "first", "last"],
+                            "properties": {
+                                "stream": {"type": "string"},
+                                "position": {"type": "integer"},
+                                "count": {"type": "integer", "minimum": 1},
+                                "timestamp": {"type": "string", "format": "date-time"},
+                                "first": {"$ref": "#/components/schemas/Receipt"},
+                                "last": {"$ref": "#/components/schemas/Receipt"},
+                            },
+                        },
+                    ]
                 },
                 "StreamInfo": {
                     "type": "object",
