@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -305,3 +306,25 @@ async def test_remembered_credentials_keep_their_claims_on_the_server(
         assert response.status == 401
     response = await client.get("/streams/orders", headers=_basic("writer", "writer-secret"))
     assert (await response.json())["messages"] == 3
+
+
+@pytest.mark.parametrize(("password", "status"), [("writer-secret", 200), ("wrong", 401)])
+async def test_concurrent_requests_with_new_credentials_share_one_verification(
+    aiohttp_client: MakeClient,
+    storage: MemoryStorage,
+    hasher: CountingHasher,
+    password: str,
+    status: int,
+) -> None:
+    client = await aiohttp_client(
+        create_app(StreamHub(storage), authenticator=Authenticator(storage, reload_interval=3600))
+    )
+    headers = _basic("writer", password)
+    responses = await asyncio.gather(
+        *(
+            client.post("/streams/orders", json={"messages": [{"value": "x"}]}, headers=headers)
+            for _ in range(16)
+        )
+    )
+    assert [r.status for r in responses] == [status] * 16
+    assert hasher.verified == 1, "a pool of connections starting must not run argon2 16 times"

@@ -142,3 +142,64 @@ def test_close_commits_what_is_queued_then_refuses() -> None:
     with pytest.raises(CommitterClosed, match="closed"):
         committer.submit(encode_batch(_batch("late")))
     assert len(list(Reader.open(storage, "orders").read())) == 60
+
+
+class GroupWatcher:
+    """An ``after_group`` hook that records, at each call, which futures were done by then."""
+
+    def __init__(self) -> None:
+        self.futures: list[Future[AppendResult]] = []
+        self.calls: list[int] = []  # futures done at each call
+
+    def watch(self, future: Future[AppendResult]) -> Future[AppendResult]:
+        self.futures.append(future)
+        return future
+
+    def __call__(self) -> None:
+        self.calls.append(sum(f.done() for f in self.futures))
+
+
+def test_after_group_runs_once_per_commit_with_its_futures_resolved() -> None:
+    storage = MemoryStorage()
+    watcher = GroupWatcher()
+    with GroupCommitter(Writer.open(storage, "orders"), linger=0.3, after_group=watcher) as c:
+        for n in range(20):
+            given: Future[AppendResult] = Future()
+            assert c.submit(encode_batch(_batch(f"b{n}")), watcher.watch(given)) is given
+        for future in watcher.futures:
+            future.result(timeout=30)
+        commits = c.stats.commits
+    assert len(watcher.calls) == commits < 20
+    assert watcher.calls[-1] == 20
+    # Each call saw every future of its own commit resolved: the counts only grow, by whole groups.
+    assert watcher.calls == sorted(watcher.calls)
+
+
+def test_after_group_also_follows_failed_commits() -> None:
+    storage = MemoryStorage()
+    store = FailingStore(storage.open_stream("orders", write=True, create=True))
+    watcher = GroupWatcher()
+    writer = Writer(store, "orders", commit_timeout=0.2)  # type: ignore[arg-type]
+    with GroupCommitter(writer, after_group=watcher) as committer:
+        store.fail["write"] = ("before", 10_000)
+        store.fail["read_checkpoint"] = ("before", 10_000)
+        failed = committer.submit(encode_batch(_batch("during")), watcher.watch(Future()))
+        with pytest.raises(StorageError):
+            failed.result(timeout=30)
+        store.fail.clear()
+    assert watcher.calls == [1]
+
+
+def test_after_group_follows_a_deposed_writer_failing_the_queue() -> None:
+    storage = MemoryStorage()
+    watcher = GroupWatcher()
+    committer = GroupCommitter(Writer.open(storage, "orders"), linger=0.5, after_group=watcher)
+    committer.append(_batch("first"))
+    Writer.open(storage, "orders", takeover=True).close()
+    for n in range(5):
+        committer.submit(encode_batch(_batch(f"q{n}")), watcher.watch(Future()))
+    for future in watcher.futures:
+        with pytest.raises((StaleWriter, CommitterClosed)):
+            future.result(timeout=30)
+    committer.close()
+    assert watcher.calls[-1] == 5

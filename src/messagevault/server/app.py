@@ -7,6 +7,7 @@ such as ``unsupported_media_type``). docs/HTTP.md describes every route.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -77,6 +78,7 @@ AUTH = web.AppKey("auth", Authenticator)
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS = web.AppKey("limits", Limits)
+VERIFYING = web.AppKey("verifying", dict[str | None, "asyncio.Future[Principal]"])
 
 _STATUS = {
     Unauthenticated: 401,
@@ -142,11 +144,33 @@ async def authentication(
         header = request.headers.get("Authorization")
         principal = auth.known(header)
         if principal is None:
-            # argon2 is slow on purpose, and the users file may need a
-            # re-read: both happen off the event loop.
-            principal = await request.app[HUB].run(auth.authenticate, header)
+            principal = await _verify(request.app, auth, header)
         request[PRINCIPAL] = principal
     return await handler(request)
+
+
+async def _verify(app: web.Application, auth: Authenticator, header: str | None) -> Principal:
+    """``auth.authenticate`` in the I/O pool, once at a time for the same credentials.
+
+    argon2 is slow on purpose (and the users file may need a re-read), so it
+    runs off the event loop; and when many connections bring the same new
+    credentials at once (a client pool starting, reconnecting after a
+    restart), they share one verification instead of each paying for it.
+    """
+    in_flight = app[VERIFYING]
+    verification = in_flight.get(header)
+    if verification is None:
+        verification = asyncio.ensure_future(app[HUB].run(auth.authenticate, header))
+        in_flight[header] = verification
+
+        def forget(done: asyncio.Future[Principal]) -> None:
+            in_flight.pop(header, None)
+            if not done.cancelled():
+                done.exception()  # retrieved here too, in case every waiter went away
+
+        verification.add_done_callback(forget)
+    # shield: one waiter going away must not cancel the check the others wait for.
+    return await asyncio.shield(verification)
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -174,6 +198,7 @@ def create_app(
     app[HUB] = hub
     app[METRICS] = Metrics()
     app[LIMITS] = limits
+    app[VERIFYING] = {}
     app.router.add_post("/streams/{stream}", append)
     app.router.add_get("/streams", list_streams)
     app.router.add_get("/streams/{stream}", stream_info)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from messagevault.checkpoint import Checkpoint
@@ -26,6 +28,46 @@ from messagevault.writer import AppendResult, Writer
 T = TypeVar("T")
 
 
+class _Handoff:
+    """Carries commit results from committer threads to the event loop, a group per wake-up.
+
+    Waking the loop from another thread costs a system call and, while the
+    loop is busy, a wait for the GIL; a commit of 16 batches would pay it 16
+    times. Resolved futures are parked here instead, and the committer calls
+    ``wake`` once per group.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready: deque[tuple[Future[AppendResult], asyncio.Future[AppendResult]]] = deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+
+    def park(self, waiter: asyncio.Future[AppendResult], future: Future[AppendResult]) -> None:
+        self._ready.append((future, waiter))  # deque.append is atomic
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._wake_pending or not self._ready:
+                return
+            self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        while self._ready:
+            future, waiter = self._ready.popleft()
+            if waiter.done():  # the request was cancelled (client gone)
+                continue
+            exception = future.exception()
+            if exception is not None:
+                waiter.set_exception(exception)
+            else:
+                waiter.set_result(future.result())
+
+
 class StreamHub:
     """Writers, committers and commit notifications for the streams of one storage."""
 
@@ -35,6 +77,7 @@ class StreamHub:
         self._committers: dict[str, GroupCommitter] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._commits: dict[str, asyncio.Condition] = {}
+        self._handoff: _Handoff | None = None
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking storage call in the I/O pool."""
@@ -43,7 +86,11 @@ class StreamHub:
 
     async def append(self, stream: str, batch: EncodedBatch) -> AppendResult:
         committer = await self._committer(stream)
-        result = await asyncio.wrap_future(committer.submit(batch))
+        waiter: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        future: Future[AppendResult] = Future()
+        future.add_done_callback(functools.partial(self._get_handoff().park, waiter))
+        committer.submit(batch, future)
+        result = await waiter
         condition = self._condition(stream)
         async with condition:
             condition.notify_all()
@@ -58,8 +105,15 @@ class StreamHub:
             committer = self._committers.get(stream)
             if committer is None:
                 writer = await self.run(Writer.open, self.storage, stream)
-                committer = self._committers[stream] = GroupCommitter(writer)
+                committer = self._committers[stream] = GroupCommitter(
+                    writer, after_group=self._get_handoff().wake
+                )
         return committer
+
+    def _get_handoff(self) -> _Handoff:
+        if self._handoff is None:
+            self._handoff = _Handoff(asyncio.get_running_loop())
+        return self._handoff
 
     def _condition(self, stream: str) -> asyncio.Condition:
         return self._commits.setdefault(stream, asyncio.Condition())
