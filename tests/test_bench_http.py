@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -36,8 +37,8 @@ def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
         assert workload in result.stdout
     (saved,) = (tmp_path / "results").glob("http-*.json")
     cases = json.loads(saved.read_text())["cases"]
-    assert {(c["workload"], c["producers"], c["phase"]) for c in cases} == {
-        (workload, producers, phase)
+    full = {
+        (workload, producers, "full", phase)
         for workload, producers in (
             ("W1", 1),
             ("W1", 4),
@@ -48,6 +49,14 @@ def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
         )
         for phase in ("write", "read json", "read ndjson", "read binary")
     }
+    # Minimal-receipt variants: written with Prefer: return=minimal, read back as binary.
+    minimal = [
+        (workload, producers, receipts, phase)
+        for workload, producers in (("W1", 4), ("W2", 4), ("W4", 16))
+        for receipts, phase in (("minimal", "write"), ("full", "read binary"))
+    ]
+    got = Counter((c["workload"], c["producers"], c["receipts"], c["phase"]) for c in cases)
+    assert got == Counter([*full, *minimal])
     assert all(c["msgs_per_s"] > 0 for c in cases)
     assert all(c["commits"][0] >= 1 for c in cases if c["phase"] == "write")
     (w3,) = (c for c in cases if c["workload"] == "W3" and c["phase"] == "write")

@@ -36,6 +36,7 @@ from messagevault.format import (
     decode_messages,
     encode_batch,
     encode_columns,
+    frame_columns,
     message_id,
     message_positions,
     parse_batch,
@@ -201,6 +202,9 @@ def _stream_faults(buf: bytes, offset: int, position: int) -> list[str]:
         _corruption_fault(
             lambda: decode_messages(buf, offset, read_header(buf, offset, position)), position
         ),
+        _corruption_fault(
+            lambda: frame_columns(buf, offset, read_header(buf, offset, position)), position
+        ),
     ]
     return [fault for fault in faults if fault is not None]
 
@@ -276,6 +280,9 @@ def test_round_trip(
 
     first = data.draw(st.integers(0, count - 1), label="first")
     assert decode_messages(frame, 0, header, first=first) == messages[first:]
+    keys, values = frame_columns(window, len(prefix), header, first)
+    assert list(keys) == [m.key for m in messages[first:]]
+    assert list(values) == [m.value for m in messages[first:]]
 
     # A producer's batch: base fields are ignored and re-assigned.
     parsed = parse_batch(frame)

@@ -504,16 +504,28 @@ def iter_messages(
     garbage collector's young generation empty, which makes reading ~15%
     faster than materialising a list of them.
     """
-    splitter = _check_body(buf, offset, header, header.base_position)
+    keys, values = frame_columns(buf, offset, header, first)
     count = header.message_count
-    fields = splitter.unpack_from(buf, offset + FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count)
-    keys = fields[first:count]
-    values = fields[count + first :]
     positions = message_positions(header.base_position, first, count)
     next_positions = chain(positions[1:], (header.end,))
     sequences = range(header.base_sequence + first, header.base_sequence + count)
     rows = zip(positions, sequences, repeat(header.timestamp), keys, values, next_positions)
     return map(_DecodedMessage, rows)
+
+
+def frame_columns(
+    buf: bytes, offset: int, header: FrameHeader, first: int = 0
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """Check the frame body and return the keys and values of messages ``first..count-1``.
+
+    The columnar read: two tuples cut by one ``struct`` call, no per-message
+    objects. Message *i*'s position, sequence and id follow from the header
+    (``message_positions``, ``base_sequence + i``, ``message_id``).
+    """
+    splitter = _check_body(buf, offset, header, header.base_position)
+    count = header.message_count
+    fields = splitter.unpack_from(buf, offset + FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count)
+    return fields[first:count], fields[count + first :]
 
 
 def verify_frame(buf: bytes | memoryview, offset: int, position: int | None) -> FrameHeader:

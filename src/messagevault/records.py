@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
 from messagevault.format import Message
 
 
+@functools.lru_cache(maxsize=256)  # every message of a batch shares its timestamp
 def iso_time(timestamp_ms: int) -> str:
     """Milliseconds since the epoch as ISO 8601 UTC, e.g. 2026-11-26T13:34:05.433+00:00."""
     return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
