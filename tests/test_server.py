@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from messagevault import FileStorage, Reader, encode_batch
+from messagevault import FileStorage, MemoryStorage, Reader, encode_batch
 from messagevault.server import Limits, StreamHub, create_app
 from messagevault.storage.base import Storage
+from messagevault.storage.memory import MemoryStreamStore
 
 BATCH = "application/x-messagevault-batch"
 Client = TestClient[web.Request, web.Application]
@@ -361,3 +363,58 @@ async def test_without_prefer_minimal_every_receipt_comes(
     assert response.status == 200
     assert "Preference-Applied" not in response.headers
     assert len((await response.json())["messages"]) == 2
+
+
+class GatedStorage(MemoryStorage):
+    """Memory storage whose writes wait for ``gate`` (``hold`` seconds at most): a stalled store."""
+
+    def __init__(self, hold: float) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.hold = hold
+        self.writes_waiting = threading.Semaphore(0)
+        self.writes_done = 0
+
+    def open_stream(
+        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+    ) -> MemoryStreamStore:
+        store = super().open_stream(name, write=write, create=create, takeover=takeover)
+        inner_write = store.write
+
+        def gated_write(offset: int, data: bytes | memoryview) -> None:
+            self.writes_waiting.release()
+            self.gate.wait(self.hold)
+            inner_write(offset, data)
+            self.writes_done += 1
+
+        store.write = gated_write  # type: ignore[method-assign]
+        return store
+
+
+async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient) -> None:
+    """A full commit queue makes appends wait, but the server keeps answering everything else."""
+    storage = GatedStorage(hold=10)
+    client = await aiohttp_client(create_app(StreamHub(storage, max_queued_bytes=1)))
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
+    # The first commit is now stuck in its write; the next append fills the queue...
+    assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
+    queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
+    await asyncio.sleep(0.2)
+    # ... and the ones after it find no room.
+    waiting = [
+        asyncio.ensure_future(_post_json(client, "orders", [{"value": f"waiting {n}"}]))
+        for n in range(3)
+    ]
+    await asyncio.sleep(0.2)
+    health = await asyncio.wait_for(client.get("/health"), 15)
+    assert health.status == 200
+    assert storage.writes_done == 0, "the event loop answered only once the storage moved"
+    assert not any(task.done() for task in (first, queued, *waiting))
+    storage.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, queued, *waiting), 30)
+    assert [a["messages"][0]["sequence"] for a in answers[:2]] == [0, 1]
+    read = await (await client.get("/streams/orders/messages")).json()
+    assert sorted(m["value"] for m in read["messages"]) == sorted(
+        ["first", "queued", "waiting 0", "waiting 1", "waiting 2"]
+    )

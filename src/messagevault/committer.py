@@ -84,6 +84,11 @@ class GroupCommitter:
         )
         self._thread.start()
 
+    @property
+    def has_room(self) -> bool:
+        """Whether ``submit`` would return at once rather than wait for the queue to drain."""
+        return self._queued_bytes <= self.max_queued_bytes
+
     def submit(
         self, batch: EncodedBatch, future: Future[AppendResult] | None = None
     ) -> Future[AppendResult]:

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.committer import GroupCommitter
+from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, GroupCommitter
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
 from messagevault.reader import RawFrames, Reader
@@ -71,8 +71,15 @@ class _Handoff:
 class StreamHub:
     """Writers, committers and commit notifications for the streams of one storage."""
 
-    def __init__(self, storage: Storage, *, io_threads: int = 16) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        io_threads: int = 16,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    ) -> None:
         self.storage = storage
+        self.max_queued_bytes = max_queued_bytes
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="mv-io")
         self._committers: dict[str, GroupCommitter] = {}
         self._opening: dict[str, asyncio.Lock] = {}
@@ -89,7 +96,14 @@ class StreamHub:
         waiter: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         future: Future[AppendResult] = Future()
         future.add_done_callback(functools.partial(self._get_handoff().park, waiter))
-        committer.submit(batch, future)
+        # Only this loop submits, so the queue can only shrink between the
+        # check and the submit. Without room, submit would block: it waits in
+        # a thread instead, so a slow storage (an Azure outage being ridden
+        # out) never stalls health checks, reads and other streams.
+        if committer.has_room:
+            committer.submit(batch, future)
+        else:
+            await self.run(committer.submit, batch, future)
         result = await waiter
         condition = self._condition(stream)
         async with condition:
@@ -106,7 +120,9 @@ class StreamHub:
             if committer is None:
                 writer = await self.run(Writer.open, self.storage, stream)
                 committer = self._committers[stream] = GroupCommitter(
-                    writer, after_group=self._get_handoff().wake
+                    writer,
+                    max_queued_bytes=self.max_queued_bytes,
+                    after_group=self._get_handoff().wake,
                 )
         return committer
 
