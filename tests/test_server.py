@@ -418,3 +418,31 @@ async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient
     assert sorted(m["value"] for m in read["messages"]) == sorted(
         ["first", "queued", "waiting 0", "waiting 1", "waiting 2"]
     )
+
+
+def _samples(text: str) -> dict[str, float]:
+    """Prometheus text format -> {name{labels}: value}, comments dropped."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+async def test_metrics_show_group_commit_per_stream(client: Client) -> None:
+    await asyncio.gather(
+        *(_post_json(client, "orders", [{"value": "v" * n}] * 3) for n in range(1, 21))
+    )
+    await _post_json(client, "billing", [{"value": "x"}])
+    samples = _samples(await (await client.get("/metrics")).text())
+    info = await (await client.get("/streams/orders")).json()
+    orders = '{stream="orders"}'
+    assert samples[f"messagevault_committed_batches_total{orders}"] == 20
+    assert samples[f"messagevault_committed_messages_total{orders}"] == 60
+    assert samples[f"messagevault_committed_bytes_total{orders}"] == info["length"]
+    assert samples[f"messagevault_stream_length_bytes{orders}"] == info["length"]
+    assert 1 <= samples[f"messagevault_commits_total{orders}"] <= 20
+    assert samples[f"messagevault_commit_seconds_total{orders}"] > 0
+    assert samples[f"messagevault_commit_queue_bytes{orders}"] == 0
+    assert samples['messagevault_committed_messages_total{stream="billing"}'] == 1

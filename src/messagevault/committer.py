@@ -45,6 +45,8 @@ class CommitStats:
     commits: int = 0
     batches: int = 0
     messages: int = 0
+    bytes: int = 0  # frame bytes committed
+    seconds: float = 0.0  # time spent in storage commits (write, flush, checkpoint)
 
 
 class GroupCommitter:
@@ -83,6 +85,10 @@ class GroupCommitter:
             target=self._run, name=f"messagevault-commit-{writer.name}", daemon=True
         )
         self._thread.start()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     @property
     def has_room(self) -> bool:
@@ -127,6 +133,7 @@ class GroupCommitter:
             if group is None:
                 return
             batches = [batch for batch, _ in group]
+            started = time.perf_counter()
             try:
                 results = self.writer.append_batches(batches)
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
@@ -137,9 +144,11 @@ class GroupCommitter:
                     self._fail_all(exc)  # deposed: nothing queued can ever commit
                     return
                 continue
+            self.stats.seconds += time.perf_counter() - started
             self.stats.commits += 1
             self.stats.batches += len(group)
             self.stats.messages += sum(result.message_count for result in results)
+            self.stats.bytes += sum(result.frame_size for result in results)
             for (_, future), result in zip(group, results, strict=True):
                 future.set_result(result)
             self._group_done()

@@ -126,6 +126,10 @@ class StreamHub:
                 )
         return committer
 
+    def committers(self) -> dict[str, GroupCommitter]:
+        """The streams this server writes, each with its committer (for metrics)."""
+        return dict(self._committers)
+
     def _get_handoff(self) -> _Handoff:
         if self._handoff is None:
             self._handoff = _Handoff(asyncio.get_running_loop())
