@@ -12,6 +12,7 @@ import pytest
 from messagevault import (
     FileStorage,
     MemoryStorage,
+    Overloaded,
     Reader,
     StaleWriter,
     StorageError,
@@ -203,3 +204,33 @@ def test_after_group_follows_a_deposed_writer_failing_the_queue() -> None:
             future.result(timeout=30)
     committer.close()
     assert watcher.calls[-1] == 5
+
+
+def test_a_full_queue_refuses_after_the_timeout_and_queues_nothing() -> None:
+    storage = MemoryStorage()
+    store = storage.open_stream("orders", write=True, create=True)
+    gate = threading.Event()
+    inner_write = store.write
+
+    def held_write(offset: int, data: bytes | memoryview) -> None:
+        gate.wait(30)
+        inner_write(offset, data)
+
+    store.write = held_write  # type: ignore[method-assign]
+    committer = GroupCommitter(Writer(store, "orders"), max_queued_bytes=1)
+    try:
+        first = committer.submit(encode_batch(_batch("first")))  # taken, stuck in its write
+        deadline = time.monotonic() + 30
+        while committer.queued_bytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = committer.submit(encode_batch(_batch("queued")))  # the queue is now full
+        with pytest.raises(Overloaded, match="try again"):
+            committer.submit(encode_batch(_batch("refused")), timeout=0.2)
+        assert committer.has_room is False
+    finally:
+        gate.set()
+        committer.close()
+    assert first.result(timeout=30).base_sequence == 0
+    assert queued.result(timeout=30).base_sequence == 3
+    values = [m.value for m in Reader.open(storage, "orders").read()]
+    assert values == [v for _, v in _batch("first") + _batch("queued")]

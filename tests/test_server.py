@@ -446,3 +446,23 @@ async def test_metrics_show_group_commit_per_stream(client: Client) -> None:
     assert samples[f"messagevault_commit_seconds_total{orders}"] > 0
     assert samples[f"messagevault_commit_queue_bytes{orders}"] == 0
     assert samples['messagevault_committed_messages_total{stream="billing"}'] == 1
+
+
+async def test_an_append_that_waits_too_long_for_room_is_refused_with_503(
+    aiohttp_client: MakeClient,
+) -> None:
+    storage = GatedStorage(hold=30)
+    hub = StreamHub(storage, max_queued_bytes=1, max_queue_wait=0.3)
+    client = await aiohttp_client(create_app(hub))
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
+    assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
+    queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
+    await asyncio.sleep(0.2)
+    refused = await client.post("/streams/orders", json={"messages": [{"value": "refused"}]})
+    await _error(refused, 503, "overloaded")
+    assert refused.headers["Retry-After"] == "1"
+    storage.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, queued), 30)
+    read = await (await client.get("/streams/orders/messages")).json()
+    assert [m["value"] for m in read["messages"]] == ["first", "queued"]

@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
 
-from messagevault.errors import MessageVaultError, StaleWriter
+from messagevault.errors import MessageVaultError, Overloaded, StaleWriter
 from messagevault.format import EncodedBatch, encode_batch
 from messagevault.writer import AppendResult, Writer
 
@@ -96,21 +96,34 @@ class GroupCommitter:
         return self._queued_bytes <= self.max_queued_bytes
 
     def submit(
-        self, batch: EncodedBatch, future: Future[AppendResult] | None = None
+        self,
+        batch: EncodedBatch,
+        future: Future[AppendResult] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Future[AppendResult]:
         """Queue an encoded batch; the future resolves once it is committed.
 
         Pass ``future`` to have callbacks on it before the committer can
-        resolve it; otherwise a new one is returned.
+        resolve it; otherwise a new one is returned. While the queue is full
+        this waits for room, at most ``timeout`` seconds (None: as long as it
+        takes), then raises ``Overloaded`` with nothing queued.
         """
         future = future if future is not None else Future()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while (
                 self._queued_bytes > self.max_queued_bytes
                 and not self._closing
                 and self._failure is None
             ):
-                self._changed.wait()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Overloaded(
+                        f"stream {self.writer.name!r} has {self._queued_bytes} bytes waiting "
+                        f"to be committed; try again shortly"
+                    )
+                self._changed.wait(remaining)
             if self._closing or self._failure is not None:
                 raise CommitterClosed(self._closed_reason())
             self._queue.append((batch, future))

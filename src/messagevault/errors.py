@@ -14,6 +14,7 @@
     │   ├── StaleWriter              another writer committed or took over since we last looked
     │   ├── LeaseHeld                a lease is held by someone else
     │   └── LeaseLost                our lease expired, was broken or taken over
+    ├── Overloaded                   too much waits to be committed; try again shortly
     └── StorageError                 the storage itself failed (I/O, network); may be retriable
 
 Each class carries a stable ``code`` (used on the wire by the server) and a
@@ -112,6 +113,13 @@ class LeaseLost(WriterConflict):
     """Our lease is gone (expired, broken, or replaced): stop acting as its holder."""
 
     code = "lease_lost"
+
+
+class Overloaded(MessageVaultError):
+    """More appends wait for a commit than the queue holds, for longer than the caller waits."""
+
+    code = "overloaded"
+    retriable = True
 
 
 class StorageError(MessageVaultError):

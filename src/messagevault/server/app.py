@@ -35,6 +35,7 @@ from messagevault.errors import (
     InvalidInput,
     InvalidPosition,
     MessageVaultError,
+    Overloaded,
     StorageError,
     StreamNotFound,
     WriterConflict,
@@ -139,6 +140,7 @@ _STATUS = {
     AccessDenied: 403,
     StreamNotFound: 404,
     WriterConflict: 409,
+    Overloaded: 503,
     StorageError: 503,
 }
 
@@ -170,6 +172,8 @@ async def errors_and_metrics(
         response = error_response(_status_for(exc), exc.code, str(exc))
         if isinstance(exc, Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Basic realm="messagevault"'
+        elif isinstance(exc, Overloaded):
+            response.headers["Retry-After"] = "1"
 
     except web.HTTPException as exc:
         code = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"

@@ -77,9 +77,13 @@ class StreamHub:
         *,
         io_threads: int = 16,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        max_queue_wait: float = 10.0,
     ) -> None:
         self.storage = storage
         self.max_queued_bytes = max_queued_bytes
+        # How long an append waits for room in a full commit queue before it
+        # is refused with Overloaded (503): waiting holds an I/O thread.
+        self.max_queue_wait = max_queue_wait
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="mv-io")
         self._committers: dict[str, GroupCommitter] = {}
         self._opening: dict[str, asyncio.Lock] = {}
@@ -103,7 +107,8 @@ class StreamHub:
         if committer.has_room:
             committer.submit(batch, future)
         else:
-            await self.run(committer.submit, batch, future)
+            submit = functools.partial(committer.submit, timeout=self.max_queue_wait)
+            await self.run(submit, batch, future)
         result = await waiter
         condition = self._condition(stream)
         async with condition:
