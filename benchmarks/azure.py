@@ -26,13 +26,11 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 from azure.storage.blob import BlobClient  # noqa: E402
 from azure.storage.blob import __version__ as sdk_version  # noqa: E402
+from benchmarks.report import RESULTS, save_results  # noqa: E402
 from tests.azurite import Azurite  # noqa: E402
 
 from messagevault import (  # noqa: E402
@@ -61,7 +60,6 @@ from messagevault import (  # noqa: E402
 from messagevault.committer import GroupCommitter  # noqa: E402
 from messagevault.storage.azure import CONTAINER_PREFIX, DATA_BLOB, AzureStorage  # noqa: E402
 
-RESULTS = HERE / "results"
 CHUNK = 4 * 1024 * 1024  # Azure's Put Page limit; also the reader's default chunk
 PAGE = 512
 TARGET_RATIO = 0.70
@@ -384,29 +382,13 @@ def save(cases: list[Case], args: argparse.Namespace) -> Path:
                     case.mb_per_s / by_key[(case.workload, layout)].mb_per_s
                 )
         records.append(record)
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = args.output / f"azure-{stamp}.json"
-    path.write_text(
-        json.dumps(
-            {
-                "benchmark": "azure",
-                "time": stamp,
-                "runs": args.runs,
-                "scale": args.scale,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0],
-                    "platform": platform.platform(),
-                    "azurite": azurite_version(),
-                    "azure_storage_blob": sdk_version,
-                },
-                "cases": records,
-            },
-            indent=2,
-        )
+    return save_results(
+        args.output,
+        "azure",
+        {"runs": args.runs, "scale": args.scale},
+        records,
+        {"azurite": azurite_version(), "azure_storage_blob": sdk_version},
     )
-    return path
 
 
 def main() -> None:

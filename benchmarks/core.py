@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
 
@@ -34,7 +30,10 @@ from rich.table import Table
 
 from messagevault import FileStorage, Reader, Writer
 
-RESULTS = Path(__file__).parent / "results"
+# Run as a script, only this file's folder is on sys.path; the repo root makes
+# the shared ``benchmarks.report`` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.report import RESULTS, Rates, save_results
 
 # msgs/s targets from the issue, for the table's last column.
 TARGETS = {("W1", "never", "append"): 1_500_000, ("W1", "never", "read"): 1_500_000}
@@ -61,25 +60,13 @@ WORKLOADS = [
 
 
 @dataclass
-class Case:
+class Case(Rates):
     workload: str
     fsync: str
     phase: str
     messages: int
     payload_bytes: int
     seconds: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def msgs_per_s(self) -> float:
-        return self.messages / self.median
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.payload_bytes / self.median / 1e6
 
 
 def make_batches(workload: Workload) -> tuple[list[list[tuple[bytes, bytes]]], list[bytes]]:
@@ -187,33 +174,19 @@ def main() -> None:
         )
     Console().print(table)
 
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = args.output / f"core-{stamp}.json"
-    path.write_text(
-        json.dumps(
+    path = save_results(
+        args.output,
+        "core",
+        {"runs": args.runs, "scale": args.scale},
+        [
             {
-                "benchmark": "core",
-                "time": stamp,
-                "runs": args.runs,
-                "scale": args.scale,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0],
-                    "platform": platform.platform(),
-                },
-                "cases": [
-                    {
-                        **asdict(case),
-                        "median_s": case.median,
-                        "msgs_per_s": case.msgs_per_s,
-                        "mb_per_s": case.mb_per_s,
-                    }
-                    for case in cases
-                ],
-            },
-            indent=2,
-        )
+                **asdict(case),
+                "median_s": case.median,
+                "msgs_per_s": case.msgs_per_s,
+                "mb_per_s": case.mb_per_s,
+            }
+            for case in cases
+        ],
     )
     print(f"saved {path}")
 

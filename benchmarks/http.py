@@ -60,7 +60,6 @@ import base64
 import gc
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -72,10 +71,10 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+from benchmarks.report import RESULTS, Rates, save_results
 from rich.console import Console
 from rich.table import Table
 from tests.azurite import free_port
@@ -84,7 +83,6 @@ from messagevault import FileStorage, Reader, encode_batch
 from messagevault.format import frame_columns, read_header
 from messagevault.server.auth import Users, save_users
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STREAM = "bench"
 USER, PASSWORD = "bench", "bench-password"
 BATCH_CONTENT_TYPE = "application/x-messagevault-batch"
@@ -151,7 +149,7 @@ PEERS: dict[tuple[str, str], str] = {
 
 
 @dataclass
-class Case:
+class Case(Rates):
     workload: str
     producers: int
     phase: str  # "write", or "read <format>"
@@ -168,18 +166,6 @@ class Case:
     def kind(self) -> str:
         """``write`` or ``read``: what targets and peer figures are keyed by."""
         return self.phase.split()[0]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def msgs_per_s(self) -> float:
-        return self.messages / self.median
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.payload_bytes / self.median / 1e6
 
     @property
     def commits_per_s(self) -> float | None:
@@ -650,10 +636,6 @@ def print_table(cases: list[Case], args: argparse.Namespace) -> None:
 
 
 def save(cases: list[Case], args: argparse.Namespace) -> Path:
-    output: Path = args.output
-    output.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = output / f"http-{stamp}.json"
     records: list[dict[str, Any]] = []
     for case in cases:
         record: dict[str, Any] = {
@@ -671,32 +653,23 @@ def save(cases: list[Case], args: argparse.Namespace) -> Path:
         if case.latency_ms:
             record["median_latency_ms"] = {n: case.latency(n) for n in case.latency_ms}
         records.append(record)
-    path.write_text(
-        json.dumps(
-            {
-                "benchmark": "http",
-                "time": stamp,
-                "runs": args.runs,
-                "scale": args.scale,
-                "settings": {
-                    "server": "messagevault serve --fsync always, file backend, subprocess",
-                    "client": "aiohttp, one process, one session, batches pre-encoded",
-                    "read_formats": args.read_formats,
-                    "read_limit": READ_LIMIT,
-                    "profiled": args.profile is not None,
-                },
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0],
-                    "aiohttp": aiohttp.__version__,
-                    "platform": platform.platform(),
-                },
-                "cases": records,
+    return save_results(
+        args.output,
+        "http",
+        {
+            "runs": args.runs,
+            "scale": args.scale,
+            "settings": {
+                "server": "messagevault serve --fsync always, file backend, subprocess",
+                "client": "aiohttp, one process, one session, batches pre-encoded",
+                "read_formats": args.read_formats,
+                "read_limit": READ_LIMIT,
+                "profiled": args.profile is not None,
             },
-            indent=2,
-        )
+        },
+        records,
+        {"aiohttp": aiohttp.__version__},
     )
-    return path
 
 
 def main() -> None:

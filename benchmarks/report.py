@@ -1,0 +1,65 @@
+"""What every benchmark saves: one JSON file per run under results/, with the machine described."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Rates:
+    """Medians and rates of a case timed over several runs (a mixin for its dataclass)."""
+
+    messages: int
+    payload_bytes: int  # keys + values
+    seconds: list[float]  # one per run
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def msgs_per_s(self) -> float:
+        return self.messages / self.median
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.payload_bytes / self.median / 1e6
+
+
+def save_results(
+    output: Path,
+    benchmark: str,
+    fields: dict[str, Any],
+    cases: list[dict[str, Any]],
+    machine: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``<output>/<benchmark>-<UTC time>.json`` and return its path.
+
+    ``fields`` (runs, scale, settings...) go next to the benchmark's name and
+    time; ``machine`` adds versions of what was measured against.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = output / f"{benchmark}-{stamp}.json"
+    document = {
+        "benchmark": benchmark,
+        "time": stamp,
+        **fields,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            **(machine or {}),
+        },
+        "cases": cases,
+    }
+    path.write_text(json.dumps(document, indent=2))
+    return path
