@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+from tests.test_benchmarks import run_benchmark
 
 
 def test_azure_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "azure.py"),
-            "--scale",
-            "0.002",
-            "--runs",
-            "2",  # two runs, so that both phase orders are exercised
-            "--output",
-            str(tmp_path / "results"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    stdout, report = run_benchmark(
+        "azure",
+        tmp_path,
+        *("--scale", "0.002", "--runs", "2"),  # two runs, so that both phase orders are exercised
+        *("--output", str(tmp_path / "results")),
     )
-    assert result.returncode == 0, result.stderr
     for word in ("W1", "W2", "raw upload", "append", "raw download", "read", "MB/s", "target"):
-        assert word in result.stdout
-    (saved,) = (tmp_path / "results").glob("azure-*.json")
-    report = json.loads(saved.read_text())
+        assert word in stdout
     assert report["benchmark"] == "azure"
     cases = {(c["workload"], c["phase"]): c for c in report["cases"]}
     for workload in ("W1", "W2"):

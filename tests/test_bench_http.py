@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+from tests.test_benchmarks import run_benchmark
 
 
 def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "http.py"),
-            "--scale",
-            "0.002",
-            "--runs",
-            "1",
-            "--dir",
-            str(tmp_path),
-            "--output",
-            str(tmp_path / "results"),
-            "--read-formats",
-            "json,ndjson,binary",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    stdout, report = run_benchmark(
+        "http",
+        tmp_path,
+        *("--scale", "0.002", "--runs", "1"),
+        *("--dir", str(tmp_path), "--output", str(tmp_path / "results")),
+        *("--read-formats", "json,ndjson,binary"),
     )
-    assert result.returncode == 0, result.stderr
     for workload in ("W1", "W2", "W3", "W4"):
-        assert workload in result.stdout
-    (saved,) = (tmp_path / "results").glob("http-*.json")
-    cases = json.loads(saved.read_text())["cases"]
+        assert workload in stdout
+    cases = report["cases"]
     full = {
         (workload, producers, "full", phase)
         for workload, producers in (

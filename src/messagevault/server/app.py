@@ -92,8 +92,10 @@ class CommitCollector(Collector):
         length = GaugeMetricFamily(
             "messagevault_stream_length_bytes", "Committed length of the stream", labels=["stream"]
         )
+        appended = 0
         for stream, committer in sorted(self.hub.committers().items()):
             stats = committer.stats
+            appended += stats.messages
             for name, value in (
                 ("commits", stats.commits),
                 ("committed_batches", stats.batches),
@@ -104,6 +106,9 @@ class CommitCollector(Collector):
                 families[name].add_metric([stream], value)
             queued.add_metric([stream], committer.queued_bytes)
             length.add_metric([stream], committer.writer.checkpoint.length)
+        yield CounterMetricFamily(
+            "messagevault_appended_messages", "Messages committed, all streams", value=appended
+        )
         yield from families.values()
         yield queued
         yield length
@@ -115,9 +120,6 @@ class Metrics:
         self.registry.register(CommitCollector(hub))
         self.requests = Counter(
             "messagevault_requests", "HTTP requests", ["route", "status"], registry=self.registry
-        )
-        self.appended = Counter(
-            "messagevault_appended_messages", "Messages committed", registry=self.registry
         )
         self.latency = Histogram(
             "messagevault_request_seconds", "Request latency", ["route"], registry=self.registry
@@ -292,7 +294,6 @@ async def append(request: web.Request) -> web.Response:
             f"send {BATCH_CONTENT_TYPE} or application/json, not {content_type!r}",
         )
     result = await request.app[HUB].append(stream, batch)
-    request.app[METRICS].appended.inc(result.message_count)
     if _prefers_minimal(request):
         return web.Response(
             text=json.dumps(appended_minimal(stream, result)),
@@ -458,7 +459,7 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
     if not messages and wait:
         await hub.wait_for_commit(stream, position, wait)
         messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
-    if NDJSON in request.headers.get("Accept", ""):
+    if NDJSON in accept:
         lines = "".join(json.dumps(message_record(m)) + "\n" for m in messages)
         return web.Response(text=lines, content_type=NDJSON, headers={"X-Next": str(next_position)})
     return web.json_response(

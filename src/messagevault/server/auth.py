@@ -7,8 +7,9 @@ to an argon2 hash of the password and a list of claims:
 
 Write implies read; ``admin`` implies everything. Passwords are never
 stored, only argon2id hashes. Verifying one costs ~0.2 s of CPU by design,
-so a verified (user, password) pair is remembered in memory, keyed by a
-SHA-256 of the password and the stored hash: changing either invalidates it.
+so verified credentials are remembered in memory, keyed by a SHA-256 of
+the Authorization header, with the stored hash they were checked against:
+changing either the password or the hash invalidates them.
 The server re-reads the file at most every ``reload_interval`` seconds, so
 ``messagevault users ...`` takes effect on a running server.
 """
@@ -134,10 +135,11 @@ class Authenticator:
         self._reload_interval = reload_interval
         self._users = Users()
         self._loaded_at = -float("inf")
-        self._verified: set[tuple[str, str, bytes]] = set()
-        # Authorization header -> (the users-file entry it was verified
-        # against, its principal): lets ``known`` answer without blocking.
-        self._known: dict[str, tuple[tuple[str, list[str]], Principal]] = {}
+        # SHA-256 of an Authorization header -> (the users-file entry it was
+        # verified against, its principal). One cache for both uses: argon2 is
+        # skipped while the entry's hash is unchanged, and ``known`` answers on
+        # the event loop while the whole entry is. No password is kept.
+        self._known: dict[bytes, tuple[tuple[str, list[str]], Principal]] = {}
         self._lock = threading.Lock()
 
     def _current(self) -> Users:
@@ -156,7 +158,7 @@ class Authenticator:
         """
         if authorization is None or time.monotonic() - self._loaded_at >= self._reload_interval:
             return None
-        known = self._known.get(authorization)
+        known = self._known.get(_cache_key(authorization))
         if known is None:
             return None
         entry, principal = known
@@ -176,19 +178,20 @@ class Authenticator:
         if entry is None:
             raise Unauthenticated("unknown user or wrong password")
         stored_hash, claims = entry
-        token = (name, stored_hash, hashlib.sha256(password.encode()).digest())
-        if token not in self._verified:
+        key = _cache_key(authorization)
+        known = self._known.get(key)
+        if known is None or known[0][0] != stored_hash:
             try:
                 _hasher.verify(stored_hash, password)
             except (VerificationError, InvalidHashError):
                 raise Unauthenticated("unknown user or wrong password") from None
-            with self._lock:
-                if len(self._verified) > 10_000:
-                    self._verified.clear()
-                self._verified.add(token)
         principal = Principal(name, frozenset(claims))
         with self._lock:
             if len(self._known) > 10_000:
                 self._known.clear()
-            self._known[authorization] = (entry, principal)
+            self._known[key] = (entry, principal)
         return principal
+
+
+def _cache_key(authorization: str) -> bytes:
+    return hashlib.sha256(authorization.encode()).digest()
