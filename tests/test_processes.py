@@ -101,7 +101,10 @@ def test_reader_in_another_process_follows_live_commits(tmp_path: Path) -> None:
                 writer.append([(b"k", f"m{n}".encode())])
                 time.sleep(0.005)
             writer.append([(b"k", b"last")])
-        output, _ = follower.communicate(timeout=60)
+        follower.wait(timeout=60)
+        # read(), not communicate(): the latter reads the raw descriptor and
+        # would lose anything readline() above had already buffered.
+        output = follower.stdout.read()
     finally:
         if follower.poll() is None:
             follower.kill()

@@ -65,7 +65,13 @@ def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
-        _, stderr = process.communicate(timeout=30)
+        # The process has exited: read() returns the rest, including what
+        # readline() above already buffered. communicate() reads the raw
+        # descriptor and would lose that (the "listening" line, at times).
+        assert process.stderr is not None and process.stdout is not None
+        stderr = process.stderr.read()
+        process.stderr.close()
+        process.stdout.close()
     lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
     assert any(line["message"] == "listening" and line["port"] == port for line in lines)
     assert lines[-1]["message"] == "stopped"
