@@ -115,6 +115,26 @@ async def test_long_poll_waits_for_the_next_commit(client: Client) -> None:
     assert [m["value"] for m in body["messages"]] == ["two"]
 
 
+async def test_a_commit_wakes_a_long_poll(aiohttp_client: MakeClient, tmp_path: Path) -> None:
+    """Woken by this server's commit, not by the periodic re-read of the checkpoint."""
+    hub = StreamHub(FileStorage(tmp_path))
+    hub.recheck_interval = 600  # longer than the poll: only a notification can end it early
+    client = await aiohttp_client(create_app(hub))
+    end = (await _post_json(client, "orders", [{"value": "one"}]))["position"]
+    poll = asyncio.create_task(
+        client.get("/streams/orders/messages", params={"from": end, "wait": 60})
+    )
+    for _ in range(500):  # until the poll is waiting (bounded: 5 s)
+        if hub._tailing.get("orders"):
+            break
+        await asyncio.sleep(0.01)
+    assert hub._tailing.get("orders") == 1
+    await _post_json(client, "orders", [{"value": "two"}])
+    response = await asyncio.wait_for(poll, 30)
+    assert [m["value"] for m in (await response.json())["messages"]] == ["two"]
+    assert hub._tailing["orders"] == 0
+
+
 async def test_long_poll_times_out_empty(client: Client) -> None:
     end = (await _post_json(client, "orders", [{"value": "one"}]))["position"]
     response = await client.get("/streams/orders/messages", params={"from": end, "wait": 1})
@@ -249,9 +269,15 @@ async def test_health_ready_metrics_openapi(client: Client) -> None:
     assert (await client.get("/health")).status == 200
     assert (await (await client.get("/ready")).json())["status"] == "ready"
     await _post_json(client, "orders", [{"value": "v"}])
+    await _post_json(client, "orders", [{"value": "w"}])
+    await _error(await client.post("/streams/orders", json={"messages": []}), 400, "invalid_batch")
     metrics = await (await client.get("/metrics")).text()
-    assert "messagevault_appended_messages_total 1.0" in metrics
-    assert "messagevault_requests_total" in metrics
+    assert "messagevault_appended_messages_total 2.0" in metrics
+    route = 'route="/streams/{stream}"'
+    assert f'messagevault_requests_total{{{route},status="200"}} 2.0' in metrics
+    assert f'messagevault_requests_total{{{route},status="400"}} 1.0' in metrics
+    assert f"messagevault_request_seconds_count{{{route}}} 3.0" in metrics
+    assert 'messagevault_requests_total{route="/health",status="200"} 1.0' in metrics
     document = await (await client.get("/openapi.json")).json()
     assert set(document["paths"]) >= {
         "/streams",

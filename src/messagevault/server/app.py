@@ -124,6 +124,21 @@ class Metrics:
         self.latency = Histogram(
             "messagevault_request_seconds", "Request latency", ["route"], registry=self.registry
         )
+        # ``labels()`` looks its child up under a lock on every call; the
+        # routes and statuses are few, so each child is looked up once.
+        self._counted: dict[tuple[str, int], Callable[[], None]] = {}
+        self._timed: dict[str, Callable[[float], None]] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency."""
+        count = self._counted.get((route, status))
+        if count is None:
+            count = self._counted[route, status] = self.requests.labels(route, str(status)).inc
+        time_it = self._timed.get(route)
+        if time_it is None:
+            time_it = self._timed[route] = self.latency.labels(route).observe
+        count()
+        time_it(seconds)
 
 
 HUB = web.AppKey("hub", StreamHub)
@@ -183,8 +198,7 @@ async def errors_and_metrics(
     except Exception:  # a bug: still answer in the documented shape, and say so in the log
         log.exception("unhandled error", extra={"route": route})
         response = error_response(500, "internal_error", "the server failed; see its log")
-    metrics.requests.labels(route, str(response.status)).inc()
-    metrics.latency.labels(route).observe(time.perf_counter() - started)
+    metrics.observe(route, response.status, time.perf_counter() - started)
     return response
 
 
@@ -296,7 +310,7 @@ async def append(request: web.Request) -> web.Response:
     result = await request.app[HUB].append(stream, batch)
     if _prefers_minimal(request):
         return web.Response(
-            text=json.dumps(appended_minimal(stream, result)),
+            body=appended_minimal(stream, result),
             content_type="application/json",
             headers={"Preference-Applied": "return=minimal"},
         )
@@ -343,22 +357,35 @@ def appended_json(stream: str, result: AppendResult) -> bytes:
     )
 
 
-def appended_minimal(stream: str, result: AppendResult) -> dict[str, object]:
+def appended_minimal(stream: str, result: AppendResult) -> bytes:
     """The ``return=minimal`` answer: the batch's first and last receipts and its count.
 
     A batch is stored as one frame, so the receipts in between follow from
     these (docs/HTTP.md): position ``first + 64 + 4 * i`` for message i >= 1,
     sequence ``first + i``, and ids from those and the shared timestamp.
+    Formatted straight to bytes, like ``appended_json``: stream names and
+    ISO times need no JSON escaping.
     """
     first, last = result[0], result[-1]
-    return {
-        "stream": stream,
-        "position": result.committed_length,
-        "count": result.message_count,
-        "timestamp": iso_time(result.timestamp),
-        "first": {"position": first.position, "sequence": first.sequence, "id": first.id.hex()},
-        "last": {"position": last.position, "sequence": last.sequence, "id": last.id.hex()},
-    }
+    return _MINIMAL % (
+        stream.encode(),
+        result.committed_length,
+        result.message_count,
+        iso_time(result.timestamp).encode(),
+        first.position,
+        first.sequence,
+        first.id.hex().encode(),
+        last.position,
+        last.sequence,
+        last.id.hex().encode(),
+    )
+
+
+_MINIMAL = (
+    b'{"stream": "%b", "position": %d, "count": %d, "timestamp": "%b", '
+    b'"first": {"position": %d, "sequence": %d, "id": "%b"}, '
+    b'"last": {"position": %d, "sequence": %d, "id": "%b"}}'
+)
 
 
 def _json_messages(body: bytes) -> list[tuple[bytes, bytes]]:

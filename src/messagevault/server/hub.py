@@ -88,6 +88,10 @@ class StreamHub:
         self._committers: dict[str, GroupCommitter] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._commits: dict[str, asyncio.Condition] = {}
+        self._tailing: dict[str, int] = {}  # long-polls waiting per stream: who to notify
+        # Commits by another node do not notify; a long poll re-reads the
+        # checkpoint this often (seconds) to see them.
+        self.recheck_interval = 1.0
         self._handoff: _Handoff | None = None
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
@@ -110,9 +114,10 @@ class StreamHub:
             submit = functools.partial(committer.submit, timeout=self.max_queue_wait)
             await self.run(submit, batch, future)
         result = await waiter
-        condition = self._condition(stream)
-        async with condition:
-            condition.notify_all()
+        if self._tailing.get(stream):
+            condition = self._condition(stream)
+            async with condition:
+                condition.notify_all()
         return result
 
     async def _committer(self, stream: str) -> GroupCommitter:
@@ -148,15 +153,19 @@ class StreamHub:
         condition = self._condition(stream)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (await self.checkpoint(stream)).length <= beyond:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            # Commits by this server notify; others (another node) are seen by
-            # re-reading the checkpoint at least every second.
-            async with condition:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(condition.wait(), min(remaining, 1.0))
+        self._tailing[stream] = self._tailing.get(stream, 0) + 1
+        try:
+            while (await self.checkpoint(stream)).length <= beyond:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                async with condition:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            condition.wait(), min(remaining, self.recheck_interval)
+                        )
+        finally:
+            self._tailing[stream] -= 1
 
     async def checkpoint(self, stream: str) -> Checkpoint:
         committer = self._committers.get(stream)
