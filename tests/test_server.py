@@ -418,9 +418,14 @@ class GatedStorage(MemoryStorage):
 
 
 async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient) -> None:
-    """A full commit queue makes appends wait, but the server keeps answering everything else."""
+    """A full commit queue makes appends wait, but the server keeps answering everything else.
+
+    The waiting appends hold no thread either: with a single I/O thread, a
+    read (which needs it) is still answered while they wait.
+    """
     storage = GatedStorage(hold=10)
-    client = await aiohttp_client(create_app(StreamHub(storage, max_queued_bytes=1)))
+    hub = StreamHub(storage, max_queued_bytes=1, io_threads=1)
+    client = await aiohttp_client(create_app(hub))
     loop = asyncio.get_running_loop()
     first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
     # The first commit is now stuck in its write; the next append fills the queue...
@@ -435,7 +440,10 @@ async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient
     await asyncio.sleep(0.2)
     health = await asyncio.wait_for(client.get("/health"), 15)
     assert health.status == 200
-    assert storage.writes_done == 0, "the event loop answered only once the storage moved"
+    assert hub._awaiting_room == 3
+    read = await asyncio.wait_for(client.get("/streams/orders/messages"), 15)
+    assert (await read.json())["messages"] == []  # nothing committed yet
+    assert storage.writes_done == 0, "the server answered only once the storage moved"
     assert not any(task.done() for task in (first, queued, *waiting))
     storage.gate.set()
     answers = await asyncio.wait_for(asyncio.gather(first, queued, *waiting), 30)

@@ -95,6 +95,11 @@ class GroupCommitter:
         """Whether ``submit`` would return at once rather than wait for the queue to drain."""
         return self._queued_bytes <= self.max_queued_bytes
 
+    @property
+    def accepting(self) -> bool:
+        """False once closed or failed: ``submit`` then raises ``CommitterClosed``."""
+        return not self._closing and self._failure is None
+
     def submit(
         self,
         batch: EncodedBatch,
@@ -112,24 +117,24 @@ class GroupCommitter:
         future = future if future is not None else Future()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
-            while (
-                self._queued_bytes > self.max_queued_bytes
-                and not self._closing
-                and self._failure is None
-            ):
+            while self._queued_bytes > self.max_queued_bytes and self.accepting:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise Overloaded(
-                        f"stream {self.writer.name!r} has {self._queued_bytes} bytes waiting "
-                        f"to be committed; try again shortly"
-                    )
+                    raise self.overloaded()
                 self._changed.wait(remaining)
-            if self._closing or self._failure is not None:
+            if not self.accepting:
                 raise CommitterClosed(self._closed_reason())
             self._queue.append((batch, future))
             self._queued_bytes += batch.frame_size
             self._changed.notify_all()
         return future
+
+    def overloaded(self) -> Overloaded:
+        """The error for an append that found no room in time."""
+        return Overloaded(
+            f"stream {self.writer.name!r} has {self._queued_bytes} bytes waiting "
+            f"to be committed; try again shortly"
+        )
 
     def append(self, messages: Iterable[tuple[bytes | str, bytes]]) -> AppendResult:
         """Encode, queue and wait: ``Writer.append`` for many threads at once."""

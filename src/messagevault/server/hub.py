@@ -37,8 +37,9 @@ class _Handoff:
     ``wake`` once per group.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, delivered: Callable[[], None]) -> None:
         self._loop = loop
+        self._delivered = delivered  # called on the loop after each delivery
         self._ready: deque[tuple[Future[AppendResult], asyncio.Future[AppendResult]]] = deque()
         self._lock = threading.Lock()
         self._wake_pending = False
@@ -66,6 +67,7 @@ class _Handoff:
                 waiter.set_exception(exception)
             else:
                 waiter.set_result(future.result())
+        self._delivered()
 
 
 class StreamHub:
@@ -93,6 +95,8 @@ class StreamHub:
         # checkpoint this often (seconds) to see them.
         self.recheck_interval = 1.0
         self._handoff: _Handoff | None = None
+        self._room = asyncio.Event()  # set (and replaced) after commits while appends await room
+        self._awaiting_room = 0
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking storage call in the I/O pool."""
@@ -104,21 +108,44 @@ class StreamHub:
         waiter: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         future: Future[AppendResult] = Future()
         future.add_done_callback(functools.partial(self._get_handoff().park, waiter))
-        # Only this loop submits, so the queue can only shrink between the
-        # check and the submit. Without room, submit would block: it waits in
-        # a thread instead, so a slow storage (an Azure outage being ridden
-        # out) never stalls health checks, reads and other streams.
-        if committer.has_room:
-            committer.submit(batch, future)
-        else:
-            submit = functools.partial(committer.submit, timeout=self.max_queue_wait)
-            await self.run(submit, batch, future)
+        if not committer.has_room:
+            await self._wait_for_room(committer)
+        # Only this loop submits, so the queue can only have shrunk since the
+        # check: submit returns at once.
+        committer.submit(batch, future)
         result = await waiter
         if self._tailing.get(stream):
             condition = self._condition(stream)
             async with condition:
                 condition.notify_all()
         return result
+
+    async def _wait_for_room(self, committer: GroupCommitter) -> None:
+        """Wait until ``committer`` has room, on the event loop, or raise ``Overloaded``.
+
+        Waiting here holds no thread, so a slow storage (an Azure outage
+        being ridden out) with appends piling up never stalls health checks,
+        reads or other streams. Commit deliveries notify; the periodic
+        re-check covers room made by a commit that has not finished yet.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_queue_wait
+        self._awaiting_room += 1
+        try:
+            while not committer.has_room and committer.accepting:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise committer.overloaded()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), min(remaining, 0.1))
+        finally:
+            self._awaiting_room -= 1
+
+    def _delivered(self) -> None:
+        if self._awaiting_room:
+            # Wake every waiter; each re-checks its own stream's room.
+            self._room.set()
+            self._room = asyncio.Event()
 
     async def _committer(self, stream: str) -> GroupCommitter:
         committer = self._committers.get(stream)
@@ -142,7 +169,7 @@ class StreamHub:
 
     def _get_handoff(self) -> _Handoff:
         if self._handoff is None:
-            self._handoff = _Handoff(asyncio.get_running_loop())
+            self._handoff = _Handoff(asyncio.get_running_loop(), self._delivered)
         return self._handoff
 
     def _condition(self, stream: str) -> asyncio.Condition:
