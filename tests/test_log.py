@@ -304,3 +304,34 @@ def test_read_frames_relays_whole_checked_frames(storage: Storage) -> None:
     assert (one.skip, one.next_position) == (1, results[2].end)
     assert len(one.data) == results[2].frame_size
     assert reader.read_frames(results[-1].end).data == b""
+
+
+def test_read_frames_stops_once_it_holds_max_messages(storage: Storage) -> None:
+    with Writer.open(storage, "orders") as writer:
+        results = [writer.append(_batch(f"b{n}", 3)) for n in range(4)]
+    reader = Reader.open(storage, "orders")
+    # From message 1 of frame 0: that frame gives 2, so 3 messages need frame 1 too.
+    frames = reader.read_frames(results[0][1].position, max_messages=3)
+    assert (frames.skip, frames.next_position) == (1, results[1].end)
+    assert reader.read_frames(results[0][1].position, max_messages=2).next_position == (
+        results[0].end
+    )
+    assert reader.read_frames(0, max_messages=1).next_position == results[0].end  # whole frame
+    assert reader.read_frames(0, max_messages=12).next_position == results[-1].end
+    assert reader.read_frames(0).next_position == results[-1].end
+
+
+def test_a_known_committed_length_bounds_reads_without_the_checkpoint(storage: Storage) -> None:
+    with Writer.open(storage, "orders") as writer:
+        first = writer.append(_batch("a", 2))
+        writer.append(_batch("b", 2))
+    reader = Reader.open(storage, "orders")
+    assert [m.value for m in reader.read(0, committed=first.end)] == [
+        m.value for m in reader.read(0, end=first.end)
+    ]
+    assert len(list(reader.read(0, committed=first.end))) == 2
+    assert len(list(reader.read(0))) == 4
+    frames = reader.read_frames(0, committed=first.end)
+    assert frames.next_position == first.end
+    with pytest.raises(InvalidPosition):
+        list(reader.read(first.end + 1, committed=first.end))

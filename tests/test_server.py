@@ -14,8 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from messagevault import FileStorage, MemoryStorage, Reader, encode_batch
+from messagevault import FileStorage, MemoryStorage, Reader, Writer, encode_batch
 from messagevault.server import Limits, StreamHub, create_app
+from messagevault.server.hub import READ_CHUNK_SIZE
 from messagevault.storage.base import Storage
 from messagevault.storage.memory import MemoryStreamStore
 
@@ -316,6 +317,112 @@ async def test_binary_read_relays_stored_frames(client: Client) -> None:
     )
     assert await empty.read() == b""
     assert empty.headers["X-Next"] == str(end)
+
+
+async def test_binary_read_honours_limit_in_whole_frames(client: Client) -> None:
+    from messagevault.format import read_header
+
+    answers = [
+        await _post_json(client, "orders", [{"value": f"{n}{m}"} for m in "ab"]) for n in range(4)
+    ]
+    second = answers[0]["messages"][1]["position"]
+
+    async def frames(**params: int) -> tuple[int, int, int]:
+        response = await client.get(
+            "/streams/orders/messages", params=params, headers={"Accept": BATCH}
+        )
+        data = await response.read()
+        count, offset = 0, 0
+        while offset < len(data):
+            header = read_header(data, offset, None)
+            count += 1
+            offset += header.frame_size
+        return count, int(response.headers["X-Skip"]), int(response.headers["X-Next"])
+
+    end = answers[-1]["position"]
+    assert await frames() == (4, 0, end)  # no limit: the bulk path, every frame that fits
+    assert await frames(limit=1) == (1, 0, answers[0]["position"])
+    assert await frames(limit=3) == (2, 0, answers[1]["position"])
+    # From inside the first frame: it holds one wanted message, so two need the next frame.
+    assert await frames(**{"from": second, "limit": 1}) == (1, 1, answers[0]["position"])
+    assert await frames(**{"from": second, "limit": 2}) == (2, 1, answers[1]["position"])
+
+
+class CountingStorage(MemoryStorage):
+    """Memory storage that counts opens, checkpoint reads and bytes read; optionally remote."""
+
+    def __init__(self, *, remote: bool = False) -> None:
+        super().__init__()
+        self.remote = remote
+        self.opens = self.checkpoint_reads = self.bytes_read = 0
+
+    def open_stream(
+        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+    ) -> MemoryStreamStore:
+        store = super().open_stream(name, write=write, create=create, takeover=takeover)
+        if write:
+            return store
+        self.opens += 1
+        inner_read, inner_checkpoint = store.read, store.read_checkpoint
+
+        def read(offset: int, size: int) -> bytes:
+            data = inner_read(offset, size)
+            self.bytes_read += len(data)
+            return data
+
+        def read_checkpoint() -> Any:
+            self.checkpoint_reads += 1
+            return inner_checkpoint()
+
+        store.read = read  # type: ignore[method-assign]
+        store.read_checkpoint = read_checkpoint  # type: ignore[method-assign]
+        store.remote = remote = self.remote  # type: ignore[attr-defined]
+        del remote
+        return store
+
+
+async def test_reads_reuse_readers_and_trust_the_writers_checkpoint(
+    aiohttp_client: MakeClient,
+) -> None:
+    storage = CountingStorage()
+    client = await aiohttp_client(create_app(StreamHub(storage)))
+    await _post_json(client, "orders", [{"value": "v"}])
+    for _ in range(20):
+        for accept in ("application/json", BATCH):
+            response = await client.get("/streams/orders/messages", headers={"Accept": accept})
+            assert response.status == 200
+    assert storage.opens == 1  # one reader, reused by all 40 reads
+    assert storage.checkpoint_reads == 0  # this server writes the stream: it knows the length
+    await _post_json(client, "orders", [{"value": "w"}])
+    read = await (await client.get("/streams/orders/messages")).json()
+    assert [m["value"] for m in read["messages"]] == ["v", "w"]
+
+
+async def test_reads_of_a_stream_written_elsewhere_see_each_new_commit(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await aiohttp_client(create_app(StreamHub(FileStorage(tmp_path))))
+    with Writer.open(FileStorage(tmp_path), "orders") as writer:  # another process, say
+        for n in range(3):
+            writer.append([(b"k", b"v%d" % n)])
+            read = await (await client.get("/streams/orders/messages")).json()
+            assert len(read["messages"]) == n + 1
+
+
+async def test_a_short_read_of_remote_storage_fetches_little(aiohttp_client: MakeClient) -> None:
+    """A page of a few messages must not download whole read-ahead chunks."""
+    storage = CountingStorage(remote=True)
+    with Writer.open(storage, "orders") as writer:
+        for _ in range(40):
+            writer.append([(b"k", bytes(100_000))] * 10)  # 40 MB
+    client = await aiohttp_client(create_app(StreamHub(storage)))
+    for accept in ("application/json", BATCH):
+        before = storage.bytes_read
+        response = await client.get(
+            "/streams/orders/messages", params={"limit": 1}, headers={"Accept": accept}
+        )
+        assert response.status == 200
+        assert storage.bytes_read - before <= 2 * READ_CHUNK_SIZE
 
 
 def test_append_answer_text_equals_the_plain_json_of_its_receipts() -> None:

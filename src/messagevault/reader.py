@@ -163,17 +163,40 @@ class Reader:
     [b'v1', b'v2']
     """
 
-    def __init__(self, store: StreamStore, name: str, *, chunk_size: int | None = None):
+    def __init__(
+        self,
+        store: StreamStore,
+        name: str,
+        *,
+        chunk_size: int | None = None,
+        read_ahead: bool | None = None,
+    ):
         self.name = name
         self._store = store
+        remote = _is_remote(store)
         if chunk_size is None:
-            chunk_size = REMOTE_CHUNK_SIZE if _is_remote(store) else DEFAULT_CHUNK_SIZE
+            chunk_size = REMOTE_CHUNK_SIZE if remote else DEFAULT_CHUNK_SIZE
         self._chunk_size = chunk_size
+        # Fetching the next chunk during decoding pays off for scans of
+        # remote storage; a caller reading short pages turns it off.
+        self._read_ahead = remote if read_ahead is None else read_ahead
         self._stop = threading.Event()
 
     @classmethod
-    def open(cls, storage: Storage, name: str, *, chunk_size: int | None = None) -> Reader:
-        return cls(storage.open_stream(name), name, chunk_size=chunk_size)
+    def open(
+        cls,
+        storage: Storage,
+        name: str,
+        *,
+        chunk_size: int | None = None,
+        read_ahead: bool | None = None,
+    ) -> Reader:
+        """Open ``name`` for reading, in ``chunk_size`` reads from storage.
+
+        ``read_ahead`` fetches the next chunk in a thread while one is
+        decoded; by default on for remote storage (Azure).
+        """
+        return cls(storage.open_stream(name), name, chunk_size=chunk_size, read_ahead=read_ahead)
 
     @classmethod
     def from_read_access(
@@ -200,16 +223,21 @@ class Reader:
         """The stream's committed state, fresh from storage."""
         return self._store.read_checkpoint()
 
-    def read(self, position: int = 0, *, end: int | None = None) -> Iterator[Message]:
+    def read(
+        self, position: int = 0, *, end: int | None = None, committed: int | None = None
+    ) -> Iterator[Message]:
         """Iterate committed messages from ``position`` up to the current committed length.
 
         ``position`` must be a message position (``Message.position`` or
         ``Message.next_position`` of an earlier read, an ``AppendResult``
         position, or 0); a bad one raises ``InvalidPosition`` here, before
         iteration starts. ``end`` stops early, at a frame boundary such as an
-        earlier committed length.
+        earlier committed length. ``committed`` is the committed length when
+        the caller knows it for certain (the server that writes the stream):
+        it saves reading the checkpoint, a round trip on Azure.
         """
-        committed = self._store.read_checkpoint().length
+        if committed is None:
+            committed = self._store.read_checkpoint().length
         limit = committed if end is None else min(end, committed)
         frame_position, first = self._locate(position, committed)
         # Frames decode to lists; chaining them keeps per-message iteration in C.
@@ -293,18 +321,29 @@ class Reader:
             yield iter_messages(buffer, offset, header, first)
             first = 0
 
-    def read_frames(self, position: int = 0, *, max_bytes: int = DEFAULT_CHUNK_SIZE) -> RawFrames:
+    def read_frames(
+        self,
+        position: int = 0,
+        *,
+        max_bytes: int = DEFAULT_CHUNK_SIZE,
+        max_messages: int | None = None,
+        committed: int | None = None,
+    ) -> RawFrames:
         """Whole committed frames from ``position``, as stored, each checked.
 
         For relaying a stream without decoding it (the server's binary read
-        route): at least one frame, then more while they fit ``max_bytes``.
-        If ``position`` is inside a frame, that frame comes whole and ``skip``
-        says how many of its leading messages the caller did not ask for.
+        route): at least one frame, then more while they fit ``max_bytes``
+        and, with ``max_messages``, until they hold that many messages from
+        ``position`` on. If ``position`` is inside a frame, that frame comes
+        whole and ``skip`` says how many of its leading messages the caller
+        did not ask for. ``committed`` is as for ``read``.
         """
-        committed = self._store.read_checkpoint().length
+        if committed is None:
+            committed = self._store.read_checkpoint().length
         frame_position, skip = self._locate(position, committed)
         pieces: list[bytes] = []
         size = 0
+        wanted = -skip  # messages from ``position`` on, so far
         end = frame_position
         for buffer, offset, header in self._raw_frames(frame_position, committed):
             if pieces and size + header.frame_size > max_bytes:
@@ -312,7 +351,10 @@ class Reader:
             verify_frame(buffer, offset, header.base_position)
             pieces.append(buffer[offset : offset + header.frame_size])
             size += header.frame_size
+            wanted += header.message_count
             end = header.end
+            if max_messages is not None and wanted >= max_messages:
+                break  # before the next frame is fetched
         return RawFrames(b"".join(pieces), skip, end)
 
     def verify(self, position: int = 0) -> VerifyReport:
@@ -343,8 +385,7 @@ class Reader:
 
     def _raw_frames(self, position: int, end: int) -> Iterator[tuple[bytes, int, FrameHeader]]:
         """Yield (buffer, offset, checked header) for each whole frame up to ``end``."""
-        remote = _is_remote(self._store)
-        read_ahead = _ReadAhead(self._store, self._chunk_size, end) if remote else None
+        read_ahead = _ReadAhead(self._store, self._chunk_size, end) if self._read_ahead else None
         buffer = b""
         buffer_start = position
 

@@ -481,7 +481,9 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
     if EVENT_STREAM in accept:
         return await _server_sent_events(request, stream, position, limit)
     if BATCH_CONTENT_TYPE in accept:
-        return await _binary_frames(request, stream, position, wait)
+        # The bulk path: up to 8 MiB of frames unless a limit is asked for.
+        frames_limit = limit if "limit" in request.query else None
+        return await _binary_frames(request, stream, position, frames_limit, wait)
     messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
     if not messages and wait:
         await hub.wait_for_commit(stream, position, wait)
@@ -495,20 +497,21 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _binary_frames(
-    request: web.Request, stream: str, position: int, wait: int
+    request: web.Request, stream: str, position: int, limit: int | None, wait: int
 ) -> web.Response:
     """Stored frames as they are: no decoding or re-encoding, the client checks the CRCs.
 
     The fast read path for the client library: the body is whole frames
     (docs/FORMAT.md); ``X-Skip`` counts leading messages of the first frame
-    before ``from``, ``X-Next`` is where to continue.
+    before ``from``, ``X-Next`` is where to continue. With ``limit``, frames
+    stop once they hold that many messages from ``from`` on.
     """
     hub = request.app[HUB]
     max_bytes = request.app[LIMITS].max_read_bytes
-    frames = await hub.read_frames(stream, position, max_bytes)
+    frames = await hub.read_frames(stream, position, max_bytes, limit)
     if not frames.data and wait:
         await hub.wait_for_commit(stream, position, wait)
-        frames = await hub.read_frames(stream, position, max_bytes)
+        frames = await hub.read_frames(stream, position, max_bytes, limit)
     return web.Response(
         body=frames.data,
         content_type=BATCH_CONTENT_TYPE,

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -26,6 +26,47 @@ from messagevault.storage.base import ReadAccess, Storage
 from messagevault.writer import AppendResult, Writer
 
 T = TypeVar("T")
+
+# Server reads are pages (1,000 messages by default): read storage in steps
+# of this size, without read-ahead, rather than the reader's 4-8 MiB chunks
+# fetched ahead, which suit scans but would make a page of ten messages on
+# Azure download two whole chunks.
+READ_CHUNK_SIZE = 1024 * 1024
+
+
+class _IdleReaders:
+    """Readers not in use, kept per stream for the next read request (event loop only).
+
+    Bounded: a few per stream (as many as read at once, usually one or two),
+    for the most recently read streams; the rest are closed.
+    """
+
+    def __init__(self, per_stream: int = 4, streams: int = 256) -> None:
+        self._per_stream = per_stream
+        self._streams = streams
+        self._idle: OrderedDict[str, list[Reader]] = OrderedDict()
+
+    def take(self, stream: str) -> Reader | None:
+        idle = self._idle.get(stream)
+        return idle.pop() if idle else None
+
+    def give(self, stream: str, reader: Reader) -> None:
+        idle = self._idle.setdefault(stream, [])
+        self._idle.move_to_end(stream)
+        if len(idle) < self._per_stream:
+            idle.append(reader)
+        else:
+            reader.close()
+        while len(self._idle) > self._streams:
+            _, evicted = self._idle.popitem(last=False)
+            for old in evicted:
+                old.close()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, OrderedDict()
+        for readers in idle.values():
+            for reader in readers:
+                reader.close()
 
 
 class _Handoff:
@@ -95,6 +136,7 @@ class StreamHub:
         # checkpoint this often (seconds) to see them.
         self.recheck_interval = 1.0
         self._handoff: _Handoff | None = None
+        self._idle_readers = _IdleReaders()
         self._room = asyncio.Event()  # set (and replaced) after commits while appends await room
         self._awaiting_room = 0
 
@@ -196,19 +238,50 @@ class StreamHub:
 
     async def checkpoint(self, stream: str) -> Checkpoint:
         committer = self._committers.get(stream)
-        if committer is not None:
+        if committer is not None and committer.accepting:
             return committer.writer.checkpoint
-        return await self.run(_read_checkpoint, self.storage, stream)
+        return await self._with_reader(stream, _read_checkpoint)
 
     async def read(
         self, stream: str, position: int, limit: int, max_bytes: int
     ) -> tuple[list[Message], int]:
         """Up to ``limit`` messages from ``position``; (messages, next position)."""
-        return await self.run(_read_messages, self.storage, stream, position, limit, max_bytes)
+        return await self._with_reader(stream, _read_messages, position, limit, max_bytes)
 
-    async def read_frames(self, stream: str, position: int, max_bytes: int) -> RawFrames:
+    async def read_frames(
+        self, stream: str, position: int, max_bytes: int, max_messages: int | None = None
+    ) -> RawFrames:
         """Whole stored frames from ``position`` (see ``Reader.read_frames``)."""
-        return await self.run(_read_frames, self.storage, stream, position, max_bytes)
+        return await self._with_reader(stream, _read_frames, position, max_bytes, max_messages)
+
+    async def _with_reader(self, stream: str, function: Callable[..., T], *args: object) -> T:
+        """``function(reader, committed, *args)`` in the I/O pool, with a reused reader.
+
+        Opening a reader costs file opens (or, on Azure, a checkpoint round
+        trip), so idle ones are kept per stream. For a stream this server
+        writes, the writer's checkpoint is the committed length: readers
+        skip reading it from storage.
+        """
+        committer = self._committers.get(stream)
+        committed = (
+            committer.writer.checkpoint.length
+            if committer is not None and committer.accepting
+            else None
+        )
+        reader = self._idle_readers.take(stream)
+        work = functools.partial(
+            _using_reader, self.storage, stream, reader, function, committed, *args
+        )
+        future = asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+        def keep(done: asyncio.Future[tuple[T, Reader]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._idle_readers.give(stream, done.result()[1])
+
+        future.add_done_callback(keep)
+        # shield: a request that goes away still lets the reader come back.
+        result, _ = await asyncio.shield(future)
+        return result
 
     async def read_access(self, stream: str) -> ReadAccess:
         return await self.run(_read_access, self.storage, stream)
@@ -222,16 +295,46 @@ class StreamHub:
         for committer in committers:
             await self.run(committer.close)
         self._pool.shutdown(wait=True)
+        self._idle_readers.close()
 
 
-def _read_checkpoint(storage: Storage, stream: str) -> Checkpoint:
-    with Reader.open(storage, validate_stream_name(stream)) as reader:
-        return reader.checkpoint()
+def _using_reader(
+    storage: Storage,
+    stream: str,
+    reader: Reader | None,
+    function: Callable[..., T],
+    *args: object,
+) -> tuple[T, Reader]:
+    """Run ``function(reader, *args)``, opening a reader if none was given.
+
+    Returns the reader with the result, for reuse; closes it on failure,
+    since a failed read may have left it in any state.
+    """
+    if reader is None:
+        reader = Reader.open(
+            storage, validate_stream_name(stream), chunk_size=READ_CHUNK_SIZE, read_ahead=False
+        )
+    try:
+        return function(reader, *args), reader
+    except BaseException:
+        reader.close()
+        raise
 
 
-def _read_frames(storage: Storage, stream: str, position: int, max_bytes: int) -> RawFrames:
-    with Reader.open(storage, stream) as reader:
-        return reader.read_frames(position, max_bytes=max_bytes)
+def _read_checkpoint(reader: Reader, committed: int | None) -> Checkpoint:
+    return reader.checkpoint()
+
+
+def _read_frames(
+    reader: Reader,
+    committed: int | None,
+    position: int,
+    max_bytes: int,
+    max_messages: int | None,
+) -> RawFrames:
+    return reader.read_frames(
+        position, max_bytes=max_bytes, max_messages=max_messages, committed=committed
+    )
 
 
 def _read_access(storage: Storage, stream: str) -> ReadAccess:
@@ -243,14 +346,13 @@ def _read_access(storage: Storage, stream: str) -> ReadAccess:
 
 
 def _read_messages(
-    storage: Storage, stream: str, position: int, limit: int, max_bytes: int
+    reader: Reader, committed: int | None, position: int, limit: int, max_bytes: int
 ) -> tuple[list[Message], int]:
     messages: list[Message] = []
     size = 0
-    with Reader.open(storage, stream) as reader:
-        for message in reader.read(position):
-            if len(messages) >= limit or (messages and size + len(message.value) > max_bytes):
-                break
-            messages.append(message)
-            size += len(message.value) + len(message.key)
+    for message in reader.read(position, committed=committed):
+        if len(messages) >= limit or (messages and size + len(message.value) > max_bytes):
+            break
+        messages.append(message)
+        size += len(message.value) + len(message.key)
     return messages, messages[-1].next_position if messages else position
