@@ -11,8 +11,8 @@ a fresh data folder and a fresh server, stopped by PID when the case ends.
 
 Workloads (keys b"key-%012d", 16 bytes; values printable ASCII, so that JSON
 reads carry them as UTF-8 text, not base64):
-  W1  1,000,000 x 100 B in batches of 1,000; 1 and 4 concurrent producers (--producers)
-  W2    200,000 x 1,000 B in batches of 100; 1 and 4 producers
+  W1  1,000,000 x 100 B in batches of 1,000; 1, 4 and 8 concurrent producers (--producers)
+  W2    200,000 x 1,000 B in batches of 100; 1, 4 and 8 producers
   W3  2,000 sequential batches of 10 x 100 B, 1 producer: ack latency p50/p99/max
   W4  1,000,000 x 100 B in batches of 100, 16 concurrent producers on one stream
 W1, W2 (at the most producers) and W4 run a second time with the request
@@ -690,8 +690,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--producers",
-        default="1,4",
-        help="comma-separated concurrent producer counts for W1 and W2 (default 1,4)",
+        default="1,4,8",
+        help="comma-separated concurrent producer counts for W1 and W2 (default 1,4,8)",
     )
     parser.add_argument(
         "--only", default=None, help="comma-separated workloads to run, e.g. W1,W3 (default all)"

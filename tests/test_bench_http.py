@@ -24,8 +24,10 @@ def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
         for workload, producers in (
             ("W1", 1),
             ("W1", 4),
+            ("W1", 8),
             ("W2", 1),
             ("W2", 4),
+            ("W2", 8),
             ("W3", 1),
             ("W4", 16),
         )
@@ -34,7 +36,7 @@ def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
     # Minimal-receipt variants: written with Prefer: return=minimal, read back as binary.
     minimal = [
         (workload, producers, receipts, phase)
-        for workload, producers in (("W1", 4), ("W2", 4), ("W4", 16))
+        for workload, producers in (("W1", 8), ("W2", 8), ("W4", 16))
         for receipts, phase in (("minimal", "write"), ("full", "read binary"))
     ]
     got = Counter((c["workload"], c["producers"], c["receipts"], c["phase"]) for c in cases)
