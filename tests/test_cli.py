@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from messagevault import FileStorage, Writer
@@ -83,3 +84,20 @@ def test_serve_rejects_an_unknown_storage(tmp_path: Path) -> None:
     code, _, err = _run(tmp_path, "serve", "--storage", "ftp:somewhere", "--port", "0")
     assert code == 2
     assert "unknown storage" in err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--linger-ms", "-1"),
+        ("--linger-ms", "5000"),
+        ("--max-body", "10"),
+        ("--max-read-messages", "0"),
+        ("--max-queue-wait", "soon"),
+    ],
+)
+def test_serve_rejects_bad_limits_before_starting(tmp_path: Path, option: tuple[str, str]) -> None:
+    code, _, err = _run(tmp_path, "serve", *option)
+    assert code == 2
+    assert option[0] in err
+    assert not (tmp_path / "_system").exists()  # nothing was set up

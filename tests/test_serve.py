@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -78,3 +79,65 @@ def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
     values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
     assert values == [b"one", b"two"]
     assert password.encode() not in (tmp_path / "data" / "_system" / "users.json").read_bytes()
+
+
+def test_serve_limits_from_the_environment(tmp_path: Path) -> None:
+    """Limits set by MESSAGEVAULT_* variables are in force and in the "listening" log line."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MESSAGEVAULT_PORT": str(port),
+        "MESSAGEVAULT_STORAGE": f"file:{tmp_path / 'data'}",
+        "MESSAGEVAULT_MAX_BODY": "2048",
+        "MESSAGEVAULT_MAX_READ_MESSAGES": "2",
+        "MESSAGEVAULT_LINGER_MS": "2.5",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        password = process.stderr.readline().decode().rsplit(": ", 1)[1].strip()
+        _wait_until_up(port, process)
+        assert _post(port, "orders", ["one", "two", "three"], password)["stream"] == "orders"
+        try:
+            _post(port, "orders", ["x" * 3000], password)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 413
+        else:
+            raise AssertionError("a 3 KB body passed a 2 KB limit")
+        token = base64.b64encode(f"admin:{password}".encode()).decode()
+        for limit, status in ((2, 200), (3, 400)):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/streams/orders/messages?limit={limit}",
+                headers={"Authorization": f"Basic {token}"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    assert (response.status, len(json.loads(response.read())["messages"])) == (
+                        status,
+                        2,
+                    )
+            except urllib.error.HTTPError as exc:
+                assert exc.code == status
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        assert process.stderr is not None and process.stdout is not None
+        stderr = process.stderr.read()
+        process.stderr.close()
+        process.stdout.close()
+    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    (listening,) = [line for line in lines if line["message"] == "listening"]
+    assert listening["max_body"] == 2048
+    assert listening["max_read_messages"] == 2
+    assert listening["linger_ms"] == 2.5
+    assert listening["fsync"] == "always"
+    values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
+    assert values == [b"one", b"two", b"three"]

@@ -6,6 +6,7 @@ Storage is named by ``--storage`` (or ``MESSAGEVAULT_STORAGE``), default
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES
 from messagevault.errors import MessageVaultError
 from messagevault.format import MAX_FRAME_SIZE, Message
 from messagevault.reader import Reader
@@ -28,7 +30,7 @@ storage_option = click.option(
     envvar="MESSAGEVAULT_STORAGE",
     default="file:./data",
     show_default=True,
-    help="Where streams live: file:PATH.",
+    help="Where streams live: file:PATH, azure:CONNECTION_STRING or memory: (for trying out).",
 )
 
 
@@ -79,12 +81,73 @@ def main() -> None:
 @click.option(
     "--max-body",
     envvar="MESSAGEVAULT_MAX_BODY",
-    type=int,
+    type=click.IntRange(1024),
     default=MAX_FRAME_SIZE,
     show_default=True,
     help="Largest request body in bytes (413 beyond).",
 )
-def serve(host: str, port: int, storage_url: str, fsync: str, max_body: int) -> None:
+@click.option(
+    "--max-read-messages",
+    envvar="MESSAGEVAULT_MAX_READ_MESSAGES",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="Largest `limit` of one read request.",
+)
+@click.option(
+    "--max-read-bytes",
+    envvar="MESSAGEVAULT_MAX_READ_BYTES",
+    type=click.IntRange(1024),
+    default=8 * 1024 * 1024,
+    show_default=True,
+    help="Most bytes of messages (stored frames) in one read answer.",
+)
+@click.option(
+    "--max-wait",
+    envvar="MESSAGEVAULT_MAX_WAIT",
+    type=click.IntRange(0),
+    default=60,
+    show_default=True,
+    help="Longest long-poll `wait`, in seconds.",
+)
+@click.option(
+    "--linger-ms",
+    envvar="MESSAGEVAULT_LINGER_MS",
+    type=click.FloatRange(0, 1000),
+    default=0.0,
+    show_default=True,
+    help="Group commit: how long a commit waits for more appends before it starts.",
+)
+@click.option(
+    "--max-queued-bytes",
+    envvar="MESSAGEVAULT_MAX_QUEUED_BYTES",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_QUEUED_BYTES,
+    show_default=True,
+    help="Bytes waiting for a commit, per stream, before appends wait for room.",
+)
+@click.option(
+    "--max-queue-wait",
+    envvar="MESSAGEVAULT_MAX_QUEUE_WAIT",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="Seconds an append waits for room before 503 overloaded.",
+)
+def serve(  # click passes options by name
+    *,
+    host: str,
+    port: int,
+    storage_url: str,
+    fsync: str,
+    max_body: int,
+    max_read_messages: int,
+    max_read_bytes: int,
+    max_wait: int,
+    linger_ms: float,
+    max_queued_bytes: int,
+    max_queue_wait: float,
+) -> None:
     """Run the HTTP server, the single writer of the storage's streams."""
     import logging
 
@@ -109,10 +172,32 @@ def serve(host: str, port: int, storage_url: str, fsync: str, max_body: int) -> 
             "Keep it now; change it with `messagevault users passwd admin`.",
             err=True,
         )
-    app = create_app(StreamHub(storage), Limits(max_body=max_body), Authenticator(files))
+    limits = Limits(
+        max_body=max_body,
+        max_read_messages=max_read_messages,
+        max_read_bytes=max_read_bytes,
+        max_wait=max_wait,
+    )
+    hub = StreamHub(
+        storage,
+        linger=linger_ms / 1000,
+        max_queued_bytes=max_queued_bytes,
+        max_queue_wait=max_queue_wait,
+    )
+    app = create_app(hub, limits, Authenticator(files))
+    settings = {
+        "fsync": fsync,
+        **dataclasses.asdict(limits),
+        "linger_ms": linger_ms,
+        "max_queued_bytes": max_queued_bytes,
+        "max_queue_wait": max_queue_wait,
+    }
 
     async def announce(app: web.Application) -> None:
-        log.info("listening", extra={"host": host, "port": port, "storage": storage.describe()})
+        log.info(
+            "listening",
+            extra={"host": host, "port": port, "storage": storage.describe(), **settings},
+        )
 
     app.on_startup.append(announce)
     # run_app turns SIGINT/SIGTERM into a graceful stop: no new requests,

@@ -119,10 +119,12 @@ class StreamHub:
         storage: Storage,
         *,
         io_threads: int = 16,
+        linger: float = 0.0,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         max_queue_wait: float = 10.0,
     ) -> None:
         self.storage = storage
+        self.linger = linger  # seconds a commit waits for more appends (GroupCommitter)
         self.max_queued_bytes = max_queued_bytes
         # How long an append waits for room in a full commit queue before it
         # is refused with Overloaded (503): waiting holds an I/O thread.
@@ -200,6 +202,7 @@ class StreamHub:
                 writer = await self.run(Writer.open, self.storage, stream)
                 committer = self._committers[stream] = GroupCommitter(
                     writer,
+                    linger=self.linger,
                     max_queued_bytes=self.max_queued_bytes,
                     after_group=self._get_handoff().wake,
                 )
