@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from messagevault import FileStorage, Reader
@@ -141,3 +142,64 @@ def test_serve_limits_from_the_environment(tmp_path: Path) -> None:
     assert listening["fsync"] == "always"
     values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
     assert values == [b"one", b"two", b"three"]
+
+
+def _waiting_reads(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("messagevault_waiting_reads{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0
+
+
+def test_sigterm_ends_tails_and_long_polls_at_once(tmp_path: Path) -> None:
+    """A following client must not hold the shutdown until the grace period runs out."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MESSAGEVAULT_PORT": str(port),
+        "MESSAGEVAULT_STORAGE": f"file:{tmp_path / 'data'}",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    responses = []
+    try:
+        assert process.stderr is not None
+        password = process.stderr.readline().decode().rsplit(": ", 1)[1].strip()
+        _wait_until_up(port, process)
+        end = _post(port, "orders", ["one"], password)["position"]
+        token = base64.b64encode(f"admin:{password}".encode()).decode()
+        for accept, query in (("text/event-stream", ""), ("application/json", "&wait=60")):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/streams/orders/messages?from={end}{query}",
+                headers={"Authorization": f"Basic {token}", "Accept": accept},
+            )
+            # The SSE answer starts at once; the long poll's only when it ends.
+            responses.append(
+                urllib.request.urlopen(request, timeout=120)
+                if accept == "text/event-stream"
+                else ThreadPoolExecutor(1).submit(
+                    lambda r=request: urllib.request.urlopen(r, timeout=120).read()
+                )
+            )
+        deadline = time.monotonic() + 30
+        while _waiting_reads(port) < 2:  # both have reached the server and wait
+            assert time.monotonic() < deadline, "the reads never started waiting"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        # aiohttp's grace period is 30 s; the waits must end well before it.
+        assert process.wait(timeout=20) == 0
+        tail, poll = responses
+        assert json.loads(poll.result(timeout=20))["messages"] == []
+        assert tail.read() == b": keep-alive\n\n"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        assert process.stderr is not None
+        process.stderr.read()
+        process.stderr.close()

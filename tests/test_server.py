@@ -136,6 +136,30 @@ async def test_a_commit_wakes_a_long_poll(aiohttp_client: MakeClient, tmp_path: 
     assert hub._tailing["orders"] == 0
 
 
+async def test_shutting_down_ends_long_polls_and_tails(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    hub = StreamHub(FileStorage(tmp_path))
+    hub.recheck_interval = 600  # only stop_waiting can end the waits early
+    client = await aiohttp_client(create_app(hub))
+    end = (await _post_json(client, "orders", [{"value": "one"}]))["position"]
+    poll = asyncio.create_task(
+        client.get("/streams/orders/messages", params={"from": end, "wait": 60})
+    )
+    tail = await client.get(
+        "/streams/orders/messages", params={"from": end}, headers={"Accept": "text/event-stream"}
+    )
+    for _ in range(500):  # until both wait (bounded: 5 s)
+        if hub._tailing.get("orders") == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert hub._tailing.get("orders") == 2
+    await hub.stop_waiting()
+    answer = await asyncio.wait_for(poll, 30)
+    assert (answer.status, (await answer.json())["messages"]) == (200, [])
+    assert await asyncio.wait_for(tail.read(), 30) == b": keep-alive\n\n"  # then the end
+
+
 async def test_long_poll_times_out_empty(client: Client) -> None:
     end = (await _post_json(client, "orders", [{"value": "one"}]))["position"]
     response = await client.get("/streams/orders/messages", params={"from": end, "wait": 1})

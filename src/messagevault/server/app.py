@@ -64,7 +64,7 @@ class Limits:
 
 
 class CommitCollector(Collector):
-    """Per-stream group-commit figures, read from the committers when scraped.
+    """Per-stream group-commit figures (and waiting reads), read from the hub when scraped.
 
     Nothing is counted on the append path: the committers keep plain
     counters and this turns them into metric families at scrape time. The
@@ -109,9 +109,17 @@ class CommitCollector(Collector):
         yield CounterMetricFamily(
             "messagevault_appended_messages", "Messages committed, all streams", value=appended
         )
+        waiting = GaugeMetricFamily(
+            "messagevault_waiting_reads",
+            "Long polls and tails waiting for the next commit",
+            labels=["stream"],
+        )
+        for stream, count in sorted(self.hub.waiting_reads().items()):
+            waiting.add_metric([stream], count)
         yield from families.values()
         yield queued
         yield length
+        yield waiting
 
 
 class Metrics:
@@ -278,9 +286,16 @@ def create_app(
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/openapi.json", openapi)
 
+    async def end_waits(app: web.Application) -> None:
+        await app[HUB].stop_waiting()
+
     async def close_hub(app: web.Application) -> None:
         await app[HUB].close()
 
+    # on_shutdown runs before the server waits for open requests to finish:
+    # long polls and tails end there; appends in flight finish, then
+    # on_cleanup drains the committers.
+    app.on_shutdown.append(end_waits)
     app.on_cleanup.append(close_hub)
     return app
 
@@ -532,7 +547,7 @@ async def _server_sent_events(
         headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    while True:
+    while not hub.stopping:  # a shutdown ends the stream: the client reconnects elsewhere
         messages, position_after = await hub.read(
             stream, position, limit, request.app[LIMITS].max_read_bytes
         )
@@ -543,6 +558,8 @@ async def _server_sent_events(
         if not messages:
             await hub.wait_for_commit(stream, position, 15)
             await response.write(b": keep-alive\n\n")
+    await response.write_eof()
+    return response
 
 
 async def health(request: web.Request) -> web.Response:

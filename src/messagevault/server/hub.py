@@ -137,6 +137,7 @@ class StreamHub:
         # Commits by another node do not notify; a long poll re-reads the
         # checkpoint this often (seconds) to see them.
         self.recheck_interval = 1.0
+        self.stopping = False  # set by stop_waiting() when the server shuts down
         self._handoff: _Handoff | None = None
         self._idle_readers = _IdleReaders()
         self._room = asyncio.Event()  # set (and replaced) after commits while appends await room
@@ -208,6 +209,10 @@ class StreamHub:
                 )
         return committer
 
+    def waiting_reads(self) -> dict[str, int]:
+        """Long polls and tails waiting for a commit, per stream (for metrics)."""
+        return {stream: count for stream, count in self._tailing.items() if count}
+
     def committers(self) -> dict[str, GroupCommitter]:
         """The streams this server writes, each with its committer (for metrics)."""
         return dict(self._committers)
@@ -227,7 +232,7 @@ class StreamHub:
         deadline = loop.time() + timeout
         self._tailing[stream] = self._tailing.get(stream, 0) + 1
         try:
-            while (await self.checkpoint(stream)).length <= beyond:
+            while not self.stopping and (await self.checkpoint(stream)).length <= beyond:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
@@ -238,6 +243,17 @@ class StreamHub:
                         )
         finally:
             self._tailing[stream] -= 1
+
+    async def stop_waiting(self) -> None:
+        """End every long poll and tail now: the server is shutting down.
+
+        They would otherwise hold the shutdown for as long as they wait (a
+        tail, for ever) while nothing is left for them to see.
+        """
+        self.stopping = True
+        for condition in list(self._commits.values()):
+            async with condition:
+                condition.notify_all()
 
     async def checkpoint(self, stream: str) -> Checkpoint:
         committer = self._committers.get(stream)
