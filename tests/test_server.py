@@ -449,6 +449,107 @@ async def test_a_short_read_of_remote_storage_fetches_little(aiohttp_client: Mak
         assert storage.bytes_read - before <= 2 * READ_CHUNK_SIZE
 
 
+async def test_a_deposed_writers_server_reads_what_storage_holds(
+    aiohttp_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once its writer has not confirmed a commit lately, the server asks storage."""
+    monkeypatch.setattr("messagevault.server.hub.WRITER_TRUST", 0.0)
+    storage = MemoryStorage()
+    client = await aiohttp_client(create_app(StreamHub(storage)))
+    await _post_json(client, "orders", [{"value": "mine"}])
+    with Writer.open(storage, "orders", takeover=True) as usurper:  # e.g. another node
+        usurper.append([(b"k", b"theirs")])
+    read = await (await client.get("/streams/orders/messages")).json()
+    assert [m["value"] for m in read["messages"]] == ["mine", "theirs"]
+    info = await (await client.get("/streams/orders")).json()
+    assert info["messages"] == 2
+
+
+def test_idle_readers_are_bounded_and_closed(tmp_path: Path) -> None:
+    from messagevault.server.hub import _IdleReaders
+
+    storage = FileStorage(tmp_path)
+    for n in range(3):
+        with Writer.open(storage, f"stream-{n}") as writer:
+            writer.append([(b"k", b"v")])
+    idle = _IdleReaders(limit=4)
+    readers = [(f"stream-{n % 3}", Reader.open(storage, f"stream-{n % 3}")) for n in range(6)]
+    for stream, reader in readers:
+        idle.give(stream, reader)
+
+    def is_open(reader: Reader) -> bool:
+        try:
+            reader.checkpoint()
+        except ValueError:  # "stream handle ... is closed"
+            return False
+        return True
+
+    # Over the limit, the least recently used stream loses its oldest reader:
+    # stream-2 (last given before stream-0 and stream-1 came back), then stream-0.
+    assert [is_open(r) for _, r in readers] == [False, True, False, True, True, True]
+    taken = idle.take("stream-2")
+    assert taken is readers[5][1]
+    assert idle.take("stream-0") is readers[3][1]
+    assert idle.take("stream-0") is None
+    idle.close()
+    assert not is_open(readers[1][1])
+    assert not is_open(readers[4][1])
+    idle.give("stream-2", taken)  # a read that finished after the hub closed
+    assert not is_open(taken)
+
+
+async def test_appends_waiting_for_room_keep_their_turn(aiohttp_client: MakeClient) -> None:
+    """Room that appears is taken by the append that waited, not by one arriving later."""
+    storage = GatedStorage(hold=30)
+    hub = StreamHub(storage, max_queued_bytes=1)
+    hub.room_recheck = 600  # waiters wake only when a commit is delivered
+    client = await aiohttp_client(create_app(hub))
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
+    assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
+    queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
+    await _until_full(hub)
+    committer = hub._committers["orders"]
+    queued_size = committer.queued_bytes
+    waited = asyncio.ensure_future(_post_json(client, "orders", [{"value": "waited"}]))
+    for _ in range(500):
+        if hub._awaiting_room == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert hub._awaiting_room == 1
+    committer.max_queued_bytes = 10**9  # room now, before any commit wakes the waiter
+    late = asyncio.ensure_future(_post_json(client, "orders", [{"value": "late"}]))
+    for _ in range(500):  # until "late" has reached the hub: waiting, or (wrongly) queued
+        if hub._awaiting_room == 2 or committer.queued_bytes > queued_size:
+            break
+        await asyncio.sleep(0.01)
+    storage.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, queued, waited, late), 30)
+    sequences = [a["messages"][0]["sequence"] for a in answers]
+    assert sequences == [0, 1, 2, 3]
+
+
+def test_minimal_answer_text_is_the_json_of_its_first_and_last_receipts() -> None:
+    from messagevault import AppendResult
+    from messagevault.records import iso_time
+    from messagevault.server.app import appended_minimal
+
+    for result in (
+        AppendResult(0, 100, 0, 3, 1_700_000_000_123, 100),
+        AppendResult(2**49 - 100, 400, 2**32 - 3, 7, 1_800_000_000_001, 2**49 + 300),
+        AppendResult(77, 68, 5, 1, 0, 145),
+    ):
+        first, last = result[0], result[-1]
+        assert json.loads(appended_minimal("orders-2024", result)) == {
+            "stream": "orders-2024",
+            "position": result.committed_length,
+            "count": result.message_count,
+            "timestamp": iso_time(result.timestamp),
+            "first": {"position": first.position, "sequence": first.sequence, "id": first.id.hex()},
+            "last": {"position": last.position, "sequence": last.sequence, "id": last.id.hex()},
+        }
+
+
 def test_append_answer_text_equals_the_plain_json_of_its_receipts() -> None:
     from messagevault import AppendResult
     from messagevault.server.app import appended_json
@@ -522,6 +623,16 @@ async def test_without_prefer_minimal_every_receipt_comes(
     assert len((await response.json())["messages"]) == 2
 
 
+async def _until_full(hub: StreamHub, stream: str = "orders") -> None:
+    """Wait (5 s at most) until the stream's commit queue has no room left."""
+    for _ in range(500):
+        committer = hub._committers.get(stream)
+        if committer is not None and not committer.has_room:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the commit queue never filled")
+
+
 class GatedStorage(MemoryStorage):
     """Memory storage whose writes wait for ``gate`` (``hold`` seconds at most): a stalled store."""
 
@@ -562,13 +673,16 @@ async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient
     # The first commit is now stuck in its write; the next append fills the queue...
     assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
     queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
-    await asyncio.sleep(0.2)
+    await _until_full(hub)
     # ... and the ones after it find no room.
     waiting = [
         asyncio.ensure_future(_post_json(client, "orders", [{"value": f"waiting {n}"}]))
         for n in range(3)
     ]
-    await asyncio.sleep(0.2)
+    for _ in range(500):  # until all three wait (bounded: 5 s)
+        if hub._awaiting_room == 3:
+            break
+        await asyncio.sleep(0.01)
     health = await asyncio.wait_for(client.get("/health"), 15)
     assert health.status == 200
     assert hub._awaiting_room == 3
@@ -623,7 +737,7 @@ async def test_an_append_that_waits_too_long_for_room_is_refused_with_503(
     first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
     assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
     queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
-    await asyncio.sleep(0.2)
+    await _until_full(hub)
     refused = await client.post("/streams/orders", json={"messages": [{"value": "refused"}]})
     await _error(refused, 503, "overloaded")
     assert refused.headers["Retry-After"] == "1"

@@ -6,6 +6,7 @@ they reach storage (the ambiguous case a network timeout leaves behind).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -110,6 +111,29 @@ def test_lasting_fault_fails_the_append_then_the_writer_recovers(
     with Writer.open(storage, "orders") as again:
         again.append([(b"k", b"fourth")])
     assert _values(storage)[-2:] == [b"third", b"fourth"]
+
+
+def test_recent_checkpoint_is_withheld_while_a_commit_is_in_doubt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = MemoryStorage()
+    writer, store = _open(storage, commit_timeout=0.2)
+    first = writer.append([(b"k", b"first")])
+    assert writer.recent_checkpoint(60) == writer.checkpoint
+    assert writer.recent_checkpoint(60).length == first.end  # type: ignore[union-attr]
+    store.fail["advance_checkpoint"] = ("after", 1000)  # lands, but the writer never hears
+    store.fail["read_checkpoint"] = ("before", 1000)
+    with pytest.raises(StorageError):
+        writer.append([(b"k", b"second")])
+    assert writer.recent_checkpoint(60) is None  # storage may hold more than the writer knows
+    store.fail.clear()
+    writer.append([(b"k", b"third")])  # resyncs, then commits
+    assert writer.recent_checkpoint(60) == writer.checkpoint
+    # Quiet for longer than max_age: another writer may have taken over meanwhile.
+    later = time.monotonic() + 5
+    monkeypatch.setattr("messagevault.writer.time.monotonic", lambda: later)
+    assert writer.recent_checkpoint(1) is None
+    assert writer.recent_checkpoint(60) == writer.checkpoint
 
 
 def test_takeover_fences_the_old_writer() -> None:

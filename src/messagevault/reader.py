@@ -345,7 +345,10 @@ class Reader:
         size = 0
         wanted = -skip  # messages from ``position`` on, so far
         end = frame_position
-        for buffer, offset, header in self._raw_frames(frame_position, committed):
+        # Without a message limit the answer is max_bytes of frames: read
+        # them in one go (one round trip on Azure) rather than chunk by chunk.
+        chunk_size = max(self._chunk_size, max_bytes) if max_messages is None else None
+        for buffer, offset, header in self._raw_frames(frame_position, committed, chunk_size):
             if pieces and size + header.frame_size > max_bytes:
                 break
             verify_frame(buffer, offset, header.base_position)
@@ -383,9 +386,15 @@ class Reader:
             )
         return VerifyReport(frames, messages, committed.length - frame_position)
 
-    def _raw_frames(self, position: int, end: int) -> Iterator[tuple[bytes, int, FrameHeader]]:
-        """Yield (buffer, offset, checked header) for each whole frame up to ``end``."""
-        read_ahead = _ReadAhead(self._store, self._chunk_size, end) if self._read_ahead else None
+    def _raw_frames(
+        self, position: int, end: int, chunk_size: int | None = None
+    ) -> Iterator[tuple[bytes, int, FrameHeader]]:
+        """Yield (buffer, offset, checked header) for each whole frame up to ``end``.
+
+        Storage is read ``chunk_size`` bytes at a time (default: the reader's).
+        """
+        chunk_size = chunk_size or self._chunk_size
+        read_ahead = _ReadAhead(self._store, chunk_size, end) if self._read_ahead else None
         buffer = b""
         buffer_start = position
 
@@ -396,7 +405,7 @@ class Reader:
             if len(buffer) - offset >= needed:
                 return offset
             if read_ahead is None:
-                buffer = self._refill(position, needed, end)
+                buffer = self._refill(position, needed, end, chunk_size)
             else:
                 buffer = read_ahead.refill(buffer[offset:], position, needed)
             buffer_start = position
@@ -419,14 +428,14 @@ class Reader:
             if read_ahead is not None:
                 read_ahead.close()
 
-    def _refill(self, position: int, needed: int, end: int) -> bytes:
+    def _refill(self, position: int, needed: int, end: int, chunk_size: int) -> bytes:
         """A buffer starting at ``position`` that should hold ``needed`` bytes (local storage).
 
         The partial frame at the end of the old buffer is read again rather
         than joined to the new chunk: that rereads part of a frame instead of
         copying a whole chunk.
         """
-        return self._store.read(position, min(max(self._chunk_size, needed), end - position))
+        return self._store.read(position, min(max(chunk_size, needed), end - position))
 
     def _check_filled(self, buffer: bytes, position: int, needed: int, end: int) -> None:
         if len(buffer) < needed:

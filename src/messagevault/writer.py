@@ -107,6 +107,7 @@ class Writer:
         self._in_doubt: Checkpoint | None = None
         self.commit_timeout = commit_timeout
         self._checkpoint = store.read_checkpoint()
+        self._confirmed_at = time.monotonic()  # when storage last agreed with _checkpoint
         self._verify_tail()
         self._tail = self._read_tail_page()
 
@@ -136,6 +137,18 @@ class Writer:
     @property
     def checkpoint(self) -> Checkpoint:
         """The last checkpoint this writer committed or found."""
+        return self._checkpoint
+
+    def recent_checkpoint(self, max_age: float) -> Checkpoint | None:
+        """The committed checkpoint, if storage confirmed it within ``max_age`` seconds.
+
+        None while a failed commit is in doubt (it may have landed) or when
+        this writer has not committed for longer: another writer may have
+        deposed it meanwhile. Safe to call from another thread than the one
+        appending: it may then lag one commit behind, never run ahead.
+        """
+        if self._needs_resync or time.monotonic() - self._confirmed_at > max_age:
+            return None
         return self._checkpoint
 
     @property
@@ -189,6 +202,7 @@ class Writer:
             self._in_doubt = new  # it may yet turn out to have landed
             raise
         self._checkpoint = new
+        self._confirmed_at = time.monotonic()
         return [
             AppendResult(frame, batch.frame_size, base, batch.count, timestamp, position)
             for frame, batch, base in frames
@@ -321,6 +335,7 @@ class Writer:
             )
             raise self._broken
         self._checkpoint = stored
+        self._confirmed_at = time.monotonic()
         self._in_doubt = None
         self._tail = self._read_tail_page()
         self._needs_resync = False

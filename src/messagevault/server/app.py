@@ -580,4 +580,7 @@ async def metrics_route(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    limits = request.app[LIMITS]
+    return web.json_response(
+        openapi_document(max_read_messages=limits.max_read_messages, max_wait=int(limits.max_wait))
+    )

@@ -3,7 +3,9 @@
 Storage calls block (files, the Azure SDK), so they run in a thread pool;
 appends go through each stream's ``GroupCommitter``, whose thread turns the
 requests waiting at any moment into one storage commit. Long-polling readers
-wait on a per-stream condition that every commit notifies.
+wait on a per-stream condition that commits notify while anyone waits. Reads
+reuse idle readers and, for the streams this server writes, take the
+committed length from the writer rather than from storage.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from messagevault.writer import AppendResult, Writer
 
 T = TypeVar("T")
 
+# How long after its last confirmed commit a writer's checkpoint is taken
+# as the committed state (see StreamHub._known_checkpoint), in seconds.
+WRITER_TRUST = 1.0
+
 # Server reads are pages (1,000 messages by default): read storage in steps
 # of this size, without read-ahead, rather than the reader's 4-8 MiB chunks
 # fetched ahead, which suit scans but would make a page of ten messages on
@@ -37,33 +43,41 @@ READ_CHUNK_SIZE = 1024 * 1024
 class _IdleReaders:
     """Readers not in use, kept per stream for the next read request (event loop only).
 
-    Bounded: a few per stream (as many as read at once, usually one or two),
-    for the most recently read streams; the rest are closed.
+    Bounded in all (each holds open files): the most recently used are kept,
+    the rest closed. Once closed, readers given back are closed at once.
     """
 
-    def __init__(self, per_stream: int = 4, streams: int = 256) -> None:
-        self._per_stream = per_stream
-        self._streams = streams
+    def __init__(self, limit: int = 64) -> None:
+        self._limit = limit
         self._idle: OrderedDict[str, list[Reader]] = OrderedDict()
+        self._count = 0
+        self._closed = False
 
     def take(self, stream: str) -> Reader | None:
         idle = self._idle.get(stream)
-        return idle.pop() if idle else None
+        if not idle:
+            return None
+        self._count -= 1
+        return idle.pop()
 
     def give(self, stream: str, reader: Reader) -> None:
-        idle = self._idle.setdefault(stream, [])
-        self._idle.move_to_end(stream)
-        if len(idle) < self._per_stream:
-            idle.append(reader)
-        else:
+        if self._closed:
             reader.close()
-        while len(self._idle) > self._streams:
-            _, evicted = self._idle.popitem(last=False)
-            for old in evicted:
-                old.close()
+            return
+        self._idle.setdefault(stream, []).append(reader)
+        self._idle.move_to_end(stream)
+        self._count += 1
+        while self._count > self._limit:
+            oldest = next(iter(self._idle))
+            readers = self._idle[oldest]
+            readers.pop(0).close()
+            self._count -= 1
+            if not readers:
+                del self._idle[oldest]
 
     def close(self) -> None:
-        idle, self._idle = self._idle, OrderedDict()
+        self._closed = True
+        idle, self._idle, self._count = self._idle, OrderedDict(), 0
         for readers in idle.values():
             for reader in readers:
                 reader.close()
@@ -127,7 +141,7 @@ class StreamHub:
         self.linger = linger  # seconds a commit waits for more appends (GroupCommitter)
         self.max_queued_bytes = max_queued_bytes
         # How long an append waits for room in a full commit queue before it
-        # is refused with Overloaded (503): waiting holds an I/O thread.
+        # is refused with Overloaded (503).
         self.max_queue_wait = max_queue_wait
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="mv-io")
         self._committers: dict[str, GroupCommitter] = {}
@@ -142,6 +156,10 @@ class StreamHub:
         self._idle_readers = _IdleReaders()
         self._room = asyncio.Event()  # set (and replaced) after commits while appends await room
         self._awaiting_room = 0
+        self._turnstiles: dict[str, asyncio.Lock] = {}  # appends waiting for room, in order
+        # Room is made when a commit starts, but waiters hear of it when one
+        # ends; they also look this often (seconds).
+        self.room_recheck = 0.1
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking storage call in the I/O pool."""
@@ -153,11 +171,13 @@ class StreamHub:
         waiter: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         future: Future[AppendResult] = Future()
         future.add_done_callback(functools.partial(self._get_handoff().park, waiter))
-        if not committer.has_room:
-            await self._wait_for_room(committer)
-        # Only this loop submits, so the queue can only have shrunk since the
-        # check: submit returns at once.
-        committer.submit(batch, future)
+        turnstile = self._turnstiles.get(stream)
+        if committer.has_room and (turnstile is None or not turnstile.locked()):
+            # Only this loop submits, so the queue can only have shrunk since
+            # the check: submit returns at once.
+            committer.submit(batch, future)
+        else:
+            await self._submit_in_turn(stream, committer, batch, future)
         result = await waiter
         if self._tailing.get(stream):
             condition = self._condition(stream)
@@ -165,24 +185,34 @@ class StreamHub:
                 condition.notify_all()
         return result
 
-    async def _wait_for_room(self, committer: GroupCommitter) -> None:
-        """Wait until ``committer`` has room, on the event loop, or raise ``Overloaded``.
+    async def _submit_in_turn(
+        self,
+        stream: str,
+        committer: GroupCommitter,
+        batch: EncodedBatch,
+        future: Future[AppendResult],
+    ) -> None:
+        """Submit once the queue has room, after appends that found none before this one.
 
-        Waiting here holds no thread, so a slow storage (an Azure outage
-        being ridden out) with appends piling up never stalls health checks,
-        reads or other streams. Commit deliveries notify; the periodic
-        re-check covers room made by a commit that has not finished yet.
+        Waiting holds no thread and does not block the event loop, so a slow
+        storage (an Azure outage being ridden out) with appends piling up
+        never stalls health checks, reads or other streams. The turnstile
+        (an asyncio lock: first come, first served) keeps new appends from
+        taking the room the earlier ones wait for. Commit deliveries wake
+        the head of the line; it also re-checks every ``room_recheck``
+        seconds, since room is made when a commit starts. After
+        ``max_queue_wait`` seconds in all: ``Overloaded``.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_queue_wait
+        turnstile = self._turnstiles.setdefault(stream, asyncio.Lock())
         self._awaiting_room += 1
         try:
-            while not committer.has_room and committer.accepting:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise committer.overloaded()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._room.wait(), min(remaining, 0.1))
+            async with asyncio.timeout(self.max_queue_wait), turnstile:
+                while not committer.has_room and committer.accepting:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), self.room_recheck)
+                committer.submit(batch, future)
+        except TimeoutError:
+            raise committer.overloaded() from None
         finally:
             self._awaiting_room -= 1
 
@@ -256,10 +286,23 @@ class StreamHub:
                 condition.notify_all()
 
     async def checkpoint(self, stream: str) -> Checkpoint:
-        committer = self._committers.get(stream)
-        if committer is not None and committer.accepting:
-            return committer.writer.checkpoint
+        known = self._known_checkpoint(stream)
+        if known is not None:
+            return known
         return await self._with_reader(stream, _read_checkpoint)
+
+    def _known_checkpoint(self, stream: str) -> Checkpoint | None:
+        """The committed checkpoint without asking storage, when this server knows it.
+
+        That is when this server writes the stream and its writer's state was
+        confirmed by storage in the last ``WRITER_TRUST`` seconds: no failed
+        commit in doubt, and too recent for another writer to have taken over
+        unnoticed for long.
+        """
+        committer = self._committers.get(stream)
+        if committer is None or not committer.accepting:
+            return None
+        return committer.writer.recent_checkpoint(WRITER_TRUST)
 
     async def read(
         self, stream: str, position: int, limit: int, max_bytes: int
@@ -281,21 +324,24 @@ class StreamHub:
         writes, the writer's checkpoint is the committed length: readers
         skip reading it from storage.
         """
-        committer = self._committers.get(stream)
-        committed = (
-            committer.writer.checkpoint.length
-            if committer is not None and committer.accepting
-            else None
-        )
+        known = self._known_checkpoint(stream)
+        committed = None if known is None else known.length
         reader = self._idle_readers.take(stream)
         work = functools.partial(
             _using_reader, self.storage, stream, reader, function, committed, *args
         )
-        future = asyncio.get_running_loop().run_in_executor(self._pool, work)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, work)
+        except BaseException:  # the pool is shut down: the reader will not be used
+            if reader is not None:
+                reader.close()
+            raise
 
         def keep(done: asyncio.Future[tuple[T, Reader]]) -> None:
             if not done.cancelled() and done.exception() is None:
                 self._idle_readers.give(stream, done.result()[1])
+            elif reader is not None:
+                reader.close()  # idempotent: a failed read closed it already
 
         future.add_done_callback(keep)
         # shield: a request that goes away still lets the reader come back.

@@ -48,7 +48,8 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, with this server's read limits as the bounds."""
     message_out = {
         "type": "object",
         "required": ["position", "sequence", "id", "timestamp", "key", "value", "next_position"],
@@ -147,12 +148,16 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "limit",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 10_000},
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": max_read_messages,
+                            },
                         },
                         {
                             "name": "wait",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 0, "maximum": 60},
+                            "schema": {"type": "integer", "minimum": 0, "maximum": max_wait},
                         },
                     ],
                     "responses": {
