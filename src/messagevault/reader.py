@@ -345,9 +345,12 @@ class Reader:
         size = 0
         wanted = -skip  # messages from ``position`` on, so far
         end = frame_position
-        # Without a message limit the answer is max_bytes of frames: read
-        # them in one go (one round trip on Azure) rather than chunk by chunk.
-        chunk_size = max(self._chunk_size, max_bytes) if max_messages is None else None
+        # Without a message limit the answer is max_bytes of frames: from
+        # remote storage, read them in one round trip rather than chunk by
+        # chunk. (Locally, one big read measured slower than chunks: 0.57 s
+        # against 0.31 s for 116 MB.)
+        bulk = max_messages is None and _is_remote(self._store)
+        chunk_size = max(self._chunk_size, max_bytes) if bulk else None
         for buffer, offset, header in self._raw_frames(frame_position, committed, chunk_size):
             if pieces and size + header.frame_size > max_bytes:
                 break
