@@ -13,6 +13,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from messagevault import FileStorage, Reader
 from tests.azurite import free_port
@@ -42,100 +45,95 @@ def _post(port: int, stream: str, values: list[str], password: str) -> dict[str,
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
-def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "MESSAGEVAULT_PORT": str(port)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve"],
-        cwd=tmp_path,  # the default storage is ./data
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stderr is not None
+class _Server:
+    """``messagevault serve`` as a subprocess on a free port; stopped (by PID) on exit.
+
+    ``password`` is the new admin's, printed once on the first start;
+    ``log`` holds the JSON log lines once the process has ended.
+    """
+
+    def __init__(self, cwd: Path, **variables: str) -> None:
+        self.port = free_port()
+        env = {**os.environ, "MESSAGEVAULT_PORT": str(self.port), **variables}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "messagevault.cli", "serve"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.log: list[dict[str, Any]] = []
+        assert self.process.stderr is not None
         # The first start prints the new admin's password once, before listening.
-        first_line = process.stderr.readline().decode()
-        assert first_line.startswith("Created user 'admin' with password: ")
-        password = first_line.rsplit(": ", 1)[1].strip()
-        _wait_until_up(port, process)
-        answer = _post(port, "orders", ["one", "two"], password)
-        assert answer["stream"] == "orders"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+        self.first_line = self.process.stderr.readline().decode()
+        self.password = self.first_line.rsplit(": ", 1)[-1].strip()
+
+    def __enter__(self) -> _Server:
+        _wait_until_up(self.port, self.process)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
         # The process has exited: read() returns the rest, including what
         # readline() above already buffered. communicate() reads the raw
         # descriptor and would lose that (the "listening" line, at times).
-        assert process.stderr is not None and process.stdout is not None
-        stderr = process.stderr.read()
-        process.stderr.close()
-        process.stdout.close()
-    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
-    assert any(line["message"] == "listening" and line["port"] == port for line in lines)
+        assert self.process.stderr is not None
+        stderr = self.process.stderr.read()
+        self.process.stderr.close()
+        self.log = [json.loads(line) for line in stderr.decode().splitlines() if line[:1] == "{"]
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code (within 20 s: aiohttp's own grace period is 30 s)."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=20)
+
+    def get(self, path: str, accept: str = "application/json") -> Any:
+        token = base64.b64encode(f"admin:{self.password}".encode()).decode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            headers={"Authorization": f"Basic {token}", "Accept": accept},
+        )
+        return urllib.request.urlopen(request, timeout=120)
+
+
+def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
+    with _Server(tmp_path) as server:  # the default storage is ./data
+        assert server.first_line.startswith("Created user 'admin' with password: ")
+        answer = _post(server.port, "orders", ["one", "two"], server.password)
+        assert answer["stream"] == "orders"
+        assert server.stop() == 0
+    lines = server.log
+    assert any(line["message"] == "listening" and line["port"] == server.port for line in lines)
     assert lines[-1]["message"] == "stopped"
     values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
     assert values == [b"one", b"two"]
-    assert password.encode() not in (tmp_path / "data" / "_system" / "users.json").read_bytes()
+    users = (tmp_path / "data" / "_system" / "users.json").read_bytes()
+    assert server.password.encode() not in users
 
 
 def test_serve_limits_from_the_environment(tmp_path: Path) -> None:
     """Limits set by MESSAGEVAULT_* variables are in force and in the "listening" log line."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MESSAGEVAULT_PORT": str(port),
-        "MESSAGEVAULT_STORAGE": f"file:{tmp_path / 'data'}",
+    limits = {
         "MESSAGEVAULT_MAX_BODY": "2048",
         "MESSAGEVAULT_MAX_READ_MESSAGES": "2",
         "MESSAGEVAULT_LINGER_MS": "2.5",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stderr is not None
-        password = process.stderr.readline().decode().rsplit(": ", 1)[1].strip()
-        _wait_until_up(port, process)
-        assert _post(port, "orders", ["one", "two", "three"], password)["stream"] == "orders"
-        try:
-            _post(port, "orders", ["x" * 3000], password)
-        except urllib.error.HTTPError as exc:
-            assert exc.code == 413
-        else:
-            raise AssertionError("a 3 KB body passed a 2 KB limit")
-        token = base64.b64encode(f"admin:{password}".encode()).decode()
-        for limit, status in ((2, 200), (3, 400)):
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/streams/orders/messages?limit={limit}",
-                headers={"Authorization": f"Basic {token}"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    assert (response.status, len(json.loads(response.read())["messages"])) == (
-                        status,
-                        2,
-                    )
-            except urllib.error.HTTPError as exc:
-                assert exc.code == status
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-        assert process.stderr is not None and process.stdout is not None
-        stderr = process.stderr.read()
-        process.stderr.close()
-        process.stdout.close()
-    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
-    (listening,) = [line for line in lines if line["message"] == "listening"]
+    with _Server(tmp_path, **limits) as server:
+        assert _post(server.port, "orders", ["one", "two", "three"], server.password)
+        with pytest.raises(urllib.error.HTTPError) as too_big:
+            _post(server.port, "orders", ["x" * 3000], server.password)
+        assert too_big.value.code == 413
+        too_big.value.close()
+        with server.get("/streams/orders/messages?limit=2") as response:
+            assert len(json.loads(response.read())["messages"]) == 2
+        with pytest.raises(urllib.error.HTTPError) as over_limit:
+            server.get("/streams/orders/messages?limit=3")
+        assert over_limit.value.code == 400
+        over_limit.value.close()
+        assert server.stop() == 0
+    (listening,) = [line for line in server.log if line["message"] == "listening"]
     assert listening["max_body"] == 2048
     assert listening["max_read_messages"] == 2
     assert listening["linger_ms"] == 2.5
@@ -154,52 +152,16 @@ def _waiting_reads(port: int) -> float:
 
 def test_sigterm_ends_tails_and_long_polls_at_once(tmp_path: Path) -> None:
     """A following client must not hold the shutdown until the grace period runs out."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MESSAGEVAULT_PORT": str(port),
-        "MESSAGEVAULT_STORAGE": f"file:{tmp_path / 'data'}",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    responses = []
-    try:
-        assert process.stderr is not None
-        password = process.stderr.readline().decode().rsplit(": ", 1)[1].strip()
-        _wait_until_up(port, process)
-        end = _post(port, "orders", ["one"], password)["position"]
-        token = base64.b64encode(f"admin:{password}".encode()).decode()
-        for accept, query in (("text/event-stream", ""), ("application/json", "&wait=60")):
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/streams/orders/messages?from={end}{query}",
-                headers={"Authorization": f"Basic {token}", "Accept": accept},
-            )
-            # The SSE answer starts at once; the long poll's only when it ends.
-            responses.append(
-                urllib.request.urlopen(request, timeout=120)
-                if accept == "text/event-stream"
-                else ThreadPoolExecutor(1).submit(
-                    lambda r=request: urllib.request.urlopen(r, timeout=120).read()
-                )
-            )
+    with _Server(tmp_path) as server, ThreadPoolExecutor(1) as pool:
+        end = _post(server.port, "orders", ["one"], server.password)["position"]
+        path = f"/streams/orders/messages?from={end}"
+        tail = server.get(path, accept="text/event-stream")  # answers at once, then streams
+        poll = pool.submit(lambda: server.get(f"{path}&wait=60").read())  # answers at the end
         deadline = time.monotonic() + 30
-        while _waiting_reads(port) < 2:  # both have reached the server and wait
+        while _waiting_reads(server.port) < 2:  # both have reached the server and wait
             assert time.monotonic() < deadline, "the reads never started waiting"
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        # aiohttp's grace period is 30 s; the waits must end well before it.
-        assert process.wait(timeout=20) == 0
-        tail, poll = responses
+        assert server.stop() == 0  # within 20 s, not the 30 s grace period
         assert json.loads(poll.result(timeout=20))["messages"] == []
         assert tail.read() == b": keep-alive\n\n"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-        assert process.stderr is not None
-        process.stderr.read()
-        process.stderr.close()
+        tail.close()

@@ -505,11 +505,7 @@ async def test_appends_waiting_for_room_keep_their_turn(aiohttp_client: MakeClie
     hub = StreamHub(storage, max_queued_bytes=1)
     hub.room_recheck = 600  # waiters wake only when a commit is delivered
     client = await aiohttp_client(create_app(hub))
-    loop = asyncio.get_running_loop()
-    first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
-    assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
-    queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
-    await _until_full(hub)
+    first, queued = await _fill_queue(client, hub, storage)
     committer = hub._committers["orders"]
     queued_size = committer.queued_bytes
     waited = asyncio.ensure_future(_post_json(client, "orders", [{"value": "waited"}]))
@@ -624,12 +620,21 @@ async def test_without_prefer_minimal_every_receipt_comes(
     assert len((await response.json())["messages"]) == 2
 
 
-async def _until_full(hub: StreamHub, stream: str = "orders") -> None:
-    """Wait (5 s at most) until the stream's commit queue has no room left."""
-    for _ in range(500):
-        committer = hub._committers.get(stream)
+async def _fill_queue(
+    client: Client, hub: StreamHub, storage: GatedStorage
+) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+    """Stall the first commit in its write, then queue one more append: no room left.
+
+    Returns the two appends, which finish once ``storage.gate`` opens.
+    """
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
+    assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
+    queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
+    for _ in range(500):  # bounded: 5 s
+        committer = hub._committers.get("orders")
         if committer is not None and not committer.has_room:
-            return
+            return first, queued
         await asyncio.sleep(0.01)
     raise AssertionError("the commit queue never filled")
 
@@ -669,13 +674,8 @@ async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient
     storage = GatedStorage(hold=10)
     hub = StreamHub(storage, max_queued_bytes=1, io_threads=1)
     client = await aiohttp_client(create_app(hub))
-    loop = asyncio.get_running_loop()
-    first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
-    # The first commit is now stuck in its write; the next append fills the queue...
-    assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
-    queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
-    await _until_full(hub)
-    # ... and the ones after it find no room.
+    first, queued = await _fill_queue(client, hub, storage)
+    # The first commit is stuck in its write and the queue is full: these find no room.
     waiting = [
         asyncio.ensure_future(_post_json(client, "orders", [{"value": f"waiting {n}"}]))
         for n in range(3)
@@ -734,11 +734,7 @@ async def test_an_append_that_waits_too_long_for_room_is_refused_with_503(
     storage = GatedStorage(hold=30)
     hub = StreamHub(storage, max_queued_bytes=1, max_queue_wait=0.3)
     client = await aiohttp_client(create_app(hub))
-    loop = asyncio.get_running_loop()
-    first = asyncio.ensure_future(_post_json(client, "orders", [{"value": "first"}]))
-    assert await loop.run_in_executor(None, storage.writes_waiting.acquire, True, 30)
-    queued = asyncio.ensure_future(_post_json(client, "orders", [{"value": "queued"}]))
-    await _until_full(hub)
+    first, queued = await _fill_queue(client, hub, storage)
     refused = await client.post("/streams/orders", json={"messages": [{"value": "refused"}]})
     await _error(refused, 503, "overloaded")
     assert refused.headers["Retry-After"] == "1"

@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
+from click.decorators import FC
 from rich.console import Console
 from rich.table import Table
 
@@ -66,6 +68,20 @@ def main() -> None:
     """MessageVault: durable append-only message streams in blob storage."""
 
 
+def _serve_option(
+    flag: str, kind: click.ParamType[Any], default: float, help_text: str
+) -> Callable[[FC], FC]:
+    """A ``serve`` limit, also set by MESSAGEVAULT_<FLAG> (``--max-body``: ``..._MAX_BODY``)."""
+    return click.option(
+        flag,
+        envvar="MESSAGEVAULT_" + flag.removeprefix("--").replace("-", "_").upper(),
+        type=kind,
+        default=default,
+        show_default=True,
+        help=help_text,
+    )
+
+
 @main.command()
 @click.option("--host", envvar="MESSAGEVAULT_HOST", default="127.0.0.1", show_default=True)
 @click.option("--port", envvar="MESSAGEVAULT_PORT", default=8080, show_default=True, type=int)
@@ -78,61 +94,39 @@ def main() -> None:
     show_default=True,
     help="File storage: when commits are forced to disk.",
 )
-@click.option(
+@_serve_option(
     "--max-body",
-    envvar="MESSAGEVAULT_MAX_BODY",
-    type=click.IntRange(1024),
-    default=MAX_FRAME_SIZE,
-    show_default=True,
-    help="Largest request body in bytes (413 beyond).",
+    click.IntRange(1024),
+    MAX_FRAME_SIZE,
+    "Largest request body in bytes (413 beyond).",
 )
-@click.option(
-    "--max-read-messages",
-    envvar="MESSAGEVAULT_MAX_READ_MESSAGES",
-    type=click.IntRange(1),
-    default=10_000,
-    show_default=True,
-    help="Largest `limit` of one read request.",
+@_serve_option(
+    "--max-read-messages", click.IntRange(1), 10_000, "Largest `limit` of one read request."
 )
-@click.option(
+@_serve_option(
     "--max-read-bytes",
-    envvar="MESSAGEVAULT_MAX_READ_BYTES",
-    type=click.IntRange(1024),
-    default=8 * 1024 * 1024,
-    show_default=True,
-    help="Most bytes of messages (stored frames) in one read answer.",
+    click.IntRange(1024),
+    8 * 1024 * 1024,
+    "Most bytes of messages (stored frames) in one read answer.",
 )
-@click.option(
-    "--max-wait",
-    envvar="MESSAGEVAULT_MAX_WAIT",
-    type=click.IntRange(0),
-    default=60,
-    show_default=True,
-    help="Longest long-poll `wait`, in seconds.",
-)
-@click.option(
+@_serve_option("--max-wait", click.IntRange(0), 60, "Longest long-poll `wait`, in seconds.")
+@_serve_option(
     "--linger-ms",
-    envvar="MESSAGEVAULT_LINGER_MS",
-    type=click.FloatRange(0, 1000),
-    default=0.0,
-    show_default=True,
-    help="Group commit: how long a commit waits for more appends before it starts.",
+    click.FloatRange(0, 1000),
+    0.0,
+    "Group commit: how long a commit waits for more appends before it starts.",
 )
-@click.option(
+@_serve_option(
     "--max-queued-bytes",
-    envvar="MESSAGEVAULT_MAX_QUEUED_BYTES",
-    type=click.IntRange(1),
-    default=DEFAULT_MAX_QUEUED_BYTES,
-    show_default=True,
-    help="Bytes waiting for a commit, per stream, before appends wait for room.",
+    click.IntRange(1),
+    DEFAULT_MAX_QUEUED_BYTES,
+    "Bytes waiting for a commit, per stream, before appends wait for room.",
 )
-@click.option(
+@_serve_option(
     "--max-queue-wait",
-    envvar="MESSAGEVAULT_MAX_QUEUE_WAIT",
-    type=click.FloatRange(0),
-    default=10.0,
-    show_default=True,
-    help="Seconds an append waits for room before 503 overloaded.",
+    click.FloatRange(0),
+    10.0,
+    "Seconds an append waits for room before 503 overloaded.",
 )
 def serve(  # click passes options by name
     *,
