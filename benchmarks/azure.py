@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 from azure.storage.blob import BlobClient  # noqa: E402
 from azure.storage.blob import __version__ as sdk_version  # noqa: E402
-from benchmarks.report import RESULTS, save_results  # noqa: E402
+from benchmarks.report import benchmark_arguments, save_results  # noqa: E402
 from tests.azurite import Azurite  # noqa: E402
 
 from messagevault import (  # noqa: E402
@@ -392,10 +392,7 @@ def save(cases: list[Case], args: argparse.Namespace) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser = benchmark_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
 
     cases: list[Case] = []

@@ -13,7 +13,6 @@ what was written. Results go to benchmarks/results/core-<time>.json.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import random
@@ -33,7 +32,7 @@ from messagevault import FileStorage, Reader, Writer
 # Run as a script, only this file's folder is on sys.path; the repo root makes
 # the shared ``benchmarks.report`` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.report import RESULTS, Rates, save_results
+from benchmarks.report import Rates, benchmark_arguments, save_results
 
 # msgs/s targets from the issue, for the table's last column.
 TARGETS = {("W1", "never", "append"): 1_500_000, ("W1", "never", "read"): 1_500_000}
@@ -109,11 +108,8 @@ def run_once(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
+    parser = benchmark_arguments(__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=None, help="where to put the test streams")
-    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     cases: list[Case] = []

@@ -75,7 +75,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
-from benchmarks.report import RESULTS, Rates, save_results
+from benchmarks.report import Rates, benchmark_arguments, save_results
 from rich.console import Console
 from rich.table import Table
 from tests.azurite import free_port
@@ -677,11 +677,8 @@ def save(cases: list[Case], args: argparse.Namespace) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
+    parser = benchmark_arguments(__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=None, help="where to put the data folders")
-    parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--read-formats",
         default="json,binary",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -12,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def benchmark_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark takes: --runs, --scale, --output."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    return parser
 
 
 class Rates:

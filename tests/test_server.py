@@ -503,7 +503,6 @@ async def test_appends_waiting_for_room_keep_their_turn(aiohttp_client: MakeClie
     """Room that appears is taken by the append that waited, not by one arriving later."""
     storage = GatedStorage(hold=30)
     hub = StreamHub(storage, max_queued_bytes=1)
-    hub.room_recheck = 600  # waiters wake only when a commit is delivered
     client = await aiohttp_client(create_app(hub))
     first, queued = await _fill_queue(client, hub, storage)
     committer = hub._committers["orders"]

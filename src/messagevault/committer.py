@@ -59,6 +59,10 @@ class GroupCommitter:
     ``after_group``, if given, is called in the committer thread once all
     futures of a commit (or of a failure) are resolved: an event loop can
     then take every result in one wake-up instead of one per future.
+    ``room_changed``, if given, is called (from any thread, under the
+    committer's lock) wherever a blocked ``submit`` would be woken: room
+    was made, or the committer closed or failed. An event loop that keeps
+    its waiting appends to itself learns of room there.
     """
 
     def __init__(
@@ -69,9 +73,11 @@ class GroupCommitter:
         max_commit_bytes: int | None = None,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         after_group: Callable[[], None] | None = None,
+        room_changed: Callable[[], None] | None = None,
     ) -> None:
         self.writer = writer
         self.after_group = after_group
+        self.room_changed = room_changed
         self.linger = linger
         self.max_commit_bytes = max_commit_bytes or writer.max_commit_bytes
         self.max_queued_bytes = max_queued_bytes
@@ -194,15 +200,21 @@ class GroupCommitter:
                 size += self._queue[0][0].frame_size
                 group.append(self._queue.popleft())
             self._queued_bytes -= size
-            self._changed.notify_all()  # room for blocked submitters
+            self._notify_room()
             return group
+
+    def _notify_room(self) -> None:
+        """Wake submitters waiting for room, or to learn that none will come. Lock held."""
+        self._changed.notify_all()
+        if self.room_changed is not None:
+            self.room_changed()
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._changed:
             self._failure = exc
             pending, self._queue = list(self._queue), deque()
             self._queued_bytes = 0
-            self._changed.notify_all()
+            self._notify_room()
         for _, future in pending:
             future.set_exception(CommitterClosed(self._closed_reason()))
         self._group_done()
@@ -211,7 +223,7 @@ class GroupCommitter:
         """Commit what is queued, stop the committer thread, and close the writer."""
         with self._changed:
             self._closing = True
-            self._changed.notify_all()
+            self._notify_room()
         self._thread.join()
         if close_writer:
             self.writer.close()

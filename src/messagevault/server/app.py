@@ -365,10 +365,13 @@ def appended_json(stream: str, result: AppendResult) -> bytes:
     stamp = b"%012x" % (result.timestamp & _MASK48)
     receipt = b'{"position": %d, "sequence": %d, "id": "' + stamp + b'%012x%08x"},'
     receipts = (receipt * count) % tuple(arguments)
-    return b'{"stream": %b, "position": %d, "messages": [%b]}' % (
-        json.dumps(stream).encode(),
-        result.committed_length,
-        receipts[:-1],
+    return (
+        b'{"stream": "%b", "position": %d, "messages": [%b]}'
+        % (
+            stream.encode(),  # a valid stream name needs no JSON escaping
+            result.committed_length,
+            receipts[:-1],
+        )
     )
 
 
@@ -378,8 +381,8 @@ def appended_minimal(stream: str, result: AppendResult) -> bytes:
     A batch is stored as one frame, so the receipts in between follow from
     these (docs/HTTP.md): position ``first + 64 + 4 * i`` for message i >= 1,
     sequence ``first + i``, and ids from those and the shared timestamp.
-    Formatted straight to bytes, like ``appended_json``: stream names and
-    ISO times need no JSON escaping.
+    Formatted straight to bytes, like ``appended_json``: ISO times need no
+    JSON escaping either.
     """
     first, last = result[0], result[-1]
     return _MINIMAL % (

@@ -92,9 +92,8 @@ class _Handoff:
     ``wake`` once per group.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, delivered: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._delivered = delivered  # called on the loop after each delivery
         self._ready: deque[tuple[Future[AppendResult], asyncio.Future[AppendResult]]] = deque()
         self._lock = threading.Lock()
         self._wake_pending = False
@@ -122,7 +121,6 @@ class _Handoff:
                 waiter.set_exception(exception)
             else:
                 waiter.set_result(future.result())
-        self._delivered()
 
 
 class StreamHub:
@@ -154,12 +152,9 @@ class StreamHub:
         self.stopping = False  # set by stop_waiting() when the server shuts down
         self._handoff: _Handoff | None = None
         self._idle_readers = _IdleReaders()
-        self._room = asyncio.Event()  # set (and replaced) after commits while appends await room
+        self._room = asyncio.Event()  # set (and replaced) when a committer makes room
         self._awaiting_room = 0
         self._turnstiles: dict[str, asyncio.Lock] = {}  # appends waiting for room, in order
-        # Room is made when a commit starts, but waiters hear of it when one
-        # ends; they also look this often (seconds).
-        self.room_recheck = 0.1
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking storage call in the I/O pool."""
@@ -198,9 +193,8 @@ class StreamHub:
         storage (an Azure outage being ridden out) with appends piling up
         never stalls health checks, reads or other streams. The turnstile
         (an asyncio lock: first come, first served) keeps new appends from
-        taking the room the earlier ones wait for. Commit deliveries wake
-        the head of the line; it also re-checks every ``room_recheck``
-        seconds, since room is made when a commit starts. After
+        taking the room the earlier ones wait for; the committer wakes the
+        head of the line when it makes room (``_room_changed``). After
         ``max_queue_wait`` seconds in all: ``Overloaded``.
         """
         turnstile = self._turnstiles.setdefault(stream, asyncio.Lock())
@@ -208,19 +202,27 @@ class StreamHub:
         try:
             async with asyncio.timeout(self.max_queue_wait), turnstile:
                 while not committer.has_room and committer.accepting:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._room.wait(), self.room_recheck)
+                    await self._room.wait()
                 committer.submit(batch, future)
         except TimeoutError:
             raise committer.overloaded() from None
         finally:
             self._awaiting_room -= 1
 
-    def _delivered(self) -> None:
+    def _room_changed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From a committer (any thread): wake appends waiting for room, if any wait.
+
+        The count is raised before a waiter looks at the room, so either the
+        waiter sees the room made or this sees the waiter.
+        """
         if self._awaiting_room:
-            # Wake every waiter; each re-checks its own stream's room.
-            self._room.set()
-            self._room = asyncio.Event()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._wake_room_waiters)
+
+    def _wake_room_waiters(self) -> None:
+        # Every waiter wakes; each re-checks its own stream's room.
+        self._room.set()
+        self._room = asyncio.Event()
 
     async def _committer(self, stream: str) -> GroupCommitter:
         committer = self._committers.get(stream)
@@ -236,6 +238,7 @@ class StreamHub:
                     linger=self.linger,
                     max_queued_bytes=self.max_queued_bytes,
                     after_group=self._get_handoff().wake,
+                    room_changed=functools.partial(self._room_changed, asyncio.get_running_loop()),
                 )
         return committer
 
@@ -249,7 +252,7 @@ class StreamHub:
 
     def _get_handoff(self) -> _Handoff:
         if self._handoff is None:
-            self._handoff = _Handoff(asyncio.get_running_loop(), self._delivered)
+            self._handoff = _Handoff(asyncio.get_running_loop())
         return self._handoff
 
     def _condition(self, stream: str) -> asyncio.Condition:
@@ -289,7 +292,7 @@ class StreamHub:
         known = self._known_checkpoint(stream)
         if known is not None:
             return known
-        return await self._with_reader(stream, _read_checkpoint)
+        return await self._with_reader(stream, Reader.checkpoint)
 
     def _known_checkpoint(self, stream: str) -> Checkpoint | None:
         """The committed checkpoint without asking storage, when this server knows it.
@@ -308,28 +311,37 @@ class StreamHub:
         self, stream: str, position: int, limit: int, max_bytes: int
     ) -> tuple[list[Message], int]:
         """Up to ``limit`` messages from ``position``; (messages, next position)."""
-        return await self._with_reader(stream, _read_messages, position, limit, max_bytes)
+        committed = self._known_length(stream)
+        return await self._with_reader(
+            stream, _read_messages, committed, position, limit, max_bytes
+        )
 
     async def read_frames(
         self, stream: str, position: int, max_bytes: int, max_messages: int | None = None
     ) -> RawFrames:
         """Whole stored frames from ``position`` (see ``Reader.read_frames``)."""
-        return await self._with_reader(stream, _read_frames, position, max_bytes, max_messages)
+        read_frames = functools.partial(
+            Reader.read_frames,
+            position=position,
+            max_bytes=max_bytes,
+            max_messages=max_messages,
+            committed=self._known_length(stream),
+        )
+        return await self._with_reader(stream, read_frames)
+
+    def _known_length(self, stream: str) -> int | None:
+        """The committed length, for readers to skip reading the checkpoint, when known."""
+        known = self._known_checkpoint(stream)
+        return None if known is None else known.length
 
     async def _with_reader(self, stream: str, function: Callable[..., T], *args: object) -> T:
-        """``function(reader, committed, *args)`` in the I/O pool, with a reused reader.
+        """``function(reader, *args)`` in the I/O pool, with a reused reader.
 
         Opening a reader costs file opens (or, on Azure, a checkpoint round
-        trip), so idle ones are kept per stream. For a stream this server
-        writes, the writer's checkpoint is the committed length: readers
-        skip reading it from storage.
+        trip), so idle ones are kept per stream.
         """
-        known = self._known_checkpoint(stream)
-        committed = None if known is None else known.length
         reader = self._idle_readers.take(stream)
-        work = functools.partial(
-            _using_reader, self.storage, stream, reader, function, committed, *args
-        )
+        work = functools.partial(_using_reader, self.storage, stream, reader, function, *args)
         try:
             future = asyncio.get_running_loop().run_in_executor(self._pool, work)
         except BaseException:  # the pool is shut down: the reader will not be used
@@ -384,22 +396,6 @@ def _using_reader(
     except BaseException:
         reader.close()
         raise
-
-
-def _read_checkpoint(reader: Reader, committed: int | None) -> Checkpoint:
-    return reader.checkpoint()
-
-
-def _read_frames(
-    reader: Reader,
-    committed: int | None,
-    position: int,
-    max_bytes: int,
-    max_messages: int | None,
-) -> RawFrames:
-    return reader.read_frames(
-        position, max_bytes=max_bytes, max_messages=max_messages, committed=committed
-    )
 
 
 def _read_access(storage: Storage, stream: str) -> ReadAccess:
