@@ -161,12 +161,15 @@ class GroupCommitter:
             try:
                 results = self.writer.append_batches(batches)
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+                if isinstance(exc, StaleWriter):
+                    # Deposed: nothing queued can ever commit. Closed before any
+                    # waiter hears of it, so an append sent after that answer
+                    # finds the committer closed instead of joining its queue.
+                    self._fail_all(exc, group)
+                    return
                 for _, future in group:
                     future.set_exception(exc)
                 self._group_done()
-                if isinstance(exc, StaleWriter):
-                    self._fail_all(exc)  # deposed: nothing queued can ever commit
-                    return
                 continue
             self.stats.seconds += time.perf_counter() - started
             self.stats.commits += 1
@@ -209,12 +212,17 @@ class GroupCommitter:
         if self.room_changed is not None:
             self.room_changed()
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(
+        self, exc: BaseException, failed: list[tuple[EncodedBatch, Future[AppendResult]]]
+    ) -> None:
+        """Stop for good: ``failed`` (the group that met ``exc``) and all queued fail."""
         with self._changed:
             self._failure = exc
             pending, self._queue = list(self._queue), deque()
             self._queued_bytes = 0
             self._notify_room()
+        for _, future in failed:
+            future.set_exception(exc)
         for _, future in pending:
             future.set_exception(CommitterClosed(self._closed_reason()))
         self._group_done()

@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from messagevault.committer import CommitterClosed
 from messagevault.errors import (
     AccessDenied,
     CorruptData,
@@ -167,6 +168,9 @@ _STATUS = {
     WriterConflict: 409,
     Overloaded: 503,
     StorageError: 503,
+    # Retriable: the append never reached storage (queued behind a commit
+    # that found the stream taken over, or the server is shutting down).
+    CommitterClosed: 503,
 }
 
 

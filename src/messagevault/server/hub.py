@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, GroupCommitter
+from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, CommitterClosed, GroupCommitter
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
 from messagevault.reader import RawFrames, Reader
@@ -155,6 +155,7 @@ class StreamHub:
         self._room = asyncio.Event()  # set (and replaced) when a committer makes room
         self._awaiting_room = 0
         self._turnstiles: dict[str, asyncio.Lock] = {}  # appends waiting for room, in order
+        self._closed = False
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking storage call in the I/O pool."""
@@ -226,12 +227,22 @@ class StreamHub:
 
     async def _committer(self, stream: str) -> GroupCommitter:
         committer = self._committers.get(stream)
-        if committer is not None:
+        if committer is not None and committer.accepting:
             return committer
+        if self._closed:
+            raise CommitterClosed("the server is shutting down; try again shortly")
         lock = self._opening.setdefault(stream, asyncio.Lock())
         async with lock:
             committer = self._committers.get(stream)
+            stats = None
+            if committer is not None and not committer.accepting:
+                stats = committer.stats
+                await self._let_go(stream, committer)
+                committer = None
             if committer is None:
+                # A fresh writer starts from what storage holds now: after a
+                # takeover, from the other writer's last commit. StreamLocked
+                # (409) while the other writer still holds the stream.
                 writer = await self.run(Writer.open, self.storage, stream)
                 committer = self._committers[stream] = GroupCommitter(
                     writer,
@@ -240,7 +251,19 @@ class StreamHub:
                     after_group=self._get_handoff().wake,
                     room_changed=functools.partial(self._room_changed, asyncio.get_running_loop()),
                 )
+                if stats is not None:
+                    committer.stats = stats  # the stream's counters stay monotonic
         return committer
+
+    async def _let_go(self, stream: str, committer: GroupCommitter) -> None:
+        """Drop a committer whose writer was deposed, releasing its lock or lease.
+
+        Its writer lost the stream to another (``StaleWriter``): it can never
+        commit again, and on file storage it still holds the writer lock
+        that a fresh writer needs.
+        """
+        del self._committers[stream]
+        await self.run(committer.close)
 
     def waiting_reads(self) -> dict[str, int]:
         """Long polls and tails waiting for a commit, per stream (for metrics)."""
@@ -368,6 +391,7 @@ class StreamHub:
 
     async def close(self) -> None:
         """Finish in-flight commits, close every writer, stop the I/O pool."""
+        self._closed = True  # later appends: CommitterClosed (503), not a new writer
         committers, self._committers = list(self._committers.values()), {}
         for committer in committers:
             await self.run(committer.close)
