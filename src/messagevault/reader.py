@@ -276,6 +276,43 @@ class Reader:
             else:
                 waiter.wait(poll_interval)
 
+    def position_of_sequence(self, sequence: int) -> int:
+        """The position of message number ``sequence`` (counting from 0).
+
+        The next sequence to be written gives the committed length. Positions
+        are byte offsets, so no arithmetic leads from a sequence to its
+        position: this reads the last frame's header, and for an earlier
+        message walks the frame headers from the start, one small read per
+        frame, skipping each frame's body.
+        """
+        checkpoint = self._store.read_checkpoint()
+        if not isinstance(sequence, int) or not 0 <= sequence <= checkpoint.next_sequence:
+            raise InvalidPosition(
+                f"stream {self.name!r} has messages 0-{checkpoint.next_sequence - 1}; "
+                f"there is no sequence {sequence!r}"
+                if checkpoint.next_sequence
+                else f"stream {self.name!r} is empty; there is no sequence {sequence!r}"
+            )
+        if sequence == checkpoint.next_sequence:
+            return checkpoint.length
+        position = checkpoint.last_frame_position
+        header = read_header(self._store.read(position, FRAME_HEADER_SIZE), 0, position)
+        if header.base_sequence > sequence:
+            position = 0  # before the last frame: walk from the first
+            while position < checkpoint.last_frame_position:
+                header = read_header(self._store.read(position, FRAME_HEADER_SIZE), 0, position)
+                if sequence < header.base_sequence + header.message_count:
+                    break
+                position = header.end
+        index = sequence - header.base_sequence
+        if not 0 <= index < header.message_count:
+            raise CorruptData(
+                f"stream {self.name!r}: no frame holds sequence {sequence} although "
+                f"the checkpoint counts {checkpoint.next_sequence} messages",
+                position=position,
+            )
+        return header.message_position(index)
+
     def _stopped(self, stop: threading.Event | None) -> bool:
         return self._stop.is_set() or (stop is not None and stop.is_set())
 

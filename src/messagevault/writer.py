@@ -15,12 +15,19 @@ from types import TracebackType
 from typing import NamedTuple, overload
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.errors import CorruptData, MessageVaultError, StaleWriter, StorageError
+from messagevault.errors import (
+    CorruptData,
+    InvalidInput,
+    MessageVaultError,
+    StaleWriter,
+    StorageError,
+)
 from messagevault.format import (
     EncodedBatch,
     encode_batch,
     message_id,
     message_positions,
+    read_header,
     verify_frame,
 )
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
@@ -192,6 +199,55 @@ class Writer:
             position += batch.frame_size
             sequence += batch.count
         new = Checkpoint(start.commit + 1, position, sequence, frames[-1][0], timestamp)
+        self._commit_as(pieces, new, start)
+        return [
+            AppendResult(frame, batch.frame_size, base, batch.count, timestamp, position)
+            for frame, batch, base in frames
+        ]
+
+    def append_frames(self, frames: bytes | memoryview) -> Checkpoint:
+        """Commit whole frames exactly as they are: a replica's copy of another stream.
+
+        ``frames`` (``Reader.read_frames`` data, say) must start at this
+        stream's committed length and next sequence and follow on from each
+        other, so the copy keeps the source's positions, sequences, timestamps
+        and ids. Every frame is checked first: one that does not fit raises
+        ``InvalidInput`` (a damaged one ``CorruptData``) and nothing is
+        written. Returns the new checkpoint.
+        """
+        self._check_usable()
+        start = self._checkpoint
+        view = memoryview(frames)
+        position, sequence, timestamp = start.length, start.next_sequence, start.last_timestamp
+        last_frame = offset = 0
+        while offset < len(view):
+            header = read_header(view, offset, None)
+            if (header.base_position, header.base_sequence) != (position, sequence):
+                raise InvalidInput(
+                    f"stream {self.name!r} ends at position {position}, sequence {sequence}; "
+                    f"the frame given starts at position {header.base_position}, "
+                    f"sequence {header.base_sequence}"
+                )
+            if header.timestamp < timestamp:
+                raise InvalidInput(
+                    f"frame at position {position} has a timestamp ({header.timestamp}) "
+                    f"older than the one before it ({timestamp})"
+                )
+            verify_frame(view, offset, position)
+            last_frame, position = position, header.end
+            sequence += header.message_count
+            timestamp = header.timestamp
+            offset += header.frame_size
+        if offset == 0:
+            raise InvalidInput("no frames to append")
+        new = Checkpoint(start.commit + 1, position, sequence, last_frame, timestamp)
+        self._commit_as([view], new, start)
+        return new
+
+    def _commit_as(
+        self, pieces: list[bytes | memoryview], new: Checkpoint, start: Checkpoint
+    ) -> None:
+        """``_commit``, then adopt ``new``; a failure leaves this writer stale or in doubt."""
         try:
             self._commit(pieces, new, start)
         except StaleWriter as exc:
@@ -203,10 +259,6 @@ class Writer:
             raise
         self._checkpoint = new
         self._confirmed_at = time.monotonic()
-        return [
-            AppendResult(frame, batch.frame_size, base, batch.count, timestamp, position)
-            for frame, batch, base in frames
-        ]
 
     def _commit(self, pieces: list[bytes | memoryview], new: Checkpoint, start: Checkpoint) -> None:
         """Write the frames and advance the checkpoint, riding out transient faults.
