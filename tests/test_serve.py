@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,3 +166,45 @@ def test_sigterm_ends_tails_and_long_polls_at_once(tmp_path: Path) -> None:
         assert json.loads(poll.result(timeout=20))["messages"] == []
         assert tail.read() == b": keep-alive\n\n"
         tail.close()
+
+
+def _request_counts(port: int) -> dict[tuple[str, str], float]:
+    """``messagevault_requests_total`` by (route, status)."""
+    counts = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("messagevault_requests_total{"):
+                labels, value = line.rsplit(" ", 1)
+                route = labels.split('route="', 1)[1].split('"', 1)[0]
+                status = labels.split('status="', 1)[1].split('"', 1)[0]
+                counts[route, status] = float(value)
+    return counts
+
+
+def test_a_reader_leaving_a_tail_is_neither_an_error_nor_a_500(tmp_path: Path) -> None:
+    """The tail ends as the 200 it was answered with; nothing is logged as an error."""
+    tail_route = "/streams/{stream}/messages"
+    with _Server(tmp_path) as server:
+        _post(server.port, "orders", ["one"], server.password)
+        token = base64.b64encode(f"admin:{server.password}".encode()).decode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as reader:
+            reader.sendall(
+                b"GET /streams/orders/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Accept: text/event-stream\r\nAuthorization: Basic %b\r\n\r\n" % token.encode()
+            )
+            received = b""
+            while b"\ndata: " not in received:  # the first event (bounded by the timeout)
+                chunk = reader.recv(65536)
+                assert chunk, "the server closed the tail"
+                received += chunk
+        # The reader is gone; the server finds out when it next writes to it.
+        deadline = time.monotonic() + 30
+        while not any(route == tail_route for route, _ in _request_counts(server.port)):
+            assert time.monotonic() < deadline, "the tail never ended"
+            _post(server.port, "orders", ["more"], server.password)
+            time.sleep(0.05)
+        counts = _request_counts(server.port)
+        assert server.stop() == 0
+    assert counts[tail_route, "200"] == 1
+    assert [status for _, status in counts if status != "200"] == []
+    assert [line for line in server.log if line["level"] not in ("info", "debug")] == []

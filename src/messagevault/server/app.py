@@ -554,18 +554,24 @@ async def _server_sent_events(
         headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    while not hub.stopping:  # a shutdown ends the stream: the client reconnects elsewhere
-        messages, position_after = await hub.read(
-            stream, position, limit, request.app[LIMITS].max_read_bytes
-        )
-        for message in messages:
-            data = json.dumps(message_record(message))
-            await response.write(f"id: {message.next_position}\ndata: {data}\n\n".encode())
-        position = position_after
-        if not messages:
-            await hub.wait_for_commit(stream, position, 15)
-            await response.write(b": keep-alive\n\n")
-    await response.write_eof()
+    try:
+        while not hub.stopping:  # a shutdown ends the stream: the client reconnects elsewhere
+            messages, position_after = await hub.read(
+                stream, position, limit, request.app[LIMITS].max_read_bytes
+            )
+            for message in messages:
+                data = json.dumps(message_record(message))
+                await response.write(f"id: {message.next_position}\ndata: {data}\n\n".encode())
+            position = position_after
+            if not messages:
+                await hub.wait_for_commit(stream, position, 15)
+                await response.write(b": keep-alive\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        # The reader went away (aiohttp says so at the next write, at the
+        # latest with the keep-alive): that is how a tail ends, no error. It
+        # counts as the 200 it was answered with.
+        log.debug("tail reader went away", extra={"stream": stream, "position": position})
     return response
 
 
