@@ -26,18 +26,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
 
-from messagevault.errors import MessageVaultError, Overloaded, StaleWriter
+# CommitterClosed lived here; importing it from here still works.
+from messagevault.errors import CommitterClosed as CommitterClosed  # noqa: PLC0414
+from messagevault.errors import Overloaded, StaleWriter
 from messagevault.format import EncodedBatch, encode_batch
 from messagevault.writer import AppendResult, Writer
 
 DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
-
-
-class CommitterClosed(MessageVaultError):
-    """The committer was closed (or its writer lost the stream) before this append ran."""
-
-    code = "committer_closed"
-    retriable = True
 
 
 @dataclass

@@ -4,25 +4,39 @@
     ├── InvalidInput                 the caller asked for something impossible; nothing changed
     │   ├── InvalidStreamName
     │   ├── InvalidBatch             empty, too many messages, key/value/batch too large, bad types
-    │   └── InvalidPosition          not a message boundary, or beyond the committed end
-    ├── StreamNotFound
+    │   ├── InvalidPosition          not a message boundary, or beyond the committed end
+    │   ├── UnsupportedMediaType     a body in a content type the route does not take (HTTP 415)
+    │   ├── RequestTooLarge          a body over the server's limit (HTTP 413)
+    │   └── MethodNotAllowed         an HTTP method the route does not have (HTTP 405)
+    ├── NotFound                     no such route (HTTP 404)
+    │   └── StreamNotFound
     ├── CorruptData                  bytes in storage (or on the wire) fail their checks
     │   └── UnsupportedVersion       a frame or checkpoint from a newer format
     ├── AccessDenied                 read-only access (a SAS URL, a reader) asked to write
+    ├── Unauthenticated              no credentials, or wrong ones (HTTP 401)
+    ├── Forbidden                    credentials without the claim a request needs (HTTP 403)
     ├── WriterConflict               single-writer rule
     │   ├── StreamLocked             another writer holds the stream now
     │   ├── StaleWriter              another writer committed or took over since we last looked
     │   ├── LeaseHeld                a lease is held by someone else
     │   └── LeaseLost                our lease expired, was broken or taken over
+    ├── CommitterClosed              an append reached a committer that had stopped; nothing written
     ├── Overloaded                   too much waits to be committed; try again shortly
-    └── StorageError                 the storage itself failed (I/O, network); may be retriable
+    ├── StorageError                 the storage itself failed (I/O, network); may be retriable
+    │   └── NotReady                 the server cannot reach its storage yet (HTTP 503 on /ready)
+    ├── InternalError                the server failed (a bug; its log says more) (HTTP 500)
+    └── UnknownError                 a code this version does not know (a newer server's)
 
 Each class carries a stable ``code`` (used on the wire by the server) and a
 ``retriable`` flag that tells clients whether trying again can help.
+``for_code`` maps a code back to its class, so that a client raises the very
+class the server raised; an error rebuilt from an HTTP answer also carries
+the answer's ``status``. docs/HTTP.md lists every code with its status.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 
@@ -31,6 +45,7 @@ class MessageVaultError(Exception):
 
     code: ClassVar[str] = "error"
     retriable: ClassVar[bool] = False
+    status: int | None = None  # the HTTP status, for an error received from a server
 
 
 class InvalidInput(MessageVaultError):
@@ -57,7 +72,31 @@ class InvalidPosition(InvalidInput):
     code = "invalid_position"
 
 
-class StreamNotFound(MessageVaultError):
+class UnsupportedMediaType(InvalidInput):
+    """A request body in a content type the route does not take."""
+
+    code = "unsupported_media_type"
+
+
+class RequestTooLarge(InvalidInput):
+    """A request body over the server's size limit; it was not read."""
+
+    code = "request_entity_too_large"
+
+
+class MethodNotAllowed(InvalidInput):
+    """An HTTP method the route does not offer."""
+
+    code = "method_not_allowed"
+
+
+class NotFound(MessageVaultError):
+    """Nothing is at the requested path."""
+
+    code = "not_found"
+
+
+class StreamNotFound(NotFound):
     """The stream does not exist in this storage."""
 
     code = "stream_not_found"
@@ -83,6 +122,18 @@ class AccessDenied(MessageVaultError, PermissionError):
     """The credentials in use may read but not write (also a ``PermissionError``)."""
 
     code = "access_denied"
+
+
+class Unauthenticated(MessageVaultError):
+    """No credentials, or wrong ones (HTTP 401)."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(MessageVaultError):
+    """Valid credentials without the claim this request needs (HTTP 403)."""
+
+    code = "forbidden"
 
 
 class WriterConflict(MessageVaultError):
@@ -115,6 +166,13 @@ class LeaseLost(WriterConflict):
     code = "lease_lost"
 
 
+class CommitterClosed(MessageVaultError):
+    """The committer was closed (or its writer lost the stream) before this append ran."""
+
+    code = "committer_closed"
+    retriable = True
+
+
 class Overloaded(MessageVaultError):
     """More appends wait for a commit than the queue holds, for longer than the caller waits."""
 
@@ -127,3 +185,60 @@ class StorageError(MessageVaultError):
 
     code = "storage_error"
     retriable = True
+
+
+class NotReady(StorageError):
+    """The server is up but cannot reach its storage (yet)."""
+
+    code = "not_ready"
+
+
+class InternalError(MessageVaultError):
+    """The server failed on a request: a bug, described in the server's log."""
+
+    code = "internal_error"
+
+
+class UnknownError(MessageVaultError):
+    """An error whose code this version does not know, e.g. from a newer server.
+
+    ``for_code`` makes one subclass per such code, so ``code`` is the code that
+    came; ``status`` is the HTTP status it came with.
+    """
+
+    code = "unknown"
+
+
+def for_code(code: str) -> type[MessageVaultError]:
+    """The class whose ``code`` is ``code``; a subclass of ``UnknownError`` for a new one.
+
+    >>> for_code("stream_not_found").__name__
+    'StreamNotFound'
+    >>> issubclass(for_code("teapot"), UnknownError), for_code("teapot").code
+    (True, 'teapot')
+    """
+    known = _codes().get(code)
+    return known if known is not None else _unknown(code)
+
+
+def error_classes() -> list[type[MessageVaultError]]:
+    """Every class of the tree below the root (not ``for_code``'s ones for unknown codes)."""
+    found: list[type[MessageVaultError]] = []
+    pending = [MessageVaultError]
+    while pending:
+        for subclass in pending.pop(0).__subclasses__():
+            made_for_a_code = issubclass(subclass, UnknownError) and subclass is not UnknownError
+            if subclass.__module__ == __name__ and subclass not in found and not made_for_a_code:
+                found.append(subclass)
+                pending.append(subclass)
+    return found
+
+
+@functools.cache
+def _codes() -> dict[str, type[MessageVaultError]]:
+    return {cls.code: cls for cls in error_classes() if cls is not UnknownError}
+
+
+@functools.cache
+def _unknown(code: str) -> type[UnknownError]:
+    return type("UnknownError", (UnknownError,), {"code": code, "__module__": __name__})

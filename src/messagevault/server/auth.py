@@ -28,24 +28,15 @@ from dataclasses import dataclass, field
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from messagevault.errors import InvalidInput, MessageVaultError
+# Forbidden and Unauthenticated lived here; importing them from here still works.
+from messagevault.errors import Forbidden as Forbidden  # noqa: PLC0414
+from messagevault.errors import InvalidInput
+from messagevault.errors import Unauthenticated as Unauthenticated  # noqa: PLC0414
 from messagevault.names import validate_stream_name
 from messagevault.storage.base import SystemFiles
 
 USERS_FILE = "users.json"
 _hasher = PasswordHasher()
-
-
-class Unauthenticated(MessageVaultError):
-    """No credentials, or wrong ones (HTTP 401)."""
-
-    code = "unauthenticated"
-
-
-class Forbidden(MessageVaultError):
-    """Valid credentials without the claim this request needs (HTTP 403)."""
-
-    code = "forbidden"
 
 
 def validate_claim(claim: str) -> str:
