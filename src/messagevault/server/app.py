@@ -8,8 +8,6 @@ such as ``unsupported_media_type``). docs/HTTP.md describes every route.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import time
@@ -32,26 +30,32 @@ from messagevault.committer import CommitterClosed
 from messagevault.errors import (
     AccessDenied,
     CorruptData,
-    InvalidBatch,
     InvalidInput,
     InvalidPosition,
     MessageVaultError,
     Overloaded,
     StorageError,
     StreamNotFound,
+    UnsupportedMediaType,
     WriterConflict,
 )
-from messagevault.format import MAX_BATCH_COUNT, MAX_FRAME_SIZE, encode_batch, parse_batch
+from messagevault.format import MAX_FRAME_SIZE, encode_batch, parse_batch
 from messagevault.names import validate_stream_name
-from messagevault.records import iso_time, message_record
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
 from messagevault.server.openapi import openapi_document
-from messagevault.writer import AppendResult
-
-BATCH_CONTENT_TYPE = "application/x-messagevault-batch"
-NDJSON = "application/x-ndjson"
-EVENT_STREAM = "text/event-stream"
+from messagevault.wire import (
+    BATCH_CONTENT_TYPE,
+    EVENT_STREAM,
+    JSON,
+    NDJSON,
+    StreamInfo,
+    appended_json,
+    appended_minimal,
+    error_body,
+    json_batch,
+    message_record,
+)
 
 log = logging.getLogger("messagevault.server")
 
@@ -182,7 +186,7 @@ def _status_for(exc: MessageVaultError) -> int:
 
 
 def error_response(status: int, code: str, detail: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status)
+    return web.Response(body=error_body(code, detail), status=status, content_type=JSON)
 
 
 @web.middleware
@@ -318,22 +322,22 @@ async def append(request: web.Request) -> web.Response:
     content_type = request.content_type
     if content_type == BATCH_CONTENT_TYPE:
         batch = parse_batch(await request.read())
-    elif content_type == "application/json":
-        batch = encode_batch(_json_messages(await request.read()))
+    elif content_type == JSON:
+        batch = encode_batch(json_batch(await request.read()))
     else:
         return error_response(
             415,
-            "unsupported_media_type",
-            f"send {BATCH_CONTENT_TYPE} or application/json, not {content_type!r}",
+            UnsupportedMediaType.code,
+            f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}",
         )
     result = await request.app[HUB].append(stream, batch)
     if _prefers_minimal(request):
         return web.Response(
             body=appended_minimal(stream, result),
-            content_type="application/json",
+            content_type=JSON,
             headers={"Preference-Applied": "return=minimal"},
         )
-    return web.Response(body=appended_json(stream, result), content_type="application/json")
+    return web.Response(body=appended_json(stream, result), content_type=JSON)
 
 
 def _prefers_minimal(request: web.Request) -> bool:
@@ -343,103 +347,6 @@ def _prefers_minimal(request: web.Request) -> bool:
         for header in request.headers.getall("Prefer", ())
         for preference in header.split(",")
     )
-
-
-_MASK48 = (1 << 48) - 1
-_MASK32 = (1 << 32) - 1
-
-
-def appended_json(stream: str, result: AppendResult) -> bytes:
-    """The append answer, one receipt per message, formatted straight to bytes.
-
-    Building a dict per message and ``json.dumps``-ing them cost ~3.4 us a
-    message, most of the server's time on large batches. Here one ``%``
-    over a template repeated per message does it in ~0.45 us: the id is
-    ``message_id`` as hex, the batch's timestamp, then position and sequence.
-    """
-    count = result.message_count
-    positions = result.positions
-    sequences = result.sequences
-    arguments: list[int] = [0] * (4 * count)
-    arguments[0::4] = positions
-    arguments[1::4] = sequences
-    # Positions and sequences only grow, so the last says whether any needs masking.
-    arguments[2::4] = positions if positions[-1] <= _MASK48 else [p & _MASK48 for p in positions]
-    arguments[3::4] = sequences if sequences[-1] <= _MASK32 else [s & _MASK32 for s in sequences]
-    stamp = b"%012x" % (result.timestamp & _MASK48)
-    receipt = b'{"position": %d, "sequence": %d, "id": "' + stamp + b'%012x%08x"},'
-    receipts = (receipt * count) % tuple(arguments)
-    return (
-        b'{"stream": "%b", "position": %d, "messages": [%b]}'
-        % (
-            stream.encode(),  # a valid stream name needs no JSON escaping
-            result.committed_length,
-            receipts[:-1],
-        )
-    )
-
-
-def appended_minimal(stream: str, result: AppendResult) -> bytes:
-    """The ``return=minimal`` answer: the batch's first and last receipts and its count.
-
-    A batch is stored as one frame, so the receipts in between follow from
-    these (docs/HTTP.md): position ``first + 64 + 4 * i`` for message i >= 1,
-    sequence ``first + i``, and ids from those and the shared timestamp.
-    Formatted straight to bytes, like ``appended_json``: ISO times need no
-    JSON escaping either.
-    """
-    first, last = result[0], result[-1]
-    return _MINIMAL % (
-        stream.encode(),
-        result.committed_length,
-        result.message_count,
-        iso_time(result.timestamp).encode(),
-        first.position,
-        first.sequence,
-        first.id.hex().encode(),
-        last.position,
-        last.sequence,
-        last.id.hex().encode(),
-    )
-
-
-_MINIMAL = (
-    b'{"stream": "%b", "position": %d, "count": %d, "timestamp": "%b", '
-    b'"first": {"position": %d, "sequence": %d, "id": "%b"}, '
-    b'"last": {"position": %d, "sequence": %d, "id": "%b"}}'
-)
-
-
-def _json_messages(body: bytes) -> list[tuple[bytes, bytes]]:
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidBatch(f"body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("messages"), list):
-        raise InvalidBatch('body must be {"messages": [{"key": ..., "value": ...}, ...]}')
-    messages = document["messages"]
-    if len(messages) > MAX_BATCH_COUNT:
-        raise InvalidBatch(f"a batch holds at most {MAX_BATCH_COUNT} messages")
-    pairs = []
-    for index, item in enumerate(messages):
-        if not isinstance(item, dict):
-            raise InvalidBatch(f"message {index} must be an object")
-        key, value = item.get("key", ""), item.get("value")
-        encoding = item.get("encoding", "utf-8")
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidBatch(f"message {index}: key and value must be strings")
-        if encoding == "utf-8":
-            raw = value.encode("utf-8", "surrogatepass")
-        elif encoding == "base64":
-            try:
-                raw = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidBatch(f"message {index}: value is not valid base64") from None
-        else:
-            raise InvalidBatch(f"message {index}: encoding must be 'utf-8' or 'base64'")
-        # JSON may carry lone surrogates; keep them rather than fail on them.
-        pairs.append((key.encode("utf-8", "surrogatepass"), raw))
-    return pairs
 
 
 async def list_streams(request: web.Request) -> web.Response:
@@ -461,21 +368,15 @@ async def stream_info(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     checkpoint = await hub.checkpoint(stream)
     first, _ = await hub.read(stream, 0, 1, 1) if checkpoint.length else ([], 0)
-    access = await hub.read_access(stream)
-    return web.json_response(
-        {
-            "stream": stream,
-            "length": checkpoint.length,
-            "messages": checkpoint.next_sequence,
-            "first_write": iso_time(first[0].timestamp) if first else None,
-            "last_write": iso_time(checkpoint.last_timestamp) if checkpoint.length else None,
-            "read_access": {
-                "kind": access.kind,
-                "location": access.location,
-                "expires_at": access.expires_at,
-            },
-        }
+    info = StreamInfo.from_timestamps(
+        stream,
+        checkpoint.length,
+        checkpoint.next_sequence,
+        first_write=first[0].timestamp if first else None,
+        last_write=checkpoint.last_timestamp if checkpoint.length else None,
+        read_access=await hub.read_access(stream),
     )
+    return web.json_response(info.to_json())
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:

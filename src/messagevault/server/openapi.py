@@ -6,7 +6,6 @@ from typing import Any
 
 from messagevault.format import MAX_BATCH_COUNT
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
 _STREAM = {
     "name": "stream",
     "in": "path",
@@ -23,15 +22,56 @@ _STREAM = {
 # Keys are at most 255 bytes of UTF-8: 63 characters always fit (4 bytes each at most).
 _KEY = {"type": "string", "maxLength": 63}
 _BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+# A key that is not UTF-8 text: 255 bytes are 340 base64 characters.
+_BASE64_KEY = {"type": "string", "pattern": _BASE64, "maxLength": 340}
+
+
+# Every error code the server answers with, by status: docs/HTTP.md has the
+# same table, and a test checks both against the classes of ``errors``.
+ERROR_CODES: dict[int, tuple[str, ...]] = {
+    400: (
+        "invalid_stream_name",
+        "invalid_batch",
+        "invalid_position",
+        "invalid_input",
+        "corrupt_data",
+        "unsupported_version",
+    ),
+    401: ("unauthenticated",),
+    403: ("forbidden", "access_denied"),
+    404: ("stream_not_found", "not_found"),
+    405: ("method_not_allowed",),
+    409: ("stale_writer", "stream_locked", "lease_held", "lease_lost", "writer_conflict"),
+    413: ("request_entity_too_large",),
+    415: ("unsupported_media_type",),
+    500: ("internal_error",),
+    503: ("storage_error", "not_ready", "overloaded", "committer_closed"),
+}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(status): {"$ref": f"#/components/responses/Error{status}"} for status in statuses}
+
+
+def _error_responses() -> dict[str, Any]:
+    """One reusable response per error status, its ``error`` limited to that status's codes."""
     return {
-        str(status): {
-            "description": "error",
-            "content": {"application/json": {"schema": _ERROR}},
+        f"Error{status}": {
+            "description": ", ".join(codes),
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["error", "detail"],
+                        "properties": {
+                            "error": {"enum": list(codes)},
+                            "detail": {"type": "string"},
+                        },
+                    }
+                }
+            },
         }
-        for status in statuses
+        for status, codes in ERROR_CODES.items()
     }
 
 
@@ -59,6 +99,8 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
             "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
             "timestamp": {"type": "string", "format": "date-time"},
             "key": {"type": "string"},
+            # Only for a key that is not UTF-8 text: then it is base64.
+            "key_encoding": {"enum": ["utf-8", "base64"]},
             "value": {"type": "string"},
             "encoding": {"enum": ["utf-8", "base64"]},
             "next_position": {"type": "integer", "minimum": 0},
@@ -93,14 +135,14 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                     },
                     "responses": {
                         "200": _json({"$ref": "#/components/schemas/Appended"}),
-                        **_errors(400, 403, 404, 409, 413, 415, 503),
+                        **_errors(400, 401, 403, 404, 409, 413, 415, 503),
                     },
                 },
                 "get": {
                     "summary": "Stream info and direct read access",
                     "responses": {
                         "200": _json({"$ref": "#/components/schemas/StreamInfo"}),
-                        **_errors(400, 404, 503),
+                        **_errors(400, 401, 403, 404, 503),
                     },
                 },
             },
@@ -128,7 +170,7 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                                 },
                             }
                         ),
-                        **_errors(503),
+                        **_errors(401, 503),
                     },
                 }
             },
@@ -172,7 +214,7 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                                 },
                             }
                         ),
-                        **_errors(400, 404, 503),
+                        **_errors(400, 401, 403, 404, 503),
                     },
                 },
             },
@@ -201,11 +243,15 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
             },
         },
         "components": {
+            "responses": _error_responses(),
             "schemas": {
                 "Error": {
                     "type": "object",
                     "required": ["error", "detail"],
-                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                    "properties": {
+                        "error": {"enum": [c for codes in ERROR_CODES.values() for c in codes]},
+                        "detail": {"type": "string"},
+                    },
                 },
                 "Batch": {
                     "type": "object",
@@ -216,26 +262,45 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                             "minItems": 1,
                             "maxItems": MAX_BATCH_COUNT,
                             "items": {
-                                "oneOf": [
+                                "type": "object",
+                                "required": ["value"],
+                                # How the value is written, and (apart) how the key is.
+                                "allOf": [
                                     {
-                                        "type": "object",
-                                        "required": ["value"],
-                                        "properties": {
-                                            "key": _KEY,
-                                            "value": {"type": "string"},
-                                            "encoding": {"const": "utf-8"},
-                                        },
+                                        "oneOf": [
+                                            {
+                                                "properties": {
+                                                    "value": {"type": "string"},
+                                                    "encoding": {"const": "utf-8"},
+                                                }
+                                            },
+                                            {
+                                                "required": ["encoding"],
+                                                "properties": {
+                                                    "value": {"type": "string", "pattern": _BASE64},
+                                                    "encoding": {"const": "base64"},
+                                                },
+                                            },
+                                        ]
                                     },
                                     {
-                                        "type": "object",
-                                        "required": ["value", "encoding"],
-                                        "properties": {
-                                            "key": _KEY,
-                                            "value": {"type": "string", "pattern": _BASE64},
-                                            "encoding": {"const": "base64"},
-                                        },
+                                        "oneOf": [
+                                            {
+                                                "properties": {
+                                                    "key": _KEY,
+                                                    "key_encoding": {"const": "utf-8"},
+                                                }
+                                            },
+                                            {
+                                                "required": ["key", "key_encoding"],
+                                                "properties": {
+                                                    "key": _BASE64_KEY,
+                                                    "key_encoding": {"const": "base64"},
+                                                },
+                                            },
+                                        ]
                                     },
-                                ]
+                                ],
                             },
                         }
                     },
@@ -290,6 +355,6 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                         "read_access": {"type": "object"},
                     },
                 },
-            }
+            },
         },
     }

@@ -1,0 +1,240 @@
+"""The shapes server and client exchange (``messagevault.wire``), each both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
+
+from messagevault import (
+    AppendResult,
+    CorruptData,
+    InvalidBatch,
+    MemoryStorage,
+    Message,
+    ReadAccess,
+    encode_batch,
+)
+from messagevault.format import hex_id_format, message_id
+from messagevault.server import StreamHub, create_app
+from messagevault.wire import (
+    BATCH_CONTENT_TYPE,
+    EVENT_STREAM,
+    NDJSON,
+    StreamInfo,
+    append_result_from_minimal,
+    appended_json,
+    appended_minimal,
+    iso_time,
+    json_batch,
+    message_record,
+    parse_time,
+    record_pairs,
+)
+
+RESULTS = [
+    AppendResult(0, 100, 0, 3, 1_700_000_000_123, 100),
+    AppendResult(2**40 + 5, 4000, 2**33, 500, 2**47 + 9, 2**40 + 4005),
+    AppendResult(2**49 - 100, 400, 2**32 - 3, 7, 1_800_000_000_001, 2**49 + 300),  # masked ids
+    AppendResult(77, 68, 5, 1, 0, 145),
+]
+# Ids keep 48 bits of the timestamp too (a date ISO 8601 cannot write).
+FAR_FUTURE = AppendResult(2**49 - 100, 400, 2**32 - 3, 7, 2**49 + 1, 2**49 + 300)
+
+
+@given(st.integers(min_value=0, max_value=253_402_300_799_999))  # up to the year 9999
+def test_parse_time_reads_iso_time_back_exactly(timestamp: int) -> None:
+    assert parse_time(iso_time(timestamp)) == timestamp
+
+
+@pytest.mark.parametrize("result", [*RESULTS, FAR_FUTURE])
+def test_hex_ids_are_message_ids(result: AppendResult) -> None:
+    id_format, positions, sequences = hex_id_format(
+        result.timestamp, result.positions, result.sequences
+    )
+    hex_ids = [id_format % pair for pair in zip(positions, sequences, strict=True)]
+    assert hex_ids == [r.id.hex().encode() for r in result]
+
+
+@pytest.mark.parametrize("result", RESULTS)
+def test_the_exact_result_comes_back_from_the_minimal_answer(result: AppendResult) -> None:
+    answer = json.loads(appended_minimal("orders", result))
+    rebuilt = append_result_from_minimal(answer, result.frame_size)
+    assert rebuilt == result
+    assert list(rebuilt) == list(result)
+
+
+@pytest.mark.parametrize("result", [*RESULTS, FAR_FUTURE])
+def test_the_full_answer_lists_every_receipt(result: AppendResult) -> None:
+    answer = json.loads(appended_json("orders", result))
+    assert answer["position"] == result.committed_length
+    assert answer["messages"] == [
+        {"position": r.position, "sequence": r.sequence, "id": r.id.hex()} for r in result
+    ]
+
+
+def test_a_minimal_answer_for_another_batch_size_is_refused() -> None:
+    result = RESULTS[1]
+    answer = json.loads(appended_minimal("orders", result))
+    # The frame size says where message 1.. lie only through the count: a
+    # count that disagrees with the last receipt is caught.
+    answer["count"] += 1
+    with pytest.raises(CorruptData, match="does not describe"):
+        append_result_from_minimal(answer, result.frame_size)
+    with pytest.raises(CorruptData, match="lacks"):
+        append_result_from_minimal({"count": 3}, 100)
+
+
+KEYS_AND_VALUES = [
+    (b"OrderPlaced", b'{"id": 1}'),
+    (b"", b""),
+    (b"\xff\xfe", b"\x00\xff binary"),
+    ("caf\u00e9 \U0001f600".encode(), "\u00fcber".encode()),
+    (b"\xed\xa0\x80", b"\xed\xa0\x80"),  # a lone surrogate as JSON may carry it
+    (bytes(range(255)), bytes(range(256)) * 3),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), KEYS_AND_VALUES)
+def test_records_give_back_the_exact_key_and_value(key: bytes, value: bytes) -> None:
+    message = Message(64, 1, 1_700_000_000_123, key, value, 140)
+    record = json.loads(json.dumps(message_record(message)))
+    assert record_pairs([record]) == [(key, value)]
+    assert record["id"] == message_id(message.timestamp, 64, 1).hex()
+    text_key = _is_utf8(key)
+    assert ("key_encoding" in record) is not text_key
+    assert record["encoding"] == ("utf-8" if _is_utf8(value) else "base64")
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_text_keys_keep_the_record_shape_they_had() -> None:
+    record = message_record(Message(0, 0, 0, b"OrderPlaced", b"v", 68))
+    assert list(record) == [
+        "position",
+        "sequence",
+        "id",
+        "timestamp",
+        "key",
+        "next_position",
+        "value",
+        "encoding",
+    ]
+
+
+def test_append_records_default_and_accept_base64_keys() -> None:
+    records = [
+        {"value": "no key"},
+        {"key": "//4=", "key_encoding": "base64", "value": "AP8=", "encoding": "base64"},
+        {"key": "k", "key_encoding": "utf-8", "value": "v", "encoding": "utf-8"},
+    ]
+    assert record_pairs(records) == [(b"", b"no key"), (b"\xff\xfe", b"\x00\xff"), (b"k", b"v")]
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1]", "body must be"),
+        (b'{"messages": {}}', "body must be"),
+        (b'{"messages": [1]}', "message 0 must be an object"),
+        (b'{"messages": [{"key": "k"}]}', "message 0: value must be a string"),
+        (b'{"messages": [{"value": "v", "key": 5}]}', "message 0: key must be a string"),
+        (b'{"messages": [{"value": "%%%", "encoding": "base64"}]}', "value is not valid base64"),
+        (
+            b'{"messages": [{"value": "v", "key": "%%%", "key_encoding": "base64"}]}',
+            "key is not valid base64",
+        ),
+        (
+            b'{"messages": [{"value": "v", "key": "k", "key_encoding": "hex"}]}',
+            "key_encoding must be",
+        ),
+        (b'{"messages": [{"value": "v", "encoding": "latin-1"}]}', "encoding must be"),
+    ],
+)
+def test_bad_json_batches_are_refused_naming_the_fault(body: bytes, match: str) -> None:
+    with pytest.raises(InvalidBatch, match=match):
+        json_batch(body)
+
+
+def test_stream_info_round_trips_through_json() -> None:
+    access = ReadAccess("azure-sas", "https://example.invalid/mv-orders?sig=x", 1_900_000_000.5)
+    info = StreamInfo.from_timestamps(
+        "orders",
+        1000,
+        12,
+        first_write=1_700_000_000_123,
+        last_write=1_700_000_100_456,
+        read_access=access,
+    )
+    document = json.loads(json.dumps(info.to_json()))
+    assert document["first_write"] == iso_time(1_700_000_000_123)
+    assert document["read_access"] == {
+        "kind": "azure-sas",
+        "location": access.location,
+        "expires_at": access.expires_at,
+    }
+    again = StreamInfo.from_json(document)
+    assert again == info
+    assert again.first_write == datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
+    listed = StreamInfo.from_json({"stream": "orders", "length": 0, "messages": 0})
+    assert (listed.first_write, listed.read_access) == (None, None)
+
+
+# Through a real server --------------------------------------------------------------
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+BINARY_KEY = b"\xff\xfe"
+
+
+async def test_a_binary_key_comes_back_exactly_from_every_read_path(
+    aiohttp_client: MakeClient,
+) -> None:
+    client = await aiohttp_client(create_app(StreamHub(MemoryStorage())))
+    # Appended as JSON (base64 key) and as a binary batch: both land unchanged.
+    response = await client.post(
+        "/streams/keys",
+        json={"messages": [{"key": "//4=", "key_encoding": "base64", "value": "as JSON"}]},
+    )
+    assert response.status == 200, await response.text()
+    frame = encode_batch([(BINARY_KEY, b"as a batch")]).frame()
+    response = await client.post(
+        "/streams/keys", data=frame, headers={"Content-Type": BATCH_CONTENT_TYPE}
+    )
+    assert response.status == 200, await response.text()
+    stored = [(BINARY_KEY, b"as JSON"), (BINARY_KEY, b"as a batch")]
+
+    response = await client.get("/streams/keys/messages")
+    records = (await response.json())["messages"]
+    assert record_pairs(records) == stored
+
+    response = await client.get("/streams/keys/messages", headers={"Accept": NDJSON})
+    lines = (await response.text()).splitlines()
+    assert record_pairs([json.loads(line) for line in lines]) == stored
+
+    events: list[dict[str, object]] = []
+    async with (
+        asyncio.timeout(30),
+        client.get("/streams/keys/messages", headers={"Accept": EVENT_STREAM}) as sse,
+    ):
+        async for line in sse.content:
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[len(b"data: ") :]))
+            if len(events) == len(stored):
+                break
+    assert record_pairs(events) == stored
+    assert all(event["key_encoding"] == "base64" for event in events)
