@@ -53,11 +53,11 @@ class _Server:
     ``log`` holds the JSON log lines once the process has ended.
     """
 
-    def __init__(self, cwd: Path, **variables: str) -> None:
+    def __init__(self, cwd: Path, *arguments: str, **variables: str) -> None:
         self.port = free_port()
         env = {**os.environ, "MESSAGEVAULT_PORT": str(self.port), **variables}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "messagevault.cli", "serve"],
+            [sys.executable, "-m", "messagevault.cli", "serve", *arguments],
             cwd=cwd,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -81,9 +81,9 @@ class _Server:
         # readline() above already buffered. communicate() reads the raw
         # descriptor and would lose that (the "listening" line, at times).
         assert self.process.stderr is not None
-        stderr = self.process.stderr.read()
+        stderr = self.first_line + self.process.stderr.read().decode()
         self.process.stderr.close()
-        self.log = [json.loads(line) for line in stderr.decode().splitlines() if line[:1] == "{"]
+        self.log = [json.loads(line) for line in stderr.splitlines() if line[:1] == "{"]
 
     def stop(self) -> int:
         """SIGTERM, then the exit code (within 20 s: aiohttp's own grace period is 30 s)."""
@@ -208,3 +208,77 @@ def test_a_reader_leaving_a_tail_is_neither_an_error_nor_a_500(tmp_path: Path) -
     assert counts[tail_route, "200"] == 1
     assert [status for _, status in counts if status != "200"] == []
     assert [line for line in server.log if line["level"] not in ("info", "debug")] == []
+
+
+def _serve_exits(cwd: Path, *arguments: str, **variables: str) -> tuple[int, str]:
+    """Run ``messagevault serve`` expecting it to exit at once: (exit code, stderr).
+
+    If it does not, subprocess.run kills it (by PID) after 60 s and the test fails.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "messagevault.cli", "serve", *arguments],
+        cwd=cwd,
+        env={**os.environ, **variables},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, done.stderr.decode()
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr = _serve_exits(tmp_path, "--port", str(port))
+    assert code == 1
+    assert stderr == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "stop what uses it, or choose another --host/--port\n"
+    )
+    assert not (tmp_path / "data" / "_system" / "users.json").exists()  # nothing created
+
+
+@pytest.mark.parametrize(
+    ("arguments", "variables", "named"),
+    [
+        (("--port", "99999"), {}, "'--port'"),
+        (("--port", "-1"), {}, "'--port'"),
+        ((), {"MESSAGEVAULT_PORT": "99999"}, "'--port'"),
+    ],
+)
+def test_serve_with_a_bad_port_is_a_usage_error(
+    tmp_path: Path, arguments: tuple[str, ...], variables: dict[str, str], named: str
+) -> None:
+    code, stderr = _serve_exits(tmp_path, *arguments, **variables)
+    assert code == 2
+    assert f"Invalid value for {named}" in stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_on_port_0_listens_on_a_free_port_and_says_which(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", "serve", "--port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        lines = [process.stderr.readline().decode() for _ in range(3)]  # password, then listening
+        listening = json.loads(lines[2])
+        assert listening["message"] == "listening"
+        assert listening["port"] != 0
+        _wait_until_up(listening["port"], process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        assert process.stderr is not None
+        process.stderr.close()

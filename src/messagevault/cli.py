@@ -84,7 +84,14 @@ def _serve_option(
 
 @main.command()
 @click.option("--host", envvar="MESSAGEVAULT_HOST", default="127.0.0.1", show_default=True)
-@click.option("--port", envvar="MESSAGEVAULT_PORT", default=8080, show_default=True, type=int)
+@click.option(
+    "--port",
+    envvar="MESSAGEVAULT_PORT",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0: any free port (the `listening` log line says which).",
+)
 @storage_option
 @click.option(
     "--fsync",
@@ -143,13 +150,13 @@ def serve(  # click passes options by name
     max_queue_wait: float,
 ) -> None:
     """Run the HTTP server, the single writer of the storage's streams."""
+    import asyncio
     import logging
-
-    from aiohttp import web
 
     from messagevault.server import Limits, StreamHub, create_app
     from messagevault.server.auth import Authenticator, ensure_admin
     from messagevault.server.logs import configure
+    from messagevault.server.runner import CannotListen, serve_until_stopped
 
     configure()
     log = logging.getLogger("messagevault.server")
@@ -158,14 +165,6 @@ def serve(  # click passes options by name
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--storage") from exc
     files = _system_files(storage)
-    password = ensure_admin(files)
-    if password is not None:
-        # Shown once, never stored: only its argon2 hash is in users.json.
-        click.echo(
-            f"Created user 'admin' with password: {password}\n"
-            "Keep it now; change it with `messagevault users passwd admin`.",
-            err=True,
-        )
     limits = Limits(
         max_body=max_body,
         max_read_messages=max_read_messages,
@@ -187,16 +186,29 @@ def serve(  # click passes options by name
         "max_queue_wait": max_queue_wait,
     }
 
-    async def announce(app: web.Application) -> None:
+    def listening(bound_port: int) -> None:
+        # Once the port is ours: a server that cannot listen creates nothing.
+        password = ensure_admin(files)
+        if password is not None:
+            # Shown once, never stored: only its argon2 hash is in users.json.
+            click.echo(
+                f"Created user 'admin' with password: {password}\n"
+                "Keep it now; change it with `messagevault users passwd admin`.",
+                err=True,
+            )
         log.info(
             "listening",
-            extra={"host": host, "port": port, "storage": storage.describe(), **settings},
+            extra={"host": host, "port": bound_port, "storage": storage.describe(), **settings},
         )
 
-    app.on_startup.append(announce)
-    # run_app turns SIGINT/SIGTERM into a graceful stop: no new requests,
-    # in-flight commits finish (the hub drains its committers), exit 0.
-    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=30)
+    # SIGINT/SIGTERM stop gracefully: no new requests, in-flight commits
+    # finish (the hub drains its committers), exit 0.
+    try:
+        asyncio.run(serve_until_stopped(app, host, port, on_listening=listening))
+    except CannotListen as exc:
+        hint = "stop what uses it, or choose another --host/--port"
+        click.echo(f"error: {exc}; {hint}", err=True)
+        sys.exit(1)
     log.info("stopped")
 
 
