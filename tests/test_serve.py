@@ -228,6 +228,23 @@ def _serve_exits(cwd: Path, *arguments: str, **variables: str) -> tuple[int, str
     return done.returncode, done.stderr.decode()
 
 
+def test_a_second_server_on_the_same_folder_refuses_to_start(tmp_path: Path) -> None:
+    """Both would run and split the streams between them; the second must say so and stop."""
+    with _Server(tmp_path) as first:
+        code, stderr = _serve_exits(tmp_path, "--port", str(free_port()))
+        assert code == 1
+        folder = (tmp_path / "data").resolve()
+        assert stderr == (
+            f"error: another messagevault server (pid {first.process.pid}) already serves the "
+            f"data folder {folder}; stop that server first, or serve another folder\n"
+        )
+        assert _post(first.port, "orders", ["still served"], first.password)["stream"] == "orders"
+        assert first.stop() == 0
+    with _Server(tmp_path) as again:  # the first one's lock went with it
+        assert _post(again.port, "orders", ["after"], first.password)["stream"] == "orders"
+        assert again.stop() == 0
+
+
 def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

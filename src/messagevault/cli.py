@@ -6,10 +6,12 @@ Storage is named by ``--storage`` (or ``MESSAGEVAULT_STORAGE``), default
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import click
@@ -23,7 +25,7 @@ from messagevault.format import MAX_FRAME_SIZE, Message
 from messagevault.reader import Reader
 from messagevault.records import iso_time, message_record
 from messagevault.storage import open_storage
-from messagevault.storage.base import Storage, SystemFiles
+from messagevault.storage.base import ServerLock, Storage, SystemFiles
 from messagevault.writer import Writer
 
 storage_option = click.option(
@@ -203,13 +205,21 @@ def serve(  # click passes options by name
 
     # SIGINT/SIGTERM stop gracefully: no new requests, in-flight commits
     # finish (the hub drains its committers), exit 0.
-    try:
-        asyncio.run(serve_until_stopped(app, host, port, on_listening=listening))
-    except CannotListen as exc:
-        hint = "stop what uses it, or choose another --host/--port"
-        click.echo(f"error: {exc}; {hint}", err=True)
-        sys.exit(1)
+    with _server_lock(storage):
+        try:
+            asyncio.run(serve_until_stopped(app, host, port, on_listening=listening))
+        except CannotListen as exc:
+            hint = "stop what uses it, or choose another --host/--port"
+            click.echo(f"error: {exc}; {hint}", err=True)
+            sys.exit(1)
     log.info("stopped")
+
+
+def _server_lock(storage: Storage) -> AbstractContextManager[None]:
+    """One server per storage: a second one refuses to start (``WriterConflict``)."""
+    if isinstance(storage, ServerLock):
+        return storage.hold_server_lock()
+    return contextlib.nullcontext()
 
 
 def _system_files(storage: Storage) -> SystemFiles:

@@ -173,6 +173,15 @@ class AzureStorage:
     def describe(self) -> str:
         return f"azure storage account {self.service.account_name} at {self.service.url}"
 
+    def hold_server_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Not enforced yet: a second server on the same account starts too.
+
+        Holding a lease on a blob for a server's lifetime needs renewing it
+        in the background; that comes with leader election (``leader_lease``),
+        which makes several nodes on one account a feature.
+        """
+        return contextlib.nullcontext()
+
     def read_system_file(self, name: str) -> bytes | None:
         blob = self.system_container().get_blob_client(name)
         try:

@@ -11,8 +11,9 @@ write frames past the committed length, then ``advance_checkpoint``.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from messagevault.checkpoint import Checkpoint
 
@@ -105,6 +106,24 @@ class SystemFiles(Protocol):
 
     def write_system_file(self, name: str, data: bytes) -> None:
         """Replace the file atomically: readers see the old bytes or the new, never a mix."""
+        ...
+
+
+@runtime_checkable
+class ServerLock(Protocol):
+    """Storage that keeps a second server off it: one server per storage, for now.
+
+    Two servers on one storage would each become the writer of whichever
+    streams it was asked about first, and refuse the rest (``StreamLocked``).
+    """
+
+    def hold_server_lock(self) -> AbstractContextManager[None]:
+        """Hold the server lock while the context lasts.
+
+        Raises ``WriterConflict``, naming the holder and what to do, when
+        another server holds it. A holder that dies lets go of it (file: the
+        kernel drops the lock), so no stale lock outlives a crash.
+        """
         ...
 
 

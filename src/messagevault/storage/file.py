@@ -3,6 +3,7 @@
     <root>/<stream>/data          frames, laid end to end (see docs/FORMAT.md)
     <root>/<stream>/checkpoint    two 64-byte checkpoint slots
     <root>/<stream>/writer.lock   flock()ed by the single writer; holds its pid
+    <root>/_system/server.lock    flock()ed by the server using the folder; holds its pid
 
 The checkpoint file has two slots, written alternately (commit number mod 2),
 so a torn checkpoint write can only damage the slot being replaced: readers
@@ -18,6 +19,7 @@ import fcntl
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from messagevault.errors import (
     StorageError,
     StreamLocked,
     StreamNotFound,
+    WriterConflict,
 )
 from messagevault.names import validate_stream_name
 from messagevault.storage.base import ReadAccess
@@ -38,6 +41,7 @@ DATA_FILE = "data"
 CHECKPOINT_FILE = "checkpoint"
 LOCK_FILE = "writer.lock"
 SYSTEM_FOLDER = "_system"  # cannot clash: stream names never start with "_"
+SERVER_LOCK_FILE = "server.lock"  # in SYSTEM_FOLDER
 MAX_WRITE_SIZE = 4 * 1024 * 1024
 
 
@@ -99,6 +103,25 @@ class FileStorage:
 
     def describe(self) -> str:
         return f"file storage at {self.root}"
+
+    @contextlib.contextmanager
+    def hold_server_lock(self) -> Iterator[None]:
+        """flock ``_system/server.lock`` while the context lasts: one server per folder."""
+        folder = self.root / SYSTEM_FOLDER
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = _exclusive_lock(folder / SERVER_LOCK_FILE)
+        except _LockHeld as held:
+            raise WriterConflict(
+                f"another messagevault server (pid {held.holder}) already serves the data "
+                f"folder {self.root.resolve()}; stop that server first, or serve another folder"
+            ) from None
+        except OSError as exc:
+            raise StorageError(f"cannot lock {folder / SERVER_LOCK_FILE}: {exc}") from exc
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def read_system_file(self, name: str) -> bytes | None:
         try:
@@ -317,11 +340,28 @@ class FileStreamStore:
 
 
 def _take_writer_lock(path: Path, name: str) -> int:
-    """flock() the stream's lock file, or raise ``StreamLocked`` naming the holder.
+    """flock() the stream's lock file, or raise ``StreamLocked`` naming the holder."""
+    try:
+        return _exclusive_lock(path)
+    except _LockHeld as held:
+        raise StreamLocked(
+            f"stream {name!r} is already open for writing by another writer (pid {held.holder})"
+        ) from None
+
+
+class _LockHeld(Exception):
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder  # the pid the holder wrote in the file, or "unknown"
+
+
+def _exclusive_lock(path: Path) -> int:
+    """flock() ``path`` and write our pid in it; the descriptor holds the lock until closed.
 
     flock locks belong to the open file description, so a second open in the
     same process conflicts too, and the kernel drops the lock when the holder
     dies, however it dies: no stale lock files to clean up after a crash.
+    Raises ``_LockHeld`` naming the holder's pid.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -329,9 +369,7 @@ def _take_writer_lock(path: Path, name: str) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise StreamLocked(
-            f"stream {name!r} is already open for writing by another writer (pid {holder})"
-        ) from None
+        raise _LockHeld(holder) from None
     except OSError:
         os.close(fd)
         raise

@@ -10,6 +10,7 @@ page alignment and tail-page rewrite be tested without Azure.
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from messagevault.checkpoint import Checkpoint
@@ -64,6 +65,10 @@ class MemoryStorage:
 
     def describe(self) -> str:
         return f"memory storage (page size {self.page_size})"
+
+    def hold_server_lock(self) -> AbstractContextManager[None]:
+        """Nothing to guard: no other process can reach this storage."""
+        return nullcontext()
 
     def read_system_file(self, name: str) -> bytes | None:
         return self._system_files.get(name)
