@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from messagevault import FileStorage, Reader
-from tests.azurite import free_port
+from messagevault.storage.azure import SYSTEM_CONTAINER, AzureStorage
+from tests.azurite import Azurite, free_port
 
 
 def _wait_until_up(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -265,9 +268,10 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         (("--port", "99999"), {}, "'--port'"),
         (("--port", "-1"), {}, "'--port'"),
         ((), {"MESSAGEVAULT_PORT": "99999"}, "'--port'"),
+        (("--log-level", "loud"), {}, "'--log-level'"),
     ],
 )
-def test_serve_with_a_bad_port_is_a_usage_error(
+def test_serve_with_a_bad_port_or_level_is_a_usage_error(
     tmp_path: Path, arguments: tuple[str, ...], variables: dict[str, str], named: str
 ) -> None:
     code, stderr = _serve_exits(tmp_path, *arguments, **variables)
@@ -275,6 +279,30 @@ def test_serve_with_a_bad_port_is_a_usage_error(
     assert f"Invalid value for {named}" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_the_azure_sdk_logs_its_requests_only_when_asked(
+    tmp_path: Path, azurite: Azurite, level: str
+) -> None:
+    storage = f"azure:{azurite.connection_string}"
+    try:
+        with _Server(
+            tmp_path, MESSAGEVAULT_STORAGE=storage, MESSAGEVAULT_LOG_LEVEL=level
+        ) as server:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/ready", timeout=30):
+                pass  # lists the containers: one more SDK request
+            assert server.stop() == 0
+    finally:  # the users the server created: other tests expect an empty account
+        service = AzureStorage.from_connection_string(azurite.connection_string).service
+        with contextlib.suppress(ResourceNotFoundError):
+            service.delete_container(SYSTEM_CONTAINER)
+    assert any(line["message"] == "listening" for line in server.log)
+    sdk_lines = [line for line in server.log if line["logger"].startswith("azure.")]
+    if level == "debug":
+        assert any("Request URL" in line["message"] for line in sdk_lines)
+    else:
+        assert sdk_lines == []
 
 
 def test_serve_on_port_0_listens_on_a_free_port_and_says_which(tmp_path: Path) -> None:

@@ -137,6 +137,14 @@ def _serve_option(
     10.0,
     "Seconds an append waits for room before 503 overloaded.",
 )
+@click.option(
+    "--log-level",
+    envvar="MESSAGEVAULT_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least important log lines shown; debug also shows each Azure SDK request.",
+)
 def serve(  # click passes options by name
     *,
     host: str,
@@ -150,6 +158,7 @@ def serve(  # click passes options by name
     linger_ms: float,
     max_queued_bytes: int,
     max_queue_wait: float,
+    log_level: str,
 ) -> None:
     """Run the HTTP server, the single writer of the storage's streams."""
     import asyncio
@@ -160,7 +169,7 @@ def serve(  # click passes options by name
     from messagevault.server.logs import configure
     from messagevault.server.runner import CannotListen, serve_until_stopped
 
-    configure()
+    configure(logging.getLevelNamesMapping()[log_level.upper()])
     log = logging.getLogger("messagevault.server")
     try:
         storage = open_storage(storage_url, fsync=fsync)

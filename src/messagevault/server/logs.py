@@ -27,8 +27,17 @@ class JsonLines(logging.Formatter):
 
 
 def configure(level: int = logging.INFO) -> None:
+    """JSON lines on stderr from ``level`` up; the Azure SDK's only from WARNING unless debug.
+
+    The SDK logs every request and response at INFO (azure.core's
+    http_logging_policy), several lines per storage call: at the default
+    level they would bury the server's own lines.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("azure").setLevel(
+        logging.NOTSET if level <= logging.DEBUG else logging.WARNING
+    )
