@@ -51,7 +51,7 @@ from messagevault.storage import (
 )
 from messagevault.writer import AppendResult, Receipt, Writer
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place it is written: pyproject.toml reads it (hatch)
 
 __all__ = [
     "MAX_BATCH_COUNT",
