@@ -26,9 +26,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from messagevault.committer import CommitterClosed
 from messagevault.errors import (
     AccessDenied,
+    CommitterClosed,
     CorruptData,
     InvalidInput,
     InvalidPosition,

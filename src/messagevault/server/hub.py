@@ -20,7 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, CommitterClosed, GroupCommitter
+from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, GroupCommitter
+from messagevault.errors import CommitterClosed
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
 from messagevault.reader import RawFrames, Reader
