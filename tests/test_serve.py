@@ -257,7 +257,7 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert code == 1
     assert stderr == (
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use; "
-        "stop what uses it, or choose another --host/--port\n"
+        "stop what uses it, or choose another --port\n"
     )
     assert not (tmp_path / "data" / "_system" / "users.json").exists()  # nothing created
 

@@ -218,7 +218,7 @@ def serve(  # click passes options by name
         try:
             asyncio.run(serve_until_stopped(app, host, port, on_listening=listening))
         except CannotListen as exc:
-            hint = "stop what uses it, or choose another --host/--port"
+            hint = "stop what uses it, or choose another --port" if exc.in_use else "check --host"
             click.echo(f"error: {exc}; {hint}", err=True)
             sys.exit(1)
     log.info("stopped")

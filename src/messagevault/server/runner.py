@@ -9,6 +9,7 @@ once it is, and a port that cannot be had is one ``CannotListen`` error.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from collections.abc import Callable
@@ -18,6 +19,10 @@ from aiohttp import web
 
 class CannotListen(Exception):
     """The server could not bind its socket (port in use, address not here, no permission)."""
+
+    def __init__(self, message: str, *, in_use: bool) -> None:
+        super().__init__(message)
+        self.in_use = in_use  # the port is taken: another process listens there
 
 
 async def serve_until_stopped(
@@ -48,7 +53,10 @@ async def serve_until_stopped(
             try:
                 await web.TCPSite(runner, host, port).start()
             except OSError as exc:
-                raise CannotListen(f"cannot listen on {host}:{port}: {_reason(exc)}") from exc
+                raise CannotListen(
+                    f"cannot listen on {host}:{port}: {_reason(exc)}",
+                    in_use=exc.errno == errno.EADDRINUSE,
+                ) from exc
             on_listening(runner.addresses[0][1])
             await stop.wait()
         finally:
