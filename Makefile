@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure clean
+.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure bench-client clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-core: $(STAMP)
 
 bench-http: $(STAMP)
 	$(BIN)/python benchmarks/http.py
+
+bench-client: $(STAMP)
+	$(BIN)/python benchmarks/client.py
 
 bench-azure: $(STAMP) node_modules/.installed
 	$(BIN)/python benchmarks/azure.py

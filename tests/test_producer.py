@@ -425,3 +425,61 @@ class _ThreadedAsyncPublisher:
 
     async def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
         return await asyncio.to_thread(self.publisher.publish_batch, stream, batch)
+
+
+async def test_async_lane_sends_while_the_caller_keeps_sending(
+    publisher: StoragePublisher,
+) -> None:
+    async with AsyncProducer(
+        AsyncStoragePublisher(publisher), max_batch_messages=10, linger=60
+    ) as producer:
+        for i in range(35):  # a tight loop: send never has to wait
+            await producer.send("orders", f"{i}")
+        # Full batches went while the loop ran, not only at flush or close.
+        assert publisher.calls >= 1
+    assert publisher.batches["orders"] == [10, 10, 10, 5]
+
+
+def test_producer_through_a_server(tmp_path: Path) -> None:
+    """The real path: Producer -> Client -> HTTP -> server -> file storage."""
+    from messagevault.client import Client
+    from messagevault.server import StreamHub, create_app
+    from tests.served import ServedApp
+
+    storage = FileStorage(tmp_path / "data")
+    with ServedApp(create_app(StreamHub(storage))) as served, Client(served.url) as client:
+        with Producer(client, max_batch_messages=100) as producer:
+            futures = [producer.send("orders", f"order {i}", key="OrderPlaced") for i in range(450)]
+            bad = producer.send("billing", b"x")
+        receipts = [f.result() for f in futures]
+        assert bad.result().sequence == 0
+    with Reader.open(storage, "orders") as reader:
+        stored = list(reader.read())
+    assert [(r.position, r.sequence, r.id) for r in receipts] == [
+        (m.position, m.sequence, m.id) for m in stored
+    ]
+    assert [m.value for m in stored] == [f"order {i}".encode() for i in range(450)]
+    assert {m.key for m in stored} == {b"OrderPlaced"}
+
+
+def test_a_refused_batch_fails_its_futures_through_a_server(tmp_path: Path) -> None:
+    """A server error (here: the user may not write one stream) fails that batch only."""
+    from messagevault.client import Client
+    from messagevault.errors import Forbidden
+    from messagevault.server import StreamHub, create_app
+    from messagevault.server.auth import Authenticator, Users, save_users
+    from tests.served import ServedApp
+
+    storage = FileStorage(tmp_path / "data")
+    users = Users()
+    users.set_password("app", "pw")
+    users.grant("app", ["orders:write"])
+    save_users(storage, users)
+    app = create_app(StreamHub(storage), authenticator=Authenticator(storage))
+    with ServedApp(app) as served, Client(served.url, user="app", password="pw") as client:
+        with Producer(client) as producer:
+            allowed = producer.send("orders", b"ok")
+            refused = producer.send("billing", b"no")
+        assert allowed.result().sequence == 0
+        with pytest.raises(Forbidden):
+            refused.result()

@@ -439,8 +439,14 @@ class AsyncProducer:
             await self._wait_for_room(size)
         with buffer.lock:  # uncontended here; kept so the shared _Buffer code holds one rule
             batch, index = buffer.add(lane, key, value, size)
-        if index == 0 or len(batch.keys) >= limits.max_batch_messages:
+        full = len(batch.keys) >= limits.max_batch_messages
+        if index == 0 or full:
             self._wake[stream].set()
+            if full or len(lane.batches) > 1:
+                # A caller sending in a tight loop never suspends, so the lane
+                # would not run before flush(): yield once per full batch, and
+                # the batch travels while the caller fills the next one.
+                await asyncio.sleep(0)
         return MessageFuture(batch, index)
 
     def _open_lane(self, stream: str) -> _Lane:
