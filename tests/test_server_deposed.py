@@ -180,8 +180,9 @@ async def test_an_append_after_the_hub_closed_is_503(aiohttp_client: MakeClient)
     client = await aiohttp_client(create_app(hub))
     assert (await _append(client, "orders", "mine"))[0] == 200
     await hub.close()
-    status, body = await _append(client, "orders", "too late")
-    assert (status, body["error"]) == (503, "committer_closed")
+    response = await client.post("/streams/orders", json={"messages": [{"value": "too late"}]})
+    assert (response.status, (await response.json())["error"]) == (503, "committer_closed")
+    assert response.headers["Retry-After"] == "1"  # retriable: clients back off and retry
 
 
 def test_the_committer_refuses_appends_before_a_deposed_append_hears_why() -> None:

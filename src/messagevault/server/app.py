@@ -205,7 +205,8 @@ async def errors_and_metrics(
         response = error_response(_status_for(exc), exc.code, str(exc))
         if isinstance(exc, Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Basic realm="messagevault"'
-        elif isinstance(exc, Overloaded):
+        elif exc.retriable and response.status == 503:
+            # overloaded, committer_closed (a stream being reopened), storage_error
             response.headers["Retry-After"] = "1"
 
     except web.HTTPException as exc:
