@@ -25,7 +25,8 @@
     ├── StorageError                 the storage itself failed (I/O, network); may be retriable
     │   └── NotReady                 the server cannot reach its storage yet (HTTP 503 on /ready)
     ├── InternalError                the server failed (a bug; its log says more) (HTTP 500)
-    └── UnknownError                 a code this version does not know (a newer server's)
+    ├── ServerUnreachable            (client) no connection to the server, or it broke mid-request
+    └── UnknownError                 (client) a code this version does not know (a newer server's)
 
 Each class carries a stable ``code`` (used on the wire by the server) and a
 ``retriable`` flag that tells clients whether trying again can help.
@@ -197,6 +198,17 @@ class InternalError(MessageVaultError):
     """The server failed on a request: a bug, described in the server's log."""
 
     code = "internal_error"
+
+
+class ServerUnreachable(MessageVaultError, ConnectionError):
+    """The client could not reach the server, or lost the connection before the answer.
+
+    Raised by the client once its retries are spent (also a ``ConnectionError``);
+    never sent by a server.
+    """
+
+    code = "server_unreachable"
+    retriable = True
 
 
 class UnknownError(MessageVaultError):

@@ -1,0 +1,419 @@
+"""What ``Client`` and ``AsyncClient`` share: settings, requests, retries, decoding answers.
+
+Nothing here does I/O. Each client sends the ``Request`` this module builds
+through its own HTTP library and hands the ``Answer`` back to be decoded, so
+that both follow the same rules to the byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+from messagevault.errors import (
+    CommitterClosed,
+    CorruptData,
+    InvalidBatch,
+    InvalidInput,
+    MessageVaultError,
+    Overloaded,
+    ServerUnreachable,
+)
+from messagevault.format import (
+    FRAME_HEADER_SIZE,
+    SLOT_SIZE,
+    EncodedBatch,
+    Message,
+    encode_batch,
+    iter_messages,
+    read_header,
+)
+from messagevault.names import validate_stream_name
+from messagevault.storage.base import ReadAccess
+from messagevault.wire import (
+    BATCH_CONTENT_TYPE,
+    JSON,
+    StreamInfo,
+    append_result_from_minimal,
+    error_from_body,
+)
+from messagevault.writer import AppendResult
+
+DEFAULT_URL: Final = "http://127.0.0.1:8080"
+# A read asking for fewer messages than this passes ``limit`` on, so the
+# server stops at the frames holding them; larger reads take the bulk path
+# (up to 8 MiB of frames a page) and stop on their own.
+SMALL_READ: Final = 1000
+# How long one long poll of ``follow`` waits at the tail; a commit ends it at once.
+FOLLOW_WAIT: Final = 30
+# How often a waiting ``follow`` looks at its ``stop`` (sync client) while it waits.
+STOP_CHECK_INTERVAL: Final = 0.1
+
+Headers = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the server is and how to talk to it, from arguments or the environment."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str  # path of the server under its host, "" at the root
+    authorization: str | None
+    timeout: float
+    retries: int
+
+    @classmethod
+    def resolve(
+        cls,
+        url: str | None,
+        user: str | None,
+        password: str | None,
+        timeout: float,
+        retries: int,
+    ) -> Settings:
+        """Arguments first, then MESSAGEVAULT_URL/_USER/_PASSWORD, then the URL's own user info."""
+        url = url or os.environ.get("MESSAGEVAULT_URL") or DEFAULT_URL
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput(f"server URL must be http://HOST[:PORT] or https://..., not {url!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise InvalidInput(f"server URL {url!r} has a bad port") from None
+        if timeout <= 0:
+            raise InvalidInput(f"timeout must be positive, not {timeout!r}")
+        if retries < 0:
+            raise InvalidInput(f"retries must be 0 or more, not {retries!r}")
+        user = user if user is not None else os.environ.get("MESSAGEVAULT_USER") or parts.username
+        if password is None:
+            password = os.environ.get("MESSAGEVAULT_PASSWORD") or parts.password
+        authorization = None
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
+            authorization = f"Basic {token}"
+        return cls(
+            parts.scheme,
+            parts.hostname,
+            port,
+            parts.path.rstrip("/"),
+            authorization,
+            timeout,
+            retries,
+        )
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, without credentials."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.prefix}"
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # with the query, below the server's prefix
+    headers: dict[str, str]
+    body: bytes | None = None
+    # Safe to send twice: reads. An append is not (it would be appended twice).
+    idempotent: bool = True
+    wait: int = 0  # seconds the server may hold the answer (long poll)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Headers  # names as the server sent them; look them up with ``header``
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        lowered = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == lowered:
+                return value
+        return None
+
+
+def headers(settings: Settings, **extra: str) -> dict[str, str]:
+    base = {"User-Agent": "messagevault-client"}
+    if settings.authorization is not None:
+        base["Authorization"] = settings.authorization
+    return base | {name.replace("_", "-"): value for name, value in extra.items()}
+
+
+def stream_path(stream: str, suffix: str = "") -> str:
+    return f"/streams/{quote(validate_stream_name(stream))}{suffix}"
+
+
+# Requests ----------------------------------------------------------------------------
+
+
+def publish_request(settings: Settings, stream: str, batch: EncodedBatch) -> Request:
+    return Request(
+        "POST",
+        stream_path(stream),
+        headers(settings, Content_Type=BATCH_CONTENT_TYPE, Prefer="return=minimal", Accept=JSON),
+        batch.frame(),
+        idempotent=False,
+    )
+
+
+def info_request(settings: Settings, stream: str) -> Request:
+    return Request("GET", stream_path(stream), headers(settings, Accept=JSON))
+
+
+def streams_request(settings: Settings) -> Request:
+    return Request("GET", "/streams", headers(settings, Accept=JSON))
+
+
+def page_request(
+    settings: Settings, stream: str, position: int, limit: int | None, wait: int = 0
+) -> Request:
+    """One page of stored frames from ``position`` (the binary read route)."""
+    if not isinstance(position, int) or position < 0:
+        raise InvalidInput(f"position must be a non-negative integer, not {position!r}")
+    query = f"?from={position}"
+    if limit is not None and limit <= SMALL_READ:
+        query += f"&limit={limit}"
+    if wait:
+        query += f"&wait={wait}"
+    return Request(
+        "GET",
+        stream_path(stream, "/messages") + query,
+        headers(settings, Accept=BATCH_CONTENT_TYPE),
+        wait=wait,
+    )
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise InvalidInput(f"limit must be a non-negative integer or None, not {limit!r}")
+
+
+# Answers -----------------------------------------------------------------------------
+
+
+def raise_for_error(answer: Answer) -> None:
+    if answer.status >= 300:
+        raise error_from_body(answer.status, answer.body)
+
+
+def json_of(answer: Answer) -> Any:
+    raise_for_error(answer)
+    try:
+        return json.loads(answer.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptData(f"the server's answer is not JSON: {exc}") from None
+
+
+def published(answer: Answer, batch: EncodedBatch) -> AppendResult:
+    """The exact result of an append from the server's short answer."""
+    return append_result_from_minimal(json_of(answer), batch.frame_size)
+
+
+def stream_infos(answer: Answer) -> list[StreamInfo]:
+    return [StreamInfo.from_json(entry) for entry in json_of(answer)["streams"]]
+
+
+def read_access_of(info: StreamInfo) -> ReadAccess:
+    if info.read_access is None:
+        raise InvalidInput(f"the server gives no direct read access to stream {info.stream!r}")
+    return info.read_access
+
+
+@dataclass
+class Page:
+    """The messages of one binary read answer, every frame checked, and where to go on."""
+
+    messages: Iterator[Message]
+    count: int
+    next_position: int
+
+
+def page_of(answer: Answer, position: int) -> Page:
+    """Decode a binary read answer from ``position``: whole frames, ``X-Skip``, ``X-Next``.
+
+    Every frame's header and body CRCs, its position and sequence layout are
+    checked before any message is handed out; bytes changed in transit raise
+    ``CorruptData``.
+    """
+    raise_for_error(answer)
+    body = answer.body
+    try:
+        skip = int(answer.header("X-Skip") or "0")
+        next_position = int(answer.header("X-Next") or "")
+    except ValueError:
+        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+    frames: list[Iterator[Message]] = []
+    count = 0
+    offset = 0
+    # The first frame starts at ``position``, or before it when ``position``
+    # is message ``skip`` of that frame (docs/FORMAT.md: slots).
+    at = position if skip == 0 else position - FRAME_HEADER_SIZE - SLOT_SIZE * skip
+    first = skip
+    while offset < len(body):
+        header = read_header(body, offset, at)
+        if first >= header.message_count:
+            raise CorruptData(
+                f"read answer skips {first} of the {header.message_count} messages "
+                f"of the frame at {at}",
+                position=at,
+            )
+        frames.append(iter_messages(body, offset, header, first))  # checks the body now
+        count += header.message_count - first
+        offset += header.frame_size
+        at, first = header.end, 0
+    if at != next_position:
+        raise CorruptData(
+            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
+            position=position,
+        )
+    return Page(chain.from_iterable(frames), count, next_position)
+
+
+# Messages to publish -----------------------------------------------------------------
+
+
+def batch_of(messages: Iterable[object]) -> EncodedBatch:
+    """Encode ``messages`` for ``publish``: pairs, bare values, or objects with key and value.
+
+    Keys and values may be ``bytes`` or ``str`` (UTF-8). Lists of
+    ``(bytes, bytes)`` pairs, the common case, go straight to the encoder.
+    """
+    rows = messages if isinstance(messages, list | tuple) else list(messages)
+    if rows and type(rows[0]) is tuple:
+        try:
+            return encode_batch(rows)  # type: ignore[arg-type]
+        except InvalidBatch:
+            pass  # str values, or another shape among the pairs: normalise, then say which
+    return encode_batch([_pair(index, message) for index, message in enumerate(rows)])
+
+
+def _pair(index: int, message: object) -> tuple[bytes | str, bytes]:
+    if isinstance(message, bytes | bytearray | memoryview | str):
+        key: object = b""
+        value: object = message
+    elif isinstance(message, tuple | list) and len(message) == 2:
+        key, value = message
+    elif hasattr(message, "key") and hasattr(message, "value"):
+        key, value = message.key, message.value
+    else:
+        raise InvalidBatch(
+            f"message {index} must be a value, a (key, value) pair or have .key and .value, "
+            f"not {type(message).__name__}"
+        )
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    return key, value  # type: ignore[return-value]  # encode_batch names a bad type
+
+
+# Retries -----------------------------------------------------------------------------
+
+
+class NotSent(Exception):
+    """The request never left: connecting failed. Any request may be tried again."""
+
+
+class Lost(Exception):
+    """The connection failed after the request may have left: the server may have acted."""
+
+
+# Errors after which an append certainly did nothing, so it is safe to send again.
+_APPEND_NOT_TRIED: Final = (Overloaded, CommitterClosed)
+_RETRY_STATUSES: Final = frozenset({502, 503, 504})
+
+
+@dataclass
+class Retries:
+    """Exponential backoff with jitter, bounded by a count of retries.
+
+    ``delay(n)`` is drawn from [d/2, d] with d = ``base * 2**n`` capped at
+    ``cap``, so clients that failed together do not come back together; a
+    ``Retry-After`` from the server is a floor (itself capped).
+    """
+
+    retries: int
+    deadline: float | None = None  # time.monotonic() after which no retry starts
+    base: float = 0.1
+    cap: float = 2.0
+    retry_after_cap: float = 10.0
+    attempt: int = field(default=0, init=False)
+
+    def delay(self, retry_after: float | None = None) -> float:
+        ceiling = min(self.cap, self.base * 2**self.attempt)
+        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.retry_after_cap))
+        return delay
+
+    def next_delay(self, failure: BaseException, request: Request) -> float | None:
+        """Seconds to wait before trying ``request`` again after ``failure``, or None to give up."""
+        if self.attempt >= self.retries or not retriable(failure, request):
+            return None
+        retry_after = failure.retry_after if isinstance(failure, _AnsweredError) else None
+        delay = self.delay(retry_after)
+        if self.deadline is not None and time.monotonic() + delay > self.deadline:
+            return None
+        self.attempt += 1
+        return delay
+
+
+class _AnsweredError(Exception):
+    """Carries a server's error answer through the retry loop."""
+
+    def __init__(self, error: MessageVaultError, retry_after: float | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+def answered_error(answer: Answer) -> _AnsweredError | None:
+    """The error an answer holds, ready for ``Retries``; None for a success."""
+    if answer.status < 300:
+        return None
+    retry_after = answer.header("Retry-After")
+    try:
+        seconds = float(retry_after) if retry_after is not None else None
+    except ValueError:
+        seconds = None  # an HTTP date: the backoff alone will do
+    return _AnsweredError(error_from_body(answer.status, answer.body), seconds)
+
+
+def retriable(failure: BaseException, request: Request) -> bool:
+    """Whether ``request`` may be sent again after ``failure``.
+
+    Appends are not idempotent (yet): one is sent again only when it surely
+    did nothing, i.e. it never left (``NotSent``) or the server refused it
+    before trying (``overloaded``, ``committer_closed``). A lost connection
+    or a ``storage_error`` leaves an append in doubt, so it is not repeated.
+    """
+    if isinstance(failure, NotSent):
+        return True
+    if isinstance(failure, Lost):
+        return request.idempotent
+    if isinstance(failure, _AnsweredError):
+        error = failure.error
+        if not request.idempotent:
+            return isinstance(error, _APPEND_NOT_TRIED)
+        return error.retriable or error.status in _RETRY_STATUSES
+    return False
+
+
+def give_up(failure: BaseException, request: Request, settings: Settings) -> BaseException:
+    """The exception to raise once ``failure`` is not retried any more."""
+    if isinstance(failure, _AnsweredError):
+        return failure.error
+    where = f"{request.method} {settings.url}{request.path.split('?')[0]}"
+    if isinstance(failure, NotSent):
+        return ServerUnreachable(f"cannot reach the server for {where}: {failure}")
+    doubt = "" if request.idempotent else "; the append may or may not have been committed"
+    return ServerUnreachable(f"connection lost during {where}: {failure}{doubt}")

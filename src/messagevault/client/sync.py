@@ -1,0 +1,423 @@
+"""``Client``: the blocking client, over the standard library's ``http.client``."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from types import TracebackType
+
+from messagevault.client.base import (
+    FOLLOW_WAIT,
+    STOP_CHECK_INTERVAL,
+    Answer,
+    Lost,
+    NotSent,
+    Page,
+    Request,
+    Retries,
+    Settings,
+    answered_error,
+    batch_of,
+    check_limit,
+    give_up,
+    info_request,
+    json_of,
+    page_of,
+    page_request,
+    publish_request,
+    published,
+    read_access_of,
+    stream_infos,
+    streams_request,
+)
+from messagevault.errors import InvalidInput
+from messagevault.format import EncodedBatch, Message
+from messagevault.reader import Reader
+from messagevault.storage.base import ReadAccess
+from messagevault.wire import StreamInfo
+from messagevault.writer import AppendResult
+
+MessageLike = tuple[bytes | str, bytes | str] | bytes | str | Message | object
+
+
+class _Pool:
+    """Idle keep-alive connections to the server, shared by the client's threads."""
+
+    def __init__(self, settings: Settings, max_idle: int = 16) -> None:
+        self._settings = settings
+        self._max_idle = max_idle
+        self._idle: list[http.client.HTTPConnection] = []
+        self._busy: set[http.client.HTTPConnection] = set()
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def take(self) -> http.client.HTTPConnection:
+        """A connected connection: an idle one still open, or a new one (``NotSent`` if not)."""
+        while True:
+            with self._lock:
+                if self.closed:
+                    raise NotSent("the client is closed")
+                connection = self._idle.pop() if self._idle else None
+                if connection is not None:
+                    self._busy.add(connection)
+            if connection is None:
+                break
+            if not _dropped(connection):
+                return connection
+            self.discard(connection)
+        settings = self._settings
+        kind: type[http.client.HTTPConnection] = http.client.HTTPConnection
+        if settings.scheme == "https":
+            kind = http.client.HTTPSConnection
+        connection = kind(settings.host, settings.port, timeout=settings.timeout)
+        try:
+            connection.connect()
+        except OSError as exc:  # refused, unreachable, name unknown, connect timeout
+            connection.close()
+            raise NotSent(exc) from exc
+        with self._lock:
+            self._busy.add(connection)
+        if self.closed:
+            self.discard(connection)
+            raise NotSent("the client is closed")
+        return connection
+
+    def give(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._busy.discard(connection)
+            if not self.closed and len(self._idle) < self._max_idle:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def discard(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._busy.discard(connection)
+        connection.close()
+
+    def close(self) -> None:
+        """Close idle connections, and cut the busy ones so that no thread stays blocked."""
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        for connection in idle:
+            connection.close()
+        for connection in busy:
+            if connection.sock is not None:
+                with contextlib.suppress(OSError):  # already gone
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """Whether the server closed an idle connection (it is readable: EOF, or stray bytes)."""
+    sock = connection.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class Client:
+    """A blocking client of a MessageVault server; thread-safe, reuses connections.
+
+    >>> with Client("http://127.0.0.1:8080", user="app", password="pw") as client:  # doctest: +SKIP
+    ...     receipts = client.publish("orders", [("OrderPlaced", b'{"id": 7}')])
+    ...     for message in client.read("orders", receipts[0].position):
+    ...         print(message.sequence, message.key, message.value)
+
+    ``url``, ``user`` and ``password`` default to ``MESSAGEVAULT_URL``,
+    ``MESSAGEVAULT_USER`` and ``MESSAGEVAULT_PASSWORD`` (the URL finally to
+    http://127.0.0.1:8080). ``timeout`` bounds connecting and each wait for
+    bytes from the server, in seconds.
+
+    Errors are the classes the server raised (``StreamNotFound``,
+    ``InvalidBatch``, ``Unauthenticated``...: ``errors.for_code``), and
+    ``ServerUnreachable`` when no answer came. Failed requests are retried
+    up to ``retries`` times, with exponential backoff and jitter (and
+    ``Retry-After``), when trying again is safe:
+
+    * reads, after any connection failure or a retriable answer (503, 502, 504);
+    * appends (``publish``), which are not idempotent yet, only when they
+      surely did nothing: the connection could not be made or broke while
+      the request was being sent, or the server refused the batch before
+      trying it (503 ``overloaded``, ``committer_closed``). An append whose
+      answer was lost, or that got ``storage_error``, is not sent again: it
+      raises, and may or may not have been committed.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+    ) -> None:
+        self._settings = Settings.resolve(url, user, password, timeout, retries)
+        self._pool = _Pool(self._settings)
+        self._closing = threading.Event()
+
+    @classmethod
+    def _from_settings(cls, settings: Settings) -> Client:
+        client = cls.__new__(cls)
+        client._settings = settings
+        client._pool = _Pool(settings)
+        client._closing = threading.Event()
+        return client
+
+    @property
+    def url(self) -> str:
+        """The server's base URL (without credentials)."""
+        return self._settings.url
+
+    # Publishing ------------------------------------------------------------------------
+
+    def publish(self, stream: str, messages: Iterable[MessageLike]) -> AppendResult:
+        """Append ``messages`` to ``stream`` as one batch; their receipts once committed.
+
+        A message is a ``(key, value)`` pair, a bare value (empty key), or
+        anything with ``.key`` and ``.value`` (a ``Message`` read elsewhere);
+        ``str`` keys and values are UTF-8. The batch travels in the binary
+        batch format and the server answers briefly; the receipts (position,
+        sequence, id of every message) are rebuilt exactly from that answer.
+        """
+        return self.publish_batch(stream, batch_of(messages))
+
+    def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
+        """Append a batch already encoded (``format.encode_batch``)."""
+        return published(self._call(publish_request(self._settings, stream, batch)), batch)
+
+    # Stream state ----------------------------------------------------------------------
+
+    def streams(self) -> list[StreamInfo]:
+        """The streams the user may read (name, length, message count)."""
+        return stream_infos(self._call(streams_request(self._settings)))
+
+    def info(self, stream: str) -> StreamInfo:
+        """A stream's committed state and its direct read access."""
+        return StreamInfo.from_json(json_of(self._call(info_request(self._settings, stream))))
+
+    # Reading ---------------------------------------------------------------------------
+
+    def read(
+        self, stream: str, position: int = 0, *, limit: int | None = None
+    ) -> Iterator[Message]:
+        """Messages from ``position`` to the end of the stream (at most ``limit`` of them).
+
+        Pages through the server's binary read route (whole stored frames,
+        every CRC checked here) until a page comes back empty. The first page
+        is fetched before this returns, so a bad stream or position raises
+        here (``StreamNotFound``, ``InvalidPosition``).
+        """
+        check_limit(limit)
+        if limit == 0:
+            return iter(())
+        first = self._page(stream, position, limit)
+        return self._pages(stream, first, limit)
+
+    def _page(self, stream: str, position: int, limit: int | None) -> Page:
+        return page_of(self._call(page_request(self._settings, stream, position, limit)), position)
+
+    def _pages(self, stream: str, page: Page, limit: int | None) -> Iterator[Message]:
+        remaining = sys.maxsize if limit is None else limit
+        while page.count:
+            if page.count >= remaining:
+                yield from islice(page.messages, remaining)
+                return
+            yield from page.messages
+            remaining -= page.count
+            page = self._page(stream, page.next_position, None if limit is None else remaining)
+
+    def follow(
+        self, stream: str, position: int = 0, *, stop: threading.Event | None = None
+    ) -> Iterator[Message]:
+        """Messages from ``position`` on, for ever: waits at the tail for new commits.
+
+        Long-polls the server (``wait``), so a new commit arrives at once.
+        Ends when ``stop`` is set, when the client is closed (within
+        ~0.1 s, even while waiting) or when the caller closes the iterator.
+        A server that goes away is waited for, up to ``timeout`` seconds in a
+        row, then ``ServerUnreachable`` is raised.
+        """
+        page_request(self._settings, stream, position, None)  # bad arguments raise here
+        return self._follow(stream, position, stop)
+
+    def _follow(
+        self, stream: str, position: int, stop: threading.Event | None
+    ) -> Iterator[Message]:
+        def stopped() -> bool:
+            return self._closing.is_set() or (stop is not None and stop.is_set())
+
+        while not stopped():
+            request = page_request(self._settings, stream, position, None, FOLLOW_WAIT)
+            answer = self._call(request, stop=stop, patience=self._settings.timeout)
+            if answer is _STOPPED:
+                return
+            page = page_of(answer, position)
+            for message in page.messages:
+                yield message
+                if stopped():
+                    return
+            position = page.next_position
+
+    def open_reader(self, stream: str) -> Reader:
+        """A ``Reader`` on the stream's storage itself, from the server's read access.
+
+        It reads without the server: the data folder (file storage on this
+        machine) or a read-only SAS URL (Azure), which it renews through this
+        client when it expires.
+        """
+        access = read_access_of(self.info(stream))
+
+        def renew() -> ReadAccess:
+            return read_access_of(self.info(stream))
+
+        try:
+            return Reader.from_read_access(
+                access, refresh=renew if access.expires_at is not None else None
+            )
+        except ValueError as exc:
+            raise InvalidInput(f"stream {stream!r} cannot be read directly here: {exc}") from None
+
+    # Requests --------------------------------------------------------------------------
+
+    def _call(
+        self,
+        request: Request,
+        *,
+        stop: threading.Event | None = None,
+        patience: float | None = None,
+    ) -> Answer:
+        """Send ``request``, retrying as ``Retries`` allows; the successful answer.
+
+        With ``patience``, retries are bounded by that many seconds instead
+        of by count. With ``stop``, the wait ends when it is set, and an
+        empty answer (status 0) says so.
+        """
+        if patience is None:
+            retries = Retries(self._settings.retries)
+        else:
+            retries = Retries(sys.maxsize, deadline=time.monotonic() + patience)
+        while True:
+            if self._closing.is_set():
+                if stop is not None or patience is not None:
+                    return _STOPPED
+                raise RuntimeError("the client is closed")
+            failure: BaseException
+            try:
+                answer = self._send(request, stop)
+            except (NotSent, Lost) as exc:
+                failure = exc
+            else:
+                error = answered_error(answer)
+                if error is None:
+                    return answer
+                failure = error
+            delay = retries.next_delay(failure, request)
+            if delay is None:
+                if self._closing.is_set() and (stop is not None or patience is not None):
+                    return _STOPPED
+                raise give_up(failure, request, self._settings) from None
+            if self._sleep(delay, stop):
+                return _STOPPED
+
+    def _sleep(self, seconds: float, stop: threading.Event | None) -> bool:
+        """Wait ``seconds``; True if the client closed or ``stop`` was set meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if stop is not None and stop.is_set():
+                return True
+            if self._closing.wait(min(remaining, STOP_CHECK_INTERVAL)):
+                return True
+        return False
+
+    def _send(self, request: Request, stop: threading.Event | None) -> Answer:
+        """One try over one connection."""
+        connection = self._pool.take()
+        settings = self._settings
+        try:
+            if request.wait and connection.sock is not None:
+                connection.sock.settimeout(settings.timeout + request.wait)
+            try:
+                connection.request(
+                    request.method,
+                    settings.prefix + request.path,
+                    body=request.body,
+                    headers=request.headers,
+                )
+            except OSError as exc:
+                # The server takes a request only once its whole body has
+                # arrived (its size and CRCs are checked), and this send did
+                # not finish: it was not acted on.
+                raise NotSent(exc) from exc
+            if stop is not None and not self._await_answer(connection, request, stop):
+                self._pool.discard(connection)
+                return _STOPPED
+            try:
+                response = connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise Lost(exc) from exc
+        except BaseException:
+            self._pool.discard(connection)
+            raise
+        if request.wait and connection.sock is not None:
+            connection.sock.settimeout(settings.timeout)
+        if response.will_close:
+            self._pool.discard(connection)
+        else:
+            self._pool.give(connection)
+        return Answer(response.status, dict(response.getheaders()), body)
+
+    def _await_answer(
+        self, connection: http.client.HTTPConnection, request: Request, stop: threading.Event
+    ) -> bool:
+        """Wait until the answer starts to arrive; False if ``stop`` or ``close()`` came first."""
+        sock = connection.sock
+        if sock is None:
+            return True
+        deadline = time.monotonic() + self._settings.timeout + request.wait
+        while not (stop.is_set() or self._closing.is_set()):
+            if time.monotonic() > deadline:
+                return True  # let getresponse time out and say so
+            try:
+                readable, _, _ = select.select([sock], [], [], STOP_CHECK_INTERVAL)
+            except (OSError, ValueError):
+                return True  # a closed socket: getresponse reports it
+            if readable:
+                return True
+        return False
+
+    # Lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close connections; ends ``follow`` loops and interrupts waiting requests."""
+        self._closing.set()
+        self._pool.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# A request that ended because ``stop`` was set or the client closed.
+_STOPPED = Answer(0, {}, b"")
