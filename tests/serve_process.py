@@ -1,0 +1,57 @@
+"""``messagevault serve`` as a subprocess on file storage, for tests that need a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from messagevault.server.auth import Users, save_users
+from messagevault.storage import FileStorage
+from tests.azurite import free_port
+
+START_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def serve_process(root: Path, user: str, password: str) -> Iterator[str]:
+    """Serve ``root`` on a free loopback port with one admin user; yield the URL.
+
+    Stopped by PID on exit (SIGTERM, then SIGKILL if it lingers).
+    """
+    users = Users()
+    users.set_password(user, password)
+    users.grant(user, ["admin"])
+    save_users(FileStorage(root), users)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port)],
+        env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": "never"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("messagevault serve did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
