@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,19 @@ from messagevault import (
     StreamNotFound,
     Writer,
 )
+from messagevault.client import AsyncClient, Client
 from messagevault.consumer import AsyncConsumer, Consumer
-from messagevault.positions import FilePositionStore, MemoryPositionStore, SavedPosition
+from messagevault.positions import (
+    AzurePositionStore,
+    FilePositionStore,
+    MemoryPositionStore,
+    SavedPosition,
+)
+from messagevault.server import Limits, StreamHub, create_app
 from messagevault.storage import FileStorage
 from messagevault.storage.base import Storage
+from tests.azurite import Azurite
+from tests.served import ServedApp
 
 STREAM = "orders"
 WAIT = 10.0  # bound on every poll loop below; none comes near it when things work
@@ -291,6 +300,23 @@ def test_batch_handler(storage: MemoryStorage) -> None:
     saved = {s.position for s in positions.saves}
     boundaries = {messages[batch[-1]].next_position for batch in batches} | {0}
     assert saved <= boundaries  # only ever between batches
+
+
+def test_a_failed_batch_is_not_saved(storage: MemoryStorage) -> None:
+    positions = RecordingStore()
+    batches: list[list[int]] = []
+
+    def handler(batch: list[Message]) -> None:
+        if len(batches) == 2:
+            raise Crash
+        batches.append([m.sequence for m in batch])
+
+    consumer = Consumer(storage, STREAM, "audit", positions, save_every=1, save_interval=None)
+    with pytest.raises(Crash):
+        consumer.run_batches(handler, max_batch=3, follow=False)
+    assert batches == [[0, 1, 2], [3, 4, 5]]
+    after_second = all_messages(storage)[5].next_position
+    assert [s.position for s in positions.saves][-1] == after_second
 
 
 def _run_batches_until_all(consumer: Consumer, batches: list[list[int]], total: int) -> None:
@@ -665,3 +691,117 @@ def test_long_replay_in_order(tmp_path: Path) -> None:
     saved = positions.load("replay")
     with Reader.open(storage, STREAM) as reader:
         assert saved is not None and saved.position == reader.checkpoint().length
+
+
+# -- through a server ----------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[ServedApp, FileStorage]]:
+    """A server on file storage in a thread; reads come in pages of ~1 KB (paging exercised)."""
+    storage = FileStorage(tmp_path / "data", fsync="never")
+    server = ServedApp(create_app(StreamHub(storage), Limits(max_read_bytes=1024))).start()
+    yield server, storage
+    server.stop()
+
+
+def test_consumer_through_a_client(served: tuple[ServedApp, FileStorage]) -> None:
+    server, storage = served
+    positions = RecordingStore()
+    with Client(server.url) as client:
+        client.publish(STREAM, [(b"k", b"%d" % i) for i in range(30)])
+        seen: list[int] = []
+
+        def dies_at_twelve(message: Message) -> None:
+            if message.sequence == 12:
+                raise Crash
+            seen.append(message.sequence)
+
+        with pytest.raises(Crash):
+            Consumer(client, STREAM, "audit", positions, save_every=5).run(dies_at_twelve)
+        messages = all_messages(storage)
+        assert positions.saves[-1].position == messages[9].next_position
+        consumer = Consumer(client, STREAM, "audit", positions, save_every=5)
+
+        def handler(message: Message) -> None:
+            seen.append(message.sequence)
+            if message.sequence == 29:
+                client.publish(STREAM, [b"late"])  # followed through a long poll
+            if message.sequence == 30:
+                consumer.stop()
+
+        consumer.run(handler)
+    assert seen == list(range(12)) + list(range(10, 31))
+    assert positions.saves[-1].position == all_messages(storage)[-1].next_position
+
+
+def test_client_source_start_at_end_and_missing_stream(
+    served: tuple[ServedApp, FileStorage], tmp_path: Path
+) -> None:
+    server, storage = served
+    positions = FilePositionStore(tmp_path / "positions")
+    with Client(server.url) as client:
+        with pytest.raises(StreamNotFound):
+            Consumer(client, STREAM, "late", positions, start="end").run(lambda m: None)
+        assert positions.load("late") is None
+        client.publish(STREAM, [b"early"])
+        consumer = Consumer(client, STREAM, "late", positions, start="end")
+        consumer.run(lambda m: pytest.fail("nothing new to handle"), follow=False)
+        assert consumer.position == all_messages(storage)[-1].next_position
+        positions.save(
+            SavedPosition("late", STREAM, 5, version=""),
+            replaces=positions.load("late"),
+        )
+        with pytest.raises(InvalidPosition, match="consumer 'late' cannot resume at position 5"):
+            Consumer(client, STREAM, "late", positions).run(lambda m: None)
+
+
+async def test_async_consumer_through_an_async_client(
+    served: tuple[ServedApp, FileStorage],
+) -> None:
+    server, storage = served
+    positions = RecordingStore()
+    async with AsyncClient(server.url) as client:
+        await client.publish(STREAM, [(b"k", b"%d" % i) for i in range(40)])
+        seen: list[int] = []
+        consumer = AsyncConsumer(client, STREAM, "audit", positions, save_every=8)
+
+        async def handler(batch: list[Message]) -> None:
+            seen.extend(m.sequence for m in batch)
+            if seen[-1] == 39:
+                await client.publish(STREAM, [b"late"])
+            if seen[-1] == 40:
+                consumer.stop()
+
+        await asyncio.wait_for(consumer.run_batches(handler, max_batch=16), WAIT)
+        assert seen == list(range(41))
+        assert positions.saves[-1].position == all_messages(storage)[-1].next_position
+        again = AsyncConsumer(client, STREAM, "audit", positions, start="end")
+        await again.run(lambda m: pytest.fail("all was handled"), follow=False)
+        with pytest.raises(StreamNotFound):
+            await AsyncConsumer(client, "missing", "other", positions).run(lambda m: None)
+        assert positions.load("other") is None
+
+
+def test_two_consumers_under_one_name_on_azure(storage: MemoryStorage, azurite: Azurite) -> None:
+    """The ETag condition, end to end: the second consumer's save fails, the first's stands."""
+    from azure.storage.blob import BlobServiceClient
+
+    container = "consumer-test-positions"
+    one_store = AzurePositionStore.from_connection_string(azurite.connection_string, container)
+    two_store = AzurePositionStore.from_connection_string(azurite.connection_string, container)
+    try:
+        one = Consumer(storage, STREAM, "dup", one_store, save_every=5)
+        two = Consumer(storage, STREAM, "dup", two_store, save_every=5)
+        assert one.load() is None and two.load() is None
+        one.run(lambda m: None, follow=False)
+        with pytest.raises(StaleWriter, match=f"position blob .*/{container}/dup.json"):
+            two.run(lambda m: None, follow=False)
+        saved = one_store.load("dup")
+        assert saved is not None and saved == one.saved
+    finally:
+        one_store.close()
+        two_store.close()
+        BlobServiceClient.from_connection_string(azurite.connection_string).delete_container(
+            container
+        )
