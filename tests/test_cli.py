@@ -1,30 +1,65 @@
-"""The messagevault command, in process, on real files."""
+"""The messagevault command, in process, on real files (the server side: test_cli_server.py)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from messagevault import FileStorage, Writer
+from messagevault import FileStorage, Reader, Writer
 from messagevault.cli import main
+from messagevault.cli_output import ndjson_line
+from messagevault.format import MAX_VALUE_SIZE, Message
+from messagevault.wire import message_record
 
 
-def _run(tmp_path: Path, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+def _run(
+    tmp_path: Path, *args: str, stdin: str | bytes | None = None, **env: str
+) -> tuple[int, str, str]:
     runner = CliRunner()
-    result = runner.invoke(
-        main, [*args], input=stdin, env={"MESSAGEVAULT_STORAGE": f"file:{tmp_path}"}
-    )
+    variables: dict[str, str | None] = {
+        "MESSAGEVAULT_STORAGE": f"file:{tmp_path}",
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "no-config.toml"),
+        **dict.fromkeys(
+            [
+                "MESSAGEVAULT_URL",
+                "MESSAGEVAULT_PROFILE",
+                "MESSAGEVAULT_USER",
+                "MESSAGEVAULT_PASSWORD",
+            ]
+        ),
+        **env,
+    }
+    result = runner.invoke(main, [*args], input=stdin, env=variables, prog_name="messagevault")
     return result.exit_code, result.stdout, result.stderr
+
+
+def _stored(tmp_path: Path, stream: str) -> list[tuple[bytes, bytes]]:
+    with Reader.open(FileStorage(tmp_path), stream) as reader:
+        return [(m.key, m.value) for m in reader.read()]
+
+
+def _one_line_error(err: str) -> str:
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1, err
+    return err
 
 
 def test_publish_read_info_verify(tmp_path: Path) -> None:
     code, out, _ = _run(tmp_path, "publish", "orders", "one", "two", "--key", "Placed")
     assert code == 0
-    assert json.loads(out) == {"stream": "orders", "position": 100, "first_sequence": 0, "count": 2}
-    code, out, _ = _run(tmp_path, "publish", "orders", "--stdin", stdin="three\nfour\n")
+    assert json.loads(out) == {
+        "stream": "orders",
+        "count": 2,
+        "batches": 1,
+        "first_sequence": 0,
+        "first_position": 0,
+        "position": 100,
+    }
+    code, out, _ = _run(tmp_path, "publish", "orders", "--stdin", stdin="three\nfour\r\n")
     assert code == 0
     code, out, _ = _run(tmp_path, "read", "orders")
     records = [json.loads(line) for line in out.splitlines()]
@@ -34,6 +69,10 @@ def test_publish_read_info_verify(tmp_path: Path) -> None:
         tmp_path, "read", "orders", "--from", str(records[2]["position"]), "--limit", "1"
     )
     assert [json.loads(line)["value"] for line in out.splitlines()] == ["three"]
+    code, out, _ = _run(tmp_path, "read", "orders", "--sequence", "3", "--format", "value")
+    assert out == "four\n"
+    code, out, _ = _run(tmp_path, "read", "orders", "--end")
+    assert (code, out) == (0, "")
     code, out, _ = _run(tmp_path, "info", "orders")
     info = json.loads(out)
     assert info["messages"] == 4
@@ -42,31 +81,188 @@ def test_publish_read_info_verify(tmp_path: Path) -> None:
     assert code == 0
     assert "OK, 4 messages in 2 frames" in out
     code, out, _ = _run(tmp_path, "streams")
-    assert "orders" in out
+    assert json.loads(out) == {"stream": "orders", "messages": 4, "length": info["length"]}
 
 
-def test_binary_values_come_out_as_base64(tmp_path: Path) -> None:
-    with Writer.open(FileStorage(tmp_path), "blobs") as writer:
-        writer.append([(b"k", b"\xff\x00")])
-    _, out, _ = _run(tmp_path, "read", "blobs")
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (b"k", b"plain"),
+        (b'Order"Placed"', 'caf\u00e9 \u2603 \U0001f600 \\ "q" \n\t\x00\x1f'.encode()),
+        (b"", b""),
+        (b"\xff\xfe", b"text"),  # a binary key
+        (b"k", b"\xff\x00"),  # a binary value
+    ],
+)
+def test_ndjson_lines_are_the_http_records(key: bytes, value: bytes) -> None:
+    """The hand-made line is byte for byte what json.dumps makes of wire.message_record."""
+    message = Message(1260, 3000, 1_764_000_000_123, key, value, 1340)
+    assert ndjson_line(message) == json.dumps(message_record(message))
+
+
+def test_arguments_that_are_not_utf8_are_stored_as_given(tmp_path: Path) -> None:
+    # The shell passes bytes; Python's argv decodes them with surrogateescape.
+    raw_value, raw_key = b"caf\xe9", b"\xff"
+    value, key = (
+        raw_value.decode("utf-8", "surrogateescape"),
+        raw_key.decode("utf-8", "surrogateescape"),
+    )
+    code, _, err = _run(tmp_path, "publish", "orders", value, "--key", key)
+    assert (code, err) == (0, "")
+    assert _stored(tmp_path, "orders") == [(raw_key, raw_value)]
+    _, out, _ = _run(tmp_path, "read", "orders")
     record = json.loads(out)
-    assert (record["value"], record["encoding"]) == ("/wA=", "base64")
+    assert (record["key_encoding"], record["encoding"]) == ("base64", "base64")
+    assert base64.b64decode(record["value"]) == raw_value
 
 
-def test_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:
-    code, _, err = _run(tmp_path, "read", "Bad_Name")
-    assert code == 1
-    assert err.startswith("error: stream name 'Bad_Name'")
-    code, _, err = _run(tmp_path, "read", "missing")
-    assert code == 1
-    assert "does not exist" in err
+def test_stdin_beyond_one_batch_goes_in_several(tmp_path: Path) -> None:
+    lines = [f"line {n}" for n in range(25_001)]
+    code, out, err = _run(tmp_path, "publish", "numbers", "--stdin", stdin="\n".join(lines))
+    assert (code, err) == (0, "")
+    summary = json.loads(out)
+    assert (summary["count"], summary["batches"]) == (25_001, 3)
+    assert [value.decode() for _, value in _stored(tmp_path, "numbers")] == lines
+    code, out, _ = _run(
+        tmp_path, "publish", "sized", "--batch-bytes", "1024", *[f"{n:0100}" for n in range(20)]
+    )
+    assert json.loads(out)["batches"] == 3  # 109 bytes a message, 64 a frame header: 8 a batch
+
+
+def test_ndjson_round_trip_keeps_every_byte(tmp_path: Path) -> None:
+    messages = [(b"\xff\x00", b"binary \xfe"), (b"text", "caf\u00e9".encode()), (b"", b"")]
+    with Writer.open(FileStorage(tmp_path), "source") as writer:
+        writer.append(messages)
+    _, out, _ = _run(tmp_path, "read", "source")
+    code, _, err = _run(tmp_path, "publish", "target", "--ndjson", "-", stdin=out)
+    assert (code, err) == (0, "")
+    assert _stored(tmp_path, "target") == messages
+
+
+def test_files_are_one_message_each(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01\xff")
+    (tmp_path / "b.txt").write_bytes(b"two\nlines\n")
+    code, _, _ = _run(
+        tmp_path,
+        "publish",
+        "files",
+        "--file",
+        str(tmp_path / "a.bin"),
+        "--file",
+        str(tmp_path / "b.txt"),
+    )
+    assert code == 0
+    assert _stored(tmp_path, "files") == [(b"", b"\x00\x01\xff"), (b"", b"two\nlines\n")]
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "code", "expected"),
+    [
+        (("read", "Bad_Name"), None, 1, "error: stream name 'Bad_Name'"),
+        (("publish", "Bad_Name", "x"), None, 1, "error: stream name 'Bad_Name'"),
+        (("read", "missing"), None, 1, "`messagevault streams` lists the streams"),
+        (("read", "orders", "--from", "3"), None, 1, "not the position of a message"),
+        (("read", "orders", "--from", "-1"), None, 2, "'--from'"),
+        (("read", "orders", "--sequence", "7"), None, 1, "messages 0-0; there is no sequence 7"),
+        (("read", "orders", "--from", "0", "--end"), None, 2, "choose one place to start"),
+        (("read", "orders", "--url", "http://127.0.0.1:1", "--storage", "x"), None, 2, "not both"),
+        (("publish", "orders"), None, 2, "nothing to publish"),
+        (("publish", "orders", "--file", "/no/such/file"), None, 2, "does not exist"),
+        (("publish", "orders", "--file", "/"), None, 2, "is a directory"),
+        (("publish", "orders", "--ndjson", "/no/such/file"), None, 2, "'--ndjson'"),
+        (
+            ("publish", "orders", "--ndjson", "-"),
+            '{"value": "fine"}\n\n{"value": "oops"\n',
+            1,
+            "line 3 of stdin is not JSON",
+        ),
+        (
+            ("publish", "orders", "--ndjson", "-"),
+            '{"value": "fine"}\n{"value": "%%%", "encoding": "base64"}\n',
+            1,
+            "line 2 of stdin: value is not valid base64",
+        ),
+        (("publish", "orders", "--ndjson", "-"), "[1]\n", 1, "line 1 of stdin: the record must"),
+        (("publish", "orders", "--stdin", "--ndjson", "-"), "x\n", 2, "choose one"),
+        (("publish", "orders", "--key", "k" * 256, "x"), None, 1, "VALUES argument 1: the key"),
+        (("streams", "--storage", "file:/no/such/folder"), None, 1, "no folder /no/such/folder"),
+        (("streams", "--storage", "ftp:x"), None, 2, "unknown storage 'ftp'"),
+        (("verify",), None, 2, "give STREAM, or --sas URL"),
+        (("copy", "orders", "--from", "file:x", "--to", "http://h"), None, 2, "DST must be"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(
+    tmp_path: Path, args: tuple[str, ...], stdin: str | None, code: int, expected: str
+) -> None:
     _run(tmp_path, "publish", "orders", "x")
-    code, _, err = _run(tmp_path, "read", "orders", "--from", "3")
+    before = (tmp_path / "orders" / "data").read_bytes()
+    got, _, err = _run(tmp_path, *args, stdin=stdin)
+    assert got == code
+    assert expected in _one_line_error(err)
+    assert "Traceback" not in err
+    assert (tmp_path / "orders" / "data").read_bytes() == before
+    assert FileStorage(tmp_path).list_streams() == ["orders"]
+
+
+def test_a_value_over_the_limit_names_its_line(tmp_path: Path) -> None:
+    big = "x" * (MAX_VALUE_SIZE + 1)
+    code, _, err = _run(tmp_path, "publish", "orders", "--stdin", stdin=f"small\n{big}\n")
     assert code == 1
-    assert "not the position of a message" in err
-    code, _, err = _run(tmp_path, "publish", "orders")
+    assert "line 2 of stdin: the value is 4,194,305 bytes" in _one_line_error(err)
+    assert FileStorage(tmp_path).list_streams() == []
+
+
+def test_streams_tells_a_typo_from_an_empty_data_folder(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(tmp_path, "streams", "--storage", f"file:{empty}")[:2] == (0, "")
+    (tmp_path / "notes.txt").write_text("not a stream")
+    (tmp_path / "photos").mkdir()
+    code, _, err = _run(tmp_path, "streams")
+    assert code == 1
+    assert f"{tmp_path} (MESSAGEVAULT_STORAGE) is not a MessageVault data folder" in err
+    _run(tmp_path, "publish", "orders", "x")  # a data folder may hold other things too
+    code, out, _ = _run(tmp_path, "streams")
+    assert (code, json.loads(out)["stream"]) == (0, "orders")
+
+
+def test_publishing_beside_a_server_points_to_it(tmp_path: Path) -> None:
+    """A server holds its streams' writer locks; the CLI must say to go through it."""
+    with Writer.open(FileStorage(tmp_path), "orders"):  # as a running server would
+        code, _, err = _run(tmp_path, "publish", "orders", "hello")
+    assert code == 1
+    assert "already open for writing by another writer" in _one_line_error(err)
+    assert "a server probably holds it" in err
+    assert "messagevault publish --url http://127.0.0.1:8080" in err
+
+
+def test_both_environment_sources_are_refused_but_a_flag_decides(tmp_path: Path) -> None:
+    code, _, err = _run(tmp_path, "streams", MESSAGEVAULT_URL="http://127.0.0.1:1")
     assert code == 2
-    assert "nothing to publish" in err
+    assert "MESSAGEVAULT_URL and MESSAGEVAULT_STORAGE are both set" in _one_line_error(err)
+    _run(tmp_path, "publish", "orders", "x")
+    code, out, _ = _run(
+        tmp_path, "streams", "--storage", f"file:{tmp_path}", MESSAGEVAULT_URL="http://127.0.0.1:1"
+    )
+    assert (code, json.loads(out)["stream"]) == (0, "orders")
+
+
+def test_copy_between_storages_is_incremental_and_refuses_a_stranger(tmp_path: Path) -> None:
+    source, copy = tmp_path / "source", tmp_path / "copy"
+    _run(source, "publish", "orders", "one", "two")
+    args = ("copy", "orders", "--from", f"file:{source}", "--to", f"file:{copy}")
+    code, out, err = _run(tmp_path, *args)
+    assert (code, err) == (0, "")
+    assert json.loads(out)["copied"] == 2
+    _run(source, "publish", "orders", "--stdin", stdin="three\nfour\nfive\n")
+    code, out, _ = _run(tmp_path, *args)
+    assert (json.loads(out)["copied"], json.loads(out)["messages"]) == (3, 5)
+    assert (copy / "orders" / "data").read_bytes() == (source / "orders" / "data").read_bytes()
+    assert _run(copy, "verify", "orders")[0] == 0
+    _run(tmp_path / "other", "publish", "orders", "one", "TWO")
+    code, _, err = _run(tmp_path, *args[:-1], f"file:{tmp_path / 'other'}")
+    assert code == 1
+    assert "not a copy of this source" in _one_line_error(err)
 
 
 def test_verify_reports_damage(tmp_path: Path) -> None:
@@ -77,7 +273,32 @@ def test_verify_reports_damage(tmp_path: Path) -> None:
     data.write_bytes(bytes(raw))
     code, _, err = _run(tmp_path, "verify", "orders")
     assert code == 1
-    assert "CRC mismatch at position 0" in err
+    assert "CRC mismatch at position 0" in _one_line_error(err)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "publish",
+        "read",
+        "tail",
+        "streams",
+        "info",
+        "verify",
+        "copy",
+        "users",
+        "users add",
+        "users remove",
+        "users list",
+        "users passwd",
+        "users grant",
+    ],
+)
+def test_every_command_shows_an_example(tmp_path: Path, command: str) -> None:
+    code, out, _ = _run(tmp_path, *command.split(), "--help")
+    assert code == 0
+    examples = out.partition("Examples:\n")[2]
+    assert examples.lstrip().startswith(f"messagevault {command.split(maxsplit=1)[0]}")
 
 
 def test_serve_rejects_an_unknown_storage(tmp_path: Path) -> None:

@@ -1,32 +1,58 @@
 """The ``messagevault`` command: thin wrappers over the library.
 
-Storage is named by ``--storage`` (or ``MESSAGEVAULT_STORAGE``), default
-``file:./data``.
+Commands that read or publish go through a server (``--url``, with the
+client library) or straight to storage (``--storage``, default
+``file:./data``); ``cli_config`` has the rules, docs/cli.md the manual.
+Errors are one line on stderr: exit 1, or 2 for a usage mistake.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
+import os
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import click
 from click.decorators import FC
-from rich.console import Console
-from rich.table import Table
 
+from messagevault.cli_config import Target, config_path, resolve_target, server_target
+from messagevault.cli_input import DEFAULT_BATCH_BYTES, publish_input
+from messagevault.cli_output import (
+    FORMATS,
+    default_format,
+    human_bytes,
+    message_printer,
+    print_json,
+    print_table,
+    progress_bar,
+    stdout_is_terminal,
+)
+from messagevault.cli_sources import Source, open_source
 from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES
-from messagevault.errors import MessageVaultError
-from messagevault.format import MAX_FRAME_SIZE, Message
-from messagevault.reader import Reader
-from messagevault.records import iso_time, message_record
+from messagevault.errors import (
+    Forbidden,
+    MessageVaultError,
+    ServerUnreachable,
+    StreamLocked,
+    StreamNotFound,
+    Unauthenticated,
+)
+from messagevault.format import MAX_FRAME_SIZE
+from messagevault.names import validate_stream_name
+from messagevault.reader import Reader, VerifyReport
+from messagevault.replicate import FrameSource, ReaderFrames, copy_stream
 from messagevault.storage import open_storage
-from messagevault.storage.base import ServerLock, Storage, SystemFiles
-from messagevault.writer import Writer
+from messagevault.storage.base import ReadAccess, ServerLock, Storage, SystemFiles
+from messagevault.writer import AppendResult, Writer
 
 storage_option = click.option(
     "--storage",
@@ -38,14 +64,6 @@ storage_option = click.option(
 )
 
 
-def _human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def _open(storage_url: str) -> Storage:
     try:
         return open_storage(storage_url)
@@ -54,14 +72,89 @@ def _open(storage_url: str) -> Storage:
 
 
 class _Group(click.Group):
-    """Turns our own errors into one clear line and exit code 1, not a traceback."""
+    """Every error as one line on stderr, never a traceback: exit 1, 2 for usage, 130 for Ctrl-C."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except MessageVaultError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_explain(exc, ctx)}", err=True)
             ctx.exit(1)
+        except KeyboardInterrupt as exc:
+            click.echo("; ".join(["interrupted", *getattr(exc, "__notes__", [])]), err=True)
+            ctx.exit(130)
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            help_hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{help_hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C or end of input at a prompt
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as other Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _explain(exc: MessageVaultError, ctx: click.Context) -> str:
+    """The error, and what to do about it where this command can tell."""
+    target: Target | None = ctx.meta.get(_TARGET)
+    parts = [str(exc)]
+    command = ctx.invoked_subcommand or "COMMAND"
+    if isinstance(exc, StreamLocked) and command == "copy":
+        parts.append("a server probably writes the copy's stream: copy into storage no server uses")
+    elif isinstance(exc, StreamLocked) and (target is None or target.storage is not None):
+        url = os.environ.get("MESSAGEVAULT_URL") or "http://127.0.0.1:8080"
+        parts.append(
+            "a server probably holds it: go through the server, e.g. "
+            f"`messagevault {command} --url {url} ...` (or set MESSAGEVAULT_URL)"
+        )
+    elif isinstance(exc, ServerUnreachable) and target is not None:
+        parts.append(
+            f"is a server running at {target.url} (from {target.origin})? "
+            "Start one with `messagevault serve`, or give the right --url"
+        )
+    elif isinstance(exc, Unauthenticated) and target is not None:
+        given = (
+            f"the server at {target.url} did not accept user {target.user!r} "
+            f"(from {target.credentials_origin})"
+            if target.password
+            else f"no password was given for the server at {target.url}"
+        )
+        parts.append(
+            f"{given}; set MESSAGEVAULT_USER and MESSAGEVAULT_PASSWORD, "
+            f"or choose a profile of {config_path()} with --profile NAME"
+        )
+    elif isinstance(exc, Forbidden) and target is not None:
+        parts.append(
+            f"an admin can grant it: messagevault users grant {target.user or 'USER'} STREAM:read"
+        )
+    elif isinstance(exc, StreamNotFound):
+        parts.append("`messagevault streams` lists the streams there")
+    parts.extend(getattr(exc, "__notes__", []))
+    return "; ".join(parts)
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of examples; click keeps a ``\\b`` paragraph's lines as they are."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 @click.group(cls=_Group)
@@ -237,7 +330,12 @@ def _system_files(storage: Storage) -> SystemFiles:
     return storage  # type: ignore[return-value]
 
 
-@main.group()
+@main.group(
+    epilog=_examples(
+        "messagevault users list",
+        "messagevault users add alice --claim orders:write   # prompts for the password",
+    )
+)
 def users() -> None:
     """Manage the server's users (works while the server runs)."""
 
@@ -248,7 +346,13 @@ def _read_password(prompt: str) -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
-@users.command("add")
+@users.command(
+    "add",
+    epilog=_examples(
+        "messagevault users add alice --claim orders:write --claim all:read",
+        'echo "$PASSWORD" | messagevault users add ci --claim admin',
+    ),
+)
 @storage_option
 @click.argument("name")
 @click.option("--claim", "claims", multiple=True, help="e.g. orders:write, all:read, admin")
@@ -266,7 +370,7 @@ def users_add(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
     click.echo(f"added {name}: {', '.join(sorted(claims)) or 'no claims'}")
 
 
-@users.command("remove")
+@users.command("remove", epilog=_examples("messagevault users remove alice"))
 @storage_option
 @click.argument("name")
 def users_remove(storage_url: str, name: str) -> None:
@@ -281,7 +385,9 @@ def users_remove(storage_url: str, name: str) -> None:
     click.echo(f"removed {name}")
 
 
-@users.command("list")
+@users.command(
+    "list", epilog=_examples("messagevault users list --storage file:/var/lib/messagevault")
+)
 @storage_option
 def users_list(storage_url: str) -> None:
     """List users and their claims."""
@@ -291,7 +397,12 @@ def users_list(storage_url: str) -> None:
         click.echo(f"{name}\t{' '.join(claims)}")
 
 
-@users.command("passwd")
+@users.command(
+    "passwd",
+    epilog=_examples(
+        "messagevault users passwd admin", 'echo "$NEW" | messagevault users passwd ci'
+    ),
+)
 @storage_option
 @click.argument("name")
 def users_passwd(storage_url: str, name: str) -> None:
@@ -307,7 +418,9 @@ def users_passwd(storage_url: str, name: str) -> None:
     click.echo(f"password of {name} changed")
 
 
-@users.command("grant")
+@users.command(
+    "grant", epilog=_examples("messagevault users grant alice orders:read payments:write")
+)
 @storage_option
 @click.argument("name")
 @click.argument("claims", nargs=-1, required=True)
@@ -324,103 +437,546 @@ def users_grant(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
     click.echo(f"{name}: {' '.join(accounts.entries[name][1])}")
 
 
-@main.command()
-@storage_option
-def streams(storage_url: str) -> None:
-    """List streams with their length and message count."""
-    storage = _open(storage_url)
-    table = Table("stream", "messages", "length")
-    for name in storage.list_streams():
-        with Reader.open(storage, name) as reader:
-            checkpoint = reader.checkpoint()
-        table.add_row(name, f"{checkpoint.next_sequence:,}", _human_bytes(checkpoint.length))
-    Console().print(table)
+def source_options(function: FC) -> FC:
+    """``--url``, ``--storage``, ``--profile``: where a command goes (rules: ``cli_config``)."""
+    options = [
+        click.option(
+            "--url",
+            envvar="MESSAGEVAULT_URL",
+            metavar="URL",
+            help="Go through the server at URL (e.g. http://127.0.0.1:8080). "
+            "Env: MESSAGEVAULT_URL.",
+        ),
+        click.option(
+            "--storage",
+            envvar="MESSAGEVAULT_STORAGE",
+            metavar="STORAGE",
+            help="Read and write storage directly: file:PATH or azure:CONNECTION_STRING "
+            "(default file:./data). Env: MESSAGEVAULT_STORAGE.",
+        ),
+        click.option(
+            "--profile",
+            envvar="MESSAGEVAULT_PROFILE",
+            metavar="NAME",
+            help="Take url, user and password from this profile of the config file. "
+            "Env: MESSAGEVAULT_PROFILE.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
-@main.command()
-@storage_option
-@click.argument("stream")
-def info(storage_url: str, stream: str) -> None:
-    """Show a stream's committed state as JSON."""
-    with Reader.open(_open(storage_url), stream) as reader:
-        checkpoint = reader.checkpoint()
-        first = next(reader.read(), None)  # decodes only the first frame
-    last_write = checkpoint.last_timestamp if checkpoint.length else None
-    click.echo(
-        json.dumps(
-            {
-                "stream": stream,
-                "length": checkpoint.length,
-                "messages": checkpoint.next_sequence,
-                "first_write": iso_time(first.timestamp) if first else None,
-                "last_write": iso_time(last_write) if last_write is not None else None,
-            },
-            indent=2,
-        )
+_TARGET = "messagevault.target"  # ctx.meta key: where the command went, for error hints
+
+
+@contextlib.contextmanager
+def _source(url: str | None, storage: str | None, profile: str | None) -> Iterator[Source]:
+    ctx = click.get_current_context()
+    target = resolve_target(ctx, url, storage, profile)
+    ctx.meta[_TARGET] = target
+    source = open_source(target)
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+_format_option = click.option(
+    "--format",
+    "output",
+    type=click.Choice(FORMATS),
+    help="ndjson (one JSON record per line, as the HTTP API), table, or value (raw values, "
+    "one per line). Default: table on a terminal, ndjson when piped.",
+)
+
+
+# publish ----------------------------------------------------------------------------
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault publish orders '{\"id\": 1}' --key OrderPlaced",
+        "seq 1 100000 | messagevault publish numbers --stdin",
+        "messagevault publish images --file a.png --file b.png --key png",
+        "messagevault read orders | messagevault publish orders-copy --ndjson -",
+        "messagevault publish --url http://127.0.0.1:8080 orders hello",
     )
-
-
-@main.command()
-@storage_option
+)
+@source_options
 @click.argument("stream")
 @click.argument("values", nargs=-1)
-@click.option("--key", default="", help="Key for every message.")
+@click.option("--key", default="", help="Key of every message from VALUES, --stdin or --file.")
 @click.option("--stdin", "from_stdin", is_flag=True, help="One message per line of stdin.")
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    help="One message holding the whole file; repeat for more.",
+)
+@click.option(
+    "--ndjson",
+    type=click.File("rb"),
+    help='A file of JSON records, one per line, as `read` prints them ({"key", "value", '
+    '"encoding", "key_encoding"}); - for stdin.',
+)
+@click.option(
+    "--batch-bytes",
+    type=click.IntRange(1024, MAX_FRAME_SIZE),
+    default=DEFAULT_BATCH_BYTES,
+    show_default=True,
+    help="Largest batch (frame) to send at once; lower it for a server with a smaller --max-body.",
+)
 def publish(
-    storage_url: str, stream: str, values: tuple[str, ...], key: str, from_stdin: bool
+    *,
+    url: str | None,
+    storage: str | None,
+    profile: str | None,
+    stream: str,
+    values: tuple[str, ...],
+    key: str,
+    from_stdin: bool,
+    files: tuple[Path, ...],
+    ndjson: BinaryIO | None,
+    batch_bytes: int,
 ) -> None:
-    """Append VALUES (or stdin lines) to STREAM as one batch."""
-    payload = [value.encode() for value in values]
-    if from_stdin:
-        payload += [line.rstrip(b"\n") for line in sys.stdin.buffer]
-    if not payload:
-        raise click.UsageError("nothing to publish: give VALUES or --stdin")
-    with Writer.open(_open(storage_url), stream) as writer:
-        result = writer.append([(key, value) for value in payload])
-    click.echo(
-        json.dumps(
+    """Append messages to STREAM: VALUES, lines of stdin, whole files or NDJSON records.
+
+    All input is read and checked before the first batch is sent, so bad
+    input publishes nothing. Large input goes in several batches (each one
+    atomic); a progress bar shows on a terminal. Prints a summary: JSON
+    when piped.
+    """
+    validate_stream_name(stream)
+    batches = publish_input(
+        values, key, files, from_stdin=from_stdin, ndjson=ndjson, batch_bytes=batch_bytes
+    )
+    if not batches:
+        raise click.UsageError("nothing to publish: give VALUES, --stdin, --file or --ndjson")
+    total = sum(batch.count for batch in batches)
+    results: list[AppendResult] = []
+    with (
+        _source(url, storage, profile) as source,
+        progress_bar(f"publishing to {stream}", total, unit="messages") as update,
+    ):
+        for batch in batches:
+            try:
+                results.append(source.publish(stream, batch))
+            except (MessageVaultError, KeyboardInterrupt) as exc:
+                if results:
+                    exc.add_note(_published_so_far(results, total))
+                raise
+            update(sum(result.message_count for result in results))
+    _publish_summary(stream, results)
+
+
+def _published_so_far(results: list[AppendResult], total: int) -> str:
+    done = sum(result.message_count for result in results)
+    return (
+        f"{done:,} of {total:,} messages were published before this (sequences "
+        f"{results[0].base_sequence}-{results[-1].sequences[-1]}); publishing the same input "
+        "again would publish them twice"
+    )
+
+
+def _publish_summary(stream: str, results: list[AppendResult]) -> None:
+    first, last = results[0], results[-1]
+    count = sum(result.message_count for result in results)
+    if not stdout_is_terminal():
+        print_json(
             {
                 "stream": stream,
-                "position": result.committed_length,
-                "first_sequence": result.base_sequence,
-                "count": result.message_count,
+                "count": count,
+                "batches": len(results),
+                "first_sequence": first.base_sequence,
+                "first_position": first.frame_position,
+                "position": last.committed_length,
             }
         )
+        return
+    batches = f"{len(results)} batches" if len(results) > 1 else "1 batch"
+    sequences = (
+        f"sequence {first.base_sequence}"
+        if count == 1
+        else f"sequences {first.base_sequence}-{last.sequences[-1]}"
     )
-
-
-@main.command()
-@storage_option
-@click.argument("stream")
-@click.option("--from", "position", default=0, show_default=True, help="Start position.")
-@click.option("--follow", is_flag=True, help="Keep waiting for new messages.")
-@click.option("--limit", type=int, default=None, help="Stop after this many messages.")
-def read(storage_url: str, stream: str, position: int, follow: bool, limit: int | None) -> None:
-    """Print messages as NDJSON (value as UTF-8 text, or base64 if it is not text)."""
-    reader = Reader.open(_open(storage_url), stream)
-    messages: Iterator[Message] = reader.follow(position) if follow else reader.read(position)
-    try:
-        for count, message in enumerate(messages, 1):
-            click.echo(json.dumps(message_record(message)))
-            if limit is not None and count >= limit:
-                break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        reader.close()
-
-
-@main.command()
-@storage_option
-@click.argument("stream")
-def verify(storage_url: str, stream: str) -> None:
-    """Walk STREAM and check every frame's CRCs; exit 1 at the first damage."""
-    with Reader.open(_open(storage_url), stream) as reader:
-        report = reader.verify()
     click.echo(
-        f"{stream}: OK, {report.messages:,} messages in {report.frames:,} frames, "
-        f"{_human_bytes(report.bytes)}"
+        f"published {count:,} message{'s' if count > 1 else ''} to {stream} in {batches}: "
+        f"{sequences}, from position {first.frame_position}; "
+        f"the stream ends at {last.committed_length}"
     )
+
+
+# read, tail ---------------------------------------------------------------------------
+
+
+def _print_messages(
+    source: Source,
+    stream: str,
+    position: int,
+    *,
+    follow: bool,
+    limit: int | None,
+    output: str | None,
+) -> None:
+    """Print from ``position``: to the end, or following; flushed after each run.
+
+    Ctrl-C ends a follow normally (exit 0) and anything else with 130.
+    """
+    printer = message_printer(default_format(output))
+    stop = threading.Event()
+    remaining = limit
+    try:
+        runs = (
+            source.follow(stream, position, stop)
+            if follow
+            else iter([source.read(stream, position)])
+        )
+        for run in runs:
+            if remaining is not None and remaining <= 0:
+                break
+            written = printer.write(run if remaining is None else itertools.islice(run, remaining))
+            printer.flush()
+            if remaining is not None:
+                remaining -= written
+    except KeyboardInterrupt:
+        stop.set()
+        printer.flush()
+        raise click.exceptions.Exit(0 if follow else 130) from None
+    finally:
+        stop.set()
+
+
+def _start(
+    source: Source, stream: str, position: int | None, sequence: int | None, at_end: bool
+) -> int:
+    if sum((position is not None, sequence is not None, at_end)) > 1:
+        raise click.UsageError("choose one place to start: --from, --sequence or --end")
+    if sequence is not None:
+        return source.position_of_sequence(stream, sequence)
+    if at_end:
+        return source.info(stream).length
+    return position or 0
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault read orders                      # all of it: a table, or NDJSON when piped",
+        "messagevault read orders --from 1260 --limit 10",
+        "messagevault read orders --sequence 3000 --format value",
+        "messagevault read orders --end --follow       # only new messages, as they come",
+        "messagevault read --url http://127.0.0.1:8080 orders > orders.ndjson",
+    )
+)
+@source_options
+@click.argument("stream")
+@click.option(
+    "--from",
+    "position",
+    type=click.IntRange(0),
+    help="Start at this position: 0, a message's position or next_position, or the length.",
+)
+@click.option(
+    "--sequence",
+    type=click.IntRange(0),
+    help="Start at message number N. Positions are byte offsets, so this walks the frame "
+    "headers from the start of the stream (one small read per frame).",
+)
+@click.option("--end", "at_end", is_flag=True, help="Start at the end (only new messages).")
+@click.option("--limit", type=click.IntRange(0), help="Stop after this many messages.")
+@click.option("--follow", "-f", is_flag=True, help="Keep waiting for new messages (Ctrl-C ends).")
+@_format_option
+def read(
+    *,
+    url: str | None,
+    storage: str | None,
+    profile: str | None,
+    stream: str,
+    position: int | None,
+    sequence: int | None,
+    at_end: bool,
+    limit: int | None,
+    follow: bool,
+    output: str | None,
+) -> None:
+    """Print STREAM's messages from a position (default: the start) to the end.
+
+    NDJSON records are those of the HTTP API: {"position", "sequence", "id",
+    "timestamp", "key", "next_position", "value", "encoding"}, with
+    "encoding": "base64" for a value and "key_encoding": "base64" for a key
+    that is not UTF-8.
+    """
+    with _source(url, storage, profile) as source:
+        start = _start(source, stream, position, sequence, at_end)
+        _print_messages(source, stream, start, follow=follow, limit=limit, output=output)
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault tail orders",
+        "messagevault tail orders -n 10 --format ndjson",
+        "messagevault tail --url http://127.0.0.1:8080 orders",
+    )
+)
+@source_options
+@click.argument("stream")
+@click.option(
+    "-n",
+    "--last",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Show the last N messages first (found by walking frame headers, as --sequence).",
+)
+@_format_option
+def tail(
+    *,
+    url: str | None,
+    storage: str | None,
+    profile: str | None,
+    stream: str,
+    last: int,
+    output: str | None,
+) -> None:
+    """Follow STREAM from its end, printing messages as they are committed; Ctrl-C ends."""
+    with _source(url, storage, profile) as source:
+        info = source.info(stream)
+        start = (
+            source.position_of_sequence(stream, max(info.messages - last, 0))
+            if last
+            else info.length
+        )
+        _print_messages(source, stream, start, follow=True, limit=None, output=output)
+
+
+# streams, info, verify -----------------------------------------------------------------
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault streams",
+        "messagevault streams --storage file:/var/lib/messagevault --format ndjson",
+        "messagevault streams --url http://127.0.0.1:8080",
+    )
+)
+@source_options
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "ndjson"]),
+    help="Default: table on a terminal, ndjson when piped.",
+)
+def streams(
+    *, url: str | None, storage: str | None, profile: str | None, output: str | None
+) -> None:
+    """List the streams with their message count and length.
+
+    Through a server: the streams your user may read.
+    """
+    with _source(url, storage, profile) as source:
+        found = source.streams()
+    if default_format(output) == "table":
+        print_table(
+            ["stream", "messages", "length"],
+            [[s.stream, f"{s.messages:,}", human_bytes(s.length)] for s in found],
+        )
+        return
+    for info in found:
+        click.echo(
+            json.dumps({"stream": info.stream, "messages": info.messages, "length": info.length})
+        )
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault info orders",
+        "messagevault info --url http://127.0.0.1:8080 orders   # with its read access",
+    )
+)
+@source_options
+@click.argument("stream")
+def info(*, url: str | None, storage: str | None, profile: str | None, stream: str) -> None:
+    """Show STREAM's committed state as JSON: length, messages, first and last write.
+
+    Through a server it also gives read_access: the folder, or a read-only
+    SAS URL on Azure, for reading without the server.
+    """
+    with _source(url, storage, profile) as source:
+        print_json(source.info(stream).to_json())
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault verify orders",
+        'messagevault verify --storage azure:"$CONNECTION_STRING" orders',
+        "messagevault verify --sas 'https://account.blob.core.windows.net/mv-orders/data?sv=...'",
+    )
+)
+@source_options
+@click.argument("stream", required=False)
+@click.option(
+    "--sas",
+    "sas_url",
+    metavar="URL",
+    help="Verify the stream a read-only SAS URL gives (from `info` through a server).",
+)
+def verify(
+    *,
+    url: str | None,
+    storage: str | None,
+    profile: str | None,
+    stream: str | None,
+    sas_url: str | None,
+) -> None:
+    """Walk STREAM and check every frame's CRCs; exit 1 at the first damage.
+
+    STREAM may also be a SAS URL (sas:URL, or an https URL carrying sig=).
+    Through a server, every frame is checked by the client as it arrives.
+    """
+    if stream is not None and (given := _sas_url(stream)) is not None:
+        stream, sas_url = None, given
+    if (stream is None) == (sas_url is None):
+        raise click.UsageError("give STREAM, or --sas URL")
+    with contextlib.ExitStack() as stack:
+        check: Callable[..., VerifyReport]
+        if sas_url is not None:
+            reader = stack.enter_context(_sas_reader(sas_url))
+            name, check = reader.name, reader.verify
+        else:
+            assert stream is not None
+            source = stack.enter_context(_source(url, storage, profile))
+            name, check = stream, functools.partial(source.verify, stream)
+        with progress_bar(f"verifying {name}", 0, unit="bytes") as update:
+            report = check(progress=update)
+    click.echo(
+        f"{name}: OK, {report.messages:,} messages in {report.frames:,} frames, "
+        f"{human_bytes(report.bytes)}"
+    )
+
+
+def _sas_url(text: str) -> str | None:
+    """``text`` as a SAS URL: ``sas:URL``, or an http(s) URL signed with ``sig=``."""
+    if text.startswith("sas:"):
+        return text.removeprefix("sas:")
+    if text.startswith(("https://", "http://")) and "sig=" in text.partition("?")[2]:
+        return text
+    return None
+
+
+@contextlib.contextmanager
+def _sas_reader(url: str) -> Iterator[Reader]:
+    try:
+        reader = Reader.from_read_access(ReadAccess("azure-sas", url))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="SAS URL") from exc
+    with reader:
+        yield reader
+
+
+# copy ---------------------------------------------------------------------------------
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault copy orders --from file:./data --to file:/backup/data",
+        "messagevault copy orders --from http://127.0.0.1:8080 --to file:./replica",
+        "messagevault copy orders --from 'sas:https://account.blob.core.windows.net/...' \\",
+        "                         --to file:./cache",
+        'messagevault copy orders --from file:./data --to azure:"$CONNECTION_STRING" \\',
+        "                         --as orders-2026",
+    )
+)
+@click.argument("stream")
+@click.option(
+    "--from",
+    "origin",
+    required=True,
+    metavar="SRC",
+    help="file:PATH or azure:CONNECTION_STRING (storage), http(s)://HOST:PORT (a server; "
+    "credentials as for --url), or a SAS URL (sas:URL, or an https URL carrying sig=).",
+)
+@click.option(
+    "--to",
+    "destination",
+    required=True,
+    metavar="DST",
+    help="Storage to copy into: file:PATH or azure:CONNECTION_STRING.",
+)
+@click.option("--as", "copy_name", metavar="NAME", help="Name of the copy (default: STREAM).")
+@click.option(
+    "--profile",
+    envvar="MESSAGEVAULT_PROFILE",
+    metavar="NAME",
+    help="Credentials for a server SRC from this profile of the config file.",
+)
+def copy(
+    *, stream: str, origin: str, destination: str, copy_name: str | None, profile: str | None
+) -> None:
+    """Copy STREAM from SRC into DST, frame for frame, and again later: only what is new.
+
+    The copy has the same positions, sequences, ids and timestamps as the
+    source. A second run appends what the source committed since, after
+    checking that the copy's last frame is the source's; a copy that differs
+    is refused and left alone. Every frame is checked (CRCs) on the way.
+    Each step is committed, so an interrupted copy resumes where it stopped.
+    """
+    validate_stream_name(stream)
+    name = validate_stream_name(copy_name or stream)
+    if destination.startswith(("http://", "https://", "sas:")):
+        raise click.UsageError(
+            "DST must be storage (file:PATH or azure:CONNECTION_STRING): a server assigns "
+            "positions itself, so a copy through it could not keep the source's"
+        )
+    with contextlib.ExitStack() as stack:
+        frames, described = _copy_source(stack, stream, origin, profile)
+        storage = _open(destination)
+        writer = stack.enter_context(Writer.open(storage, name))
+        copy_reader = stack.enter_context(Reader.open(storage, name))
+        with progress_bar(f"copying {stream}", 0, unit="bytes") as update:
+            try:
+                report = copy_stream(frames, writer, copy_reader, progress=update)
+            except KeyboardInterrupt:
+                click.echo(
+                    f"interrupted: the copy ends at position {writer.checkpoint.length:,}; "
+                    "run the same command to carry on",
+                    err=True,
+                )
+                raise click.exceptions.Exit(130) from None
+        summary = {
+            "stream": name,
+            "from": described,
+            "to": storage.describe(),
+            "copied": report.messages,
+            "position": report.end,
+            "messages": writer.checkpoint.next_sequence,
+        }
+    if not stdout_is_terminal():
+        print_json(summary)
+        return
+    click.echo(
+        f"copied {report.messages:,} messages of {stream} from {described} to "
+        f"{summary['to']}: the copy holds {summary['messages']:,} messages and ends at "
+        f"position {report.end:,}"
+    )
+
+
+def _copy_source(
+    stack: contextlib.ExitStack, stream: str, origin: str, profile: str | None
+) -> tuple[FrameSource, str]:
+    sas = _sas_url(origin)
+    if sas is not None:
+        reader = stack.enter_context(_sas_reader(sas))
+        return ReaderFrames(reader), "a SAS URL"
+    if origin.startswith(("http://", "https://")):
+        ctx = click.get_current_context()
+        target = server_target(origin, profile)
+        ctx.meta[_TARGET] = target
+        source = stack.enter_context(contextlib.closing(open_source(target)))
+        return source.frame_source(stream), origin
+    storage = _open(origin)
+    reader = stack.enter_context(Reader.open(storage, stream))
+    return ReaderFrames(reader), storage.describe()
 
 
 if __name__ == "__main__":

@@ -400,10 +400,13 @@ class Reader:
                 break  # before the next frame is fetched
         return RawFrames(b"".join(pieces), skip, end)
 
-    def verify(self, position: int = 0) -> VerifyReport:
+    def verify(
+        self, position: int = 0, *, progress: Callable[[int, int], None] | None = None
+    ) -> VerifyReport:
         """Check every frame's CRCs and columns from ``position`` to the committed end.
 
-        Raises ``CorruptData`` naming the first bad position.
+        Raises ``CorruptData`` naming the first bad position. ``progress(done,
+        total)``, in bytes, is called after each frame.
         """
         committed = self._store.read_checkpoint()
         frame_position, _ = self._locate(position, committed.length)
@@ -414,6 +417,8 @@ class Reader:
             frames += 1
             messages += header.message_count
             last = header
+            if progress is not None:
+                progress(header.end - frame_position, committed.length - frame_position)
         if (
             last is not None
             and position == 0

@@ -57,14 +57,20 @@ def frames_from_messages(messages: Iterable[Message]) -> Iterator[bytes]:
     Encoding is deterministic, so a rebuilt frame is the stored one byte for
     byte; each is checked against where the next message starts.
     """
+    for group in frame_groups(messages):
+        yield _rebuilt(group)
+
+
+def frame_groups(messages: Iterable[Message]) -> Iterator[list[Message]]:
+    """The messages of each frame together, told apart by their positions alone."""
     group: list[Message] = []
     for message in messages:
         if group and message.position != message_position(group[0].position, len(group)):
-            yield _rebuilt(group)
+            yield group
             group = []
         group.append(message)
     if group:
-        yield _rebuilt(group)
+        yield group
 
 
 def _rebuilt(group: list[Message]) -> bytes:

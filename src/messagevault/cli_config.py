@@ -1,0 +1,207 @@
+"""Where a ``messagevault`` command goes, and with which credentials.
+
+A command talks to a server (``--url``, through the client library) or reads
+storage directly (``--storage``). The first rule that applies decides:
+
+1. ``--url`` or ``--storage`` on the command line (both at once: an error);
+2. the url of the profile named by ``--profile`` or ``MESSAGEVAULT_PROFILE``;
+3. ``MESSAGEVAULT_URL`` or ``MESSAGEVAULT_STORAGE`` (both set: an error);
+4. the url of the config file's ``default`` profile;
+5. ``file:./data``, the folder ``messagevault serve`` uses by default.
+
+Credentials never need to be on the command line. For a server, the user
+and password come from the named profile, else ``MESSAGEVAULT_USER`` /
+``MESSAGEVAULT_PASSWORD``, else the ``default`` profile, else a prompt on a
+terminal. The config file is ``MESSAGEVAULT_CONFIG``, else
+``~/.config/messagevault/config.toml``::
+
+    [profiles.default]
+    url = "http://127.0.0.1:8080"
+    user = "admin"
+    password = "..."
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_STORAGE = "file:./data"
+DEFAULT_PROFILE = "default"
+PROFILE_KEYS = ("url", "user", "password")
+
+
+def config_path() -> Path:
+    configured = os.environ.get("MESSAGEVAULT_CONFIG")
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "messagevault" / "config.toml"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: Path
+    url: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+def load_profile(name: str, *, required: bool) -> Profile | None:
+    """Profile ``name`` from the config file; ``None`` if absent and not ``required``."""
+    path = config_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise click.UsageError(
+                f"profile {name!r} asked for, but there is no config file {path} "
+                "(or set MESSAGEVAULT_CONFIG)"
+            ) from None
+        return None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"config file {path} is not valid TOML: {exc}") from exc
+    profiles = document.get("profiles", {})
+    if not isinstance(profiles, dict):
+        raise click.ClickException(f"config file {path}: [profiles] must be a table")
+    entry = profiles.get(name)
+    if entry is None:
+        if required:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise click.UsageError(f"no profile {name!r} in {path} (profiles there: {known})")
+        return None
+    return _profile(name, path, entry, raw)
+
+
+def _profile(name: str, path: Path, entry: Any, raw: bytes) -> Profile:
+    if not isinstance(entry, dict):
+        raise click.ClickException(f"config file {path}: [profiles.{name}] must be a table")
+    unknown = sorted(set(entry) - set(PROFILE_KEYS))
+    if unknown:
+        raise click.ClickException(
+            f"config file {path}: profile {name!r} has unknown keys {', '.join(unknown)} "
+            f"(known: {', '.join(PROFILE_KEYS)})"
+        )
+    for key, value in entry.items():
+        if not isinstance(value, str):
+            raise click.ClickException(
+                f"config file {path}: {key} of profile {name!r} must be a string"
+            )
+    if "password" in entry and _readable_by_others(path):
+        click.echo(
+            f"warning: {path} holds a password and other users can read it; run: chmod 600 {path}",
+            err=True,
+        )
+    return Profile(name, path, entry.get("url"), entry.get("user"), entry.get("password"))
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Target:
+    """The resolved place: a server ``url`` with credentials, or a ``storage`` URL."""
+
+    url: str | None = None
+    storage: str | None = None
+    origin: str = "default"  # which rule chose it, for error messages
+    user: str | None = None
+    password: str | None = None
+    credentials_origin: str = ""
+
+
+def _given(ctx: click.Context, name: str) -> click.core.ParameterSource | None:
+    return ctx.get_parameter_source(name)
+
+
+def resolve_target(
+    ctx: click.Context, url: str | None, storage: str | None, profile_name: str | None
+) -> Target:
+    """Apply the rules of this module's docstring to the ``--url/--storage/--profile`` values."""
+    command_line = click.core.ParameterSource.COMMANDLINE
+    url_flag = url if _given(ctx, "url") == command_line else None
+    storage_flag = storage if _given(ctx, "storage") == command_line else None
+    if url_flag and storage_flag:
+        raise click.UsageError("give --url (a server) or --storage (direct access), not both")
+    named = load_profile(profile_name, required=True) if profile_name else None
+    default = None if named else load_profile(DEFAULT_PROFILE, required=False)
+    env_url = url if url_flag is None and url else None
+    env_storage = storage if storage_flag is None and storage else None
+    choices: list[tuple[str | None, str | None, str]] = [  # (server, storage, origin)
+        (None, storage_flag, "--storage"),
+        (url_flag, None, "--url"),
+        (named.url if named else None, None, f"profile {profile_name!r}"),
+        (env_url, env_storage, "MESSAGEVAULT_URL and MESSAGEVAULT_STORAGE"),
+        (default.url if default else None, None, "profile 'default'"),
+        (None, DEFAULT_STORAGE, "the default"),
+    ]
+    server, place, origin = next(choice for choice in choices if choice[0] or choice[1])
+    if server and place:
+        raise click.UsageError(
+            "MESSAGEVAULT_URL and MESSAGEVAULT_STORAGE are both set: unset one, "
+            "or choose with --url or --storage"
+        )
+    if place:
+        return Target(storage=place, origin=origin.split(" and ")[-1])
+    assert server is not None
+    return _with_credentials(Target(url=server, origin=origin.split(" and ")[0]), named, default)
+
+
+def server_target(url: str, profile_name: str | None) -> Target:
+    """A server given outright (``copy --from URL``), with credentials by the usual rules."""
+    named = load_profile(profile_name, required=True) if profile_name else None
+    default = None if named else load_profile(DEFAULT_PROFILE, required=False)
+    return _with_credentials(Target(url=url, origin="--from"), named, default)
+
+
+def _with_credentials(target: Target, named: Profile | None, default: Profile | None) -> Target:
+    layers: list[tuple[str | None, str | None, str]] = []
+    if named is not None:
+        layers.append((named.user, named.password, f"profile {named.name!r} in {named.path}"))
+    layers.append(
+        (
+            os.environ.get("MESSAGEVAULT_USER"),
+            os.environ.get("MESSAGEVAULT_PASSWORD"),
+            "MESSAGEVAULT_USER/MESSAGEVAULT_PASSWORD",
+        )
+    )
+    if default is not None:
+        layers.append((default.user, default.password, f"profile 'default' in {default.path}"))
+    user = password = None
+    origins: list[str] = []
+    for found_user, found_password, where in layers:
+        if user is None and found_user:
+            user = found_user
+            origins.append(where)
+        if password is None and found_password:
+            password = found_password
+            if where not in origins:
+                origins.append(where)
+    if password is None and sys.stdin.isatty():
+        if user is None:
+            user = str(click.prompt(f"User for {target.url}", default="admin", err=True))
+        password = str(click.prompt(f"Password of {user}", hide_input=True, err=True))
+        origins.append("the prompt")
+    return Target(
+        url=target.url,
+        origin=target.origin,
+        user=user,
+        password=password,
+        credentials_origin=" and ".join(origins),
+    )

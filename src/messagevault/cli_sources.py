@@ -1,0 +1,334 @@
+"""The two places a ``messagevault`` command reads and writes, behind one face.
+
+``StorageSource`` opens storage directly (a data folder, an Azure account);
+``ServerSource`` goes through a server with the client library. Commands are
+written once against ``Source``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from itertools import takewhile
+from queue import Empty, SimpleQueue
+from typing import Protocol
+
+import click
+
+from messagevault.cli_config import Target
+from messagevault.errors import (
+    AccessDenied,
+    Forbidden,
+    InvalidInput,
+    InvalidPosition,
+    ServerUnreachable,
+    StorageError,
+    StreamNotFound,
+    Unauthenticated,
+)
+from messagevault.format import EncodedBatch, Message
+from messagevault.reader import Reader, VerifyReport
+from messagevault.replicate import (
+    FrameSource,
+    ReaderFrames,
+    chunked,
+    frame_groups,
+    frames_from_messages,
+)
+from messagevault.storage import open_storage
+from messagevault.storage.base import Storage
+from messagevault.storage.file import SYSTEM_FOLDER, FileStorage
+from messagevault.wire import StreamInfo
+from messagevault.writer import AppendResult, Writer
+
+FOLLOW_POLL_INTERVAL = 0.1  # seconds between checkpoint reads at the tail of storage
+Progress = Callable[[int, int], None]
+
+
+class Source(Protocol):
+    """What the commands need from a server or from storage."""
+
+    target: Target
+
+    def describe(self) -> str: ...
+
+    def streams(self) -> list[StreamInfo]: ...
+
+    def info(self, stream: str) -> StreamInfo: ...
+
+    def position_of_sequence(self, stream: str, sequence: int) -> int: ...
+
+    def read(self, stream: str, position: int) -> Iterator[Message]:
+        """Messages from ``position`` up to the committed end; a bad position fails at once."""
+        ...
+
+    def follow(
+        self, stream: str, position: int, stop: threading.Event
+    ) -> Iterator[Iterable[Message]]:
+        """Runs of messages as they are committed, until ``stop`` is set.
+
+        Each run holds what arrived together: the caller flushes its output
+        after each one.
+        """
+        ...
+
+    def publish(self, stream: str, batch: EncodedBatch) -> AppendResult: ...
+
+    def verify(self, stream: str, progress: Progress) -> VerifyReport: ...
+
+    def frame_source(self, stream: str) -> FrameSource: ...
+
+    def close(self) -> None: ...
+
+
+def open_source(target: Target) -> Source:
+    if target.url is not None:
+        return ServerSource(target)
+    assert target.storage is not None
+    try:
+        storage = open_storage(target.storage)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--storage") from exc
+    return StorageSource(storage, target)
+
+
+def stream_info(reader: Reader, stream: str) -> StreamInfo:
+    checkpoint = reader.checkpoint()
+    first = next(reader.read(committed=checkpoint.length), None)  # decodes the first frame
+    return StreamInfo.from_timestamps(
+        stream,
+        checkpoint.length,
+        checkpoint.next_sequence,
+        first_write=first.timestamp if first else None,
+        last_write=checkpoint.last_timestamp if checkpoint.length else None,
+    )
+
+
+class StorageSource:
+    def __init__(self, storage: Storage, target: Target) -> None:
+        self.storage = storage
+        self.target = target
+        self._readers: dict[str, Reader] = {}
+        self._writers: dict[str, Writer] = {}
+
+    def describe(self) -> str:
+        return self.storage.describe()
+
+    def reader(self, stream: str) -> Reader:
+        if stream not in self._readers:
+            self._readers[stream] = Reader.open(self.storage, stream)
+        return self._readers[stream]
+
+    def streams(self) -> list[StreamInfo]:
+        names = self.storage.list_streams()
+        if isinstance(self.storage, FileStorage):
+            self._check_data_folder(self.storage, names, self.target.origin)
+        found = []
+        for name in names:
+            checkpoint = self.reader(name).checkpoint()
+            last = checkpoint.last_timestamp if checkpoint.length else None
+            found.append(
+                StreamInfo.from_timestamps(
+                    name,
+                    checkpoint.length,
+                    checkpoint.next_sequence,
+                    first_write=None,
+                    last_write=last,
+                )
+            )
+        return found
+
+    @staticmethod
+    def _check_data_folder(storage: FileStorage, names: list[str], origin: str) -> None:
+        """A typo in ``--storage`` must not look like an empty data folder."""
+        root = storage.root
+        if not root.exists():
+            raise click.ClickException(f"there is no folder {root} ({origin}): check the path")
+        if not root.is_dir():
+            raise click.ClickException(f"{root} ({origin}) is a file, not a data folder")
+        if names or (root / SYSTEM_FOLDER).is_dir():
+            return
+        others = sorted(entry.name for entry in root.iterdir() if not entry.name.startswith("."))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise click.ClickException(
+                f"{root} ({origin}) is not a MessageVault data folder: it holds {shown} "
+                "but no streams; check the path"
+            )
+
+    def info(self, stream: str) -> StreamInfo:
+        return stream_info(self.reader(stream), stream)
+
+    def position_of_sequence(self, stream: str, sequence: int) -> int:
+        return self.reader(stream).position_of_sequence(sequence)
+
+    def read(self, stream: str, position: int) -> Iterator[Message]:
+        return self.reader(stream).read(position)
+
+    def follow(
+        self, stream: str, position: int, stop: threading.Event
+    ) -> Iterator[Iterable[Message]]:
+        reader = self.reader(stream)
+        first = reader.read(position)  # checks the position before the first run
+        return self._runs(reader, first, position, stop)
+
+    @staticmethod
+    def _runs(
+        reader: Reader, first: Iterator[Message], position: int, stop: threading.Event
+    ) -> Iterator[Iterable[Message]]:
+        committed = reader.checkpoint().length
+        yield first
+        position = max(position, committed)
+        while not stop.is_set():
+            committed = reader.checkpoint().length
+            if position < committed:
+                yield reader.read(position, committed=committed)
+                position = committed
+            else:
+                stop.wait(FOLLOW_POLL_INTERVAL)
+
+    def publish(self, stream: str, batch: EncodedBatch) -> AppendResult:
+        writer = self._writers.get(stream)
+        if writer is None:
+            writer = self._writers[stream] = Writer.open(self.storage, stream)
+        return writer.append_batches([batch])[0]
+
+    def verify(self, stream: str, progress: Progress) -> VerifyReport:
+        return self.reader(stream).verify(progress=progress)
+
+    def frame_source(self, stream: str) -> FrameSource:
+        return ReaderFrames(self.reader(stream))
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        for reader in self._readers.values():
+            reader.close()
+
+
+class ServerSource:
+    def __init__(self, target: Target) -> None:
+        from messagevault.client import Client  # the HTTP stack only when a server is asked for
+
+        assert target.url is not None
+        self.target = target
+        self.client = Client(target.url, user=target.user, password=target.password)
+
+    def describe(self) -> str:
+        return f"the server at {self.target.url}"
+
+    def streams(self) -> list[StreamInfo]:
+        return self.client.streams()
+
+    def info(self, stream: str) -> StreamInfo:
+        return self.client.info(stream)
+
+    def position_of_sequence(self, stream: str, sequence: int) -> int:
+        """Straight from the stream's storage when it can be reached, else through the server."""
+        try:
+            with self.client.open_reader(stream) as reader:
+                return reader.position_of_sequence(sequence)
+        except (InvalidPosition, Unauthenticated, Forbidden, ServerUnreachable):
+            raise
+        except (InvalidInput, StreamNotFound, AccessDenied, StorageError, OSError):
+            pass  # the server's storage is out of reach from here: walk the messages
+        info = self.client.info(stream)
+        if not 0 <= sequence <= info.messages:
+            raise InvalidPosition(
+                f"stream {stream!r} has {info.messages} messages; there is no sequence {sequence}"
+            )
+        for message in self.client.read(stream):
+            if message.sequence == sequence:
+                return message.position
+        return info.length
+
+    def read(self, stream: str, position: int) -> Iterator[Message]:
+        return self.client.read(stream, position)
+
+    def follow(
+        self, stream: str, position: int, stop: threading.Event
+    ) -> Iterator[Iterable[Message]]:
+        messages = self.client.follow(stream, position, stop=stop)
+        return runs_as_they_come(messages, stop)
+
+    def publish(self, stream: str, batch: EncodedBatch) -> AppendResult:
+        return self.client.publish_batch(stream, batch)
+
+    def verify(self, stream: str, progress: Progress) -> VerifyReport:
+        """Every message through the server: the client checks each frame's CRCs."""
+        length = self.client.info(stream).length
+        frames = messages = 0
+        for frame in frame_groups(self.client.read(stream)):
+            frames += 1
+            messages += len(frame)
+            progress(frame[-1].next_position, length)
+        return VerifyReport(frames, messages, length)
+
+    def frame_source(self, stream: str) -> FrameSource:
+        return _ServerFrames(self, stream)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+_BACKLOG = 100_000  # messages a follow may fetch ahead of what is printed
+
+
+def runs_as_they_come(
+    messages: Iterator[Message], stop: threading.Event
+) -> Iterator[list[Message]]:
+    """Group a blocking stream of messages into runs of what has arrived so far.
+
+    A thread drains ``messages`` (which blocks at the tail) into a queue; a
+    run is everything queued when the caller asks, so output can be flushed
+    once per batch that arrives rather than once per message.
+    """
+    queue: SimpleQueue[Message | BaseException | None] = SimpleQueue()
+
+    def pump() -> None:
+        try:
+            for count, message in enumerate(messages):
+                queue.put(message)
+                if count % 1024 == 0:
+                    while queue.qsize() > _BACKLOG and not stop.is_set():
+                        stop.wait(0.01)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            queue.put(exc)
+        else:
+            queue.put(None)
+
+    thread = threading.Thread(target=pump, name="messagevault-follow", daemon=True)
+    thread.start()
+    try:
+        while not stop.is_set():
+            try:
+                items = [queue.get(timeout=0.2)]  # short: Ctrl-C is seen between waits
+            except Empty:
+                continue
+            while len(items) < _BACKLOG and not queue.empty():
+                items.append(queue.get_nowait())
+            last = items[-1]  # the end or an error can only come last
+            if run := [item for item in items if isinstance(item, Message)]:
+                yield run
+            if last is None:
+                return
+            if isinstance(last, BaseException):
+                raise last
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class _ServerFrames:
+    """The stored frames of a stream read through a server, rebuilt from its messages."""
+
+    def __init__(self, source: ServerSource, stream: str) -> None:
+        self._source = source
+        self._stream = stream
+
+    def length(self) -> int:
+        return self._source.client.info(self._stream).length
+
+    def frames(self, position: int, end: int) -> Iterator[bytes]:
+        messages = self._source.client.read(self._stream, position)
+        return chunked(frames_from_messages(takewhile(lambda m: m.position < end, messages)))
