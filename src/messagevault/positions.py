@@ -318,7 +318,9 @@ class FilePositionStore(PositionStore):
         path = self._path(consumer)
         temp = self.folder / f".{consumer}.json.tmp"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self.folder.is_dir():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                _fsync_folder(self.folder.parent)  # the new folder survives a power loss too
             with self._locked(consumer):
                 current = self._read(consumer)
                 if (current[1] if current else None) != expected:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from messagevault.consumer.feeds import (
+    FEED_MAX_BYTES,
     FEED_MAX_MESSAGES,
     Feed,
     ReaderFeed,
@@ -43,6 +44,7 @@ class AsyncFeed:
     def __init__(self, messages: AsyncIterator[Message]) -> None:
         self._messages = messages
         self._buffer: deque[Message] = deque()
+        self._bytes = 0  # keys and values buffered
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
         self._done = False
@@ -53,8 +55,9 @@ class AsyncFeed:
         try:
             async for message in self._messages:
                 self._buffer.append(message)
+                self._bytes += len(message.key) + len(message.value)
                 self._arrived.set()
-                while len(self._buffer) >= FEED_MAX_MESSAGES:
+                while len(self._buffer) >= FEED_MAX_MESSAGES or self._bytes >= FEED_MAX_BYTES:
                     self._room.clear()
                     await self._room.wait()
         except asyncio.CancelledError:
@@ -74,6 +77,7 @@ class AsyncFeed:
         if not buffer:
             return None if self._done else []
         batch = [buffer.popleft() for _ in range(min(limit, len(buffer)))]
+        self._bytes -= sum(len(message.key) + len(message.value) for message in batch)
         self._room.set()
         return batch
 
