@@ -14,10 +14,11 @@ from messagevault.cli import main
 from messagevault.cli_output import ndjson_line
 from messagevault.format import MAX_VALUE_SIZE, Message
 from messagevault.wire import message_record
+from tests.azurite import free_port
 
 
 def _run(
-    tmp_path: Path, *args: str, stdin: str | bytes | None = None, **env: str
+    tmp_path: Path, *args: str, stdin: str | bytes | None = None, **env: str | None
 ) -> tuple[int, str, str]:
     runner = CliRunner()
     variables: dict[str, str | None] = {
@@ -322,3 +323,51 @@ def test_serve_rejects_bad_limits_before_starting(tmp_path: Path, option: tuple[
     assert code == 2
     assert option[0] in err
     assert not (tmp_path / "_system").exists()  # nothing was set up
+
+
+def test_profiles_and_the_environment_choose_the_server_in_order(tmp_path: Path) -> None:
+    """--profile beats MESSAGEVAULT_URL, which beats the default profile (rules: cli_config)."""
+    ports = [free_port() for _ in range(3)]  # nobody listens: the error names the URL and rule
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[profiles.chosen]\nurl = "http://127.0.0.1:{ports[0]}"\n'
+        f'[profiles.default]\nurl = "http://127.0.0.1:{ports[1]}"\n'
+    )
+    env = {"MESSAGEVAULT_CONFIG": str(config), "MESSAGEVAULT_STORAGE": None}
+    url = f"http://127.0.0.1:{ports[2]}"
+    cases = [
+        (
+            ("--profile", "chosen"),
+            {"MESSAGEVAULT_URL": url},
+            f":{ports[0]} (from profile 'chosen')",
+        ),
+        ((), {"MESSAGEVAULT_URL": url}, f":{ports[2]} (from MESSAGEVAULT_URL)"),
+        ((), {}, f":{ports[1]} (from profile 'default')"),
+    ]
+    for args, variables, expected in cases:
+        code, _, err = _run(tmp_path, "streams", *args, **env, **variables)
+        assert code == 1
+        assert expected in _one_line_error(err)
+        assert "Start one with `messagevault serve`" in err
+    _run(tmp_path / "data", "publish", "orders", "x")
+    code, out, _ = _run(tmp_path, "streams", "--storage", f"file:{tmp_path / 'data'}", **env)
+    assert (code, json.loads(out)["stream"]) == (0, "orders")
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "code", "expected"),
+    [
+        ('[profiles.a]\nurl = "x"\n', ("--profile", "b"), 2, "no profile 'b' in"),
+        ("[profiles.a\n", ("--profile", "a"), 1, "is not valid TOML"),
+        ('[profiles.a]\nuri = "x"\n', ("--profile", "a"), 1, "unknown keys uri"),
+        ("[profiles.a]\nurl = 1\n", ("--profile", "a"), 1, "url of profile 'a' must be a string"),
+    ],
+)
+def test_bad_config_files_are_one_line(
+    tmp_path: Path, text: str, args: tuple[str, ...], code: int, expected: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    got, _, err = _run(tmp_path, "streams", *args, MESSAGEVAULT_CONFIG=str(config))
+    assert got == code
+    assert expected in _one_line_error(err)

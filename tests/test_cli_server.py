@@ -28,12 +28,12 @@ def _environment(folder: Path, **variables: str) -> dict[str, str]:
 
 
 def _cli(
-    folder: Path, *args: str, stdin: bytes | None = None, **variables: str
+    folder: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
     done = subprocess.run(
         [MESSAGEVAULT, *args],
         cwd=folder,
-        env=_environment(folder, **variables),
+        env=_environment(folder, **(env or {})),
         input=stdin,
         capture_output=True,
         timeout=60,
@@ -104,46 +104,53 @@ class _Serve:
 def test_the_cli_through_a_server_on_files(tmp_path: Path) -> None:
     with _Serve(tmp_path, "file:data") as server:
         env = server.env
-        code, out, err = _cli(tmp_path, "publish", "orders", "one", "two", "--key", "K", **env)
+        code, out, err = _cli(tmp_path, "publish", "orders", "one", "two", "--key", "K", env=env)
         assert (code, err) == (0, "")
         assert json.loads(out)["count"] == 2
         lines = b"".join(b"line %d\n" % n for n in range(12_000))
-        code, out, _ = _cli(tmp_path, "publish", "orders", "--stdin", stdin=lines, **env)
+        code, out, _ = _cli(tmp_path, "publish", "orders", "--stdin", stdin=lines, env=env)
         assert (json.loads(out)["count"], json.loads(out)["batches"]) == (12_000, 2)
 
-        code, out, _ = _cli(tmp_path, "read", "orders", "--sequence", "5000", "--limit", "2", **env)
+        code, out, _ = _cli(
+            tmp_path, "read", "orders", "--sequence", "5000", "--limit", "2", env=env
+        )
         assert [json.loads(line)["value"] for line in out.splitlines()] == [
             "line 4998",
             "line 4999",
         ]
-        code, out, _ = _cli(tmp_path, "streams", **env)
+        code, out, _ = _cli(tmp_path, "streams", env=env)
         assert json.loads(out) == {
             "stream": "orders",
             "messages": 12_002,
             "length": json.loads(out)["length"],
         }
-        code, out, _ = _cli(tmp_path, "info", "orders", **env)
+        code, out, _ = _cli(tmp_path, "info", "orders", env=env)
         assert json.loads(out)["read_access"]["kind"] == "file"
-        code, out, _ = _cli(tmp_path, "verify", "orders", **env)
+        code, out, _ = _cli(tmp_path, "verify", "orders", env=env)
         assert "OK, 12,002 messages" in out
 
         code, out, err = _cli(
-            tmp_path, "copy", "orders", "--from", server.url, "--to", "file:copy", **env
+            tmp_path, "copy", "orders", "--from", server.url, "--to", "file:copy", env=env
         )
         assert (code, err) == (0, "")
         assert json.loads(out)["copied"] == 12_002
         stored = (tmp_path / "data" / "orders" / "data").read_bytes()
-        assert (tmp_path / "copy" / "orders" / "data").read_bytes() == stored[: len(stored)]
+        code, _, err = _cli(
+            tmp_path, "copy", "nope", "--from", server.url, "--to", "file:copy", env=env
+        )
+        assert (code, "'nope' does not exist" in _one_line(err)) == (1, True)
+        assert not (tmp_path / "copy" / "nope").exists()
+        assert (tmp_path / "copy" / "orders" / "data").read_bytes() == stored
 
         # Bad paths: one line each, exit 1.
         code, _, err = _cli(tmp_path, "publish", "orders", "x", "--storage", "file:data")
         assert code == 1
         assert "a server probably holds it" in _one_line(err)
-        code, _, err = _cli(tmp_path, "read", "missing", **env)
+        code, _, err = _cli(tmp_path, "read", "missing", env=env)
         assert (code, "'missing' does not exist" in _one_line(err)) == (1, True)
-        code, _, err = _cli(tmp_path, "read", "orders", "--from", "3", **env)
+        code, _, err = _cli(tmp_path, "read", "orders", "--from", "3", env=env)
         assert (code, "not the position of a message" in _one_line(err)) == (1, True)
-        code, _, err = _cli(tmp_path, "streams", **{**env, "MESSAGEVAULT_PASSWORD": "wrong"})
+        code, _, err = _cli(tmp_path, "streams", env={**env, "MESSAGEVAULT_PASSWORD": "wrong"})
         assert code == 1
         assert "MESSAGEVAULT_USER and MESSAGEVAULT_PASSWORD" in _one_line(err)
 
@@ -154,14 +161,14 @@ def test_the_cli_through_a_server_on_files(tmp_path: Path) -> None:
         )
         config.chmod(0o644)
         code, out, err = _cli(
-            tmp_path, "streams", "--profile", "test", MESSAGEVAULT_CONFIG=str(config)
+            tmp_path, "streams", "--profile", "test", env={"MESSAGEVAULT_CONFIG": str(config)}
         )
         assert (code, json.loads(out)["stream"]) == (0, "orders")
         assert err == (
             f"warning: {config} holds a password and other users can read it; "
             f"run: chmod 600 {config}\n"
         )
-    code, _, err = _cli(tmp_path, "streams", **env)  # the server is gone
+    code, _, err = _cli(tmp_path, "streams", env=env)  # the server is gone
     assert code == 1
     assert f"{server.url}" in _one_line(err)
     assert "messagevault serve" in err
@@ -169,7 +176,7 @@ def test_the_cli_through_a_server_on_files(tmp_path: Path) -> None:
 
 def test_tail_prints_as_messages_come_and_ctrl_c_ends_it(tmp_path: Path) -> None:
     with _Serve(tmp_path, "file:data") as server:
-        _cli(tmp_path, "publish", "orders", "before", **server.env)
+        _cli(tmp_path, "publish", "orders", "before", env=server.env)
         with subprocess.Popen(
             [MESSAGEVAULT, "tail", "orders", "--format", "value"],
             cwd=tmp_path,
@@ -185,7 +192,7 @@ def test_tail_prints_as_messages_come_and_ctrl_c_ends_it(tmp_path: Path) -> None
                 while b"after" not in seen:  # until the tail has found the end and follows
                     assert time.monotonic() < deadline, seen
                     assert tail.poll() is None, tail.stderr.read()
-                    _cli(tmp_path, "publish", "orders", "after", **server.env)
+                    _cli(tmp_path, "publish", "orders", "after", env=server.env)
                     time.sleep(0.2)
                     seen += tail.stdout.read() or b""
                 tail.send_signal(signal.SIGINT)
@@ -202,9 +209,9 @@ def test_the_cli_on_azurite_with_sas_urls(tmp_path: Path, azurite: Azurite) -> N
     storage = f"azure:{azurite.connection_string}"
     with _Serve(tmp_path, storage) as server:
         env = server.env
-        code, _, err = _cli(tmp_path, "publish", "azcli", "one", "two", "three", **env)
+        code, _, err = _cli(tmp_path, "publish", "azcli", "one", "two", "three", env=env)
         assert (code, err) == (0, "")
-        _, out, _ = _cli(tmp_path, "info", "azcli", **env)
+        _, out, _ = _cli(tmp_path, "info", "azcli", env=env)
         access = json.loads(out)["read_access"]
         assert access["kind"] == "azure-sas"
         code, out, err = _cli(tmp_path, "verify", "--sas", access["location"])
@@ -213,7 +220,7 @@ def test_the_cli_on_azurite_with_sas_urls(tmp_path: Path, azurite: Azurite) -> N
         args = ("copy", "azcli", "--from", f"sas:{access['location']}", "--to", "file:cache")
         code, out, err = _cli(tmp_path, *args)
         assert (code, err) == (0, "")
-        _cli(tmp_path, "publish", "azcli", "four", **env)
+        _cli(tmp_path, "publish", "azcli", "four", env=env)
         code, out, _ = _cli(tmp_path, *args)
         assert json.loads(out)["copied"] == 1
     values = [m.value for m in Reader.open(FileStorage(tmp_path / "cache"), "azcli").read()]

@@ -930,6 +930,7 @@ def copy(
         )
     with contextlib.ExitStack() as stack:
         frames, described = _copy_source(stack, stream, origin, profile)
+        frames.length()  # a source that is missing or refuses us fails before the copy exists
         storage = _open(destination)
         writer = stack.enter_context(Writer.open(storage, name))
         copy_reader = stack.enter_context(Reader.open(storage, name))
