@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from itertools import islice
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 
@@ -71,6 +72,7 @@ class AsyncClient:
     ) -> None:
         self._settings = Settings.resolve(url, user, password, timeout, retries)
         self._base = self._settings.url
+        self._prefix = self._settings.prefix
         self._session: aiohttp.ClientSession | None = None
         self._renewer: Client | None = None  # for readers' SAS renewals, which are blocking
         self._closed = False
@@ -215,19 +217,19 @@ class AsyncClient:
 
     async def _send(self, request: Request) -> Answer:
         session = self._open_session()
-        timeout = None
-        if request.wait:
+        options: dict[str, Any] = {}
+        if request.wait:  # the server may hold the answer that long
             seconds = self._settings.timeout
-            timeout = aiohttp.ClientTimeout(
+            options["timeout"] = aiohttp.ClientTimeout(
                 total=None, sock_connect=seconds, sock_read=seconds + request.wait
             )
         try:
             async with session.request(
                 request.method,
-                self._base + request.path,
+                self._prefix + request.path,
                 data=request.body,
                 headers=request.headers,
-                timeout=timeout,  # None: the session's
+                **options,
             ) as response:
                 body = await response.read()
                 return Answer(response.status, response.headers, body)
@@ -242,6 +244,7 @@ class AsyncClient:
         if self._session is None:
             seconds = self._settings.timeout
             self._session = aiohttp.ClientSession(
+                self._settings.origin,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds),
                 connector=aiohttp.TCPConnector(limit=100),
             )

@@ -112,10 +112,15 @@ class Settings:
         )
 
     @property
+    def origin(self) -> str:
+        """Scheme, host and port."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
     def url(self) -> str:
         """The server's base URL, without credentials."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.prefix}"
+        return self.origin + self.prefix
 
 
 @dataclass(frozen=True)
