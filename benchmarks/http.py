@@ -20,6 +20,14 @@ header ``Prefer: return=minimal``: the answer then carries the batch's first
 and last receipts (from which the client can derive the rest) instead of one
 JSON receipt per message, which costs the server ~0.45 us and the client
 more than that per message.
+W1 with one producer also runs through the client library (``--clients``):
+``Client.publish`` (blocking, in a thread) and ``AsyncClient.publish`` send
+the same batches, held ready as lists of (key, value) pairs and encoded by
+``publish`` inside the timing, and read them back with ``read`` (a "read
+client" phase: every frame's CRCs checked, one ``Message`` per message). Next
+to them, the raw driver with minimal answers at one producer: the client
+library asks for those too, so the two compare like for like. The table's
+last lines give the client's share of the raw driver's msgs/s.
 All producers write to one stream and wait for each batch's ack before they
 send their next one, so more producers is what gives group commit something
 to group. Batches are sent as application/x-messagevault-batch bodies,
@@ -70,8 +78,9 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import Any
 
 import aiohttp
@@ -80,7 +89,8 @@ from rich.console import Console
 from rich.table import Table
 from tests.azurite import free_port
 
-from messagevault import FileStorage, Reader, encode_batch
+from messagevault import FileStorage, Message, Reader, encode_batch
+from messagevault.client import AsyncClient, Client
 from messagevault.format import frame_columns, read_header
 from messagevault.server.auth import Users, save_users
 
@@ -101,23 +111,38 @@ class Workload:
     # "full": one receipt per message (the default answer); "minimal": the
     # producer sends Prefer: return=minimal and gets first/last receipts.
     receipts: str = "full"
+    # "raw": this file's aiohttp loop with pre-encoded frames; "client" and
+    # "async-client": messagevault.client's Client / AsyncClient.
+    driver: str = "raw"
 
     @property
     def label(self) -> str:
         suffix = "-minimal" if self.receipts == "minimal" else ""
-        return f"{self.name}x{self.producers}{suffix}"
+        driver = "" if self.driver == "raw" else f"-{self.driver}"
+        return f"{self.name}x{self.producers}{suffix}{driver}"
 
 
-def workloads(producers: list[int]) -> list[Workload]:
+CLIENT_DRIVERS = ("client", "async-client")
+
+
+def workloads(producers: list[int], clients: bool = True) -> list[Workload]:
     """The issue's workloads; W1 and W2 once per producer count (``--producers``).
 
     W1, W2 and W4 run once more with ``Prefer: return=minimal`` (write only:
-    the stored stream is the same), at the largest producer count.
+    the stored stream is the same), at the largest producer count. With
+    ``clients``, W1 with one producer runs through the client library, and
+    through the raw driver with minimal answers, the client's own kind.
     """
     most = max(producers)
+    by_client = [
+        Workload("W1", 1_000_000, 100, 1_000, 1, receipts="minimal", driver=driver)
+        for driver in ("raw", *CLIENT_DRIVERS)
+        if driver != "raw" or most > 1  # else the minimal case above is this one
+    ]
     return [
         *(Workload("W1", 1_000_000, 100, 1_000, p) for p in producers),
         Workload("W1", 1_000_000, 100, 1_000, most, receipts="minimal"),
+        *(by_client if clients else []),
         *(Workload("W2", 200_000, 1_000, 100, p) for p in producers),
         Workload("W2", 200_000, 1_000, 100, most, receipts="minimal"),
         Workload("W3", 20_000, 100, 10, 1, latency=True),
@@ -157,6 +182,7 @@ class Case(Rates):
     messages: int
     payload_bytes: int  # keys + values
     receipts: str = "full"  # writes: "minimal" when sent with Prefer: return=minimal
+    driver: str = "raw"  # or "client", "async-client": messagevault.client did the work
     seconds: list[float] = field(default_factory=list)
     commits: list[int] = field(default_factory=list)  # writes only
     server_cpu_s: list[float] = field(default_factory=list)
@@ -196,6 +222,8 @@ class Data:
     raw_keys: list[bytes]  # as binary reads return them
     raw_values: list[bytes]
     payload_bytes: int
+    # The same batches as lists of (key, value) pairs: what a client library is given.
+    batches: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
 
 
 def make_data(workload: Workload) -> Data:
@@ -213,7 +241,11 @@ def make_data(workload: Workload) -> Data:
         for i in range(0, count, size)
     ]
     payload = sum(map(len, raw_keys)) + sum(map(len, raw_values))
-    return Data(frames, keys, values, raw_keys, raw_values, payload)
+    batches = []
+    if workload.driver != "raw":
+        pairs = list(zip(raw_keys, raw_values, strict=True))
+        batches = [pairs[i : i + size] for i in range(0, count, size)]
+    return Data(frames, keys, values, raw_keys, raw_values, payload, batches)
 
 
 class Server:
@@ -325,6 +357,21 @@ async def produce(
             raise SystemExit(f"ack does not cover the batch: {body[:500]!r}")
 
 
+def client_produce(client: Client, batches: list[list[tuple[bytes, bytes]]], size: int) -> None:
+    """``Client.publish`` each batch, one after the other (it encodes them)."""
+    for batch in batches:
+        if client.publish(STREAM, batch).message_count != size:
+            raise SystemExit("publish: the receipts do not cover the batch")
+
+
+async def async_client_produce(
+    client: AsyncClient, batches: list[list[tuple[bytes, bytes]]], size: int
+) -> None:
+    for batch in batches:
+        if (await client.publish(STREAM, batch)).message_count != size:
+            raise SystemExit("publish: the receipts do not cover the batch")
+
+
 ACCEPT = {
     "json": "application/json",
     "ndjson": "application/x-ndjson",
@@ -412,28 +459,86 @@ async def read_back(
             page_keys, page_values, sequences, position = decode(body, r.headers, position)
         if not page_keys:
             raise SystemExit(f"stream ends after {read} of {len(keys)} messages")
-        if sequences != list(range(read, read + len(page_keys))):
-            raise SystemExit(f"{read_format} read: sequence gap in the page from {read}")
+        check_page(page_keys, page_values, sequences, read, keys, values, batch_size, runs)
         read += len(page_keys)
-        # The stream holds each producer batch whole and in order, so the page
-        # is runs of consecutive keys, each ending at a batch boundary at the
-        # latest: comparing runs by slices keeps the checking in C, where
-        # looking up every key on its own would cost more than decoding it.
-        at = 0
-        while at < len(page_keys):
-            try:
-                start = int(page_keys[at][4:])
-            except ValueError:
-                raise SystemExit(f"{read_format} read: unexpected key {page_keys[at]!r}") from None
-            length = min(batch_size - start % batch_size, len(page_keys) - at)
-            end = start + length
-            if (
-                page_keys[at : at + length] != keys[start:end]
-                or page_values[at : at + length] != values[start:end]
-            ):
-                raise SystemExit(f"{read_format} read: content mismatch at key {start}")
-            runs.append((start, length))
-            at += length
+    return runs
+
+
+def check_page(
+    page_keys: list[Any],
+    page_values: list[Any],
+    sequences: list[int],
+    read: int,
+    keys: list[Any],
+    values: list[Any],
+    batch_size: int,
+    runs: list[tuple[int, int]],
+) -> None:
+    """Check one page read after ``read`` messages; add its runs of consecutive keys."""
+    if sequences != list(range(read, read + len(page_keys))):
+        raise SystemExit(f"read: sequence gap in the page from {read}")
+    # The stream holds each producer batch whole and in order, so the page
+    # is runs of consecutive keys, each ending at a batch boundary at the
+    # latest: comparing runs by slices keeps the checking in C, where
+    # looking up every key on its own would cost more than decoding it.
+    at = 0
+    while at < len(page_keys):
+        try:
+            start = int(page_keys[at][4:])
+        except ValueError:
+            raise SystemExit(f"read: unexpected key {page_keys[at]!r}") from None
+        length = min(batch_size - start % batch_size, len(page_keys) - at)
+        end = start + length
+        if (
+            page_keys[at : at + length] != keys[start:end]
+            or page_values[at : at + length] != values[start:end]
+        ):
+            raise SystemExit(f"read: content mismatch at key {start}")
+        runs.append((start, length))
+        at += length
+
+
+CLIENT_PAGE = 10_000  # messages checked at a time when the client library reads
+
+
+def client_read_back(
+    messages: Iterator[Message], data: Data, batch_size: int, start: int = 0
+) -> list[tuple[int, int]]:
+    """Check messages the client library's ``read`` yields, the first being message ``start``.
+
+    As ``read_back`` checks its pages; the caller checks that all came.
+    """
+    runs: list[tuple[int, int]] = []
+    read = start
+    while page := list(islice(messages, CLIENT_PAGE)):
+        check_page(
+            [m.key for m in page],
+            [m.value for m in page],
+            [m.sequence for m in page],
+            read,
+            data.raw_keys,
+            data.raw_values,
+            batch_size,
+            runs,
+        )
+        read += len(page)
+    return runs
+
+
+async def async_client_read_back(
+    client: AsyncClient, data: Data, batch_size: int
+) -> list[tuple[int, int]]:
+    """``client_read_back`` for the ``AsyncClient``: checked 10,000 messages at a time."""
+    runs: list[tuple[int, int]] = []
+    page: list[Message] = []
+    read = 0
+    async for message in client.read(STREAM):
+        page.append(message)
+        if len(page) == CLIENT_PAGE:
+            runs += client_read_back(iter(page), data, batch_size, start=read)
+            read += len(page)
+            page = []
+    runs += client_read_back(iter(page), data, batch_size, start=read)
     return runs
 
 
@@ -462,6 +567,8 @@ async def drive(
     Returns the write phase, the W3 latencies, and per read format its phase
     and the runs of keys it read, in stream order.
     """
+    if workload.driver != "raw":
+        return await drive_client(server, workload, data)
     producers = workload.producers
     connector = aiohttp.TCPConnector(limit=producers + 1)
     # Built by hand: aiohttp's BasicAuth helpers differ between its versions.
@@ -505,6 +612,41 @@ async def drive(
             runs = await read_back(session, data, workload.batch_size, read_format)
             reads[read_format] = (clock.stop(), runs)
     return write, latencies, reads
+
+
+async def drive_client(
+    server: Server, workload: Workload, data: Data
+) -> tuple[Phase, list[float], dict[str, tuple[Phase, list[tuple[int, int]]]]]:
+    """``drive`` through the client library: publish every batch, then read them back.
+
+    The blocking ``Client`` runs on this thread (the event loop has nothing
+    else to do meanwhile); the ``AsyncClient`` on the loop.
+    """
+    size = workload.batch_size
+    if workload.driver == "client":
+        with Client(server.base, user=USER, password=PASSWORD) as client:
+            # Untimed, as for the raw driver: the password check, a connection, one append.
+            client.streams()
+            client.publish("warmup", data.batches[0])
+            clock = Clock(server)
+            client_produce(client, data.batches, size)
+            write = clock.stop()
+            clock = Clock(server)
+            runs = client_read_back(client.read(STREAM), data, size)
+            read = clock.stop()
+    else:
+        async with AsyncClient(server.base, user=USER, password=PASSWORD) as async_client:
+            await async_client.streams()
+            await async_client.publish("warmup", data.batches[0])
+            clock = Clock(server)
+            await async_client_produce(async_client, data.batches, size)
+            write = clock.stop()
+            clock = Clock(server)
+            runs = await async_client_read_back(async_client, data, size)
+            read = clock.stop()
+    if sum(length for _, length in runs) != workload.messages:
+        raise SystemExit(f"{workload.label}: the client read fewer than {workload.messages}")
+    return write, [], {"client": (read, runs)}
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -582,6 +724,7 @@ def scaled(base: Workload, scale: float) -> Workload:
         base.producers,
         base.latency,
         base.receipts,
+        base.driver,
     )
 
 
@@ -621,8 +764,9 @@ def print_table(cases: list[Case], args: argparse.Namespace) -> None:
             if case.latency_ms
             else ""
         )
+        driver = "" if case.driver == "raw" else f", {case.driver}"
         table.add_row(
-            f"{case.workload} x{case.producers}",
+            f"{case.workload} x{case.producers}{driver}",
             f"{case.phase}, minimal acks" if case.receipts == "minimal" else case.phase,
             f"{case.msgs_per_s:,.0f}",
             f"{case.mb_per_s:,.1f}",
@@ -637,6 +781,47 @@ def print_table(cases: list[Case], args: argparse.Namespace) -> None:
         )
     # Wide enough for every column even when the output is not a terminal.
     Console(width=max(Console().width, 200)).print(table)
+    for line in client_shares(cases).values():
+        print(line)
+
+
+def _find(cases: list[Case], phase: str, receipts: str, driver: str) -> Case | None:
+    for case in cases:
+        if (case.workload, case.producers, case.phase, case.receipts, case.driver) == (
+            "W1",
+            1,
+            phase,
+            receipts,
+            driver,
+        ):
+            return case
+    return None
+
+
+def client_shares(cases: list[Case]) -> dict[str, str]:
+    """The client library's msgs/s as a share of the raw driver's, W1 with one producer."""
+    shares: dict[str, str] = {}
+    raw_minimal = _find(cases, "write", "minimal", "raw")
+    raw_full = _find(cases, "write", "full", "raw")
+    raw_read = _find(cases, "read binary", "full", "raw")
+    for driver in CLIENT_DRIVERS:
+        write = _find(cases, "write", "minimal", driver)
+        read = _find(cases, "read client", "full", driver)
+        parts = []
+        if write is not None and raw_minimal is not None:
+            parts.append(
+                f"publish {write.msgs_per_s / raw_minimal.msgs_per_s:.0%} of the raw driver "
+                "(minimal answers, batches pre-encoded)"
+            )
+        if write is not None and raw_full is not None:
+            parts.append(
+                f"{write.msgs_per_s / raw_full.msgs_per_s:.0%} of raw W1 x1 (full answers)"
+            )
+        if read is not None and raw_read is not None:
+            parts.append(f"read {read.msgs_per_s / raw_read.msgs_per_s:.0%} of raw binary reads")
+        if parts:
+            shares[driver] = f"W1 x1, {driver}: " + "; ".join(parts)
+    return shares
 
 
 def save(cases: list[Case], args: argparse.Namespace) -> Path:
@@ -670,6 +855,7 @@ def save(cases: list[Case], args: argparse.Namespace) -> Path:
                 "read_limit": READ_LIMIT,
                 "profiled": args.profile is not None,
             },
+            "client_shares": client_shares(cases),
         },
         records,
         {"aiohttp": aiohttp.__version__},
@@ -694,6 +880,12 @@ def main() -> None:
         "--only", default=None, help="comma-separated workloads to run, e.g. W1,W3 (default all)"
     )
     parser.add_argument(
+        "--no-clients",
+        dest="clients",
+        action="store_false",
+        help="skip the W1 x1 cases through the client library (and their raw counterpart)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -712,7 +904,7 @@ def main() -> None:
     users.grant(USER, ["admin"])
 
     cases: list[Case] = []
-    for base in workloads([int(p) for p in args.producers.split(",")]):
+    for base in workloads([int(p) for p in args.producers.split(",")], args.clients):
         if wanted is not None and base.name not in wanted:
             continue
         workload = scaled(base, args.scale)
@@ -720,6 +912,8 @@ def main() -> None:
         # The stored stream does not depend on the answer's shape: a minimal
         # variant is read back (and checked) in the fastest format only.
         read_formats = args.read_formats if workload.receipts == "full" else [args.read_formats[-1]]
+        if workload.driver != "raw":
+            read_formats = ["client"]  # through the client library's read
         write, *read_cases = (
             Case(
                 workload.name,
@@ -728,6 +922,7 @@ def main() -> None:
                 workload.messages,
                 data.payload_bytes,
                 workload.receipts if phase == "write" else "full",
+                workload.driver,
             )
             for phase in ["write"] + [f"read {f}" for f in read_formats]
         )

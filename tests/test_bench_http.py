@@ -20,7 +20,7 @@ def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
         assert workload in stdout
     cases = report["cases"]
     full = {
-        (workload, producers, "full", phase)
+        (workload, producers, "full", phase, "raw")
         for workload, producers in (
             ("W1", 1),
             ("W1", 4),
@@ -35,12 +35,21 @@ def test_http_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
     }
     # Minimal-receipt variants: written with Prefer: return=minimal, read back as binary.
     minimal = [
-        (workload, producers, receipts, phase)
-        for workload, producers in (("W1", 8), ("W2", 8), ("W4", 16))
+        (workload, producers, receipts, phase, "raw")
+        for workload, producers in (("W1", 8), ("W2", 8), ("W4", 16), ("W1", 1))
         for receipts, phase in (("minimal", "write"), ("full", "read binary"))
     ]
-    got = Counter((c["workload"], c["producers"], c["receipts"], c["phase"]) for c in cases)
-    assert got == Counter([*full, *minimal])
+    # W1 x1 through the client library: publish, then read it back with read.
+    clients = [
+        ("W1", 1, receipts, phase, driver)
+        for driver in ("client", "async-client")
+        for receipts, phase in (("minimal", "write"), ("full", "read client"))
+    ]
+    got = Counter(
+        (c["workload"], c["producers"], c["receipts"], c["phase"], c["driver"]) for c in cases
+    )
+    assert got == Counter([*full, *minimal, *clients])
+    assert set(report["client_shares"]) == {"client", "async-client"}
     assert all(c["msgs_per_s"] > 0 for c in cases)
     assert all(c["commits"][0] >= 1 for c in cases if c["phase"] == "write")
     (w3,) = (c for c in cases if c["workload"] == "W3" and c["phase"] == "write")
