@@ -348,6 +348,30 @@ def test_follow_sees_later_messages_and_ends_on_stop_or_close(
     assert [m.value for m in seen] == [b"after 1", b"after 2", b"after 3"]
 
 
+def test_follow_rides_out_a_server_restart(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "data", fsync="never")
+    first = ServedApp(create_app(StreamHub(storage))).start()
+    second = ServedApp(create_app(StreamHub(storage)), first.port)
+    client = Client(first.url)
+    client.publish("orders", [b"before"])
+    stop = threading.Event()
+    thread, seen, errors = _follow_in_thread(client, 0, stop)
+    try:
+        _wait_for(lambda: len(seen) == 1, "the first message")
+        first.stop()  # ends the long poll; then connections are refused for a while
+        second.start()
+        client.publish("orders", [b"after"])
+        _wait_for(lambda: len(seen) == 2, "the message sent after the restart")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        client.close()
+        first.stop()
+        second.stop()
+    assert errors == []
+    assert [m.value for m in seen] == [b"before", b"after"]
+
+
 def test_follow_ends_when_its_iterator_is_closed(served: ServedApp) -> None:
     with Client(served.url) as client:
         client.publish("orders", [b"one", b"two", b"three"])

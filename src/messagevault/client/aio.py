@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from messagevault.client.base import (
+    EARLY_EMPTY,
     FOLLOW_WAIT,
     Answer,
     Lost,
@@ -137,10 +138,13 @@ class AsyncClient:
 
         while not stopped():
             request = page_request(self._settings, stream, position, None, FOLLOW_WAIT)
+            asked = time.monotonic()
             answer = await self._poll(request, stop)
             if answer is _STOPPED:
                 return
             page = page_of(answer, position)
+            if not page.count and time.monotonic() - asked < EARLY_EMPTY:
+                await asyncio.sleep(EARLY_EMPTY)  # the server ended the wait: shutting down
             for message in page.messages:
                 yield message
                 if stopped():

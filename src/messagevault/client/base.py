@@ -56,6 +56,9 @@ SMALL_READ: Final = 1000
 FOLLOW_WAIT: Final = 30
 # How often a waiting ``follow`` looks at its ``stop`` (sync client) while it waits.
 STOP_CHECK_INTERVAL: Final = 0.1
+# An empty long poll that comes back sooner than this was ended by the server
+# (it is shutting down): ``follow`` pauses this long before asking again.
+EARLY_EMPTY: Final = 0.5
 
 Headers = Mapping[str, str]
 
@@ -68,7 +71,7 @@ class Settings:
     host: str
     port: int
     prefix: str  # path of the server under its host, "" at the root
-    authorization: str | None
+    authorization: str | None = field(repr=False)  # a password, all but in name
     timeout: float
     retries: int
 

@@ -14,6 +14,7 @@ from itertools import islice
 from types import TracebackType
 
 from messagevault.client.base import (
+    EARLY_EMPTY,
     FOLLOW_WAIT,
     STOP_CHECK_INTERVAL,
     Answer,
@@ -222,6 +223,7 @@ class Client:
         here (``StreamNotFound``, ``InvalidPosition``).
         """
         check_limit(limit)
+        page_request(self._settings, stream, position, limit)  # bad arguments raise here
         if limit == 0:
             return iter(())
         first = self._page(stream, position, limit)
@@ -262,10 +264,14 @@ class Client:
 
         while not stopped():
             request = page_request(self._settings, stream, position, None, FOLLOW_WAIT)
+            asked = time.monotonic()
             answer = self._call(request, stop=stop, patience=self._settings.timeout)
             if answer is _STOPPED:
                 return
             page = page_of(answer, position)
+            early = not page.count and time.monotonic() - asked < EARLY_EMPTY
+            if early and self._sleep(EARLY_EMPTY, stop):  # the server ended the wait: shutdown
+                return
             for message in page.messages:
                 yield message
                 if stopped():
