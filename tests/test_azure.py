@@ -274,3 +274,24 @@ def test_read_ahead_across_chunk_and_frame_boundaries(
     ]
     assert reader.verify().messages == len(expected)
     reader.close()
+
+
+def test_a_reader_renews_access_that_expired_before_it_was_opened(
+    azure_storage: AzureStorage,
+) -> None:
+    """A consumer restarting with a saved SAS URL renews it first, instead of failing."""
+    with Writer.open(azure_storage, "orders") as writer:
+        writer.append([(b"k", b"v")])
+        azure_storage.sas_expiry = timedelta(seconds=-60)
+        expired = writer.read_access()
+        azure_storage.sas_expiry = timedelta(hours=1)
+        fresh = writer.read_access()
+    renewals: list[ReadAccess] = []
+
+    def refresh() -> ReadAccess:
+        renewals.append(fresh)
+        return fresh
+
+    with Reader.from_read_access(expired, refresh=refresh) as reader:
+        assert [m.value for m in reader.read()] == [b"v"]
+    assert len(renewals) == 1

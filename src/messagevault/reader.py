@@ -102,8 +102,14 @@ class RenewingStore:
 
     def __init__(self, access: ReadAccess, refresh: Callable[[], ReadAccess]) -> None:
         self._refresh = refresh
+        if access.expires_at is not None and time.time() >= access.expires_at:
+            access = refresh()  # saved and handed back after it expired: renew before use
         self._access = access
-        self._store, self.name = open_read_access(access)
+        try:
+            self._store, self.name = open_read_access(access)
+        except AccessDenied:  # revoked, or expired early (clock skew): one fresh try
+            self._access = refresh()
+            self._store, self.name = open_read_access(self._access)
 
     def _renew(self) -> None:
         self._store.close()
