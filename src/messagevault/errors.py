@@ -26,6 +26,7 @@
     │   └── NotReady                 the server cannot reach its storage yet (HTTP 503 on /ready)
     ├── InternalError                the server failed (a bug; its log says more) (HTTP 500)
     ├── ServerUnreachable            (client) no connection to the server, or it broke mid-request
+    ├── ProducerClosed               (client) a message sent to a closed Producer
     └── UnknownError                 (client) a code this version does not know (a newer server's)
 
 Each class carries a stable ``code`` (used on the wire by the server) and a
@@ -209,6 +210,12 @@ class ServerUnreachable(MessageVaultError, ConnectionError):
 
     code = "server_unreachable"
     retriable = True
+
+
+class ProducerClosed(MessageVaultError):
+    """A message was sent to a ``Producer`` after ``close()``; never sent by a server."""
+
+    code = "producer_closed"
 
 
 class UnknownError(MessageVaultError):

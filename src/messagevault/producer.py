@@ -38,7 +38,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Protocol
 
-from messagevault.errors import InvalidBatch, InvalidInput, MessageVaultError, Overloaded
+from messagevault.errors import InvalidBatch, InvalidInput, Overloaded, ProducerClosed
 from messagevault.format import (
     FRAME_HEADER_SIZE,
     MAX_BATCH_COUNT,
@@ -68,12 +68,6 @@ class AsyncBatchPublisher(Protocol):
     """What an ``AsyncProducer`` publishes through: an ``AsyncClient``."""
 
     async def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult: ...
-
-
-class ProducerClosed(MessageVaultError):
-    """``send()`` after ``close()``."""
-
-    code = "producer_closed"
 
 
 def _as_bytes(value: bytes | str, what: str) -> bytes:
