@@ -118,6 +118,13 @@ def test_the_cli_through_a_server_on_files(tmp_path: Path) -> None:
             "line 4998",
             "line 4999",
         ]
+        for source in (env, {"MESSAGEVAULT_STORAGE": "file:data"}):  # ends at the limit
+            code, out, _ = _cli(tmp_path, "read", "orders", "--follow", "--limit", "3", env=source)
+            assert [json.loads(line)["value"] for line in out.splitlines()] == [
+                "one",
+                "two",
+                "line 0",
+            ]
         code, out, _ = _cli(tmp_path, "streams", env=env)
         assert json.loads(out) == {
             "stream": "orders",

@@ -632,14 +632,15 @@ def _print_messages(
             source.follow(stream, position, stop)
             if follow
             else iter([source.read(stream, position)])
-        )
-        for run in runs:
-            if remaining is not None and remaining <= 0:
-                break
-            written = printer.write(run if remaining is None else itertools.islice(run, remaining))
+        )  # a bad stream or position fails here, even with --limit 0
+        for run in runs if remaining != 0 else ():
+            if remaining is None:
+                printer.write(run)
+            else:
+                remaining -= printer.write(itertools.islice(run, remaining))
             printer.flush()
-            if remaining is not None:
-                remaining -= written
+            if remaining == 0:
+                break  # before waiting for another run
     except KeyboardInterrupt:
         stop.set()
         printer.flush()
