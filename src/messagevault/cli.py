@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import click
 from click.decorators import FC
 
-from messagevault.cli_config import Target, config_path, resolve_target, server_target
+from messagevault.cli_config import Target, config_path, resolve_target
 from messagevault.cli_input import DEFAULT_BATCH_BYTES, publish_input
 from messagevault.cli_output import (
     FORMATS,
@@ -36,7 +36,14 @@ from messagevault.cli_output import (
     progress_bar,
     stdout_is_terminal,
 )
-from messagevault.cli_sources import Source, open_source
+from messagevault.cli_sources import (
+    Source,
+    copy_source,
+    open_source,
+    sas_reader,
+    sas_url_of,
+    storage_from,
+)
 from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES
 from messagevault.errors import (
     Forbidden,
@@ -49,9 +56,9 @@ from messagevault.errors import (
 from messagevault.format import MAX_FRAME_SIZE
 from messagevault.names import validate_stream_name
 from messagevault.reader import Reader, VerifyReport
-from messagevault.replicate import FrameSource, ReaderFrames, copy_stream
+from messagevault.replicate import copy_stream
 from messagevault.storage import open_storage
-from messagevault.storage.base import ReadAccess, ServerLock, Storage, SystemFiles
+from messagevault.storage.base import ServerLock, Storage, SystemFiles
 from messagevault.writer import AppendResult, Writer
 
 storage_option = click.option(
@@ -835,14 +842,14 @@ def verify(
     STREAM may also be a SAS URL (sas:URL, or an https URL carrying sig=).
     Through a server, every frame is checked by the client as it arrives.
     """
-    if stream is not None and (given := _sas_url(stream)) is not None:
+    if stream is not None and (given := sas_url_of(stream)) is not None:
         stream, sas_url = None, given
     if (stream is None) == (sas_url is None):
         raise click.UsageError("give STREAM, or --sas URL")
     with contextlib.ExitStack() as stack:
         check: Callable[..., VerifyReport]
         if sas_url is not None:
-            reader = stack.enter_context(_sas_reader(sas_url))
+            reader = stack.enter_context(sas_reader(sas_url))
             name, check = reader.name, reader.verify
         else:
             assert stream is not None
@@ -854,25 +861,6 @@ def verify(
         f"{name}: OK, {report.messages:,} messages in {report.frames:,} frames, "
         f"{human_bytes(report.bytes)}"
     )
-
-
-def _sas_url(text: str) -> str | None:
-    """``text`` as a SAS URL: ``sas:URL``, or an http(s) URL signed with ``sig=``."""
-    if text.startswith("sas:"):
-        return text.removeprefix("sas:")
-    if text.startswith(("https://", "http://")) and "sig=" in text.partition("?")[2]:
-        return text
-    return None
-
-
-@contextlib.contextmanager
-def _sas_reader(url: str) -> Iterator[Reader]:
-    try:
-        reader = Reader.from_read_access(ReadAccess("azure-sas", url))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="SAS URL") from exc
-    with reader:
-        yield reader
 
 
 # copy ---------------------------------------------------------------------------------
@@ -930,9 +918,11 @@ def copy(
             "positions itself, so a copy through it could not keep the source's"
         )
     with contextlib.ExitStack() as stack:
-        frames, described = _copy_source(stack, stream, origin, profile)
+        frames, described, server = copy_source(stack, stream, origin, profile)
+        if server is not None:
+            click.get_current_context().meta[_TARGET] = server
         frames.length()  # a source that is missing or refuses us fails before the copy exists
-        storage = _open(destination)
+        storage = storage_from(destination, "--to")
         writer = stack.enter_context(Writer.open(storage, name))
         copy_reader = stack.enter_context(Reader.open(storage, name))
         with progress_bar(f"copying {stream}", 0, unit="bytes") as update:
@@ -961,24 +951,6 @@ def copy(
         f"{summary['to']}: the copy holds {summary['messages']:,} messages and ends at "
         f"position {report.end:,}"
     )
-
-
-def _copy_source(
-    stack: contextlib.ExitStack, stream: str, origin: str, profile: str | None
-) -> tuple[FrameSource, str]:
-    sas = _sas_url(origin)
-    if sas is not None:
-        reader = stack.enter_context(_sas_reader(sas))
-        return ReaderFrames(reader), "a SAS URL"
-    if origin.startswith(("http://", "https://")):
-        ctx = click.get_current_context()
-        target = server_target(origin, profile)
-        ctx.meta[_TARGET] = target
-        source = stack.enter_context(contextlib.closing(open_source(target)))
-        return source.frame_source(stream), origin
-    storage = _open(origin)
-    reader = stack.enter_context(Reader.open(storage, stream))
-    return ReaderFrames(reader), storage.describe()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ written once against ``Source``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from itertools import takewhile
@@ -15,7 +16,7 @@ from typing import Protocol
 
 import click
 
-from messagevault.cli_config import Target
+from messagevault.cli_config import Target, server_target
 from messagevault.errors import (
     AccessDenied,
     Forbidden,
@@ -36,7 +37,7 @@ from messagevault.replicate import (
     frames_from_messages,
 )
 from messagevault.storage import open_storage
-from messagevault.storage.base import Storage
+from messagevault.storage.base import ReadAccess, Storage
 from messagevault.storage.file import SYSTEM_FOLDER, FileStorage
 from messagevault.wire import StreamInfo
 from messagevault.writer import AppendResult, Writer
@@ -85,11 +86,49 @@ def open_source(target: Target) -> Source:
     if target.url is not None:
         return ServerSource(target)
     assert target.storage is not None
+    return StorageSource(storage_from(target.storage, "--storage"), target)
+
+
+def storage_from(location: str, option: str) -> Storage:
     try:
-        storage = open_storage(target.storage)
+        return open_storage(location)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--storage") from exc
-    return StorageSource(storage, target)
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def sas_url_of(text: str) -> str | None:
+    """``text`` as a SAS URL: ``sas:URL``, or an http(s) URL signed with ``sig=``."""
+    if text.startswith("sas:"):
+        return text.removeprefix("sas:")
+    if text.startswith(("https://", "http://")) and "sig=" in text.partition("?")[2]:
+        return text
+    return None
+
+
+@contextlib.contextmanager
+def sas_reader(url: str) -> Iterator[Reader]:
+    try:
+        reader = Reader.from_read_access(ReadAccess("azure-sas", url))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="SAS URL") from exc
+    with reader:
+        yield reader
+
+
+def copy_source(
+    stack: contextlib.ExitStack, stream: str, origin: str, profile: str | None
+) -> tuple[FrameSource, str, Target | None]:
+    """What ``copy --from SRC`` names: frames, a credential-free description, the server if one."""
+    sas = sas_url_of(origin)
+    if sas is not None:
+        return ReaderFrames(stack.enter_context(sas_reader(sas))), "a SAS URL", None
+    if origin.startswith(("http://", "https://")):
+        target = server_target(origin, profile)
+        source = stack.enter_context(contextlib.closing(ServerSource(target)))
+        return source.frame_source(stream), origin, target
+    storage = storage_from(origin, "--from")
+    reader = stack.enter_context(Reader.open(storage, stream))
+    return ReaderFrames(reader), storage.describe(), None
 
 
 def stream_info(reader: Reader, stream: str) -> StreamInfo:
