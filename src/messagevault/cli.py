@@ -113,10 +113,7 @@ class _Group(click.Group):
         except click.Abort:  # Ctrl-C or end of input at a prompt
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except BrokenPipeError:
-            # The reader went away (`| head`): stop quietly, as other Unix tools do.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(141)
+        # (A reader that goes away, `| head`, is click's: a quiet exit 1.)
         sys.exit(code if isinstance(code, int) else 0)
 
 
