@@ -280,6 +280,7 @@ def test_verify_reports_damage(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "command",
     [
+        "",
         "publish",
         "read",
         "tail",
@@ -297,9 +298,9 @@ def test_verify_reports_damage(tmp_path: Path) -> None:
 )
 def test_every_command_shows_an_example(tmp_path: Path, command: str) -> None:
     code, out, _ = _run(tmp_path, *command.split(), "--help")
-    assert code == 0
+    assert code == 0, command or "messagevault"
     examples = out.partition("Examples:\n")[2]
-    assert examples.lstrip().startswith(f"messagevault {command.split(maxsplit=1)[0]}")
+    assert examples.lstrip().startswith(" ".join(["messagevault", *command.split()[:1]]))
 
 
 def test_serve_rejects_an_unknown_storage(tmp_path: Path) -> None:

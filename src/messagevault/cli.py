@@ -147,8 +147,10 @@ def _explain(exc: MessageVaultError, ctx: click.Context) -> str:
             f"or choose a profile of {config_path()} with --profile NAME"
         )
     elif isinstance(exc, Forbidden) and target is not None:
+        claim = "write" if command == "publish" else "read"
         parts.append(
-            f"an admin can grant it: messagevault users grant {target.user or 'USER'} STREAM:read"
+            f"an admin can grant it: messagevault users grant {target.user or 'USER'} "
+            f"STREAM:{claim}"
         )
     elif isinstance(exc, StreamNotFound):
         parts.append("`messagevault streams` lists the streams there")
@@ -161,7 +163,14 @@ def _examples(*lines: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-@click.group(cls=_Group)
+@click.group(
+    cls=_Group,
+    epilog=_examples(
+        "messagevault serve                      # a server on ./data, port 8080",
+        "messagevault publish orders hello --url http://127.0.0.1:8080",
+        "messagevault tail orders --url http://127.0.0.1:8080",
+    ),
+)
 @click.version_option(package_name="messagevault")
 def main() -> None:
     """MessageVault: durable append-only message streams in blob storage."""
