@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from click.testing import CliRunner
 
 from messagevault import FileStorage, Reader, Writer
 from messagevault.cli import main
+from messagevault.cli_config import Target
 from messagevault.cli_output import ndjson_line
+from messagevault.cli_sources import StorageSource
 from messagevault.format import MAX_VALUE_SIZE, Message
 from messagevault.wire import message_record
 from tests.azurite import free_port
@@ -372,3 +375,24 @@ def test_bad_config_files_are_one_line(
     got, _, err = _run(tmp_path, "streams", *args, MESSAGEVAULT_CONFIG=str(config))
     assert got == code
     assert expected in _one_line_error(err)
+
+
+def test_following_storage_misses_nothing_committed_while_it_starts(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path)
+    with Writer.open(storage, "orders") as writer:
+        writer.append([(b"", b"first")])
+        source = StorageSource(storage, Target(storage=f"file:{tmp_path}"))
+        stop = threading.Event()
+        runs = source.follow("orders", 0, stop)
+        writer.append([(b"", b"second")])  # after the follow began, before its first run is read
+        deadline = threading.Timer(10, stop.set)  # a follow that missed it ends, and fails
+        deadline.start()
+        seen: list[bytes] = []
+        for run in runs:
+            seen += [m.value for m in run]
+            if len(seen) >= 2:
+                break
+        deadline.cancel()
+        stop.set()
+        source.close()
+    assert seen == [b"first", b"second"]

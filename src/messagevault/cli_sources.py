@@ -208,16 +208,16 @@ class StorageSource:
         self, stream: str, position: int, stop: threading.Event
     ) -> Iterator[Iterable[Message]]:
         reader = self.reader(stream)
-        first = reader.read(position)  # checks the position before the first run
-        return self._runs(reader, first, position, stop)
+        committed = reader.checkpoint().length
+        first = reader.read(position, committed=committed)  # checks the position now
+        return self._runs(reader, first, max(position, committed), stop)
 
     @staticmethod
     def _runs(
         reader: Reader, first: Iterator[Message], position: int, stop: threading.Event
     ) -> Iterator[Iterable[Message]]:
-        committed = reader.checkpoint().length
+        """``first`` (messages up to ``position``), then what each new commit adds."""
         yield first
-        position = max(position, committed)
         while not stop.is_set():
             committed = reader.checkpoint().length
             if position < committed:
