@@ -21,8 +21,9 @@ node_modules/.installed: package.json package-lock.json
 
 install: $(STAMP)
 
+# The first start saves the new admin as your default profile, for the CLI and the client.
 serve: $(STAMP)
-	$(BIN)/messagevault serve
+	$(BIN)/messagevault serve --save-profile default
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -25,6 +25,21 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Storage]] = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test (nor a process it starts) reads or writes the user's own settings.
+
+    The CLI and the client fall back on ~/.config/messagevault/config.toml and
+    MESSAGEVAULT_* variables; a developer's own would change what tests reach,
+    and ``serve --save-profile`` must never write there from a test.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MESSAGEVAULT_CONFIG", str(tmp_path_factory.mktemp("home") / "config.toml"))
+        for name in ("URL", "USER", "PASSWORD", "PROFILE", "STORAGE"):
+            patch.delenv(f"MESSAGEVAULT_{name}", raising=False)
+        yield
+
+
 @pytest.fixture(params=sorted(BACKENDS))
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     yield BACKENDS[request.param](request, tmp_path)

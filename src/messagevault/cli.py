@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import click
 from click.decorators import FC
 
-from messagevault.cli_config import Target, config_path, resolve_target
+from messagevault.cli_config import Target, resolve_target
 from messagevault.cli_input import DEFAULT_BATCH_BYTES, publish_input
 from messagevault.cli_output import (
     FORMATS,
@@ -55,6 +55,7 @@ from messagevault.errors import (
 )
 from messagevault.format import MAX_FRAME_SIZE
 from messagevault.names import validate_stream_name
+from messagevault.profiles import config_path, save_profile
 from messagevault.reader import Reader, VerifyReport
 from messagevault.replicate import copy_stream
 from messagevault.storage import open_storage
@@ -251,6 +252,14 @@ def _serve_option(
     show_default=True,
     help="Least important log lines shown; debug also shows each Azure SDK request.",
 )
+@click.option(
+    "--save-profile",
+    metavar="NAME",
+    help="When this start creates the first admin, also save its url, user and password as "
+    "profile NAME in your config file (mode 600), so that the CLI and the client library "
+    "reach this server with no further set-up. An existing profile NAME is left alone. "
+    "`make serve` uses `--save-profile default`.",
+)
 def serve(  # click passes options by name
     *,
     host: str,
@@ -265,6 +274,7 @@ def serve(  # click passes options by name
     max_queued_bytes: int,
     max_queue_wait: float,
     log_level: str,
+    save_profile: str | None,
 ) -> None:
     """Run the HTTP server, the single writer of the storage's streams."""
     import asyncio
@@ -313,6 +323,8 @@ def serve(  # click passes options by name
                 "Keep it now; change it with `messagevault users passwd admin`.",
                 err=True,
             )
+            if save_profile:
+                _save_admin_profile(save_profile, host, bound_port, password)
         log.info(
             "listening",
             extra={"host": host, "port": bound_port, "storage": storage.describe(), **settings},
@@ -328,6 +340,22 @@ def serve(  # click passes options by name
             click.echo(f"error: {exc}; {hint}", err=True)
             sys.exit(1)
     log.info("stopped")
+
+
+def _save_admin_profile(name: str, host: str, port: int, password: str) -> None:
+    """``serve --save-profile``: the new admin's credentials for the CLI and the client."""
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - recognising, not binding, the any-address
+        host = "127.0.0.1"
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    try:
+        path = save_profile(name, url, "admin", password)
+    except MessageVaultError as exc:  # an unreadable config file must not stop the server
+        click.echo(f"warning: profile {name!r} not saved: {exc}", err=True)
+        return
+    if path is None:
+        click.echo(f"Profile {name!r} already exists; left unchanged.", err=True)
+    else:
+        click.echo(f"Saved as profile {name!r} in {path}.", err=True)
 
 
 def _server_lock(storage: Storage) -> AbstractContextManager[None]:

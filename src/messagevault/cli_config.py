@@ -33,17 +33,9 @@ from typing import Any
 
 import click
 
+from messagevault.profiles import DEFAULT_PROFILE, PROFILE_KEYS, config_path
+
 DEFAULT_STORAGE = "file:./data"
-DEFAULT_PROFILE = "default"
-PROFILE_KEYS = ("url", "user", "password")
-
-
-def config_path() -> Path:
-    configured = os.environ.get("MESSAGEVAULT_CONFIG")
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "messagevault" / "config.toml"
 
 
 @dataclass(frozen=True)

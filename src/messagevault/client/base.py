@@ -37,6 +37,7 @@ from messagevault.format import (
     read_header,
 )
 from messagevault.names import validate_stream_name
+from messagevault.profiles import default_profile
 from messagevault.storage.base import ReadAccess
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
@@ -63,6 +64,10 @@ EARLY_EMPTY: Final = 0.5
 Headers = Mapping[str, str]
 
 
+def _credentials_in_env() -> bool:
+    return bool(os.environ.get("MESSAGEVAULT_USER") or os.environ.get("MESSAGEVAULT_PASSWORD"))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the server is and how to talk to it, from arguments or the environment."""
@@ -84,8 +89,19 @@ class Settings:
         timeout: float,
         retries: int,
     ) -> Settings:
-        """Arguments first, then MESSAGEVAULT_URL/_USER/_PASSWORD, then the URL's own user info."""
-        url = url or os.environ.get("MESSAGEVAULT_URL") or DEFAULT_URL
+        """Arguments first, then MESSAGEVAULT_URL/_USER/_PASSWORD, then the URL's own user info.
+
+        When neither names a server, or no credentials were found, the
+        ``default`` profile of the user's config file (``profiles``) fills in,
+        its credentials only for its own server.
+        """
+        url = url or os.environ.get("MESSAGEVAULT_URL")
+        profile: dict[str, str] = {}
+        if url is None or (user is None and password is None and not _credentials_in_env()):
+            profile = default_profile()
+            if profile.get("url", "").rstrip("/") != (url or profile.get("url", "")).rstrip("/"):
+                profile = {}  # another server's: never send its password elsewhere
+        url = url or profile.get("url") or DEFAULT_URL
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput(f"server URL must be http://HOST[:PORT] or https://..., not {url!r}")
@@ -100,6 +116,8 @@ class Settings:
         user = user if user is not None else os.environ.get("MESSAGEVAULT_USER") or parts.username
         if password is None:
             password = os.environ.get("MESSAGEVAULT_PASSWORD") or parts.password
+        if user is None and password is None:
+            user, password = profile.get("user"), profile.get("password")
         authorization = None
         if user is not None:
             token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")

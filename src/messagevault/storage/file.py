@@ -340,13 +340,42 @@ class FileStreamStore:
 
 
 def _take_writer_lock(path: Path, name: str) -> int:
-    """flock() the stream's lock file, or raise ``StreamLocked`` naming the holder."""
+    """flock() the stream's lock file, or raise ``StreamLocked`` naming the holder.
+
+    When the holder is a server using this data folder, say so: the writer
+    to use is that server (most often, someone ran a script or the CLI on
+    ``./data`` beside ``make serve``).
+    """
     try:
         return _exclusive_lock(path)
     except _LockHeld as held:
+        server = _server_holding(path.parent.parent / SYSTEM_FOLDER / SERVER_LOCK_FILE)
+        if server is not None:
+            raise StreamLocked(
+                f"stream {name!r} is written by the messagevault server (pid {server}) that "
+                f"serves this data folder: publish through it, with messagevault.client.Client "
+                f"or `messagevault publish --url http://HOST:PORT`"
+            ) from None
         raise StreamLocked(
             f"stream {name!r} is already open for writing by another writer (pid {held.holder})"
         ) from None
+
+
+def _server_holding(server_lock: Path) -> str | None:
+    """The pid of a server holding ``server_lock`` now, or None (probed without taking it)."""
+    try:
+        fd = os.open(server_lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock, if it was granted
+    return None
 
 
 class _LockHeld(Exception):
