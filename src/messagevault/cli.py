@@ -191,7 +191,14 @@ def _serve_option(
     )
 
 
-@main.command()
+@main.command(
+    epilog=_examples(
+        "messagevault serve                       # ./data on 127.0.0.1:8080",
+        "messagevault serve --save-profile default  # the first admin becomes your profile",
+        "messagevault serve --port 9000 --storage azure:\"$AZURE_STORAGE_CONNECTION_STRING\"",
+        "MESSAGEVAULT_FSYNC=batch messagevault serve --max-body 4194304",
+    )
+)
 @click.option("--host", envvar="MESSAGEVAULT_HOST", default="127.0.0.1", show_default=True)
 @click.option(
     "--port",
