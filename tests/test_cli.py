@@ -392,3 +392,74 @@ def test_following_storage_misses_nothing_committed_while_it_starts(tmp_path: Pa
         stop.set()
         source.close()
     assert seen == [b"first", b"second"]
+
+
+class _Listener:
+    """A loopback HTTP listener that answers 401 and records the Authorization headers."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        seen: list[str | None] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(self.headers.get("Authorization"))
+                body = b'{"error": "unauthenticated", "detail": "no"}'
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.seen = seen
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def test_the_default_profiles_password_goes_only_to_its_own_server(tmp_path: Path) -> None:
+    listener = _Listener()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[profiles.default]\nurl = "http://127.0.0.1:1"\nuser = "admin"\npassword = "TOPSECRET"\n'
+    )
+    config.chmod(0o600)
+    try:
+        code, _, err = _run(
+            tmp_path, "streams", "--url", listener.url, MESSAGEVAULT_CONFIG=str(config)
+        )
+    finally:
+        listener.close()
+    assert code == 1
+    assert listener.seen and all(header is None for header in listener.seen)
+    assert "TOPSECRET" not in err
+
+
+def test_a_password_in_the_url_is_never_printed(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    code, _, err = _run(tmp_path, "streams", "--url", f"http://admin:S3CRET@127.0.0.1:{port}")
+    assert code == 1
+    assert "S3CRET" not in err
+    assert f"http://127.0.0.1:{port}" in _one_line_error(err)
+
+
+def test_storage_commands_do_not_read_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text("[profiles.default\n")
+    _run(tmp_path, "publish", "orders", "x")
+    code, out, err = _run(
+        tmp_path, "read", "orders", "--storage", f"file:{tmp_path}", MESSAGEVAULT_CONFIG=str(config)
+    )
+    assert (code, err) == (0, "")
+    assert json.loads(out)["value"] == "x"

@@ -133,15 +133,15 @@ def _explain(exc: MessageVaultError, ctx: click.Context) -> str:
         )
     elif isinstance(exc, ServerUnreachable) and target is not None:
         parts.append(
-            f"is a server running at {target.url} (from {target.origin})? "
+            f"is a server running at {target.shown} (from {target.origin})? "
             "Start one with `messagevault serve`, or give the right --url"
         )
     elif isinstance(exc, Unauthenticated) and target is not None:
         given = (
-            f"the server at {target.url} did not accept user {target.user!r} "
+            f"the server at {target.shown} did not accept user {target.user!r} "
             f"(from {target.credentials_origin})"
             if target.password
-            else f"no password was given for the server at {target.url}"
+            else f"no password was given for the server at {target.shown}"
         )
         parts.append(
             f"{given}; set MESSAGEVAULT_USER and MESSAGEVAULT_PASSWORD, "
@@ -195,7 +195,7 @@ def _serve_option(
     epilog=_examples(
         "messagevault serve                       # ./data on 127.0.0.1:8080",
         "messagevault serve --save-profile default  # the first admin becomes your profile",
-        "messagevault serve --port 9000 --storage azure:\"$AZURE_STORAGE_CONNECTION_STRING\"",
+        'messagevault serve --port 9000 --storage azure:"$AZURE_STORAGE_CONNECTION_STRING"',
         "MESSAGEVAULT_FSYNC=batch messagevault serve --max-body 4194304",
     )
 )

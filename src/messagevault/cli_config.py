@@ -30,6 +30,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -117,6 +118,11 @@ class Target:
     password: str | None = None
     credentials_origin: str = ""
 
+    @property
+    def shown(self) -> str:
+        """The server's URL without any password in it, for messages."""
+        return shown_url(self.url)
+
 
 def _given(ctx: click.Context, name: str) -> click.core.ParameterSource | None:
     return ctx.get_parameter_source(name)
@@ -131,6 +137,8 @@ def resolve_target(
     storage_flag = storage if _given(ctx, "storage") == command_line else None
     if url_flag and storage_flag:
         raise click.UsageError("give --url (a server) or --storage (direct access), not both")
+    if storage_flag:  # decided: no config file to read (nor to fail on)
+        return Target(storage=storage_flag, origin="--storage")
     named = load_profile(profile_name, required=True) if profile_name else None
     default = None if named else load_profile(DEFAULT_PROFILE, required=False)
     env_url = url if url_flag is None and url else None
@@ -155,6 +163,21 @@ def resolve_target(
     return _with_credentials(Target(url=server, origin=origin.split(" and ")[0]), named, default)
 
 
+def _same_server(profile_url: str | None, url: str | None) -> bool:
+    return bool(profile_url and url) and shown_url(profile_url) == shown_url(url)
+
+
+def shown_url(url: str | None) -> str:
+    """``url`` without user info (a password may be in it) or a trailing slash: safe to print."""
+    if url is None:
+        return ""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url.rstrip("/")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)).rstrip("/")
+
+
 def server_target(url: str, profile_name: str | None) -> Target:
     """A server given outright (``copy --from URL``), with credentials by the usual rules."""
     named = load_profile(profile_name, required=True) if profile_name else None
@@ -173,7 +196,8 @@ def _with_credentials(target: Target, named: Profile | None, default: Profile | 
             "MESSAGEVAULT_USER/MESSAGEVAULT_PASSWORD",
         )
     )
-    if default is not None:
+    if default is not None and _same_server(default.url, target.url):
+        # Only for its own server: never send the default profile's password elsewhere.
         layers.append((default.user, default.password, f"profile 'default' in {default.path}"))
     user = password = None
     origins: list[str] = []
@@ -187,7 +211,7 @@ def _with_credentials(target: Target, named: Profile | None, default: Profile | 
                 origins.append(where)
     if password is None and sys.stdin.isatty():
         if user is None:
-            user = str(click.prompt(f"User for {target.url}", default="admin", err=True))
+            user = str(click.prompt(f"User for {target.shown}", default="admin", err=True))
         password = str(click.prompt(f"Password of {user}", hide_input=True, err=True))
         origins.append("the prompt")
     return Target(

@@ -254,7 +254,7 @@ class ServerSource:
         self.client = Client(target.url, user=target.user, password=target.password)
 
     def describe(self) -> str:
-        return f"the server at {self.target.url}"
+        return f"the server at {self.target.shown}"
 
     def streams(self) -> list[StreamInfo]:
         return self.client.streams()
