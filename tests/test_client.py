@@ -807,3 +807,24 @@ async def test_against_a_serve_process(serve_process: str, tmp_path: Path) -> No
     assert [(r.position, r.sequence, r.id) for r in [*result, *late]] == [
         (m.position, m.sequence, m.id) for m in direct
     ]
+
+
+def test_follow_works_with_a_server_that_holds_long_polls_briefly(tmp_path: Path) -> None:
+    """The client asks for 30 s waits; a server with --max-wait 1 shortens them, not refuses."""
+    server = _serve(FileStorage(tmp_path / "data", fsync="never"), Limits(max_wait=1))
+    client = Client(server.url)
+    stop = threading.Event()
+    try:
+        start = client.publish("orders", [b"before"]).committed_length
+        thread, seen, errors = _follow_in_thread(client, start, stop)
+        _wait_for(lambda: bool(server.app[HUB].waiting_reads().get("orders")), "the long poll")
+        client.publish("orders", [b"after"])
+        _wait_for(lambda: len(seen) == 1, "the followed message")
+        stop.set()
+        thread.join(timeout=10)
+    finally:
+        stop.set()
+        client.close()
+        server.stop()
+    assert errors == []
+    assert [m.value for m in seen] == [b"after"]

@@ -60,6 +60,9 @@ from messagevault.wire import (
 log = logging.getLogger("messagevault.server")
 
 
+MAX_WAIT_ASKED = 3600  # seconds: a larger ``wait`` is a mistake, whatever the server holds
+
+
 @dataclass(frozen=True)
 class Limits:
     max_body: int = MAX_FRAME_SIZE  # bytes of one request body
@@ -400,7 +403,9 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     position = _int_param(request, "from", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", 1000, 1, limits.max_read_messages)
-    wait = _int_param(request, "wait", 0, 0, int(limits.max_wait))
+    # A longer wait than this server holds a request for is shortened, not
+    # refused: a client cannot know every server's --max-wait.
+    wait = min(_int_param(request, "wait", 0, 0, MAX_WAIT_ASKED), int(limits.max_wait))
     accept = request.headers.get("Accept", "")
     if EVENT_STREAM in accept:
         return await _server_sent_events(request, stream, position, limit)

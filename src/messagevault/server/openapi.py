@@ -199,7 +199,11 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                         {
                             "name": "wait",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 0, "maximum": max_wait},
+                            "description": (
+                                "Seconds an empty read waits for the next commit; "
+                                f"this server waits at most {max_wait} (longer asks are shortened)"
+                            ),
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 3600},
                         },
                     ],
                     "responses": {
