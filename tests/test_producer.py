@@ -483,3 +483,25 @@ def test_a_refused_batch_fails_its_futures_through_a_server(tmp_path: Path) -> N
         assert allowed.result().sequence == 0
         with pytest.raises(Forbidden):
             refused.result()
+
+
+async def test_a_cancelled_async_lane_fails_every_batch_it_held(
+    publisher: StoragePublisher,
+) -> None:
+    """Cancelled (the loop shutting down, say): no future is left for ever pending."""
+    publisher.gate = threading.Event()
+    producer = AsyncProducer(_ThreadedAsyncPublisher(publisher), max_batch_messages=1, linger=0)
+    futures = [await producer.send("orders", f"{i}") for i in range(3)]  # three batches
+    await asyncio.to_thread(publisher.entered.acquire, True, 10)  # the first is in flight
+    (lane,) = producer._tasks
+    lane.cancel()
+    publisher.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await lane
+    for future in futures:
+        with pytest.raises(ProducerClosed):
+            await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(_receipt(future))), 10)
+
+
+async def _receipt(future: MessageFuture) -> object:
+    return await future

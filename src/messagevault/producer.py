@@ -280,6 +280,8 @@ class Producer:
                 lane = self._open_lane(stream)
             if buffer.buffered + size > buffer.limits.max_buffered_bytes:
                 self._wait_for_room(size)
+                if buffer.closing:  # closed while we waited: its lane may be gone
+                    raise ProducerClosed("the producer is closed")
             batch, index = buffer.add(lane, key, value, size)
             if lane.waiting and (index == 0 or len(batch.keys) >= buffer.limits.max_batch_messages):
                 buffer.changed.notify_all()
@@ -431,6 +433,8 @@ class AsyncProducer:
         lane = buffer.lanes.get(stream) or self._open_lane(stream)
         if buffer.buffered + size > limits.max_buffered_bytes:
             await self._wait_for_room(size)
+            if buffer.closing:  # closed while we waited: its lane may be gone
+                raise ProducerClosed("the producer is closed")
         with buffer.lock:  # uncontended here; kept so the shared _Buffer code holds one rule
             batch, index = buffer.add(lane, key, value, size)
         full = len(batch.keys) >= limits.max_batch_messages
@@ -482,7 +486,9 @@ class AsyncProducer:
             try:
                 result = await self.client.publish_batch(lane.stream, batch.encode())
             except asyncio.CancelledError:
-                batch.future.set_exception(ProducerClosed("the producer was cancelled"))
+                # Nothing will send this lane's batches any more: each must hear it.
+                for waiting in lane.batches:
+                    waiting.future.set_exception(ProducerClosed("the producer was cancelled"))
                 raise
             except BaseException as exc:  # noqa: BLE001 - the batch's futures must hear of it
                 batch.future.set_exception(exc)
