@@ -189,6 +189,7 @@ def test_an_existing_profile_and_the_rest_of_the_file_are_kept(app_folder: Path)
     config.parent.mkdir(parents=True)
     mine = '# my settings\n[profiles.default]\nurl = "http://prod:8080"\n'
     config.write_text(mine)
+    config.chmod(0o600)
     assert save_profile("default", "http://127.0.0.1:1", "admin", "pw") is None
     assert config.read_text() == mine
     assert save_profile("local", "http://127.0.0.1:1", "admin", 'p"w\\') == config
@@ -225,3 +226,17 @@ def test_a_broken_config_file_is_a_clear_error(app_folder: Path) -> None:
     config.write_text("[profiles.default]\nurl = 5\n")
     with pytest.raises(InvalidInput, match="must hold only string"):
         Client()
+
+
+def test_no_password_is_added_to_a_config_file_others_can_read(app_folder: Path) -> None:
+    config = Path(os.environ["MESSAGEVAULT_CONFIG"])
+    config.parent.mkdir(parents=True)
+    config.write_text("# shared settings\n")
+    config.chmod(0o644)
+    with pytest.raises(InvalidInput, match="can be read by other users"):
+        save_profile("default", "http://127.0.0.1:1", "admin", "pw")
+    assert config.read_text() == "# shared settings\n"
+    server = Served(app_folder)  # serve warns and runs on
+    server.stop()
+    assert any("not saved" in line for line in server.announcements)
+    assert config.read_text() == "# shared settings\n"

@@ -195,7 +195,7 @@ def _serve_option(
     epilog=_examples(
         "messagevault serve                       # ./data on 127.0.0.1:8080",
         "messagevault serve --save-profile default  # the first admin becomes your profile",
-        'messagevault serve --port 9000 --storage azure:"$AZURE_STORAGE_CONNECTION_STRING"',
+        "MESSAGEVAULT_STORAGE=azure:$CONNECTION_STRING messagevault serve  # no key in ps",
         "MESSAGEVAULT_FSYNC=batch messagevault serve --max-body 4194304",
     )
 )
@@ -356,7 +356,7 @@ def _save_admin_profile(name: str, host: str, port: int, password: str) -> None:
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
         path = save_profile(name, url, "admin", password)
-    except MessageVaultError as exc:  # an unreadable config file must not stop the server
+    except (MessageVaultError, OSError) as exc:  # the server runs on regardless
         click.echo(f"warning: profile {name!r} not saved: {exc}", err=True)
         return
     if path is None:

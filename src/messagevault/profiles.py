@@ -79,6 +79,11 @@ def save_profile(name: str, url: str, user: str, password: str) -> Path | None:
     path = config_path()
     if name in read_profiles(path):
         return None
+    if path.exists() and path.stat().st_mode & 0o077:
+        raise InvalidInput(
+            f"{path} can be read by other users: not writing a password there "
+            f"(chmod 600 {path} first)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     # JSON strings are valid TOML basic strings (the same escapes).
     table = f"\n[profiles.{json.dumps(name)}]\n" + "".join(
