@@ -567,6 +567,7 @@ def test_settings_come_from_the_environment(
         ({"url": "ftp://host"}, "must be http"),
         ({"url": "127.0.0.1:8080"}, "must be http"),
         ({"url": "http://host:99999"}, "bad port"),
+        ({"url": "http://[::1"}, "cannot be parsed"),
         ({"timeout": 0}, "timeout must be positive"),
         ({"retries": -1}, "retries must be 0 or more"),
     ],

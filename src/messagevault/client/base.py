@@ -102,7 +102,11 @@ class Settings:
             if profile.get("url", "").rstrip("/") != (url or profile.get("url", "")).rstrip("/"):
                 profile = {}  # another server's: never send its password elsewhere
         url = url or profile.get("url") or DEFAULT_URL
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.hostname  # noqa: B018 - parsing it is the check ("http://[::1" fails here)
+        except ValueError as exc:
+            raise InvalidInput(f"server URL {url!r} cannot be parsed: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput(f"server URL must be http://HOST[:PORT] or https://..., not {url!r}")
         try:

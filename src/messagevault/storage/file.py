@@ -353,8 +353,8 @@ def _take_writer_lock(path: Path, name: str) -> int:
         if server is not None:
             raise StreamLocked(
                 f"stream {name!r} is written by the messagevault server (pid {server}) that "
-                f"serves this data folder: publish through it, with messagevault.client.Client "
-                f"or `messagevault publish --url http://HOST:PORT`"
+                f"serves this data folder: publish through that server (the client library, "
+                f"or `messagevault publish --url http://HOST:PORT`)"
             ) from None
         raise StreamLocked(
             f"stream {name!r} is already open for writing by another writer (pid {held.holder})"
