@@ -829,3 +829,16 @@ def test_follow_works_with_a_server_that_holds_long_polls_briefly(tmp_path: Path
         server.stop()
     assert errors == []
     assert [m.value for m in seen] == [b"after"]
+
+
+async def test_a_closed_client_raises_client_closed(served: ServedApp) -> None:
+    from messagevault.errors import ClientClosed
+
+    client = Client(served.url)
+    client.close()
+    with pytest.raises(ClientClosed):
+        client.streams()
+    async_client = AsyncClient(served.url)
+    await async_client.aclose()
+    with pytest.raises(ClientClosed):
+        await async_client.streams()

@@ -77,7 +77,7 @@ def _in_openapi() -> dict[str, int]:
 
 
 # Raised by the client itself, never sent by a server.
-CLIENT_SIDE = {errors.ServerUnreachable, errors.ProducerClosed, UnknownError}
+CLIENT_SIDE = {errors.ServerUnreachable, errors.ProducerClosed, errors.ClientClosed, UnknownError}
 
 
 def _tree() -> dict[str, type[MessageVaultError]]:

@@ -27,6 +27,7 @@
     ├── InternalError                the server failed (a bug; its log says more) (HTTP 500)
     ├── ServerUnreachable            (client) no connection to the server, or it broke mid-request
     ├── ProducerClosed               (client) a message sent to a closed Producer
+    ├── ClientClosed                 (client) a request on a closed Client
     └── UnknownError                 (client) a code this version does not know (a newer server's)
 
 Each class carries a stable ``code`` (used on the wire by the server) and a
@@ -216,6 +217,12 @@ class ProducerClosed(MessageVaultError):
     """A message was sent to a ``Producer`` after ``close()``; never sent by a server."""
 
     code = "producer_closed"
+
+
+class ClientClosed(MessageVaultError):
+    """A request was made on a ``Client`` after ``close()``; never sent by a server."""
+
+    code = "client_closed"
 
 
 class UnknownError(MessageVaultError):

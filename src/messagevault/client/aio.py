@@ -37,7 +37,7 @@ from messagevault.client.base import (
     streams_request,
 )
 from messagevault.client.sync import Client, MessageLike
-from messagevault.errors import InvalidInput
+from messagevault.errors import ClientClosed, InvalidInput
 from messagevault.format import EncodedBatch, Message
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess
@@ -201,7 +201,7 @@ class AsyncClient:
             if self._closed:
                 if patience is not None:
                     return _STOPPED
-                raise RuntimeError("the client is closed")
+                raise ClientClosed("the client is closed")
             failure: BaseException
             try:
                 answer = await self._send(request)

@@ -38,7 +38,7 @@ from messagevault.client.base import (
     stream_infos,
     streams_request,
 )
-from messagevault.errors import InvalidInput
+from messagevault.errors import ClientClosed, InvalidInput
 from messagevault.format import EncodedBatch, Message
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess
@@ -320,7 +320,7 @@ class Client:
             if self._closing.is_set():
                 if stop is not None or patience is not None:
                     return _STOPPED
-                raise RuntimeError("the client is closed")
+                raise ClientClosed("the client is closed")
             failure: BaseException
             try:
                 answer = self._send(request, stop)
