@@ -226,6 +226,8 @@ def test_a_broken_config_file_is_a_clear_error(app_folder: Path) -> None:
     config.write_text("[profiles.default]\nurl = 5\n")
     with pytest.raises(InvalidInput, match="must hold only string"):
         Client()
+    # A server named outright does not depend on the file.
+    assert Client("http://127.0.0.1:1").url == "http://127.0.0.1:1"
 
 
 def test_no_password_is_added_to_a_config_file_others_can_read(app_folder: Path) -> None:

@@ -8,6 +8,7 @@ that both follow the same rules to the byte.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -97,8 +98,11 @@ class Settings:
         """
         url = url or os.environ.get("MESSAGEVAULT_URL")
         profile: dict[str, str] = {}
-        if url is None or (user is None and password is None and not _credentials_in_env()):
-            profile = default_profile()
+        if url is None:
+            profile = default_profile()  # the server must come from it: a broken file is an error
+        elif user is None and password is None and not _credentials_in_env():
+            with contextlib.suppress(InvalidInput):  # a server named outright needs no profile
+                profile = default_profile()
             if profile.get("url", "").rstrip("/") != (url or profile.get("url", "")).rstrip("/"):
                 profile = {}  # another server's: never send its password elsewhere
         url = url or profile.get("url") or DEFAULT_URL
