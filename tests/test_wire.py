@@ -238,3 +238,14 @@ async def test_a_binary_key_comes_back_exactly_from_every_read_path(
                 break
     assert record_pairs(events) == stored
     assert all(event["key_encoding"] == "base64" for event in events)
+
+
+def test_a_record_with_an_unknown_field_is_refused_not_half_read() -> None:
+    from messagevault.errors import InvalidBatch
+    from messagevault.wire import record_pairs
+
+    with pytest.raises(InvalidBatch, match="message 1 has unknown fields: value_encoding"):
+        record_pairs([{"value": "ok"}, {"value": "ff00", "value_encoding": "hex"}])
+    # A record as a read prints it can be appended again unchanged.
+    read = {"position": 0, "sequence": 0, "id": "00" * 16, "timestamp": "t", "next_position": 9}
+    assert record_pairs([{**read, "key": "k", "value": "v"}]) == [(b"k", b"v")]

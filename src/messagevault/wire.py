@@ -90,6 +90,13 @@ def message_record(message: Message) -> dict[str, Any]:
     return record
 
 
+# What a record may hold: what an append takes, and what a read adds (ignored).
+RECORD_FIELDS = frozenset(
+    {"key", "key_encoding", "value", "encoding"}
+    | {"position", "sequence", "id", "timestamp", "next_position"}
+)
+
+
 def record_pairs(records: object) -> list[tuple[bytes, bytes]]:
     """JSON records (``{"key", "value", "encoding", "key_encoding"}``) as (key, value) bytes.
 
@@ -106,6 +113,9 @@ def record_pairs(records: object) -> list[tuple[bytes, bytes]]:
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise InvalidBatch(f"message {index} must be an object")
+        if not RECORD_FIELDS.issuperset(record):
+            unknown = ", ".join(sorted(set(record) - RECORD_FIELDS))
+            raise InvalidBatch(f"message {index} has unknown fields: {unknown}")
         key = _field_bytes(index, record, "key", "key_encoding", "")
         value = _field_bytes(index, record, "value", "encoding", None)
         pairs.append((key, value))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from messagevault.format import MAX_BATCH_COUNT
+from messagevault.wire import RECORD_FIELDS
 
 _STREAM = {
     "name": "stream",
@@ -268,6 +269,8 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                             "items": {
                                 "type": "object",
                                 "required": ["value"],
+                                # A typo such as "value_encoding" is refused, not ignored.
+                                "propertyNames": {"enum": sorted(RECORD_FIELDS)},
                                 # How the value is written, and (apart) how the key is.
                                 "allOf": [
                                     {
