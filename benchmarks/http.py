@@ -68,16 +68,12 @@ import asyncio
 import base64
 import gc
 import json
-import os
 import random
 import shutil
-import signal
 import statistics
 import string
-import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -85,17 +81,16 @@ from typing import Any
 
 import aiohttp
 from benchmarks.report import Rates, benchmark_arguments, save_results
+from benchmarks.serving import PASSWORD, USER, Server
 from rich.console import Console
 from rich.table import Table
-from tests.azurite import free_port
 
 from messagevault import FileStorage, Message, Reader, encode_batch
 from messagevault.client import AsyncClient, Client
 from messagevault.format import frame_columns, read_header
-from messagevault.server.auth import Users, save_users
+from messagevault.server.auth import Users
 
 STREAM = "bench"
-USER, PASSWORD = "bench", "bench-password"
 BATCH_CONTENT_TYPE = "application/x-messagevault-batch"
 READ_LIMIT = 10_000  # the server's max_read_messages
 
@@ -246,64 +241,6 @@ def make_data(workload: Workload) -> Data:
         pairs = list(zip(raw_keys, raw_values, strict=True))
         batches = [pairs[i : i + size] for i in range(0, count, size)]
     return Data(frames, keys, values, raw_keys, raw_values, payload, batches)
-
-
-class Server:
-    """`messagevault serve` as a subprocess; optionally under cProfile."""
-
-    def __init__(self, folder: Path, profile: Path | None) -> None:
-        self.folder = folder
-        self.port = free_port()
-        command = [sys.executable]
-        if profile is not None:
-            # run_app stops gracefully on SIGTERM, so cProfile gets to write its file.
-            command += ["-m", "cProfile", "-o", str(profile)]
-        command += [
-            *("-m", "messagevault.cli", "serve", "--host", "127.0.0.1"),
-            *("--port", str(self.port), "--storage", f"file:{folder / 'data'}"),
-            *("--fsync", "always"),
-        ]
-        self.log = folder / "server.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_until_up(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("server did not come up")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server process so far (all its threads); Linux only."""
-        try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        except OSError:
-            return float("nan")
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        if self.process.returncode not in (0, -signal.SIGKILL):
-            print(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
 
 
 @dataclass
@@ -667,12 +604,11 @@ def run_once(
     folder = Path(tempfile.mkdtemp(prefix="mv-bench-http-", dir=args.dir))
     server: Server | None = None
     try:
-        save_users(FileStorage(folder / "data"), users)
         profile = None
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
             profile = args.profile / f"server-{workload.label}-run{run}.prof"
-        server = Server(folder, profile)
+        server = Server(folder, profile, users=users)
         server.wait_until_up()
         writing, latencies, reading = asyncio.run(drive(server, workload, data, list(reads)))
         with Reader.open(FileStorage(folder / "data"), STREAM) as reader:

@@ -25,13 +25,16 @@ class Server:
     starts, so no admin password is printed.
     """
 
-    def __init__(self, folder: Path, profile: Path | None = None) -> None:
+    def __init__(
+        self, folder: Path, profile: Path | None = None, users: Users | None = None
+    ) -> None:
         self.folder = folder
         self.port = free_port()
         data = folder / "data"
-        users = Users()
-        users.set_password(USER, PASSWORD)
-        users.grant(USER, ["all:write"])
+        if users is None:  # argon2 is slow on purpose: a benchmark of many cases hashes once
+            users = Users()
+            users.set_password(USER, PASSWORD)
+            users.grant(USER, ["all:write"])
         save_users(FileStorage(data), users)
         command = [sys.executable]
         if profile is not None:
