@@ -20,7 +20,7 @@ START_TIMEOUT = 30.0
 
 
 @contextlib.contextmanager
-def serve_process(root: Path, user: str, password: str) -> Iterator[str]:
+def serve_process(root: Path, user: str, password: str, fsync: str = "never") -> Iterator[str]:
     """Serve ``root`` on a free loopback port with one admin user; yield the URL.
 
     Stopped by PID on exit (SIGTERM, then SIGKILL if it lingers).
@@ -32,7 +32,7 @@ def serve_process(root: Path, user: str, password: str) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port)],
-        env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": "never"},
+        env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": fsync},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -8,10 +8,6 @@ its ways of stopping, retries).
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -54,6 +50,7 @@ from messagevault.server.auth import Authenticator, Users, save_users
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.wire import BATCH_CONTENT_TYPE, error_body
 from tests.azurite import Azurite, free_port
+from tests.serve_process import serve_process as serving
 from tests.served import ServedApp
 from tests.test_server import GatedStorage
 
@@ -745,37 +742,8 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
 
 @pytest.fixture
 def serve_process(tmp_path: Path) -> Iterator[str]:
-    root = tmp_path / "data"
-    users = Users()
-    users.set_password("app", "secret")
-    users.grant("app", ["admin"])
-    save_users(FileStorage(root), users)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port)],
-        env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": "always"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.05)
+    with serving(tmp_path / "data", "app", "secret", fsync="always") as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
 
 
 async def test_against_a_serve_process(serve_process: str, tmp_path: Path) -> None:

@@ -8,63 +8,22 @@ checks that nothing answers 5xx and every answer matches the schema.
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from messagevault import FileStorage
-from messagevault.server.auth import Users, save_users
-from tests.azurite import free_port
+from tests.serve_process import serve_process
 
 AUTH = "Basic " + base64.b64encode(b"tester:secret").decode()
 
 
-def _serve(root: Path) -> Iterator[str]:
-    users = Users()
-    users.set_password("tester", "secret")
-    users.grant("tester", ["admin"])
-    save_users(FileStorage(root), users)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port)],
-        env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": "never"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _serve(tmp_path_factory.mktemp("schema"))
+    with serve_process(tmp_path_factory.mktemp("schema"), "tester", "secret") as url:
+        yield url
 
 
 def test_api_matches_its_schema(server_url: str) -> None:
