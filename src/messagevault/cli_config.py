@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from messagevault.profiles import DEFAULT_PROFILE, PROFILE_KEYS, config_path
+from messagevault.errors import InvalidInput
+from messagevault.profiles import DEFAULT_PROFILE, PROFILE_KEYS, config_path, read_profiles
 
 DEFAULT_STORAGE = "file:./data"
 
@@ -51,34 +51,25 @@ class Profile:
 def load_profile(name: str, *, required: bool) -> Profile | None:
     """Profile ``name`` from the config file; ``None`` if absent and not ``required``."""
     path = config_path()
+    if required and not path.exists():
+        raise click.UsageError(
+            f"profile {name!r} asked for, but there is no config file {path} "
+            "(or set MESSAGEVAULT_CONFIG)"
+        )
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        if required:
-            raise click.UsageError(
-                f"profile {name!r} asked for, but there is no config file {path} "
-                "(or set MESSAGEVAULT_CONFIG)"
-            ) from None
-        return None
-    except OSError as exc:
-        raise click.ClickException(f"cannot read config file {path}: {exc.strerror}") from exc
-    try:
-        document = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise click.ClickException(f"config file {path} is not valid TOML: {exc}") from exc
-    profiles = document.get("profiles", {})
-    if not isinstance(profiles, dict):
-        raise click.ClickException(f"config file {path}: [profiles] must be a table")
+        profiles = read_profiles(path)
+    except InvalidInput as exc:
+        raise click.ClickException(str(exc)) from None
     entry = profiles.get(name)
     if entry is None:
         if required:
             known = ", ".join(sorted(profiles)) or "none"
             raise click.UsageError(f"no profile {name!r} in {path} (profiles there: {known})")
         return None
-    return _profile(name, path, entry, raw)
+    return _profile(name, path, entry)
 
 
-def _profile(name: str, path: Path, entry: Any, raw: bytes) -> Profile:
+def _profile(name: str, path: Path, entry: Any) -> Profile:
     if not isinstance(entry, dict):
         raise click.ClickException(f"config file {path}: [profiles.{name}] must be a table")
     unknown = sorted(set(entry) - set(PROFILE_KEYS))
