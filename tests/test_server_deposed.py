@@ -107,7 +107,8 @@ async def test_while_the_other_writer_holds_the_stream_appends_are_409_stream_lo
     aiohttp_client: MakeClient,
 ) -> None:
     storage = MemoryStorage()
-    client = await aiohttp_client(create_app(StreamHub(storage)))
+    hub = StreamHub(storage)
+    client = await aiohttp_client(create_app(hub))
     assert (await _append(client, "orders", "mine"))[0] == 200
     with Writer.open(storage, "orders", takeover=True) as other:
         other.append([(b"", b"theirs")])
@@ -119,6 +120,8 @@ async def test_while_the_other_writer_holds_the_stream_appends_are_409_stream_lo
     status, body = await _append(client, "orders", "after")  # the other let go
     assert status == 200, body
     assert await _values(client, "orders") == ["mine", "theirs", "after"]
+    # Counters survive reopens that failed on the way (no reset to the last one's).
+    assert hub.committers()["orders"].stats.messages == 2
 
 
 class _GatedStorage(MemoryStorage):

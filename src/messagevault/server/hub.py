@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, GroupCommitter
+from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, CommitStats, GroupCommitter
 from messagevault.errors import CommitterClosed
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
@@ -144,6 +144,7 @@ class StreamHub:
         self.max_queue_wait = max_queue_wait
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="mv-io")
         self._committers: dict[str, GroupCommitter] = {}
+        self._deposed_stats: dict[str, CommitStats] = {}  # of streams being reopened
         self._opening: dict[str, asyncio.Lock] = {}
         self._commits: dict[str, asyncio.Condition] = {}
         self._tailing: dict[str, int] = {}  # long-polls waiting per stream: who to notify
@@ -235,9 +236,10 @@ class StreamHub:
         lock = self._opening.setdefault(stream, asyncio.Lock())
         async with lock:
             committer = self._committers.get(stream)
-            stats = None
             if committer is not None and not committer.accepting:
-                stats = committer.stats
+                # Kept apart until a new committer takes them: the reopen may
+                # fail (StreamLocked) and be tried again later.
+                self._deposed_stats[stream] = committer.stats
                 await self._let_go(stream, committer)
                 committer = None
             if committer is None:
@@ -252,6 +254,7 @@ class StreamHub:
                     after_group=self._get_handoff().wake,
                     room_changed=functools.partial(self._room_changed, asyncio.get_running_loop()),
                 )
+                stats = self._deposed_stats.pop(stream, None)
                 if stats is not None:
                     committer.stats = stats  # the stream's counters stay monotonic
         return committer
