@@ -246,10 +246,13 @@ class Feed:
         buffer = self._buffer
         if not buffer:
             with self._condition:
+                # The flag goes up before the buffer is looked at: the fetcher
+                # appends, then reads the flag; so either this sees its
+                # message, or it sees the flag and notifies.
+                self._taker_waits = True
                 if not buffer and not self._done:
-                    self._taker_waits = True
                     self._condition.wait(timeout)
-                    self._taker_waits = False
+                self._taker_waits = False
             if not buffer:
                 return None if self._done else []
         popleft = buffer.popleft
