@@ -224,6 +224,10 @@ def test_the_cli_on_azurite_with_sas_urls(tmp_path: Path, azurite: Azurite) -> N
         code, out, err = _cli(tmp_path, "verify", "--sas", access["location"])
         assert (code, err) == (0, "")
         assert "azcli: OK, 3 messages in 1 frames" in out
+        sas = {"MESSAGEVAULT_SAS_URL": access["location"]}  # the token kept out of argv
+        code, out, err = _cli(tmp_path, "verify", env=sas)
+        assert (code, err) == (0, "")
+        assert "azcli: OK, 3 messages in 1 frames" in out
         args = ("copy", "azcli", "--from", f"sas:{access['location']}", "--to", "file:cache")
         code, out, err = _cli(tmp_path, *args)
         assert (code, err) == (0, "")

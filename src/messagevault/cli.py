@@ -868,7 +868,8 @@ def info(*, url: str | None, storage: str | None, profile: str | None, stream: s
     "--sas",
     "sas_url",
     metavar="URL",
-    help="Verify the stream a read-only SAS URL gives (from `info` through a server).",
+    help="Verify the stream a read-only SAS URL gives (from `info` through a server); "
+    "MESSAGEVAULT_SAS_URL keeps its token out of the process list.",
 )
 def verify(
     *,
@@ -885,6 +886,8 @@ def verify(
     """
     if stream is not None and (given := sas_url_of(stream)) is not None:
         stream, sas_url = None, given
+    if stream is None and sas_url is None:
+        sas_url = os.environ.get("MESSAGEVAULT_SAS_URL")  # a token is a credential: not in argv
     if (stream is None) == (sas_url is None):
         raise click.UsageError("give STREAM, or --sas URL")
     with contextlib.ExitStack() as stack:
