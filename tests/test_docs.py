@@ -55,3 +55,42 @@ def test_client_guide_runs(server: str) -> None:
     assert printed.count("999") == 2
     assert "1" in printed  # the async producer's receipt
     assert any(line.startswith("stream_not_found ") for line in printed)
+
+
+def sh_blocks(page: Path) -> list[str]:
+    return re.findall(r"^```sh\n(.*?)^```$", page.read_text(), flags=re.S | re.M)
+
+
+def test_cli_guide_runs(tmp_path: Path) -> None:
+    """docs/cli.md's shell blocks, in order, in one bash: they start and stop their own server."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.azurite import free_port
+
+    script = "\n".join(
+        [
+            # Whatever fails on the way, the page's server is stopped (by PID).
+            'trap \'[ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null; true\' EXIT',
+            *sh_blocks(ROOT / "docs" / "cli.md"),
+        ]
+    )
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PORT": str(free_port()),
+        "TMPDIR": str(tmp_path),  # the page's mktemp -d lands here
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "no-config.toml"),
+    }
+    done = subprocess.run(
+        ["bash", "-e", "-c", script],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "orders: OK" in done.stdout  # verify
+    assert '"copied": 1' in done.stdout  # the incremental copy took only the new message
