@@ -58,10 +58,14 @@ class Served:
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + 30
-        while not any('"listening"' in line for line in self.announcements):
-            assert self.process.poll() is None, f"serve exited early: {self.announcements}"
-            assert time.monotonic() < deadline, f"serve did not come up: {self.announcements}"
-            time.sleep(0.02)
+        try:
+            while not any('"listening"' in line for line in self.announcements):
+                assert self.process.poll() is None, f"serve exited early: {self.announcements}"
+                assert time.monotonic() < deadline, f"serve did not come up: {self.announcements}"
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()  # never leave a server behind, whatever failed
+            raise
 
     def _read_stderr(self) -> None:
         assert self.process.stderr is not None
@@ -172,8 +176,7 @@ def test_a_writer_beside_a_server_is_pointed_to_it(served: Served, app_folder: P
 
 
 def test_a_restart_leaves_the_saved_profile_alone(app_folder: Path) -> None:
-    first = Served(app_folder)
-    first.stop()
+    Served(app_folder).stop()
     config = Path(os.environ["MESSAGEVAULT_CONFIG"])
     saved = config.read_text()
     second = Served(app_folder)  # no new admin: nothing printed, nothing saved
