@@ -267,6 +267,11 @@ def test_copy_between_storages_is_incremental_and_refuses_a_stranger(tmp_path: P
     code, _, err = _run(tmp_path, *args[:-1], f"file:{tmp_path / 'other'}")
     assert code == 1
     assert "not a copy of this source" in _one_line_error(err)
+    code, _, err = _run(
+        tmp_path, "copy", "orders", "--from", f"file:{copy}", "--to", f"file:{copy}"
+    )
+    assert code == 2
+    assert "the same stream" in _one_line_error(err)
 
 
 def test_verify_reports_damage(tmp_path: Path) -> None:

@@ -967,6 +967,11 @@ def copy(
             click.get_current_context().meta[_TARGET] = server
         frames.length()  # a source that is missing or refuses us fails before the copy exists
         storage = storage_from(destination, "--to")
+        if server is None and described == storage.describe() and name == stream:
+            raise click.UsageError(
+                f"--from and --to are the same stream ({described}): "
+                "copy to other storage, or give the copy another name with --as"
+            )
         writer = stack.enter_context(Writer.open(storage, name))
         copy_reader = stack.enter_context(Reader.open(storage, name))
         with progress_bar(f"copying {stream}", 0, unit="bytes") as update:

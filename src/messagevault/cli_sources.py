@@ -125,7 +125,7 @@ def copy_source(
     if origin.startswith(("http://", "https://")):
         target = server_target(origin, profile)
         source = stack.enter_context(contextlib.closing(ServerSource(target)))
-        return source.frame_source(stream), origin, target
+        return source.frame_source(stream), target.shown, target
     storage = storage_from(origin, "--from")
     reader = stack.enter_context(Reader.open(storage, stream))
     return ReaderFrames(reader), storage.describe(), None
