@@ -70,7 +70,7 @@ class AsyncBatchPublisher(Protocol):
     async def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult: ...
 
 
-def _as_bytes(value: bytes | str, what: str) -> bytes:
+def _as_bytes(value: object, what: str) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
@@ -156,19 +156,28 @@ class _Limits:
         self.max_buffered_bytes = max_buffered_bytes
         self.max_block = max_block
 
-    def message_bytes(self, key: bytes, value: bytes) -> int:
-        """Frame bytes one message adds; raises ``InvalidBatch`` if it can never be sent."""
-        if len(key) > MAX_KEY_SIZE:
-            raise InvalidBatch(f"key is {len(key)} bytes; at most {MAX_KEY_SIZE}")
-        if len(value) > MAX_VALUE_SIZE:
-            raise InvalidBatch(f"value is {len(value)} bytes; at most {MAX_VALUE_SIZE}")
-        size = PER_MESSAGE_OVERHEAD + len(key) + len(value)
-        if size > self.max_body_bytes:
-            raise InvalidBatch(
-                f"a message of {len(value)} bytes does not fit max_batch_bytes "
-                f"({self.max_body_bytes + FRAME_HEADER_SIZE})"
-            )
-        return size
+    def message(self, value: bytes | str, key: bytes | str) -> tuple[bytes, bytes, int]:
+        """(key, value, frame bytes it adds), or ``InvalidBatch`` if it can never be sent.
+
+        Paid per message by ``send``: the common case is three comparisons.
+        """
+        raw_value = value if type(value) is bytes else _as_bytes(value, "value")
+        raw_key = key if type(key) is bytes else _as_bytes(key, "key")
+        size = PER_MESSAGE_OVERHEAD + len(raw_key) + len(raw_value)
+        if (
+            size <= self.max_body_bytes
+            and len(raw_value) <= MAX_VALUE_SIZE
+            and len(raw_key) <= MAX_KEY_SIZE
+        ):
+            return raw_key, raw_value, size
+        if len(raw_key) > MAX_KEY_SIZE:
+            raise InvalidBatch(f"key is {len(raw_key)} bytes; at most {MAX_KEY_SIZE}")
+        if len(raw_value) > MAX_VALUE_SIZE:
+            raise InvalidBatch(f"value is {len(raw_value)} bytes; at most {MAX_VALUE_SIZE}")
+        raise InvalidBatch(
+            f"a message of {len(raw_value)} bytes does not fit max_batch_bytes "
+            f"({self.max_body_bytes + FRAME_HEADER_SIZE})"
+        )
 
 
 class _Lane:
@@ -268,17 +277,9 @@ class Producer:
         ``Overloaded`` when the buffer stays full (see ``block``), and
         ``ProducerClosed`` after ``close()``.
         """
-        # The hot path of a producer: every step here is paid per message, so
-        # the common case is inline (measured 0.83 -> 0.73 us a message).
-        if type(value) is not bytes:
-            value = _as_bytes(value, "value")
-        if type(key) is not bytes:
-            key = _as_bytes(key, "key")
         buffer = self._buffer
         limits = buffer.limits
-        size = PER_MESSAGE_OVERHEAD + len(key) + len(value)
-        if size > limits.max_body_bytes or len(value) > MAX_VALUE_SIZE or len(key) > MAX_KEY_SIZE:
-            limits.message_bytes(key, value)  # raises, naming what is wrong
+        key, value, size = limits.message(value, key)
         with buffer.lock:
             if buffer.closing:
                 raise ProducerClosed("the producer is closed")
@@ -289,25 +290,10 @@ class Producer:
                 self._wait_for_room(size)
                 if buffer.closing:  # closed while we waited: its lane may be gone
                     raise ProducerClosed("the producer is closed")
-            batches = lane.batches
-            batch = batches[-1] if batches else None
-            if (
-                batch is None
-                or len(batch.keys) >= limits.max_batch_messages
-                or batch.bytes + size > limits.max_body_bytes
-                or batch is lane.in_flight
-            ):
-                batch = _Batch(time.monotonic())
-                batches.append(batch)
-            keys = batch.keys
-            index = len(keys)
-            keys.append(key)
-            batch.values.append(value)
-            batch.bytes += size
-            buffer.buffered += size
+            batch, index = buffer.add(lane, key, value, size)
             if lane.waiting and (index == 0 or index + 1 >= limits.max_batch_messages):
                 buffer.changed.notify_all()
-        if index == 0 and len(batches) > 1:
+        if index == 0 and len(lane.batches) > 1:
             # A batch just filled. A caller sending in a tight loop holds the
             # GIL, and the lane thread, back from its network wait, would wait
             # for it up to the switch interval (5 ms) per batch: hand it over.
@@ -450,11 +436,9 @@ class AsyncProducer:
 
     async def send(self, stream: str, value: bytes | str, key: bytes | str = b"") -> MessageFuture:
         """Queue one message for ``stream`` (see ``Producer.send``)."""
-        value = value if type(value) is bytes else _as_bytes(value, "value")
-        key = key if type(key) is bytes else _as_bytes(key, "key")
         buffer = self._buffer
         limits = buffer.limits
-        size = limits.message_bytes(key, value)
+        key, value, size = limits.message(value, key)
         if buffer.closing:
             raise ProducerClosed("the producer is closed")
         lane = buffer.lanes.get(stream) or self._open_lane(stream)
