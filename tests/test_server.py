@@ -527,7 +527,7 @@ async def test_appends_waiting_for_room_keep_their_turn(aiohttp_client: MakeClie
 
 def test_minimal_answer_text_is_the_json_of_its_first_and_last_receipts() -> None:
     from messagevault import AppendResult
-    from messagevault.records import iso_time
+    from messagevault.wire import iso_time
     from messagevault.server.app import appended_minimal
 
     for result in (

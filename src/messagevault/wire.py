@@ -63,23 +63,17 @@ def message_record(message: Message) -> dict[str, Any]:
     there only for a key that is not UTF-8 (``"base64"``), so the records of
     text keys stay as they were.
     """
+    record: dict[str, Any] = {
+        "position": message.position,
+        "sequence": message.sequence,
+        "id": message.id.hex(),
+        "timestamp": iso_time(message.timestamp),
+    }
     try:
-        record: dict[str, Any] = {
-            "position": message.position,
-            "sequence": message.sequence,
-            "id": message.id.hex(),
-            "timestamp": iso_time(message.timestamp),
-            "key": message.key.decode("utf-8"),
-        }
+        record["key"] = message.key.decode("utf-8")
     except UnicodeDecodeError:
-        record = {
-            "position": message.position,
-            "sequence": message.sequence,
-            "id": message.id.hex(),
-            "timestamp": iso_time(message.timestamp),
-            "key": base64.b64encode(message.key).decode("ascii"),
-            "key_encoding": "base64",
-        }
+        record["key"] = base64.b64encode(message.key).decode("ascii")
+        record["key_encoding"] = "base64"
     record["next_position"] = message.next_position
     try:
         record["value"] = message.value.decode("utf-8")
