@@ -29,7 +29,7 @@ from messagevault.storage.azure import (
     LEADER_LOCK_BLOB,
     SYSTEM_CONTAINER,
     AzureStorage,
-    _azure_errors,
+    azure_errors,
 )
 from tests.azurite import Azurite
 
@@ -150,9 +150,9 @@ def test_sas_cannot_write(azure_storage: AzureStorage) -> None:
         store.write(0, bytes(512))
     # Straight through the SDK with the SAS URL: the service itself refuses.
     container = ContainerClient.from_container_url(access.location)
-    with pytest.raises(AccessDenied), _azure_errors("write through a SAS"):
+    with pytest.raises(AccessDenied), azure_errors("write through a SAS"):
         container.get_blob_client(DATA_BLOB).upload_page(bytes(512), offset=0, length=512)
-    with pytest.raises(AccessDenied), _azure_errors("metadata through a SAS"):
+    with pytest.raises(AccessDenied), azure_errors("metadata through a SAS"):
         container.get_blob_client(CHECKPOINT_BLOB).set_blob_metadata({"length": "0"})
     assert _values(azure_storage) == [b"v"]
     store.close()

@@ -99,7 +99,7 @@ def client_options() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _azure_errors(what: str) -> Iterator[None]:
+def azure_errors(what: str) -> Iterator[None]:
     """Translate SDK errors into ours, most specific first, chained."""
     try:
         yield
@@ -149,7 +149,7 @@ class AzureStorage:
 
     def list_streams(self) -> list[str]:
         names = []
-        with _azure_errors("cannot list streams"):
+        with azure_errors("cannot list streams"):
             for container in self.service.list_containers(name_starts_with=CONTAINER_PREFIX):
                 name = container.name[len(CONTAINER_PREFIX) :]
                 with contextlib.suppress(InvalidStreamName):
@@ -159,7 +159,7 @@ class AzureStorage:
     def system_container(self) -> ContainerClient:
         """The container for server state (users, leader lock), created on first use."""
         container = self.service.get_container_client(SYSTEM_CONTAINER)
-        with _azure_errors("cannot create the system container"):
+        with azure_errors("cannot create the system container"):
             with contextlib.suppress(ResourceExistsError):
                 container.create_container()
             with contextlib.suppress(ResourceExistsError):
@@ -185,20 +185,20 @@ class AzureStorage:
     def read_system_file(self, name: str) -> bytes | None:
         blob = self.system_container().get_blob_client(name)
         try:
-            with _azure_errors(f"cannot read {name}"):
+            with azure_errors(f"cannot read {name}"):
                 return bytes(blob.download_blob().readall())
         except StreamNotFound:
             return None
 
     def write_system_file(self, name: str, data: bytes) -> None:
         # A block blob upload replaces the whole blob atomically.
-        with _azure_errors(f"cannot write {name}"):
+        with azure_errors(f"cannot write {name}"):
             self.system_container().get_blob_client(name).upload_blob(data, overwrite=True)
 
 
 def _create_stream(container: ContainerClient, name: str) -> None:
     """Create container, data blob, then checkpoint: a stream exists once its checkpoint does."""
-    with _azure_errors(f"cannot create stream {name!r}"):
+    with azure_errors(f"cannot create stream {name!r}"):
         with contextlib.suppress(ResourceExistsError):
             container.create_container()
         with contextlib.suppress(ResourceExistsError):
@@ -266,7 +266,7 @@ class AzureStreamStore:
         self.read_checkpoint()  # StreamNotFound now rather than at first use
         if self._writable:
             self._take_leases(takeover)
-            with _azure_errors(f"cannot open stream {self._name!r}"):
+            with azure_errors(f"cannot open stream {self._name!r}"):
                 self._size = self._data.get_blob_properties().size
             # Read again under the lease: a deposed writer's last commit may
             # have landed between the first read and the takeover.
@@ -307,7 +307,7 @@ class AzureStreamStore:
             raise ValueError("offset and size must not be negative")
         if size == 0:
             return b""
-        with _azure_errors(f"cannot read stream {self._name!r}"):
+        with azure_errors(f"cannot read stream {self._name!r}"):
             try:
                 # The generated client's plain ranged GET: BlobClient.download_blob
                 # would add a Get Page Ranges call per read, which grows slow as
@@ -332,7 +332,7 @@ class AzureStreamStore:
         if not data:
             return
         end = offset + len(data)
-        with _azure_errors(f"cannot write stream {self._name!r}"):
+        with azure_errors(f"cannot write stream {self._name!r}"):
             if end > self._size:
                 self._grow(end)
             self._data.upload_page(
@@ -351,7 +351,7 @@ class AzureStreamStore:
 
     def read_checkpoint(self) -> Checkpoint:
         self._check_open()
-        with _azure_errors(f"cannot read the checkpoint of stream {self._name!r}"):
+        with azure_errors(f"cannot read the checkpoint of stream {self._name!r}"):
             properties = self._checkpoint_blob.get_blob_properties()
         checkpoint = _checkpoint_from(properties.metadata, f"stream {self._name!r}")
         self._known = (checkpoint, str(properties.etag))
@@ -370,7 +370,7 @@ class AzureStreamStore:
         assert known is not None
         what = f"cannot commit stream {self._name!r}"
         try:
-            with _azure_errors(what):
+            with azure_errors(what):
                 result = self._checkpoint_blob.set_blob_metadata(
                     _metadata(new),
                     lease=self._lease_id,

@@ -10,36 +10,16 @@ other unnoticed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
-    AzureError,
-    HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
 )
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from messagevault.errors import AccessDenied, MessageVaultError, StorageError
-from messagevault.storage.azure import client_options
-from messagevault.storage.azure_lease import error_code
-
-
-@contextlib.contextmanager
-def _azure_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except MessageVaultError:
-        raise
-    except HttpResponseError as exc:
-        code = error_code(exc)
-        if exc.status_code == 403:
-            raise AccessDenied(f"{what}: access denied ({code or exc.reason})") from exc
-        raise StorageError(f"{what}: {exc.status_code} {code or exc.reason}") from exc
-    except AzureError as exc:
-        raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+from messagevault.storage.azure import azure_errors, client_options
 
 
 class AzureDocuments:
@@ -65,7 +45,7 @@ class AzureDocuments:
 
     def read(self, name: str) -> tuple[bytes, str] | None:
         """(content, ETag) of ``name`` from one GET, or ``None`` if it does not exist."""
-        with _azure_errors(f"cannot read {self.location(name)}"):
+        with azure_errors(f"cannot read {self.location(name)}"):
             try:
                 download = self._container.get_blob_client(name).download_blob()
                 return bytes(download.readall()), str(download.properties.etag)
@@ -78,7 +58,7 @@ class AzureDocuments:
         Returns the new ETag, or ``None`` when the condition failed (someone
         else wrote or created it) and nothing was written.
         """
-        with _azure_errors(f"cannot write {self.location(name)}"):
+        with azure_errors(f"cannot write {self.location(name)}"):
             try:
                 try:
                     return self._upload(name, data, etag)
@@ -109,7 +89,7 @@ class AzureDocuments:
     def remove(self, name: str) -> None:
         """Delete ``name``; nothing happens if it does not exist."""
         with (
-            _azure_errors(f"cannot delete {self.location(name)}"),
+            azure_errors(f"cannot delete {self.location(name)}"),
             contextlib.suppress(ResourceNotFoundError),
         ):
             self._container.get_blob_client(name).delete_blob()
