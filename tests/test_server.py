@@ -527,8 +527,7 @@ async def test_appends_waiting_for_room_keep_their_turn(aiohttp_client: MakeClie
 
 def test_minimal_answer_text_is_the_json_of_its_first_and_last_receipts() -> None:
     from messagevault import AppendResult
-    from messagevault.wire import iso_time
-    from messagevault.server.app import appended_minimal
+    from messagevault.wire import appended_minimal, iso_time
 
     for result in (
         AppendResult(0, 100, 0, 3, 1_700_000_000_123, 100),
