@@ -215,16 +215,23 @@ async def wait_until_serving(
 async def run_round(
     folder: Path, log: Path, delay: float, rngs: list[random.Random], ledger: Ledger
 ) -> None:
-    """Start the server, append for ``delay`` seconds, SIGKILL it mid-traffic."""
+    """Start the server, append for ``delay`` seconds after the first answer, SIGKILL it."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with server_process(folder, port, log) as process:
         # A fresh session per round: pooled connections to a dead server are useless.
         async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
             await wait_until_serving(session, base, process)
+            acked_before = len(ledger.acks)
             async with asyncio.TaskGroup() as group:
                 for task in range(TASKS):
                     group.create_task(client(session, base, task, rngs[task], ledger))
+                # The kill window opens at the round's first acknowledgement: a
+                # slow moment of the machine (a late fsync, a busy core) must
+                # not let the kill land before the restarted server took anything.
+                deadline = time.monotonic() + STARTUP_TIMEOUT
+                while len(ledger.acks) == acked_before and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
                 await asyncio.sleep(delay)
                 process.kill()
                 process.wait(timeout=REAP_TIMEOUT)
