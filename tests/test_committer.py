@@ -19,7 +19,7 @@ from messagevault import (
     Writer,
     encode_batch,
 )
-from messagevault.committer import CommitterClosed, GroupCommitter
+from messagevault.committer import Commit, CommitterClosed, GroupCommitter
 from messagevault.storage.base import Storage
 from messagevault.writer import AppendResult
 from tests.test_writer_faults import FailingStore
@@ -234,3 +234,38 @@ def test_a_full_queue_refuses_after_the_timeout_and_queues_nothing() -> None:
     assert queued.result(timeout=30).base_sequence == 3
     values = [m.value for m in Reader.open(storage, "orders").read()]
     assert values == [v for _, v in _batch("first") + _batch("queued")]
+
+
+def test_commit_observer_hears_each_commit_after_its_acknowledgements(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path)
+    heard: list[Commit] = []
+
+    def observe(commit: Commit) -> None:
+        # The acknowledgements went out first: an observer cannot delay them.
+        assert all(f.done() for f in futures)
+        heard.append(commit)
+
+    futures: list[Future[AppendResult]] = []
+    committer = GroupCommitter(Writer.open(storage, "orders"), on_commit=observe)
+    with committer:
+        futures.append(committer.submit(encode_batch([(b"k", b"v" * 10)] * 3)))
+        futures[0].result()
+        futures.append(committer.submit(encode_batch([(b"k", b"v")])))
+        futures[1].result()
+    assert [(c.stream, c.batches, c.messages) for c in heard] == [
+        ("orders", 1, 3),
+        ("orders", 1, 1),
+    ]
+    assert heard[-1].length == futures[1].result().committed_length
+    assert sum(c.bytes for c in heard) == committer.stats.bytes
+    assert all(c.seconds >= 0 for c in heard)
+
+
+def test_a_failing_commit_observer_stops_nothing(tmp_path: Path) -> None:
+    def broken(commit: Commit) -> None:
+        raise RuntimeError("observer bug")
+
+    with GroupCommitter(Writer.open(FileStorage(tmp_path), "orders"), on_commit=broken) as c:
+        for _ in range(3):
+            assert c.append([(b"k", b"v")]).message_count == 1
+    assert c.stats.commits == 3

@@ -18,6 +18,7 @@ it directly.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -34,6 +35,8 @@ from messagevault.writer import AppendResult, Writer
 
 DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
+log = logging.getLogger("messagevault.committer")
+
 
 @dataclass
 class CommitStats:
@@ -42,6 +45,21 @@ class CommitStats:
     messages: int = 0
     bytes: int = 0  # frame bytes committed
     seconds: float = 0.0  # time spent in storage commits (write, flush, checkpoint)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One storage commit, as told to ``on_commit`` observers (metrics, StatsD)."""
+
+    stream: str
+    batches: int  # append requests it carried
+    messages: int
+    bytes: int  # frame bytes written
+    seconds: float  # write, flush and checkpoint
+    length: int  # the stream's committed length after it
+
+
+CommitObserver = Callable[[Commit], None]
 
 
 class GroupCommitter:
@@ -58,6 +76,10 @@ class GroupCommitter:
     committer's lock) wherever a blocked ``submit`` would be woken: room
     was made, or the committer closed or failed. An event loop that keeps
     its waiting appends to itself learns of room there.
+    ``on_commit``, if given, is called in the committer thread after each
+    successful commit, once its futures are resolved, so a slow observer
+    delays the next commit but never an acknowledgement; it must be quick
+    and thread-safe, and whatever it raises is ignored.
     """
 
     def __init__(
@@ -69,8 +91,10 @@ class GroupCommitter:
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         after_group: Callable[[], None] | None = None,
         room_changed: Callable[[], None] | None = None,
+        on_commit: CommitObserver | None = None,
     ) -> None:
         self.writer = writer
+        self.on_commit = on_commit
         self.after_group = after_group
         self.room_changed = room_changed
         self.linger = linger
@@ -166,14 +190,30 @@ class GroupCommitter:
                     future.set_exception(exc)
                 self._group_done()
                 continue
-            self.stats.seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            messages = sum(result.message_count for result in results)
+            size = sum(result.frame_size for result in results)
+            self.stats.seconds += seconds
             self.stats.commits += 1
             self.stats.batches += len(group)
-            self.stats.messages += sum(result.message_count for result in results)
-            self.stats.bytes += sum(result.frame_size for result in results)
+            self.stats.messages += messages
+            self.stats.bytes += size
             for (_, future), result in zip(group, results, strict=True):
                 future.set_result(result)
             self._group_done()
+            if self.on_commit is not None:
+                commit = Commit(
+                    stream=self.writer.name,
+                    batches=len(group),
+                    messages=messages,
+                    bytes=size,
+                    seconds=seconds,
+                    length=results[-1].committed_length,
+                )
+                try:
+                    self.on_commit(commit)
+                except Exception:  # metrics must never stop the commits
+                    log.exception("commit observer failed", extra={"stream": self.writer.name})
 
     def _group_done(self) -> None:
         if self.after_group is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -20,7 +21,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES, CommitStats, GroupCommitter
+from messagevault.committer import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    Commit,
+    CommitObserver,
+    CommitStats,
+    GroupCommitter,
+)
 from messagevault.errors import CommitterClosed
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
@@ -29,6 +36,8 @@ from messagevault.storage.base import ReadAccess, Storage
 from messagevault.writer import AppendResult, Writer
 
 T = TypeVar("T")
+
+log = logging.getLogger("messagevault.server")
 
 # How long after its last confirmed commit a writer's checkpoint is taken
 # as the committed state (see StreamHub._known_checkpoint), in seconds.
@@ -158,6 +167,9 @@ class StreamHub:
         self._awaiting_room = 0
         self._turnstiles: dict[str, asyncio.Lock] = {}  # appends waiting for room, in order
         self._closed = False
+        # Told of every commit of every stream, in the committer threads:
+        # metrics (Prometheus histograms, StatsD) hang off this.
+        self.commit_observers: list[CommitObserver] = []
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking storage call in the I/O pool."""
@@ -253,11 +265,19 @@ class StreamHub:
                     max_queued_bytes=self.max_queued_bytes,
                     after_group=self._get_handoff().wake,
                     room_changed=functools.partial(self._room_changed, asyncio.get_running_loop()),
+                    on_commit=self._committed,
                 )
                 stats = self._deposed_stats.pop(stream, None)
                 if stats is not None:
                     committer.stats = stats  # the stream's counters stay monotonic
         return committer
+
+    def _committed(self, commit: Commit) -> None:
+        for observer in self.commit_observers:
+            try:
+                observer(commit)
+            except Exception:  # one broken observer must not starve the others
+                log.exception("commit observer failed", extra={"stream": commit.stream})
 
     async def _let_go(self, stream: str, committer: GroupCommitter) -> None:
         """Drop a committer whose writer was deposed, releasing its lock or lease.
