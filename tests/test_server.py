@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from messagevault import FileStorage, MemoryStorage, Reader, Writer, encode_batch
 from messagevault.server import Limits, StreamHub, create_app
+from messagevault.server.app import REQUEST_OBSERVERS, Served
 from messagevault.server.hub import READ_CHUNK_SIZE
 from messagevault.storage.base import Storage
 from messagevault.storage.memory import MemoryStreamStore
@@ -740,3 +741,23 @@ async def test_an_append_that_waits_too_long_for_room_is_refused_with_503(
     await asyncio.wait_for(asyncio.gather(first, queued), 30)
     read = await (await client.get("/streams/orders/messages")).json()
     assert [m["value"] for m in read["messages"]] == ["first", "queued"]
+
+
+async def test_request_observers_hear_every_answer_with_its_error_code(
+    aiohttp_client: MakeClient, storage: Storage
+) -> None:
+    app = create_app(StreamHub(storage))
+    heard: list[Served] = []
+    app[REQUEST_OBSERVERS].append(heard.append)
+    client = await aiohttp_client(app)
+    await client.post("/streams/orders", json={"messages": [{"key": "k", "value": "v"}]})
+    await client.post("/streams/orders", data=b"x", headers={"Content-Type": "text/plain"})
+    await client.get("/streams/missing")
+    await client.get("/streams/orders/messages", params={"from": "3"})
+    assert [(s.method, s.route, s.stream, s.status, s.error) for s in heard] == [
+        ("POST", "/streams/{stream}", "orders", 200, None),
+        ("POST", "/streams/{stream}", "orders", 415, "unsupported_media_type"),
+        ("GET", "/streams/{stream}", "missing", 404, "stream_not_found"),
+        ("GET", "/streams/{stream}/messages", "orders", 400, "invalid_position"),
+    ]
+    assert all(s.seconds >= 0 for s in heard)

@@ -130,6 +130,21 @@ class CommitCollector(Collector):
         yield waiting
 
 
+@dataclass(frozen=True)
+class Served:
+    """One answered request, as told to the request observers (metrics, StatsD, access log)."""
+
+    method: str
+    route: str  # the route's pattern, e.g. /streams/{stream}/messages ("?" when none matched)
+    stream: str | None  # the {stream} of the path, as sent (it may be invalid)
+    status: int
+    error: str | None  # the error code of an error answer
+    seconds: float  # from the handler's start to its answer (a tail: until it ended)
+
+
+RequestObserver = Callable[[Served], None]
+
+
 class Metrics:
     def __init__(self, hub: StreamHub) -> None:
         self.registry = CollectorRegistry()
@@ -145,8 +160,9 @@ class Metrics:
         self._counted: dict[tuple[str, int], Callable[[], None]] = {}
         self._timed: dict[str, Callable[[float], None]] = {}
 
-    def observe(self, route: str, status: int, seconds: float) -> None:
+    def observe(self, served: Served) -> None:
         """Count one answered request and its latency."""
+        route, status, seconds = served.route, served.status, served.seconds
         count = self._counted.get((route, status))
         if count is None:
             count = self._counted[route, status] = self.requests.labels(route, str(status)).inc
@@ -161,6 +177,8 @@ HUB = web.AppKey("hub", StreamHub)
 AUTH = web.AppKey("auth", Authenticator)
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 METRICS = web.AppKey("metrics", Metrics)
+# Called after every request, on the event loop: must be quick (no I/O).
+REQUEST_OBSERVERS = web.AppKey("request_observers", list[RequestObserver])
 LIMITS = web.AppKey("limits", Limits)
 VERIFYING = web.AppKey("verifying", dict[str | None, "asyncio.Future[Principal]"])
 
@@ -196,15 +214,16 @@ def error_response(status: int, code: str, detail: str) -> web.Response:
 async def errors_and_metrics(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Map every failure to the JSON error shape; count and time each route."""
-    metrics = request.app[METRICS]
+    """Map every failure to the JSON error shape; tell the observers of each answer."""
     route = (
         request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
     )
     started = time.perf_counter()
+    error: str | None = None
     try:
         response = await handler(request)
     except MessageVaultError as exc:
+        error = exc.code
         response = error_response(_status_for(exc), exc.code, str(exc))
         if isinstance(exc, Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Basic realm="messagevault"'
@@ -213,13 +232,37 @@ async def errors_and_metrics(
             response.headers["Retry-After"] = "1"
 
     except web.HTTPException as exc:
-        code = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
-        response = error_response(exc.status, code, exc.text or exc.reason)
+        error = exc.reason.lower().replace(" ", "_") if exc.reason else "http_error"
+        response = error_response(exc.status, error, exc.text or exc.reason)
     except Exception:  # a bug: still answer in the documented shape, and say so in the log
         log.exception("unhandled error", extra={"route": route})
-        response = error_response(500, "internal_error", "the server failed; see its log")
-    metrics.observe(route, response.status, time.perf_counter() - started)
+        error = "internal_error"
+        response = error_response(500, error, "the server failed; see its log")
+    if error is None and response.status >= 400:  # answered by a handler itself (415)
+        error = _error_code_of(response)
+    served = Served(
+        method=request.method,
+        route=route,
+        stream=request.match_info.get("stream"),
+        status=response.status,
+        error=error,
+        seconds=time.perf_counter() - started,
+    )
+    for observe in request.app[REQUEST_OBSERVERS]:
+        observe(served)
     return response
+
+
+def _error_code_of(response: web.StreamResponse) -> str:
+    body = getattr(response, "body", None)
+    if isinstance(body, bytes):
+        try:
+            code = json.loads(body).get("error")
+        except (ValueError, AttributeError):
+            code = None
+        if isinstance(code, str):
+            return code
+    return "http_error"
 
 
 @web.middleware
@@ -287,6 +330,8 @@ def create_app(
         app[AUTH] = authenticator
     app[HUB] = hub
     app[METRICS] = Metrics(hub)
+    observers: list[RequestObserver] = [app[METRICS].observe]
+    app[REQUEST_OBSERVERS] = observers
     app[LIMITS] = limits
     app[VERIFYING] = {}
     app.router.add_post("/streams/{stream}", append)
