@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure bench-client clean
+.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure bench-client bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench-client: $(STAMP)
 
 bench-azure: $(STAMP) node_modules/.installed
 	$(BIN)/python benchmarks/azure.py
+
+# Redis Streams and NATS JetStream against MessageVault, same workloads; apt-get installs
+# redis-server and nats-server if they are missing. The peers' Python clients: the bench extra.
+bench-peers: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
