@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test,azure]'
+	$(BIN)/pip install --quiet -e '.[test,azure,bench]'
 	touch $(STAMP)
 
 # Azurite, the Azure Storage emulator the tests run against, pinned in package-lock.json.
