@@ -14,7 +14,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,azure,bench]'
 	touch $(STAMP)
 
-# Azurite, the Azure Storage emulator the tests run against, pinned in package-lock.json.
+# Azurite (the Azure Storage emulator) and Etsy's StatsD daemon, which the tests run
+# against, pinned in package-lock.json.
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
