@@ -1,0 +1,237 @@
+"""A StatsD client: counters, timers and gauges over UDP, batched, never in the way.
+
+Plain-text StatsD, one metric a line (``name:1|c``, ``name:3.2|ms``,
+``name:5|g``), as Etsy's daemon and its successors read it. Lines are
+buffered and sent as packets of at most ``max_packet`` bytes, newline
+separated: by the caller whose line fills a packet, and otherwise by a
+daemon thread every ``flush_interval`` seconds. ``flush()`` and ``close()``
+send what is buffered.
+
+Metrics must never slow or fail the work they describe, so nothing on the
+recording path blocks or raises once the client exists: the socket is
+non-blocking, the daemon's address is resolved once (here, in the
+constructor), and a packet that cannot be sent (no daemon: ECONNREFUSED from
+an ICMP; a full socket buffer: EAGAIN; a metric that cannot be written) is
+dropped and its metrics counted in ``dropped``. At most one packet is ever
+buffered: whoever fills it sends it.
+
+Names are made safe for Graphite: dots separate levels, any character
+outside ``[A-Za-z0-9_.-]`` becomes ``_``, and empty levels go. A free-form
+part of a name (a stream name, an error code) becomes one level with
+``level()``.
+
+    statsd = StatsD.from_address("127.0.0.1:8125", prefix="mv1")
+    statsd.timing("api.append", 1.7)        # mv1.api.append:1.700|ms
+    statsd.incr("storage.append.events", 20)
+    statsd.gauge(f"stream.{level(name)}", 5324)
+    statsd.close()
+
+This module is a leaf: it imports nothing from messagevault, so the server,
+the stress tester and any user code can share it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+import threading
+from types import TracebackType
+
+DEFAULT_PORT = 8125
+# 1432 bytes: an IPv4 datagram that fits a 1500-byte Ethernet frame with room
+# for IP options, the size StatsD's own documentation recommends.
+DEFAULT_MAX_PACKET = 1432
+MIN_PACKET = 64  # room for one metric line with a sensible name
+_NAMES_CACHED = 4096  # sanitised names kept; beyond that the cache starts over
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_DOTS = re.compile(r"\.{2,}")
+
+
+def sanitize(name: str) -> str:
+    """``name`` as Graphite can store it: dots kept as levels, other unsafe characters ``_``."""
+    return _DOTS.sub(".", _UNSAFE.sub("_", name)).strip(".")
+
+
+def level(text: str) -> str:
+    """``text`` as one level of a metric name (its dots too become ``_``); never empty."""
+    return _UNSAFE.sub("_", text).replace(".", "_") or "_"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[IPv6]:PORT"`` as (host, port); ValueError naming the fault."""
+    text = address.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"StatsD address {address!r}: write an IPv6 address as [::1]:8125")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ValueError(f"StatsD address {address!r} has no port: write HOST:PORT")
+        if ":" in host:
+            raise ValueError(
+                f"StatsD address {address!r}: put an IPv6 address in brackets, [::1]:8125"
+            )
+    if not host:
+        raise ValueError(f"StatsD address {address!r} has no host: write HOST:PORT")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"StatsD address {address!r}: the port must be a number in 1..65535")
+    return host, int(port_text)
+
+
+class StatsD:
+    """Sends metrics to a StatsD daemon at ``host:port`` over UDP; thread-safe.
+
+    ``prefix`` goes before every name (``prefix.name``), so that several
+    servers can share one daemon. ``dropped`` counts metrics that were not
+    sent (no daemon, buffers full, values StatsD cannot take).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        prefix: str = "",
+        flush_interval: float = 0.5,
+        max_packet: int = DEFAULT_MAX_PACKET,
+    ) -> None:
+        if not 1 <= port <= 65535:
+            raise ValueError(f"StatsD port {port} is not in 1..65535")
+        if not flush_interval > 0:
+            raise ValueError(f"StatsD flush interval must be above 0 seconds, not {flush_interval}")
+        if max_packet < MIN_PACKET:
+            raise ValueError(f"StatsD packets must allow at least {MIN_PACKET} bytes")
+        try:
+            family, kind, protocol, _, target = socket.getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM
+            )[0]
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(f"StatsD host {host!r} cannot be resolved: {exc}") from None
+        self.address = target[:2]
+        self.prefix = f"{sanitize(prefix)}." if sanitize(prefix) else ""
+        self.flush_interval = flush_interval
+        self.max_packet = max_packet
+        self.dropped = 0
+        self._socket = socket.socket(family, kind, protocol)
+        self._socket.setblocking(False)
+        # Connected, so the kernel checks the address once, not per packet.
+        self._socket.connect(target)
+        self._lock = threading.Lock()
+        self._lines: list[str] = []
+        self._size = 0  # bytes of the buffered packet, newlines included
+        self._names: dict[str, str] = {}
+        self._closed = False
+        self._closing = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_regularly, name="statsd", daemon=True)
+        self._flusher.start()
+
+    @classmethod
+    def from_address(cls, address: str, *, prefix: str = "") -> StatsD:
+        """A client for ``"HOST:PORT"`` or ``"[::1]:PORT"``; ValueError with the fault if bad."""
+        host, port = parse_address(address)
+        return cls(host, port, prefix=prefix)
+
+    def incr(self, name: str, count: int = 1) -> None:
+        """Add ``count`` to counter ``name``."""
+        self._record(f"{self._name(name)}:{count}|c", 1)
+
+    def timing(self, name: str, milliseconds: float) -> None:
+        """One measurement of timer ``name`` (the daemon keeps percentiles of these)."""
+        if not 0 <= milliseconds < math.inf:  # StatsD refuses negative times; NaN too
+            self._drop(1)
+            return
+        self._record(f"{self._name(name)}:{milliseconds:.3f}|ms", 1)
+
+    def gauge(self, name: str, value: float) -> None:
+        """Set gauge ``name`` to ``value``."""
+        if not math.isfinite(value):
+            self._drop(1)
+            return
+        metric = self._name(name)
+        # An int as it is: a stream's length must not become 5.324e+09.
+        number = str(value) if isinstance(value, int) else repr(value)
+        if value < 0:
+            # A signed gauge value is a change, not a value: zero it first, in
+            # the same packet, so the daemon ends at the value.
+            self._record(f"{metric}:0|g\n{metric}:{number}|g", 2)
+        else:
+            self._record(f"{metric}:{number}|g", 1)
+
+    def flush(self) -> None:
+        """Send the buffered metrics now."""
+        with self._lock:
+            lines = self._take()
+        if lines:
+            self._send(lines)
+
+    def close(self) -> None:
+        """Send what is buffered and stop; later metrics are dropped quietly."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            lines = self._take()
+        self._closing.set()
+        if threading.current_thread() is not self._flusher:
+            self._flusher.join(timeout=5)
+        if lines:
+            self._send(lines)
+        self._socket.close()
+
+    def __enter__(self) -> StatsD:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _name(self, name: str) -> str:
+        full = self._names.get(name)
+        if full is None:
+            if len(self._names) >= _NAMES_CACHED:  # names built from unbounded data
+                self._names = {}
+            full = self._names[name] = self.prefix + (sanitize(name) or "_")
+        return full
+
+    def _record(self, line: str, metrics: int) -> None:
+        size = len(line) + 1
+        full: list[str] | None = None
+        with self._lock:
+            if self._closed:
+                return
+            if size > self.max_packet:  # could never be sent whole
+                self.dropped += metrics
+                return
+            if self._size + size > self.max_packet:
+                full = self._take()
+            self._lines.append(line)
+            self._size += size
+        if full:
+            self._send(full)
+
+    def _take(self) -> list[str]:
+        lines, self._lines, self._size = self._lines, [], 0
+        return lines
+
+    def _send(self, lines: list[str]) -> None:
+        packet = "\n".join(lines).encode("ascii", "replace")
+        try:
+            self._socket.send(packet)
+        except OSError:  # the daemon away, buffers full, the socket closed: metrics only
+            self._drop(sum(line.count("\n") + 1 for line in lines))
+
+    def _drop(self, metrics: int) -> None:
+        with self._lock:
+            self.dropped += metrics
+
+    def _flush_regularly(self) -> None:
+        while not self._closing.wait(self.flush_interval):
+            self.flush()
