@@ -58,6 +58,7 @@ from messagevault.names import validate_stream_name
 from messagevault.profiles import config_path, save_profile
 from messagevault.reader import Reader, VerifyReport
 from messagevault.replicate import copy_stream
+from messagevault.statsd import StatsD
 from messagevault.storage import open_storage
 from messagevault.storage.base import ServerLock, Storage, SystemFiles
 from messagevault.writer import AppendResult, Writer
@@ -252,6 +253,21 @@ def _serve_option(
     "Seconds an append waits for room before 503 overloaded.",
 )
 @click.option(
+    "--statsd",
+    "statsd_address",
+    envvar="MESSAGEVAULT_STATSD",
+    metavar="HOST:PORT",
+    help="Also push metrics to this StatsD daemon over UDP ([::1]:8125 for IPv6); "
+    "docs/OPERATIONS.md lists them.",
+)
+@click.option(
+    "--statsd-prefix",
+    envvar="MESSAGEVAULT_STATSD_PREFIX",
+    default="",
+    metavar="PREFIX",
+    help="Put before every StatsD name (e.g. this server's name), so servers can share a daemon.",
+)
+@click.option(
     "--log-level",
     envvar="MESSAGEVAULT_LOG_LEVEL",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -280,6 +296,8 @@ def serve(  # click passes options by name
     linger_ms: float,
     max_queued_bytes: int,
     max_queue_wait: float,
+    statsd_address: str | None,
+    statsd_prefix: str,
     log_level: str,
     save_profile: str | None,
 ) -> None:
@@ -294,6 +312,7 @@ def serve(  # click passes options by name
 
     configure(logging.getLevelNamesMapping()[log_level.upper()])
     log = logging.getLogger("messagevault.server")
+    statsd = _statsd(statsd_address, statsd_prefix)  # a bad address starts nothing
     try:
         storage = open_storage(storage_url, fsync=fsync)
     except ValueError as exc:
@@ -312,12 +331,18 @@ def serve(  # click passes options by name
         max_queue_wait=max_queue_wait,
     )
     app = create_app(hub, limits, Authenticator(files))
+    if statsd is not None:
+        from messagevault.server.statsd_metrics import install
+
+        install(app, hub, statsd)
     settings = {
         "fsync": fsync,
         **dataclasses.asdict(limits),
         "linger_ms": linger_ms,
         "max_queued_bytes": max_queued_bytes,
         "max_queue_wait": max_queue_wait,
+        "statsd": statsd_address,
+        "statsd_prefix": statsd_prefix,
     }
 
     def listening(bound_port: int) -> None:
@@ -347,6 +372,16 @@ def serve(  # click passes options by name
             click.echo(f"error: {exc}; {hint}", err=True)
             sys.exit(1)
     log.info("stopped")
+
+
+def _statsd(address: str | None, prefix: str) -> StatsD | None:
+    """``serve --statsd``: the client, or a usage error (exit 2) for an address it cannot use."""
+    if not address:
+        return None
+    try:
+        return StatsD.from_address(address, prefix=prefix)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--statsd") from exc
 
 
 def _save_admin_profile(name: str, host: str, port: int, password: str) -> None:
