@@ -50,6 +50,7 @@ from messagevault.server.auth import Authenticator, Users, save_users
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.wire import BATCH_CONTENT_TYPE, error_body
 from tests.azurite import Azurite, free_port
+from tests.prometheus_text import sample
 from tests.serve_process import serve_process as serving
 from tests.served import ServedApp
 from tests.test_server import GatedStorage
@@ -583,9 +584,9 @@ def _appends_answered(served: ServedApp, status: int) -> float:
     """How many appends the server answered with ``status``, from its /metrics."""
     with urllib.request.urlopen(f"{served.url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    line = f'messagevault_requests_total{{route="/streams/{{stream}}",status="{status}"}} '
-    counts = [float(row[len(line) :]) for row in text.splitlines() if row.startswith(line)]
-    return sum(counts)
+    return sample(
+        text, "messagevault_requests_total", route="/streams/{stream}", status=str(status)
+    )
 
 
 def test_an_append_refused_as_overloaded_is_sent_again(tmp_path: Path) -> None:

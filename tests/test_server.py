@@ -20,6 +20,7 @@ from messagevault.server.app import REQUEST_OBSERVERS, Served
 from messagevault.server.hub import READ_CHUNK_SIZE
 from messagevault.storage.base import Storage
 from messagevault.storage.memory import MemoryStreamStore
+from tests.prometheus_text import sample
 
 BATCH = "application/x-messagevault-batch"
 Client = TestClient[web.Request, web.Application]
@@ -298,12 +299,13 @@ async def test_health_ready_metrics_openapi(client: Client) -> None:
     await _post_json(client, "orders", [{"value": "w"}])
     await _error(await client.post("/streams/orders", json={"messages": []}), 400, "invalid_batch")
     metrics = await (await client.get("/metrics")).text()
-    assert "messagevault_appended_messages_total 2.0" in metrics
-    route = 'route="/streams/{stream}"'
-    assert f'messagevault_requests_total{{{route},status="200"}} 2.0' in metrics
-    assert f'messagevault_requests_total{{{route},status="400"}} 1.0' in metrics
-    assert f"messagevault_request_seconds_count{{{route}}} 3.0" in metrics
-    assert 'messagevault_requests_total{route="/health",status="200"} 1.0' in metrics
+    assert sample(metrics, "messagevault_committed_messages_total") == 2
+    route = "/streams/{stream}"
+    requests = "messagevault_requests_total"
+    assert sample(metrics, requests, route=route, status="200", code="ok") == 2
+    assert sample(metrics, requests, route=route, status="400", code="invalid_batch") == 1
+    assert sample(metrics, "messagevault_request_seconds_count", route=route) == 3
+    assert sample(metrics, requests, route="/health", status="200", code="ok") == 1
     document = await (await client.get("/openapi.json")).json()
     assert set(document["paths"]) >= {
         "/streams",
@@ -699,32 +701,26 @@ async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient
     )
 
 
-def _samples(text: str) -> dict[str, float]:
-    """Prometheus text format -> {name{labels}: value}, comments dropped."""
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
 async def test_metrics_show_group_commit_per_stream(client: Client) -> None:
     await asyncio.gather(
         *(_post_json(client, "orders", [{"value": "v" * n}] * 3) for n in range(1, 21))
     )
     await _post_json(client, "billing", [{"value": "x"}])
-    samples = _samples(await (await client.get("/metrics")).text())
+    text = await (await client.get("/metrics")).text()
     info = await (await client.get("/streams/orders")).json()
-    orders = '{stream="orders"}'
-    assert samples[f"messagevault_committed_batches_total{orders}"] == 20
-    assert samples[f"messagevault_committed_messages_total{orders}"] == 60
-    assert samples[f"messagevault_committed_bytes_total{orders}"] == info["length"]
-    assert samples[f"messagevault_stream_length_bytes{orders}"] == info["length"]
-    assert 1 <= samples[f"messagevault_commits_total{orders}"] <= 20
-    assert samples[f"messagevault_commit_seconds_total{orders}"] > 0
-    assert samples[f"messagevault_commit_queue_bytes{orders}"] == 0
-    assert samples['messagevault_committed_messages_total{stream="billing"}'] == 1
+
+    def orders(name: str) -> float:
+        return sample(text, f"messagevault_{name}", stream="orders")
+
+    assert orders("commit_batches_sum") == 20
+    assert orders("committed_messages_total") == 60
+    assert orders("committed_bytes_total") == info["length"]
+    assert orders("stream_length_bytes") == info["length"]
+    assert 1 <= orders("commit_seconds_count") == orders("commit_batches_count") <= 20
+    assert orders("commit_seconds_sum") > 0
+    assert orders("commit_queue_bytes") == 0
+    assert sample(text, "messagevault_committed_messages_total", stream="billing") == 1
+    assert sample(text, "messagevault_streams_open") == 2
 
 
 async def test_an_append_that_waits_too_long_for_room_is_refused_with_503(

@@ -276,6 +276,20 @@ def _serve_option(
     help="Least important log lines shown; debug also shows each Azure SDK request.",
 )
 @click.option(
+    "--access-log/--no-access-log",
+    envvar="MESSAGEVAULT_ACCESS_LOG",
+    default=True,
+    show_default=True,
+    help="A JSON line per request at info level (messagevault.access); "
+    "a --log-level above info hides it too.",
+)
+@_serve_option(
+    "--metrics-streams",
+    click.IntRange(0),
+    100,
+    'Streams with series of their own in /metrics; the rest are counted as stream="_other".',
+)
+@click.option(
     "--save-profile",
     metavar="NAME",
     help="When this start creates the first admin, also save its url, user and password as "
@@ -299,6 +313,8 @@ def serve(  # click passes options by name
     statsd_address: str | None,
     statsd_prefix: str,
     log_level: str,
+    access_log: bool,
+    metrics_streams: int,
     save_profile: str | None,
 ) -> None:
     """Run the HTTP server, the single writer of the storage's streams."""
@@ -306,6 +322,7 @@ def serve(  # click passes options by name
     import logging
 
     from messagevault.server import Limits, StreamHub, create_app
+    from messagevault.server.app import REQUEST_OBSERVERS
     from messagevault.server.auth import Authenticator, ensure_admin
     from messagevault.server.logs import configure
     from messagevault.server.runner import CannotListen, serve_until_stopped
@@ -330,7 +347,11 @@ def serve(  # click passes options by name
         max_queued_bytes=max_queued_bytes,
         max_queue_wait=max_queue_wait,
     )
-    app = create_app(hub, limits, Authenticator(files))
+    app = create_app(hub, limits, Authenticator(files), max_stream_series=metrics_streams)
+    if access_log:
+        from messagevault.server.access_log import log_request
+
+        app[REQUEST_OBSERVERS].append(log_request)
     if statsd is not None:
         from messagevault.server.statsd_metrics import install
 
@@ -343,6 +364,8 @@ def serve(  # click passes options by name
         "max_queue_wait": max_queue_wait,
         "statsd": statsd_address,
         "statsd_prefix": statsd_prefix,
+        "access_log": access_log,
+        "metrics_streams": metrics_streams,
     }
 
     def listening(bound_port: int) -> None:

@@ -11,20 +11,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    Metric,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from messagevault.errors import (
     AccessDenied,
@@ -43,6 +34,8 @@ from messagevault.format import MAX_FRAME_SIZE, encode_batch, parse_batch
 from messagevault.names import validate_stream_name
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
+from messagevault.server.logs import REQUEST_ID, request_id
+from messagevault.server.metrics import DEFAULT_MAX_STREAM_SERIES, Metrics
 from messagevault.server.openapi import openapi_document
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
@@ -71,65 +64,6 @@ class Limits:
     max_wait: float = 60.0  # seconds of long-poll
 
 
-class CommitCollector(Collector):
-    """Per-stream group-commit figures (and waiting reads), read from the hub when scraped.
-
-    Nothing is counted on the append path: the committers keep plain
-    counters and this turns them into metric families at scrape time. The
-    average commit takes rate(commit_seconds) / rate(commits); batches per
-    commit, rate(committed_batches) / rate(commits), shows group commit at work.
-    """
-
-    def __init__(self, hub: StreamHub) -> None:
-        self.hub = hub
-
-    def collect(self) -> Iterator[Metric]:
-        families = {
-            name: CounterMetricFamily(f"messagevault_{name}", help_text, labels=["stream"])
-            for name, help_text in (
-                ("commits", "Storage commits (one write + checkpoint each)"),
-                ("committed_batches", "Append requests committed"),
-                ("committed_messages", "Messages committed"),
-                ("committed_bytes", "Frame bytes committed"),
-                ("commit_seconds", "Time spent in storage commits"),
-            )
-        }
-        queued = GaugeMetricFamily(
-            "messagevault_commit_queue_bytes", "Bytes waiting for a commit", labels=["stream"]
-        )
-        length = GaugeMetricFamily(
-            "messagevault_stream_length_bytes", "Committed length of the stream", labels=["stream"]
-        )
-        appended = 0
-        for stream, committer in sorted(self.hub.committers().items()):
-            stats = committer.stats
-            appended += stats.messages
-            for name, value in (
-                ("commits", stats.commits),
-                ("committed_batches", stats.batches),
-                ("committed_messages", stats.messages),
-                ("committed_bytes", stats.bytes),
-                ("commit_seconds", stats.seconds),
-            ):
-                families[name].add_metric([stream], value)
-            queued.add_metric([stream], committer.queued_bytes)
-            length.add_metric([stream], committer.writer.checkpoint.length)
-        yield CounterMetricFamily(
-            "messagevault_appended_messages", "Messages committed, all streams", value=appended
-        )
-        waiting = GaugeMetricFamily(
-            "messagevault_waiting_reads",
-            "Long polls and tails waiting for the next commit",
-            labels=["stream"],
-        )
-        for stream, count in sorted(self.hub.waiting_reads().items()):
-            waiting.add_metric([stream], count)
-        yield from families.values()
-        yield queued
-        yield length
-        yield waiting
-
-
 @dataclass(frozen=True)
 class Served:
     """One answered request, as told to the request observers (metrics, StatsD, access log)."""
@@ -140,37 +74,28 @@ class Served:
     status: int
     error: str | None  # the error code of an error answer
     seconds: float  # from the handler's start to its answer (a tail: until it ended)
+    request_id: str = ""  # also the answer's X-Request-Id
+    # A read of messages: "read" (answered at once), "long_poll" (it waited
+    # for a commit), "tail" (Server-Sent Events); other routes: "".
+    kind: str = ""
+    path: str = ""  # without the query string, which may hold anything
+    request_bytes: int = 0  # of the body, as received
+    response_bytes: int | None = None  # of the body; None: not known
+    messages: int | None = None  # appended by this request
+    user: str | None = None  # who was authenticated; None: nobody (yet)
+    remote: str | None = None  # the peer's address
 
 
 RequestObserver = Callable[[Served], None]
 
 
-class Metrics:
-    def __init__(self, hub: StreamHub) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(CommitCollector(hub))
-        self.requests = Counter(
-            "messagevault_requests", "HTTP requests", ["route", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "messagevault_request_seconds", "Request latency", ["route"], registry=self.registry
-        )
-        # ``labels()`` looks its child up under a lock on every call; the
-        # routes and statuses are few, so each child is looked up once.
-        self._counted: dict[tuple[str, int], Callable[[], None]] = {}
-        self._timed: dict[str, Callable[[float], None]] = {}
+@dataclass
+class _Notes:
+    """What a handler tells the middleware about its request, for ``Served``."""
 
-    def observe(self, served: Served) -> None:
-        """Count one answered request and its latency."""
-        route, status, seconds = served.route, served.status, served.seconds
-        count = self._counted.get((route, status))
-        if count is None:
-            count = self._counted[route, status] = self.requests.labels(route, str(status)).inc
-        time_it = self._timed.get(route)
-        if time_it is None:
-            time_it = self._timed[route] = self.latency.labels(route).observe
-        count()
-        time_it(seconds)
+    kind: str = ""
+    messages: int | None = None
+    sent: int | None = None  # body bytes of a streamed answer
 
 
 HUB = web.AppKey("hub", StreamHub)
@@ -181,6 +106,9 @@ METRICS = web.AppKey("metrics", Metrics)
 REQUEST_OBSERVERS = web.AppKey("request_observers", list[RequestObserver])
 LIMITS = web.AppKey("limits", Limits)
 VERIFYING = web.AppKey("verifying", dict[str | None, "asyncio.Future[Principal]"])
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+NOTES = web.RequestKey("notes", _Notes)
+REQUEST_ID_HEADER = "X-Request-Id"
 
 _STATUS = {
     Unauthenticated: 401,
@@ -214,11 +142,52 @@ def error_response(status: int, code: str, detail: str) -> web.Response:
 async def errors_and_metrics(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Map every failure to the JSON error shape; tell the observers of each answer."""
+    """Map every failure to the JSON error shape; tell the observers of each answer.
+
+    Each request gets its id here, for its answer's ``X-Request-Id`` and
+    every log line written while it is handled.
+    """
     route = (
         request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
     )
     started = time.perf_counter()
+    request[REQUEST_ID_KEY] = identity = request_id(request.headers.get(REQUEST_ID_HEADER))
+    request[NOTES] = notes = _Notes()
+    logged_as = REQUEST_ID.set(identity)
+    try:
+        response, error = await _answer(request, handler, route)
+        principal = request.get(PRINCIPAL)
+        served = Served(
+            method=request.method,
+            route=route,
+            stream=request.match_info.get("stream"),
+            status=response.status,
+            error=error,
+            seconds=time.perf_counter() - started,
+            request_id=identity,
+            kind=notes.kind,
+            path=request.path,
+            request_bytes=request.content.total_bytes,
+            response_bytes=(
+                response.content_length if isinstance(response, web.Response) else notes.sent
+            ),
+            messages=notes.messages,
+            user=principal.name if principal is not None else None,
+            remote=request.remote,
+        )
+        for observe in request.app[REQUEST_OBSERVERS]:
+            observe(served)
+    finally:
+        REQUEST_ID.reset(logged_as)
+    return response
+
+
+async def _answer(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    route: str,
+) -> tuple[web.StreamResponse, str | None]:
+    """The handler's answer, or the error answer of what it raised; and its error code."""
     error: str | None = None
     try:
         response = await handler(request)
@@ -240,17 +209,14 @@ async def errors_and_metrics(
         response = error_response(500, error, "the server failed; see its log")
     if error is None and response.status >= 400:  # answered by a handler itself (415)
         error = _error_code_of(response)
-    served = Served(
-        method=request.method,
-        route=route,
-        stream=request.match_info.get("stream"),
-        status=response.status,
-        error=error,
-        seconds=time.perf_counter() - started,
-    )
-    for observe in request.app[REQUEST_OBSERVERS]:
-        observe(served)
-    return response
+    return response, error
+
+
+async def _tag_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, errors and streams included, carries its request's id."""
+    identity = request.get(REQUEST_ID_KEY)
+    if identity is not None:
+        response.headers[REQUEST_ID_HEADER] = identity
 
 
 def _error_code_of(response: web.StreamResponse) -> str:
@@ -318,9 +284,17 @@ def _require(request: web.Request, action: str, stream: str | None) -> None:
 
 
 def create_app(
-    hub: StreamHub, limits: Limits | None = None, authenticator: Authenticator | None = None
+    hub: StreamHub,
+    limits: Limits | None = None,
+    authenticator: Authenticator | None = None,
+    *,
+    max_stream_series: int = DEFAULT_MAX_STREAM_SERIES,
 ) -> web.Application:
-    """The application. Without ``authenticator`` every request is allowed (embedding, tests)."""
+    """The application. Without ``authenticator`` every request is allowed (embedding, tests).
+
+    ``max_stream_series``: how many streams get series of their own in
+    ``/metrics``; the others are counted together as ``stream="_other"``.
+    """
     limits = limits or Limits()
     # client_max_size: aiohttp refuses a larger body with 413 before reading it all.
     app = web.Application(
@@ -329,11 +303,13 @@ def create_app(
     if authenticator is not None:
         app[AUTH] = authenticator
     app[HUB] = hub
-    app[METRICS] = Metrics(hub)
-    observers: list[RequestObserver] = [app[METRICS].observe]
+    app[METRICS] = metrics = Metrics(hub, max_stream_series=max_stream_series)
+    hub.commit_observers.append(metrics.committed)
+    observers: list[RequestObserver] = [metrics.observe]
     app[REQUEST_OBSERVERS] = observers
     app[LIMITS] = limits
     app[VERIFYING] = {}
+    app.on_response_prepare.append(_tag_answer)
     app.router.add_post("/streams/{stream}", append)
     app.router.add_get("/streams", list_streams)
     app.router.add_get("/streams/{stream}", stream_info)
@@ -380,6 +356,7 @@ async def append(request: web.Request) -> web.Response:
             f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}",
         )
     result = await request.app[HUB].append(stream, batch)
+    request[NOTES].messages = result.message_count
     if _prefers_minimal(request):
         return web.Response(
             body=appended_minimal(stream, result),
@@ -452,7 +429,10 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
     # refused: a client cannot know every server's --max-wait.
     wait = min(_int_param(request, "wait", 0, 0, MAX_WAIT_ASKED), int(limits.max_wait))
     accept = request.headers.get("Accept", "")
+    notes = request[NOTES]
+    notes.kind = "read"
     if EVENT_STREAM in accept:
+        notes.kind = "tail"
         return await _server_sent_events(request, stream, position, limit)
     if BATCH_CONTENT_TYPE in accept:
         # The bulk path: up to 8 MiB of frames unless a limit is asked for.
@@ -460,7 +440,8 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
         return await _binary_frames(request, stream, position, frames_limit, wait)
     messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
     if not messages and wait:
-        await hub.wait_for_commit(stream, position, wait)
+        notes.kind = "long_poll"
+        await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
         messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
     if NDJSON in accept:
         lines = "".join(json.dumps(message_record(m)) + "\n" for m in messages)
@@ -484,7 +465,8 @@ async def _binary_frames(
     max_bytes = request.app[LIMITS].max_read_bytes
     frames = await hub.read_frames(stream, position, max_bytes, limit)
     if not frames.data and wait:
-        await hub.wait_for_commit(stream, position, wait)
+        request[NOTES].kind = "long_poll"
+        await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
         frames = await hub.read_frames(stream, position, max_bytes, limit)
     return web.Response(
         body=frames.data,
@@ -506,25 +488,49 @@ async def _server_sent_events(
         headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    notes = request[NOTES]
+    notes.sent = 0
+    gone = _gone(request)
     try:
-        while not hub.stopping:  # a shutdown ends the stream: the client reconnects elsewhere
+        while not hub.stopping and not gone():  # a shutdown ends the stream: clients reconnect
             messages, position_after = await hub.read(
                 stream, position, limit, request.app[LIMITS].max_read_bytes
             )
             for message in messages:
                 data = json.dumps(message_record(message))
-                await response.write(f"id: {message.next_position}\ndata: {data}\n\n".encode())
+                event = f"id: {message.next_position}\ndata: {data}\n\n".encode()
+                await response.write(event)
+                notes.sent += len(event)
             position = position_after
             if not messages:
-                await hub.wait_for_commit(stream, position, 15)
-                await response.write(b": keep-alive\n\n")
+                # Wakes early if the reader goes away, so that it stops
+                # counting as a waiting read.
+                await hub.wait_for_commit(stream, position, 15, gone=gone)
+                await response.write(KEEP_ALIVE)
+                notes.sent += len(KEEP_ALIVE)
         await response.write_eof()
     except ConnectionResetError:
-        # The reader went away (aiohttp says so at the next write, at the
-        # latest with the keep-alive): that is how a tail ends, no error. It
-        # counts as the 200 it was answered with.
+        # The reader went away (aiohttp says so at the next write): that is
+        # how a tail ends, no error. It counts as the 200 it was answered with.
         log.debug("tail reader went away", extra={"stream": stream, "position": position})
     return response
+
+
+KEEP_ALIVE = b": keep-alive\n\n"
+
+
+def _gone(request: web.Request) -> Callable[[], bool]:
+    """Whether the request's client has gone away (its connection is closed or closing).
+
+    aiohttp does not cancel a handler whose client left; a waiting read
+    asks this each time it wakes (at least once per ``recheck_interval``).
+    """
+
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    return gone
 
 
 async def health(request: web.Request) -> web.Response:

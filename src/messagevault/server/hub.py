@@ -305,14 +305,29 @@ class StreamHub:
     def _condition(self, stream: str) -> asyncio.Condition:
         return self._commits.setdefault(stream, asyncio.Condition())
 
-    async def wait_for_commit(self, stream: str, beyond: int, timeout: float) -> None:
-        """Return once the stream is longer than ``beyond``, or after ``timeout`` seconds."""
+    async def wait_for_commit(
+        self,
+        stream: str,
+        beyond: int,
+        timeout: float,
+        *,
+        gone: Callable[[], bool] | None = None,
+    ) -> None:
+        """Return once the stream is longer than ``beyond``, or after ``timeout`` seconds.
+
+        Also once ``gone()`` says that nobody waits any more (the client
+        left), asked at least every ``recheck_interval`` seconds.
+        """
         condition = self._condition(stream)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._tailing[stream] = self._tailing.get(stream, 0) + 1
         try:
-            while not self.stopping and (await self.checkpoint(stream)).length <= beyond:
+            while (
+                not self.stopping
+                and not (gone is not None and gone())
+                and (await self.checkpoint(stream)).length <= beyond
+            ):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
