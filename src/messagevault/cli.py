@@ -44,6 +44,7 @@ from messagevault.cli_sources import (
     sas_url_of,
     storage_from,
 )
+from messagevault.cli_stress import stress
 from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES
 from messagevault.errors import (
     Forbidden,
@@ -1059,6 +1060,8 @@ def copy(
         f"position {report.end:,}"
     )
 
+
+main.add_command(stress)
 
 if __name__ == "__main__":
     main()

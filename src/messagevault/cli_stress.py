@@ -1,0 +1,376 @@
+"""``messagevault stress``: the click command over ``messagevault.stress``.
+
+Where it sends its load: ``--url`` (or ``MESSAGEVAULT_URL``), or the url of
+``--profile`` (or ``MESSAGEVAULT_PROFILE``), with credentials as for the
+other commands; with none of these, or with ``--embedded``, it starts its
+own server on a temporary folder. The ``default`` profile is never picked
+up on its own: a load test reaches a real server only when asked to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from messagevault.cli_config import resolve_target
+from messagevault.errors import InvalidInput
+from messagevault.names import validate_stream_name
+from messagevault.stress.workload import FSYNC, READ_FROM, Plan, PlanError
+
+if TYPE_CHECKING:
+    from messagevault.stress.driver import Connection, Outcome
+    from messagevault.stress.embedded import EmbeddedServer
+    from messagevault.stress.stats import MetricsSink
+
+DEFAULT_DURATION = 10.0
+EXAMPLES = """\b
+Examples:
+  messagevault stress                                  # 10 s, 1 producer, embedded server
+  messagevault stress --producers 4 --duration 30 --consumers 2 --json run.json
+  messagevault stress --fsync never --json never.json --report fsync.png \\
+                      --compare always.json
+  messagevault stress --url http://127.0.0.1:8080 --count 100000 --read-from server
+"""
+
+
+@click.command(epilog=EXAMPLES)
+@click.option(
+    "--url",
+    envvar="MESSAGEVAULT_URL",
+    metavar="URL",
+    help="Load the server at URL (credentials as for the other commands). Env: MESSAGEVAULT_URL.",
+)
+@click.option(
+    "--profile",
+    envvar="MESSAGEVAULT_PROFILE",
+    metavar="NAME",
+    help="Load the server of this profile of the config file. Env: MESSAGEVAULT_PROFILE.",
+)
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="Start a server of its own on a temporary folder (the default when no URL "
+    "or profile is given); stopped and removed at the end.",
+)
+@click.option(
+    "--fsync", type=click.Choice(FSYNC), help="The embedded server's --fsync.  [default: always]"
+)
+@click.option(
+    "--producers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Concurrent producers; each waits for its batch's ack before the next.",
+)
+@click.option(
+    "--streams",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Streams written (producer i writes to stream i mod STREAMS).",
+)
+@click.option("--batch-size", type=int, default=100, show_default=True, help="Messages per batch.")
+@click.option(
+    "--value-size",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Bytes per value (at least 20: send time, producer, sequence).",
+)
+@click.option(
+    "--duration",
+    type=float,
+    help=f"Seconds to send for.  [default: {DEFAULT_DURATION:g}, unless --count]",
+)
+@click.option("--count", type=int, help="Messages to send in all, instead of --duration.")
+@click.option(
+    "--consumers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Consumers reading while the producers write (consumer i reads stream i "
+    "mod STREAMS); they measure end-to-end latency.",
+)
+@click.option(
+    "--read-from",
+    type=click.Choice(READ_FROM),
+    default="storage",
+    show_default=True,
+    help="How consumers and the read-back read: the storage itself, or the server.",
+)
+@click.option(
+    "--stream-prefix",
+    default="stress",
+    show_default=True,
+    help="Streams are PREFIX-0, PREFIX-1, ...",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Save the run (options, machine, per-second series, table, verification).",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw throughput and latency per second as FILE.html or FILE.png "
+    "(needs matplotlib: pip install 'messagevault[report]').",
+)
+@click.option(
+    "--compare",
+    "compare_paths",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An earlier run's --json to draw beside this one; repeatable.",
+)
+@click.option("--label", help="This run's name in reports (default: its options).")
+@click.option(
+    "--statsd",
+    "statsd_address",
+    metavar="HOST:PORT",
+    help="Also push the figures to a StatsD daemon (counters and timers).",
+)
+@click.option(
+    "--statsd-prefix",
+    default="messagevault.stress",
+    show_default=True,
+    help="Prefix of the StatsD names.",
+)
+def stress(
+    *,
+    url: str | None,
+    profile: str | None,
+    embedded: bool,
+    fsync: str | None,
+    producers: int,
+    streams: int,
+    batch_size: int,
+    value_size: int,
+    duration: float | None,
+    count: int | None,
+    consumers: int,
+    read_from: str,
+    stream_prefix: str,
+    json_path: Path | None,
+    report_path: Path | None,
+    compare_paths: tuple[Path, ...],
+    label: str | None,
+    statsd_address: str | None,
+    statsd_prefix: str,
+) -> None:
+    """Load a server with producers and consumers; print rates and latencies; check it all.
+
+    Producers send batches of checkable messages for --duration seconds or
+    --count messages while consumers read them; at the end one table gives
+    msgs/s, batches/s, MB/s and latency percentiles (HDR histograms) for
+    writes (ack), reads (the read-back) and end to end (send to seen), and
+    every message written is read back and checked: count, order per
+    producer, content. A mismatch exits 1. Ctrl-C stops the producers after
+    their batches in flight and prints a partial table (exit 130).
+    """
+    # The engine (HTTP client, histograms) loads only when this command runs.
+    from messagevault.stress import report
+    from messagevault.stress.driver import Connection
+
+    ctx = click.get_current_context()
+    if duration is None and count is None:
+        duration = DEFAULT_DURATION
+    plan = Plan(
+        producers,
+        streams,
+        batch_size,
+        value_size,
+        duration,
+        count,
+        consumers,
+        read_from,
+        stream_prefix,
+    )
+    try:
+        plan.check()
+        validate_stream_name(plan.stream_name(streams - 1))
+    except (PlanError, InvalidInput) as exc:
+        raise click.UsageError(str(exc)) from None
+    remote = bool(url or profile)
+    if embedded and remote:
+        raise click.UsageError("give --embedded or a server (--url, --profile), not both")
+    if remote and fsync is not None:
+        raise click.UsageError("--fsync is for the embedded server; a running server has its own")
+    compared = _check_outputs(json_path, report_path, compare_paths)
+    sink = _statsd(statsd_address, statsd_prefix)
+    try:
+        if remote:
+            target = resolve_target(ctx, url, None, profile)
+            assert target.url is not None
+            connection = Connection(target.url, target.user, target.password)
+            where = f"the server at {target.shown}"
+            outcome = _run(plan, connection, sink)
+            settings: dict[str, Any] = {"server": target.shown}
+        else:
+            chosen = fsync or "always"
+            with _embedded(chosen) as server:
+                connection = Connection(server.url, server.user, server.password)
+                where = f"an embedded server (--fsync {chosen})"
+                outcome = _run(plan, connection, sink)
+            settings = {"server": "embedded", "fsync": chosen}
+    finally:
+        if sink is not None:
+            sink.close()  # type: ignore[attr-defined]
+    label = label or _label(plan, settings)
+    run_document = report.document(outcome, label, settings)
+    _print(outcome, label, where)
+    if json_path is not None:
+        report.save_json(json_path, run_document)
+        click.echo(f"saved {json_path}")
+    if report_path is not None:
+        report.draw(report_path, [run_document, *compared])
+        click.echo(f"drew {report_path}")
+    _exit(outcome)
+
+
+def _check_outputs(
+    json_path: Path | None, report_path: Path | None, compare_paths: tuple[Path, ...]
+) -> list[dict[str, Any]]:
+    """Everything about the outputs that can be wrong, found before the run."""
+    from messagevault.stress import report
+
+    for flag, path in (("--json", json_path), ("--report", report_path)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise click.UsageError(f"{flag} {path}: there is no folder {path.resolve().parent}")
+    if compare_paths and report_path is None:
+        raise click.UsageError("--compare adds runs to a --report: give --report FILE too")
+    try:
+        if report_path is not None:
+            report.check_report_path(report_path)
+        return [report.load_run(path) for path in compare_paths]
+    except report.ReportError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _statsd(address: str | None, prefix: str) -> MetricsSink | None:
+    if address is None:
+        return None
+    try:
+        from messagevault.statsd import StatsD
+    except ImportError:
+        raise click.UsageError("--statsd: this build has no StatsD client") from None
+    try:
+        return StatsD.from_address(address, prefix=prefix)
+    except ValueError as exc:
+        raise click.UsageError(f"--statsd: {exc}") from None
+
+
+@contextlib.contextmanager
+def _embedded(fsync: str) -> Iterator[EmbeddedServer]:
+    from messagevault.stress.embedded import EmbeddedServer, ServerFailed
+
+    click.echo(f"starting an embedded server (--fsync {fsync})...", err=True)
+    server = EmbeddedServer(fsync=fsync)
+    try:
+        server.wait_until_up()
+    except ServerFailed as exc:
+        server.stop()
+        raise click.ClickException(str(exc)) from None
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        yield server
+    finally:
+        code = server.stop()
+        if code not in (0, None):
+            click.echo(f"warning: the embedded server exited with {code}", err=True)
+
+
+def _run(plan: Plan, connection: Connection, sink: MetricsSink | None) -> Outcome:
+    from messagevault.stress.driver import run
+    from messagevault.stress.progress import LiveProgress
+    from messagevault.stress.stats import Recorder
+
+    recorder = Recorder(sink)
+    interrupted = threading.Event()
+    with LiveProgress(recorder, plan.count) as progress:
+
+        async def main() -> Outcome:
+            loop = asyncio.get_running_loop()
+
+            def on_interrupt() -> None:
+                if interrupted.is_set():  # a second Ctrl-C: stop at once
+                    raise KeyboardInterrupt
+                interrupted.set()
+                progress.note(
+                    "interrupted: the producers stop after their batches in flight "
+                    "(Ctrl-C again to quit at once)"
+                )
+
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+            try:
+                return await run(
+                    plan,
+                    connection,
+                    recorder,
+                    interrupted,
+                    on_tick=progress.update,
+                    on_note=progress.note,
+                )
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
+
+        return asyncio.run(main())
+
+
+def _label(plan: Plan, settings: dict[str, Any]) -> str:
+    producers = f"{plan.producers} producer{'s' if plan.producers > 1 else ''}"
+    streams = f"{plan.streams} stream{'s' if plan.streams > 1 else ''}"
+    place = f"fsync {settings['fsync']}" if "fsync" in settings else settings["server"]
+    return f"{producers}, {streams}, {plan.batch_size} x {plan.value_size} B, {place}"
+
+
+def _print(outcome: Outcome, label: str, where: str) -> None:
+    from messagevault.stress import report
+
+    plan = outcome.plan
+    report.print_table(outcome, f"messagevault stress: {label}")
+    click.echo(
+        f"{outcome.recorder.write.messages:,} messages written to {where} in "
+        f"{outcome.write_seconds:.1f} s by {plan.producers} producer(s) on {plan.streams} "
+        f"stream(s); {plan.consumers} consumer(s) reading from {plan.read_from}"
+    )
+    if plan.consumers and not outcome.consumers_done and not outcome.partial:
+        click.echo(
+            f"consumers: saw {outcome.recorder.seen.messages:,} messages, not all of them, "
+            "before they were stopped"
+        )
+    for error in outcome.consumer_errors:
+        click.echo(f"consumer error: {error}", err=True)
+    readback = outcome.readback
+    if readback is None:
+        click.echo("read-back: skipped (interrupted)")
+    elif readback.ok:
+        click.echo(
+            f"read-back: OK, {readback.messages:,} messages checked "
+            "(count, order per producer, every byte)"
+        )
+    else:
+        click.echo(f"read-back: {readback.problem_count:,} problem(s):", err=True)
+        for problem in readback.problems:
+            click.echo(f"  {problem}", err=True)
+
+
+def _exit(outcome: Outcome) -> None:
+    if outcome.partial:
+        raise click.exceptions.Exit(130)
+    if outcome.readback is not None and not outcome.readback.ok:
+        raise click.ClickException(
+            f"the read-back found {outcome.readback.problem_count:,} problem(s) (listed above)"
+        )
+    if outcome.consumer_errors:
+        raise click.ClickException("a consumer failed (see above)")

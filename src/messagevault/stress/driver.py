@@ -1,0 +1,311 @@
+"""Drive a stress run: producers on the event loop, consumers in threads, then the read-back.
+
+Producers are tasks of one asyncio loop sharing one ``AsyncClient``; each
+sends a batch, waits for its acknowledgement and sends the next, until its
+share of ``--count`` is sent or ``--duration`` is up, or ``interrupted`` is
+set (Ctrl-C): then it stops after the batch in flight, so every message sent
+is acknowledged. Consumers are threads with blocking readers (a ``Reader`` on
+the storage, or a ``Client`` long-polling the server); each follows one
+stream from where the run started and records the end-to-end latency of what
+it sees. When the producers are done, consumers read on until they reach
+the last acknowledged batch (or ``DRAIN_TIMEOUT``). Then everything written
+is read back once more and checked (``verify``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from messagevault.client import AsyncClient, Client
+from messagevault.errors import StreamNotFound
+from messagevault.format import Message
+from messagevault.stress.stats import Recorder, Second
+from messagevault.stress.verify import Readback, read_back
+from messagevault.stress.workload import Plan, Values, header_of
+
+STORAGE_POLL = 0.002  # seconds between checkpoint reads of a consumer at the tail of storage
+DRAIN_TIMEOUT = 60.0  # seconds consumers get, after the producers stop, to see everything
+TICK = 1.0
+MIN_LAST_TICK = 0.5  # seconds: a shorter last interval is left out of the series
+
+
+@dataclass(frozen=True)
+class Connection:
+    url: str
+    user: str | None
+    password: str | None
+
+    def client(self) -> Client:
+        return Client(self.url, user=self.user, password=self.password)
+
+    def async_client(self) -> AsyncClient:
+        return AsyncClient(self.url, user=self.user, password=self.password)
+
+
+@dataclass
+class Outcome:
+    """All a run found out, for the table, the JSON and the exit code."""
+
+    plan: Plan
+    recorder: Recorder
+    write_seconds: float
+    partial: bool  # interrupted: the producers stopped early
+    starts: dict[str, int]  # stream -> its length when the run began
+    ends: dict[str, int]  # stream -> end of the last batch acknowledged
+    acked: list[int]  # per producer: messages acknowledged
+    consumers_done: bool = True  # every consumer saw everything written
+    readback: Readback | None = None  # None: skipped (interrupted)
+    consumer_errors: list[str] = field(default_factory=list)
+
+
+class Consumer(threading.Thread):
+    """Follows one stream from ``start`` and records what it sees, until ``stop``."""
+
+    def __init__(
+        self,
+        index: int,
+        *,
+        stream: str,
+        start: int,
+        plan: Plan,
+        connection: Connection,
+        recorder: Recorder,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name=f"messagevault-stress-consumer-{index}", daemon=True)
+        self.stream = stream
+        self.position = start
+        self._plan = plan
+        self._connection = connection
+        self._recorder = recorder
+        self._halt = stop
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self._connection.client() as client:
+                if self._plan.read_from == "storage":
+                    self._from_storage(client)
+                else:
+                    self._from_server(client)
+        except BaseException as exc:  # noqa: BLE001 - reported by the driver
+            self.error = exc
+
+    def _from_storage(self, client: Client) -> None:
+        reader = None
+        while reader is None and not self._halt.is_set():
+            try:
+                reader = client.open_reader(self.stream)
+            except StreamNotFound:  # before the first batch creates it
+                self._halt.wait(STORAGE_POLL)
+        if reader is None:
+            return
+        with reader:
+            while not self._halt.is_set():
+                committed = reader.checkpoint().length
+                if self.position < committed:
+                    self._see(reader.read(self.position, committed=committed))
+                    self.position = committed
+                else:
+                    self._halt.wait(STORAGE_POLL)
+
+    def _from_server(self, client: Client) -> None:
+        while not self._halt.is_set():
+            try:
+                self._see(client.follow(self.stream, self.position, stop=self._halt))
+            except StreamNotFound:
+                self._halt.wait(0.01)
+
+    def _see(self, messages: Iterator[Message]) -> None:
+        """Record each batch seen as one end-to-end latency, weighted by its messages.
+
+        A producer's batch is one frame, so its last message (by the
+        producer's sequence) closes it: recorded then, not when the next
+        one arrives, which may be a long poll later.
+        """
+        sent = 0
+        count = size = 0
+        record = self._recorder.saw
+        batch_size = self._plan.batch_size
+        quotas = [self._plan.quota(p) for p in range(self._plan.producers)]
+        for message in messages:
+            header = header_of(message.value)
+            if header is None or header[1] >= len(quotas):
+                continue  # not ours: the read-back reports it
+            sent, producer, sequence = header
+            count += 1
+            size += len(message.key) + len(message.value)
+            self.position = message.next_position
+            if (sequence + 1) % batch_size == 0 or sequence + 1 == quotas[producer]:
+                record(count, size, (time.monotonic_ns() - sent) / 1e9)
+                count = size = 0
+            if self._halt.is_set():
+                break
+        if count:
+            record(count, size, (time.monotonic_ns() - sent) / 1e9)
+
+
+async def run(
+    plan: Plan,
+    connection: Connection,
+    recorder: Recorder,
+    interrupted: threading.Event,
+    *,
+    on_tick: Callable[[Second], None] = lambda point: None,
+    on_note: Callable[[str], None] = lambda text: None,
+    verify: bool = True,
+) -> Outcome:
+    values = Values(plan.value_size)
+    streams = [plan.stream_name(i) for i in range(plan.streams)]
+    async with connection.async_client() as client:
+        await client.streams()  # the password check (argon2, slow on purpose) before the clock
+        starts = {stream: await _length(client, stream) for stream in streams}
+        ends = dict(starts)
+        acked = [0] * plan.producers
+        consumers_stop = threading.Event()
+        consumers = [
+            Consumer(
+                index,
+                stream=streams[index % plan.streams],
+                start=starts[streams[index % plan.streams]],
+                plan=plan,
+                connection=connection,
+                recorder=recorder,
+                stop=consumers_stop,
+            )
+            for index in range(plan.consumers)
+        ]
+        for consumer in consumers:
+            consumer.start()
+        recorder.begin()
+        ticker = asyncio.create_task(_tick(recorder, on_tick))
+        began = recorder.started
+        deadline = None if plan.duration is None else began + plan.duration
+        try:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for producer in range(plan.producers):
+                        group.create_task(
+                            _produce(
+                                client,
+                                plan=plan,
+                                values=values,
+                                producer=producer,
+                                deadline=deadline,
+                                interrupted=interrupted,
+                                recorder=recorder,
+                                acked=acked,
+                                ends=ends,
+                            )
+                        )
+            except ExceptionGroup as failed:  # a producer failed: its error, not a group
+                raise failed.exceptions[0] from None
+            write_seconds = time.monotonic() - began
+            ticker.cancel()  # the series covers the writing only
+            if recorder.since_tick() >= MIN_LAST_TICK or not recorder.series:
+                on_tick(recorder.tick())  # a sliver of a second would draw a false dip
+            written = recorder.write.messages
+            on_note(f"sent {written:,} messages in {write_seconds:.1f} s")
+            if consumers and not interrupted.is_set():
+                on_note("waiting for the consumers to see the last batches")
+            consumers_done = await _drain(consumers, ends, interrupted)
+        finally:
+            consumers_stop.set()
+            for consumer in consumers:
+                await asyncio.to_thread(consumer.join, 10)
+            ticker.cancel()
+    outcome = Outcome(
+        plan,
+        recorder,
+        write_seconds,
+        interrupted.is_set(),
+        starts,
+        ends,
+        acked,
+        consumers_done,
+        consumer_errors=[
+            f"consumer {c.name.rsplit('-', 1)[1]} on {c.stream}: {c.error}"
+            for c in consumers
+            if c.error is not None
+        ],
+    )
+    if verify and not interrupted.is_set():
+        on_note(f"reading back {recorder.write.messages:,} messages to check them")
+        outcome.readback = await asyncio.to_thread(
+            functools.partial(
+                read_back,
+                plan,
+                connection=connection,
+                values=values,
+                starts=starts,
+                ends=ends,
+                acked=acked,
+                interrupted=interrupted,
+            )
+        )
+        if interrupted.is_set():
+            outcome.readback, outcome.partial = None, True
+    return outcome
+
+
+async def _length(client: AsyncClient, stream: str) -> int:
+    try:
+        return (await client.info(stream)).length
+    except StreamNotFound:
+        return 0
+
+
+async def _tick(recorder: Recorder, on_tick: Callable[[Second], None]) -> None:
+    while True:
+        await asyncio.sleep(TICK)
+        on_tick(recorder.tick())
+
+
+async def _produce(
+    client: AsyncClient,
+    *,
+    plan: Plan,
+    values: Values,
+    producer: int,
+    deadline: float | None,
+    interrupted: threading.Event,
+    recorder: Recorder,
+    acked: list[int],
+    ends: dict[str, int],
+) -> None:
+    stream = plan.stream_of(producer)
+    quota = plan.quota(producer)
+    message_size = len(values.batch(producer, 0, 1, 0)[0][0]) + plan.value_size
+    sequence = 0
+    while not interrupted.is_set():
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        count = plan.batch_size if quota is None else min(plan.batch_size, quota - sequence)
+        if count <= 0:
+            return
+        sent = time.monotonic_ns()
+        result = await client.publish(stream, values.batch(producer, sequence, count, sent))
+        recorder.wrote(count, count * message_size, (time.monotonic_ns() - sent) / 1e9)
+        sequence += count
+        acked[producer] = sequence
+        ends[stream] = max(ends[stream], result.end)
+
+
+async def _drain(
+    consumers: list[Consumer], ends: dict[str, int], interrupted: threading.Event
+) -> bool:
+    """Wait until each consumer has seen its stream's last batch; ``False`` if time ran out."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline and not interrupted.is_set():
+        waiting = [
+            c for c in consumers if c.position < ends[c.stream] and c.is_alive() and not c.error
+        ]
+        if not waiting:
+            return all(c.position >= ends[c.stream] for c in consumers)
+        await asyncio.sleep(0.01)
+    return False

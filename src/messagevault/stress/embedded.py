@@ -1,0 +1,158 @@
+"""``messagevault serve`` as a child process on a fresh data folder, stopped by PID.
+
+The stress command's ``--embedded`` server and the benchmarks' server. The
+data folder gets one user before the server starts, so no admin password is
+printed. The child runs in its own session: a Ctrl-C at the terminal reaches
+the stress command alone, which then finishes its in-flight batches against
+a server that is still up, and stops the server itself.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from messagevault.server.auth import Users, save_users
+from messagevault.storage.file import FileStorage
+
+USER = "stress"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+
+
+class ServerFailed(RuntimeError):
+    """The embedded server did not come up (its log's tail is in the message)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stress_users(password: str, user: str = USER) -> Users:
+    """One admin user; argon2 hashing is slow on purpose, so callers of many servers reuse it."""
+    users = Users()
+    users.set_password(user, password)
+    users.grant(user, ["admin"])
+    return users
+
+
+class EmbeddedServer:
+    """``messagevault serve --fsync FSYNC`` on file storage under ``folder`` (or a temp folder).
+
+    Use as a context manager, or call ``wait_until_up()`` and ``stop()``.
+    A temporary folder (no ``folder`` given) is removed by ``stop()``.
+    ``users`` (holding ``user`` with ``password``) saves hashing them again.
+    ``profile`` runs the server under cProfile, writing that file on stop.
+    """
+
+    def __init__(
+        self,
+        *,
+        fsync: str = "always",
+        folder: Path | None = None,
+        parent: Path | None = None,
+        user: str = USER,
+        password: str | None = None,
+        users: Users | None = None,
+        profile: Path | None = None,
+    ) -> None:
+        self.owns_folder = folder is None
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="mv-stress-", dir=parent))
+        self.password = password or secrets.token_urlsafe(18)
+        self.user = user
+        self.fsync = fsync
+        self.port = free_port()
+        self.data = self.folder / "data"
+        save_users(FileStorage(self.data), users or stress_users(self.password, user))
+        command = [sys.executable]
+        if profile is not None:
+            # serve stops gracefully on SIGTERM, so cProfile gets to write its file.
+            command += ["-m", "cProfile", "-o", str(profile)]
+        command += [
+            *("-m", "messagevault.cli", "serve", "--host", "127.0.0.1"),
+            *("--port", str(self.port), "--storage", f"file:{self.data}"),
+            *("--fsync", fsync),
+        ]
+        self.log = self.folder / "server.log"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")}
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                command,
+                cwd=self.folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                start_new_session=True,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_until_up(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerFailed(f"the embedded server exited early: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1):  # noqa: S310
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise ServerFailed(f"the embedded server did not come up in {timeout:g} s")
+
+    def log_tail(self, size: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-size:]
+        except OSError:
+            return "(no log)"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process so far (all its threads); Linux only."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return float("nan")
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int | None:
+        """SIGTERM by PID (SIGKILL if it lingers); remove a temporary folder. The exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        if self.owns_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return self.process.returncode
+
+    def __enter__(self) -> EmbeddedServer:
+        try:
+            self.wait_until_up()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

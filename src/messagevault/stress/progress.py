@@ -1,0 +1,83 @@
+"""Live progress of a stress run: a rich status line on a terminal, plain lines otherwise.
+
+On a terminal the line is redrawn every second (rates of the last second,
+ack and end-to-end p99 so far); when stdout is not a terminal (a log, CI) a
+plain line goes to stderr every ``PLAIN_EVERY`` seconds, so that a long run
+is never silent and the table on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+from typing import Final
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from messagevault.stress.stats import Recorder, Second
+
+PLAIN_EVERY: Final = 5.0  # seconds between plain progress lines
+
+
+def progress_line(point: Second, recorder: Recorder, total: str) -> str:
+    ack = recorder.write.latency
+    seen = recorder.seen
+    parts = [
+        f"{point.t:6.1f} s",
+        f"write {point.write_msgs_per_s:>11,.0f} msgs/s {point.write_mb_per_s:7.1f} MB/s",
+        f"ack p99 {ack.percentile_ms(99):.2f} ms" if ack.count else "ack p99 -",
+        f"{recorder.write.messages:,}{total} sent",
+    ]
+    if seen.messages:
+        parts.append(
+            f"read {point.read_msgs_per_s:,.0f} msgs/s, e2e p99 "
+            f"{point.e2e_p99_ms if point.e2e_p99_ms is not None else 0:.2f} ms (this second)"
+        )
+    return " | ".join(parts)
+
+
+class LiveProgress:
+    """A context manager; call ``update(point)`` once a second from the event loop."""
+
+    def __init__(
+        self, recorder: Recorder, total: int | None, *, terminal: bool | None = None
+    ) -> None:
+        self._recorder = recorder
+        self._total = f"/{total:,}" if total else ""
+        self._terminal = sys.stdout.isatty() if terminal is None else terminal
+        self._live: Live | None = None
+        self._last_plain = 0.0
+
+    def __enter__(self) -> LiveProgress:
+        if self._terminal:
+            self._live = Live(
+                Text("starting..."), console=Console(), refresh_per_second=4, transient=True
+            )
+            self._live.__enter__()
+        return self
+
+    def update(self, point: Second) -> None:
+        line = progress_line(point, self._recorder, self._total)
+        if self._live is not None:
+            self._live.update(Text(line))
+        elif point.t - self._last_plain >= PLAIN_EVERY:
+            self._last_plain = point.t
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        """A line about a phase (draining, read-back), shown either way."""
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._live is not None:
+            self._live.__exit__(exc_type, exc, tb)

@@ -1,0 +1,172 @@
+"""The read-back: every message a run wrote, read once more and checked.
+
+Per stream, from where the run began to the end of its last acknowledged
+batch: each message must be a stress message of one of the stream's
+producers, each producer's sequence numbers must follow on without a gap or
+repeat (order), key and value must be the bytes that were sent (content),
+and each producer must have as many messages as were acknowledged to it
+(count). The read goes the way the consumers read (storage or server), and
+is timed: the table's ``read`` row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import takewhile
+from typing import TYPE_CHECKING, Any, Final
+
+from messagevault.format import Message
+from messagevault.stress.stats import Latency
+from messagevault.stress.workload import Plan, Values, header_of
+
+if TYPE_CHECKING:
+    from messagevault.stress.driver import Connection
+
+MAX_PROBLEMS: Final = 20  # listed; the rest are only counted
+
+
+@dataclass
+class Readback:
+    messages: int = 0
+    batches: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    latency: Latency = field(default_factory=Latency)  # time to read each batch
+    problems: list[str] = field(default_factory=list)
+    problem_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def problem(self, text: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "messages": self.messages,
+            "batches": self.batches,
+            "problem_count": self.problem_count,
+            "problems": self.problems,
+        }
+
+
+def read_back(
+    plan: Plan,
+    *,
+    connection: Connection,
+    values: Values,
+    starts: dict[str, int],
+    ends: dict[str, int],
+    acked: list[int],
+    interrupted: threading.Event,
+) -> Readback:
+    """Read and check every stream of ``plan`` (stops early, unfinished, if ``interrupted``)."""
+    readback = Readback()
+    began = time.monotonic()
+    with connection.client() as client, contextlib.ExitStack() as readers:
+        for index in range(plan.streams):
+            stream = plan.stream_name(index)
+            start, end = starts[stream], ends[stream]
+            messages: Iterator[Message] = iter(())
+            if end > start and plan.read_from == "storage":
+                reader = readers.enter_context(client.open_reader(stream))
+                messages = reader.read(start, end=end)
+            elif end > start:
+                messages = takewhile(
+                    functools.partial(_before, end=end), client.read(stream, start)
+                )
+            check = _StreamCheck(plan, values, stream, index, readback)
+            if not check.run(messages, interrupted):
+                break
+            check.counts(acked)
+    readback.seconds = time.monotonic() - began
+    return readback
+
+
+def _before(message: Message, *, end: int) -> bool:
+    return message.position < end
+
+
+class _StreamCheck:
+    """One stream's messages against what its producers sent."""
+
+    def __init__(
+        self, plan: Plan, values: Values, stream: str, index: int, readback: Readback
+    ) -> None:
+        self._plan = plan
+        self._values = values
+        self._stream = stream
+        self._readback = readback
+        self._expected = dict.fromkeys(range(index, plan.producers, plan.streams), 0)
+
+    def run(self, messages: Iterator[Message], interrupted: threading.Event) -> bool:
+        """Check every message; ``False`` if ``interrupted`` stopped it."""
+        readback = self._readback
+        batch = (-1, -1)  # (producer, send time) of the batch being read
+        batch_began = time.monotonic()
+        for message in messages:
+            header = header_of(message.value)
+            if header is None:
+                self._problem(message, "not a stress message (value too short)")
+                continue
+            sent, producer, sequence = header
+            if (producer, sent) != batch:
+                now = time.monotonic()
+                if batch[0] >= 0:
+                    readback.latency.record(now - batch_began)
+                readback.batches += 1
+                batch, batch_began = (producer, sent), now
+                if interrupted.is_set():
+                    return False
+            readback.messages += 1
+            readback.bytes += len(message.key) + len(message.value)
+            self._check(message, producer, sequence)
+        if batch[0] >= 0:
+            readback.latency.record(time.monotonic() - batch_began)
+        return True
+
+    def _check(self, message: Message, producer: int, sequence: int) -> None:
+        want = self._expected.get(producer)
+        if want is None:
+            writes_to = (
+                self._plan.stream_of(producer) if producer < self._plan.producers else "no stream"
+            )
+            self._problem(message, f"a message of producer {producer}, which writes to {writes_to}")
+            return
+        if sequence > want:
+            self._problem(
+                message,
+                f"producer {producer}'s messages {want}-{sequence - 1} are missing "
+                f"(next comes {sequence})",
+            )
+        elif sequence < want:
+            self._problem(
+                message,
+                f"producer {producer}'s message {sequence} again or out of order "
+                f"(after {want - 1})",
+            )
+        self._expected[producer] = max(want, sequence + 1)
+        wrong = self._values.problem(message.key, message.value)
+        if wrong is not None:
+            self._problem(message, f"producer {producer}'s message {sequence}: {wrong}")
+
+    def _problem(self, message: Message, text: str) -> None:
+        self._readback.problem(f"{self._stream} at position {message.position}: {text}")
+
+    def counts(self, acked: list[int]) -> None:
+        """Each producer's messages read against those acknowledged to it."""
+        for producer, count in self._expected.items():
+            if count != acked[producer]:
+                self._readback.problem(
+                    f"{self._stream}: producer {producer} had {acked[producer]:,} messages "
+                    f"acknowledged, {count:,} read back"
+                )
