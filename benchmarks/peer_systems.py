@@ -1,0 +1,524 @@
+"""The systems benchmarks/peers.py races: how each is installed, started, driven and stopped.
+
+Every system is handed the same batches (lists of (key, value) pairs) and
+hands back what it read as two lists, keys and values, which peers.py then
+verifies in one way for all. Each server is a fresh process of its own on a
+free 127.0.0.1 port, its data in a temporary folder, stopped by its PID.
+
+How each one is driven, the way its documentation shows:
+  MessageVault  ``Client.publish`` of each batch (one producer, in a thread) or
+                ``AsyncClient.publish`` (concurrent producers); ``Client.read``.
+  Redis         redis-py with hiredis: one non-transactional pipeline of XADDs per
+                batch, one thread per producer; XRANGE pages of 10,000 to read
+                back. Each entry has two fields, ``k`` (the key) and ``v``.
+  NATS          nats-py: ``publish_async`` of each message of a batch, then the
+                batch's acks gathered (one task per producer); an ordered consumer
+                to read back. A message's subject is ``bench.<key>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from benchmarks.serving import PASSWORD, USER, Server
+from tests.azurite import free_port
+
+import messagevault
+from messagevault.client import AsyncClient, Client
+from messagevault.server.auth import Users
+
+Batch = list[tuple[bytes, bytes]]
+STREAM = "bench"
+READ_PAGE = 10_000  # messages a Redis read asks for at a time
+READ_PENDING = 100_000  # messages a NATS subscription may hold before its reader takes them
+SUBJECTS = "bench."  # NATS: a message's subject is this plus its key
+
+
+@dataclass(frozen=True)
+class System:
+    key: str  # as --only names it
+    title: str  # as the table heads it
+    durability: str  # when an acknowledged write reaches the disk
+    binary: str | None  # the server from Debian's packages; None: MessageVault's own
+    clients: tuple[str, ...]  # Python distributions the driver needs
+    driven: str  # how the benchmark writes and reads
+
+
+SYSTEMS = (
+    System(
+        "messagevault",
+        "MessageVault",
+        "serve --fsync always: data and checkpoint fsynced before each ack (group commit)",
+        None,
+        ("aiohttp",),
+        "Client.publish per batch (AsyncClient.publish for 16 producers), Client.read",
+    ),
+    System(
+        "redis-always",
+        "Redis AOF always",
+        "appendonly yes, appendfsync always: AOF fsynced before replies (per event-loop "
+        "pass); default RDB save points",
+        "redis-server",
+        ("redis", "hiredis"),
+        "redis-py + hiredis, a pipeline of XADDs per batch (a thread per producer), "
+        "XRANGE pages of 10,000",
+    ),
+    System(
+        "redis-everysec",
+        "Redis AOF everysec",
+        "appendonly yes, appendfsync everysec (Redis's recommended default): acks may "
+        "precede the fsync by up to ~1-2 s",
+        "redis-server",
+        ("redis", "hiredis"),
+        "redis-py + hiredis, a pipeline of XADDs per batch (a thread per producer), "
+        "XRANGE pages of 10,000",
+    ),
+    System(
+        "nats",
+        "NATS JetStream",
+        "file storage, 1 replica; Debian's 2.9 has no sync_interval option (2.10+), so "
+        "acks precede the fsync, done every 2 min (its docs: use sync_interval always "
+        "without replication)",
+        "nats-server",
+        ("nats-py",),
+        "nats-py, publish_async per message and the batch's acks gathered (a task per "
+        "producer), an ordered consumer to read; subject bench.<key>",
+    ),
+)
+BY_KEY = {system.key: system for system in SYSTEMS}
+
+# The Debian package that brings each server, and the service it sets up on install.
+PACKAGES = {"redis-server": "redis-server", "nats-server": "nats-server"}
+
+
+def find_binary(name: str) -> str | None:
+    """``name`` on PATH, or where Debian puts it (/usr/sbin is not on every user's PATH)."""
+    if found := shutil.which(name):
+        return found
+    for folder in ("/usr/sbin", "/usr/bin"):
+        path = Path(folder) / name
+        if os.access(path, os.X_OK):
+            return str(path)
+    return None
+
+
+def install(binaries: list[str], say: Callable[[str], None]) -> dict[str, str]:
+    """``apt-get install`` the packages of the missing ``binaries``.
+
+    Returns, for each binary still missing afterwards, why. A package's own
+    service (Debian starts one on install where it can) is stopped and
+    disabled: the benchmark starts its own servers and never relies on it.
+    """
+    missing = [b for b in binaries if find_binary(b) is None]
+    if not missing:
+        return {}
+    packages = sorted({PACKAGES[b] for b in missing})
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        why = "no apt-get here" if apt is None else "apt-get needs root"
+        return {b: f"{b} not found and {why}: install {PACKAGES[b]} to race it" for b in missing}
+    say(f"{', '.join(missing)} not found: apt-get install -y {' '.join(packages)} (Debian's)")
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = [apt, "install", "-y", "-q", *packages]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # perhaps the package lists are not there yet
+        subprocess.run([apt, "update", "-q"], env=environment, capture_output=True, check=False)
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+    for package in packages:
+        _stop_service(package)
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+    return {
+        b: f"{b} could not be installed (apt-get exit {done.returncode}: {tail[0]})"
+        for b in missing
+        if find_binary(b) is None
+    }
+
+
+def _stop_service(name: str) -> None:
+    """Stop and disable the system service a package may have started (none is relied on)."""
+    if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
+        command = ["systemctl", "disable", "--now", name]
+    elif Path(f"/etc/init.d/{name}").exists() and shutil.which("service"):
+        command = ["service", name, "stop"]
+    else:
+        return
+    subprocess.run(command, capture_output=True, check=False, timeout=60)
+
+
+def missing_clients(system: System) -> str | None:
+    """Why the system's Python client cannot be used, or None."""
+    for distribution in system.clients:
+        try:
+            importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return f"{distribution} not installed: pip install -e '.[bench]'"
+    return None
+
+
+def versions(system: System) -> dict[str, str]:
+    """The server's and clients' versions."""
+    found = {d: importlib.metadata.version(d) for d in system.clients}
+    if system.binary is None:
+        return {"messagevault": messagevault.__version__, **found}
+    binary = find_binary(system.binary)
+    if binary is None:
+        return found
+    answer = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    # "Redis server v=7.0.15 sha=...", "nats-server: v2.9.10"
+    version = re.search(r"v=?(\d+(?:\.\d+)+)", answer.stdout)
+    return {system.binary: version[1] if version else answer.stdout.strip(), **found}
+
+
+# Servers -------------------------------------------------------------------------------
+
+
+class Running(Protocol):
+    """A server process started for one case."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def cpu_seconds(self) -> float: ...
+
+    def stop(self) -> None: ...
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (all its threads); Linux only."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PeerServer:
+    """A peer's server process on a loopback port, its output in a log file."""
+
+    def __init__(self, command: list[str], port: int, folder: Path) -> None:
+        self.port = port
+        self.log = folder / "server.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_until_up(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited early:\n{self.log.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise SystemExit(f"server did not listen on 127.0.0.1:{self.port} in {timeout:g} s")
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
+
+class VaultServer:
+    """benchmarks/serving.py's ``messagevault serve --fsync always``, seen as ``Running``."""
+
+    def __init__(self, folder: Path, users: Users) -> None:
+        self.server = Server(folder, users=users)
+
+    @property
+    def pid(self) -> int:
+        return self.server.process.pid
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def wait_until_up(self) -> None:
+        self.server.wait_until_up()
+
+    def cpu_seconds(self) -> float:
+        return self.server.cpu_seconds()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start(system: System, folder: Path, users: Users) -> Running:
+    """Start ``system``'s server with its data in ``folder``; it listens when this returns."""
+    if system.binary is None:
+        vault = VaultServer(folder, users)
+        try:
+            vault.wait_until_up()
+        except BaseException:
+            vault.stop()
+            raise
+        return vault
+    binary = find_binary(system.binary)
+    if binary is None:
+        raise SystemExit(f"{system.binary} is not installed")
+    port = free_port()
+    if system.key.startswith("redis"):
+        fsync = system.key.removeprefix("redis-")
+        # No config file: Redis's built-in defaults, plus what durability needs.
+        command = [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)),
+            *("--daemonize", "no", "--appendonly", "yes", "--appendfsync", fsync),
+        ]
+    else:
+        store = folder / "jetstream"
+        command = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+    server = PeerServer(command, port, folder)
+    server.wait_until_up()
+    return server
+
+
+# Drivers -------------------------------------------------------------------------------
+
+
+class Driver(Protocol):
+    """One client of one system: connects, writes the producers' lanes, reads everything back."""
+
+    async def open(self) -> None:
+        """Connect and warm up (untimed): first requests, one write elsewhere."""
+
+    async def write(self, lanes: list[list[Batch]], latencies: list[float] | None) -> None:
+        """Each lane is one producer's batches, sent in order, each acked before the next.
+
+        With ``latencies``, every batch's time from send to ack is appended to it.
+        """
+
+    async def read(self, expected: int) -> tuple[list[bytes], list[bytes]]:
+        """Keys and values of the stream from its start, in stream order."""
+
+    async def stored(self) -> int:
+        """How many messages the system says the stream holds."""
+
+    async def close(self) -> None: ...
+
+
+def driver(system: System, server: Running) -> Driver:
+    if system.binary is None:
+        return VaultDriver(f"http://127.0.0.1:{server.port}")
+    if system.key.startswith("redis"):
+        return RedisDriver(server.port)
+    return NatsDriver(server.port)
+
+
+def _timed_lane(
+    lane: list[Batch], send: Callable[[Batch], None], latencies: list[float] | None
+) -> None:
+    for batch in lane:
+        started = time.perf_counter()
+        send(batch)
+        if latencies is not None:
+            latencies.append(time.perf_counter() - started)
+
+
+class VaultDriver:
+    """MessageVault's client library: blocking ``Client`` for one producer, ``AsyncClient`` else."""
+
+    def __init__(self, url: str) -> None:
+        self.client = Client(url, user=USER, password=PASSWORD)
+        self.async_client = AsyncClient(url, user=USER, password=PASSWORD)
+
+    async def open(self) -> None:
+        # The first request checks the password (argon2, slow by design, then cached).
+        await asyncio.to_thread(self.client.streams)
+        await asyncio.to_thread(self.client.publish, "warmup", [(b"k", b"v")])
+        await self.async_client.publish("warmup", [(b"k", b"v")])
+
+    def _send(self, batch: Batch) -> None:
+        if self.client.publish(STREAM, batch).message_count != len(batch):
+            raise SystemExit("MessageVault: the receipts do not cover the batch")
+
+    async def write(self, lanes: list[list[Batch]], latencies: list[float] | None) -> None:
+        if len(lanes) == 1:
+            # The blocking client is the faster one for a single producer
+            # (README); its thread is the only busy one meanwhile.
+            await asyncio.to_thread(_timed_lane, lanes[0], self._send, latencies)
+            return
+        await asyncio.gather(*(self._lane(lane, latencies) for lane in lanes))
+
+    async def _lane(self, lane: list[Batch], latencies: list[float] | None) -> None:
+        for batch in lane:
+            started = time.perf_counter()
+            if (await self.async_client.publish(STREAM, batch)).message_count != len(batch):
+                raise SystemExit("MessageVault: the receipts do not cover the batch")
+            if latencies is not None:
+                latencies.append(time.perf_counter() - started)
+
+    async def read(self, expected: int) -> tuple[list[bytes], list[bytes]]:
+        def read_all() -> tuple[list[bytes], list[bytes]]:
+            messages = list(self.client.read(STREAM))
+            return [m.key for m in messages], [m.value for m in messages]
+
+        return await asyncio.to_thread(read_all)
+
+    async def stored(self) -> int:
+        return (await asyncio.to_thread(self.client.info, STREAM)).messages
+
+    async def close(self) -> None:
+        self.client.close()
+        await self.async_client.aclose()
+
+
+class RedisDriver:
+    """redis-py (hiredis parser): pipelined XADD per batch, XRANGE pages to read."""
+
+    def __init__(self, port: int) -> None:
+        import redis
+
+        # Thread-safe, with a pool of connections: one per producer thread.
+        self.client = redis.Redis(host="127.0.0.1", port=port)
+
+    async def open(self) -> None:
+        import redis.utils
+
+        if not redis.utils.HIREDIS_AVAILABLE:
+            raise SystemExit("redis-py does not see hiredis: pip install -e '.[bench]'")
+        await asyncio.to_thread(self.client.xadd, "warmup", {b"k": b"v"})
+
+    def _send(self, batch: Batch) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in batch:
+            pipe.xadd(STREAM, {b"k": key, b"v": value})
+        if len(pipe.execute()) != len(batch):
+            raise SystemExit("Redis: the pipeline's answers do not cover the batch")
+
+    async def write(self, lanes: list[list[Batch]], latencies: list[float] | None) -> None:
+        # One thread per producer with the blocking client: measured faster than
+        # redis.asyncio's pipelines (~50 against ~38k msgs/s for one producer,
+        # ~120 against ~80k for 16).
+        def write_all() -> None:
+            with ThreadPoolExecutor(len(lanes)) as pool:
+                sending = [pool.submit(_timed_lane, lane, self._send, latencies) for lane in lanes]
+                for sent in sending:
+                    sent.result()
+
+        await asyncio.to_thread(write_all)
+
+    async def read(self, expected: int) -> tuple[list[bytes], list[bytes]]:
+        def read_all() -> tuple[list[bytes], list[bytes]]:
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            start: bytes | str = "-"
+            while page := self.client.xrange(STREAM, min=start, max="+", count=READ_PAGE):
+                keys += [fields[b"k"] for _, fields in page]
+                values += [fields[b"v"] for _, fields in page]
+                start = b"(" + page[-1][0]  # exclusive: after the last entry read
+            return keys, values
+
+        return await asyncio.to_thread(read_all)
+
+    async def stored(self) -> int:
+        return int(await asyncio.to_thread(self.client.xlen, STREAM))
+
+    async def close(self) -> None:
+        self.client.close()
+
+
+class NatsDriver:
+    """nats-py JetStream: ``publish_async`` per message, the batch's acks gathered; pull fetch."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"nats://127.0.0.1:{port}"
+        self.connection: Any = None
+        self.jetstream: Any = None
+
+    async def open(self) -> None:
+        import nats
+        from nats.js.api import StorageType
+
+        self.connection = await nats.connect(self.url, allow_reconnect=False)
+        self.jetstream = self.connection.jetstream()
+        await self.jetstream.add_stream(
+            name=STREAM, subjects=[SUBJECTS + ">"], storage=StorageType.FILE
+        )
+        await self.jetstream.add_stream(
+            name="warmup", subjects=["warmup"], storage=StorageType.FILE
+        )
+        await self.jetstream.publish("warmup", b"v")
+
+    async def _send(self, batch: Batch) -> None:
+        publish = self.jetstream.publish_async
+        futures = [await publish(SUBJECTS + key.decode(), value) for key, value in batch]
+        acks = await asyncio.gather(*futures)
+        if len({ack.seq for ack in acks if ack.stream == STREAM}) != len(batch):
+            raise SystemExit("NATS: the acks do not cover the batch")
+
+    async def write(self, lanes: list[list[Batch]], latencies: list[float] | None) -> None:
+        await asyncio.gather(*(self._lane(lane, latencies) for lane in lanes))
+
+    async def _lane(self, lane: list[Batch], latencies: list[float] | None) -> None:
+        for batch in lane:
+            started = time.perf_counter()
+            await self._send(batch)
+            if latencies is not None:
+                latencies.append(time.perf_counter() - started)
+
+    async def read(self, expected: int) -> tuple[list[bytes], list[bytes]]:
+        # An ordered consumer, NATS's way to replay a stream in order: measured
+        # ~1.5x faster here than a pull consumer's fetch of 10,000 at a time.
+        subscription = await self.jetstream.subscribe(
+            SUBJECTS + ">",
+            stream=STREAM,
+            ordered_consumer=True,
+            pending_msgs_limit=READ_PENDING,
+            pending_bytes_limit=READ_PENDING * 2048,
+        )
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        skip = len(SUBJECTS)
+
+        async def consume() -> None:
+            async for message in subscription.messages:
+                keys.append(message.subject[skip:].encode())
+                values.append(message.data)
+                if len(keys) == expected:
+                    return
+
+        # Bounded: messages that never come leave fewer than expected, which
+        # the verification then reports.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consume(), timeout=60 + expected / 1000)
+        await subscription.unsubscribe()
+        return keys, values
+
+    async def stored(self) -> int:
+        return int((await self.jetstream.stream_info(STREAM)).state.messages)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()

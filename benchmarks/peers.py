@@ -1,0 +1,644 @@
+"""Peer benchmark: MessageVault against Redis Streams and NATS JetStream, same workloads, one run.
+
+    make bench-peers                                    # full size, 3 runs, medians
+    python benchmarks/peers.py --scale 0.05 --runs 1    # a quick look
+    python benchmarks/peers.py --only W3,messagevault,redis-always
+
+Systems (benchmarks/peer_systems.py says how each is started and driven):
+  messagevault    ``messagevault serve --fsync always`` on file storage, its client library
+  redis-always    redis-server, AOF with appendfsync always, redis-py + hiredis
+  redis-everysec  the same with appendfsync everysec
+  nats            nats-server -js, file storage, nats-py
+The peers' servers come from Debian's packages, installed with apt-get when
+missing (``--no-install`` skips a missing one instead); a peer that cannot run
+here is skipped, and the table says so loudly. Each case gets a fresh server on
+a free 127.0.0.1 port with a temporary folder, stopped by PID when it ends,
+also on failure or Ctrl-C.
+
+Workloads (keys b"key-%012d", 16 bytes; values printable ASCII):
+  W1  1,000,000 x 100 B in batches of 1,000, one producer
+  W2    200,000 x 1,000 B in batches of 100, one producer
+  W3  2,000 sequential batches of 10 x 100 B: ack latency p50/p99
+  W4  1,000,000 x 100 B in batches of 100 from 16 concurrent producers
+The messages are built once per workload and the same lists go to every
+system. Every producer waits for a batch's ack before it sends its next one.
+Then one consumer reads everything back from the start (timed), and the same
+check runs for every system (untimed): the count read and stored, every key
+and value, each message once, and each producer's messages in the order it
+sent them. A mismatch stops the benchmark with an error naming the message.
+
+The table gives msgs/s (write, read) and W3's ack latency, each a median over
+``--runs``, and for every peer's cell the ratio MessageVault / peer. Results go
+to benchmarks/results/peers-<time>.json and .md, with the machine and versions.
+"""
+
+# ruff: noqa: E402 - the imports must follow the sys.path fix below
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# As a script, this folder would come first on sys.path, where benchmarks/http.py
+# shadows the standard library's ``http``; the repo root goes there instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import string
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from benchmarks.peer_systems import (
+    BY_KEY,
+    SYSTEMS,
+    Batch,
+    Running,
+    System,
+    driver,
+    find_binary,
+    install,
+    missing_clients,
+    start,
+    versions,
+)
+from benchmarks.report import benchmark_arguments, save_results
+from rich.console import Console
+from rich.table import Table
+
+from messagevault.server.auth import Users
+
+VAULT = "messagevault"
+TABLE_WIDTH = 100
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    messages: int
+    value_size: int
+    batch_size: int
+    producers: int
+    latency: bool = False  # W3: every batch's ack time is kept
+
+
+WORKLOADS = (
+    Workload("W1", 1_000_000, 100, 1_000, 1),
+    Workload("W2", 200_000, 1_000, 100, 1),
+    Workload("W3", 20_000, 100, 10, 1, latency=True),
+    Workload("W4", 1_000_000, 100, 100, 16),
+)
+
+
+def scaled(workload: Workload, scale: float) -> Workload:
+    """Fewer messages (whole batches, at least one per producer); the rest unchanged."""
+    batches = max(workload.producers, round(workload.messages * scale / workload.batch_size))
+    return Workload(
+        workload.name,
+        batches * workload.batch_size,
+        workload.value_size,
+        workload.batch_size,
+        workload.producers,
+        workload.latency,
+    )
+
+
+@dataclass
+class Data:
+    """One workload's messages, built once and handed to every system."""
+
+    keys: list[bytes]
+    values: list[bytes]
+    batches: list[Batch]
+    payload_bytes: int  # keys + values
+
+    def lanes(self, producers: int) -> list[list[Batch]]:
+        """Producer p sends batches p, p + producers, p + 2 * producers..."""
+        return [self.batches[p::producers] for p in range(producers)]
+
+
+def make_data(workload: Workload) -> Data:
+    alphabet = string.ascii_letters + string.digits
+    filler = "".join(random.Random(7).choices(alphabet, k=workload.value_size)).encode()
+    count, size = workload.messages, workload.batch_size
+    keys = [b"key-%012d" % i for i in range(count)]
+    values = [(b"%012d" % i + filler)[: workload.value_size] for i in range(count)]
+    pairs = list(zip(keys, values, strict=True))
+    batches = [pairs[i : i + size] for i in range(0, count, size)]
+    payload = sum(map(len, keys)) + sum(map(len, values))
+    return Data(keys, values, batches, payload)
+
+
+class VerificationFailed(Exception):
+    """What a system read back is not what was written."""
+
+
+def verify(
+    keys: list[bytes], values: list[bytes], stored: int, workload: Workload, data: Data
+) -> None:
+    """The same check for every system: count, every key and value, once each, producer order."""
+    if stored != workload.messages:
+        raise VerificationFailed(f"the stream holds {stored} messages, {workload.messages} sent")
+    if len(keys) != workload.messages or len(values) != len(keys):
+        raise VerificationFailed(f"read {len(keys)} messages back, {workload.messages} sent")
+    if keys == data.keys and values == data.values:
+        return  # in sending order: every producer's order holds (the common case, in C)
+    seen = bytearray(workload.messages)
+    last = [-1] * workload.producers
+    for at, (key, value) in enumerate(zip(keys, values, strict=True)):
+        index = int(key[4:]) if key[:4] == b"key-" and key[4:].isdigit() else -1
+        if not 0 <= index < workload.messages or data.keys[index] != key:
+            raise VerificationFailed(f"message {at}: unexpected key {key[:40]!r}")
+        if value != data.values[index]:
+            raise VerificationFailed(f"message {at} ({key.decode()}): the value differs")
+        if seen[index]:
+            raise VerificationFailed(f"message {at} ({key.decode()}): read twice")
+        seen[index] = 1
+        producer = (index // workload.batch_size) % workload.producers
+        if index < last[producer]:
+            raise VerificationFailed(
+                f"message {at} ({key.decode()}): producer {producer}'s messages out of order"
+            )
+        last[producer] = index
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    rank = max(1, round(fraction * len(sorted_values) + 0.5))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class Result:
+    """One system on one workload, over the runs."""
+
+    system: str
+    workload: str
+    messages: int
+    payload_bytes: int
+    producers: int
+    batch_size: int
+    write_s: list[float] = field(default_factory=list)
+    read_s: list[float] = field(default_factory=list)
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)  # W3: p50, p99, max per run
+    # CPU seconds per phase and run: the load client (this process) and the server.
+    client_cpu_s: dict[str, list[float]] = field(default_factory=dict)
+    server_cpu_s: dict[str, list[float]] = field(default_factory=dict)
+
+    def rate(self, phase: str) -> float:
+        seconds = self.write_s if phase == "write" else self.read_s
+        return self.messages / statistics.median(seconds)
+
+    def latency(self, name: str) -> float:
+        return statistics.median(self.latency_ms[name])
+
+    def value(self, metric: str) -> float:
+        """A table cell: ``write``/``read`` msgs/s, or ``p50``/``p99`` ack ms."""
+        return self.rate(metric) if metric in ("write", "read") else self.latency(metric)
+
+
+@dataclass
+class Phase:
+    seconds: float
+    client_cpu_s: float
+    server_cpu_s: float
+
+
+class Clock:
+    """Wall time, this process's CPU and the server's CPU over one phase."""
+
+    def __init__(self, server: Running) -> None:
+        self.server = server
+        self.started = time.perf_counter()
+        self.client_cpu = time.process_time()
+        self.server_cpu = server.cpu_seconds()
+
+    def stop(self) -> Phase:
+        return Phase(
+            time.perf_counter() - self.started,
+            time.process_time() - self.client_cpu,
+            self.server.cpu_seconds() - self.server_cpu,
+        )
+
+
+@dataclass
+class Measured:
+    write: Phase
+    read: Phase
+    latencies: list[float]
+    keys: list[bytes]
+    values: list[bytes]
+    stored: int
+
+
+async def drive(system: System, server: Running, workload: Workload, data: Data) -> Measured:
+    """Warm up, write every lane (timed), read the stream back (timed)."""
+    client = driver(system, server)
+    try:
+        await client.open()
+        latencies: list[float] = []
+        clock = Clock(server)
+        await client.write(data.lanes(workload.producers), latencies if workload.latency else None)
+        write = clock.stop()
+        clock = Clock(server)
+        keys, values = await client.read(workload.messages)
+        read = clock.stop()
+        stored = await client.stored()
+    finally:
+        await client.close()
+    return Measured(write, read, latencies, keys, values, stored)
+
+
+Say = Callable[[str], None]
+
+
+def run_case(
+    system: System,
+    workload: Workload,
+    data: Data,
+    users: Users,
+    result: Result,
+    args: argparse.Namespace,
+    say: Say,
+) -> None:
+    """One system, one workload, one run: a fresh server, stopped by PID whatever happens."""
+    folder = Path(tempfile.mkdtemp(prefix=f"mv-bench-peers-{system.key}-", dir=args.dir))
+    server: Running | None = None
+    try:
+        server = start(system, folder, users)
+        say(f"{system.key} {workload.name}: server pid {server.pid} on 127.0.0.1:{server.port}")
+        measured = asyncio.run(drive(system, server, workload, data))
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    if args.tamper == system.key:  # the tests' seam: a driver that read a wrong value
+        middle = len(measured.values) // 2
+        measured.values[middle] = b"tampered" + measured.values[middle][8:]
+    try:
+        verify(measured.keys, measured.values, measured.stored, workload, data)
+    except VerificationFailed as failure:
+        raise SystemExit(
+            f"VERIFICATION FAILED: {system.key} {workload.name}: {failure}"
+        ) from failure
+    result.write_s.append(measured.write.seconds)
+    result.read_s.append(measured.read.seconds)
+    for name, phase in (("write", measured.write), ("read", measured.read)):
+        result.client_cpu_s.setdefault(name, []).append(phase.client_cpu_s)
+        result.server_cpu_s.setdefault(name, []).append(phase.server_cpu_s)
+    line = (
+        f"{system.key} {workload.name}: write {workload.messages / measured.write.seconds:,.0f}"
+        f" msgs/s, read {workload.messages / measured.read.seconds:,.0f} msgs/s"
+    )
+    if measured.latencies:
+        ordered = sorted(s * 1000 for s in measured.latencies)
+        for name, value in (
+            ("p50", percentile(ordered, 0.50)),
+            ("p99", percentile(ordered, 0.99)),
+            ("max", ordered[-1]),
+        ):
+            result.latency_ms.setdefault(name, []).append(value)
+        line += f", ack p50 {result.latency_ms['p50'][-1]:.2f} ms"
+        line += f" p99 {result.latency_ms['p99'][-1]:.2f} ms"
+    say(line + ", verified")
+
+
+# The table --------------------------------------------------------------------------------
+
+# (label, workload, metric); metric "write"/"read" is msgs/s, "p50"/"p99" ack ms.
+ROWS = (
+    ("W1 write msgs/s", "W1", "write"),
+    ("W1 read msgs/s", "W1", "read"),
+    ("W2 write msgs/s", "W2", "write"),
+    ("W2 read msgs/s", "W2", "read"),
+    ("W4 x16 write msgs/s", "W4", "write"),
+    ("W4 read msgs/s", "W4", "read"),
+    ("W3 ack p50 ms", "W3", "p50"),
+    ("W3 ack p99 ms", "W3", "p99"),
+)
+LOWER_IS_BETTER = ("p50", "p99")
+RATIO_NOTE = (
+    "Ratio = MessageVault / peer. msgs/s rows: above 1 means MessageVault is faster. "
+    "Latency rows (ms): below 1 means MessageVault is faster."
+)
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    """MessageVault's figure over the peer's; None when either is missing or the peer's is 0."""
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return ours / theirs
+
+
+def format_value(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    if metric in LOWER_IS_BETTER:
+        return f"{value:.2f}"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}"
+
+
+def format_cell(value: float | None, metric: str, versus: float | None) -> str:
+    """A peer's figure with MessageVault's ratio to it, e.g. ``64.5k (3.81x)``."""
+    text = format_value(value, metric)
+    return text if versus is None else f"{text} ({versus:.2f}x)"
+
+
+def table_cells(
+    results: dict[tuple[str, str], Result], systems: Sequence[System], skipped: dict[str, str]
+) -> list[list[str]]:
+    """The table as text: a header row, then one row per ``ROWS`` line that was measured."""
+    rows = [["", *(s.title for s in systems)]]
+    for label, workload, metric in ROWS:
+        figures = {
+            s.key: results[s.key, workload].value(metric)
+            for s in systems
+            if (s.key, workload) in results and s.key not in skipped
+        }
+        if not figures:
+            continue
+        ours = figures.get(VAULT)
+        row = [label]
+        for system in systems:
+            if system.key in skipped:
+                row.append("SKIPPED")
+            elif system.key == VAULT:
+                row.append(format_value(ours, metric))
+            else:
+                theirs = figures.get(system.key)
+                row.append(format_cell(theirs, metric, ratio(ours, theirs)))
+        rows.append(row)
+    return rows
+
+
+def render_table(cells: list[list[str]], title: str) -> str:
+    """The terminal table, at most ``TABLE_WIDTH`` columns wide."""
+    table = Table(title=title, title_justify="left")
+    for index, heading in enumerate(cells[0]):
+        table.add_column(heading, justify="left" if index == 0 else "right", no_wrap=index == 0)
+    for row in cells[1:]:
+        table.add_row(*row)
+    console = Console(width=TABLE_WIDTH, record=True, force_terminal=False, color_system=None)
+    with console.capture() as captured:
+        console.print(table)
+    return captured.get()
+
+
+def markdown_table(cells: list[list[str]]) -> str:
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(row) + " |"
+
+    header, *rows = cells
+    separator = ["---", *("---:" for _ in header[1:])]
+    return "\n".join([line(header), line(separator), *(line(row) for row in rows)])
+
+
+# The machine, the notes, saving --------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """Cores, memory, CPU model and kernel (what save_results does not already record)."""
+    memory_kib = cpu = None
+    try:
+        for text in Path("/proc/meminfo").read_text().splitlines():
+            if text.startswith("MemTotal:"):
+                memory_kib = int(text.split()[1])
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                cpu = text.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": None if memory_kib is None else round(memory_kib / 2**20, 1),
+        "cpu_model": cpu or platform.processor() or "unknown",
+        "kernel": f"{platform.system()} {platform.release()}",
+    }
+
+
+def describe_machine(found: dict[str, Any]) -> str:
+    return (
+        f"{found['cores']} cores, {found['memory_gib']} GiB, {found['cpu_model']}, "
+        f"{found['kernel']}, Python {platform.python_version()}"
+    )
+
+
+def notes(
+    systems: Sequence[System], skipped: dict[str, str], found: dict[str, dict[str, str]]
+) -> list[str]:
+    """One line per system: durability, or why it was skipped; then versions."""
+    lines = []
+    for system in systems:
+        if system.key in skipped:
+            lines.append(f"SKIPPED {system.title}: {skipped[system.key]}")
+        else:
+            listed = ", ".join(f"{k} {v}" for k, v in found.get(system.key, {}).items())
+            lines.append(
+                f"{system.title}: {system.durability}. Driven: {system.driven}. Versions: {listed}"
+            )
+    return lines
+
+
+def save(
+    args: argparse.Namespace,
+    results: dict[tuple[str, str], Result],
+    systems: Sequence[System],
+    skipped: dict[str, str],
+    found: dict[str, dict[str, str]],
+    cells: list[list[str]],
+    title: str,
+) -> tuple[Path, Path]:
+    """benchmarks/results/peers-<time>.json and the same as Markdown beside it."""
+    the_machine = machine()
+    records = []
+    for result in results.values():
+        record: dict[str, Any] = asdict(result)
+        record["write_msgs_per_s"] = result.rate("write")
+        record["read_msgs_per_s"] = result.rate("read")
+        if result.latency_ms:
+            record["median_latency_ms"] = {n: result.latency(n) for n in result.latency_ms}
+        records.append(record)
+    path = save_results(
+        args.output,
+        "peers",
+        {
+            "runs": args.runs,
+            "scale": args.scale,
+            "systems": {
+                s.key: {
+                    "title": s.title,
+                    "durability": s.durability,
+                    "skipped": skipped.get(s.key),
+                    "versions": found.get(s.key, {}),
+                }
+                for s in systems
+            },
+            "table": cells,
+            "ratio": RATIO_NOTE,
+        },
+        records,
+        the_machine,
+    )
+    stamp = datetime.strptime(json.loads(path.read_text())["time"], "%Y%m%dT%H%M%SZ")
+    lines = [
+        f"MessageVault against its peers, {stamp:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Machine: {describe_machine(the_machine)}. {title}.",
+        "",
+        markdown_table(cells),
+        "",
+        RATIO_NOTE,
+        "",
+        *(f"- {text}" for text in notes(systems, skipped, found)),
+        "",
+    ]
+    markdown = path.with_suffix(".md")
+    markdown.write_text("\n".join(lines))
+    return path, markdown
+
+
+# The command -------------------------------------------------------------------------------
+
+
+def choose(
+    only: str | None, parser: argparse.ArgumentParser
+) -> tuple[list[Workload], list[System]]:
+    """``--only``: workload names and system keys, comma-separated; each kind defaults to all."""
+    if not only:
+        return list(WORKLOADS), list(SYSTEMS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    workloads = {w.name: w for w in WORKLOADS}
+    aliases = {"redis": ["redis-always", "redis-everysec"]}
+    unknown = [n for n in names if n not in workloads and n not in BY_KEY and n not in aliases]
+    if unknown or not names:
+        parser.error(
+            f"--only: unknown {', '.join(unknown) or '(empty)'}; choose from "
+            f"{', '.join([*workloads, *BY_KEY, *aliases])}"
+        )
+    wanted = {k for n in names for k in aliases.get(n, [n])}
+    chosen_workloads = [w for w in WORKLOADS if w.name in wanted] or list(WORKLOADS)
+    chosen_systems = [s for s in SYSTEMS if s.key in wanted] or list(SYSTEMS)
+    return chosen_workloads, chosen_systems
+
+
+def available(
+    systems: list[System], allow_install: bool, say: Say
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Why each system that cannot run here is skipped; and each other's versions."""
+    binaries = sorted({s.binary for s in systems if s.binary is not None})
+    if allow_install:
+        why_missing = install(binaries, say)
+    else:
+        why_missing = {
+            b: f"{b} not found (--no-install)" for b in binaries if find_binary(b) is None
+        }
+    skipped: dict[str, str] = {}
+    found: dict[str, dict[str, str]] = {}
+    for system in systems:
+        reason = why_missing.get(system.binary or "") or missing_clients(system)
+        if reason is not None:
+            skipped[system.key] = reason
+            say(f"SKIPPING {system.key}: {reason}")
+        else:
+            found[system.key] = versions(system)
+    return skipped, found
+
+
+def main() -> None:
+    parser = benchmark_arguments(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated workloads (W1..W4) and/or systems (messagevault, redis-always, "
+        "redis-everysec, redis, nats) to run; default all",
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="where the servers' folders go")
+    parser.add_argument(
+        "--no-install",
+        dest="install",
+        action="store_false",
+        help="skip a peer whose server is missing instead of apt-get installing it",
+    )
+    # For the tests: corrupt one value a system read back, to see the check fail.
+    parser.add_argument("--tamper", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, not {args.runs}")
+    if not 0 < args.scale <= 1:
+        parser.error(f"--scale must be above 0 and at most 1, not {args.scale}")
+    workloads, systems = choose(args.only, parser)
+
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:7.1f}s] {text}", flush=True)
+
+    skipped, found = available(systems, args.install, say)
+    runnable = [s for s in systems if s.key not in skipped]
+    users = Users()
+    if any(s.key == VAULT for s in runnable):
+        users.set_password("bench", "bench-password")  # hashed once (argon2 is slow on purpose)
+        users.grant("bench", ["all:write"])
+
+    results: dict[tuple[str, str], Result] = {}
+    for base in workloads if runnable else []:
+        workload = scaled(base, args.scale)
+        say(
+            f"{workload.name}: {workload.messages:,} x {workload.value_size} B in batches of "
+            f"{workload.batch_size:,}, {workload.producers} producer(s)"
+        )
+        data = make_data(workload)
+        # The harness holds millions of ready-made objects a real client would
+        # not; frozen, they are not rescanned by every collection.
+        gc.collect()
+        gc.freeze()
+        for run in range(args.runs):
+            # Each run starts with another system, so that slow moments spread.
+            order = runnable[run % len(runnable) :] + runnable[: run % len(runnable)]
+            for system in order:
+                say(f"{system.key} {workload.name}: run {run + 1} of {args.runs}")
+                result = results.setdefault(
+                    (system.key, workload.name),
+                    Result(
+                        system.key,
+                        workload.name,
+                        workload.messages,
+                        data.payload_bytes,
+                        workload.producers,
+                        workload.batch_size,
+                    ),
+                )
+                run_case(system, workload, data, users, result, args, say)
+        del data
+        gc.unfreeze()
+        gc.collect()
+
+    title = f"Median of {args.runs} run(s), scale {args.scale:g}"
+    cells = table_cells(results, systems, skipped)
+    print(render_table(cells, title), end="")
+    for text in [RATIO_NOTE, *notes(systems, skipped, found)]:
+        print(textwrap.fill(text, TABLE_WIDTH, subsequent_indent="  "))
+    json_path, markdown_path = save(args, results, systems, skipped, found, cells, title)
+    print(f"saved {json_path} and {markdown_path.name}")
+
+
+if __name__ == "__main__":
+    main()
