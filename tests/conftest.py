@@ -15,6 +15,7 @@ from messagevault.storage import FileStorage, MemoryStorage
 from messagevault.storage.azure import CONTAINER_PREFIX, AzureStorage
 from messagevault.storage.base import Storage
 from tests.azurite import Azurite
+from tests.statsd_daemon import StatsDDaemon
 
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Storage]] = {
     "memory": lambda _, __: MemoryStorage(),
@@ -54,6 +55,20 @@ def azurite() -> Iterator[Azurite]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def statsd_daemon() -> Iterator[StatsDDaemon]:
+    """Etsy's StatsD daemon for the session (once a test asks), stopped by PID at the end.
+
+    Call its ``reset()`` first: earlier tests' metrics are still in it.
+    """
+    daemon = StatsDDaemon()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from messagevault.server.auth import Users, save_users
@@ -20,8 +20,12 @@ START_TIMEOUT = 30.0
 
 
 @contextlib.contextmanager
-def serve_process(root: Path, user: str, password: str, fsync: str = "never") -> Iterator[str]:
+def serve_process(
+    root: Path, user: str, password: str, fsync: str = "never", arguments: Sequence[str] = ()
+) -> Iterator[str]:
     """Serve ``root`` on a free loopback port with one admin user; yield the URL.
+
+    ``arguments`` go after ``serve --port PORT`` (e.g. ``["--statsd", address]``).
 
     Stopped by PID on exit (SIGTERM, then SIGKILL if it lingers).
     """
@@ -31,7 +35,7 @@ def serve_process(root: Path, user: str, password: str, fsync: str = "never") ->
     save_users(FileStorage(root), users)
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *arguments],
         env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": fsync},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

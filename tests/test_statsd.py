@@ -1,0 +1,403 @@
+"""StatsD: the client's lines and packets; the server's metrics as a real daemon receives them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from messagevault import FileStorage
+from messagevault.server import StreamHub, create_app
+from messagevault.server.statsd_metrics import install
+from messagevault.statsd import StatsD, level, parse_address, sanitize
+from tests.azurite import free_port
+from tests.serve_process import serve_process
+from tests.statsd_daemon import StatsDDaemon, free_udp_port
+
+Client = TestClient[web.Request, web.Application]
+PASSWORD = "statsd-test-password"
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A UDP socket on a loopback port, standing in for the daemon in unit tests."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    yield sock
+    sock.close()
+
+
+def _receive(sock: socket.socket, lines: int, timeout: float = 5.0) -> list[bytes]:
+    """Packets until they hold ``lines`` lines (or ``timeout`` passes)."""
+    packets: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while sum(packet.count(b"\n") + 1 for packet in packets) < lines:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            packets.append(sock.recv(65536))
+        except TimeoutError:
+            break
+    return packets
+
+
+def _client(sock: socket.socket, **options: Any) -> StatsD:
+    return StatsD("127.0.0.1", sock.getsockname()[1], **options)
+
+
+@pytest.fixture
+def daemon(statsd_daemon: StatsDDaemon) -> StatsDDaemon:
+    statsd_daemon.reset()
+    return statsd_daemon
+
+
+# -- the client, against a plain UDP socket -------------------------------------------------
+
+
+def test_lines_are_plain_statsd(listener: socket.socket) -> None:
+    with _client(listener, prefix="mv1") as statsd:
+        statsd.incr("storage.append.events", 20)
+        statsd.incr("api.errors.overloaded")
+        statsd.timing("api.append", 1.25)
+        statsd.gauge("stream.orders", 5_324_000_000_123)  # an int stays whole
+        statsd.gauge("ratio", 0.5)
+        statsd.gauge("delta", -5)  # a signed value is a change to StatsD: zeroed first
+        statsd.flush()
+        packets = _receive(listener, 7)
+    assert b"".join(packets).split(b"\n") == [
+        b"mv1.storage.append.events:20|c",
+        b"mv1.api.errors.overloaded:1|c",
+        b"mv1.api.append:1.250|ms",
+        b"mv1.stream.orders:5324000000123|g",
+        b"mv1.ratio:0.5|g",
+        b"mv1.delta:0|g",
+        b"mv1.delta:-5|g",
+    ]
+
+
+def test_lines_are_batched_into_packets_no_larger_than_max_packet(
+    listener: socket.socket,
+) -> None:
+    sent = [f"metric.number{i}:{i}|c".encode() for i in range(300)]
+    with _client(listener, max_packet=200, flush_interval=60) as statsd:
+        for i in range(300):
+            statsd.incr(f"metric.number{i}", i)
+        statsd.flush()
+        packets = _receive(listener, 300)
+    assert all(len(packet) <= 200 for packet in packets)
+    assert len(packets) < 300 / 5  # several lines a packet, not one each
+    assert b"\n".join(packets).split(b"\n") == sent
+
+
+def test_the_flusher_sends_a_partial_packet_without_being_asked(listener: socket.socket) -> None:
+    with _client(listener, flush_interval=0.05) as statsd:
+        statsd.incr("lonely")
+        assert _receive(listener, 1) == [b"lonely:1|c"]
+
+
+def test_close_sends_what_is_buffered_then_drops_quietly(listener: socket.socket) -> None:
+    statsd = _client(listener, flush_interval=60)
+    statsd.timing("last", 2)
+    statsd.close()
+    assert _receive(listener, 1) == [b"last:2.000|ms"]
+    statsd.incr("after.close")
+    statsd.flush()
+    statsd.close()
+    listener.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        listener.recv(65536)
+
+
+def test_values_statsd_would_refuse_are_dropped_and_counted(listener: socket.socket) -> None:
+    with _client(listener, max_packet=64) as statsd:
+        statsd.timing("negative", -1)
+        statsd.timing("nan", float("nan"))
+        statsd.gauge("infinite", float("inf"))
+        statsd.incr("x" * 80)  # longer than a packet can be
+        statsd.incr("kept")
+        statsd.flush()
+        assert _receive(listener, 1) == [b"kept:1|c"]
+        assert statsd.dropped == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "safe"),
+    [
+        ("api.append", "api.append"),
+        ("stream.my orders/eu:1|c", "stream.my_orders_eu_1_c"),
+        ("a..b.", "a.b"),
+        (".leading", "leading"),
+        ("naïve-name_ok", "na_ve-name_ok"),
+    ],
+)
+def test_names_are_made_safe_for_graphite(name: str, safe: str) -> None:
+    assert sanitize(name) == safe
+
+
+def test_a_free_form_part_is_one_level(listener: socket.socket) -> None:
+    assert level("v1.2/orders") == "v1_2_orders"
+    assert level("") == "_"
+    with _client(listener, prefix="eu west.1") as statsd:
+        statsd.incr(f"stream.{level('odd.name')}.append.ok")
+        statsd.flush()
+        assert _receive(listener, 1) == [b"eu_west.1.stream.odd_name.append.ok:1|c"]
+
+
+@pytest.mark.parametrize(
+    ("address", "fault"),
+    [
+        ("", "has no port"),
+        ("localhost", "has no port"),
+        (":8125", "has no host"),
+        ("localhost:", "must be a number"),
+        ("localhost:http", "must be a number"),
+        ("localhost:0", "must be a number in 1..65535"),
+        ("localhost:65536", "must be a number in 1..65535"),
+        ("::1:8125", "brackets"),
+        ("[::1]8125", "as [::1]:8125"),
+        ("[::1", "as [::1]:8125"),
+        ("no-such-host.invalid:8125", "cannot be resolved"),
+    ],
+)
+def test_bad_addresses_are_one_clear_error(address: str, fault: str) -> None:
+    with pytest.raises(ValueError, match="StatsD") as caught:
+        StatsD.from_address(address)
+    assert fault in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_addresses_ipv4_ipv6_and_names() -> None:
+    assert parse_address("127.0.0.1:8125") == ("127.0.0.1", 8125)
+    assert parse_address("[::1]:9125") == ("::1", 9125)
+    assert parse_address(" statsd.local:8125 ") == ("statsd.local", 8125)
+    with StatsD.from_address("localhost:8125") as statsd:
+        assert statsd.address[1] == 8125
+
+
+def test_ipv6_loopback() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        sock.settimeout(5)
+        with StatsD.from_address(f"[::1]:{sock.getsockname()[1]}") as statsd:
+            statsd.incr("over.ipv6")
+            statsd.flush()
+            assert sock.recv(1024) == b"over.ipv6:1|c"
+
+
+def test_nobody_listening_never_raises_and_counts_what_was_lost() -> None:
+    statsd = StatsD("127.0.0.1", free_udp_port(), max_packet=100, flush_interval=0.01)
+    try:
+        for i in range(2000):  # the ICMP "port unreachable" of one send fails a later one
+            statsd.incr("nobody.home", i)
+            statsd.timing("nobody.home", i)
+            statsd.gauge("nobody.home", i)
+        statsd.flush()
+    finally:
+        statsd.close()
+    assert statsd.dropped > 0
+
+
+def test_many_threads_share_one_client(listener: socket.socket) -> None:
+    # Room for every packet, as a test cannot promise to read as fast as four threads send.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+
+    def record(statsd: StatsD) -> None:
+        for _ in range(2000):
+            statsd.incr("threads.count")
+
+    with _client(listener, flush_interval=0.01) as statsd:
+        workers = [threading.Thread(target=record, args=(statsd,)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        statsd.flush()
+        packets = _receive(listener, 8000)
+        assert statsd.dropped == 0
+    assert all(len(packet) <= statsd.max_packet for packet in packets)
+    assert b"\n".join(packets).split(b"\n") == [b"threads.count:1|c"] * 8000
+
+
+def test_the_daemon_reads_what_the_client_means(daemon: StatsDDaemon) -> None:
+    with StatsD.from_address(daemon.address, prefix="mv") as statsd:
+        statsd.incr("storage.append.events", 100)
+        statsd.timing("storage.append.time", 3.2)
+        statsd.gauge("stream.orders", 5324)
+        statsd.gauge("level", 7)
+        statsd.gauge("level", -2)
+    assert daemon.wait_for("gauges", "mv.level", -2) == -2
+    assert daemon.counters()["mv.storage.append.events"] == 100
+    assert daemon.gauges()["mv.stream.orders"] == 5324
+    assert daemon.timers()["mv.storage.append.time"] == [3.2]
+    assert daemon.counters()["statsd.bad_lines_seen"] == 0
+
+
+# -- the server's metrics, in a real daemon ---------------------------------------------------
+
+
+def _post(url: str, stream: str, values: list[str]) -> dict[str, Any]:
+    body = json.dumps({"messages": [{"key": "k", "value": value} for value in values]})
+    request = urllib.request.Request(
+        f"{url}/streams/{stream}", data=body.encode(), headers=_headers(json=True)
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())  # type: ignore[no-any-return]
+
+
+def _get(url: str, path: str) -> dict[str, Any]:
+    request = urllib.request.Request(f"{url}{path}", headers=_headers())
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())  # type: ignore[no-any-return]
+
+
+def _headers(*, json: bool = False) -> dict[str, str]:
+    token = base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
+    headers = {"Authorization": f"Basic {token}"}
+    if json:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
+def test_serve_pushes_the_original_metric_names(daemon: StatsDDaemon, tmp_path: Path) -> None:
+    batches = [[f"message {b}.{m}" for m in range(1 + b % 4)] for b in range(24)]
+    messages = sum(len(batch) for batch in batches)
+    arguments = ["--statsd", daemon.address, "--statsd-prefix", "node1"]
+    with serve_process(tmp_path, "admin", PASSWORD, arguments=arguments) as url:
+        # Concurrent appends, so that some commits carry several of them.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda batch: _post(url, "orders", batch), batches))
+        length = _get(url, "/streams/orders")["length"]
+        assert length == max(answer["position"] for answer in answers)
+        _get(url, "/streams/orders/messages?from=0&limit=5")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get(url, "/streams/orders/messages?from=3")  # not a message boundary
+        assert refused.value.code == 400
+        refused.value.close()
+        assert daemon.wait_for("gauges", "node1.stream.orders", length) == length
+        assert daemon.wait_for("counters", "node1.api.errors.invalid_position", 1) == 1
+
+    counters, gauges, timers = daemon.counters(), daemon.gauges(), daemon.timers()
+    assert counters["statsd.bad_lines_seen"] == 0
+    assert counters["node1.storage.append.events"] == messages
+    assert counters["node1.storage.append.bytes"] == length  # frames from 0 to the end
+    assert counters["node1.stream.orders.append.ok"] == len(batches)
+    assert counters["node1.stream.orders.append.events"] == messages
+    assert gauges["node1.stream.orders"] == length
+    assert len(timers["node1.api.append"]) == len(batches)  # one per acknowledged request
+    commits = len(timers["node1.storage.append.time"])
+    assert 1 <= commits <= len(batches)
+    assert len(timers["node1.storage.append.batches"]) == commits  # one value per commit
+    assert sum(timers["node1.storage.append.batches"]) == len(batches)
+    assert sum(timers["node1.storage.append.messages"]) == messages
+    assert len(timers["node1.api.info"]) == 1
+    assert len(timers["node1.api.read"]) == 1  # the refused read is counted, not timed
+    assert all(value >= 0 for value in timers["node1.api.append"])
+
+
+async def test_reads_that_wait_are_timed_apart(
+    daemon: StatsDDaemon, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    hub = StreamHub(FileStorage(tmp_path))
+    app = create_app(hub)
+    statsd = StatsD.from_address(daemon.address, prefix="in")
+    statsd.flush_interval = 0.05
+    install(app, hub, statsd)
+    client: Client = await aiohttp_client(app)
+    await client.post("/streams/orders", json={"messages": [{"key": "k", "value": "v"}]})
+    length = (await (await client.get("/streams/orders")).json())["length"]
+    plain = await client.get("/streams/orders/messages", params={"from": 0})
+    assert len((await plain.json())["messages"]) == 1
+    waited = await client.get("/streams/orders/messages", params={"from": length, "wait": 1})
+    assert (await waited.json())["messages"] == []
+    tail = await client.get(
+        "/streams/orders/messages", params={"from": 0}, headers={"Accept": "text/event-stream"}
+    )
+    assert (await tail.content.readline()).startswith(b"id: ")
+    # The server stops first: its shutdown ends the tail, then its cleanup
+    # closes the StatsD client, which sends everything.
+    await client.server.close()
+    tail.close()
+    await client.close()
+    timers = daemon.timers()
+    assert len(timers["in.api.read"]) == 1
+    assert len(timers["in.api.read.wait"]) == 1
+    assert timers["in.api.read.wait"][0] >= 900  # its second of waiting is not api.read's
+    assert len(timers["in.api.tail"]) == 1
+    assert daemon.counters()["statsd.bad_lines_seen"] == 0
+
+
+def test_appends_are_acknowledged_with_no_daemon_listening(tmp_path: Path) -> None:
+    away = f"127.0.0.1:{free_udp_port()}"
+    with serve_process(tmp_path, "admin", PASSWORD, arguments=["--statsd", away]) as url:
+        answers = [_post(url, "orders", [f"m{i}", f"n{i}"]) for i in range(100)]
+        assert [answer["messages"][0]["sequence"] for answer in answers] == list(range(0, 200, 2))
+        assert _get(url, "/streams/orders")["messages"] == 200
+
+
+def test_appends_are_acknowledged_after_the_daemon_stops(tmp_path: Path) -> None:
+    daemon = StatsDDaemon()
+    try:
+        daemon.start()
+        with serve_process(
+            tmp_path, "admin", PASSWORD, arguments=["--statsd", daemon.address]
+        ) as url:
+            for i in range(10):
+                _post(url, "orders", [f"before {i}"])
+            assert daemon.wait_for("counters", "storage.append.events", 10) == 10
+            daemon.stop()
+            for i in range(100):
+                _post(url, "orders", [f"after {i}"])
+            assert _get(url, "/streams/orders")["messages"] == 110
+    finally:
+        daemon.close()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "variables", "fault"),
+    [
+        (["--statsd", "localhost"], {}, "has no port"),
+        (["--statsd", "127.0.0.1:99999"], {}, "1..65535"),
+        (["--statsd", "no-such-host.invalid:8125"], {}, "cannot be resolved"),
+        ([], {"MESSAGEVAULT_STATSD": "[::1"}, "[::1]:8125"),
+    ],
+)
+def test_serve_refuses_a_bad_statsd_address_and_starts_nothing(
+    tmp_path: Path, arguments: list[str], variables: dict[str, str], fault: str
+) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *arguments],
+        env={**_environment(), "MESSAGEVAULT_STORAGE": f"file:{data}", **variables},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert fault in result.stderr
+    assert "--statsd" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not data.exists()  # no storage opened, no admin created
+
+
+def _environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name != "MESSAGEVAULT_STATSD"}
