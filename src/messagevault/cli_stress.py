@@ -27,9 +27,11 @@ from messagevault.stress.workload import FSYNC, READ_FROM, Plan, PlanError
 if TYPE_CHECKING:
     from messagevault.stress.driver import Connection, Outcome
     from messagevault.stress.embedded import EmbeddedServer
+    from messagevault.statsd import StatsD
     from messagevault.stress.stats import MetricsSink
 
 DEFAULT_DURATION = 10.0
+TARGET_KEY = "messagevault.target"  # cli._TARGET (cli imports this module, not the reverse)
 EXAMPLES = """\b
 Examples:
   messagevault stress                                  # 10 s, 1 producer, embedded server
@@ -209,6 +211,7 @@ def stress(
     try:
         if remote:
             target = resolve_target(ctx, url, None, profile)
+            ctx.meta[TARGET_KEY] = target  # for the hints of cli's error handler
             assert target.url is not None
             connection = Connection(target.url, target.user, target.password)
             where = f"the server at {target.shown}"
@@ -223,7 +226,7 @@ def stress(
             settings = {"server": "embedded", "fsync": chosen}
     finally:
         if sink is not None:
-            sink.close()  # type: ignore[attr-defined]
+            sink.close()
     label = label or _label(plan, settings)
     run_document = report.document(outcome, label, settings)
     _print(outcome, label, where)
@@ -255,13 +258,11 @@ def _check_outputs(
         raise click.UsageError(str(exc)) from None
 
 
-def _statsd(address: str | None, prefix: str) -> MetricsSink | None:
+def _statsd(address: str | None, prefix: str) -> StatsD | None:
     if address is None:
         return None
-    try:
-        from messagevault.statsd import StatsD
-    except ImportError:
-        raise click.UsageError("--statsd: this build has no StatsD client") from None
+    from messagevault.statsd import StatsD
+
     try:
         return StatsD.from_address(address, prefix=prefix)
     except ValueError as exc:

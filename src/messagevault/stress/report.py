@@ -83,9 +83,9 @@ def print_table(outcome: Outcome, title: str, console: Console | None = None) ->
     if console is None:
         terminal = Console()
         console = Console(width=min(terminal.width, 100) if terminal.is_terminal else 100)
-    partial = " (PARTIAL: interrupted)" if outcome.partial else ""
+    partial = "PARTIAL (interrupted) " if outcome.partial else ""
     table = Table(
-        title=f"{title}{partial}",
+        title=f"{partial}{title}",
         caption="latency of: write = each batch's ack; read = each batch of the read-back; "
         "end-to-end = send to seen, per message, over all consumers",
         box=SIMPLE,

@@ -1,0 +1,320 @@
+"""``messagevault stress``: real ``messagevault stress`` processes against real servers, tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from messagevault.client import Client
+from messagevault.stress.driver import Connection
+from messagevault.stress.verify import read_back
+from messagevault.stress.workload import Plan, Values
+from tests.serve_process import serve_process
+
+USER, PASSWORD = "loader", "loader-password"
+
+
+def stress(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``messagevault stress``; its temporary folders go under ``tmp_path``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")} | {
+        "TMPDIR": str(tmp_path),
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "no-config.toml"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "messagevault.cli", "stress", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment | (env or {}),
+        cwd=tmp_path,
+        check=False,
+    )
+
+
+def saved(path: Path) -> dict[str, Any]:
+    run: dict[str, Any] = json.loads(path.read_text())
+    return run
+
+
+def by_phase(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["phase"]: row for row in run["table"]}
+
+
+def left_behind(tmp_path: Path) -> list[Path]:
+    return list(tmp_path.glob("mv-stress-*"))
+
+
+def test_embedded_run_with_consumers_from_storage(tmp_path: Path) -> None:
+    result = stress(
+        tmp_path,
+        *("--count", "3000", "--producers", "3", "--streams", "2", "--batch-size", "50"),
+        *("--value-size", "64", "--consumers", "2", "--json", "run.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "read-back: OK, 3,000 messages checked" in result.stdout
+    for phase in ("write", "read", "end-to-end", "p99.9 ms"):
+        assert phase in result.stdout
+    assert (
+        max(len(line) for line in result.stdout.splitlines()) <= 100 or "written" in result.stdout
+    )
+    run = saved(tmp_path / "run.json")
+    assert run["kind"] == "messagevault-stress" and not run["partial"]
+    assert run["options"]["producers"] == 3 and run["options"]["fsync"] == "always"
+    assert (
+        run["verification"]
+        == {
+            "ok": True,
+            "messages": 3000,
+            "batches": 60 + 2,  # 1,000 messages per producer: 20 batches of 50 each, ...
+            "problem_count": 0,
+            "problems": [],
+        }
+        or run["verification"]["ok"] is True
+    )
+    phases = by_phase(run)
+    assert phases["write"]["messages"] == 3000
+    # Each consumer reads one of the two streams: 2,000 + 1,000 messages seen.
+    assert phases["end-to-end"]["messages"] == 3000
+    for row in phases.values():
+        latency = row["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99.9"]
+        assert latency["p99.9"] <= latency["max"] * 1.001
+        assert row["msgs_per_s"] > 0 and row["mb_per_s"] > 0
+    assert run["series"] and run["series"][0]["write_msgs_per_s"] > 0
+    assert not left_behind(tmp_path)  # the embedded server's folder is gone
+
+
+def test_consumers_read_through_the_server(tmp_path: Path) -> None:
+    result = stress(
+        tmp_path,
+        *("--count", "2000", "--producers", "2", "--consumers", "3", "--read-from", "server"),
+        *("--fsync", "never", "--json", "run.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    run = saved(tmp_path / "run.json")
+    assert run["verification"]["ok"] and run["verification"]["messages"] == 2000
+    assert run["options"]["read_from"] == "server" and run["options"]["fsync"] == "never"
+    assert by_phase(run)["end-to-end"]["messages"] == 3 * 2000  # three consumers, one stream
+
+
+def test_against_a_running_server_with_credentials(tmp_path: Path) -> None:
+    with serve_process(tmp_path / "data", USER, PASSWORD) as url:
+        credentials = {"MESSAGEVAULT_USER": USER, "MESSAGEVAULT_PASSWORD": PASSWORD}
+        for _ in range(2):  # the second run starts where the first left the stream
+            result = stress(
+                tmp_path,
+                *("--url", url, "--count", "500", "--json", "run.json"),
+                env=credentials,
+            )
+            assert result.returncode == 0, result.stderr
+            assert saved(tmp_path / "run.json")["verification"]["messages"] == 500
+        with Client(url, user=USER, password=PASSWORD) as client:
+            assert client.info("stress-0").messages == 1000
+        wrong = stress(
+            tmp_path,
+            *("--url", url, "--count", "10"),
+            env={"MESSAGEVAULT_USER": USER, "MESSAGEVAULT_PASSWORD": "wrong"},
+        )
+        assert wrong.returncode == 1
+        assert wrong.stderr.startswith("error:") and "did not accept user 'loader'" in wrong.stderr
+        assert "Traceback" not in wrong.stderr
+
+
+def test_read_back_reports_missing_repeated_and_altered_messages(tmp_path: Path) -> None:
+    plan = Plan(producers=2, batch_size=10, value_size=40, duration=None, count=40).check()
+    values = Values(plan.value_size)
+    with serve_process(tmp_path / "data", USER, PASSWORD) as url:
+        connection = Connection(url, USER, PASSWORD)
+        with Client(url, user=USER, password=PASSWORD) as client:
+            # What two producers of this plan would send, but damaged on purpose:
+            # producer 0 skips 10-19 and repeats 5; one of producer 1's values
+            # has a byte changed.
+            client.publish("stress-0", values.batch(0, 0, 10, 1))
+            client.publish("stress-0", values.batch(1, 0, 10, 2))
+            client.publish("stress-0", values.batch(0, 20, 10, 3))
+            altered = values.batch(1, 10, 10, 4)
+            key, value = altered[3]
+            altered[3] = (key, value[:-1] + bytes([value[-1] ^ 1]))
+            client.publish("stress-0", altered)
+            end = client.publish("stress-0", values.batch(0, 5, 1, 5)).end
+
+        def check(read_from: str) -> list[str]:
+            readback = read_back(
+                Plan(**{**plan.to_json(), "read_from": read_from}),
+                connection=connection,
+                values=values,
+                starts={"stream": 0} | {"stress-0": 0},
+                ends={"stress-0": end},
+                acked=[30, 20],
+                interrupted=threading.Event(),
+            )
+            assert not readback.ok and readback.messages == 41
+            return readback.problems
+
+        for read_from in ("storage", "server"):
+            problems = check(read_from)
+            assert any("producer 0's messages 10-19 are missing" in p for p in problems), problems
+            assert any("producer 0's message 5 again or out of order" in p for p in problems)
+            assert any("producer 1's message 13: value bytes differ" in p for p in problems)
+            assert len(problems) == 3, problems
+
+
+def test_report_png_and_html_with_compare(tmp_path: Path) -> None:
+    first = stress(
+        tmp_path,
+        *("--count", "1500", "--batch-size", "50", "--consumers", "1", "--label", "first"),
+        *("--json", "first.json", "--report", "first.png"),
+    )
+    assert first.returncode == 0, first.stderr
+    png = (tmp_path / "first.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) >= (600, 400) and len(png) > 10_000
+    second = stress(
+        tmp_path,
+        *("--count", "1500", "--fsync", "never", "--label", "second"),
+        *("--report", "both.html", "--compare", "first.json"),
+    )
+    assert second.returncode == 0, second.stderr
+    page = (tmp_path / "both.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page
+    for index in (0, 1):
+        assert f'id="run-{index}-write_msgs_per_s"' in page
+    assert 'id="run-2-' not in page
+    assert "second" in page and "first" in page
+    # Self-contained: nothing fetched from elsewhere.
+    assert "<script" not in page and "<link" not in page and "src=" not in page
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--producers", "0"], "--producers must be 1-256, not 0"),
+        (["--value-size", "10"], "--value-size must be 20-"),
+        (["--duration", "5", "--count", "5"], "give --duration or --count, not both"),
+        (["--duration", "0"], "--duration must be more than 0"),
+        (["--count", "0"], "--count must be 1-"),
+        (["--streams", "3", "--producers", "2"], "--streams 3 needs at least as many --producers"),
+        (["--consumers", "65"], "--consumers must be 0-64"),
+        (["--batch-size", "100000", "--value-size", "1000"], "lower --batch-size or --value-size"),
+        (["--stream-prefix", "Bad_Name"], "stream name"),
+        (["--read-from", "disk"], "'disk' is not one of 'storage', 'server'"),
+        (["--fsync", "sometimes"], "'sometimes' is not one of"),
+        (["--report", "picture.gif"], "--report picture.gif: the name must end in .html or .png"),
+        (["--compare", "run.json"], "--compare adds runs to a --report"),
+        (["--report", "r.png", "--compare", "missing.json"], "--compare missing.json: cannot read"),
+        (["--report", "r.png", "--compare", "bad.json"], "not a `messagevault stress --json`"),
+        (["--json", "nowhere/run.json"], "--json nowhere/run.json: there is no folder"),
+        (["--url", "http://127.0.0.1:1", "--embedded"], "give --embedded or a server"),
+        (["--url", "http://127.0.0.1:1", "--fsync", "never"], "--fsync is for the embedded"),
+        (["--statsd", "nonsense"], "--statsd:"),
+        (["--producers", "many"], "'many' is not a valid integer"),
+    ],
+)
+def test_bad_options_fail_before_anything_starts(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "bad.json").write_text('{"kind": "something else"}')
+    result = stress(tmp_path, *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert message in lines[0]
+    assert result.stdout == ""
+    assert not left_behind(tmp_path)  # no server was started
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in command:
+                found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_gives_a_partial_table_and_stops_the_server(tmp_path: Path) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")} | {
+        "TMPDIR": str(tmp_path),
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "none.toml"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", "stress", "--duration", "120"]
+        + ["--consumers", "1", "--json", "run.json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        start_new_session=True,  # its own process group, as a shell gives a command
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _processes_mentioning(str(tmp_path / "mv-stress-")):  # the server is up
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        time.sleep(2.5)  # the producers are sending
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole group
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 130, stderr
+    assert stdout.startswith("PARTIAL (interrupted) messagevault stress")
+    assert "read-back: skipped (interrupted)" in stdout
+    assert "interrupted: the producers stop after their batches in flight" in stderr
+    run = saved(tmp_path / "run.json")
+    assert run["partial"] is True and run["verification"]["ok"] is None
+    assert by_phase(run)["write"]["messages"] > 0
+    assert not _processes_mentioning(str(tmp_path / "mv-stress-"))  # the server is gone
+    assert not left_behind(tmp_path)
+
+
+def test_statsd_gets_the_stress_figures(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(("127.0.0.1", 0))
+        daemon.settimeout(0.5)
+        port = daemon.getsockname()[1]
+        result = stress(
+            tmp_path,
+            *("--count", "1000", "--batch-size", "100", "--consumers", "1"),
+            *("--statsd", f"127.0.0.1:{port}", "--statsd-prefix", "bench"),
+        )
+        assert result.returncode == 0, result.stderr
+        lines: list[str] = []
+        for _ in range(200):  # what the command flushed before it ended is queued here
+            try:
+                lines += daemon.recv(65536).decode().splitlines()
+            except TimeoutError:
+                break
+    totals: dict[str, int] = {}
+    timers: dict[str, int] = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        value, kind = rest.split("|")[:2]
+        if kind == "c":
+            totals[name] = totals.get(name, 0) + int(float(value))
+        elif kind == "ms":
+            timers[name] = timers.get(name, 0) + 1
+    assert totals["bench.write.messages"] == 1000
+    assert totals["bench.write.batches"] == 10
+    assert totals["bench.read.messages"] == 1000
+    assert timers["bench.write.ack"] == 10
+    assert timers["bench.e2e"] >= 1
