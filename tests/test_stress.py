@@ -1,4 +1,4 @@
-"""``messagevault stress``: real ``messagevault stress`` processes against real servers, tiny sizes."""
+"""``messagevault stress``: real processes against real servers, at tiny sizes."""
 
 from __future__ import annotations
 
@@ -255,8 +255,10 @@ def test_ctrl_c_gives_a_partial_table_and_stops_the_server(tmp_path: Path) -> No
         "MESSAGEVAULT_CONFIG": str(tmp_path / "none.toml"),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "stress", "--duration", "120"]
-        + ["--consumers", "1", "--json", "run.json"],
+        [
+            *(sys.executable, "-m", "messagevault.cli", "stress", "--duration", "120"),
+            *("--consumers", "1", "--json", "run.json"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -25,9 +25,9 @@ from messagevault.names import validate_stream_name
 from messagevault.stress.workload import FSYNC, READ_FROM, Plan, PlanError
 
 if TYPE_CHECKING:
+    from messagevault.statsd import StatsD
     from messagevault.stress.driver import Connection, Outcome
     from messagevault.stress.embedded import EmbeddedServer
-    from messagevault.statsd import StatsD
     from messagevault.stress.stats import MetricsSink
 
 DEFAULT_DURATION = 10.0
