@@ -344,6 +344,25 @@ async def test_reads_that_wait_are_timed_apart(
     assert daemon.counters()["statsd.bad_lines_seen"] == 0
 
 
+async def test_no_daemon_fails_no_append_nor_read(aiohttp_client: Any, tmp_path: Path) -> None:
+    hub = StreamHub(FileStorage(tmp_path))
+    app = create_app(hub)
+    # Packets of one line: every metric sends one, from the event loop and
+    # the committer thread alike, into the "port unreachable" of nobody.
+    statsd = StatsD("127.0.0.1", free_udp_port(), max_packet=64)
+    install(app, hub, statsd)
+    client: Client = await aiohttp_client(app)
+    for i in range(50):
+        answer = await client.post(
+            "/streams/orders", json={"messages": [{"key": "k", "value": f"m{i}"}]}
+        )
+        assert answer.status == 200, await answer.text()
+        read = await client.get("/streams/orders/messages", params={"from": 0, "limit": 1})
+        assert read.status == 200, await read.text()
+    assert statsd.dropped > 0  # it did try, and failed, to send
+    await client.close()
+
+
 def test_appends_are_acknowledged_with_no_daemon_listening(tmp_path: Path) -> None:
     away = f"127.0.0.1:{free_udp_port()}"
     with serve_process(tmp_path, "admin", PASSWORD, arguments=["--statsd", away]) as url:
