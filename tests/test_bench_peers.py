@@ -1,0 +1,324 @@
+"""benchmarks/peers.py: its table and checks, and tiny runs against real servers.
+
+The runs use the servers found on this machine and never install any
+(``--no-install``): a peer whose server binary or Python client is missing is
+skipped here, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks import peers
+from benchmarks.peer_systems import BY_KEY, find_binary, missing_clients
+
+SCRIPT = Path(peers.__file__)
+
+
+def run_peers(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--no-install", "--dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def server_pids(stdout: str) -> list[int]:
+    """The PIDs the progress lines say each case's server had."""
+    return [int(pid) for pid in re.findall(r"server pid (\d+) on 127\.0\.0\.1:", stdout)]
+
+
+def assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # A zombie would still answer; its state in /proc says so.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        raise AssertionError(f"server process {pid} is still there (state {state})")
+
+
+def require(system_keys: list[str]) -> None:
+    for key in system_keys:
+        system = BY_KEY[key]
+        if system.binary is not None and find_binary(system.binary) is None:
+            pytest.skip(f"{system.binary} is not installed here (make bench-peers installs it)")
+        if (why := missing_clients(system)) is not None:
+            pytest.skip(why)
+
+
+# The figures: ratios, cells, the table ----------------------------------------------------
+
+
+def result(system: str, workload: str, seconds: float, latency: float = 1.0) -> peers.Result:
+    return peers.Result(
+        system,
+        workload,
+        messages=1000,
+        payload_bytes=116_000,
+        producers=1,
+        batch_size=100,
+        write_s=[seconds, seconds * 3, seconds / 3],  # the median is ``seconds``
+        read_s=[seconds / 2],
+        latency_ms={"p50": [latency], "p99": [latency * 4]},
+    )
+
+
+def test_ratio_is_messagevault_over_the_peer_and_none_without_both() -> None:
+    assert peers.ratio(300.0, 100.0) == 3.0
+    assert peers.ratio(1.5, 0.5) == 3.0  # for latency, above 1 means MessageVault is slower
+    assert peers.ratio(None, 100.0) is None
+    assert peers.ratio(100.0, None) is None
+    assert peers.ratio(100.0, 0.0) is None
+
+
+def test_values_and_cells_are_formatted_by_kind() -> None:
+    assert peers.format_value(1_234_567, "write") == "1.23M"
+    assert peers.format_value(64_512, "read") == "64.5k"
+    assert peers.format_value(950, "write") == "950"
+    assert peers.format_value(0.3456, "p99") == "0.35"
+    assert peers.format_value(None, "p50") == "-"
+    assert peers.format_cell(64_512, "write", 3.814) == "64.5k (3.81x)"
+    assert peers.format_cell(64_512, "write", None) == "64.5k"
+
+
+def test_table_has_every_measured_row_with_ratios_and_marks_skipped_peers() -> None:
+    systems = [BY_KEY[k] for k in ("messagevault", "redis-always", "redis-everysec", "nats")]
+    results = {
+        ("messagevault", "W1"): result("messagevault", "W1", 0.01),  # 100k msgs/s
+        ("redis-always", "W1"): result("redis-always", "W1", 0.04),  # 25k msgs/s
+        ("messagevault", "W3"): result("messagevault", "W3", 0.5, latency=1.5),
+        ("redis-always", "W3"): result("redis-always", "W3", 0.5, latency=0.5),
+    }
+    cells = peers.table_cells(results, systems, {"nats": "nats-server not found"})
+    header, *rows = cells
+    assert header == [
+        "",
+        "MessageVault",
+        "Redis AOF always",
+        "Redis AOF everysec",
+        "NATS JetStream",
+    ]
+    by_label = {row[0]: row[1:] for row in rows}
+    # W2 and W4 were not run: no rows for them.
+    assert list(by_label) == ["W1 write msgs/s", "W1 read msgs/s", "W3 ack p50 ms", "W3 ack p99 ms"]
+    assert by_label["W1 write msgs/s"] == ["100.0k", "25.0k (4.00x)", "-", "SKIPPED"]
+    assert by_label["W1 read msgs/s"] == ["200.0k", "50.0k (4.00x)", "-", "SKIPPED"]
+    assert by_label["W3 ack p50 ms"] == ["1.50", "0.50 (3.00x)", "-", "SKIPPED"]
+    assert by_label["W3 ack p99 ms"] == ["6.00", "2.00 (3.00x)", "-", "SKIPPED"]
+
+    rendered = peers.render_table(cells, "Median of 3 run(s), scale 1")
+    assert "25.0k (4.00x)" in rendered
+    assert max(map(len, rendered.splitlines())) <= peers.TABLE_WIDTH
+
+    markdown = peers.markdown_table(cells).splitlines()
+    assert (
+        markdown[0]
+        == "|  | MessageVault | Redis AOF always | Redis AOF everysec | NATS JetStream |"
+    )
+    assert markdown[1] == "| --- | ---: | ---: | ---: | ---: |"
+    assert markdown[2] == "| W1 write msgs/s | 100.0k | 25.0k (4.00x) | - | SKIPPED |"
+    assert len(markdown) == 1 + 1 + 4
+
+
+def test_a_full_table_of_four_systems_fits_100_columns() -> None:
+    systems = list(peers.SYSTEMS)
+    results = {
+        (s.key, w.name): result(s.key, w.name, 1e-6, latency=123.456)  # the widest figures
+        for s in systems
+        for w in peers.WORKLOADS
+    }
+    rendered = peers.render_table(peers.table_cells(results, systems, {}), "a title")
+    lines = rendered.splitlines()
+    assert len(lines) == 1 + 3 + len(peers.ROWS) + 1  # title, header, rows, bottom rule
+    assert max(map(len, lines)) <= peers.TABLE_WIDTH
+
+
+# The verification, the same for every system ------------------------------------------
+
+
+def written(producers: int) -> tuple[peers.Workload, peers.Data]:
+    workload = peers.Workload("W4", 40, 20, 5, producers)
+    return workload, peers.make_data(workload)
+
+
+def interleaved(data: peers.Data, producers: int) -> tuple[list[bytes], list[bytes]]:
+    """The stream as concurrent producers could leave it: their messages interleaved one by one."""
+    lanes = [[pair for batch in lane for pair in batch] for lane in data.lanes(producers)]
+    pairs = [pair for row in zip(*lanes, strict=True) for pair in row]
+    return [k for k, _ in pairs], [v for _, v in pairs]
+
+
+def test_make_data_is_byte_identical_each_time_with_16_byte_keys() -> None:
+    workload, data = written(1)
+    again = peers.make_data(workload)
+    assert (data.keys, data.values, data.batches) == (again.keys, again.values, again.batches)
+    assert data.keys[7] == b"key-000000000007" and len(data.keys[7]) == 16
+    assert {len(v) for v in data.values} == {20}
+    assert data.payload_bytes == 40 * (16 + 20)
+    assert [len(lane) for lane in data.lanes(4)] == [2, 2, 2, 2]
+    assert data.lanes(4)[1][0] == data.batches[1]
+
+
+def test_verify_accepts_every_producer_in_order_however_interleaved() -> None:
+    workload, data = written(4)
+    peers.verify(list(data.keys), list(data.values), 40, workload, data)
+    keys, values = interleaved(data, 4)
+    assert keys != data.keys
+    peers.verify(keys, values, 40, workload, data)
+
+
+@pytest.mark.parametrize(
+    ("damage", "complaint"),
+    [
+        ("value", r"message 21 \(key-000000000\d+\): the value differs"),
+        ("missing", r"read 39 messages back, 40 sent"),
+        ("stored", r"the stream holds 41 messages, 40 sent"),
+        ("twice", r"read twice"),
+        ("foreign key", r"message 3: unexpected key b'key-000000000099'"),
+        ("bad key", r"message 3: unexpected key b'nonsense'"),
+        ("order", r"producer \d's messages out of order"),
+    ],
+)
+def test_verify_names_what_is_wrong(damage: str, complaint: str) -> None:
+    workload, data = written(4)
+    keys, values = interleaved(data, 4)
+    stored = 40
+    if damage == "value":
+        values[21] = b"X" + values[21][1:]
+    elif damage == "missing":
+        del keys[5], values[5]
+    elif damage == "stored":
+        stored = 41
+    elif damage == "twice":
+        keys[30], values[30] = keys[2], values[2]
+    elif damage == "foreign key":
+        keys[3] = b"key-000000000099"
+    elif damage == "bad key":
+        keys[3] = b"nonsense"
+    else:  # producer 0's first two messages swapped
+        first, second = (i for i, k in enumerate(keys) if k in data.keys[:2])
+        keys[first], keys[second] = keys[second], keys[first]
+        values[first], values[second] = values[second], values[first]
+    with pytest.raises(peers.VerificationFailed, match=complaint):
+        peers.verify(keys, values, stored, workload, data)
+
+
+# Bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--only", "W9"], "--only: unknown W9; choose from W1, W2, W3, W4, messagevault"),
+        (["--only", "W1,kafka"], "--only: unknown kafka"),
+        (["--only", ","], "--only: unknown (empty)"),
+        (["--runs", "0"], "--runs must be at least 1, not 0"),
+        (["--scale", "0"], "--scale must be above 0 and at most 1, not 0.0"),
+        (["--scale", "2"], "--scale must be above 0 and at most 1, not 2.0"),
+    ],
+)
+def test_bad_options_get_one_line_and_start_nothing(
+    tmp_path: Path, args: list[str], complaint: str
+) -> None:
+    ran = run_peers(tmp_path, "--output", str(tmp_path / "results"), *args)
+    assert ran.returncode == 2
+    assert complaint in ran.stderr.splitlines()[-1]
+    assert "server pid" not in ran.stdout
+    assert not list(tmp_path.iterdir())
+
+
+# Tiny runs against the real servers --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "systems",
+    [
+        ["messagevault"],
+        ["messagevault", "redis-always", "redis-everysec"],
+        ["messagevault", "nats"],
+    ],
+    ids=["messagevault", "redis", "nats"],
+)
+def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
+    tmp_path: Path, systems: list[str]
+) -> None:
+    require(systems)
+    output = tmp_path / "results"
+    ran = run_peers(
+        tmp_path,
+        *("--scale", "0.002", "--runs", "1", "--output", str(output)),
+        *("--only", ",".join(systems)),
+    )
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    # One fresh server per system and workload, each stopped by the end.
+    pids = server_pids(ran.stdout)
+    assert len(pids) == len(systems) * 4
+    assert_gone(pids)
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # temp folders removed
+    for workload in ("W1", "W2", "W3", "W4"):
+        for system in systems:
+            assert f"{system} {workload}: write " in ran.stdout
+    assert ran.stdout.count(", verified") == len(systems) * 4
+
+    (saved,) = output.glob("peers-*.json")
+    report = json.loads(saved.read_text())
+    assert report["benchmark"] == "peers"
+    assert (report["runs"], report["scale"]) == (1, 0.002)
+    assert {"cores", "memory_gib", "cpu_model", "kernel"} <= set(report["machine"])
+    assert list(report["systems"]) == systems
+    for key, described in report["systems"].items():
+        assert described["skipped"] is None
+        assert described["durability"]
+        server = BY_KEY[key].binary or "messagevault"
+        assert re.fullmatch(r"\d+\.\d+\.\d+.*", described["versions"][server])
+    cases = {(c["system"], c["workload"]): c for c in report["cases"]}
+    assert set(cases) == {(s, w) for s in systems for w in ("W1", "W2", "W3", "W4")}
+    w4 = cases["messagevault", "W4"]
+    assert (w4["producers"], w4["batch_size"], w4["messages"]) == (16, 100, 2000)
+    assert all(c["write_msgs_per_s"] > 0 and c["read_msgs_per_s"] > 0 for c in cases.values())
+    for system in systems:
+        latency = cases[system, "W3"]["median_latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    header, *rows = report["table"]
+    assert len(header) == 1 + len(systems) and len(rows) == len(peers.ROWS)
+    if len(systems) > 1:
+        assert all(re.fullmatch(r"\S+ \(\d+\.\d\dx\)", row[2]) for row in rows)
+
+    markdown = saved.with_suffix(".md").read_text()
+    assert markdown.startswith("MessageVault against its peers, ")
+    assert "| W4 x16 write msgs/s |" in markdown
+    assert peers.RATIO_NOTE in markdown
+    table_lines = [line for line in ran.stdout.splitlines() if line.startswith(("┃", "│", "┏"))]
+    assert len(table_lines) == 2 + len(peers.ROWS)
+    assert max(len(line) for line in table_lines) <= peers.TABLE_WIDTH
+
+
+def test_a_wrong_message_read_back_fails_loudly_and_still_stops_the_server(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "results"
+    ran = run_peers(
+        tmp_path,
+        *("--scale", "0.002", "--runs", "1", "--output", str(output)),
+        *("--only", "messagevault,W1", "--tamper", "messagevault"),
+    )
+    assert ran.returncode == 1
+    assert re.search(
+        r"VERIFICATION FAILED: messagevault W1: message 1000 \(key-000000001000\): "
+        r"the value differs",
+        ran.stderr,
+    )
+    (pid,) = server_pids(ran.stdout)
+    assert_gone([pid])
+    assert not output.exists()  # nothing saved
+    assert not list(tmp_path.glob("mv-bench-peers-*"))
