@@ -36,7 +36,7 @@ from messagevault.statsd import StatsD, level
 APPEND_ROUTE = ("POST", "/streams/{stream}")
 READ_ROUTE = ("GET", "/streams/{stream}/messages")
 INFO_ROUTE = ("GET", "/streams/{stream}")
-# Served.kind of a read (set by the read handler) to its timer.
+# Served.kind of a read (the read handler sets it) to its timer.
 READ_TIMERS = {"read": "api.read", "long_poll": "api.read.wait", "tail": "api.tail"}
 MAX_STREAM_NAMES = 4096  # per-stream names kept ready; more streams than that, built again
 
@@ -74,7 +74,7 @@ class StatsDMetrics:
         if route == APPEND_ROUTE:
             name = "api.append"
         elif route == READ_ROUTE:
-            name = READ_TIMERS.get(getattr(served, "kind", "read") or "read", "api.read")
+            name = READ_TIMERS.get(served.kind, "api.read")
         elif route == INFO_ROUTE:
             name = "api.info"
         else:
