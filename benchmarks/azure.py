@@ -423,6 +423,12 @@ def main() -> None:
                 timings = measure_run(storage, workload, batches, image, run, group_commits)
                 for phase, seconds in timings.items():
                     workload_cases[phase].seconds.append(seconds)
+                # A line per run as it finishes: a long benchmark is never silent.
+                phases = ", ".join(
+                    f"{phase} {workload.messages / seconds:,.0f} msgs/s"
+                    for phase, seconds in timings.items()
+                )
+                print(f"{workload.name} run {run + 1}/{args.runs}: {phases}", flush=True)
             workload_cases["group append"].commits = int(statistics.median(group_commits))
             cases.extend(workload_cases.values())
             del batches, image

@@ -126,6 +126,10 @@ def main() -> None:
                         seconds = asyncio.run(_async_case(server.base, name, stream, data))
                     check(client, stream, data)
                     case.seconds.append(seconds)
+                    print(
+                        f"{name} run {run + 1}/{args.runs}: {count / seconds:,.0f} msgs/s",
+                        flush=True,
+                    )
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)

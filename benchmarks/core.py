@@ -139,6 +139,13 @@ def main() -> None:
                     shutil.rmtree(folder, ignore_errors=True)
                 appends.append(append_seconds)
                 reads.append(read_seconds)
+                # A line per run as it finishes: a long benchmark is never silent.
+                print(
+                    f"{workload.name} fsync {fsync} run {len(appends)}/{args.runs}: append "
+                    f"{workload.messages / append_seconds:,.0f} msgs/s, read "
+                    f"{workload.messages / read_seconds:,.0f} msgs/s",
+                    flush=True,
+                )
             for phase, seconds in (("append", appends), ("read", reads)):
                 cases.append(Case(workload.name, fsync, phase, workload.messages, payload, seconds))
         del batches

@@ -637,6 +637,14 @@ def run_once(
             write.latency_ms.setdefault(name, []).append(value * 1000)
 
 
+def print_progress(label: str, run: int, runs: int, cases: list[Case]) -> None:
+    """One line per case and run as they finish: a long benchmark is never silent."""
+    phases = ", ".join(
+        f"{case.phase} {case.messages / case.seconds[-1]:,.0f} msgs/s" for case in cases
+    )
+    print(f"{label} run {run + 1}/{runs}: {phases}", flush=True)
+
+
 def target_mark(case: Case) -> str:
     if case.workload == "W3" and case.phase == "write":
         marks = [
@@ -869,6 +877,7 @@ def main() -> None:
         gc.freeze()
         for run in range(args.runs):
             run_once(workload, data, users, write, reads, args, run)
+            print_progress(workload.label, run, args.runs, [write, *read_cases])
         cases += [write, *read_cases]
         del data
         gc.unfreeze()
