@@ -298,8 +298,7 @@ async def test_health_ready_metrics_openapi(client: Client) -> None:
     await _post_json(client, "orders", [{"value": "v"}])
     await _post_json(client, "orders", [{"value": "w"}])
     await _error(await client.post("/streams/orders", json={"messages": []}), 400, "invalid_batch")
-    metrics = await (await client.get("/metrics")).text()
-    assert sample(metrics, "messagevault_committed_messages_total") == 2
+    metrics = await _metrics_once_committed(client, 2)
     route = "/streams/{stream}"
     requests = "messagevault_requests_total"
     assert sample(metrics, requests, route=route, status="200", code="ok") == 2
@@ -701,12 +700,22 @@ async def test_back_pressure_waits_off_the_event_loop(aiohttp_client: MakeClient
     )
 
 
+async def _metrics_once_committed(client: Client, messages: int) -> str:
+    """/metrics once commit observers saw ``messages`` (they run after the acknowledgements)."""
+    for _ in range(500):  # bounded: 5 s
+        text = await (await client.get("/metrics")).text()
+        if sample(text, "messagevault_committed_messages_total") == messages:
+            return text
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the metrics never counted {messages} messages committed")
+
+
 async def test_metrics_show_group_commit_per_stream(client: Client) -> None:
     await asyncio.gather(
         *(_post_json(client, "orders", [{"value": "v" * n}] * 3) for n in range(1, 21))
     )
     await _post_json(client, "billing", [{"value": "x"}])
-    text = await (await client.get("/metrics")).text()
+    text = await _metrics_once_committed(client, 61)
     info = await (await client.get("/streams/orders")).json()
 
     def orders(name: str) -> float:
@@ -733,6 +742,9 @@ async def test_an_append_that_waits_too_long_for_room_is_refused_with_503(
     refused = await client.post("/streams/orders", json={"messages": [{"value": "refused"}]})
     await _error(refused, 503, "overloaded")
     assert refused.headers["Retry-After"] == "1"
+    metrics = await (await client.get("/metrics")).text()
+    counted = sample(metrics, "messagevault_requests_total", status="503", code="overloaded")
+    assert counted == 1  # told apart from storage_error, the other 503 of an append
     storage.gate.set()
     await asyncio.wait_for(asyncio.gather(first, queued), 30)
     read = await (await client.get("/streams/orders/messages")).json()
