@@ -2,9 +2,10 @@
 
 Where it sends its load: ``--url`` (or ``MESSAGEVAULT_URL``), or the url of
 ``--profile`` (or ``MESSAGEVAULT_PROFILE``), with credentials as for the
-other commands; with none of these, or with ``--embedded``, it starts its
-own server on a temporary folder. The ``default`` profile is never picked
-up on its own: a load test reaches a real server only when asked to.
+other commands; with none of these, or with ``--embedded`` (which outranks
+the two variables), it starts its own server on a temporary folder. The
+``default`` profile is never picked up on its own: a load test reaches a
+real server only when asked to.
 """
 
 from __future__ import annotations
@@ -201,9 +202,13 @@ def stress(
         validate_stream_name(plan.stream_name(streams - 1))
     except (PlanError, InvalidInput) as exc:
         raise click.UsageError(str(exc)) from None
-    remote = bool(url or profile)
-    if embedded and remote:
+    command_line = click.core.ParameterSource.COMMANDLINE
+    if embedded and command_line in (
+        ctx.get_parameter_source("url"),
+        ctx.get_parameter_source("profile"),
+    ):
         raise click.UsageError("give --embedded or a server (--url, --profile), not both")
+    remote = not embedded and bool(url or profile)  # --embedded outranks the environment
     if remote and fsync is not None:
         raise click.UsageError("--fsync is for the embedded server; a running server has its own")
     compared = _check_outputs(json_path, report_path, compare_paths)
