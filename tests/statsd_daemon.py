@@ -35,10 +35,11 @@ def free_udp_port() -> int:
 class StatsDDaemon:
     """One ``node stats.js`` on loopback ports (UDP for metrics, TCP for management).
 
-    Stopped by PID (SIGTERM, then SIGKILL) in ``stop()``.
+    Stopped by PID (SIGTERM, then SIGKILL) in ``stop()``. ``settings`` are
+    added to its config (e.g. the graphite backend's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: object) -> None:
         if not STATS_JS.exists():
             raise RuntimeError(f"{STATS_JS} is missing: run `make test` (it runs npm ci)")
         self.port = free_udp_port()
@@ -46,6 +47,7 @@ class StatsDDaemon:
         self.folder = Path(tempfile.mkdtemp(prefix="mv-statsd-"))
         self.log = self.folder / "statsd.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.settings = settings
 
     @property
     def address(self) -> str:
@@ -60,6 +62,7 @@ class StatsDDaemon:
             "backends": [],
             "flushInterval": 3_600_000,  # no flush (which zeroes counters) during a test
             "percentThreshold": [50, 99],
+            **self.settings,
         }
         config_file = self.folder / "config.js"
         config_file.write_text(f"({json.dumps(config)})\n")

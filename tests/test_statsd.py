@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,8 +24,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from messagevault import FileStorage
+from messagevault.committer import Commit
 from messagevault.server import StreamHub, create_app
-from messagevault.server.statsd_metrics import install
+from messagevault.server.app import Served
+from messagevault.server.statsd_metrics import StatsDMetrics, install
 from messagevault.statsd import StatsD, level, parse_address, sanitize
 from tests.azurite import free_port
 from tests.serve_process import serve_process
@@ -420,3 +424,81 @@ def test_serve_refuses_a_bad_statsd_address_and_starts_nothing(
 
 def _environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name != "MESSAGEVAULT_STATSD"}
+
+
+# -- docs/OPERATIONS.md's Graphite names, as the daemon's graphite backend writes them ---------
+
+OPERATIONS = Path(__file__).parent.parent / "docs" / "OPERATIONS.md"
+
+
+def _carbon(server: socket.socket, received: list[str], stop: threading.Event) -> None:
+    """A stand-in for carbon's plaintext port: keep every ``path value time`` line."""
+    server.settimeout(0.1)
+    while not stop.is_set():
+        try:
+            connection, _ = server.accept()
+        except TimeoutError:
+            continue
+        with connection:
+            data = b""
+            connection.settimeout(5)
+            while chunk := connection.recv(65536):
+                data += chunk
+        received.extend(line.split(" ")[0] for line in data.decode().splitlines())
+
+
+def _documented_series() -> list[str]:
+    """Every Graphite path (or pattern) of the StatsD section, braces expanded."""
+    text = OPERATIONS.read_text()
+    section = text[text.index("## StatsD and Graphite") :]
+    section = section[: section.find("\n## ", 3) if "\n## " in section[3:] else None]
+    paths = re.findall(r"(?<=[`(])(stats(?:_counts)?\.[\w.*{},]+[\w}])", section)
+    expanded: list[str] = []
+    for path in paths:
+        braces = re.search(r"\{([^}]*)\}", path)
+        if braces is None:
+            expanded.append(path)
+            continue
+        head, tail = path[: braces.start()], path[braces.end() :]
+        expanded.extend(head + alternative + tail for alternative in braces.group(1).split(","))
+    return expanded
+
+
+def test_the_graphite_series_in_the_docs_are_what_statsd_writes() -> None:
+    documented = _documented_series()
+    assert len(documented) >= 10, documented
+    config = re.search(r"percentThreshold: (\[[\d., ]+\])", OPERATIONS.read_text())
+    assert config is not None, "the documented statsd.js sets percentThreshold"
+    stop = threading.Event()
+    received: list[str] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        carbon = threading.Thread(target=_carbon, args=(server, received, stop))
+        carbon.start()
+        daemon = StatsDDaemon(
+            backends=["./backends/graphite"],
+            graphiteHost="127.0.0.1",
+            graphitePort=server.getsockname()[1],
+            flushInterval=300,
+            percentThreshold=json.loads(config.group(1)),
+        )
+        try:
+            daemon.start()
+            with StatsD.from_address(daemon.address, prefix="node1") as statsd:
+                metrics = StatsDMetrics(statsd)
+                metrics.committed(Commit("orders", 2, 20, 2400, 0.0015, 2400))
+                for route, status, error in [
+                    ("/streams/{stream}", 200, None),
+                    ("/streams/{stream}", 503, "overloaded"),
+                    ("/streams/{stream}", 503, "storage_error"),
+                ]:
+                    metrics.served(Served("POST", route, "orders", status, error, 0.002))
+            deadline = time.monotonic() + 20
+            while not all(any(fnmatch.fnmatchcase(s, d) for s in received) for d in documented):
+                assert time.monotonic() < deadline, "statsd did not flush what the docs name"
+                time.sleep(0.1)
+        finally:
+            daemon.close()
+            stop.set()
+            carbon.join(timeout=10)
+    missing = [d for d in documented if not any(fnmatch.fnmatchcase(s, d) for s in received)]
+    assert not missing, sorted(set(received))
