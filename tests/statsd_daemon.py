@@ -115,13 +115,13 @@ class StatsDDaemon:
         return text[: text.rindex("END\n")]
 
     def counters(self) -> dict[str, float]:
-        return _dump(self.management("counters"))  # type: ignore[no-any-return]
+        return _dump(self.management("counters"))
 
     def gauges(self) -> dict[str, float]:
-        return _dump(self.management("gauges"))  # type: ignore[no-any-return]
+        return _dump(self.management("gauges"))
 
     def timers(self) -> dict[str, list[float]]:
-        return _dump(self.management("timers"))  # type: ignore[no-any-return]
+        return _dump(self.management("timers"))
 
     def reset(self) -> None:
         """Forget every metric received so far.
