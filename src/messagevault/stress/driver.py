@@ -26,7 +26,7 @@ from messagevault.errors import StreamNotFound
 from messagevault.format import Message
 from messagevault.stress.stats import Recorder, Second
 from messagevault.stress.verify import Readback, read_back
-from messagevault.stress.workload import Plan, Values, header_of
+from messagevault.stress.workload import MessageSource, Plan, Values, header_of
 
 STORAGE_POLL = 0.002  # seconds between checkpoint reads of a consumer at the tail of storage
 DRAIN_TIMEOUT = 60.0  # seconds consumers get, after the producers stop, to see everything
@@ -159,8 +159,17 @@ async def run(
     on_tick: Callable[[Second], None] = lambda point: None,
     on_note: Callable[[str], None] = lambda text: None,
     verify: bool = True,
+    messages: MessageSource | None = None,
 ) -> Outcome:
+    """Run ``plan`` against the server of ``connection``; figures go to ``recorder``.
+
+    ``messages`` replaces the checkable stress messages (a benchmark's own,
+    held ready); consumers and the read-back need the stress messages, so
+    it goes with ``consumers=0`` and ``verify=False``.
+    """
     values = Values(plan.value_size)
+    if messages is not None and (plan.consumers or verify):
+        raise ValueError("messages of your own go with consumers=0 and verify=False")
     streams = [plan.stream_name(i) for i in range(plan.streams)]
     async with connection.async_client() as client:
         await client.streams()  # the password check (argon2, slow on purpose) before the clock
@@ -194,7 +203,7 @@ async def run(
                             _produce(
                                 client,
                                 plan=plan,
-                                values=values,
+                                messages=messages or values,
                                 producer=producer,
                                 deadline=deadline,
                                 interrupted=interrupted,
@@ -270,7 +279,7 @@ async def _produce(
     client: AsyncClient,
     *,
     plan: Plan,
-    values: Values,
+    messages: MessageSource,
     producer: int,
     deadline: float | None,
     interrupted: threading.Event,
@@ -280,7 +289,7 @@ async def _produce(
 ) -> None:
     stream = plan.stream_of(producer)
     quota = plan.quota(producer)
-    message_size = len(values.batch(producer, 0, 1, 0)[0][0]) + plan.value_size
+    message_size = 0  # key + value; every message of a plan has the same size
     sequence = 0
     while not interrupted.is_set():
         if deadline is not None and time.monotonic() >= deadline:
@@ -289,7 +298,10 @@ async def _produce(
         if count <= 0:
             return
         sent = time.monotonic_ns()
-        result = await client.publish(stream, values.batch(producer, sequence, count, sent))
+        batch = messages.batch(producer, sequence, count, sent)
+        if not message_size:
+            message_size = len(batch[0][0]) + len(batch[0][1])
+        result = await client.publish(stream, batch)
         recorder.wrote(count, count * message_size, (time.monotonic_ns() - sent) / 1e9)
         sequence += count
         acked[producer] = sequence

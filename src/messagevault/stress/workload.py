@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from messagevault.format import MAX_BATCH_COUNT, MAX_FRAME_SIZE
 
@@ -116,6 +117,16 @@ class Plan:
 
 def key_of(producer: int) -> bytes:
     return b"p%d" % producer
+
+
+class MessageSource(Protocol):
+    """What producers send: ``Values``, or a benchmark's messages held ready."""
+
+    def batch(
+        self, producer: int, first: int, count: int, sent_ns: int
+    ) -> Sequence[tuple[bytes, bytes]]:
+        """``count`` messages of ``producer`` from its sequence ``first``, sent at ``sent_ns``."""
+        ...
 
 
 class Values:
