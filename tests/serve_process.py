@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from messagevault.server.auth import Users, save_users
-from messagevault.storage import FileStorage
+from messagevault.storage import open_storage
 from tests.azurite import free_port
 
 START_TIMEOUT = 30.0
@@ -21,25 +21,37 @@ START_TIMEOUT = 30.0
 
 @contextlib.contextmanager
 def serve_process(
-    root: Path, user: str, password: str, fsync: str = "never", arguments: Sequence[str] = ()
+    root: Path,
+    user: str,
+    password: str,
+    fsync: str = "never",
+    arguments: Sequence[str] = (),
+    *,
+    storage: str | None = None,
+    log: Path | None = None,
 ) -> Iterator[str]:
     """Serve ``root`` on a free loopback port with one admin user; yield the URL.
 
     ``arguments`` go after ``serve --port PORT`` (e.g. ``["--statsd", address]``).
+    ``storage``: a storage URL to serve instead of ``file:root``; ``log``: a
+    file that gets the server's stderr (its JSON log lines).
 
     Stopped by PID on exit (SIGTERM, then SIGKILL if it lingers).
     """
     users = Users()
     users.set_password(user, password)
     users.grant(user, ["admin"])
-    save_users(FileStorage(root), users)
+    storage = storage or f"file:{root}"
+    save_users(open_storage(storage), users)  # type: ignore[arg-type]
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *arguments],
-        env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": fsync},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log else subprocess.DEVNULL
+        process = subprocess.Popen(
+            [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *arguments],
+            env={**os.environ, "MESSAGEVAULT_STORAGE": storage, "MESSAGEVAULT_FSYNC": fsync},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT
