@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -71,6 +72,13 @@ class _Server:
         # The first start prints the new admin's password once, before listening.
         self.first_line = self.process.stderr.readline().decode()
         self.password = self.first_line.rsplit(": ", 1)[-1].strip()
+        # Read as it comes: the access log writes a line per request, and a
+        # full pipe would block the server.
+        self._rest: list[bytes] = []
+        self._reader = threading.Thread(
+            target=self._rest.extend, args=(self.process.stderr,), daemon=True
+        )
+        self._reader.start()
 
     def __enter__(self) -> _Server:
         _wait_until_up(self.port, self.process)
@@ -80,11 +88,10 @@ class _Server:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=30)
-        # The process has exited: read() returns the rest, including what
-        # readline() above already buffered. communicate() reads the raw
-        # descriptor and would lose that (the "listening" line, at times).
+        # The process has exited: the reader gets the rest, then end of file.
+        self._reader.join(timeout=30)
         assert self.process.stderr is not None
-        stderr = self.first_line + self.process.stderr.read().decode()
+        stderr = self.first_line + b"".join(self._rest).decode()
         self.process.stderr.close()
         self.log = [json.loads(line) for line in stderr.splitlines() if line[:1] == "{"]
 
