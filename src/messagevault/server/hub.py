@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
@@ -172,9 +173,14 @@ class StreamHub:
         self.commit_observers: list[CommitObserver] = []
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
-        """Run a blocking storage call in the I/O pool."""
+        """Run a blocking storage call in the I/O pool.
+
+        In the caller's context: the storage's log lines (the Azure SDK's
+        requests, at debug) carry the id of the request they serve.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(function, *args))
+        call = functools.partial(contextvars.copy_context().run, function, *args)
+        return await loop.run_in_executor(self._pool, call)
 
     async def append(self, stream: str, batch: EncodedBatch) -> AppendResult:
         committer = await self._committer(stream)
@@ -403,7 +409,15 @@ class StreamHub:
         trip), so idle ones are kept per stream.
         """
         reader = self._idle_readers.take(stream)
-        work = functools.partial(_using_reader, self.storage, stream, reader, function, *args)
+        work = functools.partial(
+            contextvars.copy_context().run,  # as in run(): log lines keep their request id
+            _using_reader,
+            self.storage,
+            stream,
+            reader,
+            function,
+            *args,
+        )
         try:
             future = asyncio.get_running_loop().run_in_executor(self._pool, work)
         except BaseException:  # the pool is shut down: the reader will not be used

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 # Every counter and histogram would get a ``_created`` gauge beside it, a
 # second series per label set saying when the server started; scrapes
 # already know that (process_start_time_seconds).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # (untyped upstream)
 
 # Seconds. Acknowledged appends take ~1-2 ms on a local disk and plain reads
 # less: the buckets start well below a millisecond so that their p99 is seen.
