@@ -57,6 +57,11 @@ def left_behind(tmp_path: Path) -> list[Path]:
 
 
 def test_embedded_run_with_consumers_from_storage(tmp_path: Path) -> None:
+    # A default profile does not make stress load that server: only --url or --profile do.
+    (tmp_path / "no-config.toml").write_text(
+        '[profiles.default]\nurl = "http://127.0.0.1:9"\nuser = "u"\npassword = "p"\n'
+    )
+    (tmp_path / "no-config.toml").chmod(0o600)
     result = stress(
         tmp_path,
         *("--count", "3000", "--producers", "3", "--streams", "2", "--batch-size", "50"),
@@ -100,7 +105,8 @@ def test_consumers_read_through_the_server(tmp_path: Path) -> None:
     result = stress(
         tmp_path,
         *("--count", "2000", "--producers", "2", "--consumers", "3", "--read-from", "server"),
-        *("--fsync", "never", "--json", "run.json"),
+        *("--embedded", "--fsync", "never", "--json", "run.json"),
+        env={"MESSAGEVAULT_URL": "http://127.0.0.1:9"},  # --embedded outranks it
     )
     assert result.returncode == 0, result.stderr
     run = saved(tmp_path / "run.json")
@@ -282,6 +288,8 @@ def test_ctrl_c_gives_a_partial_table_and_stops_the_server(tmp_path: Path) -> No
     assert stdout.startswith("PARTIAL (interrupted) messagevault stress")
     assert "read-back: skipped (interrupted)" in stdout
     assert "interrupted: the producers stop after their batches in flight" in stderr
+    # Not a terminal: a plain progress line after the first second (then every 5 s).
+    assert "    1 s  sent " in stderr and "write " in stderr and "ack p99 " in stderr
     run = saved(tmp_path / "run.json")
     assert run["partial"] is True and run["verification"]["ok"] is None
     assert by_phase(run)["write"]["messages"] > 0

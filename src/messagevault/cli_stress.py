@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,8 +335,7 @@ def _run(plan: Plan, connection: Connection, sink: MetricsSink | None) -> Outcom
 
 
 def _label(plan: Plan, settings: dict[str, Any]) -> str:
-    producers = f"{plan.producers} producer{'s' if plan.producers > 1 else ''}"
-    streams = f"{plan.streams} stream{'s' if plan.streams > 1 else ''}"
+    producers, streams = _many(plan.producers, "producer"), _many(plan.streams, "stream")
     place = f"fsync {settings['fsync']}" if "fsync" in settings else settings["server"]
     return f"{producers}, {streams}, {plan.batch_size} x {plan.value_size} B, {place}"
 
@@ -346,9 +346,13 @@ def _print(outcome: Outcome, label: str, where: str) -> None:
     plan = outcome.plan
     report.print_table(outcome, f"messagevault stress: {label}")
     click.echo(
-        f"{outcome.recorder.write.messages:,} messages written to {where} in "
-        f"{outcome.write_seconds:.1f} s by {plan.producers} producer(s) on {plan.streams} "
-        f"stream(s); {plan.consumers} consumer(s) reading from {plan.read_from}"
+        textwrap.fill(
+            f"{outcome.recorder.write.messages:,} messages written to {where} in "
+            f"{outcome.write_seconds:.1f} s by {_many(plan.producers, 'producer')} on "
+            f"{_many(plan.streams, 'stream')}; {_many(plan.consumers, 'consumer')} reading "
+            f"from {plan.read_from}",
+            100,
+        )
     )
     if plan.consumers and not outcome.consumers_done and not outcome.partial:
         click.echo(
@@ -369,6 +373,10 @@ def _print(outcome: Outcome, label: str, where: str) -> None:
         click.echo(f"read-back: {readback.problem_count:,} problem(s):", err=True)
         for problem in readback.problems:
             click.echo(f"  {problem}", err=True)
+
+
+def _many(count: int, thing: str) -> str:
+    return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
 def _exit(outcome: Outcome) -> None:

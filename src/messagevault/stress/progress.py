@@ -18,24 +18,22 @@ from rich.text import Text
 
 from messagevault.stress.stats import Recorder, Second
 
-PLAIN_EVERY: Final = 5.0  # seconds between plain progress lines
+PLAIN_EVERY: Final = 5.0  # seconds between plain progress lines (the first after one second)
 
 
 def progress_line(point: Second, recorder: Recorder, total: str) -> str:
+    """Rates of the last second, ack p99 so far, end-to-end p99 of the last second (the lag)."""
     ack = recorder.write.latency
-    seen = recorder.seen
     parts = [
-        f"{point.t:6.1f} s",
-        f"write {point.write_msgs_per_s:>11,.0f} msgs/s {point.write_mb_per_s:7.1f} MB/s",
-        f"ack p99 {ack.percentile_ms(99):.2f} ms" if ack.count else "ack p99 -",
-        f"{recorder.write.messages:,}{total} sent",
+        f"{point.t:5.0f} s",
+        f"sent {recorder.write.messages:,}{total}",
+        f"write {point.write_msgs_per_s:,.0f}/s {point.write_mb_per_s:,.1f} MB/s",
+        f"ack p99 {ack.percentile_ms(99):.1f} ms" if ack.count else "ack p99 -",
     ]
-    if seen.messages:
-        parts.append(
-            f"read {point.read_msgs_per_s:,.0f} msgs/s, e2e p99 "
-            f"{point.e2e_p99_ms if point.e2e_p99_ms is not None else 0:.2f} ms (this second)"
-        )
-    return " | ".join(parts)
+    if recorder.seen.messages:
+        lag = "-" if point.e2e_p99_ms is None else f"{point.e2e_p99_ms:.1f} ms"
+        parts += [f"read {point.read_msgs_per_s:,.0f}/s", f"e2e p99 {lag}"]
+    return "  ".join(parts)
 
 
 class LiveProgress:
@@ -48,7 +46,7 @@ class LiveProgress:
         self._total = f"/{total:,}" if total else ""
         self._terminal = sys.stdout.isatty() if terminal is None else terminal
         self._live: Live | None = None
-        self._last_plain = 0.0
+        self._last_plain = -PLAIN_EVERY  # the first second gets a line
 
     def __enter__(self) -> LiveProgress:
         if self._terminal:
