@@ -236,6 +236,31 @@ def test_bad_options_fail_before_anything_starts(
     assert not left_behind(tmp_path)  # no server was started
 
 
+def test_report_without_matplotlib_says_what_to_install(tmp_path: Path) -> None:
+    blocked = (
+        "import sys; sys.modules['matplotlib'] = None; from messagevault.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked, "stress", "--count", "10", "--report", "r.png"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"TMPDIR": str(tmp_path)},
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == (
+            "error: --report needs matplotlib: pip install 'messagevault[report]' "
+            "(see 'messagevault stress --help')"
+        )
+        or "pip install 'messagevault[report]'" in result.stderr.splitlines()[0]
+    )
+    assert not left_behind(tmp_path)
+
+
 def _processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
