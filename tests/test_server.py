@@ -769,3 +769,25 @@ async def test_request_observers_hear_every_answer_with_its_error_code(
         ("GET", "/streams/{stream}/messages", "orders", 400, "invalid_position"),
     ]
     assert all(s.seconds >= 0 for s in heard)
+
+
+async def test_a_failing_request_observer_changes_no_answer(
+    aiohttp_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(StreamHub(MemoryStorage()))
+    heard: list[Served] = []
+
+    def broken(served: Served) -> None:
+        raise RuntimeError("observer bug")
+
+    app[REQUEST_OBSERVERS][:0] = [broken]  # before the metrics
+    app[REQUEST_OBSERVERS].append(heard.append)
+    client = await aiohttp_client(app)
+    answer = await client.post("/streams/orders", json={"messages": [{"value": "v"}]})
+    assert answer.status == 200
+    assert answer.headers["X-Request-Id"] == heard[0].request_id
+    assert [(s.status, s.messages, s.kind) for s in heard] == [(200, 1, "")]
+    metrics = await (await client.get("/metrics")).text()
+    assert sample(metrics, "messagevault_requests_total", route="/streams/{stream}") == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["request observer failed"] * 2  # the append, and the scrape

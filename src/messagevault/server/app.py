@@ -176,7 +176,10 @@ async def errors_and_metrics(
             remote=request.remote,
         )
         for observe in request.app[REQUEST_OBSERVERS]:
-            observe(served)
+            try:
+                observe(served)
+            except Exception:  # the answer stands, and the other observers still hear of it
+                log.exception("request observer failed", extra={"route": route})
     finally:
         REQUEST_ID.reset(logged_as)
     return response
