@@ -206,8 +206,11 @@ def test_ipv6_loopback() -> None:
             assert sock.recv(1024) == b"over.ipv6:1|c"
 
 
-def test_nobody_listening_never_raises_and_counts_what_was_lost() -> None:
-    statsd = StatsD("127.0.0.1", free_udp_port(), max_packet=100, flush_interval=0.01)
+def test_nobody_listening_never_raises_counts_what_was_lost_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_udp_port()
+    statsd = StatsD("127.0.0.1", port, max_packet=100, flush_interval=0.01)
     try:
         for i in range(2000):  # the ICMP "port unreachable" of one send fails a later one
             statsd.incr("nobody.home", i)
@@ -217,6 +220,27 @@ def test_nobody_listening_never_raises_and_counts_what_was_lost() -> None:
     finally:
         statsd.close()
     assert statsd.dropped > 0
+    warnings = [r for r in caplog.records if r.name == "messagevault.statsd"]
+    assert len(warnings) == 1  # not one per failed packet
+    assert f"127.0.0.1:{port}" in warnings[0].getMessage()
+    assert "refused" in warnings[0].getMessage().lower()
+
+
+def test_a_name_with_ipv4_and_ipv6_addresses_is_reached_over_ipv4(
+    monkeypatch: pytest.MonkeyPatch, listener: socket.socket
+) -> None:
+    port = listener.getsockname()[1]
+    both = [
+        (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", port, 0, 0)),
+        (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", port)),
+    ]
+    # As getaddrinfo answers for localhost where /etc/hosts has both: ::1 first.
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *_, **__: list(both))
+    with StatsD("localhost", port) as statsd:
+        assert statsd.address == ("127.0.0.1", port)
+        statsd.incr("reached")
+        statsd.flush()
+        assert listener.recv(1024) == b"reached:1|c"
 
 
 def test_many_threads_share_one_client(listener: socket.socket) -> None:

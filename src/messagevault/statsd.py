@@ -32,10 +32,12 @@ the stress tester and any user code can share it.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import socket
 import threading
+import time
 from types import TracebackType
 
 DEFAULT_PORT = 8125
@@ -44,6 +46,11 @@ DEFAULT_PORT = 8125
 DEFAULT_MAX_PACKET = 1432
 MIN_PACKET = 64  # room for one metric line with a sensible name
 _NAMES_CACHED = 4096  # sanitised names kept; beyond that the cache starts over
+# Sends to a daemon that is away fail over and over (every other packet,
+# with ECONNREFUSED): say so in the log at most this often, in seconds.
+WARN_EVERY = 60.0
+
+log = logging.getLogger("messagevault.statsd")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _DOTS = re.compile(r"\.{2,}")
@@ -106,16 +113,19 @@ class StatsD:
         if max_packet < MIN_PACKET:
             raise ValueError(f"StatsD packets must allow at least {MIN_PACKET} bytes")
         try:
-            family, kind, protocol, _, target = socket.getaddrinfo(
-                host, port, type=socket.SOCK_DGRAM
-            )[0]
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
             raise ValueError(f"StatsD host {host!r} cannot be resolved: {exc}") from None
+        # A name with both kinds of address (localhost: 127.0.0.1 and ::1) is
+        # reached over IPv4, where StatsD daemons listen unless told otherwise.
+        found.sort(key=lambda address: address[0] != socket.AF_INET)
+        family, kind, protocol, _, target = found[0]
         self.address = target[:2]
         self.prefix = f"{sanitize(prefix)}." if sanitize(prefix) else ""
         self.flush_interval = flush_interval
         self.max_packet = max_packet
         self.dropped = 0
+        self._warned_at = -WARN_EVERY
         self._socket = socket.socket(family, kind, protocol)
         self._socket.setblocking(False)
         # Connected, so the kernel checks the address once, not per packet.
@@ -225,8 +235,17 @@ class StatsD:
         packet = "\n".join(lines).encode("ascii", "replace")
         try:
             self._socket.send(packet)
-        except OSError:  # the daemon away, buffers full, the socket closed: metrics only
+        except OSError as exc:  # the daemon away, buffers full, the socket closed: metrics only
             self._drop(sum(line.count("\n") + 1 for line in lines))
+            now = time.monotonic()
+            if now - self._warned_at >= WARN_EVERY:
+                self._warned_at = now
+                log.warning(
+                    "StatsD: sending to %s:%s fails (%s); metrics are dropped (%d so far)",
+                    *self.address,
+                    exc.strerror or exc,
+                    self.dropped,
+                )
 
     def _drop(self, metrics: int) -> None:
         with self._lock:
