@@ -255,6 +255,9 @@ async def run(
                 ends=ends,
                 acked=acked,
                 interrupted=interrupted,
+                progress=lambda checked: on_note(
+                    f"read back {checked:,} of {recorder.write.messages:,} messages"
+                ),
             )
         )
         if interrupted.is_set():

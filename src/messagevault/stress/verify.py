@@ -15,7 +15,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import takewhile
 from typing import TYPE_CHECKING, Any, Final
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from messagevault.stress.driver import Connection
 
 MAX_PROBLEMS: Final = 20  # listed; the rest are only counted
+PROGRESS_EVERY: Final = 5.0  # seconds
 
 
 @dataclass
@@ -68,8 +69,13 @@ def read_back(
     ends: dict[str, int],
     acked: list[int],
     interrupted: threading.Event,
+    progress: Callable[[int], None] = lambda checked: None,
 ) -> Readback:
-    """Read and check every stream of ``plan`` (stops early, unfinished, if ``interrupted``)."""
+    """Read and check every stream of ``plan`` (stops early, unfinished, if ``interrupted``).
+
+    ``progress`` hears the number of messages checked so far every
+    ``PROGRESS_EVERY`` seconds: a long run's read-back is not silent either.
+    """
     readback = Readback()
     began = time.monotonic()
     with connection.client() as client, contextlib.ExitStack() as readers:
@@ -85,7 +91,7 @@ def read_back(
                     functools.partial(_before, end=end), client.read(stream, start)
                 )
             check = _StreamCheck(plan, values, stream, index, readback)
-            if not check.run(messages, interrupted):
+            if not check.run(messages, interrupted, progress):
                 break
             check.counts(acked)
     readback.seconds = time.monotonic() - began
@@ -108,11 +114,17 @@ class _StreamCheck:
         self._readback = readback
         self._expected = dict.fromkeys(range(index, plan.producers, plan.streams), 0)
 
-    def run(self, messages: Iterator[Message], interrupted: threading.Event) -> bool:
+    def run(
+        self,
+        messages: Iterator[Message],
+        interrupted: threading.Event,
+        progress: Callable[[int], None],
+    ) -> bool:
         """Check every message; ``False`` if ``interrupted`` stopped it."""
         readback = self._readback
         batch = (-1, -1)  # (producer, send time) of the batch being read
         batch_began = time.monotonic()
+        report_at = batch_began + PROGRESS_EVERY
         for message in messages:
             header = header_of(message.value)
             if header is None:
@@ -127,6 +139,9 @@ class _StreamCheck:
                 batch, batch_began = (producer, sent), now
                 if interrupted.is_set():
                     return False
+                if now >= report_at:
+                    progress(readback.messages)
+                    report_at = now + PROGRESS_EVERY
             readback.messages += 1
             readback.bytes += len(message.key) + len(message.value)
             self._check(message, producer, sequence)
