@@ -143,17 +143,30 @@ def _waiting(text: str) -> float:
     return sample(text, "messagevault_waiting_reads", stream="orders")
 
 
-def test_503s_are_told_apart_by_their_code() -> None:
+def test_503s_are_told_apart_by_their_code_and_appends_from_infos() -> None:
     metrics = Metrics(StreamHub(MemoryStorage()))
     route = "/streams/{stream}"
     for code in ("overloaded", "storage_error", "overloaded"):
         metrics.observe(Served("POST", route, "orders", 503, code, 0.001))
     metrics.observe(Served("POST", route, "orders", 200, None, 0.001))
+    metrics.observe(Served("GET", route, "orders", 200, None, 0.5))
+    for method in ("BREW", "X" * 1000):  # any token is a method to aiohttp
+        metrics.observe(Served(method, route, "orders", 405, "method_not_allowed", 0.001))
     text = generate_latest(metrics.registry).decode()
     requests = "messagevault_requests_total"
-    assert sample(text, requests, route=route, status="503", code="overloaded") == 2
-    assert sample(text, requests, route=route, status="503", code="storage_error") == 1
-    assert sample(text, requests, route=route, status="200", code="ok") == 1
+    appends = {"method": "POST", "route": route}
+    assert sample(text, requests, **appends, status="503", code="overloaded") == 2
+    assert sample(text, requests, **appends, status="503", code="storage_error") == 1
+    assert sample(text, requests, **appends, status="200", code="ok") == 1
+    # A slow stream info does not count as a slow append.
+    assert sample(text, "messagevault_request_seconds_sum", **appends) < 0.1
+    assert sample(text, "messagevault_request_seconds_count", method="GET", route=route) == 1
+    assert {labels["method"] for name, labels, _ in samples(text) if name == requests} == {
+        "POST",
+        "GET",
+        "other",
+    }
+    assert sample(text, requests, method="other") == 2
 
 
 async def test_process_python_and_build_figures_in_every_app() -> None:

@@ -5,10 +5,11 @@ observer), commits as they are made (``Metrics.committed``, a commit
 observer, in the committer threads); the gauges are read from the hub when
 scraped. docs/OPERATIONS.md describes every metric and its labels.
 
-Labels are bounded: routes are the app's patterns, statuses and error codes
-are fixed sets, and ``stream`` takes at most ``max_stream_series`` names, the
-first streams seen; every later stream is counted under ``stream="_other"``
-(no stream can have that name: names never start with ``_``).
+Labels are bounded: routes are the app's patterns, methods the usual seven
+(any other is "other"), statuses and error codes are fixed sets, and
+``stream`` takes at most ``max_stream_series`` names, the first streams
+seen; every later stream is counted under ``stream="_other"`` (no stream can
+have that name: names never start with ``_``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 # Reads answered at once, and the ones that waited (``Served.kind``).
 HELD_KINDS = frozenset({"long_poll", "tail"})
+# A client may send any token as a method; the label takes these, or "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 DEFAULT_MAX_STREAM_SERIES = 100
 OTHER_STREAMS = "_other"
@@ -109,15 +112,15 @@ class Metrics:
         registry.register(HubCollector(hub, self.streams))
         self.requests = Counter(
             "messagevault_requests",
-            "HTTP requests answered, by route pattern, status and error code (ok: none)",
-            ["route", "status", "code"],
+            "HTTP requests answered, by method, route pattern, status and error code (ok: none)",
+            ["method", "route", "status", "code"],
             registry=registry,
         )
         self.latency = Histogram(
             "messagevault_request_seconds",
             "Time from a request's arrival to its answer; long polls that waited and "
             "tails are in messagevault_held_read_seconds instead",
-            ["route"],
+            ["method", "route"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -157,24 +160,25 @@ class Metrics:
         )
         # ``labels()`` looks its child up under a lock on every call; label
         # sets are few, so each child is looked up once.
-        self._counted: dict[tuple[str, int, str | None], Callable[[], None]] = {}
+        self._counted: dict[tuple[str, str, int, str | None], Callable[[], None]] = {}
         self._timed: dict[tuple[str, str], Callable[[float], None]] = {}
         self._per_stream: dict[str, _StreamChildren] = {}
 
     def observe(self, served: Served) -> None:
         """Count one answered request and its time (a request observer, on the event loop)."""
-        key = (served.route, served.status, served.error)
+        method = served.method if served.method in METHODS else "other"
+        key = (method, served.route, served.status, served.error)
         count = self._counted.get(key)
         if count is None:
             code = served.error or "ok"
-            count = self.requests.labels(served.route, str(served.status), code).inc
+            count = self.requests.labels(method, served.route, str(served.status), code).inc
             self._counted[key] = count
         held = served.kind in HELD_KINDS
-        timer_key = (served.kind if held else served.route, "held" if held else "route")
+        timer_key = ("held", served.kind) if held else (method, served.route)
         time_it = self._timed.get(timer_key)
         if time_it is None:
-            histogram = self.held if held else self.latency
-            time_it = self._timed[timer_key] = histogram.labels(timer_key[0]).observe
+            timer = self.held.labels(served.kind) if held else self.latency.labels(*timer_key)
+            time_it = self._timed[timer_key] = timer.observe
         count()
         time_it(served.seconds)
 
