@@ -98,10 +98,14 @@ async def test_long_polls_and_tails_are_timed_apart_from_reads() -> None:
             "/streams/orders/messages", headers={"Accept": "text/event-stream"}
         ) as tail:
             assert (await tail.content.readuntil(b"\n\n")).startswith(b"id: ")
+        async with client.get(
+            "/streams/absent/messages", headers={"Accept": "text/event-stream"}
+        ) as missing:
+            assert missing.status == 404  # not held: a plain request
         text = await _until_text(
             client, lambda t: sample(t, "messagevault_held_read_seconds_count", kind="tail") == 1
         )
-    assert sample(text, "messagevault_request_seconds_count", route=READ_ROUTE) == 2
+    assert sample(text, "messagevault_request_seconds_count", route=READ_ROUTE) == 3
     assert sample(text, "messagevault_held_read_seconds_count", kind="long_poll") == 1
     # Every one of them is still a request answered.
     requests = "messagevault_requests_total"

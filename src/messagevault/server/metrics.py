@@ -173,7 +173,8 @@ class Metrics:
             code = served.error or "ok"
             count = self.requests.labels(method, served.route, str(served.status), code).inc
             self._counted[key] = count
-        held = served.kind in HELD_KINDS
+        # A tail refused at once (404, 401) was not held open: timed as asked.
+        held = served.kind in HELD_KINDS and served.status < 400
         timer_key = ("held", served.kind) if held else (method, served.route)
         time_it = self._timed.get(timer_key)
         if time_it is None:
