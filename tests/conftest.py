@@ -36,7 +36,7 @@ def hermetic_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MESSAGEVAULT_CONFIG", str(tmp_path_factory.mktemp("home") / "config.toml"))
-        for name in ("URL", "USER", "PASSWORD", "PROFILE", "STORAGE"):
+        for name in ("URL", "USER", "PASSWORD", "PROFILE", "STORAGE", "STATSD", "STATSD_PREFIX"):
             patch.delenv(f"MESSAGEVAULT_{name}", raising=False)
         yield
 

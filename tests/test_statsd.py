@@ -399,16 +399,19 @@ def test_appends_are_acknowledged_with_no_daemon_listening(tmp_path: Path) -> No
         assert _get(url, "/streams/orders")["messages"] == 200
 
 
-def test_appends_are_acknowledged_after_the_daemon_stops(tmp_path: Path) -> None:
+def test_appends_are_acknowledged_after_the_daemon_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     daemon = StatsDDaemon()
     try:
         daemon.start()
-        with serve_process(
-            tmp_path, "admin", PASSWORD, arguments=["--statsd", daemon.address]
-        ) as url:
+        # Set as the environment, as the other serve options can be.
+        monkeypatch.setenv("MESSAGEVAULT_STATSD", daemon.address)
+        monkeypatch.setenv("MESSAGEVAULT_STATSD_PREFIX", "from-env")
+        with serve_process(tmp_path, "admin", PASSWORD) as url:
             for i in range(10):
                 _post(url, "orders", [f"before {i}"])
-            assert daemon.wait_for("counters", "storage.append.events", 10) == 10
+            assert daemon.wait_for("counters", "from-env.storage.append.events", 10) == 10
             daemon.stop()
             for i in range(100):
                 _post(url, "orders", [f"after {i}"])
@@ -433,7 +436,7 @@ def test_serve_refuses_a_bad_statsd_address_and_starts_nothing(
     port = free_port()
     result = subprocess.run(
         [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *arguments],
-        env={**_environment(), "MESSAGEVAULT_STORAGE": f"file:{data}", **variables},
+        env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{data}", **variables},
         capture_output=True,
         text=True,
         timeout=60,
@@ -444,10 +447,6 @@ def test_serve_refuses_a_bad_statsd_address_and_starts_nothing(
     assert "--statsd" in result.stderr
     assert "Traceback" not in result.stderr
     assert not data.exists()  # no storage opened, no admin created
-
-
-def _environment() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items() if name != "MESSAGEVAULT_STATSD"}
 
 
 # -- docs/OPERATIONS.md's Graphite names, as the daemon's graphite backend writes them ---------
