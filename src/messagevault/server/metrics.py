@@ -94,7 +94,9 @@ class StreamLabels:
 class Metrics:
     """The registry ``/metrics`` serves, and the observers that feed it."""
 
-    def __init__(self, hub: StreamHub, *, max_stream_series: int = DEFAULT_MAX_STREAM_SERIES):
+    def __init__(
+        self, hub: StreamHub, *, max_stream_series: int = DEFAULT_MAX_STREAM_SERIES
+    ) -> None:
         # A registry per app: tests start many apps in one process, and each
         # must count only its own (the default registry would collide).
         self.registry = registry = CollectorRegistry()
