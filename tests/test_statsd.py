@@ -176,6 +176,7 @@ def test_a_free_form_part_is_one_level(listener: socket.socket) -> None:
         ("[::1]8125", "as [::1]:8125"),
         ("[::1", "as [::1]:8125"),
         ("no-such-host.invalid:8125", "cannot be resolved"),
+        ("255.255.255.255:8125", "cannot be reached"),  # broadcast: refused by connect()
     ],
 )
 def test_bad_addresses_are_one_clear_error(address: str, fault: str) -> None:

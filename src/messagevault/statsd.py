@@ -128,8 +128,12 @@ class StatsD:
         self._warned_at = -WARN_EVERY
         self._socket = socket.socket(family, kind, protocol)
         self._socket.setblocking(False)
-        # Connected, so the kernel checks the address once, not per packet.
-        self._socket.connect(target)
+        try:
+            # Connected, so the kernel checks the address once, not per packet.
+            self._socket.connect(target)
+        except OSError as exc:  # no route to it (an IPv6 address on an IPv4-only host)
+            self._socket.close()
+            raise ValueError(f"StatsD address {host}:{port} cannot be reached: {exc}") from None
         self._lock = threading.Lock()
         self._lines: list[str] = []
         self._size = 0  # bytes of the buffered packet, newlines included
