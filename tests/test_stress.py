@@ -92,6 +92,7 @@ def test_embedded_run_with_consumers_from_storage(tmp_path: Path) -> None:
         assert latency["p99.9"] <= latency["max"] * 1.001
         assert row["msgs_per_s"] > 0 and row["mb_per_s"] > 0
     assert run["series"] and run["series"][0]["write_msgs_per_s"] > 0
+    assert run["cpu_share"]["stress"] > 0 and run["cpu_share"]["server"] > 0
     assert not left_behind(tmp_path)  # the embedded server's folder is gone
 
 

@@ -15,7 +15,7 @@ import contextlib
 import signal
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,7 +228,7 @@ def stress(
             with _embedded(chosen) as server:
                 connection = Connection(server.url, server.user, server.password)
                 where = f"an embedded server (--fsync {chosen})"
-                outcome = _run(plan, connection, sink)
+                outcome = _run(plan, connection, sink, server.cpu_seconds)
             settings = {"server": "embedded", "fsync": chosen}
     finally:
         if sink is not None:
@@ -297,7 +297,12 @@ def _embedded(fsync: str) -> Iterator[EmbeddedServer]:
             click.echo(f"warning: the embedded server exited with {code}", err=True)
 
 
-def _run(plan: Plan, connection: Connection, sink: MetricsSink | None) -> Outcome:
+def _run(
+    plan: Plan,
+    connection: Connection,
+    sink: MetricsSink | None,
+    server_cpu: Callable[[], float] | None = None,
+) -> Outcome:
     from messagevault.stress.driver import run
     from messagevault.stress.progress import LiveProgress
     from messagevault.stress.stats import Recorder
@@ -327,6 +332,7 @@ def _run(plan: Plan, connection: Connection, sink: MetricsSink | None) -> Outcom
                     interrupted,
                     on_tick=progress.update,
                     on_note=progress.note,
+                    server_cpu=server_cpu,
                 )
             finally:
                 loop.remove_signal_handler(signal.SIGINT)
@@ -353,6 +359,12 @@ def _print(outcome: Outcome, label: str, where: str) -> None:
             f"from {plan.read_from}",
             100,
         )
+    )
+    server = (
+        "" if outcome.server_cpu_share is None else f", the server {outcome.server_cpu_share:.0%}"
+    )
+    click.echo(
+        f"CPU while writing, in shares of one core: this process {outcome.cpu_share:.0%}{server}"
     )
     if plan.consumers and not outcome.consumers_done and not outcome.partial:
         click.echo(

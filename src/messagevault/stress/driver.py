@@ -61,6 +61,10 @@ class Outcome:
     consumers_done: bool = True  # every consumer saw everything written
     readback: Readback | None = None  # None: skipped (interrupted)
     consumer_errors: list[str] = field(default_factory=list)
+    # CPU time per second of writing (1.0 = one core busy): this process (producers
+    # and consumers), and the server when its CPU time can be read (embedded).
+    cpu_share: float = float("nan")
+    server_cpu_share: float | None = None
 
 
 class Consumer(threading.Thread):
@@ -160,12 +164,14 @@ async def run(
     on_note: Callable[[str], None] = lambda text: None,
     verify: bool = True,
     messages: MessageSource | None = None,
+    server_cpu: Callable[[], float] | None = None,
 ) -> Outcome:
     """Run ``plan`` against the server of ``connection``; figures go to ``recorder``.
 
     ``messages`` replaces the checkable stress messages (a benchmark's own,
     held ready); consumers and the read-back need the stress messages, so
-    it goes with ``consumers=0`` and ``verify=False``.
+    it goes with ``consumers=0`` and ``verify=False``. ``server_cpu`` gives
+    the server's CPU seconds so far (an embedded server's), for its share.
     """
     values = Values(plan.value_size)
     if messages is not None and (plan.consumers or verify):
@@ -192,6 +198,8 @@ async def run(
         for consumer in consumers:
             consumer.start()
         recorder.begin()
+        cpu_began = time.process_time()
+        server_cpu_began = server_cpu() if server_cpu is not None else 0.0
         ticker = asyncio.create_task(_tick(recorder, on_tick))
         began = recorder.started
         deadline = None if plan.duration is None else began + plan.duration
@@ -215,6 +223,12 @@ async def run(
             except ExceptionGroup as failed:  # a producer failed: its error, not a group
                 raise failed.exceptions[0] from None
             write_seconds = time.monotonic() - began
+            cpu_share = (time.process_time() - cpu_began) / max(write_seconds, 1e-9)
+            server_cpu_share = (
+                (server_cpu() - server_cpu_began) / max(write_seconds, 1e-9)
+                if server_cpu is not None
+                else None
+            )
             ticker.cancel()  # the series covers the writing only
             if recorder.since_tick() >= MIN_LAST_TICK or not recorder.series:
                 on_tick(recorder.tick())  # a sliver of a second would draw a false dip
@@ -237,6 +251,8 @@ async def run(
         ends,
         acked,
         consumers_done,
+        cpu_share=cpu_share,
+        server_cpu_share=server_cpu_share,
         consumer_errors=[
             f"consumer {c.name.rsplit('-', 1)[1]} on {c.stream}: {c.error}"
             for c in consumers

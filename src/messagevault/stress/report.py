@@ -126,6 +126,7 @@ def document(outcome: Outcome, label: str, settings: dict[str, Any]) -> dict[str
             "platform": platform.platform(),
         },
         "write_seconds": outcome.write_seconds,
+        "cpu_share": {"stress": outcome.cpu_share, "server": outcome.server_cpu_share},
         "table": rows(outcome),
         "series": outcome.recorder.series_json(),
         "verification": readback.to_json()
