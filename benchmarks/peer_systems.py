@@ -12,14 +12,13 @@ How each one is driven, the way its documentation shows:
                 batch, one thread per producer; XRANGE pages of 10,000 to read
                 back. Each entry has two fields, ``k`` (the key) and ``v``.
   NATS          nats-py: ``publish_async`` of each message of a batch, then the
-                batch's acks gathered (one task per producer); an ordered consumer
-                to read back. A message's subject is ``bench.<key>``.
+                batch's acks gathered (one task per producer); a pull consumer's
+                ``fetch`` of 10,000 to read back. A message's subject is ``bench.<key>``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import os
 import re
@@ -27,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +43,7 @@ from messagevault.server.auth import Users
 
 Batch = list[tuple[bytes, bytes]]
 STREAM = "bench"
-READ_PAGE = 10_000  # messages a Redis read asks for at a time
-READ_PENDING = 100_000  # messages a NATS subscription may hold before its reader takes them
+READ_PAGE = 10_000  # messages a read asks for at a time (Redis, NATS)
 SUBJECTS = "bench."  # NATS: a message's subject is this plus its key
 
 
@@ -96,7 +95,7 @@ SYSTEMS = (
         "nats-server",
         ("nats-py",),
         "nats-py, publish_async per message and the batch's acks gathered (a task per "
-        "producer), an ordered consumer to read; subject bench.<key>",
+        "producer), pull consumer fetch of 10,000 to read; subject bench.<key>",
     ),
 )
 BY_KEY = {system.key: system for system in SYSTEMS}
@@ -336,14 +335,37 @@ def driver(system: System, server: Running) -> Driver:
     return NatsDriver(server.port)
 
 
-def _timed_lane(
-    lane: list[Batch], send: Callable[[Batch], None], latencies: list[float] | None
-) -> None:
-    for batch in lane:
-        started = time.perf_counter()
-        send(batch)
-        if latencies is not None:
-            latencies.append(time.perf_counter() - started)
+class Lanes:
+    """Producer threads for a blocking client; on Ctrl-C they stop after their current batch."""
+
+    def __init__(self, send: Callable[[Batch], None]) -> None:
+        self.send = send
+        self.stopping = threading.Event()
+
+    async def write(self, lanes: list[list[Batch]], latencies: list[float] | None) -> None:
+        def write_all() -> None:
+            if len(lanes) == 1:
+                self.lane(lanes[0], latencies)
+                return
+            with ThreadPoolExecutor(len(lanes)) as pool:
+                for sent in [pool.submit(self.lane, lane, latencies) for lane in lanes]:
+                    sent.result()
+
+        try:
+            await asyncio.to_thread(write_all)
+        except asyncio.CancelledError:
+            # asyncio.run waits for the thread before it lets KeyboardInterrupt go.
+            self.stopping.set()
+            raise
+
+    def lane(self, lane: list[Batch], latencies: list[float] | None) -> None:
+        for batch in lane:
+            if self.stopping.is_set():
+                return
+            started = time.perf_counter()
+            self.send(batch)
+            if latencies is not None:
+                latencies.append(time.perf_counter() - started)
 
 
 class VaultDriver:
@@ -367,7 +389,7 @@ class VaultDriver:
         if len(lanes) == 1:
             # The blocking client is the faster one for a single producer
             # (README); its thread is the only busy one meanwhile.
-            await asyncio.to_thread(_timed_lane, lanes[0], self._send, latencies)
+            await Lanes(self._send).write(lanes, latencies)
             return
         await asyncio.gather(*(self._lane(lane, latencies) for lane in lanes))
 
@@ -421,13 +443,7 @@ class RedisDriver:
         # One thread per producer with the blocking client: measured faster than
         # redis.asyncio's pipelines (~50 against ~38k msgs/s for one producer,
         # ~120 against ~80k for 16).
-        def write_all() -> None:
-            with ThreadPoolExecutor(len(lanes)) as pool:
-                sending = [pool.submit(_timed_lane, lane, self._send, latencies) for lane in lanes]
-                for sent in sending:
-                    sent.result()
-
-        await asyncio.to_thread(write_all)
+        await Lanes(self._send).write(lanes, latencies)
 
     async def read(self, expected: int) -> tuple[list[bytes], list[bytes]]:
         def read_all() -> tuple[list[bytes], list[bytes]]:
@@ -489,30 +505,29 @@ class NatsDriver:
                 latencies.append(time.perf_counter() - started)
 
     async def read(self, expected: int) -> tuple[list[bytes], list[bytes]]:
-        # An ordered consumer, NATS's way to replay a stream in order: measured
-        # ~1.5x faster here than a pull consumer's fetch of 10,000 at a time.
-        subscription = await self.jetstream.subscribe(
+        # A pull consumer fetching 10,000 at a time, bounded in memory. An
+        # ordered (push) consumer was ~1.5x faster on 200,000 messages, but on
+        # 500,000 nats-py dropped messages as a slow consumer (100,000 pending):
+        # the server pushes faster than a Python reader takes them.
+        import nats.errors
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        subscription = await self.jetstream.pull_subscribe(
             SUBJECTS + ">",
+            durable="reader",
             stream=STREAM,
-            ordered_consumer=True,
-            pending_msgs_limit=READ_PENDING,
-            pending_bytes_limit=READ_PENDING * 2048,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE),  # a replay: nothing to ack
         )
         keys: list[bytes] = []
         values: list[bytes] = []
         skip = len(SUBJECTS)
-
-        async def consume() -> None:
-            async for message in subscription.messages:
-                keys.append(message.subject[skip:].encode())
-                values.append(message.data)
-                if len(keys) == expected:
-                    return
-
-        # Bounded: messages that never come leave fewer than expected, which
-        # the verification then reports.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(consume(), timeout=60 + expected / 1000)
+        while len(keys) < expected:
+            try:
+                page = await subscription.fetch(min(READ_PAGE, expected - len(keys)), timeout=10)
+            except nats.errors.TimeoutError:
+                break  # fewer than expected: the verification says so
+            keys += [m.subject[skip:].encode() for m in page]
+            values += [m.data for m in page]
         await subscription.unsubscribe()
         return keys, values
 

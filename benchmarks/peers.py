@@ -641,4 +641,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # Each case's server was stopped and its folder removed on the way out.
+        raise SystemExit("interrupted: every server stopped, nothing saved") from None
