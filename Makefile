@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure bench-client bench-peers clean
+.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure bench-client bench-peers readme-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-azure: $(STAMP) node_modules/.installed
 bench-peers: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/peers.py
+
+# README's "Against the peers" table, from the newest benchmarks/results/peers-*.md.
+readme-peers: $(STAMP)
+	$(BIN)/python benchmarks/peers.py --readme
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
