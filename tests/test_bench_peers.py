@@ -322,3 +322,42 @@ def test_a_wrong_message_read_back_fails_loudly_and_still_stops_the_server(
     assert_gone([pid])
     assert not output.exists()  # nothing saved
     assert not list(tmp_path.glob("mv-bench-peers-*"))
+
+
+# The README's copy of the table ----------------------------------------------------------
+
+
+def test_readme_gets_the_newest_table_between_its_markers_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "peers-20261201T090000Z.md").write_text("old table\n")
+    (results / "peers-20261203T090000Z.md").write_text("new table\n")
+    (results / "http-20261204T090000Z.json").write_text("{}")
+    readme = tmp_path / "README.md"
+    before = f"# Title\n\n## Against the peers\n{peers.README_BEGIN}\nstale\n{peers.README_END}\n"
+    readme.write_text(before + "## Next\n")
+    peers.refresh_readme(results, readme)
+    expected = (
+        f"# Title\n\n## Against the peers\n{peers.README_BEGIN}\nnew table\n{peers.README_END}\n"
+    )
+    assert readme.read_text() == expected + "## Next\n"
+    peers.refresh_readme(results, readme)  # again: the same
+    assert readme.read_text() == expected + "## Next\n"
+
+
+def test_readme_without_markers_or_results_is_refused_and_left_alone(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    with pytest.raises(SystemExit, match=r"no peers-\*\.md in .*: run make bench-peers first"):
+        peers.refresh_readme(tmp_path, readme)
+    (tmp_path / "peers-20261203T090000Z.md").write_text("table\n")
+    with pytest.raises(SystemExit, match=r"README\.md lacks the markers <!-- bench-peers"):
+        peers.refresh_readme(tmp_path, readme)
+    assert readme.read_text() == "# Title\n"
+
+
+def test_the_real_readme_has_the_markers() -> None:
+    text = peers.README.read_text()
+    assert text.index(peers.README_BEGIN) < text.index(peers.README_END)
