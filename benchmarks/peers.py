@@ -515,6 +515,38 @@ def save(
     return path, markdown
 
 
+# The README's copy --------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_BEGIN = "<!-- bench-peers: the latest table; make readme-peers puts it here -->"
+README_END = "<!-- bench-peers: end -->"
+
+
+def latest_markdown(folder: Path) -> Path:
+    found = sorted(folder.glob("peers-*.md"))  # the names sort by their UTC time
+    if not found:
+        raise SystemExit(f"no peers-*.md in {folder}: run make bench-peers first")
+    return found[-1]
+
+
+def with_table(readme: str, markdown: str) -> str:
+    """``readme`` with ``markdown`` between its two bench-peers markers, instead of what was."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"README.md lacks the markers {README_BEGIN} ... {README_END}")
+    return f"{readme[: begin + len(README_BEGIN)]}\n{markdown.strip()}\n{readme[end:]}"
+
+
+def refresh_readme(folder: Path, readme: Path) -> None:
+    source = latest_markdown(folder)
+    try:
+        updated = with_table(readme.read_text(), source.read_text())
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    readme.write_text(updated)
+    print(f"{readme.name}: the peers table from {source.name}")
+
+
 # The command -------------------------------------------------------------------------------
 
 
@@ -577,9 +609,18 @@ def main() -> None:
         action="store_false",
         help="skip a peer whose server is missing instead of apt-get installing it",
     )
+    parser.add_argument(
+        "--readme",
+        action="store_true",
+        help="run nothing: copy the newest peers-*.md of --output into README.md's "
+        "'Against the peers' section",
+    )
     # For the tests: corrupt one value a system read back, to see the check fail.
     parser.add_argument("--tamper", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.readme:
+        refresh_readme(args.output, README)
+        return
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, not {args.runs}")
     if not 0 < args.scale <= 1:
