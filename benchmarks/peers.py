@@ -441,6 +441,28 @@ def describe_machine(found: dict[str, Any]) -> str:
     )
 
 
+def cpu_note(results: dict[tuple[str, str], Result], systems: Sequence[System]) -> str | None:
+    """Who was busy while writing W1 and W4: the load client (this process) or the server."""
+    parts = []
+    for workload in ("W1", "W4"):
+        shares = []
+        for system in systems:
+            result = results.get((system.key, workload))
+            if result is not None and result.write_s:
+                client, server = (
+                    statistics.median(
+                        cpu / wall for cpu, wall in zip(spent["write"], result.write_s, strict=True)
+                    )
+                    for spent in (result.client_cpu_s, result.server_cpu_s)
+                )
+                shares.append(f"{system.title} {client:.0%} / {server:.0%}")
+        if shares:
+            parts.append(f"{workload}: " + ", ".join(shares))
+    if not parts:
+        return None
+    return "CPU while writing, share of one core, load client / server: " + "; ".join(parts)
+
+
 def notes(
     systems: Sequence[System], skipped: dict[str, str], found: dict[str, dict[str, str]]
 ) -> list[str]:
@@ -507,6 +529,7 @@ def save(
         "",
         RATIO_NOTE,
         "",
+        *([cpu, ""] if (cpu := cpu_note(results, systems)) else []),
         *(f"- {text}" for text in notes(systems, skipped, found)),
         "",
     ]
@@ -675,7 +698,8 @@ def main() -> None:
     title = f"Median of {args.runs} run(s), scale {args.scale:g}"
     cells = table_cells(results, systems, skipped)
     print(render_table(cells, title), end="")
-    for text in [RATIO_NOTE, *notes(systems, skipped, found)]:
+    cpu = cpu_note(results, systems)
+    for text in [RATIO_NOTE, *([cpu] if cpu else []), *notes(systems, skipped, found)]:
         print(textwrap.fill(text, TABLE_WIDTH, subsequent_indent="  "))
     json_path, markdown_path = save(args, results, systems, skipped, found, cells, title)
     print(f"saved {json_path} and {markdown_path.name}")
