@@ -75,7 +75,7 @@ async def test_latency_buckets_resolve_a_millisecond() -> None:
     """Acks take ~1-2 ms: buckets starting at 5 ms put them all in the first one."""
     async with _serving(create_app(StreamHub(MemoryStorage()))) as client:
         await _append(client, "orders", "v")
-        text = await _metrics(client)
+        text = await _until_committed(client, 1)
     for histogram in ("messagevault_request_seconds", "messagevault_commit_seconds"):
         bounds = _bounds(text, histogram)
         assert bounds[0] <= 0.0001, histogram
@@ -192,10 +192,7 @@ async def test_streams_beyond_the_bound_are_counted_together() -> None:
     async with _serving(create_app(StreamHub(MemoryStorage()), max_stream_series=2)) as client:
         for stream in ("alpha", "bravo", "charlie", "delta", "echo"):
             await _append(client, stream, "v", "w")
-        # Commit observers run after the acknowledgements: the last may lag.
-        text = await _until_text(
-            client, lambda t: sample(t, "messagevault_committed_messages_total") == 10
-        )
+        text = await _until_committed(client, 10)
         async with client.get("/streams/echo") as response:
             length = (await response.json())["length"]
     for name in (
@@ -228,7 +225,7 @@ async def test_every_metric_follows_the_conventions_and_is_documented() -> None:
     """Counters end in _total, every family says what it is, OPERATIONS.md lists it."""
     async with _serving(create_app(StreamHub(MemoryStorage()))) as client:
         await _append(client, "orders", "v")
-        text = await _metrics(client)
+        text = await _until_committed(client, 1)
     operations = (ROOT / "docs" / "OPERATIONS.md").read_text()
     ours = [f for f in text_string_to_metric_families(text) if f.name.startswith("messagevault_")]
     assert len(ours) >= 12
@@ -241,6 +238,15 @@ async def test_every_metric_follows_the_conventions_and_is_documented() -> None:
         assert f"`{name}" in operations, f"{name} is not in docs/OPERATIONS.md"
         assert not re.search(r"_(ms|milliseconds|kb|mb|minutes)(_|$)", family.name), family.name
     assert "messagevault_appended_messages" not in text  # said what committed_messages says
+
+
+async def _until_committed(client: Client, messages: int) -> str:
+    """/metrics once the commit observers saw ``messages``: they run after the acknowledgements."""
+    return await _until_text(
+        client,
+        lambda t: sample(t, "messagevault_committed_messages_total") == messages,
+        f"{messages} messages committed",
+    )
 
 
 async def _until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
