@@ -195,6 +195,23 @@ async def test_streams_beyond_the_bound_are_counted_together() -> None:
         text = await _until_committed(client, 10)
         async with client.get("/streams/echo") as response:
             length = (await response.json())["length"]
+        polls = [
+            asyncio.ensure_future(_read_from(client, stream, length))
+            for stream in ("alpha", "delta", "echo")
+        ]
+        waiting = await _until_text(
+            client,
+            lambda t: sample(t, "messagevault_waiting_reads") == 3,
+            "the long polls to wait",
+        )
+        for stream in ("alpha", "delta", "echo"):
+            await _append(client, stream, "x")
+        await asyncio.gather(*polls)
+    assert {
+        labels["stream"]: value
+        for name, labels, value in samples(waiting)
+        if name == "messagevault_waiting_reads"
+    } == {"alpha": 1, OTHER_STREAMS: 2}
     for name in (
         "messagevault_committed_messages_total",
         "messagevault_committed_bytes_total",
@@ -210,6 +227,13 @@ async def test_streams_beyond_the_bound_are_counted_together() -> None:
     assert sample(text, committed, stream=OTHER_STREAMS) == 6
     assert sample(text, "messagevault_streams_open") == 5
     assert sample(text, "messagevault_stream_length_bytes", stream=OTHER_STREAMS) == 3 * length
+
+
+async def _read_from(client: Client, stream: str, position: int) -> None:
+    params = {"from": str(position), "wait": "30"}
+    async with client.get(f"/streams/{stream}/messages", params=params) as response:
+        assert response.status == 200, await response.text()
+        await response.read()
 
 
 def test_stream_labels_keep_the_first_streams_for_good() -> None:
