@@ -90,10 +90,13 @@ async def test_long_polls_and_tails_are_timed_apart_from_reads() -> None:
         end = await _append(client, "orders", "one")
         await _read(client, {})
         await _read(client, {"wait": "5"})  # finds messages at once: a plain read
-        poll = asyncio.ensure_future(_read(client, {"from": str(end), "wait": "30"}))
-        await _until(lambda: hub.waiting_reads().get("orders") == 1, "the long poll to wait")
+        polls = [
+            asyncio.ensure_future(_read(client, {"from": str(end), "wait": "30"}, accept))
+            for accept in ("application/json", "application/x-messagevault-batch")
+        ]
+        await _until(lambda: hub.waiting_reads().get("orders") == 2, "the long polls to wait")
         await _append(client, "orders", "two")
-        await poll
+        await asyncio.gather(*polls)
         async with client.get(
             "/streams/orders/messages", headers={"Accept": "text/event-stream"}
         ) as tail:
@@ -106,14 +109,15 @@ async def test_long_polls_and_tails_are_timed_apart_from_reads() -> None:
             client, lambda t: sample(t, "messagevault_held_read_seconds_count", kind="tail") == 1
         )
     assert sample(text, "messagevault_request_seconds_count", route=READ_ROUTE) == 3
-    assert sample(text, "messagevault_held_read_seconds_count", kind="long_poll") == 1
+    assert sample(text, "messagevault_held_read_seconds_count", kind="long_poll") == 2
     # Every one of them is still a request answered.
     requests = "messagevault_requests_total"
-    assert sample(text, requests, route=READ_ROUTE, status="200", code="ok") == 4
+    assert sample(text, requests, route=READ_ROUTE, status="200", code="ok") == 5
 
 
-async def _read(client: Client, params: dict[str, str]) -> None:
-    async with client.get("/streams/orders/messages", params=params) as response:
+async def _read(client: Client, params: dict[str, str], accept: str = "application/json") -> None:
+    headers = {"Accept": accept}
+    async with client.get("/streams/orders/messages", params=params, headers=headers) as response:
         assert response.status == 200, await response.text()
         await response.read()
 
