@@ -244,25 +244,31 @@ class Measured:
     stored: int
 
 
-async def drive(system: System, server: Running, workload: Workload, data: Data) -> Measured:
+Say = Callable[[str], None]
+
+
+async def drive(
+    system: System, server: Running, workload: Workload, data: Data, say: Say
+) -> Measured:
     """Warm up, write every lane (timed), read the stream back (timed)."""
     client = driver(system, server)
+    case = f"{system.key} {workload.name}"
     try:
         await client.open()
         latencies: list[float] = []
+        say(f"{case}: writing {workload.messages:,} messages")
         clock = Clock(server)
         await client.write(data.lanes(workload.producers), latencies if workload.latency else None)
         write = clock.stop()
+        say(f"{case}: written in {write.seconds:.1f} s; reading them back")
         clock = Clock(server)
         keys, values = await client.read(workload.messages)
         read = clock.stop()
         stored = await client.stored()
     finally:
         await client.close()
+    say(f"{case}: read {len(keys):,} in {read.seconds:.1f} s; checking them")
     return Measured(write, read, latencies, keys, values, stored)
-
-
-Say = Callable[[str], None]
 
 
 def run_case(
@@ -280,7 +286,7 @@ def run_case(
     try:
         server = start(system, folder, users)
         say(f"{system.key} {workload.name}: server pid {server.pid} on 127.0.0.1:{server.port}")
-        measured = asyncio.run(drive(system, server, workload, data))
+        measured = asyncio.run(drive(system, server, workload, data, say))
     finally:
         if server is not None:
             server.stop()

@@ -269,6 +269,10 @@ def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
         for system in systems:
             assert f"{system} {workload}: write " in ran.stdout
     assert ran.stdout.count(", verified") == len(systems) * 4
+    # Progress phase by phase: writing, reading, checking.
+    assert ran.stdout.count(": writing 2,000 messages") == len(systems) * 2  # W1, W4
+    assert ran.stdout.count("; reading them back") == len(systems) * 4
+    assert ran.stdout.count("; checking them") == len(systems) * 4
 
     (saved,) = output.glob("peers-*.json")
     report = json.loads(saved.read_text())
