@@ -342,3 +342,14 @@ def test_statsd_gets_the_stress_figures(tmp_path: Path) -> None:
     assert totals["bench.read.messages"] == 1000
     assert timers["bench.write.ack"] == 10
     assert timers["bench.e2e"] >= 1
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_embedded_server_logs_requests_only_when_asked(tmp_path: Path, access_log: bool) -> None:
+    from messagevault.stress.embedded import EmbeddedServer
+
+    server = EmbeddedServer(folder=tmp_path, fsync="never", access_log=access_log)
+    with server, Client(server.url, user=server.user, password=server.password) as client:
+        client.publish("orders", [(b"k", b"v")])
+    lines = server.log.read_text().splitlines()
+    assert any('"messagevault.access"' in line for line in lines) is access_log

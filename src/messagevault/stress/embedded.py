@@ -55,6 +55,9 @@ class EmbeddedServer:
     A temporary folder (no ``folder`` given) is removed by ``stop()``.
     ``users`` (holding ``user`` with ``password``) saves hashing them again.
     ``profile`` runs the server under cProfile, writing that file on stop.
+    The access log is off unless ``access_log``: a load run would otherwise
+    measure, and fill its folder with, a log line per request (~15 us each,
+    docs/OPERATIONS.md), which none of the earlier figures carried.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class EmbeddedServer:
         password: str | None = None,
         users: Users | None = None,
         profile: Path | None = None,
+        access_log: bool = False,
     ) -> None:
         self.owns_folder = folder is None
         self.folder = folder or Path(tempfile.mkdtemp(prefix="mv-stress-", dir=parent))
@@ -84,6 +88,7 @@ class EmbeddedServer:
             *("-m", "messagevault.cli", "serve", "--host", "127.0.0.1"),
             *("--port", str(self.port), "--storage", f"file:{self.data}"),
             *("--fsync", fsync),
+            *(() if access_log else ("--no-access-log",)),
         ]
         self.log = self.folder / "server.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")}
