@@ -365,3 +365,35 @@ def test_readme_without_markers_or_results_is_refused_and_left_alone(tmp_path: P
 def test_the_real_readme_has_the_markers() -> None:
     text = peers.README.read_text()
     assert text.index(peers.README_BEGIN) < text.index(peers.README_END)
+
+
+# A peer that cannot run here ---------------------------------------------------------------
+
+
+def test_a_missing_server_is_skipped_with_its_reason_without_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(peers, "find_binary", lambda name: None)
+    said: list[str] = []
+    systems = [BY_KEY["messagevault"], BY_KEY["nats"]]
+    skipped, found = peers.available(systems, False, said.append)
+    assert skipped == {"nats": "nats-server not found (--no-install)"}
+    assert said == ["SKIPPING nats: nats-server not found (--no-install)"]
+    assert set(found) == {"messagevault"}
+    assert peers.notes(systems, skipped, found)[1] == (
+        "SKIPPED NATS JetStream: nats-server not found (--no-install)"
+    )
+
+
+def test_install_says_why_not_where_apt_get_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import peer_systems
+
+    monkeypatch.setattr(peer_systems, "find_binary", lambda name: None)
+    monkeypatch.setattr(peer_systems.shutil, "which", lambda name: None)
+    said: list[str] = []
+    assert peer_systems.install(["redis-server", "nats-server"], said.append) == {
+        "redis-server": "redis-server not found and no apt-get here: install redis-server to "
+        "race it",
+        "nats-server": "nats-server not found and no apt-get here: install nats-server to race it",
+    }
+    assert said == []  # nothing was tried
