@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from messagevault import MemoryStorage
 from messagevault.server import StreamHub, create_app
-from messagevault.server.app import Served
 from messagevault.server.metrics import OTHER_STREAMS, Metrics, StreamLabels
+from messagevault.server.served import Served
 from tests.prometheus_text import sample, samples
 
 Client = aiohttp.ClientSession

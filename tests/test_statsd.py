@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 from messagevault import FileStorage
 from messagevault.committer import Commit
 from messagevault.server import StreamHub, create_app
-from messagevault.server.app import Served
+from messagevault.server.served import Served
 from messagevault.server.statsd_metrics import StatsDMetrics, install
 from messagevault.statsd import StatsD, level, parse_address, sanitize
 from tests.azurite import free_port

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from messagevault.server.app import Served
+    from messagevault.server.served import Served
 
 access = logging.getLogger("messagevault.access")
 

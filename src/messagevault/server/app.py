@@ -37,6 +37,8 @@ from messagevault.server.hub import StreamHub
 from messagevault.server.logs import REQUEST_ID, request_id
 from messagevault.server.metrics import DEFAULT_MAX_STREAM_SERIES, Metrics
 from messagevault.server.openapi import openapi_document
+from messagevault.server.served import RequestObserver as RequestObserver  # noqa: PLC0414
+from messagevault.server.served import Served as Served  # noqa: PLC0414
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
     EVENT_STREAM,
@@ -62,31 +64,6 @@ class Limits:
     max_read_messages: int = 10_000  # per read request
     max_read_bytes: int = 8 * 1024 * 1024  # of values, per read request
     max_wait: float = 60.0  # seconds of long-poll
-
-
-@dataclass(frozen=True)
-class Served:
-    """One answered request, as told to the request observers (metrics, StatsD, access log)."""
-
-    method: str
-    route: str  # the route's pattern, e.g. /streams/{stream}/messages ("?" when none matched)
-    stream: str | None  # the {stream} of the path, as sent (it may be invalid)
-    status: int
-    error: str | None  # the error code of an error answer
-    seconds: float  # from the handler's start to its answer (a tail: until it ended)
-    request_id: str = ""  # also the answer's X-Request-Id
-    # A read of messages: "read" (answered at once), "long_poll" (it waited
-    # for a commit), "tail" (Server-Sent Events); other routes: "".
-    kind: str = ""
-    path: str = ""  # without the query string, which may hold anything
-    request_bytes: int = 0  # of the body, as received
-    response_bytes: int | None = None  # of the body; None: not known
-    messages: int | None = None  # appended by this request
-    user: str | None = None  # who was authenticated; None: nobody (yet)
-    remote: str | None = None  # the peer's address
-
-
-RequestObserver = Callable[[Served], None]
 
 
 @dataclass

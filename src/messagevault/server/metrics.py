@@ -38,7 +38,7 @@ from messagevault.committer import Commit
 from messagevault.server.hub import StreamHub
 
 if TYPE_CHECKING:
-    from messagevault.server.app import Served
+    from messagevault.server.served import Served
 
 # Every counter and histogram would get a ``_created`` gauge beside it, a
 # second series per label set saying when the server started; scrapes

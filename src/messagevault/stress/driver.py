@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from messagevault.client import AsyncClient, Client
 from messagevault.errors import StreamNotFound
 from messagevault.format import Message
+from messagevault.stress.connection import Connection as Connection  # noqa: PLC0414
 from messagevault.stress.stats import Recorder, Second
 from messagevault.stress.verify import Readback, read_back
 from messagevault.stress.workload import MessageSource, Plan, Values, header_of
@@ -32,19 +33,6 @@ STORAGE_POLL = 0.002  # seconds between checkpoint reads of a consumer at the ta
 DRAIN_TIMEOUT = 60.0  # seconds consumers get, after the producers stop, to see everything
 TICK = 1.0
 MIN_LAST_TICK = 0.5  # seconds: a shorter last interval is left out of the series
-
-
-@dataclass(frozen=True)
-class Connection:
-    url: str
-    user: str | None
-    password: str | None
-
-    def client(self) -> Client:
-        return Client(self.url, user=self.user, password=self.password)
-
-    def async_client(self) -> AsyncClient:
-        return AsyncClient(self.url, user=self.user, password=self.password)
 
 
 @dataclass

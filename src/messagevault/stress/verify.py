@@ -25,7 +25,7 @@ from messagevault.stress.stats import Latency
 from messagevault.stress.workload import Plan, Values, header_of
 
 if TYPE_CHECKING:
-    from messagevault.stress.driver import Connection
+    from messagevault.stress.connection import Connection
 
 MAX_PROBLEMS: Final = 20  # listed; the rest are only counted
 PROGRESS_EVERY: Final = 5.0  # seconds
