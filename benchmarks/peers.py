@@ -29,7 +29,8 @@ sent them. A mismatch stops the benchmark with an error naming the message.
 
 The table gives msgs/s (write, read) and W3's ack latency, each a median over
 ``--runs``, and for every peer's cell the ratio MessageVault / peer. Results go
-to benchmarks/results/peers-<time>.json and .md, with the machine and versions.
+to benchmarks/results/peers-<time>.json and .md, with the machine and versions
+(benchmarks/peer_report.py); ``--readme`` copies the newest table into README.md.
 """
 
 # ruff: noqa: E402 - the imports must follow the sys.path fix below
@@ -47,21 +48,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import asyncio
 import gc
-import json
-import os
-import platform
 import random
 import shutil
-import statistics
 import string
 import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from typing import Any
+from dataclasses import dataclass
 
+from benchmarks.peer_report import (
+    RATIO_NOTE,
+    README,
+    TABLE_WIDTH,
+    VAULT,
+    Result,
+    cpu_note,
+    notes,
+    refresh_readme,
+    render_table,
+    save,
+    table_cells,
+)
 from benchmarks.peer_systems import (
     BY_KEY,
     SYSTEMS,
@@ -75,14 +83,9 @@ from benchmarks.peer_systems import (
     start,
     versions,
 )
-from benchmarks.report import benchmark_arguments, save_results
-from rich.console import Console
-from rich.table import Table
+from benchmarks.report import benchmark_arguments
 
 from messagevault.server.auth import Users
-
-VAULT = "messagevault"
-TABLE_WIDTH = 100
 
 
 @dataclass(frozen=True)
@@ -179,35 +182,6 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of an already sorted sequence."""
     rank = max(1, round(fraction * len(sorted_values) + 0.5))
     return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-@dataclass
-class Result:
-    """One system on one workload, over the runs."""
-
-    system: str
-    workload: str
-    messages: int
-    payload_bytes: int
-    producers: int
-    batch_size: int
-    write_s: list[float] = field(default_factory=list)
-    read_s: list[float] = field(default_factory=list)
-    latency_ms: dict[str, list[float]] = field(default_factory=dict)  # W3: p50, p99, max per run
-    # CPU seconds per phase and run: the load client (this process) and the server.
-    client_cpu_s: dict[str, list[float]] = field(default_factory=dict)
-    server_cpu_s: dict[str, list[float]] = field(default_factory=dict)
-
-    def rate(self, phase: str) -> float:
-        seconds = self.write_s if phase == "write" else self.read_s
-        return self.messages / statistics.median(seconds)
-
-    def latency(self, name: str) -> float:
-        return statistics.median(self.latency_ms[name])
-
-    def value(self, metric: str) -> float:
-        """A table cell: ``write``/``read`` msgs/s, or ``p50``/``p99`` ack ms."""
-        return self.rate(metric) if metric in ("write", "read") else self.latency(metric)
 
 
 @dataclass
@@ -320,260 +294,6 @@ def run_case(
         line += f", ack p50 {result.latency_ms['p50'][-1]:.2f} ms"
         line += f" p99 {result.latency_ms['p99'][-1]:.2f} ms"
     say(line + ", verified")
-
-
-# The table --------------------------------------------------------------------------------
-
-# (label, workload, metric); metric "write"/"read" is msgs/s, "p50"/"p99" ack ms.
-ROWS = (
-    ("W1 write msgs/s", "W1", "write"),
-    ("W1 read msgs/s", "W1", "read"),
-    ("W2 write msgs/s", "W2", "write"),
-    ("W2 read msgs/s", "W2", "read"),
-    ("W4 x16 write msgs/s", "W4", "write"),
-    ("W4 read msgs/s", "W4", "read"),
-    ("W3 ack p50 ms", "W3", "p50"),
-    ("W3 ack p99 ms", "W3", "p99"),
-)
-LOWER_IS_BETTER = ("p50", "p99")
-RATIO_NOTE = (
-    "Ratio = MessageVault / peer. msgs/s rows: above 1 means MessageVault is faster. "
-    "Latency rows (ms): below 1 means MessageVault is faster."
-)
-
-
-def ratio(ours: float | None, theirs: float | None) -> float | None:
-    """MessageVault's figure over the peer's; None when either is missing or the peer's is 0."""
-    if ours is None or theirs is None or theirs == 0:
-        return None
-    return ours / theirs
-
-
-def format_value(value: float | None, metric: str) -> str:
-    if value is None:
-        return "-"
-    if metric in LOWER_IS_BETTER:
-        return f"{value:.2f}"
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:.0f}"
-
-
-def format_cell(value: float | None, metric: str, versus: float | None) -> str:
-    """A peer's figure with MessageVault's ratio to it, e.g. ``64.5k (3.81x)``."""
-    text = format_value(value, metric)
-    return text if versus is None else f"{text} ({versus:.2f}x)"
-
-
-def table_cells(
-    results: dict[tuple[str, str], Result], systems: Sequence[System], skipped: dict[str, str]
-) -> list[list[str]]:
-    """The table as text: a header row, then one row per ``ROWS`` line that was measured."""
-    rows = [["", *(s.title for s in systems)]]
-    for label, workload, metric in ROWS:
-        figures = {
-            s.key: results[s.key, workload].value(metric)
-            for s in systems
-            if (s.key, workload) in results and s.key not in skipped
-        }
-        if not figures:
-            continue
-        ours = figures.get(VAULT)
-        row = [label]
-        for system in systems:
-            if system.key in skipped:
-                row.append("SKIPPED")
-            elif system.key == VAULT:
-                row.append(format_value(ours, metric))
-            else:
-                theirs = figures.get(system.key)
-                row.append(format_cell(theirs, metric, ratio(ours, theirs)))
-        rows.append(row)
-    return rows
-
-
-def render_table(cells: list[list[str]], title: str) -> str:
-    """The terminal table, at most ``TABLE_WIDTH`` columns wide."""
-    table = Table(title=title, title_justify="left")
-    for index, heading in enumerate(cells[0]):
-        table.add_column(heading, justify="left" if index == 0 else "right", no_wrap=index == 0)
-    for row in cells[1:]:
-        table.add_row(*row)
-    console = Console(width=TABLE_WIDTH, record=True, force_terminal=False, color_system=None)
-    with console.capture() as captured:
-        console.print(table)
-    return captured.get()
-
-
-def markdown_table(cells: list[list[str]]) -> str:
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(row) + " |"
-
-    header, *rows = cells
-    separator = ["---", *("---:" for _ in header[1:])]
-    return "\n".join([line(header), line(separator), *(line(row) for row in rows)])
-
-
-# The machine, the notes, saving --------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """Cores, memory, CPU model and kernel (what save_results does not already record)."""
-    memory_kib = cpu = None
-    try:
-        for text in Path("/proc/meminfo").read_text().splitlines():
-            if text.startswith("MemTotal:"):
-                memory_kib = int(text.split()[1])
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                cpu = text.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cores": os.cpu_count(),
-        "memory_gib": None if memory_kib is None else round(memory_kib / 2**20, 1),
-        "cpu_model": cpu or platform.processor() or "unknown",
-        "kernel": f"{platform.system()} {platform.release()}",
-    }
-
-
-def describe_machine(found: dict[str, Any]) -> str:
-    return (
-        f"{found['cores']} cores, {found['memory_gib']} GiB, {found['cpu_model']}, "
-        f"{found['kernel']}, Python {platform.python_version()}"
-    )
-
-
-def cpu_note(results: dict[tuple[str, str], Result], systems: Sequence[System]) -> str | None:
-    """Who was busy while writing W1 and W4: the load client (this process) or the server."""
-    parts = []
-    for workload in ("W1", "W4"):
-        shares = []
-        for system in systems:
-            result = results.get((system.key, workload))
-            if result is not None and result.write_s:
-                client, server = (
-                    statistics.median(
-                        cpu / wall for cpu, wall in zip(spent["write"], result.write_s, strict=True)
-                    )
-                    for spent in (result.client_cpu_s, result.server_cpu_s)
-                )
-                shares.append(f"{system.title} {client:.0%} / {server:.0%}")
-        if shares:
-            parts.append(f"{workload}: " + ", ".join(shares))
-    if not parts:
-        return None
-    return "CPU while writing, share of one core, load client / server: " + "; ".join(parts)
-
-
-def notes(
-    systems: Sequence[System], skipped: dict[str, str], found: dict[str, dict[str, str]]
-) -> list[str]:
-    """One line per system: durability, or why it was skipped; then versions."""
-    lines = []
-    for system in systems:
-        if system.key in skipped:
-            lines.append(f"SKIPPED {system.title}: {skipped[system.key]}")
-        else:
-            listed = ", ".join(f"{k} {v}" for k, v in found.get(system.key, {}).items())
-            lines.append(
-                f"{system.title}: {system.durability}. Driven: {system.driven}. Versions: {listed}"
-            )
-    return lines
-
-
-def save(
-    args: argparse.Namespace,
-    results: dict[tuple[str, str], Result],
-    systems: Sequence[System],
-    skipped: dict[str, str],
-    found: dict[str, dict[str, str]],
-    cells: list[list[str]],
-    title: str,
-) -> tuple[Path, Path]:
-    """benchmarks/results/peers-<time>.json and the same as Markdown beside it."""
-    the_machine = machine()
-    records = []
-    for result in results.values():
-        record: dict[str, Any] = asdict(result)
-        record["write_msgs_per_s"] = result.rate("write")
-        record["read_msgs_per_s"] = result.rate("read")
-        if result.latency_ms:
-            record["median_latency_ms"] = {n: result.latency(n) for n in result.latency_ms}
-        records.append(record)
-    path = save_results(
-        args.output,
-        "peers",
-        {
-            "runs": args.runs,
-            "scale": args.scale,
-            "systems": {
-                s.key: {
-                    "title": s.title,
-                    "durability": s.durability,
-                    "skipped": skipped.get(s.key),
-                    "versions": found.get(s.key, {}),
-                }
-                for s in systems
-            },
-            "table": cells,
-            "ratio": RATIO_NOTE,
-        },
-        records,
-        the_machine,
-    )
-    stamp = datetime.strptime(json.loads(path.read_text())["time"], "%Y%m%dT%H%M%SZ")
-    lines = [
-        f"MessageVault against its peers, {stamp:%Y-%m-%d %H:%M} UTC",
-        "",
-        f"Machine: {describe_machine(the_machine)}. {title}.",
-        "",
-        markdown_table(cells),
-        "",
-        RATIO_NOTE,
-        "",
-        *([cpu, ""] if (cpu := cpu_note(results, systems)) else []),
-        *(f"- {text}" for text in notes(systems, skipped, found)),
-        "",
-    ]
-    markdown = path.with_suffix(".md")
-    markdown.write_text("\n".join(lines))
-    return path, markdown
-
-
-# The README's copy --------------------------------------------------------------------------
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_BEGIN = "<!-- bench-peers: the latest table; make readme-peers puts it here -->"
-README_END = "<!-- bench-peers: end -->"
-
-
-def latest_markdown(folder: Path) -> Path:
-    found = sorted(folder.glob("peers-*.md"))  # the names sort by their UTC time
-    if not found:
-        raise SystemExit(f"no peers-*.md in {folder}: run make bench-peers first")
-    return found[-1]
-
-
-def with_table(readme: str, markdown: str) -> str:
-    """``readme`` with ``markdown`` between its two bench-peers markers, instead of what was."""
-    begin, end = readme.find(README_BEGIN), readme.find(README_END)
-    if begin < 0 or end < begin:
-        raise ValueError(f"README.md lacks the markers {README_BEGIN} ... {README_END}")
-    return f"{readme[: begin + len(README_BEGIN)]}\n{markdown.strip()}\n{readme[end:]}"
-
-
-def refresh_readme(folder: Path, readme: Path) -> None:
-    source = latest_markdown(folder)
-    try:
-        updated = with_table(readme.read_text(), source.read_text())
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    readme.write_text(updated)
-    print(f"{readme.name}: the peers table from {source.name}")
 
 
 # The command -------------------------------------------------------------------------------
@@ -707,7 +427,9 @@ def main() -> None:
     cpu = cpu_note(results, systems)
     for text in [RATIO_NOTE, *([cpu] if cpu else []), *notes(systems, skipped, found)]:
         print(textwrap.fill(text, TABLE_WIDTH, subsequent_indent="  "))
-    json_path, markdown_path = save(args, results, systems, skipped, found, cells, title)
+    json_path, markdown_path = save(
+        args.output, args.runs, args.scale, results, systems, skipped, found, cells, title
+    )
     print(f"saved {json_path} and {markdown_path.name}")
 
 

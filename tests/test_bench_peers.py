@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmarks import peer_report as report
 from benchmarks import peers
-from benchmarks.peer_systems import BY_KEY, find_binary, missing_clients
+from benchmarks.peer_systems import BY_KEY, SYSTEMS, find_binary, missing_clients
 
 SCRIPT = Path(peers.__file__)
 
@@ -59,8 +60,8 @@ def require(system_keys: list[str]) -> None:
 # The figures: ratios, cells, the table ----------------------------------------------------
 
 
-def result(system: str, workload: str, seconds: float, latency: float = 1.0) -> peers.Result:
-    return peers.Result(
+def result(system: str, workload: str, seconds: float, latency: float = 1.0) -> report.Result:
+    return report.Result(
         system,
         workload,
         messages=1000,
@@ -74,21 +75,21 @@ def result(system: str, workload: str, seconds: float, latency: float = 1.0) -> 
 
 
 def test_ratio_is_messagevault_over_the_peer_and_none_without_both() -> None:
-    assert peers.ratio(300.0, 100.0) == 3.0
-    assert peers.ratio(1.5, 0.5) == 3.0  # for latency, above 1 means MessageVault is slower
-    assert peers.ratio(None, 100.0) is None
-    assert peers.ratio(100.0, None) is None
-    assert peers.ratio(100.0, 0.0) is None
+    assert report.ratio(300.0, 100.0) == 3.0
+    assert report.ratio(1.5, 0.5) == 3.0  # for latency, above 1 means MessageVault is slower
+    assert report.ratio(None, 100.0) is None
+    assert report.ratio(100.0, None) is None
+    assert report.ratio(100.0, 0.0) is None
 
 
 def test_values_and_cells_are_formatted_by_kind() -> None:
-    assert peers.format_value(1_234_567, "write") == "1.23M"
-    assert peers.format_value(64_512, "read") == "64.5k"
-    assert peers.format_value(950, "write") == "950"
-    assert peers.format_value(0.3456, "p99") == "0.35"
-    assert peers.format_value(None, "p50") == "-"
-    assert peers.format_cell(64_512, "write", 3.814) == "64.5k (3.81x)"
-    assert peers.format_cell(64_512, "write", None) == "64.5k"
+    assert report.format_value(1_234_567, "write") == "1.23M"
+    assert report.format_value(64_512, "read") == "64.5k"
+    assert report.format_value(950, "write") == "950"
+    assert report.format_value(0.3456, "p99") == "0.35"
+    assert report.format_value(None, "p50") == "-"
+    assert report.format_cell(64_512, "write", 3.814) == "64.5k (3.81x)"
+    assert report.format_cell(64_512, "write", None) == "64.5k"
 
 
 def test_table_has_every_measured_row_with_ratios_and_marks_skipped_peers() -> None:
@@ -99,7 +100,7 @@ def test_table_has_every_measured_row_with_ratios_and_marks_skipped_peers() -> N
         ("messagevault", "W3"): result("messagevault", "W3", 0.5, latency=1.5),
         ("redis-always", "W3"): result("redis-always", "W3", 0.5, latency=0.5),
     }
-    cells = peers.table_cells(results, systems, {"nats": "nats-server not found"})
+    cells = report.table_cells(results, systems, {"nats": "nats-server not found"})
     header, *rows = cells
     assert header == [
         "",
@@ -116,11 +117,11 @@ def test_table_has_every_measured_row_with_ratios_and_marks_skipped_peers() -> N
     assert by_label["W3 ack p50 ms"] == ["1.50", "0.50 (3.00x)", "-", "SKIPPED"]
     assert by_label["W3 ack p99 ms"] == ["6.00", "2.00 (3.00x)", "-", "SKIPPED"]
 
-    rendered = peers.render_table(cells, "Median of 3 run(s), scale 1")
+    rendered = report.render_table(cells, "Median of 3 run(s), scale 1")
     assert "25.0k (4.00x)" in rendered
-    assert max(map(len, rendered.splitlines())) <= peers.TABLE_WIDTH
+    assert max(map(len, rendered.splitlines())) <= report.TABLE_WIDTH
 
-    markdown = peers.markdown_table(cells).splitlines()
+    markdown = report.markdown_table(cells).splitlines()
     assert (
         markdown[0]
         == "|  | MessageVault | Redis AOF always | Redis AOF everysec | NATS JetStream |"
@@ -131,16 +132,16 @@ def test_table_has_every_measured_row_with_ratios_and_marks_skipped_peers() -> N
 
 
 def test_a_full_table_of_four_systems_fits_100_columns() -> None:
-    systems = list(peers.SYSTEMS)
+    systems = list(SYSTEMS)
     results = {
         (s.key, w.name): result(s.key, w.name, 1e-6, latency=123.456)  # the widest figures
         for s in systems
         for w in peers.WORKLOADS
     }
-    rendered = peers.render_table(peers.table_cells(results, systems, {}), "a title")
+    rendered = report.render_table(report.table_cells(results, systems, {}), "a title")
     lines = rendered.splitlines()
-    assert len(lines) == 1 + 3 + len(peers.ROWS) + 1  # title, header, rows, bottom rule
-    assert max(map(len, lines)) <= peers.TABLE_WIDTH
+    assert len(lines) == 1 + 3 + len(report.ROWS) + 1  # title, header, rows, bottom rule
+    assert max(map(len, lines)) <= report.TABLE_WIDTH
 
 
 # The verification, the same for every system ------------------------------------------
@@ -275,17 +276,17 @@ def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
     assert ran.stdout.count("; checking them") == len(systems) * 4
 
     (saved,) = output.glob("peers-*.json")
-    report = json.loads(saved.read_text())
-    assert report["benchmark"] == "peers"
-    assert (report["runs"], report["scale"]) == (1, 0.002)
-    assert {"cores", "memory_gib", "cpu_model", "kernel"} <= set(report["machine"])
-    assert list(report["systems"]) == systems
-    for key, described in report["systems"].items():
+    document = json.loads(saved.read_text())
+    assert document["benchmark"] == "peers"
+    assert (document["runs"], document["scale"]) == (1, 0.002)
+    assert {"cores", "memory_gib", "cpu_model", "kernel"} <= set(document["machine"])
+    assert list(document["systems"]) == systems
+    for key, described in document["systems"].items():
         assert described["skipped"] is None
         assert described["durability"]
         server = BY_KEY[key].binary or "messagevault"
         assert re.fullmatch(r"\d+\.\d+\.\d+.*", described["versions"][server])
-    cases = {(c["system"], c["workload"]): c for c in report["cases"]}
+    cases = {(c["system"], c["workload"]): c for c in document["cases"]}
     assert set(cases) == {(s, w) for s in systems for w in ("W1", "W2", "W3", "W4")}
     w4 = cases["messagevault", "W4"]
     assert (w4["producers"], w4["batch_size"], w4["messages"]) == (16, 100, 2000)
@@ -293,18 +294,18 @@ def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
     for system in systems:
         latency = cases[system, "W3"]["median_latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
-    header, *rows = report["table"]
-    assert len(header) == 1 + len(systems) and len(rows) == len(peers.ROWS)
+    header, *rows = document["table"]
+    assert len(header) == 1 + len(systems) and len(rows) == len(report.ROWS)
     if len(systems) > 1:
         assert all(re.fullmatch(r"\S+ \(\d+\.\d\dx\)", row[2]) for row in rows)
 
     markdown = saved.with_suffix(".md").read_text()
     assert markdown.startswith("MessageVault against its peers, ")
     assert "| W4 x16 write msgs/s |" in markdown
-    assert peers.RATIO_NOTE in markdown
+    assert report.RATIO_NOTE in markdown
     table_lines = [line for line in ran.stdout.splitlines() if line.startswith(("┃", "│", "┏"))]
-    assert len(table_lines) == 2 + len(peers.ROWS)
-    assert max(len(line) for line in table_lines) <= peers.TABLE_WIDTH
+    assert len(table_lines) == 2 + len(report.ROWS)
+    assert max(len(line) for line in table_lines) <= report.TABLE_WIDTH
 
 
 def test_a_wrong_message_read_back_fails_loudly_and_still_stops_the_server(
@@ -340,14 +341,14 @@ def test_readme_gets_the_newest_table_between_its_markers_and_nothing_else(
     (results / "peers-20261203T090000Z.md").write_text("new table\n")
     (results / "http-20261204T090000Z.json").write_text("{}")
     readme = tmp_path / "README.md"
-    before = f"# Title\n\n## Against the peers\n{peers.README_BEGIN}\nstale\n{peers.README_END}\n"
+    before = f"# Title\n\n## Against the peers\n{report.README_BEGIN}\nstale\n{report.README_END}\n"
     readme.write_text(before + "## Next\n")
-    peers.refresh_readme(results, readme)
+    report.refresh_readme(results, readme)
     expected = (
-        f"# Title\n\n## Against the peers\n{peers.README_BEGIN}\nnew table\n{peers.README_END}\n"
+        f"# Title\n\n## Against the peers\n{report.README_BEGIN}\nnew table\n{report.README_END}\n"
     )
     assert readme.read_text() == expected + "## Next\n"
-    peers.refresh_readme(results, readme)  # again: the same
+    report.refresh_readme(results, readme)  # again: the same
     assert readme.read_text() == expected + "## Next\n"
 
 
@@ -355,16 +356,16 @@ def test_readme_without_markers_or_results_is_refused_and_left_alone(tmp_path: P
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n")
     with pytest.raises(SystemExit, match=r"no peers-\*\.md in .*: run make bench-peers first"):
-        peers.refresh_readme(tmp_path, readme)
+        report.refresh_readme(tmp_path, readme)
     (tmp_path / "peers-20261203T090000Z.md").write_text("table\n")
     with pytest.raises(SystemExit, match=r"README\.md lacks the markers <!-- bench-peers"):
-        peers.refresh_readme(tmp_path, readme)
+        report.refresh_readme(tmp_path, readme)
     assert readme.read_text() == "# Title\n"
 
 
 def test_the_real_readme_has_the_markers() -> None:
-    text = peers.README.read_text()
-    assert text.index(peers.README_BEGIN) < text.index(peers.README_END)
+    text = report.README.read_text()
+    assert text.index(report.README_BEGIN) < text.index(report.README_END)
 
 
 # A peer that cannot run here ---------------------------------------------------------------
@@ -380,7 +381,7 @@ def test_a_missing_server_is_skipped_with_its_reason_without_install(
     assert skipped == {"nats": "nats-server not found (--no-install)"}
     assert said == ["SKIPPING nats: nats-server not found (--no-install)"]
     assert set(found) == {"messagevault"}
-    assert peers.notes(systems, skipped, found)[1] == (
+    assert report.notes(systems, skipped, found)[1] == (
         "SKIPPED NATS JetStream: nats-server not found (--no-install)"
     )
 
