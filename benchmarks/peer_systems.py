@@ -234,7 +234,6 @@ class PeerServer:
                     return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
         raise SystemExit(f"server did not listen on 127.0.0.1:{self.port} in {timeout:g} s")
 
     def cpu_seconds(self) -> float:
@@ -280,7 +279,7 @@ def start(system: System, folder: Path, users: Users) -> Running:
         vault = VaultServer(folder, users)
         try:
             vault.wait_until_up()
-        except BaseException:
+        except BaseException:  # Ctrl-C too: the caller never got the PID to stop
             vault.stop()
             raise
         return vault
@@ -299,7 +298,11 @@ def start(system: System, folder: Path, users: Users) -> Running:
         store = folder / "jetstream"
         command = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
     server = PeerServer(command, port, folder)
-    server.wait_until_up()
+    try:
+        server.wait_until_up()
+    except BaseException:  # Ctrl-C too: the caller never got the PID to stop
+        server.stop()
+        raise
     return server
 
 
