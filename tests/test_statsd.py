@@ -28,7 +28,7 @@ from messagevault.committer import Commit
 from messagevault.server import StreamHub, create_app
 from messagevault.server.served import Served
 from messagevault.server.statsd_metrics import StatsDMetrics, install
-from messagevault.statsd import StatsD, level, parse_address, sanitize
+from messagevault.statsd import MAX_QUEUED, WAKE_LINES, StatsD, level, parse_address, sanitize
 from tests.azurite import free_port
 from tests.serve_process import serve_process
 from tests.statsd_daemon import StatsDDaemon, free_udp_port
@@ -112,6 +112,27 @@ def test_the_flusher_sends_a_partial_packet_without_being_asked(listener: socket
     with _client(listener, flush_interval=0.05) as statsd:
         statsd.incr("lonely")
         assert _receive(listener, 1) == [b"lonely:1|c"]
+
+
+def test_a_few_packets_worth_wake_the_sender_before_its_interval(listener: socket.socket) -> None:
+    with _client(listener, flush_interval=60) as statsd:
+        for i in range(WAKE_LINES):
+            statsd.incr(f"early.{i}")
+        packets = _receive(listener, WAKE_LINES)  # no flush(): the sender was woken
+    assert b"\n".join(packets).split(b"\n") == [
+        f"early.{i}:1|c".encode() for i in range(WAKE_LINES)
+    ]
+
+
+def test_a_stuck_sender_bounds_the_queue(listener: socket.socket) -> None:
+    with _client(listener, flush_interval=60) as statsd:
+        with statsd._sending:  # as if a send never returned
+            for _ in range(MAX_QUEUED + 5):
+                statsd.incr("piling.up")
+            assert statsd.dropped == 5
+        statsd.flush()  # the backlog goes, as far as the listener's buffer takes it
+        assert not statsd._queue
+        assert _receive(listener, 1)[0].startswith(b"piling.up:1|c\n")
 
 
 def test_close_sends_what_is_buffered_then_drops_quietly(listener: socket.socket) -> None:
