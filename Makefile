@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest bench-core bench-http bench-azure bench-client bench-peers readme-peers clean
+.PHONY: install peer-servers serve test lint typecheck pytest bench-core bench-http bench-azure bench-client bench-peers readme-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) node_modules/.installed
+# Redis and NATS for tests/test_bench_peers.py, from Debian's packages. Best effort: where
+# apt-get cannot have them (no root, no mirror), those few tests skip and name what is missing.
+peer-servers: $(STAMP)
+	-$(BIN)/python benchmarks/peers.py --install-servers
+
+pytest: $(STAMP) node_modules/.installed peer-servers
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest

@@ -364,12 +364,24 @@ def main() -> None:
         help="run nothing: copy the newest peers-*.md of --output into README.md's "
         "'Against the peers' section",
     )
+    parser.add_argument(
+        "--install-servers",
+        action="store_true",
+        help="run nothing: apt-get install the peers' servers that are missing (make test "
+        "does, so that the peer tests run); exit 1 if one cannot be had",
+    )
     # For the tests: corrupt one value a system read back, to see the check fail.
     parser.add_argument("--tamper", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.readme:
         refresh_readme(args.output, README)
         return
+    if args.install_servers:
+        binaries = sorted({s.binary for s in SYSTEMS if s.binary is not None})
+        still_missing = install(binaries, print)
+        for why in still_missing.values():
+            print(why)
+        sys.exit(1 if still_missing else 0)
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, not {args.runs}")
     if not 0 < args.scale <= 1:
