@@ -54,7 +54,7 @@ import string
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.peer_report import (
@@ -86,6 +86,7 @@ from benchmarks.peer_systems import (
 from benchmarks.report import benchmark_arguments
 
 from messagevault.server.auth import Users
+from messagevault.stress.stats import Latency
 
 
 @dataclass(frozen=True)
@@ -176,12 +177,6 @@ def verify(
                 f"message {at} ({key.decode()}): producer {producer}'s messages out of order"
             )
         last[producer] = index
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    rank = max(1, round(fraction * len(sorted_values) + 0.5))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 @dataclass
@@ -284,13 +279,12 @@ def run_case(
         f" msgs/s, read {workload.messages / measured.read.seconds:,.0f} msgs/s"
     )
     if measured.latencies:
-        ordered = sorted(s * 1000 for s in measured.latencies)
-        for name, value in (
-            ("p50", percentile(ordered, 0.50)),
-            ("p99", percentile(ordered, 0.99)),
-            ("max", ordered[-1]),
-        ):
-            result.latency_ms.setdefault(name, []).append(value)
+        histogram = Latency()  # the stress command's HDR histogram, as bench-http uses
+        for seconds in measured.latencies:
+            histogram.record(seconds)
+        summary = histogram.summary()
+        for name in ("p50", "p99", "max"):
+            result.latency_ms.setdefault(name, []).append(summary[name])
         line += f", ack p50 {result.latency_ms['p50'][-1]:.2f} ms"
         line += f" p99 {result.latency_ms['p99'][-1]:.2f} ms"
     say(line + ", verified")
