@@ -89,7 +89,7 @@ from itertools import islice
 from typing import Any
 
 import aiohttp
-from benchmarks.report import Rates, benchmark_arguments, save_results
+from benchmarks.report import Clock, Phase, Rates, benchmark_arguments, save_results
 from benchmarks.serving import PASSWORD, USER, Server
 from rich.console import Console
 from rich.table import Table
@@ -255,30 +255,6 @@ def make_data(workload: Workload) -> Data:
         pairs = list(zip(raw_keys, raw_values, strict=True))
         batches = [pairs[i : i + size] for i in range(0, count, size)]
     return Data(frames, keys, values, raw_keys, raw_values, payload, batches)
-
-
-@dataclass
-class Phase:
-    seconds: float
-    server_cpu_s: float
-    client_cpu_s: float
-
-
-class Clock:
-    """Wall time and both processes' CPU time over one phase."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.started = time.perf_counter()
-        self.server_cpu = server.cpu_seconds()
-        self.client_cpu = time.process_time()
-
-    def stop(self) -> Phase:
-        return Phase(
-            time.perf_counter() - self.started,
-            self.server.cpu_seconds() - self.server_cpu,
-            time.process_time() - self.client_cpu,
-        )
 
 
 async def produce(

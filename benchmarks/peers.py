@@ -83,7 +83,7 @@ from benchmarks.peer_systems import (
     start,
     versions,
 )
-from benchmarks.report import benchmark_arguments
+from benchmarks.report import Clock, Phase, benchmark_arguments
 
 from messagevault.server.auth import Users
 from messagevault.stress.stats import Latency
@@ -177,30 +177,6 @@ def verify(
                 f"message {at} ({key.decode()}): producer {producer}'s messages out of order"
             )
         last[producer] = index
-
-
-@dataclass
-class Phase:
-    seconds: float
-    client_cpu_s: float
-    server_cpu_s: float
-
-
-class Clock:
-    """Wall time, this process's CPU and the server's CPU over one phase."""
-
-    def __init__(self, server: Running) -> None:
-        self.server = server
-        self.started = time.perf_counter()
-        self.client_cpu = time.process_time()
-        self.server_cpu = server.cpu_seconds()
-
-    def stop(self) -> Phase:
-        return Phase(
-            time.perf_counter() - self.started,
-            time.process_time() - self.client_cpu,
-            self.server.cpu_seconds() - self.server_cpu,
-        )
 
 
 @dataclass

@@ -8,9 +8,11 @@ import os
 import platform
 import statistics
 import sys
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -22,6 +24,36 @@ def benchmark_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser
+
+
+class Measurable(Protocol):
+    """A server process whose CPU time can be read (the embedded server, a peer's server)."""
+
+    def cpu_seconds(self) -> float: ...
+
+
+@dataclass
+class Phase:
+    seconds: float
+    server_cpu_s: float
+    client_cpu_s: float
+
+
+class Clock:
+    """Wall time and both processes' CPU time over one phase."""
+
+    def __init__(self, server: Measurable) -> None:
+        self.server = server
+        self.started = time.perf_counter()
+        self.server_cpu = server.cpu_seconds()
+        self.client_cpu = time.process_time()
+
+    def stop(self) -> Phase:
+        return Phase(
+            time.perf_counter() - self.started,
+            self.server.cpu_seconds() - self.server_cpu,
+            time.process_time() - self.client_cpu,
+        )
 
 
 class Rates:
