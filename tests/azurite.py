@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.service_process import stop_gracefully, wait_until_up
 
 ROOT = Path(__file__).parent.parent
 AZURITE = ROOT / "node_modules" / ".bin" / "azurite-blob"
@@ -73,14 +73,7 @@ class Azurite:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while not self._answers():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"azurite exited: {self.log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"azurite did not answer within {timeout} s")
-            time.sleep(0.05)
+        wait_until_up(self.process, self._answers, name="azurite", log=self.log, timeout=timeout)
 
     def _answers(self) -> bool:
         try:
@@ -95,13 +88,7 @@ class Azurite:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        stop_gracefully(self.process, timeout=30)
         self.process = None
 
     def close(self) -> None:

@@ -11,7 +11,6 @@ import ast
 import json
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.azurite import ROOT, free_port
+from tests.service_process import stop_gracefully, wait_until_up
 
 STATS_JS = ROOT / "node_modules" / "statsd" / "stats.js"
 # The daemon counts its own packets under these names.
@@ -73,25 +73,18 @@ class StatsDDaemon:
                 stderr=subprocess.STDOUT,
                 cwd=self.folder,
             )
-        deadline = time.monotonic() + timeout
-        while b"server is up" not in self.log.read_bytes():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"statsd exited: {self.log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"statsd did not come up within {timeout} s")
-            time.sleep(0.05)
+        wait_until_up(
+            self.process,
+            lambda: b"server is up" in self.log.read_bytes(),
+            name="statsd",
+            log=self.log,
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_gracefully(self.process, timeout=10)
         self.process = None
 
     def close(self) -> None:
