@@ -325,7 +325,7 @@ def serve(  # click passes options by name
     from messagevault.server import Limits, StreamHub, create_app
     from messagevault.server.app import REQUEST_OBSERVERS
     from messagevault.server.auth import Authenticator, ensure_admin
-    from messagevault.server.logs import configure
+    from messagevault.server.logs import configure, shutdown
     from messagevault.server.runner import CannotListen, serve_until_stopped
 
     configure(logging.getLevelNamesMapping()[log_level.upper()])
@@ -396,6 +396,7 @@ def serve(  # click passes options by name
             click.echo(f"error: {exc}; {hint}", err=True)
             sys.exit(1)
     log.info("stopped")
+    shutdown()  # the last lines written out, "stopped" among them
 
 
 def _statsd(address: str | None, prefix: str) -> StatsD | None:

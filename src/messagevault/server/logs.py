@@ -4,18 +4,30 @@ The error middleware gives every request an id (``request_id``: the
 client's ``X-Request-Id`` when it is sane, else a new one) and sets
 ``REQUEST_ID`` while the request is handled; every line logged meanwhile,
 by the server or the libraries it calls, carries it as ``request_id``.
+
+The lines are formatted and written by a thread of their own (``LogPipe``)
+through a bounded queue: a stderr that is slow or not read at all (a full
+pipe) never holds up the event loop; lines it cannot take are dropped and
+counted, and the last ones are written out at shutdown.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import contextvars
 import itertools
 import json
 import logging
+import logging.handlers
+import queue
 import re
 import secrets
 import sys
+import threading
+import time
 from datetime import UTC, datetime
+from typing import TextIO
 
 _STANDARD = set(vars(logging.makeLogRecord({})))
 
@@ -64,10 +76,147 @@ def _with_request_id(record: logging.LogRecord) -> bool:
     return True
 
 
-def configure(level: int = logging.INFO) -> None:
+# Records waiting for the writer thread; beyond, new ones are dropped (and
+# counted): a stderr nobody reads must not hold up requests.
+MAX_QUEUED_RECORDS = 10_000
+# Say how many lines were dropped at most this often, in seconds.
+DROPS_REPORTED_EVERY = 10.0
+# At shutdown, how long to wait for the writer to get the last lines out.
+DRAIN_TIMEOUT = 5.0
+
+
+class _Enqueuer(logging.handlers.QueueHandler):
+    """The root's handler: hands records to the writer thread, never waits for it.
+
+    Runs in the thread that logs (the event loop, a committer thread): the
+    request id is read here (a handler filter, ``_with_request_id``), as
+    contextvars do not cross to the writer thread, and the message is made
+    from its arguments here, as they may change after the call returns.
+    Formatting the JSON line is left to the writer.
+    """
+
+    def __init__(self, records: queue.Queue[logging.LogRecord | None], pipe: LogPipe) -> None:
+        super().__init__(records)
+        self.records = records
+        self.pipe = pipe
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:
+            self.pipe.count_dropped()
+
+
+class _Writer(logging.StreamHandler):  # type: ignore[type-arg]
+    """The writer thread's handler: JSON lines to the stream, and now and then the drops."""
+
+    def __init__(self, stream: TextIO, pipe: LogPipe) -> None:
+        super().__init__(stream)
+        self.pipe = pipe
+        self.setFormatter(JsonLines())
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        self.pipe.report_drops(self)
+        return super().handle(record)
+
+
+class _Listener(logging.handlers.QueueListener):
+    def __init__(self, records: queue.Queue[logging.LogRecord | None], writer: _Writer) -> None:
+        super().__init__(records, writer)
+        self.records = records
+
+    def stop(self) -> None:
+        """Let the writer finish what is queued, waiting ``DRAIN_TIMEOUT`` at most.
+
+        Bounded: a stderr whose reader is gone for good must not keep the
+        server from exiting (what is still queued then is lost).
+        """
+        thread = self._thread
+        if thread is None:
+            return
+        self._thread = None
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        try:
+            self.records.put(_SENTINEL, timeout=DRAIN_TIMEOUT)
+        except queue.Full:
+            return
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+_SENTINEL = getattr(logging.handlers.QueueListener, "_sentinel", None)
+
+
+class LogPipe:
+    """The server's log output: a bounded queue, and a thread writing it to ``stream``.
+
+    Logging never blocks on the stream: when it cannot keep up (a pipe
+    whose reader stalls), records beyond ``max_queued`` are dropped and
+    counted in ``dropped``, and a warning line says how many, at most every
+    ``DROPS_REPORTED_EVERY`` seconds, once the stream takes lines again.
+    """
+
+    def __init__(self, stream: TextIO, *, max_queued: int = MAX_QUEUED_RECORDS) -> None:
+        records: queue.Queue[logging.LogRecord | None] = queue.Queue(max_queued)
+        self.dropped = 0
+        self._reported = 0
+        self._reported_at = -DROPS_REPORTED_EVERY
+        self._counting = threading.Lock()
+        self.handler = _Enqueuer(records, self)
+        self.handler.addFilter(_with_request_id)
+        self.writer = _Writer(stream, self)
+        self._listener = _Listener(records, self.writer)
+        self._listener.start()
+
+    def count_dropped(self) -> None:
+        with self._counting:
+            self.dropped += 1
+
+    def report_drops(self, writer: logging.Handler) -> None:
+        """In the writer thread: a warning line for the records dropped since the last one."""
+        dropped = self.dropped
+        now = time.monotonic()
+        if dropped == self._reported or now - self._reported_at < DROPS_REPORTED_EVERY:
+            return
+        self._reported_at = now
+        warning = logging.makeLogRecord(
+            {
+                "name": __name__,
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log lines dropped: stderr was not read fast enough",
+                "args": (dropped - self._reported,),
+                "dropped_total": dropped,
+            }
+        )
+        self._reported = dropped
+        writer.emit(warning)
+
+    def stop(self) -> None:
+        """Write out what is queued (bounded: ``DRAIN_TIMEOUT``) and stop the writer thread."""
+        self._listener.stop()
+        if self.dropped != self._reported:
+            self._reported_at = -DROPS_REPORTED_EVERY
+            with contextlib.suppress(Exception):  # the stream may be gone by now
+                self.report_drops(self.writer)
+                self.writer.flush()
+
+
+# The pipe ``configure`` set up, for ``shutdown``: at most one.
+_configured: list[LogPipe] = []
+
+
+def configure(level: int = logging.INFO, *, max_queued: int = MAX_QUEUED_RECORDS) -> LogPipe:
     """JSON lines on stderr from ``level`` up; the Azure SDK's only from WARNING unless debug.
 
-    The SDK logs every request and response at INFO (azure.core's
+    The lines are written by a thread of their own (``LogPipe``), so no
+    request waits for stderr; ``shutdown()`` (also run at exit) writes the
+    last ones. The SDK logs every request and response at INFO (azure.core's
     http_logging_policy), several lines per storage call: at the default
     level they would bury the server's own lines.
     """
@@ -79,12 +228,24 @@ def configure(level: int = logging.INFO) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if sys.version_info >= (3, 12):
         logging.logAsyncioTasks = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
-    handler.addFilter(_with_request_id)
+    shutdown()
+    pipe = LogPipe(sys.stderr, max_queued=max_queued)
+    _configured.append(pipe)
+    atexit.register(shutdown)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [pipe.handler]
     root.setLevel(level)
     logging.getLogger("azure").setLevel(
         logging.NOTSET if level <= logging.DEBUG else logging.WARNING
     )
+    return pipe
+
+
+def shutdown() -> None:
+    """Write out the lines still queued and stop the writer thread (idempotent)."""
+    while _configured:
+        pipe = _configured.pop()
+        root = logging.getLogger()
+        if pipe.handler in root.handlers:
+            root.removeHandler(pipe.handler)
+        pipe.stop()
