@@ -29,12 +29,15 @@ def serve_process(
     *,
     storage: str | None = None,
     log: Path | None = None,
+    launcher: Sequence[str] = ("-m", "messagevault.cli"),
 ) -> Iterator[str]:
     """Serve ``root`` on a free loopback port with one admin user; yield the URL.
 
     ``arguments`` go after ``serve --port PORT`` (e.g. ``["--statsd", address]``).
     ``storage``: a storage URL to serve instead of ``file:root``; ``log``: a
-    file that gets the server's stderr (its JSON log lines).
+    file that gets the server's stderr (its JSON log lines); ``launcher``:
+    what follows ``python`` to run the CLI (``-c CODE`` that patches a seam,
+    then runs ``messagevault.cli``).
 
     Stopped by PID on exit (SIGTERM, then SIGKILL if it lingers).
     """
@@ -47,7 +50,7 @@ def serve_process(
     with contextlib.ExitStack() as files:
         stderr = files.enter_context(log.open("wb")) if log else subprocess.DEVNULL
         process = subprocess.Popen(
-            [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *arguments],
+            [sys.executable, *launcher, "serve", "--port", str(port), *arguments],
             env={**os.environ, "MESSAGEVAULT_STORAGE": storage, "MESSAGEVAULT_FSYNC": fsync},
             stdout=subprocess.DEVNULL,
             stderr=stderr,

@@ -400,7 +400,11 @@ def serve(  # click passes options by name
 
 
 def _statsd(address: str | None, prefix: str) -> StatsD | None:
-    """``serve --statsd``: the client, or a usage error (exit 2) for an address it cannot use."""
+    """``serve --statsd``: the client, or a usage error (exit 2) for a malformed address.
+
+    A host that does not resolve (yet) is no error: the client warns and
+    tries again, and the server serves meanwhile.
+    """
     if not address:
         return None
     try:

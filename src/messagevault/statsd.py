@@ -12,11 +12,15 @@ is a line appended to a deque: no lock, no system call, nothing raised.
 (Sending from the caller's thread was tried: a send releases the GIL, and a
 busy committer thread then waited 0.6 ms on average to get it back, a
 delay to every group commit that filled a packet.) The sender thread uses a
-non-blocking socket connected to an address resolved once, here in the
+non-blocking socket connected to an address resolved once, in the
 constructor; a packet it cannot send (no daemon: ECONNREFUSED from an ICMP;
 a full socket buffer: EAGAIN) is dropped and its metrics counted in
 ``dropped``, as are metrics beyond ``MAX_QUEUED`` lines waiting and values
-StatsD would refuse.
+StatsD would refuse. A host that does not resolve, or an address that
+cannot be connected to, is no error either: a warning is logged, metrics
+are dropped (and counted), and the sender thread tries again every
+``RETRY_EVERY`` seconds, so that a daemon's DNS name missing at boot does
+not keep a server from starting. Only a malformed address is a ValueError.
 
 Names are made safe for Graphite: dots separate levels, any character
 outside ``[A-Za-z0-9_.-]`` becomes ``_``, and empty levels go. A free-form
@@ -43,6 +47,7 @@ import threading
 import time
 from collections import deque
 from types import TracebackType
+from typing import Any
 
 DEFAULT_PORT = 8125
 # 1432 bytes: an IPv4 datagram that fits a 1500-byte Ethernet frame with room
@@ -58,6 +63,10 @@ MAX_QUEUED = 65536  # lines waiting; beyond, new metrics are dropped (the sender
 # Sends to a daemon that is away fail over and over (every other packet,
 # with ECONNREFUSED): say so in the log at most this often, in seconds.
 WARN_EVERY = 60.0
+# Seconds between attempts to resolve and connect to a daemon's address
+# that failed: a DNS lookup may take seconds, and the name may be missing
+# for hours.
+RETRY_EVERY = 15.0
 
 log = logging.getLogger("messagevault.statsd")
 
@@ -73,6 +82,19 @@ def sanitize(name: str) -> str:
 def level(text: str) -> str:
     """``text`` as one level of a metric name (its dots too become ``_``); never empty."""
     return _UNSAFE.sub("_", text).replace(".", "_") or "_"
+
+
+def resolve(host: str, port: int) -> list[tuple[int, int, int, tuple[Any, ...]]]:
+    """The UDP addresses of ``host:port``: (family, type, protocol, address); OSError if none.
+
+    A module function so that tests can stand in for the system's resolver.
+    """
+    return [
+        (family, kind, protocol, target)
+        for family, kind, protocol, _, target in socket.getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM
+        )
+    ]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -121,28 +143,14 @@ class StatsD:
             raise ValueError(f"StatsD flush interval must be above 0 seconds, not {flush_interval}")
         if max_packet < MIN_PACKET:
             raise ValueError(f"StatsD packets must allow at least {MIN_PACKET} bytes")
-        try:
-            found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except (OSError, UnicodeError) as exc:
-            raise ValueError(f"StatsD host {host!r} cannot be resolved: {exc}") from None
-        # A name with both kinds of address (localhost: 127.0.0.1 and ::1) is
-        # reached over IPv4, where StatsD daemons listen unless told otherwise.
-        found.sort(key=lambda address: address[0] != socket.AF_INET)
-        family, kind, protocol, _, target = found[0]
-        self.address = target[:2]
+        self.host = host
+        self.address: tuple[Any, ...] = (host, port)  # once resolved, the daemon's
         self.prefix = f"{sanitize(prefix)}." if sanitize(prefix) else ""
         self.flush_interval = flush_interval
         self.max_packet = max_packet
         self.dropped = 0
         self._warned_at = -WARN_EVERY
-        self._socket = socket.socket(family, kind, protocol)
-        self._socket.setblocking(False)
-        try:
-            # Connected, so the kernel checks the address once, not per packet.
-            self._socket.connect(target)
-        except OSError as exc:  # no route to it (an IPv6 address on an IPv4-only host)
-            self._socket.close()
-            raise ValueError(f"StatsD address {host}:{port} cannot be reached: {exc}") from None
+        self._socket: socket.socket | None = None
         # Appended by any thread, taken by one sender at a time: deque's
         # append and popleft are atomic, so recording takes no lock.
         self._queue: deque[str] = deque()
@@ -150,6 +158,17 @@ class StatsD:
         self._counting = threading.Lock()  # for ``dropped``, off the common path
         self._names: dict[str, str] = {}
         self._closed = False
+        self._tried_at = time.monotonic()
+        failure = self._connect()
+        if failure is not None:
+            log.warning(
+                "StatsD: %s:%s cannot be used (%s); metrics are dropped until it can, "
+                "tried again every %g s",
+                host,
+                port,
+                failure,
+                RETRY_EVERY,
+            )
         self._wake = threading.Event()
         self._sender = threading.Thread(target=self._send_regularly, name="statsd", daemon=True)
         self._sender.start()
@@ -187,8 +206,9 @@ class StatsD:
             self._record(f"{metric}:{number}|g", 1)
 
     def flush(self) -> None:
-        """Send the queued metrics now, from this thread."""
-        self._drain()
+        """Send the queued metrics now, from this thread; after ``close()``, nothing."""
+        if not self._closed:
+            self._drain()
 
     def close(self) -> None:
         """Send what is queued and stop; later metrics are dropped quietly."""
@@ -200,7 +220,10 @@ class StatsD:
         if threading.current_thread() is not self._sender:
             self._sender.join(timeout=5)
         self._drain()
-        self._socket.close()
+        with self._sending:  # a flush() racing this one finds no socket, and sends nothing
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
 
     def __enter__(self) -> StatsD:
         return self
@@ -225,17 +248,51 @@ class StatsD:
         queue = self._queue
         if self._closed:
             return
-        if len(line) >= self.max_packet or len(queue) >= MAX_QUEUED:
+        if len(line) > self.max_packet or len(queue) >= MAX_QUEUED:
             self._drop(metrics)  # a line that could never be sent whole; a stuck sender
             return
         queue.append(line)
         if len(queue) >= WAKE_LINES and not self._wake.is_set():
             self._wake.set()
 
+    def _connect(self) -> str | None:
+        """Resolve the daemon's address and connect a socket to it; what failed, if it did."""
+        host, port = self.host, self.address[1]
+        try:
+            found = resolve(host, port)
+        except (OSError, UnicodeError) as exc:
+            return f"{host!r} does not resolve: {exc}"
+        if not found:
+            return f"{host!r} has no address"
+        # A name with both kinds of address (localhost: 127.0.0.1 and ::1) is
+        # reached over IPv4, where StatsD daemons listen unless told otherwise.
+        found.sort(key=lambda address: address[0] != socket.AF_INET)
+        family, kind, protocol, target = found[0]
+        sock = socket.socket(family, kind, protocol)
+        sock.setblocking(False)
+        try:
+            # Connected, so the kernel checks the address once, not per packet.
+            sock.connect(target)
+        except OSError as exc:  # no route to it (an IPv6 address on an IPv4-only host)
+            sock.close()
+            return f"cannot be reached: {exc.strerror or exc}"
+        with self._sending:
+            if self._closed:  # closed meanwhile: nothing will be sent
+                sock.close()
+            else:
+                self.address = target[:2]
+                self._socket = sock
+        return None
+
     def _drain(self) -> None:
         """Send what is queued now, in packets of at most ``max_packet`` bytes."""
         with self._sending:
             queue = self._queue
+            if self._socket is None:  # no address yet (or closed): dropped, counted
+                waiting = len(queue)
+                lines = [queue.popleft() for _ in range(waiting)]
+                self._drop(sum(line.count("\n") + 1 for line in lines))
+                return
             packet: list[str] = []
             size = 0
             # What was there on entry: lines keep coming from busy threads.
@@ -252,6 +309,7 @@ class StatsD:
 
     def _send(self, lines: list[str]) -> None:
         packet = "\n".join(lines).encode("ascii", "replace")
+        assert self._socket is not None  # _drain checked, under the same lock
         try:
             self._socket.send(packet)
         except OSError as exc:  # the daemon away, buffers full, the socket closed: metrics only
@@ -274,5 +332,19 @@ class StatsD:
         while not self._closed:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
+            if self._socket is None and time.monotonic() - self._tried_at >= RETRY_EVERY:
+                self._tried_at = time.monotonic()
+                failure = self._connect()
+                if failure is None:
+                    log.info("StatsD: sending to %s:%s", *self.address)
+                elif self._tried_at - self._warned_at >= WARN_EVERY:
+                    self._warned_at = self._tried_at
+                    log.warning(
+                        "StatsD: %s:%s still cannot be used (%s); metrics are dropped (%d so far)",
+                        self.host,
+                        self.address[1],
+                        failure,
+                        self.dropped,
+                    )
             if not self._closed:  # close() sends the rest itself
                 self._drain()
