@@ -120,7 +120,13 @@ def test_every_answer_carries_its_request_id_and_the_access_log_says_it(tmp_path
     with _serving(tmp_path, "--max-body", "4096") as url:
         appended = _append(url, "orders", "one", "two", headers={"X-Request-Id": "trace-42"})
         read = _call(url, "/streams/orders/messages?from=0&limit=1")
-        wrong = _call(url, "/streams/orders", auth=base64.b64encode(b"admin:nope").decode())
+        refused_body = b'{"messages": [{"value": "never read"}]}'
+        wrong = _call(
+            url,
+            "/streams/orders",
+            data=refused_body,
+            auth=base64.b64encode(b"admin:nope").decode(),
+        )
         missing = _call(url, "/streams/absent", headers={"X-Request-Id": "bad id"})
         no_route = _call(url, "/nowhere?x=1")
         too_big = _call(url, "/streams/orders", data=b"x" * 5000)
@@ -160,6 +166,9 @@ def test_every_answer_carries_its_request_id_and_the_access_log_says_it(tmp_path
         "unauthenticated",
         None,
     )
+    # Refused before their bodies were read: their Content-Length.
+    assert lines[ids[2]]["request_bytes"] == len(refused_body)
+    assert lines[ids[5]]["request_bytes"] == 5000
     assert lines[ids[4]]["path"] == "/nowhere"  # never the query string
     assert lines[ids[4]]["route"] == "?"
     assert lines[ids[5]]["error"] == "request_entity_too_large"

@@ -297,3 +297,37 @@ async def _until_text(
             return text
         await asyncio.sleep(0.02)
     raise AssertionError(f"waited {seconds} s for {what}")
+
+
+async def test_requests_in_flight_count_work_in_progress_not_waiting_reads() -> None:
+    hub = StreamHub(MemoryStorage())
+    app = create_app(hub)
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.wait_for(release.wait(), 30)
+        return web.Response(text="done")
+
+    app.router.add_get("/slow", slow)
+    gauge = "messagevault_requests_in_flight"
+    async with _serving(app) as client:
+        end = await _append(client, "orders", "one")
+        poll = asyncio.ensure_future(_read(client, {"from": str(end), "wait": "30"}))
+        await _until(lambda: hub.waiting_reads().get("orders") == 1, "the long poll to wait")
+        busy = asyncio.ensure_future(client.get("/slow"))
+        await asyncio.wait_for(entered.wait(), 30)
+        text = await _metrics(client)
+        assert sample(text, gauge, route="/slow") == 1
+        assert sample(text, gauge, route="/metrics") == 1  # the scrape itself
+        assert sample(text, gauge, route=READ_ROUTE) == 0  # held: a waiting read
+        assert sample(text, gauge, route="/streams/{stream}") == 0  # answered
+        release.set()
+        async with await busy as answer:
+            assert answer.status == 200
+        await _append(client, "orders", "two")
+        await poll
+        text = await _metrics(client)
+    assert sample(text, gauge, route="/slow") == 0
+    assert sample(text, gauge, route=READ_ROUTE) == 0

@@ -131,8 +131,13 @@ async def errors_and_metrics(
     request[REQUEST_ID_KEY] = identity = request_id(request.headers.get(REQUEST_ID_HEADER))
     request[NOTES] = notes = _Notes()
     logged_as = REQUEST_ID.set(identity)
+    metrics = request.app[METRICS]
+    metrics.started(route)
     try:
-        response, error = await _answer(request, handler, route)
+        try:
+            response, error = await _answer(request, handler, route)
+        finally:
+            metrics.finished(route)
         principal = request.get(PRINCIPAL)
         served = Served(
             method=request.method,
@@ -144,7 +149,7 @@ async def errors_and_metrics(
             request_id=identity,
             kind=notes.kind,
             path=request.path,
-            request_bytes=request.content.total_bytes,
+            request_bytes=_request_bytes(request),
             response_bytes=(
                 response.content_length if isinstance(response, web.Response) else notes.sent
             ),
@@ -160,6 +165,19 @@ async def errors_and_metrics(
     finally:
         REQUEST_ID.reset(logged_as)
     return response
+
+
+def _request_bytes(request: web.Request) -> int:
+    """The body's size: as received, or its Content-Length when it was answered before that.
+
+    A request refused before its body was read (401, 413) would otherwise
+    count as having none.
+    """
+    received = request.content.total_bytes
+    declared = request.content_length
+    if declared is None or request.content.is_eof():
+        return received
+    return max(received, declared)
 
 
 async def _answer(

@@ -26,7 +26,6 @@ from messagevault.committer import (
     DEFAULT_MAX_QUEUED_BYTES,
     Commit,
     CommitObserver,
-    CommitStats,
     GroupCommitter,
 )
 from messagevault.errors import CommitterClosed
@@ -154,7 +153,6 @@ class StreamHub:
         self.max_queue_wait = max_queue_wait
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="mv-io")
         self._committers: dict[str, GroupCommitter] = {}
-        self._deposed_stats: dict[str, CommitStats] = {}  # of streams being reopened
         self._opening: dict[str, asyncio.Lock] = {}
         self._commits: dict[str, asyncio.Condition] = {}
         self._tailing: dict[str, int] = {}  # long-polls waiting per stream: who to notify
@@ -255,9 +253,8 @@ class StreamHub:
         async with lock:
             committer = self._committers.get(stream)
             if committer is not None and not committer.accepting:
-                # Kept apart until a new committer takes them: the reopen may
-                # fail (StreamLocked) and be tried again later.
-                self._deposed_stats[stream] = committer.stats
+                # The stream's metrics carry on: they are counted by stream
+                # (the commit observers), not by committer.
                 await self._let_go(stream, committer)
                 committer = None
             if committer is None:
@@ -273,9 +270,6 @@ class StreamHub:
                     room_changed=functools.partial(self._room_changed, asyncio.get_running_loop()),
                     on_commit=self._committed,
                 )
-                stats = self._deposed_stats.pop(stream, None)
-                if stats is not None:
-                    committer.stats = stats  # the stream's counters stay monotonic
         return committer
 
     def _committed(self, commit: Commit) -> None:

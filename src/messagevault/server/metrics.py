@@ -61,6 +61,8 @@ HELD_KINDS = frozenset({"long_poll", "tail"})
 # A client may send any token as a method; the label takes these, or "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+READ_ROUTE = "/streams/{stream}/messages"  # its waiting reads are not in flight
+
 DEFAULT_MAX_STREAM_SERIES = 100
 OTHER_STREAMS = "_other"
 
@@ -111,7 +113,10 @@ class Metrics:
                 "implementation": platform.python_implementation(),
             }
         )
-        registry.register(HubCollector(hub, self.streams))
+        # Requests being handled now, by route: counted by the middleware
+        # (``started``/``finished``) on the event loop, read when scraped.
+        self.in_flight: dict[str, int] = {}
+        registry.register(HubCollector(hub, self.streams, self.in_flight))
         self.requests = Counter(
             "messagevault_requests",
             "HTTP requests answered, by method, route pattern, status and error code (ok: none)",
@@ -165,6 +170,14 @@ class Metrics:
         self._counted: dict[tuple[str, str, int, str | None], Callable[[], None]] = {}
         self._timed: dict[tuple[str, str], Callable[[float], None]] = {}
         self._per_stream: dict[str, _StreamChildren] = {}
+
+    def started(self, route: str) -> None:
+        """A request of ``route`` is being handled (on the event loop)."""
+        self.in_flight[route] = self.in_flight.get(route, 0) + 1
+
+    def finished(self, route: str) -> None:
+        """It was answered, or it failed (on the event loop)."""
+        self.in_flight[route] -= 1
 
     def observe(self, served: Served) -> None:
         """Count one answered request and its time (a request observer, on the event loop)."""
@@ -224,9 +237,12 @@ class HubCollector(Collector):
     Nothing is done on the append path for them.
     """
 
-    def __init__(self, hub: StreamHub, streams: StreamLabels) -> None:
+    def __init__(
+        self, hub: StreamHub, streams: StreamLabels, in_flight: dict[str, int] | None = None
+    ) -> None:
         self.hub = hub
         self.streams = streams
+        self.in_flight = in_flight if in_flight is not None else {}
 
     def collect(self) -> Iterator[Metric]:
         committers = self.hub.committers()
@@ -245,6 +261,20 @@ class HubCollector(Collector):
         for stream, count in self.hub.waiting_reads().items():
             label = self.streams(stream)
             waiting[label] = waiting.get(label, 0) + count
+        # Reads held open waiting for a commit are not work in progress: they
+        # are messagevault_waiting_reads. (A tail sending messages is.)
+        in_flight = dict(self.in_flight)  # a copy: the loop may change it meanwhile
+        if READ_ROUTE in in_flight:
+            in_flight[READ_ROUTE] = max(0, in_flight[READ_ROUTE] - int(sum(waiting.values())))
+        family = GaugeMetricFamily(
+            "messagevault_requests_in_flight",
+            "Requests being handled now, by route pattern; reads waiting for a commit "
+            "are not counted (they are messagevault_waiting_reads)",
+            labels=["route"],
+        )
+        for route, count in sorted(in_flight.items()):
+            family.add_metric([route], count)
+        yield family
         for name, help_text, values in (
             (
                 "messagevault_commit_queue_bytes",
