@@ -28,6 +28,7 @@ from messagevault import FileStorage
 from messagevault import statsd as statsd_module
 from messagevault.committer import Commit
 from messagevault.server import StreamHub, create_app
+from messagevault.server.metrics import StreamLabels
 from messagevault.server.served import Served
 from messagevault.server.statsd_metrics import StatsDMetrics, install
 from messagevault.statsd import MAX_QUEUED, WAKE_LINES, StatsD, level, parse_address, sanitize
@@ -669,3 +670,26 @@ def test_the_graphite_series_in_the_docs_are_what_statsd_writes() -> None:
             carbon.join(timeout=10)
     missing = [d for d in documented if not any(fnmatch.fnmatchcase(s, d) for s in received)]
     assert not missing, sorted(set(received))
+
+
+def test_per_stream_names_are_bounded_as_prometheus_series_are(listener: socket.socket) -> None:
+    with _client(listener, flush_interval=60) as statsd:
+        metrics = StatsDMetrics(statsd, StreamLabels(2))
+        for stream in ("alpha", "beta", "gamma", "delta", "alpha"):
+            metrics.committed(Commit(stream, 1, 5, 500, 0.001, 1000))
+        statsd.flush()
+        lines = b"\n".join(_receive(listener, 5 * 8)).decode().split("\n")
+        # The name cache holds every name sent: it never starts over.
+        assert statsd.names_cached >= 3 * (2 + 1)
+    per_stream = sorted({line.split(":")[0] for line in lines if line.startswith("stream.")})
+    assert per_stream == [
+        "stream._other.append.events",
+        "stream._other.append.ok",
+        "stream.alpha",
+        "stream.alpha.append.events",
+        "stream.alpha.append.ok",
+        "stream.beta",
+        "stream.beta.append.events",
+        "stream.beta.append.ok",
+    ]
+    assert lines.count("stream._other.append.events:5|c") == 2  # gamma's and delta's

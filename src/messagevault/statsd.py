@@ -54,7 +54,7 @@ DEFAULT_PORT = 8125
 # for IP options, the size StatsD's own documentation recommends.
 DEFAULT_MAX_PACKET = 1432
 MIN_PACKET = 64  # room for one metric line with a sensible name
-_NAMES_CACHED = 4096  # sanitised names kept; beyond that the cache starts over
+NAMES_CACHED = 4096  # sanitised names kept by default; beyond, the cache starts over
 # Lines waiting that wake the sender before its interval: a few packets'
 # worth, so that a busy server sends small bursts, which a daemon reads
 # without overflowing its socket's buffer.
@@ -157,6 +157,8 @@ class StatsD:
         self._sending = threading.Lock()
         self._counting = threading.Lock()  # for ``dropped``, off the common path
         self._names: dict[str, str] = {}
+        # Raise it when the names used are more, but bounded (see statsd_metrics).
+        self.names_cached = NAMES_CACHED
         self._closed = False
         self._tried_at = time.monotonic()
         failure = self._connect()
@@ -239,7 +241,7 @@ class StatsD:
     def _name(self, name: str) -> str:
         full = self._names.get(name)
         if full is None:
-            if len(self._names) >= _NAMES_CACHED:  # names built from unbounded data
+            if len(self._names) >= self.names_cached:  # names built from unbounded data
                 self._names = {}
             full = self._names[name] = self.prefix + (sanitize(name) or "_")
         return full

@@ -22,6 +22,11 @@ counter ``api.errors.<code>`` for every error answer (the codes are a fixed
 set). Timers count only answers below 400: a refused request says nothing
 about how fast appends are, and is counted under its code instead.
 docs/OPERATIONS.md lists the Graphite names and queries.
+
+Per-stream names are bounded as Prometheus' stream series are (the same
+``StreamLabels``, so ``--metrics-streams``): the first streams get names of
+their own, later ones are counted together under ``stream._other`` (no
+gauge: one length of many streams means nothing).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from messagevault.committer import Commit
-from messagevault.server.app import REQUEST_OBSERVERS, Served
+from messagevault.server.app import METRICS, REQUEST_OBSERVERS, Served
 from messagevault.server.hub import StreamHub
+from messagevault.server.metrics import OTHER_STREAMS, StreamLabels
 from messagevault.statsd import StatsD, level
 
 APPEND_ROUTE = ("POST", "/streams/{stream}")
@@ -38,7 +44,7 @@ READ_ROUTE = ("GET", "/streams/{stream}/messages")
 INFO_ROUTE = ("GET", "/streams/{stream}")
 # Served.kind of a read (the read handler sets it) to its timer.
 READ_TIMERS = {"read": "api.read", "long_poll": "api.read.wait", "tail": "api.tail"}
-MAX_STREAM_NAMES = 4096  # per-stream names kept ready; more streams than that, built again
+NAMES_PER_STREAM = 3
 
 
 class StatsDMetrics:
@@ -48,9 +54,15 @@ class StatsDMetrics:
     only format lines into the client's buffer, which never blocks.
     """
 
-    def __init__(self, statsd: StatsD) -> None:
+    def __init__(self, statsd: StatsD, streams: StreamLabels | None = None) -> None:
         self.statsd = statsd
-        self._stream_names: dict[str, tuple[str, str, str]] = {}
+        self.streams = streams or StreamLabels()
+        # Every name this sends stays in the client's name cache: room for
+        # the bounded per-stream ones and the fixed ones, so it never thrashes.
+        statsd.names_cached = max(
+            statsd.names_cached, NAMES_PER_STREAM * (self.streams.limit + 1) + 64
+        )
+        self._stream_names: dict[str, tuple[str | None, str, str]] = {}
 
     def committed(self, commit: Commit) -> None:
         statsd = self.statsd
@@ -60,7 +72,8 @@ class StatsDMetrics:
         statsd.incr("storage.append.bytes", commit.bytes)
         statsd.timing("storage.append.batches", commit.batches)
         statsd.timing("storage.append.messages", commit.messages)
-        statsd.gauge(gauge, commit.length)
+        if gauge is not None:
+            statsd.gauge(gauge, commit.length)
         statsd.incr(appends, commit.batches)
         statsd.incr(events, commit.messages)
 
@@ -81,17 +94,18 @@ class StatsDMetrics:
             return
         self.statsd.timing(name, served.seconds * 1000)
 
-    def _names_of(self, stream: str) -> tuple[str, str, str]:
+    def _names_of(self, stream: str) -> tuple[str | None, str, str]:
         names = self._stream_names.get(stream)
         if names is None:
-            if len(self._stream_names) >= MAX_STREAM_NAMES:
-                self._stream_names = {}
-            base = f"stream.{level(stream)}"
-            names = self._stream_names[stream] = (
-                base,
+            label = self.streams(stream)
+            base = f"stream.{level(label)}"
+            names = (
+                None if label == OTHER_STREAMS else base,
                 f"{base}.append.ok",
                 f"{base}.append.events",
             )
+            if label != OTHER_STREAMS:  # the others are asked about again: bounded
+                self._stream_names[stream] = names
         return names
 
 
@@ -101,7 +115,7 @@ def install(app: web.Application, hub: StreamHub, statsd: StatsD) -> StatsDMetri
     Its close comes after the hub's (on_cleanup runs in order), so the last
     commits' metrics are sent too.
     """
-    metrics = StatsDMetrics(statsd)
+    metrics = StatsDMetrics(statsd, app[METRICS].streams)
     hub.commit_observers.append(metrics.committed)
     app[REQUEST_OBSERVERS].append(metrics.served)
 
