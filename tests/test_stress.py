@@ -69,7 +69,7 @@ def test_embedded_run_with_consumers_from_storage(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "read-back: OK, 3,000 messages checked" in result.stdout
-    for phase in ("write", "read", "end-to-end", "p99.9 ms"):
+    for phase in ("write", "read", "e2e", "p99.9"):
         assert phase in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= 100  # fits a terminal
     run = saved(tmp_path / "run.json")
@@ -84,6 +84,8 @@ def test_embedded_run_with_consumers_from_storage(tmp_path: Path) -> None:
     }
     phases = by_phase(run)
     assert phases["write"]["messages"] == 3000
+    # Every row's percentiles are over messages, as the caption says (the read-back's too).
+    assert phases["write"]["latency_ms"]["count"] == phases["read"]["latency_ms"]["count"] == 3000
     # Each consumer reads one of the two streams: 2,000 + 1,000 messages seen.
     assert phases["end-to-end"]["messages"] == 3000
     for row in phases.values():
@@ -121,15 +123,24 @@ def test_against_a_running_server_with_credentials(tmp_path: Path) -> None:
             )
             assert result.returncode == 0, result.stderr
             assert saved(tmp_path / "run.json")["verification"]["messages"] == 500
+            assert result.stderr.startswith(f"loading {url} (from --url)\n")
+        # The variable counts (an explicit setting) and the first line says so.
+        from_variable = stress(
+            tmp_path, "--count", "100", env=credentials | {"MESSAGEVAULT_URL": url}
+        )
+        assert from_variable.returncode == 0, from_variable.stderr
+        assert from_variable.stderr.startswith(f"loading {url} (from MESSAGEVAULT_URL)\n")
         with Client(url, user=USER, password=PASSWORD) as client:
-            assert client.info("stress-0").messages == 1000
+            assert client.info("stress-0").messages == 1100
         wrong = stress(
             tmp_path,
             *("--url", url, "--count", "10"),
             env={"MESSAGEVAULT_USER": USER, "MESSAGEVAULT_PASSWORD": "wrong"},
         )
         assert wrong.returncode == 1
-        assert wrong.stderr.startswith("error:") and "did not accept user 'loader'" in wrong.stderr
+        loading, error = wrong.stderr.splitlines()
+        assert loading == f"loading {url} (from --url)"
+        assert error.startswith("error:") and "did not accept user 'loader'" in error
         assert "Traceback" not in wrong.stderr
 
 
@@ -185,16 +196,17 @@ def test_report_png_and_html_with_compare(tmp_path: Path) -> None:
     assert (width, height) >= (600, 400) and len(png) > 10_000
     second = stress(
         tmp_path,
-        *("--count", "1500", "--fsync", "never", "--label", "second"),
-        *("--report", "both.html", "--compare", "first.json"),
+        *("--count", "1500", "--fsync", "never", "--label", "first"),
+        *("--report", "both.html", "--compare", "first.json", "--compare", "first.json"),
     )
     assert second.returncode == 0, second.stderr
     page = (tmp_path / "both.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page
-    for index in (0, 1):
+    for index in (0, 1, 2):
         assert f'id="run-{index}-write_msgs_per_s"' in page
-    assert 'id="run-2-' not in page
-    assert "second" in page and "first" in page
+    assert 'id="run-3-' not in page
+    # Three runs labelled alike are told apart.
+    assert "<li>first: " in page and "<li>first (2): " in page and "<li>first (3): " in page
     # Self-contained: nothing fetched from elsewhere.
     assert "<script" not in page and "<link" not in page and "src=" not in page
 
@@ -301,7 +313,7 @@ def test_ctrl_c_gives_a_partial_table_and_stops_the_server(tmp_path: Path) -> No
     assert process.returncode == 130, stderr
     assert stdout.startswith("PARTIAL (interrupted) messagevault stress")
     assert "read-back: skipped (interrupted)" in stdout
-    assert "interrupted: the producers stop after their batches in flight" in stderr
+    assert "interrupted (SIGINT): the producers stop after their batches in flight" in stderr
     # Not a terminal: a plain progress line after the first second (then every 5 s).
     assert "    1 s  sent " in stderr and "write " in stderr and "ack p99 " in stderr
     run = saved(tmp_path / "run.json")
@@ -353,3 +365,159 @@ def test_embedded_server_logs_requests_only_when_asked(tmp_path: Path, access_lo
         client.publish("orders", [(b"k", b"v")])
     lines = server.log.read_text().splitlines()
     assert any('"messagevault.access"' in line for line in lines) is access_log
+
+
+def _stress_in_background(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")} | {
+        "TMPDIR": str(tmp_path),
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "none.toml"),
+    }
+    environment |= env or {}
+    return subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", "stress", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+
+
+def _wait_for_sending(tmp_path: Path, process: subprocess.Popen[str]) -> list[int]:
+    """The embedded server's PIDs, once it is up and the producers have sent for a while."""
+    deadline = time.monotonic() + 60
+    while not (servers := _processes_mentioning(str(tmp_path / "mv-stress-"))):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    time.sleep(2.5)  # the producers are sending
+    return servers
+
+
+def _gone(pids: list[int], timeout: float = 60) -> bool:
+    """Whether every process of ``pids`` has ended (or is a zombie) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                alive.append(pid)
+        if not alive:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_sigterm_stops_like_ctrl_c_with_exit_143(tmp_path: Path) -> None:
+    process = _stress_in_background(tmp_path, "--duration", "120", "--json", "run.json")
+    try:
+        servers = _wait_for_sending(tmp_path, process)
+        os.kill(process.pid, signal.SIGTERM)  # a timeout or CI: to the command alone
+    finally:
+        stdout, stderr = _finish(process)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stdout.startswith("PARTIAL (interrupted) messagevault stress")
+    assert "read-back: skipped (interrupted)" in stdout
+    assert "interrupted (SIGTERM)" in stderr
+    run = saved(tmp_path / "run.json")
+    assert run["partial"] is True and by_phase(run)["write"]["messages"] > 0
+    assert _gone(servers, timeout=0) and not left_behind(tmp_path)
+
+
+def test_sighup_before_the_run_still_stops_the_server(tmp_path: Path) -> None:
+    # SIGHUP while the server comes up or the producers run: nothing is left either way.
+    process = _stress_in_background(tmp_path, "--duration", "120")
+    try:
+        deadline = time.monotonic() + 60
+        while not (servers := _processes_mentioning(str(tmp_path / "mv-stress-"))):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGHUP)
+    finally:
+        _, stderr = _finish(process)
+    assert process.returncode == 128 + signal.SIGHUP, stderr
+    assert "Traceback" not in stderr
+    assert _gone(servers, timeout=0) and not left_behind(tmp_path)
+
+
+def test_a_second_ctrl_c_still_removes_server_and_folder(tmp_path: Path) -> None:
+    process = _stress_in_background(tmp_path, "--duration", "120", "--consumers", "2")
+    try:
+        servers = _wait_for_sending(tmp_path, process)
+        # Ctrl-C again and again until it exits: some land while the server is stopping.
+        for _ in range(100):
+            if process.poll() is not None:
+                break
+            os.killpg(process.pid, signal.SIGINT)
+            time.sleep(0.02)
+    finally:
+        _, stderr = _finish(process)
+    # (-SIGINT: one landed as the interpreter was exiting, when Python no longer handles it.)
+    assert process.returncode in (130, -signal.SIGINT), stderr
+    assert "Traceback" not in stderr
+    assert _gone(servers, timeout=0) and not left_behind(tmp_path)
+
+
+def test_the_embedded_server_dies_with_a_killed_stress(tmp_path: Path) -> None:
+    process = _stress_in_background(tmp_path, "--duration", "120")
+    try:
+        servers = _wait_for_sending(tmp_path, process)
+        process.kill()  # SIGKILL: no handler, no finally
+        process.wait(timeout=30)
+        # The server sees its leash (stdin) close, stops, and removes the folder.
+        assert _gone(servers), "the embedded server outlived its parent"
+        deadline = time.monotonic() + 30
+        while left_behind(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left_behind(tmp_path)
+    finally:
+        _finish(process)
+        for pid in _processes_mentioning(str(tmp_path / "mv-stress-")):
+            os.kill(pid, signal.SIGKILL)  # only if the test failed: no orphan either way
+
+
+def test_a_server_that_dies_mid_run_gives_a_partial_table_and_json(tmp_path: Path) -> None:
+    from messagevault.stress.embedded import EmbeddedServer
+
+    (tmp_path / "server").mkdir()
+    with EmbeddedServer(folder=tmp_path / "server", fsync="never") as server:
+        credentials = {"MESSAGEVAULT_USER": server.user, "MESSAGEVAULT_PASSWORD": server.password}
+        process = _stress_in_background(
+            tmp_path,
+            *("--url", server.url, "--duration", "120", "--json", "run.json"),
+            env=credentials,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            with Client(server.url, user=server.user, password=server.password) as client:
+                while not (client.streams() and client.info("stress-0").messages > 1000):
+                    assert time.monotonic() < deadline and process.poll() is None
+                    time.sleep(0.1)
+            server.process.kill()  # the server fails mid-run
+            server.process.wait(timeout=30)
+        finally:
+            stdout, stderr = _finish(process)
+    assert process.returncode == 1, stderr
+    assert stdout.startswith("PARTIAL (a producer failed")
+    assert "read-back: skipped (the run stopped early: connection" in stdout
+    assert stderr.strip().splitlines()[-1].startswith("error: the run stopped early: connection")
+    run = saved(tmp_path / "run.json")
+    assert run["partial"] is True and run["error"].startswith("connection")
+    assert run["verification"] == {"ok": None, "skipped": "stopped early"}
+    assert by_phase(run)["write"]["messages"] > 1000

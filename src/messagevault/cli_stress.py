@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import textwrap
 import threading
@@ -182,7 +183,6 @@ def stress(
     """
     # The engine (HTTP client, histograms) loads only when this command runs.
     from messagevault.stress import report
-    from messagevault.stress.driver import Connection
 
     ctx = click.get_current_context()
     if duration is None and count is None:
@@ -214,35 +214,124 @@ def stress(
         raise click.UsageError("--fsync is for the embedded server; a running server has its own")
     compared = _check_outputs(json_path, report_path, compare_paths)
     sink = _statsd(statsd_address, statsd_prefix)
+    stop_signal: list[int] = []  # the signal that stopped the run early, if one did
+    finish = functools.partial(_finish, label=label, json_path=json_path)
     try:
-        if remote:
-            target = resolve_target(ctx, url, None, profile)
-            ctx.meta[TARGET_KEY] = target  # for the hints of cli's error handler
-            assert target.url is not None
-            connection = Connection(target.url, target.user, target.password)
-            where = f"the server at {target.shown}"
-            outcome = _run(plan, connection, sink)
-            settings: dict[str, Any] = {"server": target.shown}
-        else:
-            chosen = fsync or "always"
-            with _embedded(chosen) as server:
-                connection = Connection(server.url, server.user, server.password)
-                where = f"an embedded server (--fsync {chosen})"
-                outcome = _run(plan, connection, sink, server.cpu_seconds)
-            settings = {"server": "embedded", "fsync": chosen}
+        with _signals_stop_at_once():
+            if remote:
+                outcome, run_document = _against_server(
+                    ctx, plan, url=url, profile=profile, sink=sink, stop=stop_signal, finish=finish
+                )
+            else:
+                outcome, run_document = _against_embedded(
+                    plan, fsync or "always", sink=sink, stop=stop_signal, finish=finish
+                )
+            if report_path is not None:
+                report.draw(report_path, [run_document, *compared])
+                click.echo(f"drew {report_path}")
+    except _Signalled as stopped:
+        click.echo(f"interrupted by {signal.Signals(stopped.signum).name}", err=True)
+        raise click.exceptions.Exit(128 + stopped.signum) from None
     finally:
         if sink is not None:
             sink.close()
-    label = label or _label(plan, settings)
-    run_document = report.document(outcome, label, settings)
+    _exit(outcome, stop_signal)
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside the run, or a second signal during it: stop now."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_stop_at_once() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a timeout, a CI kill, a closed terminal) unwind like Ctrl-C.
+
+    Python's default for them ends the process without running ``finally``:
+    the embedded server and its folder would stay. During the run itself
+    ``_run`` handles all three signals as a request to stop gracefully.
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Signalled(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS[1:]}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _source(ctx: click.Context, url: str | None) -> str:
+    """Where the target came from, for the first line: a variable must not load a server unseen."""
+    name, variable = ("url", "MESSAGEVAULT_URL") if url else ("profile", "MESSAGEVAULT_PROFILE")
+    if ctx.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT:
+        return f"from {variable}"
+    return f"from --{name}"
+
+
+Finish = Callable[["Outcome", dict[str, Any], str], dict[str, Any]]
+
+
+def _against_server(
+    ctx: click.Context,
+    plan: Plan,
+    *,
+    url: str | None,
+    profile: str | None,
+    sink: MetricsSink | None,
+    stop: list[int],
+    finish: Finish,
+) -> tuple[Outcome, dict[str, Any]]:
+    from messagevault.stress.driver import Connection
+
+    target = resolve_target(ctx, url, None, profile)
+    ctx.meta[TARGET_KEY] = target  # for the hints of cli's error handler
+    assert target.url is not None
+    click.echo(f"loading {target.shown} ({_source(ctx, url)})", err=True)
+    connection = Connection(target.url, target.user, target.password)
+    outcome = _run(plan, connection, sink, stop)
+    return outcome, finish(outcome, {"server": target.shown}, f"the server at {target.shown}")
+
+
+def _against_embedded(
+    plan: Plan, fsync: str, *, sink: MetricsSink | None, stop: list[int], finish: Finish
+) -> tuple[Outcome, dict[str, Any]]:
+    from messagevault.stress.driver import Connection
+
+    with _embedded(fsync) as server:
+        connection = Connection(server.url, server.user, server.password)
+        outcome = _run(plan, connection, sink, stop, server.cpu_seconds)
+        # Table and JSON before the server stops: an interrupted stop loses neither.
+        settings = {"server": "embedded", "fsync": fsync}
+        return outcome, finish(outcome, settings, f"an embedded server (--fsync {fsync})")
+
+
+def _finish(
+    outcome: Outcome,
+    settings: dict[str, Any],
+    where: str,
+    *,
+    label: str | None,
+    json_path: Path | None,
+) -> dict[str, Any]:
+    """Print the table and summary, save the JSON; the run's document."""
+    from messagevault.stress import report
+
+    label = label or _label(outcome.plan, settings)
     _print(outcome, label, where)
+    run_document = report.document(outcome, label, settings)
     if json_path is not None:
         report.save_json(json_path, run_document)
         click.echo(f"saved {json_path}")
-    if report_path is not None:
-        report.draw(report_path, [run_document, *compared])
-        click.echo(f"drew {report_path}")
-    _exit(outcome)
+    return run_document
 
 
 def _check_outputs(
@@ -301,8 +390,10 @@ def _run(
     plan: Plan,
     connection: Connection,
     sink: MetricsSink | None,
+    stop_signal: list[int],
     server_cpu: Callable[[], float] | None = None,
 ) -> Outcome:
+    """The run, with Ctrl-C, SIGTERM and SIGHUP as a request to stop (noted in ``stop_signal``)."""
     from messagevault.stress.driver import run
     from messagevault.stress.progress import LiveProgress
     from messagevault.stress.stats import Recorder
@@ -314,16 +405,18 @@ def _run(
         async def main() -> Outcome:
             loop = asyncio.get_running_loop()
 
-            def on_interrupt() -> None:
-                if interrupted.is_set():  # a second Ctrl-C: stop at once
-                    raise KeyboardInterrupt
+            def on_signal(signum: int) -> None:
+                if interrupted.is_set():  # a second signal: stop at once
+                    raise _Signalled(signum)
+                stop_signal.append(signum)
                 interrupted.set()
                 progress.note(
-                    "interrupted: the producers stop after their batches in flight "
-                    "(Ctrl-C again to quit at once)"
+                    f"interrupted ({signal.Signals(signum).name}): the producers stop after "
+                    "their batches in flight (Ctrl-C again to quit at once)"
                 )
 
-            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+            for signum in STOP_SIGNALS:
+                loop.add_signal_handler(signum, on_signal, signum)
             try:
                 return await run(
                     plan,
@@ -335,7 +428,8 @@ def _run(
                     server_cpu=server_cpu,
                 )
             finally:
-                loop.remove_signal_handler(signal.SIGINT)
+                for signum in STOP_SIGNALS:
+                    loop.remove_signal_handler(signum)
 
         return asyncio.run(main())
 
@@ -349,40 +443,42 @@ def _label(plan: Plan, settings: dict[str, Any]) -> str:
 def _print(outcome: Outcome, label: str, where: str) -> None:
     from messagevault.stress import report
 
+    width = report.output_width()
+
+    def say(text: str, *, err: bool = False) -> None:
+        click.echo(textwrap.fill(text, width, subsequent_indent="  "), err=err)
+
     plan = outcome.plan
     report.print_table(outcome, f"messagevault stress: {label}")
-    click.echo(
-        textwrap.fill(
-            f"{outcome.recorder.write.messages:,} messages written to {where} in "
-            f"{outcome.write_seconds:.1f} s by {_many(plan.producers, 'producer')} on "
-            f"{_many(plan.streams, 'stream')}; {_many(plan.consumers, 'consumer')} reading "
-            f"from {plan.read_from}",
-            100,
-        )
+    say(
+        f"{outcome.recorder.write.messages:,} messages written to {where} in "
+        f"{outcome.write_seconds:.1f} s by {_many(plan.producers, 'producer')} on "
+        f"{_many(plan.streams, 'stream')}; {_many(plan.consumers, 'consumer')} reading "
+        f"from {plan.read_from}"
     )
     server = (
         "" if outcome.server_cpu_share is None else f", the server {outcome.server_cpu_share:.0%}"
     )
-    click.echo(
-        f"CPU while writing, in shares of one core: this process {outcome.cpu_share:.0%}{server}"
-    )
+    say(f"CPU while writing, in shares of one core: this process {outcome.cpu_share:.0%}{server}")
     if plan.consumers and not outcome.consumers_done and not outcome.partial:
-        click.echo(
+        say(
             f"consumers: saw {outcome.recorder.seen.messages:,} messages, not all of them, "
             "before they were stopped"
         )
     for error in outcome.consumer_errors:
-        click.echo(f"consumer error: {error}", err=True)
+        say(f"consumer error: {error}", err=True)
     readback = outcome.readback
-    if readback is None:
-        click.echo("read-back: skipped (interrupted)")
+    if outcome.error is not None:
+        say(f"read-back: skipped (the run stopped early: {outcome.error})")
+    elif readback is None:
+        say("read-back: skipped (interrupted)")
     elif readback.ok:
-        click.echo(
-            f"read-back: OK, {readback.messages:,} messages checked "
-            "(count, order per producer, every byte)"
+        say(
+            f"read-back: OK, {readback.messages:,} messages checked (count, order per "
+            "producer, every byte of content, send times)"
         )
     else:
-        click.echo(f"read-back: {readback.problem_count:,} problem(s):", err=True)
+        say(f"read-back: {readback.problem_count:,} problem(s):", err=True)
         for problem in readback.problems:
             click.echo(f"  {problem}", err=True)
 
@@ -391,9 +487,11 @@ def _many(count: int, thing: str) -> str:
     return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
-def _exit(outcome: Outcome) -> None:
+def _exit(outcome: Outcome, stop_signal: list[int]) -> None:
+    if outcome.error is not None:
+        raise click.ClickException(f"the run stopped early: {outcome.error}")
     if outcome.partial:
-        raise click.exceptions.Exit(130)
+        raise click.exceptions.Exit(128 + (stop_signal[0] if stop_signal else signal.SIGINT))
     if outcome.readback is not None and not outcome.readback.ok:
         raise click.ClickException(
             f"the read-back found {outcome.readback.problem_count:,} problem(s) (listed above)"

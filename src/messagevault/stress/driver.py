@@ -4,8 +4,11 @@ Producers are tasks of one asyncio loop sharing one ``AsyncClient``; each
 sends a batch, waits for its acknowledgement and sends the next, until its
 share of ``--count`` is sent or ``--duration`` is up, or ``interrupted`` is
 set (Ctrl-C): then it stops after the batch in flight, so every message sent
-is acknowledged. Consumers are threads with blocking readers (a ``Reader`` on
-the storage, or a ``Client`` long-polling the server); each follows one
+is acknowledged. A producer that fails (the server went away) stops the
+others at once; what was measured until then is the outcome, partial, with
+the error named, and nothing is read back. Consumers are threads with
+blocking readers (a ``Reader`` on the storage, or a ``Client``
+long-polling the server); each follows one
 stream from where the run started and records the end-to-end latency of what
 it sees. When the producers are done, consumers read on until they reach
 the last acknowledged batch (or ``DRAIN_TIMEOUT``). Then everything written
@@ -18,8 +21,9 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from messagevault.client import AsyncClient, Client
 from messagevault.errors import StreamNotFound
@@ -29,7 +33,10 @@ from messagevault.stress.stats import Recorder, Second
 from messagevault.stress.verify import Readback, read_back
 from messagevault.stress.workload import MessageSource, Plan, Values, header_of
 
-STORAGE_POLL = 0.002  # seconds between checkpoint reads of a consumer at the tail of storage
+# Seconds between checkpoint reads of a consumer at the tail of storage: short while
+# data flows (the end-to-end latency), backing off while idle (against Azure each is a GET).
+STORAGE_POLL = 0.002
+STORAGE_POLL_IDLE = 0.1
 DRAIN_TIMEOUT = 60.0  # seconds consumers get, after the producers stop, to see everything
 TICK = 1.0
 MIN_LAST_TICK = 0.5  # seconds: a shorter last interval is left out of the series
@@ -49,10 +56,28 @@ class Outcome:
     consumers_done: bool = True  # every consumer saw everything written
     readback: Readback | None = None  # None: skipped (interrupted)
     consumer_errors: list[str] = field(default_factory=list)
+    error: str | None = None  # a producer failed: the run stopped there (then partial)
     # CPU time per second of writing (1.0 = one core busy): this process (producers
     # and consumers), and the server when its CPU time can be read (embedded).
     cpu_share: float = float("nan")
     server_cpu_share: float | None = None
+
+
+class Backoff:
+    """Waits that double from ``first`` up to ``most`` while nothing comes; ``reset()`` on data."""
+
+    def __init__(self, first: float = STORAGE_POLL, most: float = STORAGE_POLL_IDLE) -> None:
+        self._first = first
+        self._most = most
+        self._next = first
+
+    def next(self) -> float:
+        wait = self._next
+        self._next = min(wait * 2, self._most)
+        return wait
+
+    def reset(self) -> None:
+        self._next = self._first
 
 
 class Consumer(threading.Thread):
@@ -90,21 +115,24 @@ class Consumer(threading.Thread):
 
     def _from_storage(self, client: Client) -> None:
         reader = None
+        backoff = Backoff()
         while reader is None and not self._halt.is_set():
             try:
                 reader = client.open_reader(self.stream)
             except StreamNotFound:  # before the first batch creates it
-                self._halt.wait(STORAGE_POLL)
+                self._halt.wait(backoff.next())
         if reader is None:
             return
+        backoff.reset()
         with reader:
             while not self._halt.is_set():
                 committed = reader.checkpoint().length
                 if self.position < committed:
+                    backoff.reset()
                     self._see(reader.read(self.position, committed=committed))
                     self.position = committed
                 else:
-                    self._halt.wait(STORAGE_POLL)
+                    self._halt.wait(backoff.next())
 
     def _from_server(self, client: Client) -> None:
         while not self._halt.is_set():
@@ -191,25 +219,23 @@ async def run(
         ticker = asyncio.create_task(_tick(recorder, on_tick))
         began = recorder.started
         deadline = None if plan.duration is None else began + plan.duration
+        sending_began = time.monotonic_ns()  # the window every send time must fall in
         try:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for producer in range(plan.producers):
-                        group.create_task(
-                            _produce(
-                                client,
-                                plan=plan,
-                                messages=messages or values,
-                                producer=producer,
-                                deadline=deadline,
-                                interrupted=interrupted,
-                                recorder=recorder,
-                                acked=acked,
-                                ends=ends,
-                            )
-                        )
-            except ExceptionGroup as failed:  # a producer failed: its error, not a group
-                raise failed.exceptions[0] from None
+            producing = functools.partial(
+                _produce,
+                client,
+                plan=plan,
+                messages=messages or values,
+                deadline=deadline,
+                interrupted=interrupted,
+                recorder=recorder,
+                acked=acked,
+                ends=ends,
+            )
+            error = await _all_producers(plan.producers, producing)
+            if error is not None:
+                on_note(f"a producer failed, the run stops: {error}")
+            sending_ended = time.monotonic_ns()
             write_seconds = time.monotonic() - began
             cpu_share = (time.process_time() - cpu_began) / max(write_seconds, 1e-9)
             server_cpu_share = (
@@ -222,9 +248,9 @@ async def run(
                 on_tick(recorder.tick())  # a sliver of a second would draw a false dip
             written = recorder.write.messages
             on_note(f"sent {written:,} messages in {write_seconds:.1f} s")
-            if consumers and not interrupted.is_set():
+            if consumers and not interrupted.is_set() and error is None:
                 on_note("waiting for the consumers to see the last batches")
-            consumers_done = await _drain(consumers, ends, interrupted)
+            consumers_done = error is None and await _drain(consumers, ends, interrupted)
         finally:
             consumers_stop.set()
             for consumer in consumers:
@@ -234,20 +260,17 @@ async def run(
         plan,
         recorder,
         write_seconds,
-        interrupted.is_set(),
+        interrupted.is_set() or error is not None,
         starts,
         ends,
         acked,
         consumers_done,
         cpu_share=cpu_share,
         server_cpu_share=server_cpu_share,
-        consumer_errors=[
-            f"consumer {c.name.rsplit('-', 1)[1]} on {c.stream}: {c.error}"
-            for c in consumers
-            if c.error is not None
-        ],
+        consumer_errors=_consumer_errors(consumers),
+        error=error,
     )
-    if verify and not interrupted.is_set():
+    if verify and not outcome.partial:
         on_note(f"reading back {recorder.write.messages:,} messages to check them")
         outcome.readback = await asyncio.to_thread(
             functools.partial(
@@ -259,6 +282,7 @@ async def run(
                 ends=ends,
                 acked=acked,
                 interrupted=interrupted,
+                window=(sending_began, sending_ended),
                 progress=lambda checked: on_note(
                     f"read back {checked:,} of {recorder.write.messages:,} messages"
                 ),
@@ -267,6 +291,32 @@ async def run(
         if interrupted.is_set():
             outcome.readback, outcome.partial = None, True
     return outcome
+
+
+async def _all_producers(
+    count: int, producing: Callable[..., Coroutine[Any, Any, None]]
+) -> str | None:
+    """Run ``producing(producer=i)`` for each producer; the first failure, which stops them all."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for producer in range(count):
+                group.create_task(producing(producer=producer))
+    except ExceptionGroup as failed:  # the group cancelled the other producers
+        return _describe(failed.exceptions[0])
+    return None
+
+
+def _consumer_errors(consumers: list[Consumer]) -> list[str]:
+    return [
+        f"consumer {c.name.rsplit('-', 1)[1]} on {c.stream}: {c.error}"
+        for c in consumers
+        if c.error is not None
+    ]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else type(exc).__name__
 
 
 async def _length(client: AsyncClient, stream: str) -> int:
@@ -304,8 +354,10 @@ async def _produce(
         count = plan.batch_size if quota is None else min(plan.batch_size, quota - sequence)
         if count <= 0:
             return
+        # The values carry the time before they are built (end-to-end); the ack
+        # clock starts after, at the publish.
+        batch = messages.batch(producer, sequence, count, time.monotonic_ns())
         sent = time.monotonic_ns()
-        batch = messages.batch(producer, sequence, count, sent)
         if not message_size:
             message_size = len(batch[0][0]) + len(batch[0][1])
         result = await client.publish(stream, batch)

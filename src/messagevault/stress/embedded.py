@@ -4,7 +4,10 @@ The stress command's ``--embedded`` server and the benchmarks' server. The
 data folder gets one user before the server starts, so no admin password is
 printed. The child runs in its own session: a Ctrl-C at the terminal reaches
 the stress command alone, which then finishes its in-flight batches against
-a server that is still up, and stops the server itself.
+a server that is still up, and stops the server itself. It runs on a leash
+(``messagevault.stress.leash``): if the parent dies without stopping it
+(SIGKILL, a crash), the server stops by itself and removes the temporary
+folder.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from messagevault.server.auth import Users, save_users
 from messagevault.storage.file import FileStorage
@@ -85,7 +90,9 @@ class EmbeddedServer:
             # serve stops gracefully on SIGTERM, so cProfile gets to write its file.
             command += ["-m", "cProfile", "-o", str(profile)]
         command += [
-            *("-m", "messagevault.cli", "serve", "--host", "127.0.0.1"),
+            *("-m", "messagevault.stress.leash"),
+            *(("--remove", str(self.folder)) if self.owns_folder else ()),
+            *("serve", "--host", "127.0.0.1"),
             *("--port", str(self.port), "--storage", f"file:{self.data}"),
             *("--fsync", fsync),
             *(() if access_log else ("--no-access-log",)),
@@ -96,6 +103,7 @@ class EmbeddedServer:
             self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 command,
                 cwd=self.folder,
+                stdin=subprocess.PIPE,  # the leash: closed when this process ends
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environment,
@@ -134,16 +142,30 @@ class EmbeddedServer:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int | None:
-        """SIGTERM by PID (SIGKILL if it lingers); remove a temporary folder. The exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        """SIGTERM by PID (SIGKILL if it lingers); remove a temporary folder. The exit code.
+
+        Ctrl-C, SIGTERM and SIGHUP are held off meanwhile (in the main
+        thread): a second Ctrl-C must not leave a server or its folder behind.
+        """
+        held = _hold_signals()
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=30)
+        finally:
             try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        if self.owns_folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
+                if self.process.stdin is not None:
+                    self.process.stdin.close()
+                if self.owns_folder:
+                    shutil.rmtree(self.folder, ignore_errors=True)
+            finally:
+                for signum, handler in held.items():
+                    if handler is not None:  # None: set outside Python, cannot be put back
+                        signal.signal(signum, handler)
         return self.process.returncode
 
     def __enter__(self) -> EmbeddedServer:
@@ -161,3 +183,13 @@ class EmbeddedServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _hold_signals() -> dict[signal.Signals, Any]:
+    """Ignore the stopping signals; their handlers, to put back (none outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in _HELD_SIGNALS}

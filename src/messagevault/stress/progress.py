@@ -21,19 +21,27 @@ from messagevault.stress.stats import Recorder, Second
 PLAIN_EVERY: Final = 5.0  # seconds between plain progress lines (the first after one second)
 
 
-def progress_line(point: Second, recorder: Recorder, total: str) -> str:
-    """Rates of the last second, ack p99 so far, end-to-end p99 of the last second (the lag)."""
+def progress_line(point: Second, recorder: Recorder, total: str, width: int = 200) -> str:
+    """Rates of the last second, ack p99 so far, end-to-end p99 of the last second (the lag).
+
+    Within ``width`` characters: the least telling fields go first when narrow.
+    """
     ack = recorder.write.latency
-    parts = [
-        f"{point.t:5.0f} s",
-        f"sent {recorder.write.messages:,}{total}",
-        f"write {point.write_msgs_per_s:,.0f}/s {point.write_mb_per_s:,.1f} MB/s",
-        f"ack p99 {ack.percentile_ms(99):.1f} ms" if ack.count else "ack p99 -",
+    parts = [  # (rank: lower is dropped later, text)
+        (0, f"{point.t:5.0f} s"),
+        (1, f"sent {recorder.write.messages:,}{total}"),
+        (0, f"write {point.write_msgs_per_s:,.0f}/s"),
+        (4, f"{point.write_mb_per_s:,.1f} MB/s"),
+        (2, f"ack p99 {ack.percentile_ms(99):.1f} ms" if ack.count else "ack p99 -"),
     ]
     if recorder.seen.messages:
         lag = "-" if point.e2e_p99_ms is None else f"{point.e2e_p99_ms:.1f} ms"
-        parts += [f"read {point.read_msgs_per_s:,.0f}/s", f"e2e p99 {lag}"]
-    return "  ".join(parts)
+        parts += [(5, f"read {point.read_msgs_per_s:,.0f}/s"), (3, f"e2e p99 {lag}")]
+    line = "  ".join(text for _, text in parts)
+    while len(line) > width and len(parts) > 1:
+        parts.remove(max(parts, key=lambda part: part[0]))
+        line = "  ".join(text for _, text in parts)
+    return line[:width]
 
 
 class LiveProgress:
@@ -57,12 +65,14 @@ class LiveProgress:
         return self
 
     def update(self, point: Second) -> None:
-        line = progress_line(point, self._recorder, self._total)
         if self._live is not None:
+            # One line less than the width: a full-width line wraps on some terminals.
+            width = self._live.console.width - 1
+            line = progress_line(point, self._recorder, self._total, width)
             self._live.update(Text(line))
         elif point.t - self._last_plain >= PLAIN_EVERY:
             self._last_plain = point.t
-            print(line, file=sys.stderr, flush=True)
+            print(progress_line(point, self._recorder, self._total), file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:
         """A line about a phase (draining, read-back), shown either way."""

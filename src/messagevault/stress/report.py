@@ -41,7 +41,7 @@ class ReportError(ValueError):
 def rows(outcome: Outcome) -> list[dict[str, Any]]:
     """The table: write (ack latency), read (the read-back, time per batch), end-to-end."""
     recorder = outcome.recorder
-    found = [_row("write", recorder.write, outcome.write_seconds, "ack")]
+    found = [_row("write", recorder.write, outcome.write_seconds, "publish to ack, per message")]
     if outcome.readback is not None:
         readback = outcome.readback
         found.append(
@@ -49,12 +49,12 @@ def rows(outcome: Outcome) -> list[dict[str, Any]]:
                 "read",
                 _flow(readback.messages, readback.batches, readback.bytes, readback.latency),
                 readback.seconds,
-                "per batch, read-back",
+                "reading each batch back, per message",
             )
         )
     if recorder.seen.messages and recorder.last_seen is not None:
         seen_seconds = max(recorder.last_seen - recorder.started, 1e-9)
-        found.append(_row("end-to-end", recorder.seen, seen_seconds, "send to seen"))
+        found.append(_row("end-to-end", recorder.seen, seen_seconds, "built to seen, per message"))
     return found
 
 
@@ -78,34 +78,56 @@ def _row(phase: str, flow: Flow, seconds: float, latency_of: str) -> dict[str, A
     }
 
 
+MAX_WIDTH: Final = 100
+CAPTION: Final = (
+    "latencies in ms; percentiles over messages, each with its batch's time: write = "
+    "publish to ack; read = reading the batch back (the checking not included); e2e = "
+    "batch built to seen, over all consumers"
+)
+_SHOWN_PHASES: Final = {"end-to-end": "e2e"}
+
+
+def output_width() -> int:
+    """The terminal's width up to ``MAX_WIDTH``; ``MAX_WIDTH`` when not a terminal."""
+    terminal = Console()
+    return min(terminal.width, MAX_WIDTH) if terminal.is_terminal else MAX_WIDTH
+
+
+def ms(value: float) -> str:
+    """Three significant figures, as the histograms hold them: 0.123, 1.23, 12.3, 123, 1,234."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
 def print_table(outcome: Outcome, title: str, console: Console | None = None) -> None:
-    """One table of rates and latency percentiles (ms); fits 100 columns."""
+    """One table of rates and latency percentiles; fits 80 columns, numbers never cut."""
     if console is None:
-        terminal = Console()
-        console = Console(width=min(terminal.width, 100) if terminal.is_terminal else 100)
-    partial = "PARTIAL (interrupted) " if outcome.partial else ""
+        console = Console(width=output_width())
+    if outcome.error is not None:
+        title = f"PARTIAL (a producer failed: the error is below) {title}"
+    elif outcome.partial:
+        title = f"PARTIAL (interrupted) {title}"
     table = Table(
-        title=f"{partial}{title}",
-        caption="latency of: write = each batch's ack; read = each batch of the read-back; "
-        "end-to-end = send to seen, per message, over all consumers",
+        title=title,
+        caption=CAPTION,
         box=SIMPLE,
         pad_edge=False,
         title_justify="left",
         caption_justify="left",
     )
-    table.add_column("phase", no_wrap=True)
-    for column in ("msgs/s", "batches/s", "MB/s"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for name in LATENCY_NAMES:
-        table.add_column(f"{name} ms", justify="right", no_wrap=True)
+    # Folded, never ellipsized: a number cut short is a wrong number.
+    table.add_column("phase", overflow="fold")
+    for column in ("msgs/s", "batch/s", "MB/s", *LATENCY_NAMES):
+        table.add_column(column, justify="right", overflow="fold")
     for row in rows(outcome):
         latency = row["latency_ms"]
         table.add_row(
-            row["phase"],
+            _SHOWN_PHASES.get(row["phase"], row["phase"]),
             f"{row['msgs_per_s']:,.0f}",
             f"{row['batches_per_s']:,.0f}",
             f"{row['mb_per_s']:,.1f}",
-            *(f"{latency[name]:.2f}" if name in latency else "-" for name in LATENCY_NAMES),
+            *(ms(latency[name]) if name in latency else "-" for name in LATENCY_NAMES),
         )
     console.print(table, markup=False, highlight=False)
 
@@ -119,6 +141,7 @@ def document(outcome: Outcome, label: str, settings: dict[str, Any]) -> dict[str
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "label": label,
         "partial": outcome.partial,
+        "error": outcome.error,
         "options": {**outcome.plan.to_json(), **settings},
         "machine": {
             "cpus": os.cpu_count(),
@@ -131,7 +154,7 @@ def document(outcome: Outcome, label: str, settings: dict[str, Any]) -> dict[str
         "series": outcome.recorder.series_json(),
         "verification": readback.to_json()
         if readback is not None
-        else {"ok": None, "skipped": "interrupted"},
+        else {"ok": None, "skipped": "stopped early" if outcome.error else "interrupted"},
         "consumers": {"complete": outcome.consumers_done, "errors": outcome.consumer_errors},
     }
 
@@ -183,6 +206,7 @@ def draw(path: Path, runs: list[dict[str, Any]]) -> None:
     """Throughput and latency per second, one line per run, as ``path`` (.png or .html)."""
     import matplotlib
 
+    runs = distinct_labels(runs)
     matplotlib.use("Agg")  # no display needed, and no window
     from matplotlib import pyplot
 
@@ -223,6 +247,17 @@ def draw(path: Path, runs: list[dict[str, Any]]) -> None:
         figure.savefig(picture, format="svg")
         path.write_text(_html(runs, picture.getvalue()))
     pyplot.close(figure)
+
+
+def distinct_labels(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs, a label met again made distinct (" (2)", " (3)"): lines must be told apart."""
+    seen: dict[str, int] = {}
+    named = []
+    for run in runs:
+        label = str(run.get("label", ""))
+        seen[label] = seen.get(label, 0) + 1
+        named.append(run if seen[label] == 1 else {**run, "label": f"{label} ({seen[label]})"})
+    return named
 
 
 def _thousands(value: float, _position: object) -> str:
