@@ -24,7 +24,7 @@ class Served:
     # for a commit), "tail" (Server-Sent Events); other routes: "".
     kind: str = ""
     path: str = ""  # without the query string, which may hold anything
-    request_bytes: int = 0  # of the body, as received
+    request_bytes: int = 0  # of the body, as received; its Content-Length if answered first
     response_bytes: int | None = None  # of the body; None: not known
     messages: int | None = None  # appended by this request
     user: str | None = None  # who was authenticated; None: nobody (yet)
