@@ -183,6 +183,36 @@ def test_read_back_reports_missing_repeated_and_altered_messages(tmp_path: Path)
             assert len(problems) == 3, problems
 
 
+def test_read_back_checks_the_send_times(tmp_path: Path) -> None:
+    plan = Plan(producers=1, batch_size=10, value_size=40, duration=None, count=40).check()
+    values = Values(plan.value_size)
+    window = (1_000, 2_000)  # time.monotonic_ns() before the first batch and after the last
+    with serve_process(tmp_path / "data", USER, PASSWORD) as url:
+        with Client(url, user=USER, password=PASSWORD) as client:
+            client.publish("stress-0", values.batch(0, 0, 10, 1_100))
+            client.publish("stress-0", values.batch(0, 10, 10, 1_050))  # before the batch before
+            mixed = values.batch(0, 20, 10, 1_200)
+            mixed[5] = values.batch(0, 25, 1, 1_201)[0]  # one message's time differs
+            client.publish("stress-0", mixed)
+            end = client.publish("stress-0", values.batch(0, 30, 10, 5_000)).end  # after the run
+        readback = read_back(
+            plan,
+            connection=Connection(url, USER, PASSWORD),
+            values=values,
+            starts={"stress-0": 0},
+            ends={"stress-0": end},
+            acked=[40],
+            interrupted=threading.Event(),
+            window=window,
+        )
+    assert readback.messages == 40
+    assert [problem.split(": ", 1)[1] for problem in readback.problems] == [
+        "producer 0's message 10: send time before that of the batch before it",
+        "producer 0's message 25: send time differs from the rest of its batch",
+        "producer 0's message 30: send time outside the run (+0.000 s from its start)",
+    ]
+
+
 def test_report_png_and_html_with_compare(tmp_path: Path) -> None:
     first = stress(
         tmp_path,
@@ -521,3 +551,115 @@ def test_a_server_that_dies_mid_run_gives_a_partial_table_and_json(tmp_path: Pat
     assert run["partial"] is True and run["error"].startswith("connection")
     assert run["verification"] == {"ok": None, "skipped": "stopped early"}
     assert by_phase(run)["write"]["messages"] > 1000
+
+
+def _big_outcome() -> Any:
+    """An outcome with numbers as wide as a long, fast, sometimes slow run gives."""
+    from messagevault.stress.driver import Outcome
+    from messagevault.stress.stats import Recorder
+    from messagevault.stress.verify import Readback
+
+    plan = Plan(producers=16, streams=4, duration=None, count=10**9).check()
+    recorder = Recorder()
+    recorder.started = 0.0
+    for seconds in (0.000_9, 0.012, 1.5, 59.0):
+        recorder.wrote(250_000_000, 250_000_000 * 110, seconds)
+        recorder.saw(250_000_000, 250_000_000 * 110, seconds * 2)
+    recorder.last_seen = 80.0
+    readback = Readback(messages=10**9, batches=10**7, bytes=110 * 10**9, seconds=70.0)
+    readback.latency.record(0.000_05, 10**9)
+    return Outcome(plan, recorder, 80.0, True, {}, {}, [], readback=readback)
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_the_table_fits_the_terminal_and_never_cuts_a_number(width: int) -> None:
+    import io
+
+    from rich.console import Console
+
+    from messagevault.stress import report
+
+    outcome = _big_outcome()
+    out = io.StringIO()
+    report.print_table(
+        outcome,
+        "messagevault stress: 16 producers, 4 streams",
+        Console(file=out, width=width, color_system=None),
+    )
+    text = out.getvalue()
+    assert "…" not in text and "..." not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    write, read, e2e = rows["write"], rows["read"], rows["e2e"]
+    # Whole numbers, three significant figures for latencies (as HDR holds them).
+    assert write == ["12,500,000", "0", "1,375.0", "12.0", *["59,015"] * 4]
+    assert read == ["14,285,714", "142,857", "1,571.4", *["0.050"] * 5]
+    assert e2e == ["12,500,000", "0", "1,375.0", "24.0", *["118,030"] * 4]
+
+
+def test_the_progress_line_keeps_within_the_width() -> None:
+    from messagevault.stress.progress import progress_line
+    from messagevault.stress.stats import Second
+
+    outcome = _big_outcome()
+    point = Second(3600.0, 12_500_000.0, 1375.0, 125_000.0, 0.9, 59_000.0, 12_500_000.0, 2.0, 1.0)
+    full = progress_line(point, outcome.recorder, "/1,000,000,000")
+    assert "e2e p99" in full and "MB/s" in full
+    for width in (40, 60, 79):
+        line = progress_line(point, outcome.recorder, "/1,000,000,000", width)
+        assert len(line) <= width and line.startswith(" 3600 s  ")
+        assert "write 12,500,000/s" in line  # what goes last
+
+
+def test_idle_storage_consumers_back_off_and_reset_on_data() -> None:
+    from messagevault.stress.driver import Backoff
+
+    backoff = Backoff()
+    waits = [backoff.next() for _ in range(9)]
+    assert waits == [0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1, 0.1]
+    backoff.reset()
+    assert backoff.next() == 0.002
+
+
+async def test_the_ack_clock_starts_after_the_batch_is_built(tmp_path: Path) -> None:
+    import asyncio
+
+    from messagevault.stress import driver
+    from messagevault.stress.embedded import EmbeddedServer
+    from messagevault.stress.stats import Recorder
+
+    class SlowToBuild:
+        """Values that take (a made-up) ten seconds to build: none of it is ack latency."""
+
+        def __init__(self) -> None:
+            self.values = Values(40)
+            self.skew = 0
+
+        def clock(self) -> int:
+            return real_clock() + self.skew
+
+        def batch(self, producer: int, first: int, count: int, sent_ns: int) -> Any:
+            self.skew += 10 * 10**9
+            return self.values.batch(producer, first, count, sent_ns)
+
+    real_clock = time.monotonic_ns
+    source = SlowToBuild()
+    plan = Plan(batch_size=10, value_size=40, duration=None, count=50, consumers=0).check()
+    server = EmbeddedServer(folder=tmp_path, fsync="never")
+    await asyncio.to_thread(server.wait_until_up)
+    try:
+        recorder = Recorder()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(driver.time, "monotonic_ns", source.clock)
+            outcome = await driver.run(
+                plan,
+                Connection(server.url, server.user, server.password),
+                recorder,
+                threading.Event(),
+                verify=False,
+                messages=source,
+            )
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert outcome.recorder.write.messages == 50
+    assert recorder.write.latency.percentile_ms(100) < 10_000  # the ten seconds left out

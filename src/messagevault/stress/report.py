@@ -113,6 +113,7 @@ def print_table(outcome: Outcome, title: str, console: Console | None = None) ->
         caption=CAPTION,
         box=SIMPLE,
         pad_edge=False,
+        collapse_padding=True,  # two spaces between columns, not three: 80 columns fit
         title_justify="left",
         caption_justify="left",
     )

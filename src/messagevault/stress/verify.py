@@ -210,17 +210,19 @@ class _StreamCheck:
         """
         batch = sequence // self._plan.batch_size  # producers send whole batches from 0
         last = self._last_sent.get(producer)
-        self._last_sent[producer] = (batch, sent)
         where = f"producer {producer}'s message {sequence}"
+        if last is not None and last[0] == batch:  # the rest of a batch: as its first message
+            if sent != last[1]:
+                self._problem(message, f"{where}: send time differs from the rest of its batch")
+            return
+        self._last_sent[producer] = (batch, sent)
         if self._window is not None and not self._window[0] <= sent <= self._window[1]:
             offset = (sent - self._window[0]) / 1e9
             self._problem(
                 message, f"{where}: send time outside the run ({offset:+,.3f} s from its start)"
             )
-        elif last is not None and last[0] == batch and sent != last[1]:
-            self._problem(message, f"{where}: send time differs from the rest of its batch")
         elif last is not None and sent < last[1]:
-            self._problem(message, f"{where}: send time before that of the message before it")
+            self._problem(message, f"{where}: send time before that of the batch before it")
 
     def _problem(self, message: Message, text: str) -> None:
         self._readback.problem(f"{self._stream} at position {message.position}: {text}")
