@@ -5,7 +5,9 @@ Where it sends its load: ``--url`` (or ``MESSAGEVAULT_URL``), or the url of
 other commands; with none of these, or with ``--embedded`` (which outranks
 the two variables), it starts its own server on a temporary folder. The
 ``default`` profile is never picked up on its own: a load test reaches a
-real server only when asked to.
+real server only when asked to; the variables are such a request (as for
+every command), so the first line printed names the server and whether
+``--url``/``--profile`` or a variable chose it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ Examples:
     "--url",
     envvar="MESSAGEVAULT_URL",
     metavar="URL",
-    help="Load the server at URL (credentials as for the other commands). Env: MESSAGEVAULT_URL.",
+    help="Load the server at URL (credentials as for the other commands). Env: "
+    "MESSAGEVAULT_URL; the first line names the server loaded and where it came from.",
 )
 @click.option(
     "--profile",
@@ -178,8 +181,9 @@ def stress(
     msgs/s, batches/s, MB/s and latency percentiles (HDR histograms) for
     writes (ack), reads (the read-back) and end to end (send to seen), and
     every message written is read back and checked: count, order per
-    producer, content. A mismatch exits 1. Ctrl-C stops the producers after
-    their batches in flight and prints a partial table (exit 130).
+    producer, content, send times. A mismatch exits 1. Ctrl-C (or SIGTERM,
+    SIGHUP) stops the producers after their batches in flight and prints a
+    partial table (exit 128 + the signal: 130, 143, 129).
     """
     # The engine (HTTP client, histograms) loads only when this command runs.
     from messagevault.stress import report
