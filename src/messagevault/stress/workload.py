@@ -3,7 +3,7 @@
 Each value starts with a 20-byte header, then filler::
 
     offset  size  field
-    0       8     send time: time.monotonic_ns() when the producer sent the batch
+    0       8     send time: time.monotonic_ns() as the producer built the batch
     8       4     producer id (0-based)
     12      8     the producer's own sequence number of the message (0-based)
     20      ...   filler: value_size - 20 bytes of a fixed pseudo-random pattern,
@@ -11,8 +11,10 @@ Each value starts with a 20-byte header, then filler::
 
 The key is ``p<producer>``. All of it but the send time follows from the
 producer and its sequence, so the read-back can check every byte of every
-message, and the order of each producer's messages; the send time gives the
-end-to-end latency of whoever sees the message (the same process, so one
+message but those eight, and the order of each producer's messages; the
+send time, the same for a whole batch, is checked for what can be known of
+it (one per batch, never decreasing per producer, within the run) and gives
+the end-to-end latency of whoever sees the message (the same process, so one
 monotonic clock).
 """
 
