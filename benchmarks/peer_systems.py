@@ -209,15 +209,46 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux SIGTERM the child when this process dies (None elsewhere).
+
+    Redis and NATS cannot watch a pipe as MessageVault's leash does. libc is
+    loaded here, before the fork, so the child only makes the one call; the
+    signal comes when the *thread* that started the child ends, and ``start``
+    runs on the main thread.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not hasattr(signal, "SIGTERM") or os.uname().sysname != "Linux":
+        return None
+    prctl = ctypes.CDLL(name, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
 class PeerServer:
-    """A peer's server process on a loopback port, its output in a log file."""
+    """A peer's server process on a loopback port, its output in a log file.
+
+    It dies with this process (``_die_with_parent``): a benchmark killed
+    outright leaves no Redis or NATS holding a port.
+    """
 
     def __init__(self, command: list[str], port: int, folder: Path) -> None:
         self.port = port
         self.log = folder / "server.log"
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                command, cwd=folder, stdout=log, stderr=subprocess.STDOUT
+                command,
+                cwd=folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509 - one prctl call, libc loaded before
             )
 
     @property
