@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import pytest
+
+from messagevault.server import logs
 from messagevault.server.auth import Users, save_users
 from messagevault.server.logs import REQUEST_ID, LogPipe
 from messagevault.storage import open_storage
@@ -176,3 +179,26 @@ def test_a_line_carries_the_request_id_it_was_logged_under() -> None:
         ("seen ['before']", "req-17"),
         ("outside", None),
     ]
+
+
+def test_stopping_gives_up_on_a_stream_nobody_will_ever_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logs, "DRAIN_TIMEOUT", 0.2)
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    pipe = LogPipe(stream, max_queued=100)
+    logger = _logger(pipe, "tests.logs.stuck")
+    try:
+        for i in range(1000):  # the writer blocks in a write to the full pipe
+            logger.info("line %d", i, extra={"padding": "x" * 200})
+        stopping = threading.Thread(target=pipe.stop, daemon=True)
+        stopping.start()
+        stopping.join(timeout=30)
+        # A server exits even if its stderr is never read again.
+        assert not stopping.is_alive(), "stop() waited for the stuck writer"
+    finally:
+        logger.handlers[:] = []
+        os.close(read_end)  # the stuck write fails now, and the writer thread ends
+        with contextlib.suppress(OSError):
+            stream.close()

@@ -110,9 +110,10 @@ class _Enqueuer(logging.handlers.QueueHandler):
         return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        # A SimpleQueue (C, no Python-level lock) with the bound checked
-        # here: a fifth of what queue.Queue's put costs the event loop.
-        # Threads logging at once may overshoot the bound by a record each.
+        # A SimpleQueue (in C) with the bound checked here: cheaper on the
+        # event loop than queue.Queue, whose put takes a lock and notifies a
+        # condition in Python. Threads logging at once may overshoot the
+        # bound by a record each.
         if self.records.qsize() >= self.max_queued:
             self.pipe.count_dropped()
         else:
@@ -139,18 +140,19 @@ class _Listener(logging.handlers.QueueListener):
         super().__init__(records, writer)
         self.records = records
 
-    def stop(self) -> None:
-        """Let the writer finish what is queued, waiting ``DRAIN_TIMEOUT`` at most.
+    def stop(self) -> bool:  # type: ignore[override]
+        """Let the writer finish what is queued, waiting ``DRAIN_TIMEOUT`` at most; if it did.
 
         Bounded: a stderr whose reader is gone for good must not keep the
         server from exiting (what is still queued then is lost).
         """
         thread = self._thread
         if thread is None:
-            return
+            return True
         self._thread = None
         self.records.put_nowait(_SENTINEL)  # unbounded: never refused
         thread.join(DRAIN_TIMEOUT)
+        return not thread.is_alive()
 
 
 _SENTINEL = getattr(logging.handlers.QueueListener, "_sentinel", None)
@@ -203,8 +205,8 @@ class LogPipe:
 
     def stop(self) -> None:
         """Write out what is queued (bounded: ``DRAIN_TIMEOUT``) and stop the writer thread."""
-        self._listener.stop()
-        if self.dropped != self._reported:
+        # A writer still stuck in a write would block this one too.
+        if self._listener.stop() and self.dropped != self._reported:
             self._reported_at = -DROPS_REPORTED_EVERY
             with contextlib.suppress(Exception):  # the stream may be gone by now
                 self.report_drops(self.writer)
