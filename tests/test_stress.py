@@ -663,3 +663,26 @@ async def test_the_ack_clock_starts_after_the_batch_is_built(tmp_path: Path) -> 
         await asyncio.to_thread(server.stop)
     assert outcome.recorder.write.messages == 50
     assert recorder.write.latency.percentile_ms(100) < 10_000  # the ten seconds left out
+
+
+def test_sigterm_is_still_handled_after_the_run(tmp_path: Path) -> None:
+    # asyncio puts SIG_DFL back when the run's loop ends: a SIGTERM while the table
+    # prints or the server stops would then kill the command without its cleanup.
+    from messagevault import cli_stress
+    from messagevault.stress.embedded import EmbeddedServer
+
+    plan = Plan(duration=None, count=100, consumers=0).check()
+    with (
+        EmbeddedServer(folder=tmp_path, fsync="never") as server,
+        cli_stress._signals_stop_at_once(),
+    ):
+        handler = signal.getsignal(signal.SIGTERM)
+        connection = Connection(server.url, server.user, server.password)
+        outcome = cli_stress._run(plan, connection, None, [])
+        assert outcome.readback is not None and outcome.readback.ok
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGHUP) is handler
+        with pytest.raises(KeyboardInterrupt):  # unwinds, so every finally runs
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

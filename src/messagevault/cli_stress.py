@@ -435,7 +435,14 @@ def _run(
                 for signum in STOP_SIGNALS:
                     loop.remove_signal_handler(signum)
 
-        return asyncio.run(main())
+        # asyncio puts SIG_DFL back when it removes its handlers: ours must outlive the run.
+        handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        try:
+            return asyncio.run(main())
+        finally:
+            for signum, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
 
 
 def _label(plan: Plan, settings: dict[str, Any]) -> str:
