@@ -179,7 +179,7 @@ def stress(
     Producers send batches of checkable messages for --duration seconds or
     --count messages while consumers read them; at the end one table gives
     msgs/s, batches/s, MB/s and latency percentiles (HDR histograms) for
-    writes (ack), reads (the read-back) and end to end (send to seen), and
+    writes (ack), reads (the read-back) and end to end (built to seen), and
     every message written is read back and checked: count, order per
     producer, content, send times. A mismatch exits 1. Ctrl-C (or SIGTERM,
     SIGHUP) stops the producers after their batches in flight and prints a
