@@ -5,7 +5,7 @@ data folder gets one user before the server starts, so no admin password is
 printed. The child runs in its own session: a Ctrl-C at the terminal reaches
 the stress command alone, which then finishes its in-flight batches against
 a server that is still up, and stops the server itself. It runs on a leash
-(``messagevault.stress.leash``): if the parent dies without stopping it
+(``messagevault.leash``): if the parent dies without stopping it
 (SIGKILL, a crash), the server stops by itself and removes the temporary
 folder.
 """
@@ -90,7 +90,7 @@ class EmbeddedServer:
             # serve stops gracefully on SIGTERM, so cProfile gets to write its file.
             command += ["-m", "cProfile", "-o", str(profile)]
         command += [
-            *("-m", "messagevault.stress.leash"),
+            *("-m", "messagevault.leash"),
             *(("--remove", str(self.folder)) if self.owns_folder else ()),
             *("serve", "--host", "127.0.0.1"),
             *("--port", str(self.port), "--storage", f"file:{self.data}"),

@@ -1,6 +1,6 @@
 """``messagevault serve`` on a leash: it stops when the process that started it goes away.
 
-``python -m messagevault.stress.leash [--remove FOLDER] serve ARGS...`` runs
+``python -m messagevault.leash [--remove FOLDER] serve ARGS...`` runs
 ``messagevault serve ARGS...`` with a watch on its standard input, a pipe
 whose only writer is the parent. However the parent ends (SIGKILL, a crash,
 an unhandled SIGTERM), the kernel closes that pipe: the watch reads end of
@@ -8,6 +8,9 @@ file, stops the server as SIGTERM would (gracefully), and, after the server
 is down, removes ``FOLDER`` (the parent's temporary folder, which nobody
 else is left to remove). A parent that stops the server itself keeps the
 pipe open until then, so the folder is its own to remove.
+
+It sits beside the CLI, whose ``serve`` it runs, not in the stress package
+that starts it: nothing below the CLI imports the CLI.
 
 A pipe rather than Linux's PR_SET_PDEATHSIG: that signal fires when the
 parent's *thread* ends, not the process, and setting it in the child
