@@ -83,6 +83,14 @@ MAX_QUEUED_RECORDS = 10_000
 DROPS_REPORTED_EVERY = 10.0
 # At shutdown, how long to wait for the writer to get the last lines out.
 DRAIN_TIMEOUT = 5.0
+# Seconds the writer sleeps when it finds the queue empty. It polls rather
+# than waits on the queue: a waiting writer would be woken by every line, a
+# context switch and two GIL handoffs per request, which cost the server
+# more CPU than formatting the line on the event loop did (measured: 52
+# against 24 us a request). Lines reach stderr this much later at most.
+POLL_INTERVAL = 0.05
+# Lines formatted before the writer writes them out, in one write.
+WRITE_LINES = 256
 
 
 class _Enqueuer(logging.handlers.QueueHandler):
@@ -121,16 +129,39 @@ class _Enqueuer(logging.handlers.QueueHandler):
 
 
 class _Writer(logging.StreamHandler):  # type: ignore[type-arg]
-    """The writer thread's handler: JSON lines to the stream, and now and then the drops."""
+    """The writer thread's handler: JSON lines to the stream, and now and then the drops.
+
+    Lines are written in batches (``flush()``: when the queue is empty, or
+    ``WRITE_LINES`` are waiting): a write per batch, not per line.
+    """
 
     def __init__(self, stream: TextIO, pipe: LogPipe) -> None:
         super().__init__(stream)
         self.pipe = pipe
         self.setFormatter(JsonLines())
+        self._lines: list[str] = []
 
     def handle(self, record: logging.LogRecord) -> bool:
         self.pipe.report_drops(self)
         return super().handle(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - a bad record: handleError says so, as logging does
+            self.handleError(record)
+            return
+        if len(self._lines) >= WRITE_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        try:
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed or broken: nowhere to say so
+            pass
 
 
 class _Listener(logging.handlers.QueueListener):
@@ -139,6 +170,20 @@ class _Listener(logging.handlers.QueueListener):
     ) -> None:
         super().__init__(records, writer)
         self.records = records
+        self.writer = writer
+
+    def dequeue(self, block: bool) -> logging.LogRecord:
+        """The next record; when there is none yet, what is formatted is written, then a nap."""
+        while True:
+            try:
+                record = self.records.get_nowait()
+            except queue.Empty:
+                self.writer.flush()
+                time.sleep(POLL_INTERVAL)
+                continue
+            if record is _SENTINEL:
+                self.writer.flush()  # the last lines, before the thread ends
+            return record  # type: ignore[return-value]  # (or the sentinel, which ends it)
 
     def stop(self) -> bool:  # type: ignore[override]
         """Let the writer finish what is queued, waiting ``DRAIN_TIMEOUT`` at most; if it did.
