@@ -28,6 +28,7 @@ from messagevault import FileStorage
 from messagevault import statsd as statsd_module
 from messagevault.committer import Commit
 from messagevault.server import StreamHub, create_app
+from messagevault.server.app import METRICS
 from messagevault.server.metrics import StreamLabels
 from messagevault.server.served import Served
 from messagevault.server.statsd_metrics import StatsDMetrics, install
@@ -693,3 +694,13 @@ def test_per_stream_names_are_bounded_as_prometheus_series_are(listener: socket.
         "stream.beta.append.ok",
     ]
     assert lines.count("stream._other.append.events:5|c") == 2  # gamma's and delta's
+
+
+def test_serve_bounds_statsd_stream_names_with_metrics_streams(tmp_path: Path) -> None:
+    hub = StreamHub(FileStorage(tmp_path))
+    app = create_app(hub, max_stream_series=7)
+    with StatsD("127.0.0.1", free_udp_port()) as statsd:
+        metrics = install(app, hub, statsd)
+        # The same bound, and the same first streams, as /metrics' stream label.
+        assert metrics.streams is app[METRICS].streams
+        assert metrics.streams.limit == 7
