@@ -67,6 +67,7 @@ from types import TracebackType
 LOOPBACK = "127.0.0.1"
 MAX_DELAY = 1.0
 CHUNK = 64 * 1024
+LISTEN_BACKLOG = 128
 HISTORY = 10_000
 
 
@@ -212,7 +213,8 @@ class FaultProxy:
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._forced: deque[Decision] = deque()
-        self._handlers: set[asyncio.Task[None]] = set()
+        # Each connection's handler, with its socket until the handler owns it.
+        self._handlers: dict[asyncio.Task[None], socket.socket | None] = {}
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -286,24 +288,45 @@ class FaultProxy:
         self._loop = loop
         try:
             try:
-                server = loop.run_until_complete(asyncio.start_server(self._handle, LOOPBACK, 0))
-                self._port = int(server.sockets[0].getsockname()[1])
+                listener = socket.socket()
+                listener.bind((LOOPBACK, 0))
+                listener.listen(LISTEN_BACKLOG)
+                listener.setblocking(False)
+                self._port = int(listener.getsockname()[1])
             except BaseException as exc:
                 self._startup_error = exc
                 return
             finally:
                 self._ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._shut(server))
+            with listener:
+                accepting = loop.create_task(self._accept(listener))
+                loop.run_forever()
+                loop.run_until_complete(self._shut(accepting))
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _shut(self, server: asyncio.Server) -> None:
-        server.close()
-        # Connections accepted in the loop's last iteration get their handler
-        # task now; each registers itself in its first step, before any await.
-        await asyncio.sleep(0)
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            if len(self._handlers) >= self._max_connections:
+                self.stats.event("refused")
+                _reset(sock)
+                sock.close()
+                continue
+            handler = loop.create_task(self._handle(sock))
+            self._handlers[handler] = sock
+            handler.add_done_callback(self._handled)
+
+    def _handled(self, handler: asyncio.Task[None]) -> None:
+        sock = self._handlers.pop(handler)
+        if sock is not None:  # cancelled before it took the socket over
+            sock.close()
+
+    async def _shut(self, accepting: asyncio.Task[None]) -> None:
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
         for _ in range(10):
             handlers = list(self._handlers)
             if not handlers:
@@ -313,7 +336,6 @@ class FaultProxy:
             # Cancelled again in the next round if a cancel was swallowed (an
             # await that completed in the same iteration as the cancel).
             await asyncio.wait(handlers, timeout=0.2)
-        await server.wait_closed()
         # Closed transports release their sockets in callbacks of the next iterations.
         await asyncio.sleep(0.01)
 
@@ -325,18 +347,15 @@ class FaultProxy:
         except IndexError:
             return self._policy.decide()
 
-    async def _handle(
-        self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
-    ) -> None:
+    async def _handle(self, sock: socket.socket) -> None:
         handler = asyncio.current_task()
         assert handler is not None
-        self._handlers.add(handler)  # type: ignore[arg-type]
+        client: asyncio.StreamWriter | None = None
         upstream: asyncio.StreamWriter | None = None
         cut = True
         try:
-            if len(self._handlers) > self._max_connections:
-                self.stats.event("refused")
-                return
+            client_reader, client = await asyncio.open_connection(sock=sock)
+            self._handlers[handler] = None  # its transport closes it from now on
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     upstream_reader, upstream = await asyncio.open_connection(
@@ -358,14 +377,11 @@ class FaultProxy:
                     relay.cancel()
                 await asyncio.gather(*relays, return_exceptions=True)
             cut = any(relay.exception() is not None for relay in done)
-        except asyncio.CancelledError:
-            # stop() cancels handlers; asyncio's stream server would log a cancelled one.
-            pass
         finally:
             if upstream is not None:
                 _close(upstream, reset=cut)
-            _close(client, reset=cut)
-            self._handlers.discard(handler)  # type: ignore[arg-type]
+            if client is not None:
+                _close(client, reset=cut)
 
     async def _requests(
         self, exchange: _Exchange, client: asyncio.StreamReader, upstream: asyncio.StreamWriter
@@ -405,15 +421,20 @@ class FaultProxy:
 
 
 def _close(writer: asyncio.StreamWriter, *, reset: bool) -> None:
-    """Close a connection: gracefully, or with an RST (SO_LINGER 0) and unsent bytes dropped."""
+    """Close a connection: gracefully, or with an RST and unsent bytes dropped."""
     if reset:
         sock = writer.get_extra_info("socket")
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _reset(sock)
         writer.transport.abort()
     else:
         writer.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Make closing ``sock`` send an RST rather than a FIN (SO_LINGER 0)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def port_of(url: str) -> int:
