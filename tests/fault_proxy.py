@@ -299,17 +299,24 @@ class FaultProxy:
             finally:
                 self._ready.set()
             with listener:
-                accepting = loop.create_task(self._accept(listener))
+                # A reader callback rather than loop.sock_accept: cancelling that
+                # can race an accept in 3.11 and leak the accepted socket.
+                loop.add_reader(listener.fileno(), self._accept, listener)
                 loop.run_forever()
-                loop.run_until_complete(self._shut(accepting))
+                loop.remove_reader(listener.fileno())
+                loop.run_until_complete(self._shut())
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            sock, _ = await loop.sock_accept(listener)
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # none waiting (BlockingIOError), or out of descriptors
+                return
+            sock.setblocking(False)
             if len(self._handlers) >= self._max_connections:
                 self.stats.event("refused")
                 _reset(sock)
@@ -324,9 +331,7 @@ class FaultProxy:
         if sock is not None:  # cancelled before it took the socket over
             sock.close()
 
-    async def _shut(self, accepting: asyncio.Task[None]) -> None:
-        accepting.cancel()
-        await asyncio.gather(accepting, return_exceptions=True)
+    async def _shut(self) -> None:
         for _ in range(10):
             handlers = list(self._handlers)
             if not handlers:
