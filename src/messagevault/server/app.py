@@ -24,6 +24,7 @@ from messagevault.errors import (
     InvalidInput,
     InvalidPosition,
     MessageVaultError,
+    NotReady,
     Overloaded,
     StorageError,
     StreamNotFound,
@@ -87,7 +88,8 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 NOTES = web.RequestKey("notes", _Notes)
 REQUEST_ID_HEADER = "X-Request-Id"
 
-_STATUS = {
+_STATUS = {  # the first class an error is an instance of decides
+    UnsupportedMediaType: 415,  # before InvalidInput, its base
     Unauthenticated: 401,
     Forbidden: 403,
     InvalidPosition: 400,
@@ -205,8 +207,6 @@ async def _answer(
         log.exception("unhandled error", extra={"route": route})
         error = "internal_error"
         response = error_response(500, error, "the server failed; see its log")
-    if error is None and response.status >= 400:  # answered by a handler itself (415)
-        error = _error_code_of(response)
     return response, error
 
 
@@ -215,18 +215,6 @@ async def _tag_answer(request: web.Request, response: web.StreamResponse) -> Non
     identity = request.get(REQUEST_ID_KEY)
     if identity is not None:
         response.headers[REQUEST_ID_HEADER] = identity
-
-
-def _error_code_of(response: web.StreamResponse) -> str:
-    body = getattr(response, "body", None)
-    if isinstance(body, bytes):
-        try:
-            code = json.loads(body).get("error")
-        except (ValueError, AttributeError):
-            code = None
-        if isinstance(code, str):
-            return code
-    return "http_error"
 
 
 @web.middleware
@@ -348,11 +336,7 @@ async def append(request: web.Request) -> web.Response:
     elif content_type == JSON:
         batch = encode_batch(json_batch(await request.read()))
     else:
-        return error_response(
-            415,
-            UnsupportedMediaType.code,
-            f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}",
-        )
+        raise UnsupportedMediaType(f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}")
     result = await request.app[HUB].append(stream, batch)
     request[NOTES].messages = result.message_count
     if _prefers_minimal(request):
@@ -539,7 +523,7 @@ async def ready(request: web.Request) -> web.Response:
     try:
         await request.app[HUB].list_streams()
     except MessageVaultError as exc:
-        return error_response(503, "not_ready", f"storage is not reachable: {exc}")
+        raise NotReady(f"storage is not reachable: {exc}") from exc
     return web.json_response({"status": "ready"})
 
 
