@@ -89,7 +89,14 @@ from itertools import islice
 from typing import Any
 
 import aiohttp
-from benchmarks.report import Clock, Phase, Rates, benchmark_arguments, save_results
+from benchmarks.report import (
+    Clock,
+    Phase,
+    Rates,
+    benchmark_arguments,
+    save_results,
+    scaled_messages,
+)
 from benchmarks.serving import PASSWORD, USER, Server
 from rich.console import Console
 from rich.table import Table
@@ -680,17 +687,9 @@ def target_mark(case: Case) -> str:
 
 
 def scaled(base: Workload, scale: float) -> Workload:
-    batches = max(base.producers, round(base.messages * scale / base.batch_size))
-    return Workload(
-        base.name,
-        batches * base.batch_size,
-        base.value_size,
-        base.batch_size,
-        base.producers,
-        base.latency,
-        base.receipts,
-        base.driver,
-    )
+    """Fewer messages (whole batches, at least one per producer); the rest unchanged."""
+    messages = scaled_messages(base.messages, base.batch_size, base.producers, scale)
+    return dataclasses.replace(base, messages=messages)
 
 
 WIDTH = 100  # the tables fit a terminal of 100 columns

@@ -306,14 +306,18 @@ class VaultServer:
 
 def start(system: System, folder: Path, users: Users) -> Running:
     """Start ``system``'s server with its data in ``folder``; it listens when this returns."""
-    if system.binary is None:
-        vault = VaultServer(folder, users)
-        try:
-            vault.wait_until_up()
-        except BaseException:  # Ctrl-C too: the caller never got the PID to stop
-            vault.stop()
-            raise
-        return vault
+    server = VaultServer(folder, users) if system.binary is None else _peer(system, folder)
+    try:
+        server.wait_until_up()
+    except BaseException:  # Ctrl-C too: the caller never got the PID to stop
+        server.stop()
+        raise
+    return server
+
+
+def _peer(system: System, folder: Path) -> PeerServer:
+    """Redis or NATS started with its data in ``folder``, not yet answering."""
+    assert system.binary is not None
     binary = find_binary(system.binary)
     if binary is None:
         raise SystemExit(f"{system.binary} is not installed")
@@ -328,13 +332,7 @@ def start(system: System, folder: Path, users: Users) -> Running:
     else:
         store = folder / "jetstream"
         command = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
-    server = PeerServer(command, port, folder)
-    try:
-        server.wait_until_up()
-    except BaseException:  # Ctrl-C too: the caller never got the PID to stop
-        server.stop()
-        raise
-    return server
+    return PeerServer(command, port, folder)
 
 
 # Drivers -------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from benchmarks.peer_report import (
     RATIO_NOTE,
@@ -83,7 +83,7 @@ from benchmarks.peer_systems import (
     start,
     versions,
 )
-from benchmarks.report import Clock, Phase, benchmark_arguments
+from benchmarks.report import Clock, Phase, benchmark_arguments, scaled_messages
 
 from messagevault.server.auth import Users
 from messagevault.stress.stats import Latency
@@ -109,15 +109,8 @@ WORKLOADS = (
 
 def scaled(workload: Workload, scale: float) -> Workload:
     """Fewer messages (whole batches, at least one per producer); the rest unchanged."""
-    batches = max(workload.producers, round(workload.messages * scale / workload.batch_size))
-    return Workload(
-        workload.name,
-        batches * workload.batch_size,
-        workload.value_size,
-        workload.batch_size,
-        workload.producers,
-        workload.latency,
-    )
+    messages = scaled_messages(workload.messages, workload.batch_size, workload.producers, scale)
+    return replace(workload, messages=messages)
 
 
 @dataclass

@@ -26,6 +26,11 @@ def benchmark_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def scaled_messages(messages: int, batch_size: int, producers: int, scale: float) -> int:
+    """``scale`` of ``messages`` in whole batches, at least one batch per producer."""
+    return max(producers, round(messages * scale / batch_size)) * batch_size
+
+
 class Measurable(Protocol):
     """A server process whose CPU time can be read (the embedded server, a peer's server)."""
 
