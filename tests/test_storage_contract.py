@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.errors import InvalidStreamName, StaleWriter, StreamLocked, StreamNotFound
+from messagevault.errors import (
+    InvalidStreamName,
+    StaleWriter,
+    StorageError,
+    StreamLocked,
+    StreamNotFound,
+)
+from messagevault.reader import RenewingStore
+from messagevault.storage import FileStorage
 from messagevault.storage.base import Storage, StreamStore
 
 
@@ -155,3 +165,134 @@ def test_system_files(storage: Storage) -> None:
     files.write_system_file("users.json", b'{"v": 2}')  # type: ignore[attr-defined]
     assert files.read_system_file("users.json") == b'{"v": 2}'  # type: ignore[attr-defined]
     assert storage.list_streams() == []  # not mistaken for a stream
+
+
+def test_side_objects_are_replaced_whole_and_read_by_any_handle(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    reader = storage.open_stream("orders")
+    assert writer.read_side("producers") is None
+    assert reader.read_side("producers") is None
+    big = bytes(range(256)) * 5000  # over a megabyte: more than one block or write
+    writer.write_side("producers", big)
+    assert reader.read_side("producers") == big
+    writer.write_side("producers", b"v2")  # shorter: nothing of the old left behind
+    writer.write_side("index", b"")
+    assert reader.read_side("producers") == b"v2"
+    assert reader.read_side("index") == b""
+    assert reader.read_checkpoint() == Checkpoint()  # side objects are not commits
+    writer.close()
+    reader.close()
+    again = storage.open_stream("orders")
+    assert again.read_side("producers") == b"v2"
+    again.close()
+    assert storage.list_streams() == ["orders"]  # not mistaken for a stream
+
+
+def test_side_objects_belong_to_their_stream(storage: Storage) -> None:
+    orders = storage.open_stream("orders", write=True, create=True)
+    billing = storage.open_stream("billing", write=True, create=True)
+    orders.write_side("producers", b"orders")
+    assert billing.read_side("producers") is None
+    orders.close()
+    billing.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "data",
+        "checkpoint",
+        "writer.lock",
+        ".producers",
+        "../x",
+        "a/b",
+        "Producers",
+        "a--b",
+        "-ab",
+        "ab-",
+        "1ab",
+        "a_b",
+        "x" * 33,
+        "ünï",
+    ],
+)
+def test_bad_side_names_are_refused_and_change_nothing(storage: Storage, name: str) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    store.write(0, _pages(store, b"frame"))
+    with pytest.raises(ValueError, match="side object name"):
+        store.write_side(name, b"junk")
+    with pytest.raises(ValueError, match="side object name"):
+        store.read_side(name)
+    assert store.read(0, 5) == b"frame"
+    assert store.read_checkpoint() == Checkpoint()
+    store.close()
+    assert storage.list_streams() == ["orders"]
+
+
+def test_read_only_handle_cannot_write_side_objects(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    writer.write_side("producers", b"old")
+    reader = storage.open_stream("orders")
+    with pytest.raises(PermissionError):
+        reader.write_side("producers", b"new")
+    assert reader.read_side("producers") == b"old"
+    writer.close()
+    reader.close()
+
+
+def test_closed_handle_refuses_side_objects(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    store.close()
+    with pytest.raises(ValueError, match="closed"):
+        store.read_side("producers")
+    with pytest.raises(ValueError, match="closed"):
+        store.write_side("producers", b"x")
+
+
+@pytest.mark.parametrize("backend", ["file", "azure"])
+def test_direct_readers_read_side_objects(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """What a consumer holds (a folder path, a container SAS) reaches side objects too."""
+    storage: Storage = (
+        FileStorage(tmp_path / "data")
+        if backend == "file"
+        else request.getfixturevalue("azure_storage")
+    )
+    writer = storage.open_stream("orders", write=True, create=True)
+    writer.write_side("producers", b"snapshot")
+    access = writer.read_access()
+    direct = RenewingStore(access, lambda: access)
+    assert direct.read_side("producers") == b"snapshot"
+    assert direct.read_side("index") is None
+    with pytest.raises(PermissionError):
+        direct.write_side("producers", b"new")
+    direct.close()
+    writer.close()
+
+
+def test_file_side_object_write_that_fails_leaves_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed replace (standing in for a crash before the rename) keeps the old bytes."""
+    storage = FileStorage(tmp_path / "data")
+    store = storage.open_stream("orders", write=True, create=True)
+    store.write_side("producers", b"old")
+
+    def no_rename(self: Path, target: Path) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", no_rename)
+    with pytest.raises(StorageError, match="cannot write producers of stream 'orders'"):
+        store.write_side("producers", b"new")
+    monkeypatch.undo()
+    assert store.read_side("producers") == b"old"
+    folder = tmp_path / "data" / "orders"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint",
+        "data",
+        "producers",
+        "writer.lock",
+    ]  # no temp file left behind
+    store.close()

@@ -150,6 +150,12 @@ class RenewingStore:
     def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
         raise AccessDenied("a reader's access is read-only")
 
+    def read_side(self, name: str) -> bytes | None:
+        return self._call(lambda store: store.read_side(name))
+
+    def write_side(self, name: str, data: bytes) -> None:
+        raise AccessDenied("a reader's access is read-only")
+
     def read_access(self) -> ReadAccess:
         return self._access
 

@@ -3,6 +3,7 @@
     container  mv-<stream>
       data        page blob: the frames (docs/FORMAT.md), grown in large steps
       checkpoint  block blob, empty; its metadata holds the checkpoint fields
+      <side>      block blobs such as ``producers``, replaced whole (``write_side``)
     container  messagevault-system   what the server keeps (users, leader lock)
 
 A writer holds an infinite lease on both blobs; every data write, resize and
@@ -52,7 +53,7 @@ from messagevault.errors import (
 from messagevault.format import FORMAT_VERSION
 from messagevault.names import validate_stream_name
 from messagevault.storage.azure_lease import BlobLease, error_code
-from messagevault.storage.base import ReadAccess
+from messagevault.storage.base import ReadAccess, validate_side_name
 
 CONTAINER_PREFIX = "mv-"
 SYSTEM_CONTAINER = "messagevault-system"  # cannot clash: stream containers start "mv-"
@@ -394,6 +395,26 @@ class AzureStreamStore:
             f"stream {self._name!r} was committed by another writer "
             f"(checkpoint is at commit {current.commit}, this writer expected {expected.commit})"
         )
+
+    def read_side(self, name: str) -> bytes | None:
+        self._check_open()
+        blob = self._container.get_blob_client(validate_side_name(name))
+        with azure_errors(f"cannot read {name} of stream {self._name!r}"):
+            try:
+                return bytes(blob.download_blob().readall())
+            except ResourceNotFoundError:
+                return None
+
+    def write_side(self, name: str, data: bytes) -> None:
+        # One Put Blob replaces a block blob atomically (up to 5000 MiB). No
+        # lease: a deposed writer's side object still describes a committed
+        # prefix of the stream, which is all ``write_side`` promises.
+        self._check_open()
+        blob = self._container.get_blob_client(validate_side_name(name))
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        with azure_errors(f"cannot write {name} of stream {self._name!r}"):
+            blob.upload_blob(bytes(data), overwrite=True)
 
     def read_access(self) -> ReadAccess:
         """A read+list SAS URL for the stream's container, valid for ``sas_expiry``."""

@@ -6,11 +6,15 @@ only through these two protocols; each backend (``file``, ``memory``, later
 
 A stream in storage is one *data object* (a file, a page blob) plus one small
 *checkpoint* (``format.Checkpoint``). The commit protocol built on top is:
-write frames past the committed length, then ``advance_checkpoint``.
+write frames past the committed length, then ``advance_checkpoint``. Beside
+them a writer may keep *side objects* (``write_side``): small named blobs
+derived from the data, such as the producer table snapshot, which can always
+be rebuilt from the frames and so are replaced without any commit protocol.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -84,6 +88,26 @@ class StreamStore(Protocol):
         """
         ...
 
+    def read_side(self, name: str) -> bytes | None:
+        """The side object ``name`` (see ``validate_side_name``), or ``None`` if there is none.
+
+        Works on read-only handles too. Returns the bytes of one complete
+        ``write_side``: never a mix of two.
+        """
+        ...
+
+    def write_side(self, name: str, data: bytes) -> None:
+        """Replace the side object ``name`` with ``data`` atomically.
+
+        Only on a handle opened for writing (``AccessDenied`` otherwise); a
+        bad name raises ``ValueError``. A crash leaves the old bytes or the
+        new. Side objects are not covered by the checkpoint: a deposed writer
+        may still replace one, so their contents must say what part of the
+        stream they describe and stay true of it (the stream's committed
+        bytes never change).
+        """
+        ...
+
     def read_access(self) -> ReadAccess:
         """A descriptor a direct consumer can use to read this stream."""
         ...
@@ -91,6 +115,36 @@ class StreamStore(Protocol):
     def close(self) -> None:
         """Release the handle and, for a writer, the single-writer lock. Idempotent."""
         ...
+
+
+MAX_SIDE_NAME_LENGTH = 32
+# Names of a stream's own objects on some backend; a side object must not replace them.
+RESERVED_SIDE_NAMES = frozenset({"data", "checkpoint"})
+_SIDE_NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+
+
+def validate_side_name(name: str) -> str:
+    """Return ``name`` if it may name a side object, else raise ``ValueError``.
+
+    Lowercase letters, digits and single inner hyphens, starting with a
+    letter, at most 32 characters, and none of the stream's own objects: a
+    file name and a blob name on every backend, and never a temp or lock file.
+
+    >>> validate_side_name("producers")
+    'producers'
+    """
+    if (
+        not isinstance(name, str)
+        or len(name) > MAX_SIDE_NAME_LENGTH
+        or not _SIDE_NAME.fullmatch(name)
+    ):
+        raise ValueError(
+            f"side object name {str(name)[:40]!r} must be 1-{MAX_SIDE_NAME_LENGTH} lowercase "
+            "letters, digits and single inner hyphens, starting with a letter"
+        )
+    if name in RESERVED_SIDE_NAMES:
+        raise ValueError(f"side object name {name!r} is reserved for the stream's own {name}")
+    return name
 
 
 class SystemFiles(Protocol):

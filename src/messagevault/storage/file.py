@@ -3,6 +3,7 @@
     <root>/<stream>/data          frames, laid end to end (see docs/FORMAT.md)
     <root>/<stream>/checkpoint    two 64-byte checkpoint slots
     <root>/<stream>/writer.lock   flock()ed by the single writer; holds its pid
+    <root>/<stream>/<side>        side objects such as ``producers``, replaced whole
     <root>/_system/server.lock    flock()ed by the server using the folder; holds its pid
 
 The checkpoint file has two slots, written alternately (commit number mod 2),
@@ -35,7 +36,7 @@ from messagevault.errors import (
     WriterConflict,
 )
 from messagevault.names import validate_stream_name
-from messagevault.storage.base import ReadAccess
+from messagevault.storage.base import ReadAccess, validate_side_name
 
 DATA_FILE = "data"
 CHECKPOINT_FILE = "checkpoint"
@@ -184,7 +185,9 @@ def _create_stream_folder(root: Path, name: str) -> None:
 def _write_file_durably(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # a write may be short (a signal, a large side object)
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -316,6 +319,38 @@ class FileStreamStore:
         # A closed descriptor number may already belong to another file.
         if self._closed:
             raise ValueError(f"stream handle of {self._name!r} is closed")
+
+    def read_side(self, name: str) -> bytes | None:
+        self._check_open()
+        path = self._folder / validate_side_name(name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {name} of stream {self._name!r}: {exc}") from exc
+
+    def write_side(self, name: str, data: bytes) -> None:
+        """Write a temp file, fsync, rename over the old one, fsync the folder.
+
+        The rename is what makes it atomic; the folder fsync makes the new
+        name survive power loss (whatever the fsync policy: side objects are
+        written rarely, and a lost one only costs a longer rebuild).
+        """
+        self._check_open()
+        validate_side_name(name)
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        # A leading dot keeps the temp file clear of every valid side name.
+        temp = self._folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            _write_file_durably(temp, data)
+            temp.replace(self._folder / name)
+            _fsync_path(self._folder)
+        except OSError as exc:
+            raise StorageError(f"cannot write {name} of stream {self._name!r}: {exc}") from exc
+        finally:
+            temp.unlink(missing_ok=True)
 
     def read_access(self) -> ReadAccess:
         return ReadAccess("file", str(self._folder.resolve()))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from messagevault.checkpoint import Checkpoint
 from messagevault.errors import AccessDenied, StaleWriter, StreamLocked, StreamNotFound
 from messagevault.names import validate_stream_name
-from messagevault.storage.base import ReadAccess
+from messagevault.storage.base import ReadAccess, validate_side_name
 
 DEFAULT_MAX_WRITE_SIZE = 4 * 1024 * 1024
 GROWTH_STEP = 1024 * 1024
@@ -28,6 +28,7 @@ class _StreamState:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     writer: object | None = None
     writes: int = 0  # storage writes so far, for tests that count commits
+    sides: dict[str, bytes] = field(default_factory=dict)
 
 
 class MemoryStorage:
@@ -146,6 +147,18 @@ class MemoryStreamStore:
     def _check_still_writer(self) -> None:
         if self._state.writer is not self:
             raise StaleWriter(f"stream {self._name!r} was taken over by another writer")
+
+    def read_side(self, name: str) -> bytes | None:
+        self._check_open()
+        validate_side_name(name)
+        return self._state.sides.get(name)
+
+    def write_side(self, name: str, data: bytes) -> None:
+        self._check_open()
+        validate_side_name(name)
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        self._state.sides[name] = bytes(data)
 
     def read_access(self) -> ReadAccess:
         return ReadAccess("memory", self._name)
