@@ -15,11 +15,13 @@
     ├── AccessDenied                 read-only access (a SAS URL, a reader) asked to write
     ├── Unauthenticated              no credentials, or wrong ones (HTTP 401)
     ├── Forbidden                    credentials without the claim a request needs (HTTP 403)
-    ├── WriterConflict               single-writer rule
+    ├── WriterConflict               single-writer rule, and a producer's batch sequence
     │   ├── StreamLocked             another writer holds the stream now
     │   ├── StaleWriter              another writer committed or took over since we last looked
     │   ├── LeaseHeld                a lease is held by someone else
-    │   └── LeaseLost                our lease expired, was broken or taken over
+    │   ├── LeaseLost                our lease expired, was broken or taken over
+    │   ├── SequenceGap              a producer's batch skips sequences (HTTP 409)
+    │   └── StaleSequence            a producer's batch is older than its last committed one (409)
     ├── CommitterClosed              an append reached a committer that had stopped; nothing written
     ├── Overloaded                   too much waits to be committed; try again shortly
     ├── StorageError                 the storage itself failed (I/O, network); may be retriable
@@ -140,7 +142,7 @@ class Forbidden(MessageVaultError):
 
 
 class WriterConflict(MessageVaultError):
-    """The single-writer rule was about to be broken; nothing was written."""
+    """The single-writer rule, or a producer's batch order, was about to break; nothing written."""
 
     code = "writer_conflict"
 
@@ -167,6 +169,25 @@ class LeaseLost(WriterConflict):
     """Our lease is gone (expired, broken, or replaced): stop acting as its holder."""
 
     code = "lease_lost"
+
+
+class SequenceGap(WriterConflict):
+    """A producer's batch sequence skips ahead of its last committed batch's; nothing appended.
+
+    A batch in between was never committed: the producer must send it first.
+    """
+
+    code = "sequence_gap"
+
+
+class StaleSequence(WriterConflict):
+    """A producer's batch sequence is below its last committed one; nothing appended.
+
+    That batch was committed long ago (or never): its receipts are no longer
+    remembered, only the last batch's are.
+    """
+
+    code = "stale_sequence"
 
 
 class CommitterClosed(MessageVaultError):
