@@ -26,7 +26,9 @@ from messagevault.errors import CorruptData, InvalidBatch, UnsupportedVersion
 from messagevault.format import (
     FRAME_HEADER,
     FRAME_HEADER_CRC,
+    CONTINUATION,
     FRAME_HEADER_SIZE,
+    HEAD,
     MAX_BATCH_COUNT,
     MAX_FRAME_SIZE,
     MAX_KEY_SIZE,
@@ -509,7 +511,7 @@ def test_body_columns_that_lie_are_rejected(lie: Callable[[bytes], bytes]) -> No
     "change",
     [
         {"version": 0},
-        {"version": 2},
+        {"version": 3},
         {"version": 255},
         {"flags": 1},
         {"flags": 0x80},
@@ -557,11 +559,12 @@ def test_batch_faults_are_reported_as_offsets_into_the_batch(where: str) -> None
 
 def test_parse_batch_rejects_trailing_bytes() -> None:
     frame = encode_batch(SMALL_PAIRS).frame()
-    for extra in (b"\0", b"x" * 64, frame):
+    for extra in (b"\0", b"x" * 64, frame[:-1]):
         with pytest.raises(CorruptData) as info:
             parse_batch(frame + extra)
-        assert info.value.position == 0
-        assert str(len(frame) + len(extra)) in str(info.value)
+        assert info.value.position == len(frame)  # where the bytes that are no frame start
+    # Since format v2 a batch may be several whole frames, committed together.
+    assert parse_batch(frame + frame).count == 2 * len(SMALL_PAIRS)
 
 
 def test_parse_batch_rejects_a_short_frame() -> None:
@@ -771,12 +774,15 @@ def test_key_size_limit(ok: bytes | str, too_long: bytes | str) -> None:
 
 def test_value_size_limit() -> None:
     at_limit = bytes(MAX_VALUE_SIZE)
-    frame = encode_batch([(b"a", b"x"), (b"big", at_limit)]).frame()
+    batch = encode_batch([(b"a", b"x"), (b"big", at_limit)])
+    assert len(batch.frames) == 1  # at the limit a value is native: one frame, format v1
+    frame = batch.frame()
     assert decode_messages(frame, 0, verify_frame(frame, 0, 0))[1].value == at_limit
-    with pytest.raises(InvalidBatch) as info:
-        encode_batch([(b"a", b"x"), (b"big", at_limit + b"!")])
-    _assert_names_message(info, 1)
-    assert str(MAX_VALUE_SIZE + 1) in str(info.value)
+    # One byte more and the value travels in pieces: a HEAD frame and a
+    # CONTINUATION, in the same batch (format v2).
+    over = encode_batch([(b"a", b"x"), (b"big", at_limit + b"!")])
+    assert [body.flags for body in over.frames] == [0, HEAD, CONTINUATION]
+    assert over.count == 2
 
 
 def test_frame_size_limit() -> None:
@@ -788,10 +794,12 @@ def test_frame_size_limit() -> None:
     frame = batch.frame(0, 0, 0)
     assert verify_frame(frame, 0, 0).frame_size == MAX_FRAME_SIZE
     assert parse_batch(frame).frame_size == MAX_FRAME_SIZE
-    with pytest.raises(InvalidBatch, match=str(MAX_FRAME_SIZE)):
-        encode_batch([*exact[:3], (b"k", big[overhead:])])
-    with pytest.raises(InvalidBatch, match=str(MAX_FRAME_SIZE)):
-        encode_batch([(b"", big)] * 4)
+    # A byte more than a frame holds: the batch is split into whole frames.
+    for pairs in ([*exact[:3], (b"k", big[overhead:])], [(b"", big)] * 4):
+        split = encode_batch(pairs)
+        assert len(split.frames) == 2
+        assert all(body.body_size + FRAME_HEADER_SIZE <= MAX_FRAME_SIZE for body in split.frames)
+        assert parse_batch(split.frame()).count == 4
 
 
 def test_frame_over_the_size_limit_is_corrupt_on_read() -> None:

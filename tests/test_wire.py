@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from messagevault import (
     AppendResult,
     CorruptData,
+    EncodedBatch,
     InvalidBatch,
     MemoryStorage,
     Message,
@@ -63,10 +64,28 @@ def test_hex_ids_are_message_ids(result: AppendResult) -> None:
     assert hex_ids == [r.id.hex().encode() for r in result]
 
 
-@pytest.mark.parametrize("result", RESULTS)
-def test_the_exact_result_comes_back_from_the_minimal_answer(result: AppendResult) -> None:
+PRODUCER = bytes(range(1, 17))
+BATCHES = [
+    encode_batch([(b"k", b"v")] * 3),
+    encode_batch([(b"k", b"v")] * 500).with_producer(PRODUCER, 7),
+    encode_batch([(b"", b"x" * 10), (b"big", b"y" * (4 * 1024 * 1024 + 1)), (b"", b"z")]),
+]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("placed", RESULTS)
+def test_the_exact_result_comes_back_from_the_minimal_answer(
+    batch: EncodedBatch, placed: AppendResult
+) -> None:
+    result = AppendResult.of_batch(
+        batch,
+        placed.frame_position,
+        placed.base_sequence,
+        placed.timestamp,
+        placed.frame_position + batch.frame_size,
+    )
     answer = json.loads(appended_minimal("orders", result))
-    rebuilt = append_result_from_minimal(answer, result.frame_size)
+    rebuilt = append_result_from_minimal(answer, batch)
     assert rebuilt == result
     assert list(rebuilt) == list(result)
 
@@ -81,15 +100,16 @@ def test_the_full_answer_lists_every_receipt(result: AppendResult) -> None:
 
 
 def test_a_minimal_answer_for_another_batch_size_is_refused() -> None:
-    result = RESULTS[1]
+    batch = BATCHES[1]
+    result = AppendResult.of_batch(batch, 2**40 + 5, 2**33, 2**47 + 9, 2**40 + 4005)
     answer = json.loads(appended_minimal("orders", result))
     # The frame size says where message 1.. lie only through the count: a
     # count that disagrees with the last receipt is caught.
     answer["count"] += 1
     with pytest.raises(CorruptData, match="does not describe"):
-        append_result_from_minimal(answer, result.frame_size)
+        append_result_from_minimal(answer, batch)
     with pytest.raises(CorruptData, match="lacks"):
-        append_result_from_minimal({"count": 3}, 100)
+        append_result_from_minimal({"count": 3}, batch)
 
 
 KEYS_AND_VALUES = [

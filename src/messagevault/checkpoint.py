@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from messagevault.errors import CorruptData, UnsupportedVersion
-from messagevault.format import FORMAT_VERSION
+from messagevault.format import CHECKPOINT_VERSION
 
 CHECKPOINT_MAGIC: Final = b"MVCP"
 CHECKPOINT: Final = struct.Struct(
@@ -46,7 +46,7 @@ class Checkpoint:
     def encode(self) -> bytes:
         body = CHECKPOINT.pack(
             CHECKPOINT_MAGIC,
-            FORMAT_VERSION,
+            CHECKPOINT_VERSION,
             self.commit,
             self.length,
             self.next_sequence,
@@ -65,6 +65,6 @@ class Checkpoint:
             raise CorruptData(f"not a checkpoint (magic {magic!r})")
         if zlib.crc32(memoryview(raw)[: CHECKPOINT.size]) != stored_crc:
             raise CorruptData("checkpoint CRC mismatch")
-        if version != FORMAT_VERSION:
+        if version != CHECKPOINT_VERSION:
             raise UnsupportedVersion(f"checkpoint has format version {version}")
         return cls(*values)

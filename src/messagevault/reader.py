@@ -19,10 +19,12 @@ from messagevault.checkpoint import Checkpoint
 from messagevault.errors import AccessDenied, CorruptData, InvalidPosition
 from messagevault.format import (
     FRAME_HEADER_SIZE,
+    MAX_HEADER_SIZE,
     SLOT_SIZE,
+    FrameAssembler,
     FrameHeader,
     Message,
-    iter_messages,
+    check_continuation_start,
     read_header,
     slot_index,
     verify_frame,
@@ -308,11 +310,11 @@ class Reader:
         if sequence == checkpoint.next_sequence:
             return checkpoint.length
         position = checkpoint.last_frame_position
-        header = read_header(self._store.read(position, FRAME_HEADER_SIZE), 0, position)
-        if header.base_sequence > sequence:
+        header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
+        if header.base_sequence > sequence or header.message_count == 0:
             position = 0  # before the last frame: walk from the first
             while position < checkpoint.last_frame_position:
-                header = read_header(self._store.read(position, FRAME_HEADER_SIZE), 0, position)
+                header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
                 if sequence < header.base_sequence + header.message_count:
                     break
                 position = header.end
@@ -342,33 +344,65 @@ class Reader:
         not_a_message = InvalidPosition(
             f"position {position} is not the position of a message in stream {self.name!r}"
         )
-        raw = self._store.read(position, FRAME_HEADER_SIZE)
+        raw = self._store.read(position, min(MAX_HEADER_SIZE, committed - position))
         try:
-            if read_header(raw, 0, position).end <= committed:
-                return position, 0  # the start of a frame: message 0 of it
+            header = read_header(raw, 0, position)
         except CorruptData:
             pass
+        else:
+            if header.end <= committed:
+                check_continuation_start(header, self.name)
+                return position, 0  # the start of a frame: message 0 of it
         if len(raw) < SLOT_SIZE:
             raise not_a_message
         index = slot_index(raw[:SLOT_SIZE], position)
-        frame_position = position - FRAME_HEADER_SIZE - SLOT_SIZE * index
-        header = None
-        if index >= 1 and frame_position >= 0:
-            try:
-                header = read_header(
-                    self._store.read(frame_position, FRAME_HEADER_SIZE), 0, frame_position
-                )
-            except CorruptData:
-                header = None
-        if header is None or index >= header.message_count or header.end > committed:
+        if index < 1:
+            raise not_a_message
+        frame_position = self._frame_of_slot(position, index, committed)
+        if frame_position is None:
             raise not_a_message
         return frame_position, index
 
+    def _frame_of_slot(self, position: int, index: int, committed: int) -> int | None:
+        """The frame whose message ``index`` is at ``position``, if one is.
+
+        A v2 header is 32 bytes longer than a v1 one, so the frame starts at
+        one of two offsets; one read covers both candidate headers.
+        """
+        v1_start = position - FRAME_HEADER_SIZE - SLOT_SIZE * index
+        if v1_start < 0:
+            return None
+        low = max(position - MAX_HEADER_SIZE - SLOT_SIZE * index, 0)
+        window = self._store.read(low, v1_start + FRAME_HEADER_SIZE - low)
+        for header_size in (FRAME_HEADER_SIZE, MAX_HEADER_SIZE):
+            frame_position = position - header_size - SLOT_SIZE * index
+            if frame_position < 0:
+                continue
+            try:
+                header = read_header(window, frame_position - low, frame_position)
+            except CorruptData:
+                continue
+            if (
+                header.header_size == header_size
+                and index < header.message_count
+                and header.end <= committed
+            ):
+                return frame_position
+        return None
+
     def _frames(self, position: int, first: int, end: int) -> Iterator[Iterator[Message]]:
-        """Check the frames from ``position`` (a frame start) to ``end``; one iterator each."""
+        """Check the frames from ``position`` (a frame start) to ``end``; one iterator each.
+
+        A value in pieces comes out whole, as one message, once its last
+        CONTINUATION frame has been read.
+        """
+        assembler = FrameAssembler(first)
         for buffer, offset, header in self._raw_frames(position, end):
-            yield iter_messages(buffer, offset, header, first)
-            first = 0
+            yield assembler.feed(buffer, offset, header)
+        if assembler.pending:
+            raise CorruptData(
+                f"stream {self.name!r} ends at {end} inside a value in pieces", position=end
+            )
 
     def read_frames(
         self,
@@ -385,7 +419,8 @@ class Reader:
         and, with ``max_messages``, until they hold that many messages from
         ``position`` on. If ``position`` is inside a frame, that frame comes
         whole and ``skip`` says how many of its leading messages the caller
-        did not ask for. ``committed`` is as for ``read``.
+        did not ask for. A value in pieces comes with all its frames, even
+        past ``max_bytes``. ``committed`` is as for ``read``.
         """
         if committed is None:
             committed = self._store.read_checkpoint().length
@@ -400,15 +435,20 @@ class Reader:
         # against 0.31 s for 116 MB.)
         bulk = max_messages is None and _is_remote(self._store)
         chunk_size = max(self._chunk_size, max_bytes) if bulk else None
+        missing = 0  # bytes of a value in pieces still to come: its frames go together
         for buffer, offset, header in self._raw_frames(frame_position, committed, chunk_size):
-            if pieces and size + header.frame_size > max_bytes:
+            if pieces and not missing and size + header.frame_size > max_bytes:
                 break
             verify_frame(buffer, offset, header.base_position)
             pieces.append(buffer[offset : offset + header.frame_size])
             size += header.frame_size
             wanted += header.message_count
             end = header.end
-            if max_messages is not None and wanted >= max_messages:
+            if header.is_head:
+                missing = header.chunk
+            if header.is_head or header.is_continuation:
+                missing -= header.values_size
+            if max_messages is not None and wanted >= max_messages and not missing:
                 break  # before the next frame is fetched
         return RawFrames(b"".join(pieces), skip, end)
 

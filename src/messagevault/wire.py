@@ -24,7 +24,7 @@ from messagevault.errors import (
     MessageVaultError,
     for_code,
 )
-from messagevault.format import MAX_BATCH_COUNT, Message, hex_id_format
+from messagevault.format import MAX_BATCH_COUNT, EncodedBatch, Message, hex_id_format
 from messagevault.storage.base import ReadAccess
 from messagevault.writer import AppendResult
 
@@ -206,8 +206,8 @@ _MINIMAL: Final = (
 )
 
 
-def append_result_from_minimal(answer: Mapping[str, Any], frame_size: int) -> AppendResult:
-    """The exact ``AppendResult`` of a batch of ``frame_size`` bytes from its minimal answer.
+def append_result_from_minimal(answer: Mapping[str, Any], batch: EncodedBatch) -> AppendResult:
+    """The exact ``AppendResult`` of ``batch`` from its minimal answer.
 
     The answer's last receipt and ids are checked against the result: a
     mismatch (a batch other than the one sent, a server speaking another
@@ -215,25 +215,25 @@ def append_result_from_minimal(answer: Mapping[str, Any], frame_size: int) -> Ap
     """
     try:
         first = answer["first"]
-        result = AppendResult(
-            frame_position=int(first["position"]),
-            frame_size=frame_size,
-            base_sequence=int(first["sequence"]),
-            message_count=int(answer["count"]),
-            timestamp=parse_time(answer["timestamp"]),
-            committed_length=int(answer["position"]),
+        result = AppendResult.of_batch(
+            batch,
+            int(first["position"]),
+            int(first["sequence"]),
+            parse_time(answer["timestamp"]),
+            int(answer["position"]),
         )
-        expected = [answer["first"], answer["last"]]
+        expected = [answer["first"], answer["last"], int(answer["count"])]
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptData(f"append answer lacks {exc}: {dict(answer)!r:.300}") from None
-    got = [
+    got: list[object] = [
         {"position": r.position, "sequence": r.sequence, "id": r.id.hex()}
         for r in (result[0], result[-1])
     ]
+    got.append(result.message_count)
     if got != expected:
         raise CorruptData(
             f"append answer {dict(answer)!r:.300} does not describe a batch of "
-            f"{result.message_count} messages in {frame_size} bytes"
+            f"{result.message_count} messages in {result.frame_size} bytes"
         )
     return result
 

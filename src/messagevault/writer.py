@@ -23,7 +23,10 @@ from messagevault.errors import (
     StorageError,
 )
 from messagevault.format import (
+    FRAME_HEADER_SIZE,
     EncodedBatch,
+    FrameLayout,
+    PieceCheck,
     encode_batch,
     message_id,
     message_positions,
@@ -55,10 +58,42 @@ class AppendResult(Sequence[Receipt]):
     message_count: int
     timestamp: int  # milliseconds since the Unix epoch, shared by the whole batch
     committed_length: int  # stream length after the commit that carried this batch
+    header_size: int = FRAME_HEADER_SIZE  # of a one-frame batch: 64 (v1) or 96 (v2)
+    # Where the frames holding messages sit in a batch of several (large
+    # values, more than a frame's worth): None for one frame.
+    layout: tuple[FrameLayout, ...] | None = None
+    duplicate: bool = False  # the original result of a batch committed before
+
+    @classmethod
+    def of_batch(
+        cls, batch: EncodedBatch, position: int, sequence: int, timestamp: int, committed: int
+    ) -> AppendResult:
+        """The result of ``batch`` placed at ``position`` with ``sequence``."""
+        layout = batch.layout
+        single = len(layout) == 1 and layout[0].offset == 0
+        return cls(
+            position,
+            batch.frame_size,
+            sequence,
+            batch.count,
+            timestamp,
+            committed,
+            layout[0].header_size if single else FRAME_HEADER_SIZE,
+            None if single else layout,
+        )
 
     @property
     def positions(self) -> Sequence[int]:
-        return message_positions(self.frame_position, 0, self.message_count)
+        if self.layout is None:
+            return message_positions(self.frame_position, 0, self.message_count, self.header_size)
+        positions: list[int] = []
+        for frame in self.layout:
+            positions.extend(
+                message_positions(
+                    self.frame_position + frame.offset, 0, frame.messages, frame.header_size
+                )
+            )
+        return positions
 
     @property
     def sequences(self) -> range:
@@ -83,7 +118,10 @@ class AppendResult(Sequence[Receipt]):
             index += self.message_count
         if not 0 <= index < self.message_count:
             raise IndexError("receipt index out of range")
-        position = message_positions(self.frame_position, index, index + 1)[0]
+        if self.layout is None:
+            position = message_positions(self.frame_position, index, index + 1, self.header_size)[0]
+        else:
+            position = self.positions[index]
         sequence = self.base_sequence + index
         return Receipt(position, sequence, message_id(self.timestamp, position, sequence))
 
@@ -190,19 +228,24 @@ class Writer:
         start = self._checkpoint
         timestamp = max(time.time_ns() // 1_000_000, start.last_timestamp)
         pieces: list[bytes | memoryview] = []
-        frames: list[tuple[int, EncodedBatch, int]] = []
+        placed: list[tuple[int, EncodedBatch, int]] = []
         position, sequence = start.length, start.next_sequence
         for batch in batches:
-            pieces.append(batch.header(position, sequence, timestamp))
-            pieces.extend(batch.parts)
-            frames.append((position, batch, sequence))
+            if len(batch.frames) == 1:
+                pieces.append(batch.header(position, sequence, timestamp))
+                pieces.extend(batch.frames[0].parts)
+            else:
+                pieces.extend(batch.pieces(position, sequence, timestamp))
+            placed.append((position, batch, sequence))
             position += batch.frame_size
             sequence += batch.count
-        new = Checkpoint(start.commit + 1, position, sequence, frames[-1][0], timestamp)
+        last_batch_at, last_batch, _ = placed[-1]
+        last_frame = last_batch_at + last_batch.frame_size - last_batch.last_frame_size
+        new = Checkpoint(start.commit + 1, position, sequence, last_frame, timestamp)
         self._commit_as(pieces, new, start)
         return [
-            AppendResult(frame, batch.frame_size, base, batch.count, timestamp, position)
-            for frame, batch, base in frames
+            AppendResult.of_batch(batch, at, base, timestamp, position)
+            for at, batch, base in placed
         ]
 
     def append_frames(self, frames: bytes | memoryview) -> Checkpoint:
@@ -220,8 +263,10 @@ class Writer:
         view = memoryview(frames)
         position, sequence, timestamp = start.length, start.next_sequence, start.last_timestamp
         last_frame = offset = 0
+        pieces = PieceCheck()
         while offset < len(view):
             header = read_header(view, offset, None)
+            pieces.take(header, offset)
             if (header.base_position, header.base_sequence) != (position, sequence):
                 raise InvalidInput(
                     f"stream {self.name!r} ends at position {position}, sequence {sequence}; "
@@ -240,6 +285,7 @@ class Writer:
             offset += header.frame_size
         if offset == 0:
             raise InvalidInput("no frames to append")
+        pieces.finish()  # never commit half of a value in pieces
         new = Checkpoint(start.commit + 1, position, sequence, last_frame, timestamp)
         self._commit_as([view], new, start)
         return new
@@ -332,12 +378,26 @@ class Writer:
         used = sum(map(len, pieces))
         if page > 1 and used % page:
             pieces = [*pieces, bytes(page - used % page)]  # page blobs take whole pages only
-        buffer = b"".join(pieces)
-        write_start = committed - len(tail)
-        view = memoryview(buffer)
+        at = committed - len(tail)
         step = store.max_write_size
-        for offset in range(0, len(buffer), step):
-            store.write(write_start + offset, view[offset : offset + step])
+        if used <= step:
+            store.write(at, b"".join(pieces))
+            return
+        # A big commit (a large value) goes out a write at a time, without a
+        # copy of the whole of it in memory.
+        buffer = bytearray()
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            while view:
+                room = step - len(buffer)
+                buffer += view[:room]
+                view = view[room:]
+                if len(buffer) == step:
+                    store.write(at, bytes(buffer))
+                    at += step
+                    buffer.clear()
+        if buffer:
+            store.write(at, bytes(buffer))
 
     def _read_tail_page(self) -> bytes:
         """The committed bytes of the partly filled last page (page backends only)."""

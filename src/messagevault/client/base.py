@@ -29,12 +29,14 @@ from messagevault.errors import (
     ServerUnreachable,
 )
 from messagevault.format import (
+    FORMAT_V1,
     FRAME_HEADER_SIZE,
+    FRAME_HEADER_V2_SIZE,
     SLOT_SIZE,
     EncodedBatch,
+    FrameAssembler,
     Message,
     encode_batch,
-    iter_messages,
     read_header,
 )
 from messagevault.names import validate_stream_name
@@ -251,7 +253,7 @@ def json_of(answer: Answer) -> Any:
 
 def published(answer: Answer, batch: EncodedBatch) -> AppendResult:
     """The exact result of an append from the server's short answer."""
-    return append_result_from_minimal(json_of(answer), batch.frame_size)
+    return append_result_from_minimal(json_of(answer), batch)
 
 
 def stream_infos(answer: Answer) -> list[StreamInfo]:
@@ -291,27 +293,44 @@ def page_of(answer: Answer, position: int) -> Page:
     count = 0
     offset = 0
     # The first frame starts at ``position``, or before it when ``position``
-    # is message ``skip`` of that frame (docs/FORMAT.md: slots).
-    at = position if skip == 0 else position - FRAME_HEADER_SIZE - SLOT_SIZE * skip
+    # is message ``skip`` of that frame (docs/FORMAT.md: slots; a v2 header
+    # is longer, so its version byte says where the frame starts).
+    at = position if skip == 0 else _frame_start(body, position, skip)
     first = skip
+    assembler = FrameAssembler(skip)
     while offset < len(body):
         header = read_header(body, offset, at)
-        if first >= header.message_count:
+        if first and first >= header.message_count:
             raise CorruptData(
                 f"read answer skips {first} of the {header.message_count} messages "
                 f"of the frame at {at}",
                 position=at,
             )
-        frames.append(iter_messages(body, offset, header, first))  # checks the body now
-        count += header.message_count - first
+        frames.append(assembler.feed(body, offset, header))  # checks the body now
+        if header.is_head or header.is_continuation:
+            count += not assembler.pending  # a value in pieces, once whole, is one message
+        else:
+            count += header.message_count - first
         offset += header.frame_size
         at, first = header.end, 0
+    if assembler.pending:
+        raise CorruptData(
+            f"read answer from position {position} ends inside a value in pieces",
+            position=position,
+        )
     if at != next_position:
         raise CorruptData(
             f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
             position=position,
         )
     return Page(chain.from_iterable(frames), count, next_position)
+
+
+def _frame_start(body: bytes, position: int, skip: int) -> int:
+    """Where the answer's first frame starts, when ``position`` is its message ``skip``."""
+    version = body[4] if len(body) > 4 else FORMAT_V1
+    header_size = FRAME_HEADER_SIZE if version == FORMAT_V1 else FRAME_HEADER_V2_SIZE
+    return position - header_size - SLOT_SIZE * skip
 
 
 # Messages to publish -----------------------------------------------------------------

@@ -50,7 +50,7 @@ from messagevault.errors import (
     StreamNotFound,
     UnsupportedVersion,
 )
-from messagevault.format import FORMAT_VERSION
+from messagevault.format import CHECKPOINT_VERSION
 from messagevault.names import validate_stream_name
 from messagevault.storage.azure_lease import BlobLease, error_code
 from messagevault.storage.base import ReadAccess, validate_side_name
@@ -214,7 +214,7 @@ def _create_stream(container: ContainerClient, name: str) -> None:
 
 def _metadata(checkpoint: Checkpoint) -> dict[str, str]:
     return {
-        "formatversion": str(FORMAT_VERSION),
+        "formatversion": str(CHECKPOINT_VERSION),
         "commit": str(checkpoint.commit),
         "length": str(checkpoint.length),
         "nextsequence": str(checkpoint.next_sequence),
@@ -226,7 +226,7 @@ def _metadata(checkpoint: Checkpoint) -> dict[str, str]:
 def _checkpoint_from(metadata: dict[str, str], where: str) -> Checkpoint:
     try:
         version = int(metadata["formatversion"])
-        if version != FORMAT_VERSION:
+        if version != CHECKPOINT_VERSION:
             raise UnsupportedVersion(f"{where}: checkpoint format version {version}")
         return Checkpoint(
             int(metadata["commit"]),
