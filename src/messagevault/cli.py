@@ -640,6 +640,12 @@ _format_option = click.option(
     show_default=True,
     help="Largest batch (frame) to send at once; lower it for a server with a smaller --max-body.",
 )
+@click.option(
+    "--compress",
+    is_flag=True,
+    help="zstd-compress each batch's values before sending (stored as sent; readers unpack "
+    "them). Pays for text such as JSON; values that do not shrink are sent as they are.",
+)
 def publish(
     *,
     url: str | None,
@@ -652,6 +658,7 @@ def publish(
     files: tuple[Path, ...],
     ndjson: BinaryIO | None,
     batch_bytes: int,
+    compress: bool,
 ) -> None:
     """Append messages to STREAM: VALUES, lines of stdin, whole files or NDJSON records.
 
@@ -662,7 +669,13 @@ def publish(
     """
     validate_stream_name(stream)
     batches = publish_input(
-        values, key, files, from_stdin=from_stdin, ndjson=ndjson, batch_bytes=batch_bytes
+        values,
+        key,
+        files,
+        from_stdin=from_stdin,
+        ndjson=ndjson,
+        batch_bytes=batch_bytes,
+        compress=compress,
     )
     if not batches:
         raise click.UsageError("nothing to publish: give VALUES, --stdin, --file or --ndjson")

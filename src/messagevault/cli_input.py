@@ -44,8 +44,13 @@ def publish_input(
     from_stdin: bool,
     ndjson: BinaryIO | None,
     batch_bytes: int,
+    compress: bool = False,
 ) -> list[EncodedBatch]:
-    """The whole input, in batches of at most ``batch_bytes`` and 10,000 messages."""
+    """The whole input, in batches of at most ``batch_bytes`` and 10,000 messages.
+
+    ``batch_bytes`` counts values before compression (``compress``), so a
+    batch never grows past it on the wire.
+    """
     if from_stdin and ndjson is sys.stdin.buffer:
         raise click.UsageError("--stdin and --ndjson - both read stdin; choose one")
     # argv arrives decoded with surrogateescape: fsencode gives back the user's bytes.
@@ -64,7 +69,7 @@ def publish_input(
         )
     if ndjson is not None:
         inputs.append(_ndjson_pairs(ndjson))
-    return encode_batches(itertools.chain.from_iterable(inputs), batch_bytes)
+    return encode_batches(itertools.chain.from_iterable(inputs), batch_bytes, compress=compress)
 
 
 def _file_bytes(path: Path) -> bytes:
@@ -104,7 +109,9 @@ def _check_sizes(where: str, key: bytes, value: bytes) -> None:
         )
 
 
-def encode_batches(messages: Iterable[Located], batch_bytes: int) -> list[EncodedBatch]:
+def encode_batches(
+    messages: Iterable[Located], batch_bytes: int, *, compress: bool = False
+) -> list[EncodedBatch]:
     """Check each message and cut batches by count and by frame bytes."""
     batches: list[EncodedBatch] = []
     pending: list[tuple[bytes, bytes]] = []
@@ -113,10 +120,10 @@ def encode_batches(messages: Iterable[Located], batch_bytes: int) -> list[Encode
         _check_sizes(where, key, value)
         added = PER_MESSAGE_OVERHEAD + len(key) + len(value)
         if pending and (size + added > batch_bytes or len(pending) == DEFAULT_BATCH_MESSAGES):
-            batches.append(encode_batch(pending))
+            batches.append(encode_batch(pending, compress=compress))
             pending, size = [], FRAME_HEADER_SIZE
         pending.append((key, value))
         size += added
     if pending:
-        batches.append(encode_batch(pending))
+        batches.append(encode_batch(pending, compress=compress))
     return batches

@@ -92,8 +92,8 @@ class _Batch:
         self.started = started  # when the first message arrived: linger counts from here
         self.future: Future[AppendResult] = Future()
 
-    def encode(self) -> EncodedBatch:
-        return encode_columns(self.keys, self.values)
+    def encode(self, compress: bool) -> EncodedBatch:
+        return encode_columns(self.keys, self.values, compress=compress)
 
 
 class MessageFuture:
@@ -262,9 +262,13 @@ class Producer:
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         block: bool = True,
         max_block: float = 60.0,
+        compress: bool = False,
     ) -> None:
         self.client = client
         self.block = block
+        # zstd per batch, in the lane (off the caller's send()); a batch
+        # whose values do not shrink goes uncompressed.
+        self.compress = compress
         self._buffer = _Buffer(
             _Limits(max_batch_messages, max_batch_bytes, linger, max_buffered_bytes, max_block)
         )
@@ -337,7 +341,7 @@ class Producer:
                     return
                 lane.in_flight = batch
             try:
-                result = self.client.publish_batch(lane.stream, batch.encode())
+                result = self.client.publish_batch(lane.stream, batch.encode(self.compress))
             except BaseException as exc:  # noqa: BLE001 - the batch's futures must hear of it
                 batch.future.set_exception(exc)
             else:
@@ -424,9 +428,13 @@ class AsyncProducer:
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         block: bool = True,
         max_block: float = 60.0,
+        compress: bool = False,
     ) -> None:
         self.client = client
         self.block = block
+        # zstd per batch, in the lane (off the caller's send()); a batch
+        # whose values do not shrink goes uncompressed.
+        self.compress = compress
         self._buffer = _Buffer(
             _Limits(max_batch_messages, max_batch_bytes, linger, max_buffered_bytes, max_block)
         )
@@ -495,7 +503,7 @@ class AsyncProducer:
                 continue
             batch = lane.in_flight = lane.batches[0]
             try:
-                result = await self.client.publish_batch(lane.stream, batch.encode())
+                result = await self.client.publish_batch(lane.stream, batch.encode(self.compress))
             except asyncio.CancelledError:
                 # Nothing will send this lane's batches any more: each must hear it.
                 for waiting in lane.batches:

@@ -209,13 +209,17 @@ class Writer:
         """What to hand a direct consumer (a read-only SAS URL on Azure)."""
         return self._store.read_access()
 
-    def append(self, messages: Iterable[tuple[bytes | str, bytes]]) -> AppendResult:
+    def append(
+        self, messages: Iterable[tuple[bytes | str, bytes]], *, compress: bool = False
+    ) -> AppendResult:
         """Append one batch of ``(key, value)`` pairs as one atomic commit.
 
         Returns once the batch is committed (durable per the storage's policy).
         Invalid input raises ``InvalidBatch`` and leaves the stream unchanged.
+        ``compress=True`` stores the values zstd-compressed where that makes
+        them smaller (docs/FORMAT.md); readers unpack them.
         """
-        return self.append_batches([encode_batch(messages)])[0]
+        return self.append_batches([encode_batch(messages, compress=compress)])[0]
 
     def append_batches(self, batches: Sequence[EncodedBatch]) -> list[AppendResult]:
         """Commit several encoded batches with one storage commit (group commit).

@@ -83,9 +83,11 @@ class AsyncClient:
         """The server's base URL (without credentials)."""
         return self._base
 
-    async def publish(self, stream: str, messages: Iterable[MessageLike]) -> AppendResult:
+    async def publish(
+        self, stream: str, messages: Iterable[MessageLike], *, compress: bool = False
+    ) -> AppendResult:
         """Append ``messages`` as one batch (see ``Client.publish``)."""
-        return await self.publish_batch(stream, batch_of(messages))
+        return await self.publish_batch(stream, batch_of(messages, compress=compress))
 
     async def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
         """Append a batch already encoded (``format.encode_batch``)."""

@@ -336,19 +336,21 @@ def _frame_start(body: bytes, position: int, skip: int) -> int:
 # Messages to publish -----------------------------------------------------------------
 
 
-def batch_of(messages: Iterable[object]) -> EncodedBatch:
+def batch_of(messages: Iterable[object], *, compress: bool = False) -> EncodedBatch:
     """Encode ``messages`` for ``publish``: pairs, bare values, or objects with key and value.
 
     Keys and values may be ``bytes`` or ``str`` (UTF-8). Lists of
     ``(bytes, bytes)`` pairs, the common case, go straight to the encoder.
+    ``compress`` zstd-compresses the values where that makes them smaller.
     """
     rows = messages if isinstance(messages, list | tuple) else list(messages)
     if rows and type(rows[0]) is tuple:
         try:
-            return encode_batch(rows)  # type: ignore[arg-type]
+            return encode_batch(rows, compress=compress)  # type: ignore[arg-type]
         except InvalidBatch:
             pass  # str values, or another shape among the pairs: normalise, then say which
-    return encode_batch([_pair(index, message) for index, message in enumerate(rows)])
+    pairs = [_pair(index, message) for index, message in enumerate(rows)]
+    return encode_batch(pairs, compress=compress)
 
 
 def _pair(index: int, message: object) -> tuple[bytes | str, bytes]:

@@ -185,7 +185,9 @@ class Client:
 
     # Publishing ------------------------------------------------------------------------
 
-    def publish(self, stream: str, messages: Iterable[MessageLike]) -> AppendResult:
+    def publish(
+        self, stream: str, messages: Iterable[MessageLike], *, compress: bool = False
+    ) -> AppendResult:
         """Append ``messages`` to ``stream`` as one batch; their receipts once committed.
 
         A message is a ``(key, value)`` pair, a bare value (empty key), or
@@ -193,8 +195,10 @@ class Client:
         ``str`` keys and values are UTF-8. The batch travels in the binary
         batch format and the server answers briefly; the receipts (position,
         sequence, id of every message) are rebuilt exactly from that answer.
+        ``compress=True`` zstd-compresses the values here, before they travel;
+        the server stores them as sent and every reader unpacks them.
         """
-        return self.publish_batch(stream, batch_of(messages))
+        return self.publish_batch(stream, batch_of(messages, compress=compress))
 
     def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
         """Append a batch already encoded (``format.encode_batch``)."""
