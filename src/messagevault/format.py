@@ -1105,8 +1105,7 @@ class FrameAssembler:
             return iter(())
         self._head = self._stored = None
         if head.compressed:
-            size = _content_size(stored, head.base_position)
-            value = _unpacked_values(stored, size, head.base_position)
+            value = _unpacked_value(stored, head.base_position)
         else:
             value = bytes(stored)
         del stored
@@ -1114,6 +1113,44 @@ class FrameAssembler:
             head.base_position, head.base_sequence, head.timestamp, self._key, value, header.end
         )
         return iter((message,))
+
+
+# zstd's densest block (RLE: a 3-byte block header and one byte) stands for at
+# most 128 KiB, so no zstd frame unpacks to more than this many times its size.
+_ZSTD_MAX_RATIO: Final = 128 * 1024 // 4
+
+
+def _unpacked_value(stored: bytearray, position: int) -> bytes:
+    """Decompress the joined pieces of a compressed value, which hold one zstd frame.
+
+    The size the frame declares is the sender's word, so the result grows
+    only as real output comes instead of being allocated up front: a few
+    hundred bytes declaring a terabyte fail as ``CorruptData`` without
+    asking for the terabyte.
+    """
+    size = _content_size(stored, position)
+    if size > _ZSTD_MAX_RATIO * len(stored):
+        raise CorruptData(
+            f"compressed value at position {position} declares {size} bytes, more than "
+            f"its {len(stored)} stored bytes can hold",
+            position=position,
+        )
+    unpacker = _decompressor().decompressobj()
+    try:
+        value = unpacker.decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise CorruptData(
+            f"compressed value at position {position} does not decompress: {exc}",
+            position=position,
+        ) from None
+    if len(value) != size or not unpacker.eof or unpacker.unused_data:
+        raise CorruptData(
+            f"compressed value at position {position} unpacks to {len(value)} bytes "
+            f"(declared {size}){'' if unpacker.eof else ', cut short'}"
+            f"{', with bytes after its end' if unpacker.unused_data else ''}",
+            position=position,
+        )
+    return value
 
 
 def _content_size(data: bytes | bytearray | memoryview, position: int) -> int:
