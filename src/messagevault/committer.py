@@ -2,8 +2,10 @@
 
 Each append joins a queue and gets a future; one committer thread takes as
 many queued batches as fit one storage write (4 MiB on Azure, less the tail
-page the writer rewrites), commits them with ``Writer.append_batches`` and
-resolves their futures with their own receipts. Order is arrival order.
+page the writer rewrites), commits them with ``Writer.append_group`` and
+resolves their futures with their own outcomes: receipts, the original
+receipts of a producer's repeated batch, or the refusal of one out of
+sequence. Order is arrival order.
 
 While a commit is in flight (a device flush, a storage round trip), new
 appends queue up behind it and share the next commit, so throughput grows
@@ -178,7 +180,7 @@ class GroupCommitter:
             batches = [batch for batch, _ in group]
             started = time.perf_counter()
             try:
-                results = self.writer.append_batches(batches)
+                outcomes = self.writer.append_group(batches)
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
                 if isinstance(exc, StaleWriter):
                     # Deposed: nothing queued can ever commit. Closed before any
@@ -191,24 +193,34 @@ class GroupCommitter:
                 self._group_done()
                 continue
             seconds = time.perf_counter() - started
+            # Repeated and refused batches were answered without being written.
+            results = [r for r in outcomes if isinstance(r, AppendResult) and not r.duplicate]
             messages = sum(result.message_count for result in results)
             size = sum(result.frame_size for result in results)
-            self.stats.seconds += seconds
-            self.stats.commits += 1
-            self.stats.batches += len(group)
-            self.stats.messages += messages
-            self.stats.bytes += size
-            for (_, future), result in zip(group, results, strict=True):
-                future.set_result(result)
+            if results:
+                self.stats.seconds += seconds
+                self.stats.commits += 1
+                self.stats.batches += len(results)
+                self.stats.messages += messages
+                self.stats.bytes += size
+            for (_, future), outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, AppendResult):
+                    future.set_result(outcome)
+                else:
+                    future.set_exception(outcome)
             self._group_done()
-            if self.on_commit is not None:
+            try:
+                self.writer.snapshot_if_due()  # once every waiter has its answer
+            except Exception:  # a snapshot only saves a later writer time: never stop for it
+                log.exception("producer snapshot failed", extra={"stream": self.writer.name})
+            if self.on_commit is not None and results:
                 commit = Commit(
                     stream=self.writer.name,
-                    batches=len(group),
+                    batches=len(results),
                     messages=messages,
                     bytes=size,
                     seconds=seconds,
-                    length=results[-1].committed_length,
+                    length=self.writer.checkpoint.length,
                 )
                 try:
                     self.on_commit(commit)

@@ -38,6 +38,10 @@ opening the stream replays only the frames after that position:
     32 + 48n 4        CRC-32 of bytes [0, 32 + 48n)
 
 All integers little-endian; the CRC is ``zlib.crc32``.
+
+``rebuild_table`` is how a writer opening a stream gets its table: the
+snapshot, if there is a sound one, then ``replay`` of every frame after it,
+read header by header (a body is skipped by its ``frame_size``, not read).
 """
 
 from __future__ import annotations
@@ -49,12 +53,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from messagevault.checkpoint import Checkpoint
 from messagevault.errors import CorruptData, SequenceGap, StaleSequence, UnsupportedVersion
+from messagevault.format import (
+    MAX_HEADER_SIZE,
+    NO_PRODUCER,
+    PRODUCER_ID_SIZE,
+    FrameHeader,
+    read_header,
+)
+from messagevault.storage.base import StreamStore
 
 DEFAULT_MAX_PRODUCERS: Final = 100_000
 DEFAULT_PRODUCER_MAX_AGE: Final = 7 * 24 * 3600.0  # seconds
-PRODUCER_ID_SIZE: Final = 16
-_NO_PRODUCER: Final = bytes(PRODUCER_ID_SIZE)  # the id of a batch without a producer
+# A writer snapshots its table after this many bytes of appended frames (and
+# when it closes), so that a writer taking over replays at most about this.
+DEFAULT_SNAPSHOT_BYTES: Final = 64 * 1024 * 1024
+# Frames are scanned in reads of this size, bodies and all, while they are
+# small; a frame at least SCAN_SKIP_FROM big is skipped with its frame_size.
+SCAN_READ_SIZE: Final = 4 * 1024 * 1024
+SCAN_SKIP_FROM: Final = 256 * 1024
 
 SNAPSHOT_NAME: Final = "producers"  # the side object (``StreamStore.write_side``)
 SNAPSHOT_MAGIC: Final = b"MVPS"
@@ -177,7 +195,7 @@ class ProducerTable:
         Call it for every committed batch with a producer, in stream order
         (and ``expire`` for those without), live and when rebuilding alike.
         """
-        if len(producer) != PRODUCER_ID_SIZE or producer == _NO_PRODUCER:
+        if len(producer) != PRODUCER_ID_SIZE or producer == NO_PRODUCER:
             raise ValueError(f"not a producer id: {producer.hex()}")
         records = self._records
         records[producer] = record
@@ -260,7 +278,7 @@ def _entry_problem(
     producer: bytes, record: ProducerRecord, position: int, newest: int, seen: set[bytes]
 ) -> str:
     """What makes a (CRC-valid) entry impossible, or "" (a bug wrote it, not the disk)."""
-    if producer == _NO_PRODUCER:
+    if producer == NO_PRODUCER:
         return "has no producer id"
     if producer in seen:
         return f"repeats producer {producer.hex()}"
@@ -269,3 +287,128 @@ def _entry_problem(
     if record.timestamp < newest:
         return "was committed before the entry ahead of it (entries go oldest first)"
     return ""
+
+
+# Rebuilding from storage ----------------------------------------------------------------
+
+
+def replay(table: ProducerTable, header: FrameHeader) -> None:
+    """Apply one committed frame to ``table``, as the writer did when it committed it.
+
+    A batch of several frames (a large value in pieces, more messages than
+    one frame holds) is recorded frame by frame: a frame of the producer's
+    last batch (same sequence and timestamp, right after it) extends its
+    record, so the table ends up as if the batch had been recorded whole.
+    """
+    producer = header.producer
+    if producer == NO_PRODUCER:
+        table.expire(header.timestamp)
+        return
+    start = header.base_position
+    last = table.get(producer)
+    if (
+        last is not None
+        and last.sequence == header.producer_seq
+        and last.end == start
+        and last.timestamp == header.timestamp
+    ):
+        start = last.start
+    table.record(producer, ProducerRecord(header.producer_seq, start, header.end, header.timestamp))
+
+
+def frame_headers(
+    store: StreamStore, start: int, end: int, *, read_size: int = SCAN_READ_SIZE
+) -> Iterator[FrameHeader]:
+    """The checked headers of the committed frames in ``[start, end)``, in order.
+
+    Small frames come ``read_size`` bytes at a time; after a frame of
+    ``SCAN_SKIP_FROM`` bytes or more, only the next header is read.
+    ``CorruptData`` names the position of a damaged header.
+    """
+    buffer = b""
+    buffer_start = position = start
+    chunk = read_size
+    while position < end:
+        offset = position - buffer_start
+        if len(buffer) - offset < min(MAX_HEADER_SIZE, end - position):
+            buffer = store.read(position, min(max(chunk, MAX_HEADER_SIZE), end - position))
+            buffer_start, offset = position, 0
+        header = read_header(buffer, offset, position)
+        if header.end > end:
+            raise CorruptData(
+                f"frame at position {position} runs past the committed length {end}",
+                position=position,
+            )
+        yield header
+        position = header.end
+        chunk = MAX_HEADER_SIZE if header.frame_size >= SCAN_SKIP_FROM else read_size
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """A table rebuilt from storage, and how: ``snapshot`` is where the snapshot used ends.
+
+    ``snapshot`` is None when there was none to use (``problem`` says why, if
+    there was one but it was damaged or did not fit the stream).
+    """
+
+    table: ProducerTable
+    snapshot: int | None
+    problem: str | None
+    scanned: int  # bytes of frames replayed after the snapshot
+
+
+def rebuild_table(
+    store: StreamStore,
+    checkpoint: Checkpoint,
+    *,
+    max_producers: int = DEFAULT_MAX_PRODUCERS,
+    max_age: float = DEFAULT_PRODUCER_MAX_AGE,
+) -> Rebuilt:
+    """The producer table of the stream up to ``checkpoint``: the snapshot, then the frames after.
+
+    A missing, damaged or misplaced snapshot (one that does not describe
+    this stream at a frame boundary) means a replay from position 0.
+    """
+    table = ProducerTable(max_producers=max_producers, max_age=max_age)
+    problem = None
+    try:
+        snapshot = _fitting_snapshot(store, checkpoint)
+    except CorruptData as exc:
+        snapshot, problem = None, str(exc)
+    start = 0
+    if snapshot is not None:
+        table.restore(snapshot)
+        start = snapshot.position
+    for header in frame_headers(store, start, checkpoint.length):
+        replay(table, header)
+    return Rebuilt(
+        table,
+        None if snapshot is None else snapshot.position,
+        problem,
+        checkpoint.length - start,
+    )
+
+
+def _fitting_snapshot(store: StreamStore, checkpoint: Checkpoint) -> ProducerSnapshot | None:
+    """The stream's snapshot, None if it has none; ``CorruptData`` if it does not fit the stream."""
+    data = store.read_side(SNAPSHOT_NAME)
+    if data is None:
+        return None
+    snapshot = decode_snapshot(data)
+    where = f"producer snapshot at position {snapshot.position}, sequence {snapshot.sequence}"
+    if snapshot.position > checkpoint.length:
+        raise CorruptData(f"{where} lies past the committed length {checkpoint.length}")
+    if snapshot.position == checkpoint.length:
+        sequence = checkpoint.next_sequence
+    else:
+        try:
+            first = next(frame_headers(store, snapshot.position, checkpoint.length))
+        except CorruptData as exc:
+            raise CorruptData(f"{where} is not at a frame: {exc}") from exc
+        if first.is_continuation:
+            raise CorruptData(f"{where} is at a piece of a value, not a batch")
+        sequence = first.base_sequence
+    if snapshot.sequence != sequence:
+        raise CorruptData(f"{where} does not fit the stream there (sequence {sequence})")
+    return snapshot

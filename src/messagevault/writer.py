@@ -8,8 +8,10 @@ overwrites, so opening a stream never needs a repair step.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, overload
@@ -19,12 +21,17 @@ from messagevault.errors import (
     CorruptData,
     InvalidInput,
     MessageVaultError,
+    SequenceGap,
+    StaleSequence,
     StaleWriter,
     StorageError,
 )
 from messagevault.format import (
     FRAME_HEADER_SIZE,
+    MAX_HEADER_SIZE,
+    NO_PRODUCER,
     EncodedBatch,
+    FrameHeader,
     FrameLayout,
     PieceCheck,
     encode_batch,
@@ -33,7 +40,26 @@ from messagevault.format import (
     read_header,
     verify_frame,
 )
+from messagevault.producers import (
+    DEFAULT_MAX_PRODUCERS,
+    DEFAULT_PRODUCER_MAX_AGE,
+    DEFAULT_SNAPSHOT_BYTES,
+    SNAPSHOT_NAME,
+    ProducerRecord,
+    ProducerTable,
+    check_sequence,
+    frame_headers,
+    rebuild_table,
+    replay,
+)
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
+
+log = logging.getLogger("messagevault.writer")
+
+# What a producer's batch was judged, before a group commit: None to append
+# it; the index of an earlier batch of the group it repeats; the record of
+# the committed batch it repeats; or why it is refused.
+_Verdict = int | ProducerRecord | SequenceGap | StaleSequence | None
 
 
 class Receipt(NamedTuple):
@@ -143,7 +169,17 @@ class Writer:
     0
     """
 
-    def __init__(self, store: StreamStore, name: str, *, commit_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: StreamStore,
+        name: str,
+        *,
+        commit_timeout: float = 30.0,
+        max_producers: int = DEFAULT_MAX_PRODUCERS,
+        producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
+        snapshot_interval: int = DEFAULT_SNAPSHOT_BYTES,
+    ) -> None:
+        _check_producer_options(max_producers, producer_max_age, snapshot_interval)
         self.name = name
         self._store = store
         self._closed = False
@@ -155,6 +191,25 @@ class Writer:
         self._confirmed_at = time.monotonic()  # when storage last agreed with _checkpoint
         self._verify_tail()
         self._tail = self._read_tail_page()
+        self._in_doubt_landed: Callable[[], None] | None = None
+        self.snapshot_interval = snapshot_interval
+        rebuilt = rebuild_table(
+            store, self._checkpoint, max_producers=max_producers, max_age=producer_max_age
+        )
+        self._producers = rebuilt.table
+        self._snapshot_at = rebuilt.snapshot  # the position the stored snapshot is of
+        self._next_snapshot = (rebuilt.snapshot or 0) + snapshot_interval
+        if rebuilt.problem is not None:
+            log.warning(
+                "producer snapshot of stream %r not used (%s): replayed all its frames",
+                name,
+                rebuilt.problem,
+                extra={"stream": name},
+            )
+        if (rebuilt.snapshot is None and self._checkpoint.length) or (
+            rebuilt.scanned >= snapshot_interval
+        ):
+            self.write_snapshot()  # spare the next writer this replay
 
     @classmethod
     def open(
@@ -165,16 +220,34 @@ class Writer:
         create: bool = True,
         takeover: bool = False,
         commit_timeout: float = 30.0,
+        max_producers: int = DEFAULT_MAX_PRODUCERS,
+        producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
+        snapshot_interval: int = DEFAULT_SNAPSHOT_BYTES,
     ) -> Writer:
         """Open ``name`` for writing (creating it by default) and take its writer lock.
 
         ``takeover=True`` deposes a current writer where the backend can fence
         it (see ``Storage.open_stream``). ``commit_timeout`` bounds how long an
         append rides out storage faults before it raises ``StorageError``.
+
+        The producer table (``producers``) remembers at most
+        ``max_producers`` producers, none for longer than
+        ``producer_max_age`` seconds of commit timestamps after its last
+        commit, and is saved every ``snapshot_interval`` bytes of appended
+        frames and on ``close``. Opening rebuilds it from that snapshot and
+        the frames after it.
         """
+        _check_producer_options(max_producers, producer_max_age, snapshot_interval)
         store = storage.open_stream(name, write=True, create=create, takeover=takeover)
         try:
-            return cls(store, name, commit_timeout=commit_timeout)
+            return cls(
+                store,
+                name,
+                commit_timeout=commit_timeout,
+                max_producers=max_producers,
+                producer_max_age=producer_max_age,
+                snapshot_interval=snapshot_interval,
+            )
         except BaseException:
             store.close()
             raise
@@ -183,6 +256,11 @@ class Writer:
     def checkpoint(self) -> Checkpoint:
         """The last checkpoint this writer committed or found."""
         return self._checkpoint
+
+    @property
+    def producers(self) -> ProducerTable:
+        """The stream's producers and their last committed batches (read it, don't change it)."""
+        return self._producers
 
     def recent_checkpoint(self, max_age: float) -> Checkpoint | None:
         """The committed checkpoint, if storage confirmed it within ``max_age`` seconds.
@@ -224,11 +302,131 @@ class Writer:
     def append_batches(self, batches: Sequence[EncodedBatch]) -> list[AppendResult]:
         """Commit several encoded batches with one storage commit (group commit).
 
-        All of them are committed, or (on an exception) none of them.
+        All of them are committed, or (on an exception) none of them. A batch
+        with a producer is judged by the producer table first
+        (``producers.check_sequence``): one that repeats the producer's last
+        committed batch is not appended again, and its result is that
+        batch's original one, with ``duplicate=True``; one that skips ahead
+        or comes too late raises ``SequenceGap``/``StaleSequence``.
         """
         if not batches:
             return []
         self._check_usable()
+        verdicts = self._judge(batches)
+        refused = next((v for v in verdicts if isinstance(v, SequenceGap | StaleSequence)), None)
+        if refused is not None:
+            raise refused
+        results = [r for r in self._carry_out(batches, verdicts) if isinstance(r, AppendResult)]
+        self.snapshot_if_due()
+        return results
+
+    def append_group(
+        self, batches: Sequence[EncodedBatch]
+    ) -> list[AppendResult | SequenceGap | StaleSequence]:
+        """``append_batches`` for batches from many callers: each gets its own outcome.
+
+        A batch refused by the producer table gets its ``SequenceGap`` or
+        ``StaleSequence`` in its place and the others are committed; a batch
+        repeating one earlier in the group (a retry that overtook the answer
+        to it) gets that one's result, with ``duplicate=True``. An exception
+        (storage, a deposed writer) is about the whole group: then nothing
+        was committed, as far as this writer knows. Unlike
+        ``append_batches``, this leaves ``snapshot_if_due`` to the caller,
+        to be called once the outcomes are handed out.
+        """
+        if not batches:
+            return []
+        self._check_usable()
+        return self._carry_out(batches, self._judge(batches))
+
+    def _judge(self, batches: Sequence[EncodedBatch]) -> list[_Verdict]:
+        """What becomes of each batch, as if they came one after the other."""
+        verdicts: list[_Verdict] = []
+        in_group: dict[bytes, tuple[int, int]] = {}  # producer -> (sequence, batch index)
+        for index, batch in enumerate(batches):
+            producer = batch.producer
+            if producer == NO_PRODUCER:
+                verdicts.append(None)
+                continue
+            try:
+                if producer in in_group:
+                    sequence, first = in_group[producer]
+                    if check_sequence(producer, sequence, batch.producer_seq):
+                        verdicts.append(first)
+                        continue
+                else:
+                    found = self._producers.check(producer, batch.producer_seq)
+                    if found is not None:
+                        verdicts.append(found)
+                        continue
+            except (SequenceGap, StaleSequence) as exc:
+                verdicts.append(exc)
+                continue
+            in_group[producer] = (batch.producer_seq, index)
+            verdicts.append(None)
+        return verdicts
+
+    def _carry_out(
+        self, batches: Sequence[EncodedBatch], verdicts: list[_Verdict]
+    ) -> list[AppendResult | SequenceGap | StaleSequence]:
+        # Duplicates are read back before the commit: a storage error then
+        # fails the group before anything of it is written.
+        originals = {
+            index: self._original_result(verdict)
+            for index, verdict in enumerate(verdicts)
+            if isinstance(verdict, ProducerRecord)
+        }
+        appending = [
+            batch for batch, verdict in zip(batches, verdicts, strict=True) if verdict is None
+        ]
+        appended = iter(self._commit_batches(appending) if appending else [])
+        outcomes: list[AppendResult | SequenceGap | StaleSequence] = []
+        for index, verdict in enumerate(verdicts):
+            if verdict is None:
+                outcomes.append(next(appended))
+            elif isinstance(verdict, ProducerRecord):
+                outcomes.append(originals[index])
+            elif isinstance(verdict, int):
+                original = outcomes[verdict]
+                assert isinstance(original, AppendResult)
+                outcomes.append(dataclasses.replace(original, duplicate=True))
+            else:
+                outcomes.append(verdict)
+        return outcomes
+
+    def _original_result(self, record: ProducerRecord) -> AppendResult:
+        """The result a committed batch had, rebuilt from its frame headers.
+
+        Exact but for ``committed_length``, which is the batch's own end: the
+        length after the commit that carried it is not kept (a scan cannot
+        tell where a group commit ended).
+        """
+        headers = list(
+            frame_headers(self._store, record.start, record.end, read_size=MAX_HEADER_SIZE)
+        )
+        layout = tuple(
+            FrameLayout(
+                header.base_position - record.start, header.header_size, header.message_count
+            )
+            for header in headers
+            if header.message_count
+        )
+        single = len(layout) == 1 and layout[0].offset == 0
+        first = headers[0]
+        return AppendResult(
+            record.start,
+            record.end - record.start,
+            first.base_sequence,
+            sum(frame.messages for frame in layout),
+            first.timestamp,
+            record.end,
+            layout[0].header_size if single else FRAME_HEADER_SIZE,
+            None if single else layout,
+            duplicate=True,
+        )
+
+    def _commit_batches(self, batches: list[EncodedBatch]) -> list[AppendResult]:
+        """Place ``batches`` after the committed length and commit them; record their producers."""
         start = self._checkpoint
         timestamp = max(time.time_ns() // 1_000_000, start.last_timestamp)
         pieces: list[bytes | memoryview] = []
@@ -246,7 +444,18 @@ class Writer:
         last_batch_at, last_batch, _ = placed[-1]
         last_frame = last_batch_at + last_batch.frame_size - last_batch.last_frame_size
         new = Checkpoint(start.commit + 1, position, sequence, last_frame, timestamp)
-        self._commit_as(pieces, new, start)
+
+        def landed() -> None:
+            for at, batch, _ in placed:
+                if batch.producer == NO_PRODUCER:
+                    self._producers.expire(timestamp)
+                else:
+                    record = ProducerRecord(
+                        batch.producer_seq, at, at + batch.frame_size, timestamp
+                    )
+                    self._producers.record(batch.producer, record)
+
+        self._commit_as(pieces, new, start, landed)
         return [
             AppendResult.of_batch(batch, at, base, timestamp, position)
             for at, batch, base in placed
@@ -267,6 +476,7 @@ class Writer:
         view = memoryview(frames)
         position, sequence, timestamp = start.length, start.next_sequence, start.last_timestamp
         last_frame = offset = 0
+        headers: list[FrameHeader] = []
         pieces = PieceCheck()
         while offset < len(view):
             header = read_header(view, offset, None)
@@ -283,6 +493,7 @@ class Writer:
                     f"older than the one before it ({timestamp})"
                 )
             verify_frame(view, offset, position)
+            headers.append(header)
             last_frame, position = position, header.end
             sequence += header.message_count
             timestamp = header.timestamp
@@ -291,13 +502,26 @@ class Writer:
             raise InvalidInput("no frames to append")
         pieces.finish()  # never commit half of a value in pieces
         new = Checkpoint(start.commit + 1, position, sequence, last_frame, timestamp)
-        self._commit_as([view], new, start)
+
+        def landed() -> None:
+            for header in headers:
+                replay(self._producers, header)
+
+        self._commit_as([view], new, start, landed)
         return new
 
     def _commit_as(
-        self, pieces: list[bytes | memoryview], new: Checkpoint, start: Checkpoint
+        self,
+        pieces: list[bytes | memoryview],
+        new: Checkpoint,
+        start: Checkpoint,
+        landed: Callable[[], None],
     ) -> None:
-        """``_commit``, then adopt ``new``; a failure leaves this writer stale or in doubt."""
+        """``_commit``, then adopt ``new`` and call ``landed``.
+
+        A failure leaves this writer stale or in doubt; ``landed`` is then
+        called by the resync that finds the commit did land after all.
+        """
         try:
             self._commit(pieces, new, start)
         except StaleWriter as exc:
@@ -306,9 +530,11 @@ class Writer:
         except BaseException:
             self._needs_resync = True
             self._in_doubt = new  # it may yet turn out to have landed
+            self._in_doubt_landed = landed
             raise
         self._checkpoint = new
         self._confirmed_at = time.monotonic()
+        landed()
 
     def _commit(self, pieces: list[bytes | memoryview], new: Checkpoint, start: Checkpoint) -> None:
         """Write the frames and advance the checkpoint, riding out transient faults.
@@ -450,15 +676,55 @@ class Writer:
                 f"(commit {stored.commit}, expected {self._checkpoint.commit})"
             )
             raise self._broken
+        if stored == self._in_doubt and stored != self._checkpoint and self._in_doubt_landed:
+            self._in_doubt_landed()  # it landed: its producers' batches count
         self._checkpoint = stored
         self._confirmed_at = time.monotonic()
         self._in_doubt = None
+        self._in_doubt_landed = None
         self._tail = self._read_tail_page()
         self._needs_resync = False
 
+    def snapshot_if_due(self) -> None:
+        """Save the producer table if ``snapshot_interval`` bytes were appended since the last."""
+        if self._checkpoint.length >= self._next_snapshot and self._in_step():
+            self.write_snapshot()
+
+    def write_snapshot(self) -> bool:
+        """Save the producer table as of the committed length (side object ``producers``).
+
+        A failure is logged, not raised, and retried an interval later: the
+        snapshot only shortens the next writer's rebuild. Returns whether it
+        was saved.
+        """
+        checkpoint = self._checkpoint
+        self._next_snapshot = checkpoint.length + self.snapshot_interval
+        data = self._producers.snapshot(checkpoint.length, checkpoint.next_sequence)
+        try:
+            self._store.write_side(SNAPSHOT_NAME, data)
+        except MessageVaultError as exc:  # storage gone, stream deleted: nothing depends on it
+            log.warning(
+                "producer snapshot of stream %r not saved: %s",
+                self.name,
+                exc,
+                extra={"stream": self.name},
+            )
+            return False
+        self._snapshot_at = checkpoint.length
+        return True
+
+    def _in_step(self) -> bool:
+        """Whether this writer's table is known to match storage (not deposed, not in doubt)."""
+        return not self._closed and self._broken is None and not self._needs_resync
+
     def close(self) -> None:
-        """Release the stream's writer lock. Idempotent."""
-        if not self._closed:
+        """Save the producer table if it changed; release the stream's writer lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._in_step() and self._snapshot_at != self._checkpoint.length:
+                self.write_snapshot()
+        finally:
             self._closed = True
             self._store.close()
 
@@ -472,3 +738,14 @@ class Writer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_producer_options(
+    max_producers: int, producer_max_age: float, snapshot_interval: int
+) -> None:
+    """Refuse bad producer table options before anything is opened."""
+    ProducerTable(max_producers=max_producers, max_age=producer_max_age)
+    if isinstance(snapshot_interval, bool) or not isinstance(snapshot_interval, int):
+        raise TypeError(f"snapshot_interval must be an int, not {type(snapshot_interval).__name__}")
+    if snapshot_interval < 1:
+        raise ValueError(f"snapshot_interval must be at least 1 byte, not {snapshot_interval}")
