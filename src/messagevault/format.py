@@ -292,7 +292,9 @@ def _compressor() -> zstandard.ZstdCompressor:
     """One compressor per thread: zstd contexts are reusable but not shareable."""
     compressor: zstandard.ZstdCompressor | None = getattr(_local, "compressor", None)
     if compressor is None:
-        compressor = _local.compressor = zstandard.ZstdCompressor(level=3)
+        # The content checksum (4 bytes) catches what the body CRC cannot: a
+        # producer that framed damaged zstd bytes (its CRC covers the damage).
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
     return compressor
 
 
