@@ -1106,10 +1106,7 @@ class FrameAssembler:
         if self._filled < head.chunk:
             return iter(())
         self._head = self._stored = None
-        if head.compressed:
-            value = _unpacked_value(stored, head.base_position)
-        else:
-            value = bytes(stored)
+        value = _unpacked_value(stored, head.base_position) if head.compressed else bytes(stored)
         del stored
         message = Message(
             head.base_position, head.base_sequence, head.timestamp, self._key, value, header.end
