@@ -6,8 +6,10 @@ a storage wrapper only where a fault must land at an exact moment.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import queue
@@ -17,14 +19,17 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from click.testing import CliRunner
 
 from messagevault import Reader, SequenceGap, StaleSequence, StorageError, Writer
 from messagevault.checkpoint import Checkpoint
+from messagevault.cli import main
 from messagevault.committer import GroupCommitter
 from messagevault.format import EncodedBatch, encode_batch
 from messagevault.producers import (
@@ -33,12 +38,14 @@ from messagevault.producers import (
     decode_snapshot,
     rebuild_table,
 )
+from messagevault.server import StreamHub
 from messagevault.storage import FileStorage, MemoryStorage
 from messagevault.storage.azure import AzureStorage
 from messagevault.storage.base import Storage, StreamStore
 from messagevault.writer import AppendResult
 from tests import idempotent_writer
 from tests.conftest import BACKENDS
+from tests.serve_process import serve_process
 
 P, Q, R = (bytes([n]) * 16 for n in (0xA1, 0xB2, 0xC3))
 STREAM = "orders"
@@ -624,3 +631,85 @@ def test_a_rebuild_replays_only_the_frames_after_the_snapshot(local_storage: Sto
     assert rebuild_table(_ScanOnly(store), end).scanned == end.length
     store.close()
     writer.close()
+
+
+# The server's options ----------------------------------------------------------------------
+
+
+def _serve(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    """``messagevault serve`` in process with bad options: it must stop before serving."""
+    variables = {
+        "MESSAGEVAULT_STORAGE": f"file:{tmp_path / 'data'}",
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "no-config.toml"),
+        **env,
+    }
+    result = CliRunner().invoke(
+        main, ["serve", "--port", "0", *args], env=variables, prog_name="messagevault"
+    )
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "env"),
+    [
+        (["--max-producers", "0"], {}),
+        (["--max-producers", "many"], {}),
+        (["--producer-max-age", "0"], {}),
+        (["--producer-max-age", "-5"], {}),
+        (["--producer-max-age", "nan"], {}),
+        (["--producer-max-age", "inf"], {}),
+        ([], {"MESSAGEVAULT_MAX_PRODUCERS": "-1"}),
+        ([], {"MESSAGEVAULT_PRODUCER_MAX_AGE": "a week"}),
+    ],
+)
+def test_serve_refuses_bad_producer_bounds_in_one_line(
+    tmp_path: Path, arguments: list[str], env: dict[str, str]
+) -> None:
+    code, err = _serve(tmp_path, *arguments, **env)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "--max-producers" in err or "--producer-max-age" in err
+    assert not (tmp_path / "data").exists()  # nothing was set up
+
+
+def test_serve_passes_the_producer_bounds_to_its_writers(tmp_path: Path) -> None:
+    """One producer remembered: a second producer's batch makes the first forget its last."""
+    log = tmp_path / "serve.log"
+    arguments = ["--max-producers", "1", "--producer-max-age", "3600"]
+    with serve_process(tmp_path / "data", "admin", "pw", arguments=arguments, log=log) as url:
+        first = _post(url, _batch(P, 0))
+        assert _post(url, _batch(P, 0)) == first  # remembered: the original receipts
+        _post(url, _batch(Q, 0))
+        again = _post(url, _batch(P, 0))  # forgotten: appended again
+    assert again["messages"][0]["position"] > first["messages"][0]["position"]
+    listening = next(
+        json.loads(line) for line in log.read_text().splitlines() if '"listening"' in line
+    )
+    assert (listening["max_producers"], listening["producer_max_age"]) == (1, 3600)
+
+
+def _post(url: str, batch: EncodedBatch) -> dict[str, Any]:
+    token = base64.b64encode(b"admin:pw").decode()
+    request = urllib.request.Request(
+        f"{url}/streams/{STREAM}",
+        data=batch.frame(),
+        headers={
+            "Content-Type": "application/x-messagevault-batch",
+            "Authorization": f"Basic {token}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+async def test_the_hub_opens_writers_with_its_producer_bounds() -> None:
+    with pytest.raises(ValueError, match="max_producers must be at least 1"):
+        StreamHub(MemoryStorage(), max_producers=0)
+    hub = StreamHub(MemoryStorage(), max_producers=3, producer_max_age=60)
+    try:
+        await hub.append(STREAM, _batch(P, 0))
+        writer = hub.committers()[STREAM].writer
+        assert (writer.producers.max_producers, writer.producers.max_age) == (3, 60)
+    finally:
+        await hub.close()

@@ -112,9 +112,10 @@ def test_age_bound_is_measured_in_commit_timestamps() -> None:
         ({"max_producers": -5}, ValueError, "at least 1"),
         ({"max_producers": 1.5}, TypeError, "must be an int, not float"),
         ({"max_producers": True}, TypeError, "must be an int, not bool"),
-        ({"max_age": 0}, ValueError, "max age must be positive, not 0 seconds"),
+        ({"max_age": 0}, ValueError, "max age must be positive and finite, not 0 seconds"),
         ({"max_age": -1.0}, ValueError, "positive"),
         ({"max_age": math.nan}, ValueError, "positive"),
+        ({"max_age": math.inf}, ValueError, "positive and finite, not inf seconds"),
     ],
 )
 def test_bad_bounds_are_refused(

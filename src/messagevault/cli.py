@@ -56,6 +56,7 @@ from messagevault.errors import (
 )
 from messagevault.format import MAX_FRAME_SIZE
 from messagevault.names import validate_stream_name
+from messagevault.producers import DEFAULT_MAX_PRODUCERS, DEFAULT_PRODUCER_MAX_AGE
 from messagevault.profiles import config_path, save_profile
 from messagevault.reader import Reader, VerifyReport
 from messagevault.replicate import copy_stream
@@ -253,6 +254,19 @@ def _serve_option(
     10.0,
     "Seconds an append waits for room before 503 overloaded.",
 )
+@_serve_option(
+    "--max-producers",
+    click.IntRange(1),
+    DEFAULT_MAX_PRODUCERS,
+    "Producers remembered per stream for exactly-once appends; the least recently "
+    "committed is forgotten first.",
+)
+@_serve_option(
+    "--producer-max-age",
+    click.FloatRange(0, min_open=True),
+    DEFAULT_PRODUCER_MAX_AGE,
+    "Seconds (of commit timestamps) a producer is remembered after its last commit.",
+)
 @click.option(
     "--statsd",
     "statsd_address",
@@ -311,6 +325,8 @@ def serve(  # click passes options by name
     linger_ms: float,
     max_queued_bytes: int,
     max_queue_wait: float,
+    max_producers: int,
+    producer_max_age: float,
     statsd_address: str | None,
     statsd_prefix: str,
     log_level: str,
@@ -342,12 +358,17 @@ def serve(  # click passes options by name
         max_read_bytes=max_read_bytes,
         max_wait=max_wait,
     )
-    hub = StreamHub(
-        storage,
-        linger=linger_ms / 1000,
-        max_queued_bytes=max_queued_bytes,
-        max_queue_wait=max_queue_wait,
-    )
+    try:
+        hub = StreamHub(
+            storage,
+            linger=linger_ms / 1000,
+            max_queued_bytes=max_queued_bytes,
+            max_queue_wait=max_queue_wait,
+            max_producers=max_producers,
+            producer_max_age=producer_max_age,
+        )
+    except ValueError as exc:  # what a range cannot say: nan, inf
+        raise click.BadParameter(str(exc), param_hint="--producer-max-age") from exc
     app = create_app(hub, limits, Authenticator(files), max_stream_series=metrics_streams)
     if access_log:
         from messagevault.server.access_log import log_request
@@ -363,6 +384,8 @@ def serve(  # click passes options by name
         "linger_ms": linger_ms,
         "max_queued_bytes": max_queued_bytes,
         "max_queue_wait": max_queue_wait,
+        "max_producers": max_producers,
+        "producer_max_age": producer_max_age,
         "statsd": statsd_address,
         "statsd_prefix": statsd_prefix,
         "access_log": access_log,

@@ -46,6 +46,7 @@ read header by header (a body is skipped by its ``frame_size``, not read).
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections import OrderedDict
@@ -162,8 +163,8 @@ class ProducerTable:
             raise TypeError(f"max_producers must be an int, not {type(max_producers).__name__}")
         if max_producers < 1:
             raise ValueError(f"max_producers must be at least 1, not {max_producers}")
-        if not max_age > 0:  # also refuses NaN
-            raise ValueError(f"producer max age must be positive, not {max_age} seconds")
+        if not (math.isfinite(max_age) and max_age > 0):
+            raise ValueError(f"producer max age must be positive and finite, not {max_age} seconds")
         self.max_producers = max_producers
         self.max_age = max_age
         self._max_age_ms = max(1, round(max_age * 1000))

@@ -31,6 +31,11 @@ from messagevault.committer import (
 from messagevault.errors import CommitterClosed
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
+from messagevault.producers import (
+    DEFAULT_MAX_PRODUCERS,
+    DEFAULT_PRODUCER_MAX_AGE,
+    ProducerTable,
+)
 from messagevault.reader import RawFrames, Reader
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.writer import AppendResult, Writer
@@ -144,8 +149,16 @@ class StreamHub:
         linger: float = 0.0,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         max_queue_wait: float = 10.0,
+        max_producers: int = DEFAULT_MAX_PRODUCERS,
+        producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
     ) -> None:
+        # Bad bounds fail here, at start-up, not at a stream's first append.
+        ProducerTable(max_producers=max_producers, max_age=producer_max_age)
         self.storage = storage
+        # Each stream's producer table (Writer.open): how many producers, for
+        # how many seconds of commit timestamps.
+        self.max_producers = max_producers
+        self.producer_max_age = producer_max_age
         self.linger = linger  # seconds a commit waits for more appends (GroupCommitter)
         self.max_queued_bytes = max_queued_bytes
         # How long an append waits for room in a full commit queue before it
@@ -261,7 +274,12 @@ class StreamHub:
                 # A fresh writer starts from what storage holds now: after a
                 # takeover, from the other writer's last commit. StreamLocked
                 # (409) while the other writer still holds the stream.
-                writer = await self.run(Writer.open, self.storage, stream)
+                open_writer = functools.partial(
+                    Writer.open,
+                    max_producers=self.max_producers,
+                    producer_max_age=self.producer_max_age,
+                )
+                writer = await self.run(open_writer, self.storage, stream)
                 committer = self._committers[stream] = GroupCommitter(
                     writer,
                     linger=self.linger,
