@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install peer-servers serve test lint typecheck pytest bench-core bench-http bench-azure bench-client bench-peers readme-peers clean
+.PHONY: install peer-servers serve test lint typecheck pytest bench-core bench-large bench-http bench-azure bench-client bench-peers readme-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test: lint typecheck pytest
 
 bench-core: $(STAMP)
 	$(BIN)/python benchmarks/core.py
+
+# 1 MiB, 16 MiB and 256 MiB values, compressed and not, against raw file I/O in the same run.
+bench-large: $(STAMP)
+	$(BIN)/python benchmarks/large_values.py
 
 bench-http: $(STAMP)
 	$(BIN)/python benchmarks/http.py

@@ -40,3 +40,26 @@ def test_core_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
         ("W2", "always", "append"),
     }
     assert all(c["msgs_per_s"] > 0 for c in cases)
+
+
+def test_large_values_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
+    stdout, report = run_benchmark(
+        "large_values",
+        tmp_path,
+        *("--scale", "0.0005", "--runs", "1"),
+        *("--dir", str(tmp_path), "--output", str(tmp_path / "results")),
+    )
+    assert "256 MiB" in stdout
+    cases = report["cases"]
+    assert {(c["label"], c["kind"], c["phase"]) for c in cases} == {
+        (label, kind, phase)
+        for label in ("1 MiB", "16 MiB", "256 MiB")
+        for kind in ("json", "json-plain", "random")
+        for phase in ("append", "read")
+    }
+    assert all(c["mb_per_s"] > 0 and c["raw_mb_per_s"] > 0 for c in cases)
+    # Compression on JSON-like text stores less than the values; random bytes stay as they are.
+    stored = {(c["label"], c["kind"]): c["stored_bytes"] / c["payload_bytes"] for c in cases}
+    assert stored[("256 MiB", "json")] < 0.5 < 1 <= stored[("256 MiB", "random")]
+    (markdown,) = (tmp_path / "results").glob("large_values-*.md")
+    assert "| 256 MiB | random | read |" in markdown.read_text()
