@@ -677,24 +677,38 @@ def _dropping_app(calls: list[str], drops: int) -> web.Application:
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_a_lost_read_is_retried_but_a_lost_append_is_not(kind: str) -> None:
+async def test_a_lost_read_is_retried_but_a_lost_non_idempotent_append_is_not(kind: str) -> None:
     calls: list[str] = []
     with ServedApp(_dropping_app(calls, drops=1)) as served:
         if kind == "sync":
-            with Client(served.url) as client:
+            with Client(served.url, idempotent=False) as client:
                 with pytest.raises(StreamNotFound):  # the second try's answer
                     await asyncio.to_thread(client.info, "orders")
                 calls.clear()
                 with pytest.raises(ServerUnreachable, match="may or may not"):
                     await asyncio.to_thread(client.publish, "orders", [b"x"])
         else:
-            async with AsyncClient(served.url) as async_client:
+            async with AsyncClient(served.url, idempotent=False) as async_client:
                 with pytest.raises(StreamNotFound):
                     await async_client.info("orders")
                 calls.clear()
                 with pytest.raises(ServerUnreachable, match="may or may not"):
                     await async_client.publish("orders", [b"x"])
     assert calls == ["POST"]  # sent once: it may have been committed
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_lost_idempotent_append_is_sent_again(kind: str) -> None:
+    calls: list[str] = []
+    with ServedApp(_dropping_app(calls, drops=1)) as served:
+        if kind == "sync":
+            with Client(served.url) as client, pytest.raises(StreamNotFound):
+                await asyncio.to_thread(client.publish, "orders", [b"x"])  # the second try's answer
+        else:
+            async with AsyncClient(served.url) as async_client:
+                with pytest.raises(StreamNotFound):
+                    await async_client.publish("orders", [b"x"])
+    assert calls == ["POST", "POST"]  # safe: the batch carries a producer id
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,14 @@ to two lists: the batch owns one future, and the per-message future is a
 two-field view of it (batch, index). The receipt itself is computed only when
 asked for (``AppendResult`` derives it from the batch's first position).
 
-Appends are not idempotent yet: the client retries only what certainly did
-not commit, so a batch whose answer was lost fails rather than risk a
-duplicate.
+Publishing is exactly-once when the client is idempotent (the default): a
+producer has one random producer id, numbers each stream's batches 0, 1,
+2, ... and the client sends a batch again, the same bytes, through lost
+answers, resets and 503s until it commits or the client's ``retry_timeout``
+passes; the server answers a repeat with the first commit's receipts. A
+batch that fails anyway leaves its lane unsure whether it committed, so the
+lane goes on under a new producer id (a new id starts fresh: the next batch
+can neither be taken for the failed one nor be refused for skipping it).
 """
 
 from __future__ import annotations
@@ -32,19 +37,28 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Protocol
 
-from messagevault.errors import InvalidBatch, InvalidInput, Overloaded, ProducerClosed
+from messagevault.errors import (
+    InvalidBatch,
+    InvalidInput,
+    Overloaded,
+    ProducerClosed,
+    SequenceGap,
+    StaleSequence,
+)
 from messagevault.format import (
     FRAME_HEADER_SIZE,
     MAX_BATCH_COUNT,
     MAX_FRAME_SIZE,
     MAX_KEY_SIZE,
     MAX_VALUE_SIZE,
+    NO_PRODUCER,
     PER_MESSAGE_OVERHEAD,
     EncodedBatch,
     encode_columns,
@@ -78,6 +92,17 @@ def _as_bytes(value: object, what: str) -> bytes:
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     raise InvalidBatch(f"{what} must be bytes or str, not {type(value).__name__}")
+
+
+def _producer_id(client: object, idempotent: bool | None) -> bytes:
+    """A new random producer id, or NO_PRODUCER when appends are not to be idempotent.
+
+    ``idempotent=None`` follows the client (``Client.idempotent``); a
+    publisher that does not say is taken as not idempotent.
+    """
+    if idempotent is None:
+        idempotent = bool(getattr(client, "idempotent", False))
+    return uuid.uuid4().bytes if idempotent else NO_PRODUCER
 
 
 class _Batch:
@@ -187,13 +212,45 @@ class _Lane:
     stream's sender takes whole batches from the front.
     """
 
-    __slots__ = ("batches", "in_flight", "stream", "waiting")
+    __slots__ = ("batches", "in_flight", "producer", "producer_seq", "stream", "waiting")
 
-    def __init__(self, stream: str) -> None:
+    def __init__(self, stream: str, producer: bytes) -> None:
         self.stream = stream
         self.batches: deque[_Batch] = deque()
         self.in_flight: _Batch | None = None
         self.waiting = False  # the sender sleeps on the producer's condition
+        # The producer id and batch sequence of the lane's next batch
+        # (NO_PRODUCER: a client that is not idempotent). Only the lane's
+        # sender touches them.
+        self.producer = producer
+        self.producer_seq = 0
+
+    def stamped(self, batch: EncodedBatch) -> EncodedBatch:
+        """``batch`` as this lane's next batch of its producer."""
+        if self.producer == NO_PRODUCER:
+            return batch
+        return batch.with_producer(self.producer, self.producer_seq)
+
+    def settled(self, failure: BaseException | None) -> None:
+        """The front batch was answered: the next gets the next sequence, or a new id.
+
+        After a failure the batch may or may not have committed (the client
+        gave up in doubt): under a new id the next batch is accepted either way.
+        """
+        if self.producer == NO_PRODUCER:
+            return
+        if failure is None:
+            self.producer_seq += 1
+            return
+        if isinstance(failure, SequenceGap | StaleSequence):
+            failure.add_note(
+                f"producer {self.producer.hex()} sent batch {self.producer_seq} of stream "
+                f"{self.stream!r}, and the server expected another: this producer sends each "
+                "stream's batches one at a time, in order, so this is a bug (please report "
+                "it); the batch was not appended, and later ones go under a new producer id"
+            )
+        self.producer = uuid.uuid4().bytes
+        self.producer_seq = 0
 
     def ready(self, limits: _Limits, now: float, flushing: bool) -> float | None:
         """0 if the front batch should go now, else seconds until it should (None: empty)."""
@@ -250,6 +307,10 @@ class Producer:
     ...     future = producer.send("orders", b'{"id": 1}', key="OrderPlaced")
     ...     producer.flush()
     ...     future.result().sequence
+
+    ``idempotent`` (default: as the client is) sends every batch under this
+    producer's id (``producer_id``, 16 random bytes) and a per-stream batch
+    sequence, so that the client's retries never append a batch twice.
     """
 
     def __init__(
@@ -263,9 +324,11 @@ class Producer:
         block: bool = True,
         max_block: float = 60.0,
         compress: bool = False,
+        idempotent: bool | None = None,
     ) -> None:
         self.client = client
         self.block = block
+        self.producer_id = _producer_id(client, idempotent)
         # zstd per batch, in the lane (off the caller's send()); a batch
         # whose values do not shrink goes uncompressed.
         self.compress = compress
@@ -306,7 +369,7 @@ class Producer:
 
     def _open_lane(self, stream: str) -> _Lane:
         """A new stream's lane and its sender thread (lock held)."""
-        lane = self._buffer.lanes[validate_stream_name(stream)] = _Lane(stream)
+        lane = self._buffer.lanes[validate_stream_name(stream)] = _Lane(stream, self.producer_id)
         thread = threading.Thread(
             target=self._send_batches, args=(lane,), name=f"messagevault-producer-{stream}"
         )
@@ -341,10 +404,14 @@ class Producer:
                     return
                 lane.in_flight = batch
             try:
-                result = self.client.publish_batch(lane.stream, batch.encode(self.compress))
+                result = self.client.publish_batch(
+                    lane.stream, lane.stamped(batch.encode(self.compress))
+                )
             except BaseException as exc:  # noqa: BLE001 - the batch's futures must hear of it
+                lane.settled(exc)
                 batch.future.set_exception(exc)
             else:
+                lane.settled(None)
                 batch.future.set_result(result)
             with buffer.lock:
                 lane.in_flight = None
@@ -429,9 +496,11 @@ class AsyncProducer:
         block: bool = True,
         max_block: float = 60.0,
         compress: bool = False,
+        idempotent: bool | None = None,
     ) -> None:
         self.client = client
         self.block = block
+        self.producer_id = _producer_id(client, idempotent)
         # zstd per batch, in the lane (off the caller's send()); a batch
         # whose values do not shrink goes uncompressed.
         self.compress = compress
@@ -467,7 +536,7 @@ class AsyncProducer:
         return MessageFuture(batch, index)
 
     def _open_lane(self, stream: str) -> _Lane:
-        lane = self._buffer.lanes[validate_stream_name(stream)] = _Lane(stream)
+        lane = self._buffer.lanes[validate_stream_name(stream)] = _Lane(stream, self.producer_id)
         self._wake[stream] = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._send_batches(lane)))
         return lane
@@ -503,15 +572,19 @@ class AsyncProducer:
                 continue
             batch = lane.in_flight = lane.batches[0]
             try:
-                result = await self.client.publish_batch(lane.stream, batch.encode(self.compress))
+                result = await self.client.publish_batch(
+                    lane.stream, lane.stamped(batch.encode(self.compress))
+                )
             except asyncio.CancelledError:
                 # Nothing will send this lane's batches any more: each must hear it.
                 for waiting in lane.batches:
                     waiting.future.set_exception(ProducerClosed("the producer was cancelled"))
                 raise
             except BaseException as exc:  # noqa: BLE001 - the batch's futures must hear of it
+                lane.settled(exc)
                 batch.future.set_exception(exc)
             else:
+                lane.settled(None)
                 batch.future.set_result(result)
             with buffer.lock:
                 lane.in_flight = None

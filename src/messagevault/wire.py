@@ -24,7 +24,15 @@ from messagevault.errors import (
     MessageVaultError,
     for_code,
 )
-from messagevault.format import MAX_BATCH_COUNT, EncodedBatch, Message, hex_id_format
+from messagevault.format import (
+    MAX_BATCH_COUNT,
+    MAX_PRODUCER_SEQ,
+    NO_PRODUCER,
+    EncodedBatch,
+    Message,
+    encode_batch,
+    hex_id_format,
+)
 from messagevault.storage.base import ReadAccess
 from messagevault.writer import AppendResult
 
@@ -32,6 +40,9 @@ BATCH_CONTENT_TYPE: Final = "application/x-messagevault-batch"
 JSON: Final = "application/json"
 NDJSON: Final = "application/x-ndjson"
 EVENT_STREAM: Final = "text/event-stream"
+# On the answer to an append that was a duplicate: its receipts are those of
+# the batch committed earlier with the same producer id and sequence.
+DUPLICATE_HEADER: Final = "X-Duplicate"
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND: Final = timedelta(milliseconds=1)
@@ -134,15 +145,82 @@ def _field_bytes(
     raise InvalidBatch(f"message {index}: {encoding_name} must be 'utf-8' or 'base64'")
 
 
+# What a JSON append body may hold.
+APPEND_FIELDS: Final = ("messages", "producer", "sequence")
+
+
 def json_batch(body: bytes) -> list[tuple[bytes, bytes]]:
     """An append body ``{"messages": [record, ...]}`` as (key, value) bytes."""
+    return record_pairs(_append_document(body)["messages"])
+
+
+def json_append(body: bytes) -> EncodedBatch:
+    """An append body as the batch to commit, with its producer id and sequence if it has them.
+
+    ``{"producer": "<UUID or 32 hex digits>", "sequence": N, "messages": [...]}``:
+    ``producer`` and ``sequence`` come together or not at all (``null`` is
+    the same as absent). ``InvalidBatch`` names the bad field.
+    """
+    document = _append_document(body)
+    batch = encode_batch(record_pairs(document["messages"]))
+    producer = document.get("producer")
+    sequence = document.get("sequence")
+    if producer is None and sequence is None:
+        return batch
+    if producer is None:
+        raise InvalidBatch('"sequence" was given without "producer": send both or neither')
+    if sequence is None:
+        raise InvalidBatch('"producer" was given without "sequence": send both or neither')
+    return batch.with_producer(producer_id(producer), _producer_sequence(sequence))
+
+
+def _append_document(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidBatch(f"body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("messages"), list):
         raise InvalidBatch('body must be {"messages": [{"key": ..., "value": ...}, ...]}')
-    return record_pairs(document["messages"])
+    unknown = set(document).difference(APPEND_FIELDS)
+    if unknown:
+        # A misspelt "producer" would otherwise turn deduplication off unseen.
+        raise InvalidBatch(
+            f"body has unknown fields: {', '.join(sorted(unknown))} "
+            f"(it takes {', '.join(APPEND_FIELDS)})"
+        )
+    return document
+
+
+_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
+# The UUID text form: 8-4-4-4-12 hex digits (uuid.UUID also takes braces,
+# "urn:uuid:" and more; the wire takes only the two forms documented).
+_UUID_GROUPS: Final = (8, 4, 4, 4, 12)
+
+
+def producer_id(text: object) -> bytes:
+    """A producer id from its JSON form: a UUID (``"8-4-4-4-12"`` hex) or 32 hex digits."""
+    if isinstance(text, str) and len(text) <= 36:
+        groups = text.split("-")
+        digits = "".join(groups)
+        plain = len(groups) == 1 and len(digits) == 32
+        dashed = tuple(len(group) for group in groups) == _UUID_GROUPS
+        if (plain or dashed) and _HEX_DIGITS.issuperset(digits):
+            producer = bytes.fromhex(digits)
+            if producer == NO_PRODUCER:
+                raise InvalidBatch('"producer" must not be all zeros (that means no producer)')
+            return producer
+    raise InvalidBatch(
+        '"producer" must be a UUID such as "0f8e5c1a-3b2d-4c6e-9a7f-1e2d3c4b5a69" '
+        f"or 32 hex digits, not {text!r:.60}"
+    )
+
+
+def _producer_sequence(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRODUCER_SEQ:
+        raise InvalidBatch(
+            f'"sequence" must be an integer 0..{MAX_PRODUCER_SEQ}, not {value!r:.40}'
+        )
+    return value
 
 
 # Append answers ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from messagevault.client.base import (
+    DEFAULT_RETRY_TIMEOUT,
     EARLY_EMPTY,
     FOLLOW_WAIT,
     Answer,
@@ -26,6 +27,7 @@ from messagevault.client.base import (
     batch_of,
     check_limit,
     give_up,
+    idempotent_batch,
     info_request,
     json_of,
     page_of,
@@ -70,13 +72,28 @@ class AsyncClient:
         password: str | None = None,
         timeout: float = 30.0,
         retries: int = 3,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        idempotent: bool = True,
     ) -> None:
-        self._settings = Settings.resolve(url, user, password, timeout, retries)
+        self._settings = Settings.resolve(
+            url,
+            user,
+            password,
+            timeout,
+            retries,
+            retry_timeout=retry_timeout,
+            idempotent=idempotent,
+        )
         self._base = self._settings.url
         self._prefix = self._settings.prefix
         self._session: aiohttp.ClientSession | None = None
         self._renewer: Client | None = None  # for readers' SAS renewals, which are blocking
         self._closed = False
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether appends carry a producer id and are retried safely (``Producer`` asks)."""
+        return self._settings.idempotent
 
     @property
     def url(self) -> str:
@@ -90,7 +107,8 @@ class AsyncClient:
         return await self.publish_batch(stream, batch_of(messages, compress=compress))
 
     async def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
-        """Append a batch already encoded (``format.encode_batch``)."""
+        """Append a batch already encoded (see ``Client.publish_batch``)."""
+        batch = idempotent_batch(self._settings, batch)
         answer = await self._call(publish_request(self._settings, stream, batch))
         return published(answer, batch)
 
@@ -196,7 +214,7 @@ class AsyncClient:
     async def _call(self, request: Request, *, patience: float | None = None) -> Answer:
         """Send ``request``, retrying as ``Retries`` allows (see ``Client._call``)."""
         if patience is None:
-            retries = Retries(self._settings.retries)
+            retries = Retries.for_request(self._settings, request)
         else:
             retries = Retries(sys.maxsize, deadline=time.monotonic() + patience)
         while True:

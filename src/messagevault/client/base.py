@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import random
+import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
@@ -32,6 +35,7 @@ from messagevault.format import (
     FORMAT_V1,
     FRAME_HEADER_SIZE,
     FRAME_HEADER_V2_SIZE,
+    NO_PRODUCER,
     SLOT_SIZE,
     EncodedBatch,
     FrameAssembler,
@@ -44,6 +48,7 @@ from messagevault.profiles import default_profile
 from messagevault.storage.base import ReadAccess
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
+    DUPLICATE_HEADER,
     JSON,
     StreamInfo,
     append_result_from_minimal,
@@ -52,6 +57,8 @@ from messagevault.wire import (
 from messagevault.writer import AppendResult
 
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
+# Seconds an idempotent publish keeps retrying a batch before it gives up.
+DEFAULT_RETRY_TIMEOUT: Final = 60.0
 # A read asking for fewer messages than this passes ``limit`` on, so the
 # server stops at the frames holding them; larger reads take the bulk path
 # (up to 8 MiB of frames a page) and stop on their own.
@@ -82,6 +89,9 @@ class Settings:
     authorization: str | None = field(repr=False)  # a password, all but in name
     timeout: float
     retries: int
+    # Seconds an idempotent publish keeps retrying; False: appends as before.
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT
+    idempotent: bool = True
 
     @classmethod
     def resolve(
@@ -91,6 +101,9 @@ class Settings:
         password: str | None,
         timeout: float,
         retries: int,
+        *,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        idempotent: bool = True,
     ) -> Settings:
         """Arguments first, then MESSAGEVAULT_URL/_USER/_PASSWORD, then the URL's own user info.
 
@@ -123,6 +136,8 @@ class Settings:
             raise InvalidInput(f"timeout must be positive, not {timeout!r}")
         if retries < 0:
             raise InvalidInput(f"retries must be 0 or more, not {retries!r}")
+        if not retry_timeout >= 0:  # NaN too
+            raise InvalidInput(f"retry_timeout must be 0 or more seconds, not {retry_timeout!r}")
         user = user if user is not None else os.environ.get("MESSAGEVAULT_USER") or parts.username
         if password is None:
             password = os.environ.get("MESSAGEVAULT_PASSWORD") or parts.password
@@ -140,6 +155,8 @@ class Settings:
             authorization,
             timeout,
             retries,
+            retry_timeout,
+            bool(idempotent),
         )
 
     @property
@@ -160,9 +177,11 @@ class Request:
     path: str  # with the query, below the server's prefix
     headers: dict[str, str]
     body: bytes | None = None
-    # Safe to send twice: reads. An append is not (it would be appended twice).
+    # Safe to send twice: reads, and appends of a batch with a producer id
+    # (the server answers a repeat with the first one's receipts).
     idempotent: bool = True
     wait: int = 0  # seconds the server may hold the answer (long poll)
+    append: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,13 +212,27 @@ def stream_path(stream: str, suffix: str = "") -> str:
 # Requests ----------------------------------------------------------------------------
 
 
+def idempotent_batch(settings: Settings, batch: EncodedBatch) -> EncodedBatch:
+    """``batch`` as ``publish`` sends it: under a fresh random producer id, as its batch 0.
+
+    A new id per call needs no coordination between threads or processes,
+    and a new id is always accepted, so the only repeat the server can see
+    is this call's own retry. A batch that has a producer id already (a
+    ``Producer``'s) keeps it; so does every batch of a non-idempotent client.
+    """
+    if not settings.idempotent or batch.producer != NO_PRODUCER:
+        return batch
+    return batch.with_producer(uuid.uuid4().bytes, 0)
+
+
 def publish_request(settings: Settings, stream: str, batch: EncodedBatch) -> Request:
     return Request(
         "POST",
         stream_path(stream),
         headers(settings, Content_Type=BATCH_CONTENT_TYPE, Prefer="return=minimal", Accept=JSON),
         batch.frame(),
-        idempotent=False,
+        idempotent=batch.producer != NO_PRODUCER,
+        append=True,
     )
 
 
@@ -252,8 +285,16 @@ def json_of(answer: Answer) -> Any:
 
 
 def published(answer: Answer, batch: EncodedBatch) -> AppendResult:
-    """The exact result of an append from the server's short answer."""
-    return append_result_from_minimal(json_of(answer), batch)
+    """The exact result of an append from the server's short answer.
+
+    ``duplicate`` is set when the server says the batch had been committed
+    already (a retry whose first answer was lost): the receipts are the
+    first commit's.
+    """
+    result = append_result_from_minimal(json_of(answer), batch)
+    if answer.header(DUPLICATE_HEADER) == "true":
+        result = dataclasses.replace(result, duplicate=True)
+    return result
 
 
 def stream_infos(answer: Answer) -> list[StreamInfo]:
@@ -389,7 +430,7 @@ _RETRY_STATUSES: Final = frozenset({502, 503, 504})
 
 @dataclass
 class Retries:
-    """Exponential backoff with jitter, bounded by a count of retries.
+    """Exponential backoff with jitter, bounded by a count of retries and/or a deadline.
 
     ``delay(n)`` is drawn from [d/2, d] with d = ``base * 2**n`` capped at
     ``cap``, so clients that failed together do not come back together; a
@@ -421,6 +462,13 @@ class Retries:
         self.attempt += 1
         return delay
 
+    @classmethod
+    def for_request(cls, settings: Settings, request: Request) -> Retries:
+        """Count-bounded retries; an idempotent append's are bounded by ``retry_timeout``."""
+        if request.append and request.idempotent:
+            return cls(sys.maxsize, deadline=time.monotonic() + settings.retry_timeout)
+        return cls(settings.retries)
+
 
 class _AnsweredError(Exception):
     """Carries a server's error answer through the retry loop."""
@@ -446,10 +494,13 @@ def answered_error(answer: Answer) -> _AnsweredError | None:
 def retriable(failure: BaseException, request: Request) -> bool:
     """Whether ``request`` may be sent again after ``failure``.
 
-    Appends are not idempotent (yet): one is sent again only when it surely
+    Reads, and appends of a batch with a producer id, are sent again after
+    any connection failure or retriable answer: the server answers a repeat
+    of a committed batch with its first receipts. An append without one (a
+    client made with ``idempotent=False``) is sent again only when it surely
     did nothing, i.e. it never left (``NotSent``) or the server refused it
-    before trying (``overloaded``, ``committer_closed``). A lost connection
-    or a ``storage_error`` leaves an append in doubt, so it is not repeated.
+    before trying (``overloaded``, ``committer_closed``); a lost connection
+    or a ``storage_error`` leaves it in doubt, so it is not repeated.
     """
     if isinstance(failure, NotSent):
         return True
@@ -470,5 +521,9 @@ def give_up(failure: BaseException, request: Request, settings: Settings) -> Bas
     where = f"{request.method} {settings.url}{request.path.split('?')[0]}"
     if isinstance(failure, NotSent):
         return ServerUnreachable(f"cannot reach the server for {where}: {failure}")
-    doubt = "" if request.idempotent else "; the append may or may not have been committed"
+    doubt = ""
+    if request.append:
+        doubt = "; the append may or may not have been committed"
+        if request.idempotent:
+            doubt += " (sending the same batch again is safe: a committed one gets its receipts)"
     return ServerUnreachable(f"connection lost during {where}: {failure}{doubt}")

@@ -14,6 +14,7 @@ from itertools import islice
 from types import TracebackType
 
 from messagevault.client.base import (
+    DEFAULT_RETRY_TIMEOUT,
     EARLY_EMPTY,
     FOLLOW_WAIT,
     STOP_CHECK_INTERVAL,
@@ -28,6 +29,7 @@ from messagevault.client.base import (
     batch_of,
     check_limit,
     give_up,
+    idempotent_batch,
     info_request,
     json_of,
     page_of,
@@ -145,16 +147,25 @@ class Client:
     Errors are the classes the server raised (``StreamNotFound``,
     ``InvalidBatch``, ``Unauthenticated``...: ``errors.for_code``), and
     ``ServerUnreachable`` when no answer came. Failed requests are retried
-    up to ``retries`` times, with exponential backoff and jitter (and
-    ``Retry-After``), when trying again is safe:
+    with exponential backoff and jitter (and ``Retry-After``):
 
-    * reads, after any connection failure or a retriable answer (503, 502, 504);
-    * appends (``publish``), which are not idempotent yet, only when they
-      surely did nothing: the connection could not be made or broke while
-      the request was being sent, or the server refused the batch before
-      trying it (503 ``overloaded``, ``committer_closed``). An append whose
-      answer was lost, or that got ``storage_error``, is not sent again: it
-      raises, and may or may not have been committed.
+    * reads, up to ``retries`` times, after any connection failure or a
+      retriable answer (503, 502, 504);
+    * appends (``publish``) exactly once each: every batch travels under a
+      producer id (a fresh random one per ``publish`` call, as its batch 0)
+      and is sent again, the same bytes, after a refused or reset
+      connection, a ``timeout`` waiting for the answer, or a 503, until it
+      is answered or ``retry_timeout`` seconds have passed (then the last
+      error is raised). The server answers a repeat of a batch it committed
+      with the first commit's receipts (``AppendResult.duplicate``), so a
+      lost answer never appends twice (docs/client.md);
+    * with ``idempotent=False``, appends carry no producer id and are sent
+      again (up to ``retries`` times) only when they surely did nothing:
+      the connection could not be made or broke while the request was being
+      sent, or the server refused the batch before trying it (503
+      ``overloaded``, ``committer_closed``). Such an append whose answer was
+      lost, or that got ``storage_error``, raises, and may or may not have
+      been committed.
     """
 
     def __init__(
@@ -165,8 +176,18 @@ class Client:
         password: str | None = None,
         timeout: float = 30.0,
         retries: int = 3,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        idempotent: bool = True,
     ) -> None:
-        self._settings = Settings.resolve(url, user, password, timeout, retries)
+        self._settings = Settings.resolve(
+            url,
+            user,
+            password,
+            timeout,
+            retries,
+            retry_timeout=retry_timeout,
+            idempotent=idempotent,
+        )
         self._pool = _Pool(self._settings)
         self._closing = threading.Event()
 
@@ -177,6 +198,11 @@ class Client:
         client._pool = _Pool(settings)
         client._closing = threading.Event()
         return client
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether appends carry a producer id and are retried safely (``Producer`` asks)."""
+        return self._settings.idempotent
 
     @property
     def url(self) -> str:
@@ -201,7 +227,12 @@ class Client:
         return self.publish_batch(stream, batch_of(messages, compress=compress))
 
     def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
-        """Append a batch already encoded (``format.encode_batch``)."""
+        """Append a batch already encoded (``format.encode_batch``).
+
+        A batch with a producer id (``batch.with_producer``) keeps it, and
+        is retried as safely as ``publish``'s own.
+        """
+        batch = idempotent_batch(self._settings, batch)
         return published(self._call(publish_request(self._settings, stream, batch)), batch)
 
     # Stream state ----------------------------------------------------------------------
@@ -317,7 +348,7 @@ class Client:
         empty answer (status 0) says so.
         """
         if patience is None:
-            retries = Retries(self._settings.retries)
+            retries = Retries.for_request(self._settings, request)
         else:
             retries = Retries(sys.maxsize, deadline=time.monotonic() + patience)
         while True:

@@ -31,7 +31,7 @@ from messagevault.errors import (
     UnsupportedMediaType,
     WriterConflict,
 )
-from messagevault.format import MAX_FRAME_SIZE, encode_batch, parse_batch
+from messagevault.format import MAX_FRAME_SIZE, parse_batch
 from messagevault.names import validate_stream_name
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
@@ -42,6 +42,7 @@ from messagevault.server.served import RequestObserver as RequestObserver  # noq
 from messagevault.server.served import Served as Served  # noqa: PLC0414
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
+    DUPLICATE_HEADER,
     EVENT_STREAM,
     JSON,
     NDJSON,
@@ -49,7 +50,7 @@ from messagevault.wire import (
     appended_json,
     appended_minimal,
     error_body,
-    json_batch,
+    json_append,
     message_record,
 )
 
@@ -334,18 +335,24 @@ async def append(request: web.Request) -> web.Response:
     if content_type == BATCH_CONTENT_TYPE:
         batch = parse_batch(await request.read())
     elif content_type == JSON:
-        batch = encode_batch(json_batch(await request.read()))
+        batch = json_append(await request.read())
     else:
         raise UnsupportedMediaType(f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}")
     result = await request.app[HUB].append(stream, batch)
-    request[NOTES].messages = result.message_count
+    notes = request[NOTES]
+    headers = {}
+    if result.duplicate:
+        # The same answer as the first time, so that a retry whose first
+        # answer was lost reads it as if nothing had happened.
+        notes.kind = "duplicate"
+        headers[DUPLICATE_HEADER] = "true"
+    notes.messages = 0 if result.duplicate else result.message_count
     if _prefers_minimal(request):
+        headers["Preference-Applied"] = "return=minimal"
         return web.Response(
-            body=appended_minimal(stream, result),
-            content_type=JSON,
-            headers={"Preference-Applied": "return=minimal"},
+            body=appended_minimal(stream, result), content_type=JSON, headers=headers
         )
-    return web.Response(body=appended_json(stream, result), content_type=JSON)
+    return web.Response(body=appended_json(stream, result), content_type=JSON, headers=headers)
 
 
 def _prefers_minimal(request: web.Request) -> bool:

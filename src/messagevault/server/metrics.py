@@ -165,6 +165,13 @@ class Metrics:
             ["stream"],
             registry=registry,
         )
+        self.duplicate_appends = Counter(
+            "messagevault_duplicate_appends",
+            "Appends answered with the receipts of the same producer batch committed before "
+            "(a retry whose first answer was lost); nothing was appended",
+            ["stream"],
+            registry=registry,
+        )
         # ``labels()`` looks its child up under a lock on every call; label
         # sets are few, so each child is looked up once.
         self._counted: dict[tuple[str, str, int, str | None], Callable[[], None]] = {}
@@ -197,6 +204,8 @@ class Metrics:
             time_it = self._timed[timer_key] = timer.observe
         count()
         time_it(served.seconds)
+        if served.kind == "duplicate" and served.stream is not None:
+            self.duplicate_appends.labels(self.streams(served.stream)).inc()
 
     def committed(self, commit: Commit) -> None:
         """Count one storage commit (a commit observer, in a committer thread)."""
