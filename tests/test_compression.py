@@ -45,7 +45,7 @@ from messagevault.format import (
     read_header,
     verify_frame,
 )
-from messagevault.producer import Producer
+from messagevault.producer import AsyncProducer, Producer
 from messagevault.server import StreamHub, create_app
 from messagevault.storage.base import Storage
 from messagevault.wire import BATCH_CONTENT_TYPE
@@ -230,10 +230,14 @@ def _cli_read(url: str) -> Pairs:
     return [_record_pair(json.loads(line)) for line in result.stdout.splitlines()]
 
 
-async def _async_read(url: str) -> list[Message]:
+async def _async_read(url: str) -> tuple[list[Message], list[int]]:
+    """Publish with ``AsyncClient`` and ``AsyncProducer``, compressed; all messages, and where."""
     async with AsyncClient(url) as client:
-        await client.publish("orders", [(b"Async", b"x" * 5000)], compress=True)
-        return [message async for message in client.read("orders")]
+        result = await client.publish("orders", [(b"Async", b"x" * 5000)], compress=True)
+        async with AsyncProducer(client, compress=True) as producer:
+            future = await producer.send("orders", b"y" * 5000, key="AsyncProduced")
+            receipt = await future
+        return [m async for m in client.read("orders")], [result[0].position, receipt.position]
 
 
 def test_every_reader_unpacks_what_clients_and_producers_compressed(
@@ -242,8 +246,10 @@ def test_every_reader_unpacks_what_clients_and_producers_compressed(
     records = [(b"OrderPlaced", value) for value in _records(300)]
     large = [(b"Export", _large_text(20 * MiB))]
     with Client(served.url) as client:
-        client.publish("orders", records, compress=True)
-        client.publish("orders", large, compress=True)
+        published = [
+            client.publish("orders", records, compress=True),
+            client.publish("orders", large, compress=True),
+        ]
         with Producer(client, compress=True) as producer:
             for value in _records(50, seed=3):
                 producer.send("orders", value, key="Produced")
@@ -259,12 +265,17 @@ def test_every_reader_unpacks_what_clients_and_producers_compressed(
         )
         from_client = list(client.read("orders"))
         assert _pairs(from_client) == expected
+        # The receipts of compressed batches are where the messages are.
+        assert [r.position for result in published for r in result] == [
+            m.position for m in from_client[:301]
+        ]
         # A reader starting at the large value, and at one just after it.
         at_large = next(m for m in from_client if m.key == b"Export")
         assert _pairs(list(client.read("orders", at_large.position, limit=2))) == expected[300:302]
-    async_read = asyncio.run(_async_read(served.url))
-    assert _pairs(async_read) == [*expected, (b"Async", b"x" * 5000)]
-    expected.append((b"Async", b"x" * 5000))
+    async_read, async_positions = asyncio.run(_async_read(served.url))
+    expected += [(b"Async", b"x" * 5000), (b"AsyncProduced", b"y" * 5000)]
+    assert _pairs(async_read) == expected
+    assert [m.position for m in async_read[-2:]] == async_positions
     with Reader.open(FileStorage(tmp_path / "data"), "orders") as reader:
         assert list(reader.read()) == async_read
     assert _json_read(served.url) == expected
@@ -281,6 +292,7 @@ def test_every_reader_unpacks_what_clients_and_producers_compressed(
     assert noise_frame.message_count == len(noise)
     produced = [h for h in headers if h.base_sequence == 301 and h.message_count]
     assert produced[0].compressed
+    assert all(by_position[position].compressed for position in async_positions)
 
 
 def test_cli_publish_compress(tmp_path: Path) -> None:
