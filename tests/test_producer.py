@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from messagevault import FileStorage, InvalidBatch, InvalidInput, Overloaded, Reader, Writer
 from messagevault.errors import InvalidStreamName, StorageError
-from messagevault.format import EncodedBatch
+from messagevault.format import MAX_VALUE_SIZE, EncodedBatch
 from messagevault.producer import AsyncProducer, MessageFuture, Producer, ProducerClosed
 from messagevault.writer import AppendResult
 
@@ -267,7 +267,6 @@ def test_a_full_buffer_blocks_until_room_is_made(publisher: StoragePublisher) ->
         ("orders", b"v", b"k" * 256, InvalidBatch),
         ("orders", 42, b"", InvalidBatch),
         ("orders", b"v", 3.5, InvalidBatch),
-        ("orders", b"x" * 2000, b"", InvalidBatch),  # larger than max_batch_bytes
     ],
 )
 def test_bad_messages_are_refused_at_send(
@@ -278,6 +277,36 @@ def test_bad_messages_are_refused_at_send(
             producer.send(stream, value, key=key)  # type: ignore[arg-type]
         producer.send("orders", b"fine").result(10)
     assert [v for *_, v in _stored(publisher, "orders")] == [b"fine"]
+
+
+def test_a_message_larger_than_a_batch_or_the_buffer_goes_alone(
+    publisher: StoragePublisher,
+) -> None:
+    # A value of any size is sent: alone in its batch, in pieces past
+    # MAX_VALUE_SIZE, let into the buffer once the buffer is empty.
+    large = bytes(range(256)) * (MAX_VALUE_SIZE // 256 + 1)
+    with Producer(publisher, max_batch_bytes=1024, max_buffered_bytes=2048, linger=60) as producer:
+        futures = [producer.send("orders", b"a"), producer.send("orders", large, key="big")]
+        futures.append(producer.send("orders", b"x" * 2000))
+        futures.append(producer.send("orders", b"b"))
+    assert publisher.batches["orders"] == [1, 1, 1, 1]
+    stored = _stored(publisher, "orders")
+    assert [v for *_, v in stored] == [b"a", large, b"x" * 2000, b"b"]
+    assert [f.result().position for f in futures] == [p for p, *_ in stored]
+
+
+async def test_async_producer_sends_a_message_larger_than_the_buffer(
+    publisher: StoragePublisher,
+) -> None:
+    large = bytes(range(256)) * (MAX_VALUE_SIZE // 256 + 1)
+    async with AsyncProducer(
+        AsyncStoragePublisher(publisher), max_batch_bytes=1024, max_buffered_bytes=2048, linger=60
+    ) as producer:
+        futures = [await producer.send("orders", b"a"), await producer.send("orders", large)]
+        futures.append(await producer.send("orders", b"b"))
+    assert publisher.batches["orders"] == [1, 1, 1]
+    assert [v for *_, v in _stored(publisher, "orders")] == [b"a", large, b"b"]
+    assert [f.result().sequence for f in futures] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

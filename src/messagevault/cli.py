@@ -63,6 +63,7 @@ from messagevault.replicate import copy_stream
 from messagevault.statsd import StatsD
 from messagevault.storage import open_storage
 from messagevault.storage.base import ServerLock, Storage, SystemFiles
+from messagevault.wire import DEFAULT_MAX_BODY
 from messagevault.writer import AppendResult, Writer
 
 storage_option = click.option(
@@ -223,8 +224,8 @@ def _serve_option(
 @_serve_option(
     "--max-body",
     click.IntRange(1024),
-    MAX_FRAME_SIZE,
-    "Largest request body in bytes (413 beyond).",
+    DEFAULT_MAX_BODY,
+    "Largest request body in bytes (413 beyond); it bounds the largest value one can publish.",
 )
 @_serve_option(
     "--max-read-messages", click.IntRange(1), 10_000, "Largest `limit` of one read request."

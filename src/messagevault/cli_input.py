@@ -2,8 +2,10 @@
 
 Input comes from VALUES arguments, lines of stdin, whole files or NDJSON
 records. All of it is read and checked before the first batch is sent, so
-bad input (a malformed line, a value over the limit) publishes nothing, and
-the error names where it is (``line 7 of stdin``).
+bad input (a malformed line, a key over the limit) publishes nothing, and
+the error names where it is (``line 7 of stdin``). A value of any size is
+taken: one larger than a batch goes as a batch of its own (in pieces, if
+over ``MAX_VALUE_SIZE``), as large as the server's ``--max-body`` allows.
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ from typing import BinaryIO
 
 import click
 
-from messagevault.cli_output import human_bytes
 from messagevault.errors import InvalidBatch
 from messagevault.format import (
     FRAME_HEADER_SIZE,
     MAX_KEY_SIZE,
-    MAX_VALUE_SIZE,
     PER_MESSAGE_OVERHEAD,
     EncodedBatch,
     encode_batch,
@@ -97,27 +97,25 @@ def _ndjson_pairs(source: BinaryIO) -> Iterator[Located]:
         yield where, pair
 
 
-def _check_sizes(where: str, key: bytes, value: bytes) -> None:
+def _check_key(where: str, key: bytes) -> None:
     if len(key) > MAX_KEY_SIZE:
         raise click.ClickException(
             f"{where}: the key is {len(key):,} bytes; keys hold at most {MAX_KEY_SIZE}"
-        )
-    if len(value) > MAX_VALUE_SIZE:
-        raise click.ClickException(
-            f"{where}: the value is {len(value):,} bytes; values hold at most "
-            f"{human_bytes(MAX_VALUE_SIZE)}"
         )
 
 
 def encode_batches(
     messages: Iterable[Located], batch_bytes: int, *, compress: bool = False
 ) -> list[EncodedBatch]:
-    """Check each message and cut batches by count and by frame bytes."""
+    """Check each message and cut batches by count and by frame bytes.
+
+    A message larger than ``batch_bytes`` on its own makes a batch alone.
+    """
     batches: list[EncodedBatch] = []
     pending: list[tuple[bytes, bytes]] = []
     size = FRAME_HEADER_SIZE
     for where, (key, value) in messages:
-        _check_sizes(where, key, value)
+        _check_key(where, key)
         added = PER_MESSAGE_OVERHEAD + len(key) + len(value)
         if pending and (size + added > batch_bytes or len(pending) == DEFAULT_BATCH_MESSAGES):
             batches.append(encode_batch(pending, compress=compress))

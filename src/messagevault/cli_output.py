@@ -8,6 +8,7 @@ of printing NDJSON.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import sys
@@ -33,6 +34,9 @@ from messagevault.wire import iso_time, message_record
 
 FORMATS = ("ndjson", "table", "value")
 _LINES_PER_WRITE = 4096
+# Values per write, in bytes: a page of large values is not held at once
+# (a page has at least one message, whatever its size).
+_BYTES_PER_WRITE = 4 * 1024 * 1024
 
 
 def human_bytes(size: float) -> str:
@@ -53,6 +57,22 @@ def default_format(chosen: str | None) -> str:
     if chosen is not None:
         return chosen
     return "table" if stdout_is_terminal() else "ndjson"
+
+
+def pages(messages: Iterable[Message], count: int) -> Iterator[list[Message]]:
+    """``messages`` in lists of at most ``count``, and of ``_BYTES_PER_WRITE`` of values."""
+    iterator = iter(messages)
+    while True:
+        page: list[Message] = []
+        size = 0
+        for message in iterator:
+            page.append(message)
+            size += len(message[4])  # the value
+            if size >= _BYTES_PER_WRITE or len(page) >= count:
+                break
+        if not page:
+            return
+        yield page
 
 
 def print_json(value: Any) -> None:
@@ -103,8 +123,7 @@ class NdjsonPrinter:
 
     def write(self, messages: Iterable[Message]) -> int:
         count = 0
-        iterator = iter(messages)
-        while page := list(islice(iterator, _LINES_PER_WRITE)):
+        for page in pages(messages, _LINES_PER_WRITE):
             lines = [ndjson_line(message) for message in page]
             lines.append("")
             self._out.write("\n".join(lines).encode())
@@ -123,9 +142,12 @@ class ValuePrinter:
 
     def write(self, messages: Iterable[Message]) -> int:
         count = 0
-        iterator = iter(messages)
-        while page := list(islice(iterator, _LINES_PER_WRITE)):
-            self._out.write(b"\n".join([message.value for message in page]) + b"\n")
+        for page in pages(messages, _LINES_PER_WRITE):
+            if len(page) == 1:  # a large value: written as it is, not copied into a join
+                self._out.write(page[0].value)
+                self._out.write(b"\n")
+            else:
+                self._out.write(b"\n".join([message.value for message in page]) + b"\n")
             count += len(page)
         return count
 
@@ -134,9 +156,17 @@ class ValuePrinter:
 
 
 def printable(data: bytes, width: int) -> str:
-    """Text safe for a terminal: control characters escaped, binary summarised."""
+    """Text safe for a terminal: control characters escaped, binary summarised.
+
+    Only as much of a long value is decoded as the column can show.
+    """
     try:
-        text = data.decode("utf-8")
+        if len(data) > 4 * width + 4:
+            # A character cut at the end is held back, not an error.
+            text = codecs.getincrementaldecoder("utf-8")().decode(data[: 4 * width + 4])
+            text += "…"
+        else:
+            text = data.decode("utf-8")
     except UnicodeDecodeError:
         return f"<{len(data)} bytes: {data[: max(width // 2, 4)].hex()}>"
     if not text.isprintable():

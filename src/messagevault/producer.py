@@ -7,13 +7,15 @@ server about as much as a single message). Like Kafka's producer:
 
 * a batch is sent when it is full (``max_batch_messages`` / ``max_batch_bytes``)
   or when its first message has waited ``linger`` seconds, whichever comes
-  first; ``flush()`` sends everything now;
+  first; ``flush()`` sends everything now; a message larger than
+  ``max_batch_bytes`` (a value of any size) is a batch of its own;
 * order is kept per stream: each stream has one *lane* (a thread, or a task
   for ``AsyncProducer``) with at most one batch in flight, so batches commit
   in the order their messages were sent; different streams go in parallel;
-* memory is bounded: at most ``max_buffered_bytes`` wait in all; beyond that
-  ``send()`` blocks until room is made (``block=True``, for at most
-  ``max_block`` seconds) or raises ``Overloaded`` at once;
+* memory is bounded: at most ``max_buffered_bytes`` wait in all (or one
+  message larger than that, alone); beyond that ``send()`` blocks until room
+  is made (``block=True``, for at most ``max_block`` seconds) or raises
+  ``Overloaded`` at once;
 * a failed batch fails exactly its own futures; later batches still go.
 
 ``send()`` is on the hot path of a producer, so it does no more than append
@@ -57,7 +59,6 @@ from messagevault.format import (
     MAX_BATCH_COUNT,
     MAX_FRAME_SIZE,
     MAX_KEY_SIZE,
-    MAX_VALUE_SIZE,
     NO_PRODUCER,
     PER_MESSAGE_OVERHEAD,
     EncodedBatch,
@@ -184,25 +185,15 @@ class _Limits:
     def message(self, value: bytes | str, key: bytes | str) -> tuple[bytes, bytes, int]:
         """(key, value, frame bytes it adds), or ``InvalidBatch`` if it can never be sent.
 
-        Paid per message by ``send``: the common case is three comparisons.
+        Paid per message by ``send``. A value of any size can be sent: one
+        that does not fit ``max_batch_bytes`` becomes a batch of its own
+        (``_Buffer.add``), in pieces if it is over ``MAX_VALUE_SIZE``.
         """
         raw_value = value if type(value) is bytes else _as_bytes(value, "value")
         raw_key = key if type(key) is bytes else _as_bytes(key, "key")
-        size = PER_MESSAGE_OVERHEAD + len(raw_key) + len(raw_value)
-        if (
-            size <= self.max_body_bytes
-            and len(raw_value) <= MAX_VALUE_SIZE
-            and len(raw_key) <= MAX_KEY_SIZE
-        ):
-            return raw_key, raw_value, size
         if len(raw_key) > MAX_KEY_SIZE:
             raise InvalidBatch(f"key is {len(raw_key)} bytes; at most {MAX_KEY_SIZE}")
-        if len(raw_value) > MAX_VALUE_SIZE:
-            raise InvalidBatch(f"value is {len(raw_value)} bytes; at most {MAX_VALUE_SIZE}")
-        raise InvalidBatch(
-            f"a message of {len(raw_value)} bytes does not fit max_batch_bytes "
-            f"({self.max_body_bytes + FRAME_HEADER_SIZE})"
-        )
+        return raw_key, raw_value, PER_MESSAGE_OVERHEAD + len(raw_key) + len(raw_value)
 
 
 class _Lane:
@@ -273,6 +264,13 @@ class _Buffer:
         self.buffered = 0
         self.closing = False
         self.flushes = 0  # > 0 while a flush() wants everything sent now
+
+    def full_for(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes must wait for room (lock held).
+
+        One larger than the whole buffer is let in once the buffer is empty.
+        """
+        return self.buffered + size > self.limits.max_buffered_bytes and self.buffered > 0
 
     def add(self, lane: _Lane, key: bytes, value: bytes, size: int) -> tuple[_Batch, int]:
         """Append one message to the lane's open batch (lock held); returns (batch, index)."""
@@ -353,7 +351,7 @@ class Producer:
             lane = buffer.lanes.get(stream)
             if lane is None:
                 lane = self._open_lane(stream)
-            if buffer.buffered + size > limits.max_buffered_bytes:
+            if buffer.full_for(size):
                 self._wait_for_room(size)
                 if buffer.closing:  # closed while we waited: its lane may be gone
                     raise ProducerClosed("the producer is closed")
@@ -384,16 +382,23 @@ class Producer:
         if not self.block:
             raise Overloaded(f"{buffer.buffered} bytes wait to be sent (max_buffered_bytes)")
         deadline = time.monotonic() + limits.max_block
-        while buffer.buffered + size > limits.max_buffered_bytes:
-            if buffer.closing:
-                raise ProducerClosed("the producer is closed")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Overloaded(
-                    f"no room in the producer's buffer after {limits.max_block} s: "
-                    f"{buffer.buffered} bytes wait to be sent"
-                )
-            buffer.changed.wait(remaining)
+        # Lingering batches would hold the room for nothing (a large message
+        # may be waiting for the buffer to empty): they go now.
+        buffer.flushes += 1
+        buffer.changed.notify_all()
+        try:
+            while buffer.full_for(size):
+                if buffer.closing:
+                    raise ProducerClosed("the producer is closed")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(
+                        f"no room in the producer's buffer after {limits.max_block} s: "
+                        f"{buffer.buffered} bytes wait to be sent"
+                    )
+                buffer.changed.wait(remaining)
+        finally:
+            buffer.flushes -= 1
 
     def _send_batches(self, lane: _Lane) -> None:
         buffer = self._buffer
@@ -519,7 +524,7 @@ class AsyncProducer:
         if buffer.closing:
             raise ProducerClosed("the producer is closed")
         lane = buffer.lanes.get(stream) or self._open_lane(stream)
-        if buffer.buffered + size > limits.max_buffered_bytes:
+        if buffer.full_for(size):
             await self._wait_for_room(size)
             if buffer.closing:  # closed while we waited: its lane may be gone
                 raise ProducerClosed("the producer is closed")
@@ -546,9 +551,11 @@ class AsyncProducer:
         limits = buffer.limits
         if not self.block:
             raise Overloaded(f"{buffer.buffered} bytes wait to be sent (max_buffered_bytes)")
+        buffer.flushes += 1  # lingering batches go now (see Producer._wait_for_room)
+        self._wake_all()
         try:
             async with asyncio.timeout(limits.max_block):
-                while buffer.buffered + size > limits.max_buffered_bytes:
+                while buffer.full_for(size):
                     if buffer.closing:
                         raise ProducerClosed("the producer is closed")
                     await self._room.wait()
@@ -557,6 +564,8 @@ class AsyncProducer:
                 f"no room in the producer's buffer after {limits.max_block} s: "
                 f"{buffer.buffered} bytes wait to be sent"
             ) from None
+        finally:
+            buffer.flushes -= 1
 
     async def _send_batches(self, lane: _Lane) -> None:
         buffer = self._buffer

@@ -238,24 +238,34 @@ class Reader:
         return self._store.read_checkpoint()
 
     def read(
-        self, position: int = 0, *, end: int | None = None, committed: int | None = None
+        self,
+        position: int = 0,
+        *,
+        end: int | None = None,
+        committed: int | None = None,
+        max_bytes: int | None = None,
     ) -> Iterator[Message]:
         """Iterate committed messages from ``position`` up to the current committed length.
 
         ``position`` must be a message position (``Message.position`` or
         ``Message.next_position`` of an earlier read, an ``AppendResult``
         position, or 0); a bad one raises ``InvalidPosition`` here, before
-        iteration starts. ``end`` stops early, at a frame boundary such as an
-        earlier committed length. ``committed`` is the committed length when
-        the caller knows it for certain (the server that writes the stream):
-        it saves reading the checkpoint, a round trip on Azure.
+        iteration starts. A position inside a value in pieces (a
+        CONTINUATION frame) is refused naming the value's own position.
+        ``end`` stops early, at a frame boundary such as an earlier committed
+        length. ``committed`` is the committed length when the caller knows
+        it for certain (the server that writes the stream): it saves reading
+        the checkpoint, a round trip on Azure. ``max_bytes`` stops before a
+        frame, or a value in pieces, whose values would take those read past
+        it, once at least one message came: a page of a stream of large
+        values then never reads one it will not hand out.
         """
         if committed is None:
             committed = self._store.read_checkpoint().length
         limit = committed if end is None else min(end, committed)
         frame_position, first = self._locate(position, committed)
         # Frames decode to lists; chaining them keeps per-message iteration in C.
-        return chain.from_iterable(self._frames(frame_position, first, limit))
+        return chain.from_iterable(self._frames(frame_position, first, limit, max_bytes))
 
     def follow(
         self,
@@ -311,7 +321,10 @@ class Reader:
             return checkpoint.length
         position = checkpoint.last_frame_position
         header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
-        if header.base_sequence > sequence or header.message_count == 0:
+        if header.is_continuation:  # the last message is a value in pieces: go to its head
+            position = header.chunk
+            header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
+        if header.base_sequence > sequence:
             position = 0  # before the last frame: walk from the first
             while position < checkpoint.last_frame_position:
                 header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
@@ -326,6 +339,28 @@ class Reader:
                 position=position,
             )
         return header.message_position(index)
+
+    def header_at(self, position: int, *, committed: int | None = None) -> FrameHeader:
+        """The checked header of the committed frame that starts at ``position``.
+
+        For tools that work frame by frame (a copy checking its last frame:
+        when that is a CONTINUATION, its ``chunk`` is where its value starts).
+        """
+        if committed is None:
+            committed = self._store.read_checkpoint().length
+        if not isinstance(position, int) or not 0 <= position < committed:
+            raise InvalidPosition(
+                f"no frame of stream {self.name!r} starts at {position!r} "
+                f"(committed length {committed})"
+            )
+        raw = self._store.read(position, min(MAX_HEADER_SIZE, committed - position))
+        header = read_header(raw, 0, position)
+        if header.end > committed:
+            raise CorruptData(
+                f"frame at position {position} runs past the committed length {committed}",
+                position=position,
+            )
+        return header
 
     def _stopped(self, stop: threading.Event | None) -> bool:
         return self._stop.is_set() or (stop is not None and stop.is_set())
@@ -390,14 +425,23 @@ class Reader:
                 return frame_position
         return None
 
-    def _frames(self, position: int, first: int, end: int) -> Iterator[Iterator[Message]]:
+    def _frames(
+        self, position: int, first: int, end: int, max_bytes: int | None = None
+    ) -> Iterator[Iterator[Message]]:
         """Check the frames from ``position`` (a frame start) to ``end``; one iterator each.
 
         A value in pieces comes out whole, as one message, once its last
-        CONTINUATION frame has been read.
+        CONTINUATION frame has been read. With ``max_bytes``, see ``read``.
         """
         assembler = FrameAssembler(first)
+        taken = 0  # value bytes of the frames fed so far (a value in pieces: all of it)
         for buffer, offset, header in self._raw_frames(position, end):
+            if max_bytes is not None and not header.is_continuation:
+                size = header.chunk if header.is_head else header.values_size
+                # Resumed here, the caller took every message fed before.
+                if taken and taken + size > max_bytes:
+                    return
+                taken += size or 1  # an empty value still counts as a message read
             yield assembler.feed(buffer, offset, header)
         if assembler.pending:
             raise CorruptData(
@@ -464,13 +508,25 @@ class Reader:
         frame_position, _ = self._locate(position, committed.length)
         frames = messages = 0
         last: FrameHeader | None = None
+        # A value in pieces is checked by joining it as a reader would: its
+        # pieces must follow their head and add up (and unpack, if compressed).
+        pieces = FrameAssembler()
         for buffer, offset, header in self._raw_frames(frame_position, committed.length):
-            verify_frame(buffer, offset, header.base_position)
+            if header.is_head or header.is_continuation or pieces.pending:
+                for _ in pieces.feed(buffer, offset, header):
+                    pass
+            else:
+                verify_frame(buffer, offset, header.base_position)
             frames += 1
             messages += header.message_count
             last = header
             if progress is not None:
                 progress(header.end - frame_position, committed.length - frame_position)
+        if pieces.pending:
+            raise CorruptData(
+                f"stream {self.name!r} ends at {committed.length} inside a value in pieces",
+                position=committed.length,
+            )
         if (
             last is not None
             and position == 0
@@ -511,7 +567,8 @@ class Reader:
 
         try:
             while position < end:
-                offset = holding(FRAME_HEADER_SIZE)  # before reading ``buffer``: it may change
+                # A v2 header is longer than a v1 one; the last frame may be shorter than either.
+                offset = holding(min(MAX_HEADER_SIZE, end - position))  # ``buffer`` may change
                 header = read_header(buffer, offset, position)
                 if header.end > end:
                     raise CorruptData(

@@ -393,6 +393,13 @@ def _optional_iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="milliseconds")
 
 
+# Limits --------------------------------------------------------------------------------
+
+# The server's default largest request body (``serve --max-body``): room for a
+# 256 MiB value sent as binary frames, or as base64 in a JSON body.
+DEFAULT_MAX_BODY: Final = 512 * 1024 * 1024
+
+
 # Errors --------------------------------------------------------------------------------
 
 

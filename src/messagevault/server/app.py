@@ -31,7 +31,7 @@ from messagevault.errors import (
     UnsupportedMediaType,
     WriterConflict,
 )
-from messagevault.format import MAX_FRAME_SIZE, parse_batch
+from messagevault.format import parse_batch
 from messagevault.names import validate_stream_name
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
@@ -42,6 +42,7 @@ from messagevault.server.served import RequestObserver as RequestObserver  # noq
 from messagevault.server.served import Served as Served  # noqa: PLC0414
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
+    DEFAULT_MAX_BODY,
     DUPLICATE_HEADER,
     EVENT_STREAM,
     JSON,
@@ -62,7 +63,7 @@ MAX_WAIT_ASKED = 3600  # seconds: a larger ``wait`` is a mistake, whatever the s
 
 @dataclass(frozen=True)
 class Limits:
-    max_body: int = MAX_FRAME_SIZE  # bytes of one request body
+    max_body: int = DEFAULT_MAX_BODY  # bytes of one request body: values of any size need room
     max_read_messages: int = 10_000  # per read request
     max_read_bytes: int = 8 * 1024 * 1024  # of values, per read request
     max_wait: float = 60.0  # seconds of long-poll
@@ -382,12 +383,12 @@ async def stream_info(request: web.Request) -> web.Response:
     _require(request, "read", stream)
     hub = request.app[HUB]
     checkpoint = await hub.checkpoint(stream)
-    first, _ = await hub.read(stream, 0, 1, 1) if checkpoint.length else ([], 0)
+    length = checkpoint.length
     info = StreamInfo.from_timestamps(
         stream,
-        checkpoint.length,
+        length,
         checkpoint.next_sequence,
-        first_write=first[0].timestamp if first else None,
+        first_write=await hub.first_timestamp(stream, length) if length else None,
         last_write=checkpoint.last_timestamp if checkpoint.length else None,
         read_access=await hub.read_access(stream),
     )

@@ -396,6 +396,13 @@ class StreamHub:
             stream, _read_messages, committed, position, limit, max_bytes
         )
 
+    async def first_timestamp(self, stream: str, committed: int) -> int:
+        """When the first message of a non-empty stream was written (its frame's header).
+
+        From the header alone: the first message may be a value of any size.
+        """
+        return await self._with_reader(stream, _first_timestamp, committed)
+
     async def read_frames(
         self, stream: str, position: int, max_bytes: int, max_messages: int | None = None
     ) -> RawFrames:
@@ -495,14 +502,25 @@ def _read_access(storage: Storage, stream: str) -> ReadAccess:
         store.close()
 
 
+def _first_timestamp(reader: Reader, committed: int) -> int:
+    return reader.header_at(0, committed=committed).timestamp
+
+
 def _read_messages(
     reader: Reader, committed: int | None, position: int, limit: int, max_bytes: int
 ) -> tuple[list[Message], int]:
+    """At least one message (whatever its size), then more while they fit ``max_bytes``.
+
+    A message is only taken from the reader once it is known to be wanted:
+    a large value after the page is full is never read.
+    """
     messages: list[Message] = []
     size = 0
-    for message in reader.read(position, committed=committed):
-        if len(messages) >= limit or (messages and size + len(message.value) > max_bytes):
+    for message in reader.read(position, committed=committed, max_bytes=max_bytes):
+        if messages and size + len(message.value) > max_bytes:
             break
         messages.append(message)
         size += len(message.value) + len(message.key)
+        if len(messages) >= limit:
+            break
     return messages, messages[-1].next_position if messages else position
