@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from itertools import takewhile
 from queue import Empty, SimpleQueue
 from typing import Protocol
 
@@ -27,15 +26,9 @@ from messagevault.errors import (
     StreamNotFound,
     Unauthenticated,
 )
-from messagevault.format import EncodedBatch, Message
+from messagevault.format import EncodedBatch, Message, read_header
 from messagevault.reader import Reader, VerifyReport
-from messagevault.replicate import (
-    FrameSource,
-    ReaderFrames,
-    chunked,
-    frame_groups,
-    frames_from_messages,
-)
+from messagevault.replicate import FrameSource, ReaderFrames
 from messagevault.storage import open_storage
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.storage.file import SYSTEM_FOLDER, FileStorage
@@ -296,11 +289,16 @@ class ServerSource:
     def verify(self, stream: str, progress: Progress) -> VerifyReport:
         """Every message through the server: the client checks each frame's CRCs."""
         length = self.client.info(stream).length
-        frames = messages = 0
-        for frame in frame_groups(self.client.read(stream)):
-            frames += 1
-            messages += len(frame)
-            progress(frame[-1].next_position, length)
+        frames = messages = position = 0
+        for data in self.client.read_frames(stream, 0, length):  # each frame checked
+            offset = 0
+            while offset < len(data) and position + offset < length:
+                header = read_header(data, offset, position + offset)
+                frames += 1
+                messages += header.message_count
+                offset += header.frame_size
+            position += offset
+            progress(position, length)
         return VerifyReport(frames, messages, length)
 
     def frame_source(self, stream: str) -> FrameSource:
@@ -359,7 +357,7 @@ def runs_as_they_come(
 
 
 class _ServerFrames:
-    """The stored frames of a stream read through a server, rebuilt from its messages."""
+    """The stored frames of a stream read through a server's binary read route, as stored."""
 
     def __init__(self, source: ServerSource, stream: str) -> None:
         self._source = source
@@ -369,5 +367,8 @@ class _ServerFrames:
         return self._source.client.info(self._stream).length
 
     def frames(self, position: int, end: int) -> Iterator[bytes]:
-        messages = self._source.client.read(self._stream, position)
-        return chunked(frames_from_messages(takewhile(lambda m: m.position < end, messages)))
+        for page in self._source.client.read_frames(self._stream, position, end):
+            # ``end`` was the committed length, so a frame boundary: cut there.
+            data = page[: end - position]
+            yield data
+            position += len(data)

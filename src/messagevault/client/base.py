@@ -40,8 +40,10 @@ from messagevault.format import (
     EncodedBatch,
     FrameAssembler,
     Message,
+    PieceCheck,
     encode_batch,
     read_header,
+    verify_frame,
 )
 from messagevault.names import validate_stream_name
 from messagevault.profiles import default_profile
@@ -365,6 +367,38 @@ def page_of(answer: Answer, position: int) -> Page:
             position=position,
         )
     return Page(chain.from_iterable(frames), count, next_position)
+
+
+def frames_page_of(answer: Answer, position: int) -> tuple[bytes, int]:
+    """The stored frames of a binary read answer from ``position``, checked, and ``X-Next``.
+
+    For copying a stream through a server: the frames come back byte for
+    byte as stored (producer ids, compression and values in pieces
+    included), each checked here, and a value in pieces whole.
+    """
+    raise_for_error(answer)
+    body = answer.body
+    try:
+        skip = int(answer.header("X-Skip") or "0")
+        next_position = int(answer.header("X-Next") or "")
+    except ValueError:
+        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+    if skip:
+        raise InvalidInput(f"position {position} is not the start of a frame")
+    pieces = PieceCheck()
+    offset, at = 0, position
+    while offset < len(body):
+        header = verify_frame(body, offset, at)
+        pieces.take(header, offset)
+        offset += header.frame_size
+        at = header.end
+    pieces.finish()
+    if at != next_position:
+        raise CorruptData(
+            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
+            position=position,
+        )
+    return body, next_position
 
 
 def _frame_start(body: bytes, position: int, skip: int) -> int:
