@@ -136,11 +136,19 @@ def test_the_cli_through_a_server_on_files(tmp_path: Path) -> None:
         code, out, _ = _cli(tmp_path, "verify", "orders", env=env)
         assert "OK, 12,002 messages" in out
 
+        # Frames of format v2 (a compressed batch, a value in pieces) copy as
+        # stored too: the copy reads frames, not messages, from the server.
+        big = b"%08d" % 1 * (700 * 1024) + b"\n"  # 5.5 MiB: a value in pieces
+        for options in ((), ("--compress",)):
+            code, out, err = _cli(
+                tmp_path, "publish", "orders", "--stdin", *options, stdin=big + b"s\n", env=env
+            )
+            assert (code, err, json.loads(out)["count"]) == (0, "", 2)
         code, out, err = _cli(
             tmp_path, "copy", "orders", "--from", server.url, "--to", "file:copy", env=env
         )
         assert (code, err) == (0, "")
-        assert json.loads(out)["copied"] == 12_002
+        assert json.loads(out)["copied"] == 12_006
         stored = (tmp_path / "data" / "orders" / "data").read_bytes()
         code, _, err = _cli(
             tmp_path, "copy", "nope", "--from", server.url, "--to", "file:copy", env=env
