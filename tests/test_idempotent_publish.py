@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -220,6 +223,33 @@ async def test_bad_producer_fields_are_400_and_append_nothing(
     assert error["error"] == "invalid_batch"
     assert "\n" not in error["detail"]
     assert await _state(server) == state
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+def test_a_client_hanging_up_mid_body_is_no_server_error(tmp_path: Path, reset: bool) -> None:
+    # Served as `messagevault serve` serves (aiohttp's test server cancels
+    # the handler of a lost connection instead, which hides this).
+    with ServedApp(create_app(StreamHub(FileStorage(tmp_path)))) as served:
+        frame = encode_batch([(b"", b"never whole")]).with_producer(PRODUCER.bytes, 0).frame()
+        head = (
+            f"POST /streams/orders HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: {BATCH_CONTENT_TYPE}\r\nContent-Length: {len(frame)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+            sock.sendall(head.encode() + frame[:-1])
+            time.sleep(0.05)  # the handler is reading the body
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        metrics = ""
+        for _ in range(100):  # the handler hears of it at once; bounded
+            with urllib.request.urlopen(f"{served.url}/metrics", timeout=5) as answer:
+                metrics = answer.read().decode()
+            if sample(metrics, "messagevault_requests_total", code="client_closed_request"):
+                break
+            time.sleep(0.01)
+    assert sample(metrics, "messagevault_requests_total", code="client_closed_request") == 1
+    assert sample(metrics, "messagevault_requests_total", code="internal_error") == 0
+    assert "orders" not in FileStorage(tmp_path).list_streams()
 
 
 # The client, through the fault proxy ---------------------------------------------------

@@ -334,9 +334,9 @@ async def append(request: web.Request) -> web.Response:
         )
     content_type = request.content_type
     if content_type == BATCH_CONTENT_TYPE:
-        batch = parse_batch(await request.read())
+        batch = parse_batch(await _body(request))
     elif content_type == JSON:
-        batch = json_append(await request.read())
+        batch = json_append(await _body(request))
     else:
         raise UnsupportedMediaType(f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}")
     result = await request.app[HUB].append(stream, batch)
@@ -354,6 +354,20 @@ async def append(request: web.Request) -> web.Response:
             body=appended_minimal(stream, result), content_type=JSON, headers=headers
         )
     return web.Response(body=appended_json(stream, result), content_type=JSON, headers=headers)
+
+
+async def _body(request: web.Request) -> bytes:
+    """The whole request body; a client that hangs up before sending it all is no server error.
+
+    Its append never arrived whole, so nothing was appended, and nobody is
+    left to read the answer (a client that retries sends the batch again).
+    """
+    try:
+        return await request.read()
+    except ConnectionResetError:
+        raise web.HTTPBadRequest(
+            reason="Client Closed Request", text="the client hung up before its body arrived"
+        ) from None
 
 
 def _prefers_minimal(request: web.Request) -> bool:
