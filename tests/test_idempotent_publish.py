@@ -28,8 +28,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
 from messagevault import FileStorage, Reader, encode_batch
+from messagevault.cli import main
 from messagevault.client import AsyncClient, Client
 from messagevault.client import base as client_base
 from messagevault.errors import (
@@ -536,3 +538,26 @@ def test_threads_publishing_at_once_never_collide(proxy: FaultProxy, tmp_path: P
     assert proxy.stats.count(Fault.DROP_ANSWER) == 4
     values = sorted(value for _, _, value in _stored(tmp_path, "orders"))
     assert values == sorted(b"%d:%d" % (t, i) for t in range(4) for i in range(10))
+
+
+# The CLI -----------------------------------------------------------------------------
+
+
+def test_the_cli_publishes_through_the_idempotent_client(proxy: FaultProxy, tmp_path: Path) -> None:
+    # Several batches (--batch-bytes), the first and the last answers lost.
+    proxy.force(Fault.DROP_ANSWER, Fault.PASS, Fault.PASS, Fault.DROP_ANSWER)
+    values = [f"value {n:03d} " + "x" * 300 for n in range(30)]
+    result = CliRunner().invoke(
+        main,
+        ["publish", "orders", *values, "--url", proxy.url, "--batch-bytes", "1024"],
+        env={
+            "MESSAGEVAULT_CONFIG": str(tmp_path / "no-config.toml"),
+            **dict.fromkeys(["MESSAGEVAULT_STORAGE", "MESSAGEVAULT_USER", "MESSAGEVAULT_PASSWORD"]),
+        },
+        prog_name="messagevault",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["count"] == 30 and summary["batches"] > 3
+    assert proxy.stats.count(Fault.DROP_ANSWER) == 2
+    assert [value for _, _, value in _stored(tmp_path, "orders")] == [v.encode() for v in values]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-from messagevault.format import MAX_BATCH_COUNT
+from messagevault.format import MAX_BATCH_COUNT, MAX_PRODUCER_SEQ
 from messagevault.wire import RECORD_FIELDS
 
 _STREAM = {
@@ -97,6 +97,29 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _appended() -> dict[str, Any]:
+    response = _json(
+        {"$ref": "#/components/schemas/Appended"},
+        "Committed; or, for a batch repeating its producer's last one, that batch's "
+        "original receipts (nothing appended)",
+    )
+    response["headers"] = {
+        "X-Duplicate": {
+            "description": "true when the batch repeated its producer's last committed one: "
+            "the receipts are that batch's, and nothing was appended",
+            "schema": {"const": "true"},
+        }
+    }
+    return response
+
+
+# A producer id as JSON: a UUID (8-4-4-4-12 hex digits) or 32 hex digits.
+_HEX: Final = "[0-9a-fA-F]"
+_PRODUCER_ID: Final = (
+    f"^({_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})$"
+)
+
+
 def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> dict[str, Any]:
     """The OpenAPI 3.1 document, with this server's read limits as the bounds."""
     message_out = {
@@ -143,7 +166,7 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                         },
                     },
                     "responses": {
-                        "200": _json({"$ref": "#/components/schemas/Appended"}),
+                        "200": _appended(),
                         **_errors(400, 401, 403, 404, 409, 413, 415, 503),
                     },
                 },
@@ -269,7 +292,31 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                 "Batch": {
                     "type": "object",
                     "required": ["messages"],
+                    # A misspelt "producer" is refused, not ignored.
+                    "additionalProperties": False,
+                    # An idempotent append names both, a plain one neither.
+                    "dependentRequired": {"producer": ["sequence"], "sequence": ["producer"]},
                     "properties": {
+                        "producer": {
+                            "description": "the producer's id: a UUID or 32 hex digits, not all "
+                            "zeros (null: no producer)",
+                            "oneOf": [
+                                {"type": "null"},
+                                {
+                                    "type": "string",
+                                    "pattern": _PRODUCER_ID,
+                                    "not": {"pattern": "^[0-]+$"},
+                                },
+                            ],
+                        },
+                        "sequence": {
+                            "description": "the producer's batch sequence: its last committed "
+                            "batch again is a duplicate (answered with its receipts), the next "
+                            "one is appended, any other is 409 (docs/HTTP.md)",
+                            "type": ["integer", "null"],
+                            "minimum": 0,
+                            "maximum": MAX_PRODUCER_SEQ,
+                        },
                         "messages": {
                             "type": "array",
                             "minItems": 1,
@@ -317,7 +364,7 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                                     },
                                 ],
                             },
-                        }
+                        },
                     },
                 },
                 "Receipt": {
