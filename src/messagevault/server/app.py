@@ -513,9 +513,10 @@ async def _server_sent_events(
                 await response.write(KEEP_ALIVE)
                 notes.sent += len(KEEP_ALIVE)
         await response.write_eof()
-    except ConnectionResetError:
-        # The reader went away (aiohttp says so at the next write): that is
-        # how a tail ends, no error. It counts as the 200 it was answered with.
+    except ConnectionError:
+        # The reader went away (aiohttp says so at the next write, as a reset
+        # or, in the middle of a large event, a lost connection): that is how
+        # a tail ends, no error. It counts as the 200 it was answered with.
         log.debug("tail reader went away", extra={"stream": stream, "position": position})
     return response
 
