@@ -71,8 +71,8 @@ def test_tail_replays_from_a_position(server: str) -> None:
     stdout = _example(server, "tail.py", "orders", "--from", "0", "--limit", "3")
     assert stdout.splitlines() == [
         "#0 @0 OrderPlaced: order 0",
-        "#1 @68 OrderPlaced: order 1",
-        "#2 @72 OrderPlaced: order 2",
+        "#1 @100 OrderPlaced: order 1",  # 96 bytes of v2 header: publish has a producer id
+        "#2 @104 OrderPlaced: order 2",
     ]
 
 
@@ -109,4 +109,4 @@ def test_tail_from_the_end_shows_only_new_messages(server: str) -> None:
                 tail.kill()
                 tail.wait(timeout=30)
     assert tail.returncode == 0, stderr
-    assert stdout.splitlines() == ["#1 @76 Late: new 1", "#2 @144 Late: new 2"]
+    assert stdout.splitlines() == ["#1 @108 Late: new 1", "#2 @208 Late: new 2"]

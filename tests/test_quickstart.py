@@ -152,10 +152,10 @@ def test_the_readme_python_examples_run_beside_make_serve(
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("0 0 ")  # position, sequence, id of the first receipt
     assert printed[1] == "2"  # the producer's message
-    assert printed[2:] == [
-        "0 b'OrderPlaced' b'{\"id\": 3}' 68",
-        "1 b'OrderPaid' b'{\"id\": 3}' 120",
-        "2 b'OrderPlaced' b'{\"id\": 4}' 213",
+    assert printed[2:] == [  # v2 frames (96-byte headers): publish sends a producer id
+        "0 b'OrderPlaced' b'{\"id\": 3}' 100",
+        "1 b'OrderPaid' b'{\"id\": 3}' 152",
+        "2 b'OrderPlaced' b'{\"id\": 4}' 277",
     ]
     # The embedded example uses storage of its own, so it runs beside the server too.
     exec(compile(embedded_example, "README embedded example", "exec"), {})
