@@ -527,6 +527,20 @@ def test_a_page_does_not_read_a_large_value_it_will_not_hand_out() -> None:
     assert [m.key for m in messages] == [b"big"]  # at least one message, whatever its size
 
 
+def test_the_sequence_of_a_last_large_value_is_found_from_its_head() -> None:
+    """``tail -n 1`` of a stream that ends with a value in pieces reads two headers."""
+    storage = MemoryStorage()
+    with Writer.open(storage, STREAM) as writer:
+        for _ in range(50):
+            writer.append([(b"a", b"small")])
+        last = writer.append([(b"big", _value(3 * MAX_VALUE_SIZE, 14))])
+    store = CountingStore(storage.open_stream(STREAM))
+    reader = Reader(store, STREAM)  # type: ignore[arg-type]
+    assert reader.position_of_sequence(50) == last.frame_position
+    assert store.bytes_read < 1024  # the checkpoint, the last piece's and the head's headers
+    assert reader.position_of_sequence(49) == last.frame_position - 79  # a walk, as before
+
+
 # Copies ------------------------------------------------------------------------------
 
 

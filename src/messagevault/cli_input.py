@@ -31,7 +31,7 @@ from messagevault.format import (
 from messagevault.wire import record_pairs
 
 DEFAULT_BATCH_MESSAGES = 10_000
-DEFAULT_BATCH_BYTES = 4 * 1024 * 1024  # well under the server's default --max-body (16 MiB)
+DEFAULT_BATCH_BYTES = 4 * 1024 * 1024  # far under the server's default --max-body (512 MiB)
 
 Located = tuple[str, tuple[bytes, bytes]]  # (where it came from, (key, value))
 
