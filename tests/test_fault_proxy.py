@@ -32,8 +32,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _client(url: str) -> Client:
-    # No retries: each publish is exactly one exchange, so faults map to publishes.
-    return Client(url, user=USER, password=PASSWORD, retries=0, timeout=10)
+    # No retries (and no producer ids, which would retry a publish until it is
+    # answered): each publish is exactly one exchange, so faults map to publishes.
+    return Client(url, user=USER, password=PASSWORD, retries=0, timeout=10, idempotent=False)
 
 
 def _stored(server: str, stream: str) -> list[bytes]:
@@ -183,7 +184,9 @@ def test_an_unreachable_target_resets_the_client_until_retargeted(server: str) -
 
 async def test_works_under_an_async_test_with_the_async_client(server: str) -> None:
     with FaultProxy(port_of(server)) as proxy:
-        async with AsyncClient(proxy.url, user=USER, password=PASSWORD, retries=0) as client:
+        async with AsyncClient(
+            proxy.url, user=USER, password=PASSWORD, retries=0, idempotent=False
+        ) as client:
             proxy.force(Fault.DROP_ANSWER)
             with pytest.raises(ServerUnreachable):
                 await client.publish("async", [b"unacknowledged"])
