@@ -55,6 +55,7 @@ from messagevault.server import Limits, StreamHub, create_app
 from messagevault.server.hub import _read_messages
 from messagevault.storage.base import Storage, StreamStore
 from messagevault.wire import DEFAULT_MAX_BODY
+from tests.conftest import BACKENDS
 from tests.large_value_writer import STREAM, MiB
 from tests.large_value_writer import pattern_value as _value
 from tests.served import ServedApp
@@ -178,11 +179,11 @@ def _positions_stream(storage: Storage) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("backend", ["memory-paged", "file"])
-def test_a_reader_starts_at_every_kind_of_position(backend: str, tmp_path: Path) -> None:
-    storage: Storage = (
-        MemoryStorage(page_size=512) if backend == "memory-paged" else FileStorage(tmp_path)
-    )
+@pytest.mark.parametrize("backend", ["memory-paged", "file", "azure"])
+def test_a_reader_starts_at_every_kind_of_position(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    storage = BACKENDS[backend](request, tmp_path)
     at = _positions_stream(storage)
     with Reader.open(storage, STREAM) as reader:
         every = list(reader.read())
@@ -206,13 +207,11 @@ def test_a_reader_starts_at_every_kind_of_position(backend: str, tmp_path: Path)
 # Torn commits ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["memory-paged", "file"])
+@pytest.mark.parametrize("backend", ["memory-paged", "file", "azure"])
 def test_a_value_in_pieces_torn_by_failing_storage_is_never_seen(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    storage: Storage = (
-        MemoryStorage(page_size=512) if backend == "memory-paged" else FileStorage(tmp_path)
-    )
+    storage = BACKENDS[backend](request, tmp_path)
     before = [(b"k", b"before"), (b"k", b"again")]
     with Writer.open(storage, STREAM) as writer:
         writer.append(before)
