@@ -134,6 +134,10 @@ def test_values_at_every_boundary_read_back_whole(storage: Storage) -> None:
         followed = reader.follow(messages[4].position, poll_interval=0.01, stop=stop)
         assert next(followed) == messages[4]
         stop.set()
+    handled: list[str] = []
+    with Consumer(storage, STREAM, "audit", MemoryPositionStore(), save_every=2) as consumer:
+        consumer.run(lambda message: handled.append(_digest(message.value)), follow=False)
+    assert handled == [_digest(value) for _, value in expected]
     if storage.__class__ is not MemoryStorage:  # another process's view: a folder, a SAS URL
         with Reader.from_read_access(access) as direct:
             assert [_digest(m.value) for m in direct.read()] == [_digest(v) for _, v in expected]
