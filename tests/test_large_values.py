@@ -524,7 +524,7 @@ def test_a_page_does_not_read_a_large_value_it_will_not_hand_out() -> None:
     assert store.bytes_read < 10 * MiB  # a chunk and the value's head frame, not 40 MiB
     assert [m.key for m in reader.read(max_bytes=1024)] == [b"a"]
     store.bytes_read = 0
-    messages, next_position = _read_messages(reader, None, 0, 1, 8 * MiB)
+    messages, next_position = _read_messages(reader, None, 0, 1, 64 * MiB)  # limit 1
     assert [m.key for m in messages] == [b"a"] and store.bytes_read < 10 * MiB
     messages, _ = _read_messages(reader, None, next_position, 10, 1024)
     assert [m.key for m in messages] == [b"big"]  # at least one message, whatever its size
