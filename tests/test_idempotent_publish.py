@@ -43,7 +43,13 @@ from messagevault.errors import (
     StaleSequence,
     StorageError,
 )
-from messagevault.format import EncodedBatch
+from messagevault.format import (
+    FRAME_HEADER_SIZE,
+    MAX_FRAME_SIZE,
+    MAX_VALUE_SIZE,
+    PER_MESSAGE_OVERHEAD,
+    EncodedBatch,
+)
 from messagevault.producer import AsyncProducer, MessageFuture, Producer
 from messagevault.server import StreamHub, create_app
 from messagevault.wire import BATCH_CONTENT_TYPE, DUPLICATE_HEADER, json_append
@@ -561,3 +567,47 @@ def test_the_cli_publishes_through_the_idempotent_client(proxy: FaultProxy, tmp_
     assert summary["count"] == 30 and summary["batches"] > 3
     assert proxy.stats.count(Fault.DROP_ANSWER) == 2
     assert [value for _, _, value in _stored(tmp_path, "orders")] == [v.encode() for v in values]
+
+
+# Frames at the size limit ------------------------------------------------------------
+
+
+def _full_frame_pairs() -> list[tuple[bytes, bytes]]:
+    """Four messages making a v1 frame of exactly MAX_FRAME_SIZE: no room for a v2 header."""
+    overhead = FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * 4
+    big = bytes(MAX_VALUE_SIZE)
+    return [(b"", big), (b"", big), (b"", big), (b"", big[overhead:])]
+
+
+def test_a_full_frame_is_published_without_a_producer_id(served: ServedApp, tmp_path: Path) -> None:
+    batch = encode_batch(_full_frame_pairs())
+    assert batch.frame_size == MAX_FRAME_SIZE
+    settings = client_base.Settings.resolve(served.url, None, None, 30, 0)
+    assert client_base.idempotent_batch(settings, batch) is batch  # no room for the id
+    with Client(served.url) as client:
+        result = client.publish_batch("orders", batch)
+    assert result.frame_size == MAX_FRAME_SIZE
+    assert len(_stored(tmp_path, "orders")) == 4
+
+
+def test_a_producer_leaves_room_for_the_producer_header(served: ServedApp, tmp_path: Path) -> None:
+    sent: list[EncodedBatch] = []
+
+    class Recording(Client):
+        def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
+            sent.append(batch)
+            return super().publish_batch(stream, batch)
+
+    with (
+        Recording(served.url) as client,
+        Producer(client, max_batch_bytes=MAX_FRAME_SIZE, linger=60) as producer,
+    ):
+        futures = [producer.send("orders", value) for _, value in _full_frame_pairs()]
+        producer.flush()
+        receipts = [future.result(timeout=30) for future in futures]
+    assert all(batch.producer == producer.producer_id for batch in sent)
+    assert all(batch.frame_size <= MAX_FRAME_SIZE for batch in sent)
+    assert len(sent) == 2  # the last message no longer fits the first frame
+    assert [(r.position, r.sequence) for r in receipts] == [
+        (position, sequence) for position, sequence, _ in _stored(tmp_path, "orders")
+    ]

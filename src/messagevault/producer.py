@@ -58,6 +58,7 @@ from messagevault.format import (
     FRAME_HEADER_SIZE,
     MAX_BATCH_COUNT,
     MAX_FRAME_SIZE,
+    MAX_HEADER_SIZE,
     MAX_KEY_SIZE,
     NO_PRODUCER,
     PER_MESSAGE_OVERHEAD,
@@ -176,8 +177,9 @@ class _Limits:
         if max_block < 0:
             raise InvalidInput("max_block must not be negative")
         self.max_batch_messages = max_batch_messages
-        # What the messages of a batch may add to its 64-byte frame header.
-        self.max_body_bytes = max_batch_bytes - FRAME_HEADER_SIZE
+        # What the messages of a batch may add to its frame header: the 96
+        # bytes of a v2 one, which a batch with a producer id has.
+        self.max_body_bytes = max_batch_bytes - MAX_HEADER_SIZE
         self.linger = linger
         self.max_buffered_bytes = max_buffered_bytes
         self.max_block = max_block
