@@ -1152,6 +1152,51 @@ def _unpacked_value(stored: bytearray, position: int) -> bytes:
     return value
 
 
+# Input fed to the check at a time: bounds what one call can unpack (densest
+# zstd: 32,768 times) to 64 MiB of output, dropped at once.
+_CHECK_SLICE: Final = 2048
+
+
+def _check_packed_value(pieces: list[memoryview], position: int) -> None:
+    """Check that joined ``pieces`` are one zstd frame unpacking to its declared size.
+
+    The output is counted and dropped, a little at a time, so a producer's
+    compression bomb costs the server time, not memory.
+    """
+    stored = sum(map(len, pieces))
+    size = _content_size(b"".join(piece[:32] for piece in pieces[:2]), position)
+    if size > _ZSTD_MAX_RATIO * stored:
+        raise InvalidBatch(
+            f"compressed value at {position} of the batch declares {size} bytes, more than "
+            f"its {stored} stored bytes can hold"
+        )
+    unpacker = _decompressor().decompressobj()
+    unpacked = 0
+    slices = (
+        piece[at : at + _CHECK_SLICE]
+        for piece in pieces
+        for at in range(0, len(piece), _CHECK_SLICE)
+    )
+    try:
+        for data in slices:
+            if unpacker.eof:
+                raise InvalidBatch(
+                    f"compressed value at {position} of the batch has bytes after its end"
+                )
+            unpacked += len(unpacker.decompress(data))
+            if unpacked > size:
+                break
+    except zstandard.ZstdError as exc:
+        raise InvalidBatch(
+            f"compressed value at {position} of the batch does not decompress: {exc}"
+        ) from None
+    if unpacked != size or not unpacker.eof or unpacker.unused_data:
+        raise InvalidBatch(
+            f"compressed value at {position} of the batch unpacks to {unpacked} bytes, "
+            f"not the {size} it declares, or is cut short"
+        )
+
+
 def _content_size(data: bytes | bytearray | memoryview, position: int) -> int:
     try:
         size = zstandard.frame_content_size(data)
@@ -1187,6 +1232,8 @@ def parse_batch(body: bytes | memoryview) -> EncodedBatch:
     frames: list[FrameBody] = []
     producer, producer_seq = NO_PRODUCER, 0
     pieces = PieceCheck()
+    packed: list[memoryview] = []  # the stored pieces of a compressed value in pieces
+    head_at = 0
     offset = 0
     while offset < len(view) or not frames:  # an empty body: no header to read
         header = read_header(view, offset, None)
@@ -1206,6 +1253,17 @@ def parse_batch(body: bytes | memoryview) -> EncodedBatch:
             )
         if not pieces.take(header, offset):
             _check_value_sizes(view, offset, header)
+        elif header.compressed or packed:
+            # Readers unpack a value in pieces only once it is whole, so its
+            # zstd frame is checked here: a damaged one would stop every
+            # reader at it for good.
+            if header.is_head:
+                head_at = offset
+            end = offset + header.frame_size
+            packed.append(view[end - header.values_size : end])
+            if not pieces.pending:
+                _check_packed_value(packed, head_at)
+                packed = []
         start = offset + header.header_size
         frames.append(
             FrameBody(
@@ -1234,6 +1292,11 @@ class PieceCheck:
         self._head_at = 0
         self._size = 0  # 0: not inside a value in pieces
         self._gathered = 0
+
+    @property
+    def pending(self) -> bool:
+        """Whether a value in pieces has begun and is not whole yet."""
+        return self._size != 0
 
     def take(self, header: FrameHeader, offset: int) -> bool:
         """Account for the frame at ``offset``; whether it is (part of) a value in pieces."""
