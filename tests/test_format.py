@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from messagevault.checkpoint import CHECKPOINT, CHECKPOINT_CRC, CHECKPOINT_SIZE, Checkpoint
 from messagevault.errors import CorruptData, InvalidBatch, UnsupportedVersion
 from messagevault.format import (
+    CONTINUATION,
     FRAME_HEADER,
     FRAME_HEADER_CRC,
-    CONTINUATION,
     FRAME_HEADER_SIZE,
     HEAD,
     MAX_BATCH_COUNT,
