@@ -413,6 +413,19 @@ async def test_retries_give_up_with_the_last_error_after_retry_timeout(tmp_path:
     assert [value for _, _, value in _stored(tmp_path, "orders")] == [b"v", b"w"]
 
 
+def test_a_publish_whose_answers_keep_getting_lost_gives_up_in_doubt_stored_once(
+    proxy: FaultProxy, tmp_path: Path
+) -> None:
+    proxy.force(*[Fault.DROP_ANSWER] * 50)
+    with (
+        Client(proxy.url, retry_timeout=0.5) as client,
+        pytest.raises(ServerUnreachable, match="may or may not have been committed"),
+    ):
+        client.publish("orders", [b"in doubt"])
+    assert 2 <= proxy.stats.count(Fault.DROP_ANSWER) < 50  # retried, then gave up
+    assert _stored(tmp_path, "orders") == [(0, 0, b"in doubt")]
+
+
 @pytest.mark.parametrize("retry_timeout", [-1.0, float("nan")])
 def test_a_bad_retry_timeout_is_refused(retry_timeout: float) -> None:
     with pytest.raises(InvalidInput, match="retry_timeout must be 0 or more seconds"):

@@ -561,9 +561,5 @@ def give_up(failure: BaseException, request: Request, settings: Settings) -> Bas
     where = f"{request.method} {settings.url}{request.path.split('?')[0]}"
     if isinstance(failure, NotSent):
         return ServerUnreachable(f"cannot reach the server for {where}: {failure}")
-    doubt = ""
-    if request.append:
-        doubt = "; the append may or may not have been committed"
-        if request.idempotent:
-            doubt += " (sending the same batch again is safe: a committed one gets its receipts)"
+    doubt = "; the append may or may not have been committed" if request.append else ""
     return ServerUnreachable(f"connection lost during {where}: {failure}{doubt}")
