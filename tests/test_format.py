@@ -28,6 +28,7 @@ from messagevault.format import (
     FRAME_HEADER,
     FRAME_HEADER_CRC,
     FRAME_HEADER_SIZE,
+    FRAME_HEADER_V2_SIZE,
     HEAD,
     MAX_BATCH_COUNT,
     MAX_FRAME_SIZE,
@@ -786,10 +787,14 @@ def test_value_size_limit() -> None:
 
 
 def test_frame_size_limit() -> None:
-    overhead = FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * 4
+    # A frame is planned with room for the v2 header, so that giving the
+    # batch a producer id (32 header bytes more) never takes it over the limit.
+    overhead = FRAME_HEADER_V2_SIZE + PER_MESSAGE_OVERHEAD * 4
     big = bytes(MAX_VALUE_SIZE)
     exact = [(b"", big), (b"", big), (b"", big), (b"", big[overhead:])]
-    batch = encode_batch(exact)
+    plain = encode_batch(exact)
+    assert (len(plain.frames), plain.frame_size) == (1, MAX_FRAME_SIZE - 32)  # a v1 frame
+    batch = plain.with_producer(bytes(range(1, 17)), 0)
     assert batch.frame_size == MAX_FRAME_SIZE
     frame = batch.frame(0, 0, 0)
     assert verify_frame(frame, 0, 0).frame_size == MAX_FRAME_SIZE

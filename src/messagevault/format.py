@@ -548,7 +548,8 @@ def encode_columns(
     except OverflowError:  # a value of 4 GiB or more: it can only travel in pieces
         value_lengths = None
     total = sum(value_lengths) if value_lengths is not None else sum(map(len, values))
-    frame_size = FRAME_HEADER_SIZE + PER_MESSAGE_OVERHEAD * count + len(keys_blob) + total
+    # Sized for the longer v2 header, so that ``with_producer`` always fits.
+    frame_size = FRAME_HEADER_V2_SIZE + PER_MESSAGE_OVERHEAD * count + len(keys_blob) + total
     if (
         value_lengths is not None
         and frame_size <= MAX_FRAME_SIZE
@@ -1032,17 +1033,18 @@ class FrameAssembler:
 
     ``feed(buffer, offset, header)`` for each frame; it returns the messages
     complete so far: a frame's own, or, at the last CONTINUATION of a value,
-    that value's message. The pieces are copied into one buffer as they come,
-    so a value costs its size once while it is gathered, plus the ``bytes``
-    handed out (about two copies at the peak), whatever the reader's
-    chunk size.
+    that value's message. Pieces are held as views of the buffers they
+    were read into and joined once, at the end: a value costs its stored
+    bytes (the buffers) plus the ``bytes`` handed out, about two copies at
+    the peak, whether the frames come from storage or from a server's
+    answer, and nothing is allocated on a header's word alone.
     """
 
     def __init__(self, first: int = 0) -> None:
         self._first = first  # messages of the first frame to leave out
         self._head: FrameHeader | None = None
         self._key = b""
-        self._stored: bytearray | None = None
+        self._pieces: list[memoryview] = []
         self._filled = 0
 
     @property
@@ -1071,18 +1073,18 @@ class FrameAssembler:
         return iter_messages(buf, offset, header, first)  # type: ignore[arg-type]
 
     def _start(self, buf: bytes | memoryview, offset: int, header: FrameHeader) -> None:
-        keys, pieces = frame_columns(buf, offset, header)  # type: ignore[arg-type]
+        _check_body(buf, offset, header, header.base_position)
+        key_start = offset + header.header_size + PER_MESSAGE_OVERHEAD
         self._head = header
-        self._key = keys[0]
-        self._stored = bytearray(header.chunk)
-        self._stored[: len(pieces[0])] = pieces[0]
-        self._filled = len(pieces[0])
+        self._key = bytes(buf[key_start : key_start + header.keys_size])
+        self._pieces = [_stored_piece(buf, offset, header)]
+        self._filled = header.values_size
 
     def _continue(
         self, buf: bytes | memoryview, offset: int, header: FrameHeader
     ) -> Iterator[Message]:
-        head, stored = self._head, self._stored
-        assert head is not None and stored is not None
+        head = self._head
+        assert head is not None
         if header is not head:
             if (
                 not header.is_continuation
@@ -1098,15 +1100,14 @@ class FrameAssembler:
                     position=header.base_position,
                 )
             _check_body(buf, offset, header, header.base_position)
-            start = offset + header.header_size
-            stored[self._filled : self._filled + header.values_size] = memoryview(buf)[
-                start : start + header.values_size
-            ]
+            self._pieces.append(_stored_piece(buf, offset, header))
             self._filled += header.values_size
         if self._filled < head.chunk:
             return iter(())
-        self._head = self._stored = None
-        value = _unpacked_value(stored, head.base_position) if head.compressed else bytes(stored)
+        pieces, self._pieces, self._head = self._pieces, [], None
+        stored = b"".join(pieces)
+        del pieces  # the read buffers can go before a compressed value unpacks
+        value = _unpacked_value(stored, head.base_position) if head.compressed else stored
         del stored
         message = Message(
             head.base_position, head.base_sequence, head.timestamp, self._key, value, header.end
@@ -1114,12 +1115,18 @@ class FrameAssembler:
         return iter((message,))
 
 
+def _stored_piece(buf: bytes | memoryview, offset: int, header: FrameHeader) -> memoryview:
+    """The value bytes a HEAD or CONTINUATION frame stores: the last ``values_size`` of it."""
+    end = offset + header.frame_size
+    return memoryview(buf)[end - header.values_size : end]
+
+
 # zstd's densest block (RLE: a 3-byte block header and one byte) stands for at
 # most 128 KiB, so no zstd frame unpacks to more than this many times its size.
 _ZSTD_MAX_RATIO: Final = 128 * 1024 // 4
 
 
-def _unpacked_value(stored: bytearray, position: int) -> bytes:
+def _unpacked_value(stored: bytes, position: int) -> bytes:
     """Decompress the joined pieces of a compressed value, which hold one zstd frame.
 
     The size the frame declares is the sender's word, so the result grows

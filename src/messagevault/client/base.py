@@ -35,7 +35,6 @@ from messagevault.format import (
     FORMAT_V1,
     FRAME_HEADER_SIZE,
     FRAME_HEADER_V2_SIZE,
-    MAX_FRAME_SIZE,
     NO_PRODUCER,
     SLOT_SIZE,
     EncodedBatch,
@@ -222,13 +221,8 @@ def idempotent_batch(settings: Settings, batch: EncodedBatch) -> EncodedBatch:
     and a new id is always accepted, so the only repeat the server can see
     is this call's own retry. A batch that has a producer id already (a
     ``Producer``'s) keeps it; so does every batch of a non-idempotent client.
-    A frame within 32 bytes of ``MAX_FRAME_SIZE`` has no room for the longer
-    header a producer id needs: such a batch goes without one, as with
-    ``idempotent=False``.
     """
     if not settings.idempotent or batch.producer != NO_PRODUCER:
-        return batch
-    if any(FRAME_HEADER_V2_SIZE + body.body_size > MAX_FRAME_SIZE for body in batch.frames):
         return batch
     return batch.with_producer(uuid.uuid4().bytes, 0)
 
