@@ -640,19 +640,39 @@ def test_retries_connection_refused_until_the_server_comes_up(
         server.stop()
 
 
+@pytest.mark.parametrize("idempotent", [True, False])
 @pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_retries_are_bounded(kind: str) -> None:
+async def test_retries_are_bounded(
+    kind: str, idempotent: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-idempotent append by ``retries``; an idempotent one by ``retry_timeout``."""
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    decisions: list[float | None] = []
+    next_delay = client_base.Retries.next_delay
+
+    def recorded(self: Any, failure: BaseException, request: Any) -> Any:
+        decisions.append(next_delay(self, failure, request))
+        return decisions[-1]
+
+    monkeypatch.setattr(client_base.Retries, "next_delay", recorded)
+    # Small bounds keep this quick; 1 s leaves room for at least 3 retries
+    # (backoff of at most 0.1 + 0.2 + 0.4 s).
+    settings: dict[str, Any] = {"retries": 1, "retry_timeout": 1.0, "idempotent": idempotent}
     if kind == "sync":
         with (
-            Client(url, retries=2) as client,
+            Client(url, **settings) as client,
             pytest.raises(ServerUnreachable, match="cannot reach"),
         ):
             await asyncio.to_thread(client.publish, "orders", [b"x"])
     else:
-        async with AsyncClient(url, retries=2) as async_client:
+        async with AsyncClient(url, **settings) as async_client:
             with pytest.raises(ServerUnreachable, match="cannot reach"):
                 await async_client.publish("orders", [b"x"])
+    assert decisions[-1] is None and None not in decisions[:-1]
+    if idempotent:  # a deadline, not the count, ends it: more tries than ``retries`` allows
+        assert 3 < len(decisions) < 100
+    else:
+        assert len(decisions) == 2  # the first try and 1 retry
 
 
 def _dropping_app(calls: list[str], drops: int) -> web.Application:
