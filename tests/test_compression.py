@@ -12,6 +12,7 @@ import json
 import os
 import random
 import tracemalloc
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
@@ -46,7 +47,7 @@ from messagevault.format import (
     verify_frame,
 )
 from messagevault.producer import AsyncProducer, Producer
-from messagevault.server import StreamHub, create_app
+from messagevault.server import Limits, StreamHub, create_app
 from messagevault.storage.base import Storage
 from messagevault.wire import BATCH_CONTENT_TYPE
 from tests.served import ServedApp
@@ -562,3 +563,52 @@ def test_memory_storage_reads_a_compressed_value_in_pieces() -> None:
         (message,) = list(reader.read(result[0].position))
     assert message.value == value
     assert message.next_position == result.end
+
+
+# --- what a server takes --------------------------------------------------------------
+
+
+def test_a_compressed_value_may_unpack_to_no_more_than_the_request_limit(tmp_path: Path) -> None:
+    # 64 MiB of zeros packs into a few KiB: without a bound a small request
+    # would make every reader of the stream hold whatever it declares.
+    value = bytes(64 * MiB)
+    batch = encode_batch([(b"k", value)], compress=True)
+    assert batch.frame_size < MiB
+    body = batch.frame()
+    assert parse_batch(body).count == 1  # no bound asked: the zstd frame itself is sound
+    with pytest.raises(InvalidBatch, match=f"unpacks to {64 * MiB} bytes; this server takes"):
+        parse_batch(body, max_value_size=64 * MiB - 1)
+    assert parse_batch(body, max_value_size=64 * MiB).count == 1
+    # The server bounds it by its --max-body, and stores nothing.
+    app = create_app(
+        StreamHub(FileStorage(tmp_path / "data", fsync="never")), limits=Limits(max_body=MiB)
+    )
+    with ServedApp(app) as server:
+        request = urllib.request.Request(
+            f"{server.url}/streams/orders", body, {"Content-Type": BATCH_CONTENT_TYPE}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        assert json.loads(refused.value.read())["error"] == "invalid_batch"
+    assert (
+        not (tmp_path / "data" / "orders").exists()
+        or Reader.open(FileStorage(tmp_path / "data"), "orders").checkpoint().length == 0
+    )
+
+
+@pytest.mark.parametrize("head_compressed", [True, False])
+def test_every_piece_of_a_value_carries_its_heads_compression_flag(head_compressed: bool) -> None:
+    raw = os.urandom(5 * MiB)  # incompressible: stored in two pieces either way
+    stored = _packed(raw) if head_compressed else raw
+    batch = _value_in_pieces(stored, COMPRESSED if head_compressed else 0)
+    parse_batch(batch.frame())  # consistent: taken
+    head, *rest = batch.frames
+    assert rest
+    flipped = [
+        FrameBody(0, 0, body.values_size, body.body_crc, body.parts, body.flags ^ COMPRESSED)
+        for body in rest
+    ]
+    mixed = EncodedBatch((head, *flipped))
+    with pytest.raises(InvalidBatch, match="unlike the HEAD of its value at 0"):
+        parse_batch(mixed.frame())

@@ -35,6 +35,8 @@ from messagevault.format import (
     MAX_KEY_SIZE,
     MAX_VALUE_SIZE,
     PER_MESSAGE_OVERHEAD,
+    EncodedBatch,
+    FrameBody,
     Message,
     decode_messages,
     encode_batch,
@@ -912,3 +914,12 @@ def test_non_contiguous_memoryview_values_are_invalid_or_encoded_correctly() -> 
         return
     frame = batch.frame()
     assert decode_messages(frame, 0, verify_frame(frame, 0, 0))[0].value == b"ace"
+
+
+def test_with_producer_refuses_a_frame_with_no_room_for_the_longer_header() -> None:
+    # encode_batch always leaves the 32 bytes; a body made by hand that fills
+    # the v1 limit to the last byte cannot take a producer id.
+    body = FrameBody(1, 0, MAX_FRAME_SIZE - FRAME_HEADER_SIZE - PER_MESSAGE_OVERHEAD, 0, ())
+    assert EncodedBatch((body,)).frame_size == MAX_FRAME_SIZE
+    with pytest.raises(InvalidBatch, match="no room for a producer id"):
+        EncodedBatch((body,)).with_producer(bytes(range(1, 17)), 0)

@@ -27,7 +27,7 @@ from typing import IO, Any
 import pytest
 from click.testing import CliRunner
 
-from messagevault import Reader, SequenceGap, StaleSequence, StorageError, Writer
+from messagevault import Reader, SequenceGap, SequenceReused, StaleSequence, StorageError, Writer
 from messagevault.checkpoint import Checkpoint
 from messagevault.cli import main
 from messagevault.committer import GroupCommitter
@@ -146,6 +146,23 @@ def test_a_gap_is_refused_and_changes_nothing(local_storage: Storage) -> None:
         assert (writer.checkpoint, _table(writer)) == (checkpoint, table)
         _append(writer, _batch(P, 5))  # the expected one still goes in
     assert _values(local_storage) == _ids(P, 4) + _ids(P, 5)
+
+
+def test_a_repeat_with_other_content_is_refused_not_swallowed(local_storage: Storage) -> None:
+    # A retry sends the same bytes; other bytes under the same producer and
+    # sequence are a producer's bug: answering them with the first batch's
+    # receipts would lose them without a word.
+    with Writer.open(local_storage, STREAM) as writer:
+        _append(writer, _batch(P, 0))
+        checkpoint, table = writer.checkpoint, _table(writer)
+        with pytest.raises(SequenceReused, match="again with other content"):
+            _append(writer, _batch(P, 0, tag="other"))
+        assert (writer.checkpoint, _table(writer)) == (checkpoint, table)
+        outcomes = writer.append_group([_batch(P, 1), _batch(P, 1, tag="other")])
+        assert isinstance(outcomes[0], AppendResult)
+        assert isinstance(outcomes[1], SequenceReused)
+        assert _append(writer, _batch(P, 1)).duplicate  # the same bytes: a duplicate
+    assert _values(local_storage) == _ids(P, 0) + _ids(P, 1)
 
 
 def test_an_older_batch_is_refused_as_stale(local_storage: Storage) -> None:

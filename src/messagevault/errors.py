@@ -190,6 +190,17 @@ class StaleSequence(WriterConflict):
     code = "stale_sequence"
 
 
+class SequenceReused(StaleSequence):
+    """A producer's batch sequence repeats its last committed batch with other content.
+
+    A retry sends the same bytes; different ones under the same producer id
+    and sequence are a producer's bug, and answering them with the first
+    batch's receipts would drop them silently. Nothing appended.
+    """
+
+    code = "sequence_reused"
+
+
 class CommitterClosed(MessageVaultError):
     """The committer was closed (or its writer lost the stream) before this append ran."""
 

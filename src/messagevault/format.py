@@ -384,6 +384,11 @@ class EncodedBatch:
     def with_producer(self, producer: bytes, producer_seq: int) -> EncodedBatch:
         """The same batch sent as batch number ``producer_seq`` of ``producer``."""
         check_producer(producer, producer_seq)
+        if any(FRAME_HEADER_V2_SIZE + body.body_size > MAX_FRAME_SIZE for body in self.frames):
+            raise InvalidBatch(
+                f"a frame of this batch leaves no room for a producer id's header under "
+                f"{MAX_FRAME_SIZE} bytes (encode_batch always leaves it)"
+            )
         return replace(self, producer=bytes(producer), producer_seq=producer_seq)
 
     def pieces(
@@ -1164,14 +1169,22 @@ def _unpacked_value(stored: bytes, position: int) -> bytes:
 _CHECK_SLICE: Final = 2048
 
 
-def _check_packed_value(pieces: list[memoryview], position: int) -> None:
+def _check_packed_value(
+    pieces: list[memoryview], position: int, max_value_size: int | None
+) -> None:
     """Check that joined ``pieces`` are one zstd frame unpacking to its declared size.
 
     The output is counted and dropped, a little at a time, so a producer's
-    compression bomb costs the server time, not memory.
+    compression bomb costs the server time, not memory; a declared size over
+    ``max_value_size`` is refused before any of it.
     """
     stored = sum(map(len, pieces))
     size = _content_size(b"".join(piece[:32] for piece in pieces[:2]), position)
+    if max_value_size is not None and size > max_value_size:
+        raise InvalidBatch(
+            f"compressed value at {position} of the batch unpacks to {size} bytes; this "
+            f"server takes values of at most {max_value_size} (its --max-body)"
+        )
     if size > _ZSTD_MAX_RATIO * stored:
         raise InvalidBatch(
             f"compressed value at {position} of the batch declares {size} bytes, more than "
@@ -1228,12 +1241,15 @@ def check_continuation_start(header: FrameHeader, name: str) -> None:
         )
 
 
-def parse_batch(body: bytes | memoryview) -> EncodedBatch:
+def parse_batch(body: bytes | memoryview, *, max_value_size: int | None = None) -> EncodedBatch:
     """Check the frames a producer sent and return them as a batch for re-framing.
 
     The producer's base positions, sequences and timestamps are ignored: the
     writer assigns them. The frames must fill ``body`` exactly, share one
-    producer id and sequence, and carry every value in pieces whole.
+    producer id and sequence, and carry every value in pieces whole, with
+    the COMPRESSED flag of its HEAD on every piece. ``max_value_size``
+    bounds what a compressed value in pieces may unpack to (a server passes
+    its request limit: no reader then holds more than a sender could send).
     """
     view = memoryview(body)
     frames: list[FrameBody] = []
@@ -1260,7 +1276,7 @@ def parse_batch(body: bytes | memoryview) -> EncodedBatch:
             )
         if not pieces.take(header, offset):
             _check_value_sizes(view, offset, header)
-        elif header.compressed or packed:
+        elif header.compressed:  # every piece of it, by PieceCheck
             # Readers unpack a value in pieces only once it is whole, so its
             # zstd frame is checked here: a damaged one would stop every
             # reader at it for good.
@@ -1269,7 +1285,7 @@ def parse_batch(body: bytes | memoryview) -> EncodedBatch:
             end = offset + header.frame_size
             packed.append(view[end - header.values_size : end])
             if not pieces.pending:
-                _check_packed_value(packed, head_at)
+                _check_packed_value(packed, head_at, max_value_size)
                 packed = []
         start = offset + header.header_size
         frames.append(
@@ -1299,6 +1315,7 @@ class PieceCheck:
         self._head_at = 0
         self._size = 0  # 0: not inside a value in pieces
         self._gathered = 0
+        self._compressed = False
 
     @property
     def pending(self) -> bool:
@@ -1313,6 +1330,11 @@ class PieceCheck:
                     f"the value in pieces at {self._head_at} of the batch stops after "
                     f"{self._gathered} of its {self._size} bytes"
                 )
+            if header.compressed != self._compressed:
+                raise InvalidBatch(
+                    f"frame at {offset} of the batch is {'' if header.compressed else 'not '}"
+                    f"flagged COMPRESSED, unlike the HEAD of its value at {self._head_at}"
+                )
             self._gathered += header.values_size
             if self._gathered > self._size:
                 raise InvalidBatch(
@@ -1323,6 +1345,7 @@ class PieceCheck:
             raise InvalidBatch(f"frame at {offset} of the batch continues no value")
         elif header.is_head:
             self._head_at, self._size, self._gathered = offset, header.chunk, header.values_size
+            self._compressed = header.compressed
         else:
             return False
         if self._gathered == self._size:

@@ -22,6 +22,7 @@ from messagevault.errors import (
     InvalidInput,
     MessageVaultError,
     SequenceGap,
+    SequenceReused,
     StaleSequence,
     StaleWriter,
     StorageError,
@@ -154,6 +155,17 @@ class AppendResult(Sequence[Receipt]):
     def __iter__(self) -> Iterator[Receipt]:
         for index in range(self.message_count):
             yield self[index]
+
+
+def _crcs(batch: EncodedBatch) -> list[int]:
+    return [body.body_crc for body in batch.frames]
+
+
+def _reused(batch: EncodedBatch) -> SequenceReused:
+    return SequenceReused(
+        f"producer {batch.producer.hex()} sent batch {batch.producer_seq} again with other "
+        "content: a retry must send the same bytes; nothing appended"
+    )
 
 
 class Writer:
@@ -349,15 +361,20 @@ class Writer:
                 verdicts.append(None)
                 continue
             try:
+                # A repeat must be the same bytes (a retry); its frames'
+                # body CRCs tell, against the stored headers or the batch
+                # earlier in the group.
                 if producer in in_group:
                     sequence, first = in_group[producer]
                     if check_sequence(producer, sequence, batch.producer_seq):
-                        verdicts.append(first)
+                        same = _crcs(batch) == _crcs(batches[first])
+                        verdicts.append(first if same else _reused(batch))
                         continue
                 else:
                     found = self._producers.check(producer, batch.producer_seq)
                     if found is not None:
-                        verdicts.append(found)
+                        stored = [header.body_crc for header in self._headers_of(found)]
+                        verdicts.append(found if stored == _crcs(batch) else _reused(batch))
                         continue
             except (SequenceGap, StaleSequence) as exc:
                 verdicts.append(exc)
@@ -394,6 +411,9 @@ class Writer:
                 outcomes.append(verdict)
         return outcomes
 
+    def _headers_of(self, record: ProducerRecord) -> list[FrameHeader]:
+        return list(frame_headers(self._store, record.start, record.end, read_size=MAX_HEADER_SIZE))
+
     def _original_result(self, record: ProducerRecord) -> AppendResult:
         """The result a committed batch had, rebuilt from its frame headers.
 
@@ -401,9 +421,7 @@ class Writer:
         length after the commit that carried it is not kept (a scan cannot
         tell where a group commit ended).
         """
-        headers = list(
-            frame_headers(self._store, record.start, record.end, read_size=MAX_HEADER_SIZE)
-        )
+        headers = self._headers_of(record)
         layout = tuple(
             FrameLayout(
                 header.base_position - record.start, header.header_size, header.message_count

@@ -8,11 +8,13 @@ such as ``unsupported_media_type``). docs/HTTP.md describes every route.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,7 +33,7 @@ from messagevault.errors import (
     UnsupportedMediaType,
     WriterConflict,
 )
-from messagevault.format import parse_batch
+from messagevault.format import EncodedBatch, parse_batch
 from messagevault.names import validate_stream_name
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.hub import StreamHub
@@ -333,13 +335,22 @@ async def append(request: web.Request) -> web.Response:
             max_size=request.app[LIMITS].max_body, actual_size=request.content_length
         )
     content_type = request.content_type
+    check: Callable[[bytes], EncodedBatch]
     if content_type == BATCH_CONTENT_TYPE:
-        batch = parse_batch(await _body(request))
+        # A compressed value may unpack to no more than an uncompressed
+        # one could be sent as: what a reader will have to hold.
+        check = functools.partial(parse_batch, max_value_size=request.app[LIMITS].max_body)
     elif content_type == JSON:
-        batch = json_append(await _body(request))
+        check = json_append
     else:
         raise UnsupportedMediaType(f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}")
-    result = await request.app[HUB].append(stream, batch)
+    body = await _body(request)
+    hub = request.app[HUB]
+    # Checking a batch is a pass over all of it (CRCs, JSON, unpacking a
+    # compressed value in pieces): a big one is checked in the I/O pool so
+    # that it never stalls the other requests on the event loop.
+    batch = check(body) if len(body) <= OFF_LOOP_BODY else await hub.run(check, body)
+    result = await hub.append(stream, batch)
     notes = request[NOTES]
     headers = {}
     if result.duplicate:
@@ -354,6 +365,9 @@ async def append(request: web.Request) -> web.Response:
             body=appended_minimal(stream, result), content_type=JSON, headers=headers
         )
     return web.Response(body=appended_json(stream, result), content_type=JSON, headers=headers)
+
+
+OFF_LOOP_BODY: Final = 1024 * 1024  # bytes of a request body checked on the event loop at most
 
 
 async def _body(request: web.Request) -> bytes:

@@ -50,6 +50,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
         "writer_conflict",
         "sequence_gap",
         "stale_sequence",
+        "sequence_reused",
     ),
     413: ("request_entity_too_large",),
     415: ("unsupported_media_type",),
