@@ -36,12 +36,17 @@ from messagevault.client import AsyncClient, Client
 from messagevault.client import base as client_base
 from messagevault.errors import (
     Forbidden,
+    InternalError,
     InvalidInput,
     MessageVaultError,
     Overloaded,
     RequestTooLarge,
+    SequenceGap,
     ServerUnreachable,
+    StaleSequence,
+    StaleWriter,
     StorageError,
+    StreamLocked,
     Unauthenticated,
 )
 from messagevault.server import Limits, StreamHub, create_app
@@ -755,6 +760,141 @@ def test_retry_decisions(failure: Any, idempotent: bool, retried: bool) -> None:
         failure = client_base.answered_error(client_base.Answer(503, {}, b"<html/>"))
     request = client_base.Request("GET" if idempotent else "POST", "/", {}, idempotent=idempotent)
     assert client_base.retriable(failure, request) is retried
+
+
+def _misanswering(
+    storage: Storage, posts: list[int], status: int, code: str, *, times: int, commit: bool
+) -> ServedApp:
+    """A real server whose first ``times`` appends are answered ``status`` ``code``.
+
+    With ``commit``, each of them is committed first (its true answer lost,
+    as when a takeover or a failing storage hides that the batch landed).
+    """
+
+    @web.middleware
+    async def misanswer(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "POST":
+            return await handler(request)
+        posts.append(1)
+        if len(posts) > times:
+            return await handler(request)
+        if commit:
+            committed = await handler(request)
+            assert committed.status == 200
+        return web.Response(
+            status=status,
+            body=error_body(code, f"made up: {code}"),
+            content_type="application/json",
+        )
+
+    app = create_app(StreamHub(storage))
+    app.middlewares.insert(0, misanswer)
+    return ServedApp(app).start()
+
+
+async def _publish(kind: str, url: str, **settings: Any) -> Any:
+    if kind == "sync":
+        with Client(url, **settings) as client:
+            return await asyncio.to_thread(client.publish, "orders", [b"once"])
+    async with AsyncClient(url, **settings) as async_client:
+        return await async_client.publish("orders", [b"once"])
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "commit"),
+    [
+        (409, "stale_writer", False),
+        (409, "stale_writer", True),  # committed as another writer took over
+        (409, "stream_locked", False),
+        (500, "internal_error", True),
+    ],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_idempotent_append_is_sent_again_after_a_writer_change_or_a_500(
+    kind: str, status: int, code: str, commit: bool, tmp_path: Path
+) -> None:
+    storage = FileStorage(tmp_path / "data", fsync="never")
+    posts: list[int] = []
+    server = _misanswering(storage, posts, status, code, times=1, commit=commit)
+    try:
+        result = await _publish(kind, server.url, retry_timeout=10)
+    finally:
+        server.stop()
+    assert len(posts) == 2
+    assert result.duplicate is commit  # the retry was answered with the first commit's receipts
+    assert [(m.value, m.position) for m in _stored(storage, "orders")] == [(b"once", 0)]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [(409, "stale_writer", StaleWriter), (500, "internal_error", InternalError)],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_non_idempotent_append_in_doubt_is_not_sent_again_and_says_so(
+    kind: str, status: int, code: str, error: type[MessageVaultError], tmp_path: Path
+) -> None:
+    storage = FileStorage(tmp_path / "data", fsync="never")
+    posts: list[int] = []
+    server = _misanswering(storage, posts, status, code, times=1, commit=True)
+    try:
+        with pytest.raises(error) as raised:
+            await _publish(kind, server.url, idempotent=False)
+    finally:
+        server.stop()
+    assert posts == [1]
+    assert raised.value.__notes__ == ["the append may or may not have been committed"]
+    assert [m.value for m in _stored(storage, "orders")] == [b"once"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_idempotent_append_given_up_on_storage_errors_says_it_may_have_landed(
+    kind: str, tmp_path: Path
+) -> None:
+    """Every try is committed (then duplicates) but answered 503 storage_error."""
+    storage = FileStorage(tmp_path / "data", fsync="never")
+    posts: list[int] = []
+    server = _misanswering(storage, posts, 503, "storage_error", times=1000, commit=True)
+    try:
+        with pytest.raises(StorageError, match="made up") as raised:
+            await _publish(kind, server.url, retry_timeout=1.0)
+    finally:
+        server.stop()
+    assert len(posts) > 1  # retried until retry_timeout, then given up
+    assert raised.value.__notes__ == ["the append may or may not have been committed"]
+    assert [m.value for m in _stored(storage, "orders")] == [b"once"]
+
+
+def _append_failure(failure: type[MessageVaultError] | int) -> Any:
+    if isinstance(failure, int):  # a proxy's page, not the error shape
+        return client_base.answered_error(client_base.Answer(failure, {}, b"<html/>"))
+    status = {InternalError: 500, RequestTooLarge: 413}.get(failure, 409)
+    return client_base.answered_error(client_base.Answer(status, {}, error_body(failure.code, "x")))
+
+
+@pytest.mark.parametrize(
+    ("failure", "retried"),
+    [
+        (StaleWriter, True),  # the writer changed as the batch went in: it may have landed
+        (StreamLocked, True),  # a takeover under way
+        (InternalError, True),  # the server may have committed it
+        (500, True),
+        (SequenceGap, False),
+        (StaleSequence, False),
+        (RequestTooLarge, False),
+    ],
+)
+def test_append_retry_decisions(failure: type[MessageVaultError] | int, retried: bool) -> None:
+    """An append with a producer id is retried after a 500 or a writer change; others never."""
+    error = _append_failure(failure)
+    appending = client_base.Request("POST", "/", {}, idempotent=True, append=True)
+    assert client_base.retriable(error, appending) is retried
+    without_id = client_base.Request("POST", "/", {}, idempotent=False, append=True)
+    assert client_base.retriable(error, without_id) is False
+    reading = client_base.Request("GET", "/", {})
+    assert client_base.retriable(error, reading) is False
+    settings = client_base.Settings.resolve(None, None, None, 30, 3, retry_timeout=5)
+    retries = client_base.Retries.for_request(settings, appending)
+    assert (retries.next_delay(error, appending) is not None) is retried
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:

@@ -25,11 +25,15 @@ from urllib.parse import quote, urlsplit
 from messagevault.errors import (
     CommitterClosed,
     CorruptData,
+    InternalError,
     InvalidBatch,
     InvalidInput,
     MessageVaultError,
     Overloaded,
     ServerUnreachable,
+    StaleWriter,
+    StorageError,
+    StreamLocked,
 )
 from messagevault.format import (
     FORMAT_V1,
@@ -460,6 +464,18 @@ class Lost(Exception):
 # Errors after which an append certainly did nothing, so it is safe to send again.
 _APPEND_NOT_TRIED: Final = (Overloaded, CommitterClosed)
 _RETRY_STATUSES: Final = frozenset({502, 503, 504})
+# Answers to an append that another try can put right when the batch has a
+# producer id: the server failed mid-commit (500), or its writer was deposed
+# or is being taken over (409). The server then opens a writer afresh, which
+# rebuilds the producer table from storage, so a batch that did land is
+# answered with its first receipts rather than appended again.
+_APPEND_RETRY: Final = (InternalError, StaleWriter, StreamLocked)
+# Errors after which an append may or may not have been committed: the
+# storage's answer was lost, the server failed, or another writer took over
+# as the commit went in (a gateway's 502/504 too: the server may have acted).
+_APPEND_IN_DOUBT: Final = (StorageError, InternalError, StaleWriter)
+_DOUBT_STATUSES: Final = frozenset({500, 502, 504})
+DOUBT: Final = "the append may or may not have been committed"
 
 
 @dataclass
@@ -530,7 +546,10 @@ def retriable(failure: BaseException, request: Request) -> bool:
 
     Reads, and appends of a batch with a producer id, are sent again after
     any connection failure or retriable answer: the server answers a repeat
-    of a committed batch with its first receipts. An append without one (a
+    of a committed batch with its first receipts. Such an append is also
+    sent again after a 500 or a 409 ``stale_writer``/``stream_locked`` (the
+    stream changing writers): the answer to its retry comes from a writer
+    that knows what storage holds. An append without one (a
     client made with ``idempotent=False``) is sent again only when it surely
     did nothing, i.e. it never left (``NotSent``) or the server refused it
     before trying (``overloaded``, ``committer_closed``); a lost connection
@@ -544,16 +563,30 @@ def retriable(failure: BaseException, request: Request) -> bool:
         error = failure.error
         if not request.idempotent:
             return isinstance(error, _APPEND_NOT_TRIED)
+        if request.append and (isinstance(error, _APPEND_RETRY) or error.status == 500):
+            return True
         return error.retriable or error.status in _RETRY_STATUSES
     return False
 
 
+def in_doubt(error: MessageVaultError) -> bool:
+    """Whether an append answered with ``error`` may have been committed all the same."""
+    return isinstance(error, _APPEND_IN_DOUBT) or error.status in _DOUBT_STATUSES
+
+
 def give_up(failure: BaseException, request: Request, settings: Settings) -> BaseException:
-    """The exception to raise once ``failure`` is not retried any more."""
+    """The exception to raise once ``failure`` is not retried any more.
+
+    An append's error that leaves its commit in doubt says so (a note), as a
+    lost connection does: after ``retry_timeout`` of ``storage_error``, say.
+    """
     if isinstance(failure, _AnsweredError):
-        return failure.error
+        error = failure.error
+        if request.append and in_doubt(error):
+            error.add_note(DOUBT)
+        return error
     where = f"{request.method} {settings.url}{request.path.split('?')[0]}"
     if isinstance(failure, NotSent):
         return ServerUnreachable(f"cannot reach the server for {where}: {failure}")
-    doubt = "; the append may or may not have been committed" if request.append else ""
+    doubt = f"; {DOUBT}" if request.append else ""
     return ServerUnreachable(f"connection lost during {where}: {failure}{doubt}")

@@ -155,18 +155,20 @@ class Client:
     * appends (``publish``) exactly once each: every batch travels under a
       producer id (a fresh random one per ``publish`` call, as its batch 0)
       and is sent again, the same bytes, after a refused or reset
-      connection, a ``timeout`` waiting for the answer, or a 503, until it
-      is answered or ``retry_timeout`` seconds have passed (then the last
-      error is raised). The server answers a repeat of a batch it committed
-      with the first commit's receipts (``AppendResult.duplicate``), so a
-      lost answer never appends twice (docs/client.md);
+      connection, a ``timeout`` waiting for the answer, a 503, a 500, or a
+      409 ``stale_writer``/``stream_locked`` (the stream changing writers),
+      until it is answered or ``retry_timeout`` seconds have passed (then
+      the last error is raised, with a note when the batch may or may not
+      have been committed). The server answers a repeat of a batch it
+      committed with the first commit's receipts (``AppendResult.duplicate``),
+      so a lost answer never appends twice (docs/client.md);
     * with ``idempotent=False``, appends carry no producer id and are sent
       again (up to ``retries`` times) only when they surely did nothing:
       the connection could not be made or broke while the request was being
       sent, or the server refused the batch before trying it (503
       ``overloaded``, ``committer_closed``). Such an append whose answer was
-      lost, or that got ``storage_error``, raises, and may or may not have
-      been committed.
+      lost, or that got ``storage_error``, a 500 or ``stale_writer``, raises
+      (saying so) and may or may not have been committed.
     """
 
     def __init__(
