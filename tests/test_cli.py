@@ -16,8 +16,10 @@ from messagevault.cli_config import Target
 from messagevault.cli_output import ndjson_line
 from messagevault.cli_sources import StorageSource
 from messagevault.format import MAX_VALUE_SIZE, Message
+from messagevault.server import Limits, StreamHub, create_app
 from messagevault.wire import message_record
 from tests.azurite import free_port
+from tests.served import ServedApp
 
 
 def _run(
@@ -477,3 +479,24 @@ def test_storage_commands_do_not_read_the_config_file(tmp_path: Path) -> None:
     )
     assert (code, err) == (0, "")
     assert json.loads(out)["value"] == "x"
+
+
+def test_publish_of_a_value_over_the_servers_limit_says_what_bounds_it(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "served", fsync="never")
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 5000)
+    with ServedApp(create_app(StreamHub(storage), Limits(max_body=4096))) as server:
+        code, _, err = _run(tmp_path, "publish", "orders", "--file", str(big), "--url", server.url)
+        assert code == 1
+        assert "the batch, a single value, is 5,105 bytes, over the server's request limit" in (
+            _one_line_error(err)
+        )
+        assert "one value cannot be split" in err and "--max-body" in err
+        code, _, err = _run(
+            tmp_path, "publish", "orders", "a" * 3000, "b" * 3000, "--batch-bytes", "8192",
+            "--url", server.url,
+        )  # fmt: skip
+        assert code == 1
+        assert "the batch of 2 messages is " in _one_line_error(err)
+        assert "a lower --batch-bytes (now 8,192) makes them smaller" in err
+    assert storage.list_streams() == []

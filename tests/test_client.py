@@ -537,6 +537,39 @@ def test_errors_are_the_classes_the_server_raised(secured: ServedApp) -> None:
             reader.publish("orders", [b"y"])
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_batch_over_the_servers_limit_says_what_is_too_large(
+    kind: str, tmp_path: Path
+) -> None:
+    storage = FileStorage(tmp_path / "data", fsync="never")
+    server = _serve(storage, Limits(max_body=4096))
+
+    async def publish(messages: list[bytes]) -> None:
+        if kind == "sync":
+            with Client(server.url) as client:
+                await asyncio.to_thread(client.publish, "orders", messages)
+        else:
+            async with AsyncClient(server.url) as async_client:
+                await async_client.publish("orders", messages)
+
+    try:
+        with pytest.raises(RequestTooLarge) as one:
+            await publish([b"x" * 5000])
+        with pytest.raises(RequestTooLarge) as several:
+            await publish([b"x" * 3000, b"y" * 3000])
+    finally:
+        server.stop()
+    framed = 96 + 4 + 5000 + 5  # v2 header, slot, value and its length column, CRC
+    assert str(one.value).startswith(f"the batch, a single value, is {framed:,} bytes, over")
+    assert "4096" in str(one.value)  # the server's own words name its limit
+    assert "one value cannot be split" in str(one.value)
+    assert "--max-body" in str(one.value)
+    assert "the batch of 2 messages is " in str(several.value)
+    assert "send fewer messages a batch" in str(several.value)
+    assert one.value.status == several.value.status == 413
+    assert storage.list_streams() == []
+
+
 async def test_async_errors_are_the_classes_the_server_raised(secured: ServedApp) -> None:
     async with AsyncClient(secured.url, user="writer", password="wrong") as stranger:
         with pytest.raises(Unauthenticated):

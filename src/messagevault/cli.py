@@ -49,6 +49,7 @@ from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES
 from messagevault.errors import (
     Forbidden,
     MessageVaultError,
+    RequestTooLarge,
     ServerUnreachable,
     StreamLocked,
     StreamNotFound,
@@ -713,6 +714,8 @@ def publish(
             try:
                 results.append(source.publish(stream, batch))
             except (MessageVaultError, KeyboardInterrupt) as exc:
+                if isinstance(exc, RequestTooLarge) and batch.count > 1:
+                    exc.add_note(f"a lower --batch-bytes (now {batch_bytes:,}) makes them smaller")
                 if results:
                     exc.add_note(_published_so_far(results, total))
                 raise

@@ -37,9 +37,10 @@ from messagevault.client.base import (
     read_access_of,
     stream_infos,
     streams_request,
+    too_large,
 )
 from messagevault.client.sync import Client, MessageLike
-from messagevault.errors import ClientClosed, InvalidInput
+from messagevault.errors import ClientClosed, InvalidInput, RequestTooLarge
 from messagevault.format import EncodedBatch, Message
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess
@@ -109,7 +110,10 @@ class AsyncClient:
     async def publish_batch(self, stream: str, batch: EncodedBatch) -> AppendResult:
         """Append a batch already encoded (see ``Client.publish_batch``)."""
         batch = idempotent_batch(self._settings, batch)
-        answer = await self._call(publish_request(self._settings, stream, batch))
+        try:
+            answer = await self._call(publish_request(self._settings, stream, batch))
+        except RequestTooLarge as exc:
+            raise too_large(exc, batch) from None
         return published(answer, batch)
 
     async def streams(self) -> list[StreamInfo]:

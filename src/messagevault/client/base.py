@@ -30,6 +30,7 @@ from messagevault.errors import (
     InvalidInput,
     MessageVaultError,
     Overloaded,
+    RequestTooLarge,
     ServerUnreachable,
     StaleWriter,
     StorageError,
@@ -301,6 +302,30 @@ def published(answer: Answer, batch: EncodedBatch) -> AppendResult:
     if answer.header(DUPLICATE_HEADER) == "true":
         result = dataclasses.replace(result, duplicate=True)
     return result
+
+
+def too_large(error: RequestTooLarge, batch: EncodedBatch) -> RequestTooLarge:
+    """``error``, the server's 413 for ``batch``, saying what was too large and what bounds it.
+
+    The server only knows that the body was over its limit; the caller needs
+    to hear whether smaller batches would do, or whether one value is the
+    problem, which no batching can split.
+    """
+    limit = f"over the server's request limit ({str(error).rstrip('.')})"
+    if batch.count == 1:
+        what = (
+            f"the batch, a single value, is {batch.frame_size:,} bytes, {limit}; one value "
+            "cannot be split across batches: the server's --max-body bounds the largest value"
+        )
+    else:
+        what = (
+            f"the batch of {batch.count:,} messages is {batch.frame_size:,} bytes, {limit}; "
+            "send fewer messages a batch (one value cannot be split: the server's --max-body "
+            "bounds the largest value)"
+        )
+    explained = RequestTooLarge(what)
+    explained.status = error.status
+    return explained
 
 
 def stream_infos(answer: Answer) -> list[StreamInfo]:

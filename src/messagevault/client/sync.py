@@ -40,8 +40,9 @@ from messagevault.client.base import (
     read_access_of,
     stream_infos,
     streams_request,
+    too_large,
 )
-from messagevault.errors import ClientClosed, InvalidInput
+from messagevault.errors import ClientClosed, InvalidInput, RequestTooLarge
 from messagevault.format import EncodedBatch, Message
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess
@@ -236,7 +237,11 @@ class Client:
         is retried as safely as ``publish``'s own.
         """
         batch = idempotent_batch(self._settings, batch)
-        return published(self._call(publish_request(self._settings, stream, batch)), batch)
+        try:
+            answer = self._call(publish_request(self._settings, stream, batch))
+        except RequestTooLarge as exc:
+            raise too_large(exc, batch) from None
+        return published(answer, batch)
 
     # Stream state ----------------------------------------------------------------------
 
