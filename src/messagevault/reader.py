@@ -37,6 +37,9 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 # small: bigger reads amortise it. 8 MiB reached the raw download rate on Azurite.
 REMOTE_CHUNK_SIZE = 8 * 1024 * 1024
 T = TypeVar("T")
+# What a frame holding one piece of a large value has besides the piece: a v2
+# header, one message's columns and a key of at most 255 bytes.
+_PIECE_FRAME_SLACK = 512
 
 
 class RawFrames(NamedTuple):
@@ -587,9 +590,12 @@ class Reader:
 
         The partial frame at the end of the old buffer is read again rather
         than joined to the new chunk: that rereads part of a frame instead of
-        copying a whole chunk.
+        copying a whole chunk. A little over a chunk is read, so that a frame
+        holding a 4 MiB piece of a large value (its header, key and columns
+        besides) comes whole in the read that finds its header, not twice.
         """
-        return self._store.read(position, min(max(chunk_size, needed), end - position))
+        size = max(chunk_size + _PIECE_FRAME_SLACK, needed)
+        return self._store.read(position, min(size, end - position))
 
     def _check_filled(self, buffer: bytes, position: int, needed: int, end: int) -> None:
         if len(buffer) < needed:
