@@ -43,8 +43,10 @@ pytest: $(STAMP) node_modules/.installed peer-servers
 
 test: lint typecheck pytest
 
+# The core log in process, then large values (also alone: make bench-large).
 bench-core: $(STAMP)
 	$(BIN)/python benchmarks/core.py
+	$(BIN)/python benchmarks/large_values.py
 
 # 1 MiB, 16 MiB and 256 MiB values, compressed and not, against raw file I/O in the same run.
 bench-large: $(STAMP)
