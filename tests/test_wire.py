@@ -21,6 +21,7 @@ from messagevault import (
     MemoryStorage,
     Message,
     ReadAccess,
+    Reader,
     encode_batch,
 )
 from messagevault.format import hex_id_format, message_id
@@ -269,3 +270,31 @@ def test_a_record_with_an_unknown_field_is_refused_not_half_read() -> None:
     # A record as a read prints it can be appended again unchanged.
     read = {"position": 0, "sequence": 0, "id": "00" * 16, "timestamp": "t", "next_position": 9}
     assert record_pairs([{**read, "key": "k", "value": "v"}]) == [(b"k", b"v")]
+
+
+async def test_json_read_answers_are_what_json_dumps_writes(aiohttp_client: MakeClient) -> None:
+    # The read routes format records from text templates (record_json) for
+    # speed: the bytes must be exactly those of json.dumps over the records,
+    # for every kind of key and value.
+    storage = MemoryStorage()
+    client = await aiohttp_client(create_app(StreamHub(storage)))
+    pairs = [
+        (b"plain", b'{"id": 1}'),
+        (b"", b""),
+        ("ünïcödé \u2028".encode(), 'quotes " and \\ and \n\t\x00 and 😀'.encode()),
+        (BINARY_KEY, b"\xff not utf-8 \x80"),
+        (b"k", b"\xed\xa0\x80"),  # an encoded surrogate: not valid UTF-8
+    ]
+    frame = encode_batch(pairs).frame()
+    response = await client.post(
+        "/streams/text", data=frame, headers={"Content-Type": BATCH_CONTENT_TYPE}
+    )
+    assert response.status == 200, await response.text()
+    messages = list(Reader.open(storage, "text").read())
+    records = [message_record(m) for m in messages]
+
+    response = await client.get("/streams/text/messages")
+    expected = {"stream": "text", "messages": records, "next": messages[-1].next_position}
+    assert await response.text() == json.dumps(expected)
+    response = await client.get("/streams/text/messages", headers={"Accept": NDJSON})
+    assert await response.text() == "".join(json.dumps(record) + "\n" for record in records)

@@ -14,7 +14,6 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
-from json.encoder import encode_basestring_ascii
 from typing import Any, BinaryIO, Protocol
 
 from rich.console import Console
@@ -30,7 +29,8 @@ from rich.progress import (
 from rich.table import Table
 
 from messagevault.format import Message
-from messagevault.wire import iso_time, message_record
+from messagevault.wire import iso_time
+from messagevault.wire import record_json as ndjson_line
 
 FORMATS = ("ndjson", "table", "value")
 _LINES_PER_WRITE = 4096
@@ -88,33 +88,6 @@ class MessagePrinter(Protocol):
         ...
 
     def flush(self) -> None: ...
-
-
-# The record of ``records.message_record`` for a key and value that are both
-# UTF-8, as json.dumps would print it, for a fraction of the cost (no dict, no
-# encoder call per message). tests/test_cli.py holds the two to the same bytes.
-_UTF8_LINE = (
-    '{"position": %d, "sequence": %d, "id": "%s", "timestamp": "%s", "key": %s, '
-    '"next_position": %d, "value": %s, "encoding": "utf-8"}'
-)
-
-
-def ndjson_line(message: Message) -> str:
-    """One message as the HTTP API's NDJSON line (without the newline)."""
-    try:
-        key = message.key.decode("utf-8")
-        value = message.value.decode("utf-8")
-    except UnicodeDecodeError:
-        return json.dumps(message_record(message))
-    return _UTF8_LINE % (
-        message.position,
-        message.sequence,
-        message.id.hex(),
-        iso_time(message.timestamp),
-        encode_basestring_ascii(key),
-        message.next_position,
-        encode_basestring_ascii(value),
-    )
 
 
 class NdjsonPrinter:

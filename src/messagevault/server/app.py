@@ -55,6 +55,7 @@ from messagevault.wire import (
     error_body,
     json_append,
     message_record,
+    record_json,
 )
 
 log = logging.getLogger("messagevault.server")
@@ -462,11 +463,13 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
         await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
         messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
     if NDJSON in accept:
-        lines = "".join(json.dumps(message_record(m)) + "\n" for m in messages)
+        lines = "".join([record_json(m) + "\n" for m in messages])
         return web.Response(text=lines, content_type=NDJSON, headers={"X-Next": str(next_position)})
-    return web.json_response(
-        {"stream": stream, "messages": [message_record(m) for m in messages], "next": next_position}
-    )
+    # As json.dumps writes the whole answer, built from each record's JSON text.
+    records = ", ".join([record_json(m) for m in messages])
+    # A valid stream name needs no JSON escaping.
+    body = f'{{"stream": "{stream}", "messages": [{records}], "next": {next_position}}}'
+    return web.Response(text=body, content_type=JSON)
 
 
 async def _binary_frames(
