@@ -298,3 +298,14 @@ async def test_json_read_answers_are_what_json_dumps_writes(aiohttp_client: Make
     assert await response.text() == json.dumps(expected)
     response = await client.get("/streams/text/messages", headers={"Accept": NDJSON})
     assert await response.text() == "".join(json.dumps(record) + "\n" for record in records)
+    events: list[str] = []
+    async with (
+        asyncio.timeout(30),
+        client.get("/streams/text/messages", headers={"Accept": EVENT_STREAM}) as sse,
+    ):
+        async for line in sse.content:
+            if line.startswith(b"data: "):
+                events.append(line[len(b"data: ") :].decode().rstrip("\n"))
+            if len(events) == len(records):
+                break
+    assert events == [json.dumps(record) for record in records]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,7 +53,6 @@ from messagevault.wire import (
     appended_minimal,
     error_body,
     json_append,
-    message_record,
     record_json,
 )
 
@@ -518,7 +516,7 @@ async def _server_sent_events(
                 stream, position, limit, request.app[LIMITS].max_read_bytes
             )
             for message in messages:
-                data = json.dumps(message_record(message))
+                data = record_json(message)
                 event = f"id: {message.next_position}\ndata: {data}\n\n".encode()
                 await response.write(event)
                 notes.sent += len(event)
