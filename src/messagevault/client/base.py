@@ -347,6 +347,23 @@ class Page:
     next_position: int
 
 
+def _page_bounds(answer: Answer) -> tuple[int, int]:
+    """A binary read answer's ``X-Skip`` and ``X-Next``, once it is known not to be an error."""
+    raise_for_error(answer)
+    try:
+        return int(answer.header("X-Skip") or "0"), int(answer.header("X-Next") or "")
+    except ValueError:
+        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+
+
+def _check_page_end(position: int, at: int, next_position: int) -> None:
+    if at != next_position:
+        raise CorruptData(
+            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
+            position=position,
+        )
+
+
 def page_of(answer: Answer, position: int) -> Page:
     """Decode a binary read answer from ``position``: whole frames, ``X-Skip``, ``X-Next``.
 
@@ -354,13 +371,8 @@ def page_of(answer: Answer, position: int) -> Page:
     checked before any message is handed out; bytes changed in transit raise
     ``CorruptData``.
     """
-    raise_for_error(answer)
     body = answer.body
-    try:
-        skip = int(answer.header("X-Skip") or "0")
-        next_position = int(answer.header("X-Next") or "")
-    except ValueError:
-        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+    skip, next_position = _page_bounds(answer)
     frames: list[Iterator[Message]] = []
     count = 0
     offset = 0
@@ -390,11 +402,7 @@ def page_of(answer: Answer, position: int) -> Page:
             f"read answer from position {position} ends inside a value in pieces",
             position=position,
         )
-    if at != next_position:
-        raise CorruptData(
-            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
-            position=position,
-        )
+    _check_page_end(position, at, next_position)
     return Page(chain.from_iterable(frames), count, next_position)
 
 
@@ -405,13 +413,8 @@ def frames_page_of(answer: Answer, position: int) -> tuple[bytes, int]:
     byte as stored (producer ids, compression and values in pieces
     included), each checked here, and a value in pieces whole.
     """
-    raise_for_error(answer)
     body = answer.body
-    try:
-        skip = int(answer.header("X-Skip") or "0")
-        next_position = int(answer.header("X-Next") or "")
-    except ValueError:
-        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+    skip, next_position = _page_bounds(answer)
     if skip:
         raise InvalidInput(f"position {position} is not the start of a frame")
     pieces = PieceCheck()
@@ -422,11 +425,7 @@ def frames_page_of(answer: Answer, position: int) -> tuple[bytes, int]:
         offset += header.frame_size
         at = header.end
     pieces.finish()
-    if at != next_position:
-        raise CorruptData(
-            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
-            position=position,
-        )
+    _check_page_end(position, at, next_position)
     return body, next_position
 
 
