@@ -516,7 +516,14 @@ class Retries:
     base: float = 0.1
     cap: float = 2.0
     retry_after_cap: float = 10.0
+    # An idempotent append retries until its deadline once it may have
+    # reached the server (its outcome may be in doubt); while every try was
+    # refused before anything was sent, nothing is in doubt and it gives up
+    # after this many, as other requests do: a server that is not running
+    # is reported at once, not after ``retry_timeout``.
+    unsent_retries: int | None = None
     attempt: int = field(default=0, init=False)
+    reached: bool = field(default=False, init=False)
 
     def delay(self, retry_after: float | None = None) -> float:
         ceiling = min(self.cap, self.base * 2**self.attempt)
@@ -527,7 +534,9 @@ class Retries:
 
     def next_delay(self, failure: BaseException, request: Request) -> float | None:
         """Seconds to wait before trying ``request`` again after ``failure``, or None to give up."""
-        if self.attempt >= self.retries or not retriable(failure, request):
+        self.reached = self.reached or not isinstance(failure, NotSent)
+        limit = self.retries if self.reached or self.unsent_retries is None else self.unsent_retries
+        if self.attempt >= limit or not retriable(failure, request):
             return None
         retry_after = failure.retry_after if isinstance(failure, _AnsweredError) else None
         delay = self.delay(retry_after)
@@ -540,7 +549,11 @@ class Retries:
     def for_request(cls, settings: Settings, request: Request) -> Retries:
         """Count-bounded retries; an idempotent append's are bounded by ``retry_timeout``."""
         if request.append and request.idempotent:
-            return cls(sys.maxsize, deadline=time.monotonic() + settings.retry_timeout)
+            return cls(
+                sys.maxsize,
+                deadline=time.monotonic() + settings.retry_timeout,
+                unsent_retries=settings.retries,
+            )
         return cls(settings.retries)
 
 
