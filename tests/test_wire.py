@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -35,10 +36,15 @@ from messagevault.wire import (
     appended_json,
     appended_minimal,
     iso_time,
+    json_append,
     json_batch,
     message_record,
+    parse_json,
     parse_time,
+    read_answer_json,
+    record_json,
     record_pairs,
+    records_ndjson,
 )
 
 RESULTS = [
@@ -272,10 +278,12 @@ def test_a_record_with_an_unknown_field_is_refused_not_half_read() -> None:
     assert record_pairs([{**read, "key": "k", "value": "v"}]) == [(b"k", b"v")]
 
 
-async def test_json_read_answers_are_what_json_dumps_writes(aiohttp_client: MakeClient) -> None:
-    # The read routes format records from text templates (record_json) for
-    # speed: the bytes must be exactly those of json.dumps over the records,
-    # for every kind of key and value.
+async def test_json_read_answers_hold_the_records_field_by_field(
+    aiohttp_client: MakeClient,
+) -> None:
+    # The read routes encode records with msgspec for speed: each answer must
+    # hold what json.dumps of the records held, every field and value in the
+    # same order, for every kind of key and value.
     storage = MemoryStorage()
     client = await aiohttp_client(create_app(StreamHub(storage)))
     pairs = [
@@ -294,10 +302,14 @@ async def test_json_read_answers_are_what_json_dumps_writes(aiohttp_client: Make
     records = [message_record(m) for m in messages]
 
     response = await client.get("/streams/text/messages")
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     expected = {"stream": "text", "messages": records, "next": messages[-1].next_position}
-    assert await response.text() == json.dumps(expected)
+    assert _ordered(json.loads(await response.read())) == _ordered(expected)
     response = await client.get("/streams/text/messages", headers={"Accept": NDJSON})
-    assert await response.text() == "".join(json.dumps(record) + "\n" for record in records)
+    assert response.headers["Content-Type"] == "application/x-ndjson; charset=utf-8"
+    text = (await response.read()).decode("utf-8")
+    assert text.endswith("\n")
+    assert [_ordered(json.loads(line)) for line in text.split("\n")[:-1]] == _ordered(records)
     events: list[str] = []
     async with (
         asyncio.timeout(30),
@@ -308,4 +320,133 @@ async def test_json_read_answers_are_what_json_dumps_writes(aiohttp_client: Make
                 events.append(line[len(b"data: ") :].decode().rstrip("\n"))
             if len(events) == len(records):
                 break
-    assert events == [json.dumps(record) for record in records]
+    assert [_ordered(json.loads(event)) for event in events] == _ordered(records)
+
+
+def _ordered(document: object) -> object:
+    """``document`` with every object as a list of its items: equal only in the same order."""
+    if isinstance(document, dict):
+        return [(name, _ordered(value)) for name, value in document.items()]
+    if isinstance(document, list):
+        return [_ordered(value) for value in document]
+    return document
+
+
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=40), st.binary(max_size=300) | st.text(max_size=100)),
+        max_size=20,
+    ),
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.integers(min_value=0, max_value=253_402_300_799_999),  # up to the year 9999
+)
+def test_records_encode_as_json_dumps_of_message_record(
+    pairs: list[tuple[bytes, bytes | str]], start: int, timestamp: int
+) -> None:
+    messages = [
+        Message(
+            start + i, i, timestamp, key, value if isinstance(value, bytes) else value.encode(), i
+        )
+        for i, (key, value) in enumerate(pairs)
+    ]
+    records = [message_record(m) for m in messages]
+    expected = _ordered([json.loads(json.dumps(record)) for record in records])
+    answer = json.loads(read_answer_json("s", messages, 7))
+    assert _ordered(answer) == [("stream", "s"), ("messages", expected), ("next", 7)]
+    lines = records_ndjson(messages).decode("utf-8").split("\n")
+    assert lines.pop() == ""
+    assert [_ordered(json.loads(line)) for line in lines] == expected
+    assert [_ordered(json.loads(record_json(m))) for m in messages] == expected
+
+
+# JSON values as json.dumps may write them: NaN and infinities, integers
+# beyond 64 bits, lone surrogates, duplicate keys (json.dumps of pairs).
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats()
+    | st.text(alphabet=st.characters(codec=None), max_size=20)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _outcome(parse: Callable[[bytes], object], body: bytes) -> tuple[str, object]:
+    try:
+        return "value", repr(_ordered(parse(body)))  # repr: NaN equals NaN, 1 is not 1.0
+    except ValueError as exc:
+        return "error", str(exc)
+
+
+def _json_texts() -> st.SearchStrategy[bytes]:
+    dumped = st.builds(
+        lambda value, ascii_only: json.dumps(value, ensure_ascii=ascii_only).encode(
+            "utf-8", "surrogatepass"
+        ),
+        JSON_VALUES,
+        st.booleans(),
+    )
+    # Damaged texts: a byte dropped or changed, so that both parsers must refuse alike.
+    damaged = st.builds(
+        lambda text, at, byte: text[:at] + byte + text[at + 1 :],
+        dumped,
+        st.integers(min_value=0, max_value=40),
+        st.sampled_from([b"", b"\xff", b"\\", b'"', b"}", b"\x00", b"\xed"]),
+    )
+    return dumped | damaged | st.binary(max_size=30)
+
+
+@given(_json_texts())
+def test_parse_json_reads_what_json_loads_reads(body: bytes) -> None:
+    # msgspec first, json.loads for what msgspec refuses: the same values,
+    # and the same error message for every text json.loads refuses.
+    assert _outcome(parse_json, body) == _outcome(json.loads, body)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"a": NaN, "b": -Infinity}', {"a": float("nan"), "b": float("-inf")}),
+        (b'{"a": 1, "a": 2}', {"a": 2}),  # the last of a duplicate key, as json.loads
+        (b'{"a": 18446744073709551616}', {"a": 2**64}),  # exact, not a float
+        (b'["\\ud800"]', ["\ud800"]),  # a lone surrogate
+        (b'\xef\xbb\xbf{"a": 1}', {"a": 1}),  # a byte order mark
+        ('{"a": 1}'.encode("utf-16"), {"a": 1}),
+    ],
+)
+def test_parse_json_takes_what_json_loads_takes(body: bytes, expected: object) -> None:
+    assert repr(parse_json(body)) == repr(expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "body is not valid JSON: arrays or objects nested"),
+        (
+            b'{"messages": [], "sequence": ' + b"7" * 5000 + b"}",
+            "body is not valid JSON: a number with too many digits",
+        ),
+        (b'{"messages": [{"value": "\xff"}]}', "body is not valid JSON: 'utf-8' codec"),
+        (b'{"messages": [{"value": NaN}]}', "message 0: value must be a string"),
+        (b'{"messages": [{"value": "v"}], "sequence": NaN}', '"sequence" was given without'),
+        (
+            b'{"messages": [{"value": "v"}], "producer": "' + b"1" * 32 + b'", '
+            b'"sequence": 18446744073709551616}',
+            '"sequence" must be an integer 0..9223372036854775807, not 18446744073709551616',
+        ),
+    ],
+)
+def test_append_bodies_json_loads_could_not_take_are_refused_in_one_line(
+    body: bytes, match: str
+) -> None:
+    # json.loads raised RecursionError and a bare ValueError here: the
+    # server answered 500. Now a 400 invalid_batch like every bad body.
+    with pytest.raises(InvalidBatch, match=re.escape(match)) as raised:
+        json_append(body)
+    assert "\n" not in str(raised.value)

@@ -29,8 +29,7 @@ from rich.progress import (
 from rich.table import Table
 
 from messagevault.format import Message
-from messagevault.wire import iso_time
-from messagevault.wire import record_json as ndjson_line
+from messagevault.wire import iso_time, records_ndjson
 
 FORMATS = ("ndjson", "table", "value")
 _LINES_PER_WRITE = 4096
@@ -97,9 +96,7 @@ class NdjsonPrinter:
     def write(self, messages: Iterable[Message]) -> int:
         count = 0
         for page in pages(messages, _LINES_PER_WRITE):
-            lines = [ndjson_line(message) for message in page]
-            lines.append("")
-            self._out.write("\n".join(lines).encode())
+            self._out.write(records_ndjson(page))
             count += len(page)
         return count
 

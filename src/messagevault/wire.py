@@ -14,10 +14,11 @@ import binascii
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from json.encoder import encode_basestring_ascii
 from typing import Any, Final
+
+import msgspec
 
 from messagevault.errors import (
     CorruptData,
@@ -96,32 +97,123 @@ def message_record(message: Message) -> dict[str, Any]:
     return record
 
 
-# The record of ``message_record`` for a key and value that are both UTF-8, as
-# json.dumps would write it, for a fraction of the cost (no dict, no encoder
-# call per message: 1.7 us a message against 4.3). tests/test_cli.py and
-# tests/test_wire.py hold the two to the same bytes.
-_UTF8_RECORD: Final = (
-    '{"position": %d, "sequence": %d, "id": "%s", "timestamp": "%s", "key": %s, '
-    '"next_position": %d, "value": %s, "encoding": "utf-8"}'
-)
+class _Record(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``message_record`` as msgspec encodes it: the same fields, in the same order."""
+
+    position: int
+    sequence: int
+    id: str
+    timestamp: str
+    key: str
+    key_encoding: str | None = None  # only for a key that is not UTF-8: left out when None
+    next_position: int
+    value: str
+    encoding: str
 
 
-def record_json(message: Message) -> str:
-    """``json.dumps(message_record(message))``, quickly: one NDJSON line, no newline."""
+class _ReadAnswer(msgspec.Struct):
+    """The JSON read answer: ``{"stream", "messages", "next"}``."""
+
+    stream: str
+    messages: list[_Record]
+    next: int
+
+
+# Records go out as msgspec Structs: about 2x faster than a text template per
+# message and 1.2x faster than dicts through orjson at 100 B values, 2-3x
+# faster than the template at 1,000 B (its escaping is the costly part).
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def _record(message: Message) -> _Record:
+    key_encoding = None
     try:
         key = message.key.decode("utf-8")
-        value = message.value.decode("utf-8")
     except UnicodeDecodeError:
-        return json.dumps(message_record(message))
-    return _UTF8_RECORD % (
-        message.position,
-        message.sequence,
-        message.id.hex(),
-        iso_time(message.timestamp),
-        encode_basestring_ascii(key),
-        message.next_position,
-        encode_basestring_ascii(value),
+        key = base64.b64encode(message.key).decode("ascii")
+        key_encoding = "base64"
+    try:
+        value, encoding = message.value.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        value, encoding = base64.b64encode(message.value).decode("ascii"), "base64"
+    return _Record(
+        position=message.position,
+        sequence=message.sequence,
+        id=message.id.hex(),
+        timestamp=iso_time(message.timestamp),
+        key=key,
+        key_encoding=key_encoding,
+        next_position=message.next_position,
+        value=value,
+        encoding=encoding,
     )
+
+
+def _records(messages: Sequence[Message]) -> list[_Record]:
+    try:  # keys and values of text, the common case, without a call per message
+        return [
+            _Record(
+                position=m.position,
+                sequence=m.sequence,
+                id=m.id.hex(),
+                timestamp=iso_time(m.timestamp),
+                key=m.key.decode("utf-8"),
+                next_position=m.next_position,
+                value=m.value.decode("utf-8"),
+                encoding="utf-8",
+            )
+            for m in messages
+        ]
+    except UnicodeDecodeError:
+        return [_record(m) for m in messages]
+
+
+def record_json(message: Message) -> bytes:
+    """``message_record(message)`` as compact UTF-8 JSON: one NDJSON line (no newline), an event.
+
+    The same fields and values as ``json.dumps(message_record(message))``,
+    without its spaces and ``\\uXXXX`` escapes (text other than ASCII comes as
+    UTF-8, as JSON allows).
+    """
+    return _ENCODER.encode(_record(message))
+
+
+def records_ndjson(messages: Sequence[Message]) -> bytes:
+    """The NDJSON read answer: one ``record_json`` line per message, each ending in a newline."""
+    return _ENCODER.encode_lines(_records(messages))
+
+
+def read_answer_json(stream: str, messages: Sequence[Message], next_position: int) -> bytes:
+    """The JSON read answer: ``{"stream": ..., "messages": [record, ...], "next": ...}``."""
+    return _ENCODER.encode(_ReadAnswer(stream, _records(messages), next_position))
+
+
+_DECODER: Final = msgspec.json.Decoder()
+
+
+def parse_json(body: bytes) -> Any:
+    """``json.loads(body)``, the same values and the same errors, mostly at msgspec's speed.
+
+    msgspec refuses a few documents that ``json.loads`` takes (NaN and
+    Infinity, lone surrogates, a byte order mark, UTF-16 and UTF-32, numbers
+    beyond a double) and words its errors its own way: those go on to
+    ``json.loads``, so that what is accepted and every message stay as they
+    were. Raises ``ValueError`` (``json.JSONDecodeError`` and
+    ``UnicodeDecodeError`` among them), also for what ``json.loads`` cannot
+    take without a ``RecursionError`` or a bare ``ValueError``.
+    """
+    try:
+        return _DECODER.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # Python's bound on the digits of an integer
+        raise ValueError("a number with too many digits") from None
 
 
 # What a record may hold: what an append takes, and what a read adds (ignored).
@@ -205,8 +297,8 @@ def json_append(body: bytes) -> EncodedBatch:
 
 def _append_document(body: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = parse_json(body)
+    except ValueError as exc:
         raise InvalidBatch(f"body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("messages"), list):
         raise InvalidBatch('body must be {"messages": [{"key": ..., "value": ...}, ...]}')

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -60,6 +59,7 @@ from messagevault.wire import (
     StreamInfo,
     append_result_from_minimal,
     error_from_body,
+    parse_json,
 )
 from messagevault.writer import AppendResult
 
@@ -286,8 +286,8 @@ def raise_for_error(answer: Answer) -> None:
 def json_of(answer: Answer) -> Any:
     raise_for_error(answer)
     try:
-        return json.loads(answer.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return parse_json(answer.body)
+    except ValueError as exc:
         raise CorruptData(f"the server's answer is not JSON: {exc}") from None
 
 

@@ -53,7 +53,9 @@ from messagevault.wire import (
     appended_minimal,
     error_body,
     json_append,
+    read_answer_json,
     record_json,
+    records_ndjson,
 )
 
 log = logging.getLogger("messagevault.server")
@@ -461,13 +463,14 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
         await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
         messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
     if NDJSON in accept:
-        lines = "".join([record_json(m) + "\n" for m in messages])
-        return web.Response(text=lines, content_type=NDJSON, headers={"X-Next": str(next_position)})
-    # As json.dumps writes the whole answer, built from each record's JSON text.
-    records = ", ".join([record_json(m) for m in messages])
-    # A valid stream name needs no JSON escaping.
-    body = f'{{"stream": "{stream}", "messages": [{records}], "next": {next_position}}}'
-    return web.Response(text=body, content_type=JSON)
+        return web.Response(
+            body=records_ndjson(messages),
+            content_type=NDJSON,
+            charset="utf-8",
+            headers={"X-Next": str(next_position)},
+        )
+    body = read_answer_json(stream, messages, next_position)
+    return web.Response(body=body, content_type=JSON, charset="utf-8")
 
 
 async def _binary_frames(
@@ -516,8 +519,7 @@ async def _server_sent_events(
                 stream, position, limit, request.app[LIMITS].max_read_bytes
             )
             for message in messages:
-                data = record_json(message)
-                event = f"id: {message.next_position}\ndata: {data}\n\n".encode()
+                event = b"id: %d\ndata: %b\n\n" % (message.next_position, record_json(message))
                 await response.write(event)
                 notes.sent += len(event)
             position = position_after
