@@ -2,8 +2,11 @@
 
 A commit writes the new frames just past the committed length, then advances
 the checkpoint conditionally. Until the checkpoint moves, the new bytes are
-invisible to readers, and a crash leaves them as garbage that the next commit
-overwrites, so opening a stream never needs a repair step.
+invisible to readers. Storage may make a checkpoint durable later than the
+frames it names (file storage flushes it lazily), so after a crash the
+checkpoint may lag frames that were committed: opening a writer rolls the
+stream forward over the whole valid batches after it (``recovery``), and
+anything else past it is garbage that the next commit overwrites.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from messagevault.producers import (
     rebuild_table,
     replay,
 )
+from messagevault.recovery import roll_forward
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
 log = logging.getLogger("messagevault.writer")
@@ -202,6 +206,7 @@ class Writer:
         self._checkpoint = store.read_checkpoint()
         self._confirmed_at = time.monotonic()  # when storage last agreed with _checkpoint
         self._verify_tail()
+        self._roll_forward()  # before the producer table replays the frames up to the checkpoint
         self._tail = self._read_tail_page()
         self._in_doubt_landed: Callable[[], None] | None = None
         self.snapshot_interval = snapshot_interval
@@ -676,6 +681,25 @@ class Writer:
                 f"checkpoint says {checkpoint.length}",
                 position=start,
             )
+
+    def _roll_forward(self) -> None:
+        """Adopt the whole batches a stale checkpoint leaves out, with a new checkpoint."""
+        found = self._checkpoint
+        rolled = roll_forward(self._store, found)
+        if rolled == found:
+            return
+        self._store.advance_checkpoint(rolled, expected=found)
+        self._checkpoint = rolled
+        log.warning(
+            "stream %r rolled forward past its checkpoint from %d to %d bytes "
+            "(sequence %d to %d): the checkpoint lagged committed frames",
+            self.name,
+            found.length,
+            rolled.length,
+            found.next_sequence,
+            rolled.next_sequence,
+            extra={"stream": self.name},
+        )
 
     def _check_usable(self) -> None:
         if self._closed:
