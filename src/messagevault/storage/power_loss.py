@@ -188,6 +188,7 @@ class PowerLossStorage:
         self._inodes: dict[tuple[int, int], tuple[str, str]] = {}
         self._countdown: int | None = None
         self._out = False  # the power is off: a cut fired and power_cut() has not run yet
+        self._closing = 0  # handles being closed now
         self._closed = False
         self.cuts = 0
         _watch_flushes(self)
@@ -297,8 +298,14 @@ class PowerLossStorage:
             raise PowerCut("the power is out: call power_cut() to bring it back")
 
     def _event(self) -> None:
-        """One storage event: the power goes if this is the armed one."""
+        """One storage event: the power goes if this is the armed one.
+
+        Inside a handle's ``close`` the cut is only noted, and raised once the
+        backend let go of the handle (an outage frees it too).
+        """
         with self._lock:
+            if self._out and self._closing:
+                return
             self._check_power()
             if self._countdown is None:
                 return
@@ -307,6 +314,8 @@ class PowerLossStorage:
                 return
             self._countdown = None
             self._out = True
+            if self._closing:
+                return
         raise PowerCut("simulated power cut")
 
     def _wrote(self, name: str, offset: int, data: bytes, before: bytes) -> None:
@@ -459,7 +468,15 @@ class PowerLossStreamStore:
             return  # power_cut() closes it without letting anything become durable
         if self._writable and isinstance(self._inner, MemoryStreamStore):
             self._power._checkpoint_written(self._name, flushed=True)
-        self._inner.close()
+        power = self._power
+        with power._lock:
+            power._closing += 1
+        try:
+            self._inner.close()  # on file storage, maybe a flush: an event
+        finally:
+            with power._lock:
+                power._closing -= 1
+        power._check_power()  # the power went during the close
 
     def _close_inner(self) -> None:
         self._dead = True
