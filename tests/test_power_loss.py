@@ -14,7 +14,8 @@ between cuts, after every cut:
 * ``Reader.verify`` passes and the stream takes appends again; a producer's
   batch in flight at the cut, retried, is appended exactly once.
 
-Seeded: a failure names its seed; ``POWER_LOSS_SEED=<seed>`` replays it.
+Seeded: a failure names its seed; ``POWER_LOSS_SEED=<seed>`` replays it
+(with the same ``POWER_LOSS_CUTS``, if set).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from messagevault.storage.power_loss import (
     _real_fsync,
 )
 
-CUTS_PER_BACKEND = 600  # three backends: 1,800 cuts in all
+# Three backends: 1,800 cuts in all; POWER_LOSS_CUTS=<n> runs n per backend (a long hunt).
+CUTS_PER_BACKEND = int(os.environ.get("POWER_LOSS_CUTS") or 600)
 LIVES_PER_STREAM = 10  # then a fresh stream, so checking after each cut stays quick
 SNAPSHOT_INTERVAL = 4096  # producer snapshots are written (and reused) often
 # Whether commits leave the checkpoint's flush for later and rely on rolling

@@ -97,6 +97,7 @@ class _Volatile:
     # Every version the checkpoint had since its last flush, the durable one
     # first: a device may have written back any of them.
     checkpoints: list[object] = field(default_factory=list)
+    durable_size: int | None = None  # of the data file (file storage), as of its last flush
 
 
 class _FileObjects:
@@ -116,11 +117,18 @@ class _FileObjects:
     def checkpoint_image(self, name: str) -> object:
         return (self._root / name / CHECKPOINT_FILE).read_bytes()
 
-    def restore(self, name: str, writes: list[tuple[int, bytes]], checkpoint: object) -> None:
+    def data_size(self, name: str) -> int | None:
+        return os.stat(self._root / name / DATA_FILE).st_size
+
+    def restore(
+        self, name: str, writes: list[tuple[int, bytes]], checkpoint: object, size: int | None
+    ) -> None:
         fd = os.open(self._root / name / DATA_FILE, os.O_WRONLY)
         try:
             for offset, data in writes:
                 os.pwrite(fd, data, offset)
+            if size is not None:
+                os.ftruncate(fd, size)
         finally:
             os.close(fd)
         assert isinstance(checkpoint, bytes)
@@ -144,7 +152,14 @@ class _MemoryObjects:
         finally:
             store.close()
 
-    def restore(self, name: str, writes: list[tuple[int, bytes]], checkpoint: object) -> None:
+    def data_size(self, name: str) -> int | None:
+        del name
+        return None  # memory never shrinks: what was never written reads as zeros
+
+    def restore(
+        self, name: str, writes: list[tuple[int, bytes]], checkpoint: object, size: int | None
+    ) -> None:
+        del size
         assert isinstance(checkpoint, Checkpoint)
         store = self._storage.open_stream(name, write=True, takeover=True)
         try:
@@ -202,7 +217,10 @@ class PowerLossStorage:
         inner = self.inner.open_stream(name, write=write, create=create, takeover=takeover)
         with self._lock:
             if name not in self._streams:
-                self._streams[name] = _Volatile(checkpoints=[self._objects.checkpoint_image(name)])
+                self._streams[name] = _Volatile(
+                    checkpoints=[self._objects.checkpoint_image(name)],
+                    durable_size=self._objects.data_size(name),
+                )
                 for identity, kind in self._objects.identities(name).items():
                     self._inodes[identity] = (name, kind)
             handle = PowerLossStreamStore(self, name, inner, write=write)
@@ -266,6 +284,7 @@ class PowerLossStorage:
         dropped = torn = kept = 0
         # Back to the durable bytes (undo in reverse), then the survivors in order.
         writes = [(w.offset, w.before) for w in reversed(volatile.pending)]
+        undone = len(writes)
         for write in volatile.pending:
             fate = self._random.randrange(3)
             boundaries = range(
@@ -285,8 +304,15 @@ class PowerLossStorage:
                 dropped += 1
         index = self._random.randrange(len(volatile.checkpoints))
         checkpoint = volatile.checkpoints[index]
-        self._objects.restore(name, writes, checkpoint)
+        size = None
+        if volatile.durable_size is not None and self._random.randrange(2):
+            # The file's size as of its last flush, or as far as a surviving write
+            # reached; otherwise what the dropped writes added reads as zeros.
+            landed = (offset + len(data) for offset, data in writes[undone:])
+            size = max([volatile.durable_size, *landed])
+        self._objects.restore(name, writes, checkpoint, size)
         volatile.pending.clear()
+        volatile.durable_size = self._objects.data_size(name)
         stale = int(index < len(volatile.checkpoints) - 1)
         volatile.checkpoints[:] = [checkpoint]
         return CutReport(dropped, torn, kept, stale)
@@ -356,7 +382,9 @@ class PowerLossStorage:
             if when == "end":  # it returned: durable, whatever comes next
                 name, kind = found
                 if kind == "data":
-                    self._streams[name].pending.clear()
+                    volatile = self._streams[name]
+                    volatile.pending.clear()
+                    volatile.durable_size = self._objects.data_size(name)
                 else:
                     self._checkpoint_written(name, flushed=True)
         self._event()
