@@ -380,12 +380,6 @@ def test_a_cut_inside_close_still_frees_the_stream(tmp_path: Path) -> None:
         Writer.open(power, "closing").close()  # not StreamLocked: the outage freed the lock
 
 
-@pytest.mark.xfail(
-    LAZY_CHECKPOINT,
-    reason="issue 12 roll-forward adopts the leftovers (found by this test; the chain check "
-    "cannot tell them from a commit when the clock stepped back): to fix before merging",
-    strict=True,
-)
 def test_a_torn_batch_left_behind_is_never_adopted_after_a_shorter_one(tmp_path: Path) -> None:
     """The leftovers of a batch whose first sectors a cut lost must stay garbage.
 

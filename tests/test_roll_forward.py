@@ -19,10 +19,12 @@ from messagevault import FileStorage, MemoryStorage, Reader, Writer
 from messagevault.checkpoint import Checkpoint
 from messagevault.format import (
     CHUNK_SIZE,
+    FOLLOWS,
     FRAME_HEADER_V2_SIZE,
     MORE,
     EncodedBatch,
     encode_batch,
+    parse_batch,
     read_header,
 )
 from messagevault.recovery import roll_forward
@@ -362,11 +364,39 @@ def test_bad_checkpoint_flush_intervals_are_refused(tmp_path: Path, bad: object)
     assert not tmp_path.joinpath(STREAM).exists()
 
 
-def test_more_is_flagged_in_storage_but_not_on_the_wire() -> None:
+def test_batch_ends_are_flagged_in_storage_but_not_on_the_wire() -> None:
     batch = _two_frame_batch()
     stored = batch.frame(0, 0, 0, batch_ends=True)
     wire = batch.frame()
-    first = read_header(wire, 0, None)
-    assert not first.more
-    assert stored[5] == wire[5] | MORE
     assert len(stored) == len(wire)
+    second = read_header(wire, 0, None).frame_size
+    assert (stored[5], stored[second + 5]) == (wire[5] | MORE, wire[second + 5] | FOLLOWS)
+    assert not wire[5] & (MORE | FOLLOWS) and not wire[second + 5] & (MORE | FOLLOWS)
+    # The server assigns them, whatever a producer sent.
+    assert parse_batch(stored).frame(0, 0, 0, batch_ends=True) == stored
+    assert parse_batch(stored).frame() == wire
+
+
+def test_the_tail_of_a_torn_batch_is_never_adopted() -> None:
+    """A batch whose first frame a cut lost leaves its last one behind, fitting the chain.
+
+    Here the leftover frame claims the very position, sequence and timestamp
+    that follow the checkpoint (as it can when the next writer's batch ends
+    where it starts and the clock stepped back): FOLLOWS says it is no batch's
+    first frame.
+    """
+    storage = MemoryStorage()
+    with Writer.open(storage, STREAM) as writer:
+        writer.append(_rows(0, count=40))  # longer than the batch's first frame
+        start = writer.checkpoint
+    batch = _two_frame_batch()
+    first_size = batch.frame_size - batch.last_frame_size
+    frames = batch.frame(
+        start.length - first_size,
+        start.next_sequence - batch.frames[0].count,
+        start.last_timestamp,
+        batch_ends=True,
+    )
+    _overwrite(storage, start.length, frames[first_size:])
+    with Writer.open(storage, STREAM) as writer:
+        assert writer.checkpoint == start

@@ -29,8 +29,9 @@ Version 2 adds a producer id and batch sequence (exactly-once publishing),
 value compression, and values of any size: a value over ``MAX_VALUE_SIZE``
 is a HEAD frame (its key and first piece) followed by CONTINUATION frames
 (count 0, the next pieces), all in one batch and so in one commit. A batch
-of several frames flags all but its last ``MORE``, so that its end shows in
-storage. A one-frame batch that needs none of this is still written as v1.
+of several frames flags all but its last ``MORE`` and all but its first
+``FOLLOWS``, so that its ends show in storage. A one-frame batch that needs
+none of this is still written as v1.
 
 All integers are little-endian. CRCs are CRC-32 (ISO-HDLC, ``zlib.crc32``).
 """
@@ -85,7 +86,7 @@ FRAME_HEADER_V2: Final = struct.Struct(
     "<"
     "4s"  # magic, b"MVLB"
     "B"  # format version, 2
-    "B"  # flags: COMPRESSED | HEAD | CONTINUATION | MORE
+    "B"  # flags: COMPRESSED | HEAD | CONTINUATION | MORE | FOLLOWS
     "H"  # header size, 96
     "I"  # frame size
     "I"  # count: 1..MAX_BATCH_COUNT; 1 in a HEAD frame, 0 in a CONTINUATION
@@ -117,7 +118,12 @@ CONTINUATION: Final = 0x04  # no messages: the next piece of the value of the HE
 # but its last, so that a writer rolling a stream forward past a stale
 # checkpoint after a crash adopts whole batches only (docs/FORMAT.md).
 MORE: Final = 0x08
-KNOWN_FLAGS: Final = COMPRESSED | HEAD | CONTINUATION | MORE
+# This frame follows another of its batch: set on every stored frame of a
+# batch but its first, so that the leftover tail of a batch a crash tore is
+# never taken for a batch of its own.
+FOLLOWS: Final = 0x10
+KNOWN_FLAGS: Final = COMPRESSED | HEAD | CONTINUATION | MORE | FOLLOWS
+BATCH_FLAGS: Final = MORE | FOLLOWS  # assigned when a batch is stored, never sent
 
 NO_PRODUCER: Final = bytes(16)
 PRODUCER_ID_SIZE: Final = 16
@@ -193,6 +199,11 @@ class FrameHeader(NamedTuple):
     def more(self) -> bool:
         """Whether another frame of the same batch follows (not of frames stored before MORE)."""
         return bool(self.flags & MORE)
+
+    @property
+    def follows(self) -> bool:
+        """Whether this frame follows another of its batch (not of frames stored before FOLLOWS)."""
+        return bool(self.flags & FOLLOWS)
 
     @property
     def has_producer(self) -> bool:
@@ -407,8 +418,9 @@ class EncodedBatch:
     ) -> list[bytes | memoryview]:
         """Headers and body parts of every frame placed at ``base_position``, as stored.
 
-        Every frame but the last is flagged ``MORE``; ``batch_ends=False``
-        leaves the flag out (the wire form: the server assigns its own).
+        Every frame but the last is flagged ``MORE``, every frame but the
+        first ``FOLLOWS``; ``batch_ends=False`` leaves both out (the wire
+        form: the server assigns its own).
         """
         pieces: list[bytes | memoryview] = []
         position, sequence, head = base_position, base_sequence, 0
@@ -418,7 +430,7 @@ class EncodedBatch:
             if body.flags & HEAD:
                 head = position
             chunk = head if body.flags & CONTINUATION else body.chunk
-            more = MORE if batch_ends and index < last else 0
+            more = (MORE if index < last else 0) | (FOLLOWS if index else 0) if batch_ends else 0
             pieces.append(
                 self._header(
                     body,
@@ -503,9 +515,9 @@ class EncodedBatch:
     ) -> bytes:
         """All frames as one ``bytes``: the client-to-server wire form.
 
-        The wire form leaves out the ``MORE`` flags, which the server assigns
-        (so servers from before the flag take it too); ``batch_ends=True``
-        gives the frames exactly as a writer stores them.
+        The wire form leaves out the ``MORE`` and ``FOLLOWS`` flags, which the
+        server assigns (so servers from before the flags take it too);
+        ``batch_ends=True`` gives the frames exactly as a writer stores them.
         """
         return b"".join(self.pieces(base_position, base_sequence, timestamp, batch_ends=batch_ends))
 
@@ -1331,7 +1343,7 @@ def parse_batch(body: bytes | memoryview, *, max_value_size: int | None = None) 
                 header.values_size,
                 header.body_crc,
                 (view[start : offset + header.frame_size],),
-                header.flags & ~MORE,  # the writer marks where the batch ends in storage
+                header.flags & ~BATCH_FLAGS,  # the writer marks the batch's ends in storage
                 header.chunk if header.is_head else 0,
             )
         )

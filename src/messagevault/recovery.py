@@ -7,10 +7,11 @@ lag durable, acknowledged frames. The writer opening the stream walks the
 frames after the checkpoint and adopts them while each continues the chain
 (both CRCs hold, it claims the position it is at, the running sequence, a
 timestamp not before the last) and only up to the end of a whole batch: a
-batch of several frames flags all but its last ``MORE``, and a value in
-pieces must be whole. Torn frames, leftovers of an older write, zeros and
-padding all break the chain, so what is adopted is exactly what some commit
-wrote in full.
+batch of several frames flags all but its last ``MORE`` and all but its
+first ``FOLLOWS``, and a value in pieces must be whole. Torn frames, the
+tail of a torn batch, leftovers of an older write, zeros and padding all
+break the chain, so what is adopted is exactly what some commit wrote in
+full.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def roll_forward(store: StreamStore, checkpoint: Checkpoint) -> Checkpoint:
         header = frames.valid_frame(position)
         if header is None or header.base_sequence != sequence or header.timestamp < timestamp:
             break
-        if batch_first is not None and not _same_batch(batch_first, header):
+        if batch_first is None:
+            if header.follows:
+                break  # the tail of a batch whose first frames are gone
+        elif not _same_batch(batch_first, header) or (batch_first.more and not header.follows):
             break
         try:
             pieces.take(header, position)
