@@ -26,6 +26,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ class StreamModel:
 
     name: str
     acked: list[tuple[int, int, bytes, bytes]] = field(default_factory=list)
-    in_flight: Sent | None = None
+    in_flight: list[Sent] = field(default_factory=list)  # the batches of the commit cut short
+    landed: set[tuple[bytes, int]] = field(default_factory=set)  # producer batches in the stream
     seen: dict[int, Seen] = field(default_factory=dict)
     cursor: int = 0  # where the readers go on reading
     producer: bytes = b""
@@ -95,7 +97,7 @@ class Run:
         self.counter = 0
         self.totals: dict[str, int] = {}
 
-    def batch(self, model: StreamModel) -> Sent:
+    def batch(self, model: StreamModel, *, producer: bool) -> Sent:
         rng = self.rng
         self.counter += 1
         kind = rng.random()
@@ -114,7 +116,7 @@ class Run:
                 for i in range(count)
             ]
         sent = Sent(rows, compress=rng.random() < 0.1)
-        if rng.random() < 0.35:
+        if producer:
             sent.producer = (model.producer, model.producer_seq)
             model.producer_seq += 1
         return sent
@@ -145,10 +147,19 @@ class Run:
             planned = rng.randint(1, 4)
             if rng.random() < 0.75:
                 self.power.arm(rng.randint(1, planned * self.events_per_append))
-            retry = model.in_flight if model.in_flight and model.in_flight.producer else None
+            retry = [sent for sent in model.in_flight if sent.producer is not None]
             for index in range(planned):
-                sent = retry if retry is not None and index == 0 else self.batch(model)
-                self.append(writer, model, sent)
+                if retry and index == 0:  # the producers send their batches again
+                    group = retry
+                else:  # mostly one batch a commit; sometimes a group commit, as the server's
+                    size = 1 if rng.random() < 0.8 else rng.randint(2, 3)
+                    # One producer here, one batch at a time: only its last is remembered.
+                    with_producer = rng.random() < 0.35
+                    group = [
+                        self.batch(model, producer=with_producer and index == size - 1)
+                        for index in range(size)
+                    ]
+                self.append(writer, model, group)
                 self.read(model)
             if rng.random() < 0.15:
                 writer.close()  # a clean close before the outage loses nothing
@@ -171,21 +182,24 @@ class Run:
         finally:
             store.close()
 
-    def append(self, writer: Writer, model: StreamModel, sent: Sent) -> None:
-        model.in_flight = sent
-        result = writer.append_batches([sent.encode()])[0]
-        model.in_flight = None
-        receipts = list(result)
-        if result.duplicate:  # a retry of a batch that did land: it must be the same one
-            stored = [(r.position, r.sequence) for r in receipts]
-            known = {(a[0], a[1]) for a in model.acked[-len(receipts) :]}
-            assert set(stored) <= known, f"duplicate's receipts {stored} name no batch acked"
-            model.stats["retries found"] = model.stats.get("retries found", 0) + 1
-            return
-        expected = model.acked[-1][1] + 1 if model.acked else 0
-        assert receipts[0].sequence == expected, "receipt's sequence does not follow on"
-        for receipt, (key, value) in zip(receipts, sent.rows, strict=True):
-            model.acked.append((receipt.position, receipt.sequence, key, value))
+    def append(self, writer: Writer, model: StreamModel, group: list[Sent]) -> None:
+        # A retried batch that landed is not written again: not part of the commit.
+        model.in_flight = [sent for sent in group if sent.producer not in model.landed]
+        results = writer.append_batches([sent.encode() for sent in group])
+        model.in_flight = []
+        for sent, result in zip(group, results, strict=True):
+            if sent.producer is not None:
+                model.landed.add(sent.producer)
+            receipts = list(result)
+            if result.duplicate:  # a retry of a batch that did land: it must be that one
+                stored = {(r.position, r.sequence) for r in receipts}
+                assert stored <= {(a[0], a[1]) for a in model.acked}, "a duplicate of nothing"
+                model.stats["retries found"] = model.stats.get("retries found", 0) + 1
+                continue
+            expected = model.acked[-1][1] + 1 if model.acked else 0
+            assert receipts[0].sequence == expected, "receipt's sequence does not follow on"
+            for receipt, (key, value) in zip(receipts, sent.rows, strict=True):
+                model.acked.append((receipt.position, receipt.sequence, key, value))
 
     def read(self, model: StreamModel) -> None:
         """A reader catches up with what is committed now, and remembers it."""
@@ -210,19 +224,28 @@ class Run:
             f"{acked - len(found)} acknowledged messages lost (of {acked}); "
             f"the stream ends at {messages[-1].next_position if messages else 0}"
         )
-        rest = found[acked:]
-        if rest:
-            sent = model.in_flight
-            assert sent is not None, f"{len(rest)} messages appeared that no one sent"
-            assert [(key, value) for _, _, key, value in rest] == sent.rows, (
-                "the messages after the acknowledged ones are not the batch in flight, whole"
-            )
-            model.acked.extend(rest)
+        rest = [(key, value) for _, _, key, value in found[acked:]]
+        # Whole batches of the commit cut short, from its first: rolling forward
+        # adopts batch by batch (a group commit may come back in part).
+        ends = list(accumulate((len(sent.rows) for sent in model.in_flight), initial=0))
+        assert len(rest) in ends, (
+            f"the {len(rest)} messages after the acknowledged ones are not whole batches "
+            f"of the commit in flight (of {ends[1:]} messages)"
+        )
+        whole = ends.index(len(rest))
+        adopted = [row for sent in model.in_flight[:whole] for row in sent.rows]
+        assert rest == adopted, "the messages after the acknowledged ones are not the in-flight"
+        model.acked.extend(found[acked:])
+        model.landed.update(s.producer for s in model.in_flight[:whole] if s.producer is not None)
+        if whole:
             model.stats["in-flight batches kept"] = model.stats.get("in-flight batches kept", 0) + 1
-            if sent.producer is None:
-                model.in_flight = None
-        elif model.in_flight is not None and model.in_flight.producer is None:
-            model.in_flight = None  # lost for good: it was never acknowledged
+        if 0 < whole < len(model.in_flight):
+            model.stats["group commits kept in part"] = (
+                model.stats.get("group commits kept in part", 0) + 1
+            )
+        # The producers' batches are sent again (a duplicate if adopted); the rest are
+        # lost for good: never acknowledged.
+        model.in_flight = [sent for sent in model.in_flight if sent.producer is not None]
         by_position = {position: (sequence, key, value) for position, sequence, key, value in found}
         for position, message in model.seen.items():
             assert by_position.get(position) == message, (
