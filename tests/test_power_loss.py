@@ -3,12 +3,13 @@
 The SIGKILL tests (test_crash.py) cannot lose what the kernel holds; these
 cut the power, so every write not yet flushed is dropped, torn at a 512-byte
 boundary or kept, and the checkpoint may go back to any version it had since
-its last flush. Over at least 1,000 cuts on file storage, memory storage and
-memory storage with page semantics, with batches of every shape appended
-between cuts, after every cut:
+its last flush. Over 1,800 cuts on file storage, memory storage and memory
+storage with page semantics, with batches of every shape appended between
+cuts (group commits too), after every cut, once a writer reopened the stream:
 
 * every acknowledged message is there, at its receipt's position and sequence;
-* beyond them there is at most the one batch that was in flight, whole;
+* beyond them there are only whole batches of the commit in flight, from its
+  first, or nothing;
 * nothing any reader saw before the cut is gone or changed, and no reader
   ever met a torn frame (``CorruptData``);
 * ``Reader.verify`` passes and the stream takes appends again; a producer's
