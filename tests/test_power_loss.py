@@ -491,12 +491,6 @@ def test_a_commit_a_reader_saw_outlives_a_cut_before_its_checkpoint_flush(tmp_pa
     assert stale > 0
 
 
-@pytest.mark.xfail(
-    LAZY_CHECKPOINT,
-    reason="issue 12 roll-forward adopts a whole later batch of a torn group commit (found by "
-    "this test after FOLLOWS: batch flags mark batches, not commits): to fix before merging",
-    strict=True,
-)
 def test_the_later_batches_of_a_torn_group_commit_are_never_adopted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -400,3 +400,19 @@ def test_the_tail_of_a_torn_batch_is_never_adopted() -> None:
     _overwrite(storage, start.length, frames[first_size:])
     with Writer.open(storage, STREAM) as writer:
         assert writer.checkpoint == start
+
+
+def test_a_file_writer_cuts_off_the_leftovers_past_its_first_commit(tmp_path: Path) -> None:
+    """A whole batch among leftovers could otherwise be adopted once a new batch ends before it."""
+    storage = FileStorage(tmp_path)
+    with Writer.open(storage, STREAM) as writer:
+        writer.append(_rows(0))
+        start = writer.checkpoint
+    leftover = encode_batch(_rows(7)).frame(start.length + 500, 0, 0)
+    with (tmp_path / STREAM / DATA_FILE).open("r+b") as file:
+        file.seek(start.length)
+        file.write(bytes(500) + leftover)
+    with Writer.open(storage, STREAM) as writer:
+        assert writer.checkpoint == start
+        end = writer.append(_rows(1)).end
+    assert (tmp_path / STREAM / DATA_FILE).stat().st_size == end

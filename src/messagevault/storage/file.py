@@ -239,6 +239,7 @@ class FileStreamStore:
         # open starts from it.
         self._checkpoint_flushed_at = -float("inf")
         self._checkpoint_unflushed = False
+        self._leftovers_cut = False
         self._closed = False
         flags = os.O_RDWR if write else os.O_RDONLY
         try:
@@ -340,6 +341,8 @@ class FileStreamStore:
                 policy is FsyncPolicy.BATCH and now - self._last_sync >= storage.sync_interval
             )
         try:
+            if not self._leftovers_cut:
+                self._cut_leftovers(new.length)
             if sync_data:
                 os.fdatasync(self._data_fd)  # data must be durable before the checkpoint names it
             os.pwrite(self._checkpoint_fd, new.encode(), (new.commit % 2) * CHECKPOINT_SIZE)
@@ -350,6 +353,19 @@ class FileStreamStore:
                 self._checkpoint_flushed_at = self._last_sync = time.monotonic()
         except OSError as exc:
             raise StorageError(f"cannot commit stream {self._name!r}: {exc}") from exc
+
+    def _cut_leftovers(self, length: int) -> None:
+        """Cut the data file at ``length``, before a handle's first checkpoint names it.
+
+        What lies beyond is what no commit finished: a crash's torn or
+        unflushed writes, or an uncommitted write longer than the commit
+        after it. A power cut can keep the later sectors of such a write and
+        lose the first, leaving a whole batch (a later one of a group commit)
+        where a new batch may end; cut off, it can never be rolled forward.
+        """
+        if os.fstat(self._data_fd).st_size > length:
+            os.ftruncate(self._data_fd, length)
+        self._leftovers_cut = True
 
     def _check_open(self) -> None:
         # A closed descriptor number may already belong to another file.
