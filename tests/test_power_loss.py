@@ -275,7 +275,9 @@ def test_acknowledged_and_seen_messages_survive_power_cuts(backend: str, tmp_pat
     events_per_append = {"file": 8, "memory": 4, "pages": 8}[backend]
     storage = _storage(backend, tmp_path)
     try:
-        with PowerLossStorage(storage, seed=seed, lazy_checkpoint=LAZY_CHECKPOINT) as power:
+        with PowerLossStorage(
+            storage, seed=seed, lazy_checkpoint=LAZY_CHECKPOINT, holes=True
+        ) as power:
             run = Run(power, rng, events_per_append)
             for episode in range(CUTS_PER_BACKEND // LIVES_PER_STREAM):
                 run.episode(f"stream-{episode}", LIVES_PER_STREAM)
@@ -320,6 +322,44 @@ def test_an_unflushed_write_is_dropped_torn_or_kept() -> None:
         fates.add(_shape(data.ljust(len(written), b"\0"), written))
         assert report.dropped + report.torn + report.kept == 1
     assert fates == {"kept", "dropped", "torn, first part landed", "torn, last part landed"}
+
+
+def test_with_holes_a_torn_write_keeps_any_of_its_sectors() -> None:
+    written = bytes(range(1, 256)) * 9
+    shapes = set()
+    for seed in range(60):
+        with PowerLossStorage(MemoryStorage(), seed=seed, holes=True) as power:
+            power.open_stream("holes", write=True, create=True).write(0, written)
+            power.power_cut()
+            data = power.inner.open_stream("holes").read(0, len(written)).ljust(len(written), b"\0")
+        landed = ""
+        for start in range(0, len(written), SECTOR):
+            sector = data[start : start + SECTOR]
+            assert sector in (written[start : start + SECTOR], bytes(len(sector))), "a torn sector"
+            landed += "1" if any(sector) else "0"
+        shapes.add(landed)
+    # Some sectors landed around lost ones: neither the front nor the back of the write.
+    assert any("01" in shape and "10" in shape for shape in shapes)
+    assert any("101" in shape for shape in shapes)
+
+
+def test_a_file_cut_short_and_not_flushed_may_grow_back(tmp_path: Path) -> None:
+    sizes = set()
+    for seed in range(20):
+        storage = FileStorage(tmp_path / str(seed))
+        with PowerLossStorage(storage, seed=seed) as power:
+            with Writer.open(power, "shrunk") as writer:
+                writer.append([(b"k", bytes(3000))])  # flushed: durable
+            data = tmp_path / str(seed) / "shrunk" / "data"
+            fd = os.open(data, os.O_RDWR)
+            try:
+                os.ftruncate(fd, 1000)  # as a backend might, without flushing it
+            finally:
+                os.close(fd)
+            power.power_cut()
+        sizes.add(data.stat().st_size)
+    assert 1000 in sizes, "the cut never kept"
+    assert any(size > 3000 for size in sizes), "what was cut off never came back"
 
 
 def test_only_what_the_file_backend_flushed_survives(tmp_path: Path) -> None:

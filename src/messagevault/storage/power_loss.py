@@ -15,7 +15,8 @@ A write is durable once the backend's flush covering it happened:
 
 - file storage: an ``fsync``/``fdatasync`` of the data or checkpoint file
   (the wrapper recognises them by inode, while it is open, by wrapping
-  ``os.fsync`` and ``os.fdatasync``; it adds no hook to the backend);
+  ``os.fsync``, ``os.fdatasync`` and ``os.ftruncate``: a data file cut short
+  and not flushed since may grow back; it adds no hook to the backend);
 - memory storage, which has no device: the data written before a commit is
   durable once ``advance_checkpoint`` returns; the checkpoint too, unless
   ``lazy_checkpoint=True``, which models a checkpoint whose flush is left
@@ -44,6 +45,7 @@ b'acknowledged'
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -87,6 +89,7 @@ class _PendingWrite:
     offset: int
     data: bytes
     before: bytes  # what the bytes were, zero-padded to len(data): what a drop restores
+    truncate: bool = False  # the file was cut at ``offset`` (``before``: what it lost)
 
 
 @dataclass(slots=True)
@@ -121,12 +124,19 @@ class _FileObjects:
         return os.stat(self._root / name / DATA_FILE).st_size
 
     def restore(
-        self, name: str, writes: list[tuple[int, bytes]], checkpoint: object, size: int | None
+        self,
+        name: str,
+        writes: list[tuple[int, bytes | None]],
+        checkpoint: object,
+        size: int | None,
     ) -> None:
         fd = os.open(self._root / name / DATA_FILE, os.O_WRONLY)
         try:
             for offset, data in writes:
-                os.pwrite(fd, data, offset)
+                if data is None:
+                    os.ftruncate(fd, offset)
+                else:
+                    os.pwrite(fd, data, offset)
             if size is not None:
                 os.ftruncate(fd, size)
         finally:
@@ -157,13 +167,18 @@ class _MemoryObjects:
         return None  # memory never shrinks: what was never written reads as zeros
 
     def restore(
-        self, name: str, writes: list[tuple[int, bytes]], checkpoint: object, size: int | None
+        self,
+        name: str,
+        writes: list[tuple[int, bytes | None]],
+        checkpoint: object,
+        size: int | None,
     ) -> None:
         del size
         assert isinstance(checkpoint, Checkpoint)
         store = self._storage.open_stream(name, write=True, takeover=True)
         try:
             for offset, data in writes:
+                assert data is not None  # memory is never cut short
                 store.write(offset, data)
             # Memory storage takes any checkpoint, even an older one: that is the stale one.
             store.advance_checkpoint(checkpoint, expected=store.read_checkpoint())
@@ -176,6 +191,9 @@ class PowerLossStorage:
 
     ``seed`` makes every choice repeatable: the cut points given to ``arm``
     are the caller's, every fate is drawn from ``random.Random(seed)``.
+    ``holes=True`` lets half the torn writes lose any of their sectors, not
+    only those before or after one boundary (page cache written back out of
+    order).
     Use it as a context manager, or ``close()`` it: that stops watching
     flushes. It does not close the streams opened through it.
     """
@@ -186,6 +204,7 @@ class PowerLossStorage:
         *,
         seed: int,
         lazy_checkpoint: bool = False,
+        holes: bool = False,
     ) -> None:
         if isinstance(inner, FileStorage):
             self._objects: _FileObjects | _MemoryObjects = _FileObjects(inner)
@@ -196,6 +215,7 @@ class PowerLossStorage:
         self.inner = inner
         self.seed = seed
         self.lazy_checkpoint = lazy_checkpoint
+        self.holes = holes
         self._random = random.Random(seed)  # noqa: S311 - repeatable faults, not secrets
         self._lock = threading.RLock()
         self._streams: dict[str, _Volatile] = {}
@@ -281,41 +301,57 @@ class PowerLossStorage:
         """Decide the fate of each undurable write of ``name`` and leave the result in storage."""
         if not volatile.pending and len(volatile.checkpoints) == 1:
             return CutReport()
-        dropped = torn = kept = 0
+        counts = {"dropped": 0, "torn": 0, "kept": 0}
         # Back to the durable bytes (undo in reverse), then the survivors in order.
-        writes = [(w.offset, w.before) for w in reversed(volatile.pending)]
+        writes: list[tuple[int, bytes | None]] = [
+            (w.offset, w.before) for w in reversed(volatile.pending)
+        ]
         undone = len(writes)
         for write in volatile.pending:
-            fate = self._random.randrange(3)
-            boundaries = range(
-                (write.offset // SECTOR + 1) * SECTOR, write.offset + len(write.data), SECTOR
-            )
-            if fate == 1 and boundaries:
-                cut = self._random.choice(boundaries) - write.offset
-                if self._random.randrange(2):
-                    writes.append((write.offset, write.data[:cut]))
-                else:
-                    writes.append((write.offset + cut, write.data[cut:]))
-                torn += 1
-            elif fate == 2 or (fate == 1 and self._random.randrange(2)):
-                writes.append((write.offset, write.data))
-                kept += 1
-            else:
-                dropped += 1
+            fate, parts = self._fate(write)
+            counts[fate] += 1
+            writes.extend(parts)
         index = self._random.randrange(len(volatile.checkpoints))
         checkpoint = volatile.checkpoints[index]
         size = None
-        if volatile.durable_size is not None and self._random.randrange(2):
+        cut_short = any(write.truncate for write in volatile.pending)
+        if volatile.durable_size is not None and not cut_short and self._random.randrange(2):
             # The file's size as of its last flush, or as far as a surviving write
             # reached; otherwise what the dropped writes added reads as zeros.
-            landed = (offset + len(data) for offset, data in writes[undone:])
+            landed = (offset + len(data) for offset, data in writes[undone:] if data is not None)
             size = max([volatile.durable_size, *landed])
         self._objects.restore(name, writes, checkpoint, size)
         volatile.pending.clear()
         volatile.durable_size = self._objects.data_size(name)
         stale = int(index < len(volatile.checkpoints) - 1)
         volatile.checkpoints[:] = [checkpoint]
-        return CutReport(dropped, torn, kept, stale)
+        return CutReport(counts["dropped"], counts["torn"], counts["kept"], stale)
+
+    def _fate(self, write: _PendingWrite) -> tuple[str, list[tuple[int, bytes | None]]]:
+        """Dropped, torn or kept, and what of ``write`` landed (None: cut short there)."""
+        choose = self._random.randrange
+        if write.truncate:  # a change of size lands whole, or not at all
+            return ("kept", [(write.offset, None)]) if choose(2) else ("dropped", [])
+        fate = choose(3)
+        end = write.offset + len(write.data)
+        boundaries = range((write.offset // SECTOR + 1) * SECTOR, end, SECTOR)
+        if fate == 1 and boundaries and self.holes and choose(2):
+            # Written back out of order: any of its sectors may have landed.
+            edges = [write.offset, *boundaries, end]
+            parts: list[tuple[int, bytes | None]] = [
+                (start, write.data[start - write.offset : stop - write.offset])
+                for start, stop in itertools.pairwise(edges)
+                if choose(2)
+            ]
+            return "torn", parts
+        if fate == 1 and boundaries:
+            cut = self._random.choice(boundaries) - write.offset
+            if choose(2):
+                return "torn", [(write.offset, write.data[:cut])]
+            return "torn", [(write.offset + cut, write.data[cut:])]
+        if fate == 2 or (fate == 1 and choose(2)):
+            return "kept", [(write.offset, write.data)]
+        return "dropped", []
 
     # -- what the stream handles and the flush watcher report -----------------
 
@@ -348,6 +384,18 @@ class PowerLossStorage:
         with self._lock:
             if not self._out:
                 self._streams[name].pending.append(_PendingWrite(offset, data, before))
+
+    def _truncating(self, identity: tuple[int, int], fd: int, length: int) -> None:
+        """The file backend is about to cut a file short (file storage): note what it loses."""
+        with self._lock:
+            found = self._inodes.get(identity)
+            if found is None or found[1] != "data" or self._out:
+                return
+            size = os.fstat(fd).st_size
+            if size > length:
+                lost = os.pread(fd, size - length, length)
+                write = _PendingWrite(length, b"", lost, truncate=True)
+                self._streams[found[0]].pending.append(write)
 
     def _checkpoint_written(self, name: str, *, flushed: bool) -> None:
         """Note the checkpoint's version now; ``flushed``: it is the durable one.
@@ -517,6 +565,7 @@ _watchers: list[PowerLossStorage] = []
 _watch_lock = threading.Lock()
 _real_fsync = os.fsync
 _real_fdatasync = os.fdatasync
+_real_ftruncate = os.ftruncate
 
 
 def _identity(fd: FileDescriptorLike) -> tuple[int, int] | None:
@@ -552,6 +601,15 @@ def _watched(
     return flush
 
 
+def _watched_ftruncate(fd: int, length: int) -> None:
+    """``os.ftruncate``, telling the watchers first: a cut short file may grow back."""
+    identity = _identity(fd) if _watchers else None
+    if identity is not None:
+        for watcher in _watchers:
+            watcher._truncating(identity, fd, length)
+    _real_ftruncate(fd, length)
+
+
 def _watch_flushes(power: PowerLossStorage) -> None:
     if not isinstance(power.inner, FileStorage):
         return
@@ -560,6 +618,7 @@ def _watch_flushes(power: PowerLossStorage) -> None:
             # setattr: the backend looks them up in ``os`` at each call.
             setattr(os, "fsync", _watched(_real_fsync))  # noqa: B010
             setattr(os, "fdatasync", _watched(_real_fdatasync))  # noqa: B010
+            setattr(os, "ftruncate", _watched_ftruncate)  # noqa: B010
         _watchers.append(power)
 
 
@@ -570,3 +629,4 @@ def _unwatch_flushes(power: PowerLossStorage) -> None:
             if not _watchers:
                 setattr(os, "fsync", _real_fsync)  # noqa: B010
                 setattr(os, "fdatasync", _real_fdatasync)  # noqa: B010
+                setattr(os, "ftruncate", _real_ftruncate)  # noqa: B010
