@@ -297,7 +297,7 @@ def roll_forward_as_the_successor(storage: Storage, model: StreamModel, sizes: B
     only when its frames are all there and valid: whether a kill left it so
     is up to the kill.
     """
-    with Writer.open(storage, STREAM, create=False, takeover=True) as writer:
+    with Writer.open(storage, STREAM, create=False) as writer:  # fenced already
         checkpoint = writer.checkpoint
     if checkpoint.length == model.length:
         return False

@@ -194,6 +194,7 @@ class Writer:
         max_producers: int = DEFAULT_MAX_PRODUCERS,
         producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
         snapshot_interval: int = DEFAULT_SNAPSHOT_BYTES,
+        roll_forward: bool = True,
     ) -> None:
         _check_producer_options(max_producers, producer_max_age, snapshot_interval)
         self.name = name
@@ -206,7 +207,8 @@ class Writer:
         self._checkpoint = store.read_checkpoint()
         self._confirmed_at = time.monotonic()  # when storage last agreed with _checkpoint
         self._verify_tail()
-        self._roll_forward()  # before the producer table replays the frames up to the checkpoint
+        if roll_forward:  # before the producer table replays the frames up to the checkpoint
+            self._roll_forward()
         self._tail = self._read_tail_page()
         self._in_doubt_landed: Callable[[], None] | None = None
         self.snapshot_interval = snapshot_interval
@@ -244,7 +246,10 @@ class Writer:
         """Open ``name`` for writing (creating it by default) and take its writer lock.
 
         ``takeover=True`` deposes a current writer where the backend can fence
-        it (see ``Storage.open_stream``). ``commit_timeout`` bounds how long an
+        it (see ``Storage.open_stream``), and then adopts nothing past the
+        checkpoint (it may be the deposed writer's failing commit); otherwise
+        opening rolls the stream forward over the whole batches a stale
+        checkpoint leaves out (``recovery``). ``commit_timeout`` bounds how long an
         append rides out storage faults before it raises ``StorageError``.
 
         The producer table (``producers``) remembers at most
@@ -264,6 +269,11 @@ class Writer:
                 max_producers=max_producers,
                 producer_max_age=producer_max_age,
                 snapshot_interval=snapshot_interval,
+                # Past the checkpoint of a stream taken from a live writer may be
+                # that writer's commit in progress, which it will report failed:
+                # not to be adopted. Only a backend whose checkpoint can lag
+                # needs rolling forward, and there a live writer cannot be deposed.
+                roll_forward=not takeover or getattr(store, "checkpoint_may_lag", False),
             )
         except BaseException:
             store.close()

@@ -227,6 +227,10 @@ def _fsync_path(path: Path) -> None:
 class FileStreamStore:
     """One stream's files. A writable handle holds ``writer.lock`` until closed."""
 
+    # The durable checkpoint may lag durable frames (it is flushed lazily):
+    # a writer rolls forward on open, even when asked to take over.
+    checkpoint_may_lag = True
+
     def __init__(self, storage: FileStorage, name: str, folder: Path, *, write: bool) -> None:
         self._storage = storage
         self._name = name
