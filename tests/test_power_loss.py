@@ -21,7 +21,6 @@ Seeded: a failure names its seed; ``POWER_LOSS_SEED=<seed>`` replays it
 
 from __future__ import annotations
 
-import inspect
 import os
 import random
 import shutil
@@ -34,6 +33,7 @@ import pytest
 
 from messagevault import CorruptData, InvalidPosition, Reader, Writer
 from messagevault.format import MAX_VALUE_SIZE, EncodedBatch, encode_batch
+from messagevault.recovery import recover
 from messagevault.storage import FileStorage, MemoryStorage
 from messagevault.storage.power_loss import (
     SECTOR,
@@ -47,13 +47,11 @@ from messagevault.storage.power_loss import (
 CUTS_PER_BACKEND = int(os.environ.get("POWER_LOSS_CUTS") or 600)
 LIVES_PER_STREAM = 10  # then a fresh stream, so checking after each cut stays quick
 SNAPSHOT_INTERVAL = 4096  # producer snapshots are written (and reused) often
-# Whether commits leave the checkpoint's flush for later and rely on rolling
-# forward on open (issue 12): then memory storage is cut as such a backend.
-LAZY_CHECKPOINT = "checkpoint_flush_interval" in inspect.signature(FileStorage).parameters
-# With two flushes per commit, a reader can see a commit in the instant between
-# its checkpoint write and that write's flush, and a cut then takes it back
-# (found by this test): so readers read at the moment of a cut inside a
-# commit only where the data is durable before any checkpoint names it.
+# Commits leave the checkpoint's flush for later and rely on rolling forward
+# on open (issue 12), so memory storage is cut as such a backend too. (With
+# two flushes per commit, this test found that a reader could see a commit in
+# the instant between its checkpoint write and that write's flush, which a cut
+# then took back.)
 
 Row = tuple[bytes, bytes]
 Seen = tuple[int, bytes, bytes]  # sequence, key, value of the message at a position
@@ -136,7 +134,6 @@ class Run:
         writer: Writer | None = None
         visible = self.committed_length(model)
         if visible < model.cursor:  # readers saw more, before the cut, than is committed now
-            assert LAZY_CHECKPOINT, f"the stream ends at {visible}; readers read to {model.cursor}"
             # Until the next writer rolls the stream forward: counted, and reported.
             stats["shorter until reopened"] = stats.get("shorter until reopened", 0) + 1
         if rng.random() < 0.15:
@@ -168,7 +165,7 @@ class Run:
             self.read(model)  # what readers see up to the last moment must outlive the cut
         except PowerCut:
             stats["cuts inside a call"] = stats.get("cuts inside a call", 0) + 1
-            if LAZY_CHECKPOINT and writer is not None:  # not before it rolled forward
+            if writer is not None:  # not before it rolled forward
                 self.read(model)
         report = self.power.power_cut()
         for name in ("dropped", "torn", "kept", "stale_checkpoints"):
@@ -275,9 +272,7 @@ def test_acknowledged_and_seen_messages_survive_power_cuts(backend: str, tmp_pat
     events_per_append = {"file": 8, "memory": 4, "pages": 8}[backend]
     storage = _storage(backend, tmp_path)
     try:
-        with PowerLossStorage(
-            storage, seed=seed, lazy_checkpoint=LAZY_CHECKPOINT, holes=True
-        ) as power:
+        with PowerLossStorage(storage, seed=seed, lazy_checkpoint=True, holes=True) as power:
             run = Run(power, rng, events_per_append)
             for episode in range(CUTS_PER_BACKEND // LIVES_PER_STREAM):
                 run.episode(f"stream-{episode}", LIVES_PER_STREAM)
@@ -483,14 +478,13 @@ def test_a_torn_batch_left_behind_is_never_adopted_after_a_shorter_one(tmp_path:
     assert keys == [b"first", b"small"], "a part of a batch never acknowledged was adopted"
 
 
-@pytest.mark.xfail(
-    LAZY_CHECKPOINT,
-    reason="issue 12: after a cut, until a writer reopens the stream (the server opens one "
-    "at the stream's next append, not at a read), readers see a stale checkpoint: "
-    "acknowledged messages missing, and a saved position past it is refused",
-    strict=True,
-)
-def test_readers_see_every_acknowledged_message_before_a_writer_reopens(tmp_path: Path) -> None:
+def test_readers_see_every_acknowledged_message_once_the_stream_is_recovered(
+    tmp_path: Path,
+) -> None:
+    # Until some writer rolls the stream forward, a direct reader may see the
+    # checkpoint as the cut left it; a server rolls a stream forward when it
+    # first touches it (recovery.recover), without appending anything.
+    stale = 0
     for seed in range(10):
         storage = FileStorage(tmp_path / str(seed))
         with PowerLossStorage(storage, seed=seed) as power:
@@ -498,16 +492,14 @@ def test_readers_see_every_acknowledged_message_before_a_writer_reopens(tmp_path
             last = [writer.append([(b"k", b"%d" % index)]) for index in range(3)][-1]
             power.power_cut()
         with Reader.open(storage, "unopened") as reader:
+            stale += reader.checkpoint().length < last.end
+        assert recover(storage, "unopened").length >= last.end, f"seed {seed}"
+        with Reader.open(storage, "unopened") as reader:
             assert reader.checkpoint().length >= last.end, f"seed {seed}: stale for readers"
-            assert len(list(reader.read(last[0].position))) == 1
+            assert [m.value for m in reader.read(last[0].position)] == [b"2"]
+    assert stale, "no cut left a stale checkpoint: the test proves nothing"
 
 
-@pytest.mark.xfail(
-    not LAZY_CHECKPOINT,
-    reason="two flushes per commit: a reader can see a commit between its checkpoint's "
-    "write and that write's flush, and a cut then takes the commit back (found by this test)",
-    strict=True,
-)
 def test_a_commit_a_reader_saw_outlives_a_cut_before_its_checkpoint_flush(tmp_path: Path) -> None:
     stale = 0
     for seed in range(12):

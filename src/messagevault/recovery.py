@@ -16,12 +16,15 @@ full.
 
 from __future__ import annotations
 
+import logging
 from typing import Final
 
 from messagevault.checkpoint import Checkpoint
 from messagevault.errors import CorruptData, InvalidBatch, UnsupportedVersion
 from messagevault.format import MAX_HEADER_SIZE, FrameHeader, PieceCheck, read_header, verify_frame
-from messagevault.storage.base import StreamStore
+from messagevault.storage.base import Storage, StreamStore
+
+log = logging.getLogger("messagevault.recovery")
 
 # Frames after the checkpoint are read this much at a time (a bigger frame is read whole).
 READ_SIZE: Final = 1024 * 1024
@@ -73,6 +76,46 @@ def roll_forward(store: StreamStore, checkpoint: Checkpoint) -> Checkpoint:
             )
             batch_first = None
     return adopted
+
+
+def adopt(store: StreamStore, found: Checkpoint, name: str) -> Checkpoint:
+    """Roll the stream behind writable ``store`` forward from ``found``; the checkpoint now.
+
+    Commits the new checkpoint (conditionally on ``found``) when whole
+    batches follow ``found``, and says so in the log.
+    """
+    rolled = roll_forward(store, found)
+    if rolled == found:
+        return found
+    store.advance_checkpoint(rolled, expected=found)
+    log.warning(
+        "stream %r rolled forward past its checkpoint from %d to %d bytes "
+        "(sequence %d to %d): the checkpoint lagged committed frames",
+        name,
+        found.length,
+        rolled.length,
+        found.next_sequence,
+        rolled.next_sequence,
+        extra={"stream": name},
+    )
+    return rolled
+
+
+def recover(storage: Storage, name: str) -> Checkpoint:
+    """Roll stream ``name`` forward as the next writer would, without writing anything else.
+
+    For a server that reads a stream before it writes it: after a power cut
+    the durable checkpoint may lag acknowledged messages, and readers see
+    them only once some writer has rolled the stream forward. Takes the
+    writer lock for the moment it needs (``StreamLocked`` if a writer holds
+    it: that writer has rolled forward already); ``StreamNotFound`` if the
+    stream does not exist (nothing is created).
+    """
+    store = storage.open_stream(name, write=True)
+    try:
+        return adopt(store, store.read_checkpoint(), name)
+    finally:
+        store.close()
 
 
 def _same_batch(first: FrameHeader, header: FrameHeader) -> bool:

@@ -56,7 +56,7 @@ from messagevault.producers import (
     rebuild_table,
     replay,
 )
-from messagevault.recovery import roll_forward
+from messagevault.recovery import adopt
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
 log = logging.getLogger("messagevault.writer")
@@ -694,22 +694,7 @@ class Writer:
 
     def _roll_forward(self) -> None:
         """Adopt the whole batches a stale checkpoint leaves out, with a new checkpoint."""
-        found = self._checkpoint
-        rolled = roll_forward(self._store, found)
-        if rolled == found:
-            return
-        self._store.advance_checkpoint(rolled, expected=found)
-        self._checkpoint = rolled
-        log.warning(
-            "stream %r rolled forward past its checkpoint from %d to %d bytes "
-            "(sequence %d to %d): the checkpoint lagged committed frames",
-            self.name,
-            found.length,
-            rolled.length,
-            found.next_sequence,
-            rolled.next_sequence,
-            extra={"stream": self.name},
-        )
+        self._checkpoint = adopt(self._store, self._checkpoint, self.name)
 
     def _check_usable(self) -> None:
         if self._closed:
