@@ -8,6 +8,7 @@ its ways of stopping, retries).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import urllib.request
@@ -678,13 +679,17 @@ def test_retries_connection_refused_until_the_server_comes_up(
         server.stop()
 
 
+@pytest.mark.parametrize("reached", [True, False])
 @pytest.mark.parametrize("idempotent", [True, False])
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_retries_are_bounded(
-    kind: str, idempotent: bool, monkeypatch: pytest.MonkeyPatch
+    kind: str, idempotent: bool, reached: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A non-idempotent append by ``retries``; an idempotent one by ``retry_timeout``."""
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    """By ``retries``; an idempotent append that may have reached the server by ``retry_timeout``.
+
+    ``reached``: a server that reads every request and drops the connection
+    (the outcome in doubt); otherwise nothing listens (refused: nothing sent).
+    """
     decisions: list[float | None] = []
     next_delay = client_base.Retries.next_delay
 
@@ -696,19 +701,24 @@ async def test_retries_are_bounded(
     # Small bounds keep this quick; 1 s leaves room for at least 3 retries
     # (backoff of at most 0.1 + 0.2 + 0.4 s).
     settings: dict[str, Any] = {"retries": 1, "retry_timeout": 1.0, "idempotent": idempotent}
-    if kind == "sync":
-        with (
-            Client(url, **settings) as client,
-            pytest.raises(ServerUnreachable, match="cannot reach"),
-        ):
-            await asyncio.to_thread(client.publish, "orders", [b"x"])
-    else:
-        async with AsyncClient(url, **settings) as async_client:
-            with pytest.raises(ServerUnreachable, match="cannot reach"):
-                await async_client.publish("orders", [b"x"])
+    calls: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if reached:
+            url = stack.enter_context(ServedApp(_dropping_app(calls, drops=10**6))).url
+        else:
+            url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        if kind == "sync":
+            with Client(url, **settings) as client, pytest.raises(ServerUnreachable):
+                await asyncio.to_thread(client.publish, "orders", [b"x"])
+        else:
+            async with AsyncClient(url, **settings) as async_client:
+                with pytest.raises(ServerUnreachable):
+                    await async_client.publish("orders", [b"x"])
     assert decisions[-1] is None and None not in decisions[:-1]
-    if idempotent:  # a deadline, not the count, ends it: more tries than ``retries`` allows
+    if idempotent and reached:  # a deadline, not the count, ends it: more tries than ``retries``
         assert 3 < len(decisions) < 100
+    elif reached:  # a lost non-idempotent append is never sent again
+        assert len(decisions) == 1
     else:
         assert len(decisions) == 2  # the first try and 1 retry
 
@@ -928,6 +938,26 @@ def test_append_retry_decisions(failure: type[MessageVaultError] | int, retried:
     settings = client_base.Settings.resolve(None, None, None, 30, 3, retry_timeout=5)
     retries = client_base.Retries.for_request(settings, appending)
     assert (retries.next_delay(error, appending) is not None) is retried
+
+
+def test_an_idempotent_append_nothing_of_which_was_sent_gives_up_after_the_retry_count() -> None:
+    # Refused before sending: nothing is in doubt, so a server that is not
+    # running is reported after ``retries``, not after ``retry_timeout``.
+    appending = client_base.Request("POST", "/", {}, idempotent=True, append=True)
+    settings = client_base.Settings.resolve(None, None, None, 30, 3, retry_timeout=600)
+    retries = client_base.Retries.for_request(settings, appending)
+    refused = client_base.NotSent("connection refused")
+    assert [retries.next_delay(refused, appending) is not None for _ in range(4)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    # Once a try may have reached the server, the deadline alone bounds it.
+    retries = client_base.Retries.for_request(settings, appending)
+    lost = client_base.Lost("connection reset")
+    assert retries.next_delay(lost, appending) is not None
+    assert all(retries.next_delay(refused, appending) is not None for _ in range(10))
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:

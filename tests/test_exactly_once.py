@@ -49,6 +49,7 @@ from messagevault.server.auth import Users, save_users
 from messagevault.writer import AppendResult, Receipt
 from tests.azurite import free_port
 from tests.fault_proxy import Fault, FaultPolicy, FaultProxy
+from tests.service_process import stop_gracefully
 
 SEED = 20261203
 STREAMS = ("orders", "events")
@@ -133,15 +134,8 @@ class Server:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers; by PID, only a process not yet reaped."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT)
+        if process is not None:
+            stop_gracefully(process, timeout=STOP_TIMEOUT)
 
     def check_logs(self) -> None:
         """No server logged an error (a failed commit, a handler crash)."""

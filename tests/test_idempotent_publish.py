@@ -276,18 +276,22 @@ def proxy(served: ServedApp) -> Iterator[FaultProxy]:
         yield fault_proxy
 
 
+async def _publish(kind: str, url: str, values: Any, **options: Any) -> AppendResult:
+    """``publish`` to "orders" with the sync client (in a thread) or the async one."""
+    if kind == "sync":
+        with Client(url, **options) as client:
+            return await asyncio.to_thread(client.publish, "orders", values)
+    async with AsyncClient(url, **options) as async_client:
+        return await async_client.publish("orders", values)
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_a_publish_whose_answer_is_lost_is_sent_again_and_stored_once(
     proxy: FaultProxy, tmp_path: Path, kind: str
 ) -> None:
     proxy.force(Fault.DROP_ANSWER, Fault.DROP_ANSWER)
     pairs = [(b"k", b"first"), (b"k", b"second")]
-    if kind == "sync":
-        with Client(proxy.url) as client:
-            result = await asyncio.to_thread(client.publish, "orders", pairs)
-    else:
-        async with AsyncClient(proxy.url) as async_client:
-            result = await async_client.publish("orders", pairs)
+    result = await _publish(kind, proxy.url, pairs)
     assert proxy.stats.count(Fault.DROP_ANSWER) == 2  # committed once, answered the third time
     assert result.duplicate
     stored = _stored(tmp_path, "orders")
@@ -300,12 +304,7 @@ async def test_a_publish_reset_mid_request_is_sent_again_and_stored_once(
     proxy: FaultProxy, tmp_path: Path, kind: str
 ) -> None:
     proxy.force(Fault.RESET_REQUEST)
-    if kind == "sync":
-        with Client(proxy.url) as client:
-            result = await asyncio.to_thread(client.publish, "orders", [b"only"])
-    else:
-        async with AsyncClient(proxy.url) as async_client:
-            result = await async_client.publish("orders", [b"only"])
+    result = await _publish(kind, proxy.url, [b"only"])
     assert proxy.stats.count(Fault.RESET_REQUEST) == 1
     assert not result.duplicate  # the first try never arrived whole
     assert _stored(tmp_path, "orders") == [(result[0].position, 0, b"only")]
@@ -320,12 +319,7 @@ async def test_a_publish_timed_out_waiting_for_its_answer_is_sent_again(
     # either way the other is the duplicate.
     proxy.force(Decision(Fault.DELAY, 0.6))
     pairs = [(b"", b"slow")]
-    if kind == "sync":
-        with Client(proxy.url, timeout=0.2) as client:
-            result = await asyncio.to_thread(client.publish, "orders", pairs)
-    else:
-        async with AsyncClient(proxy.url, timeout=0.2) as async_client:
-            result = await async_client.publish("orders", pairs)
+    result = await _publish(kind, proxy.url, pairs, timeout=0.2)
     assert proxy.stats.count(Fault.DELAY) == 1
     assert proxy.stats.connections >= 2
     assert _stored(tmp_path, "orders") == [(result[0].position, 0, b"slow")]
@@ -337,12 +331,7 @@ async def test_a_non_idempotent_publish_whose_answer_is_lost_is_not_sent_again(
 ) -> None:
     proxy.force(Fault.DROP_ANSWER)
     with pytest.raises(ServerUnreachable, match="may or may not have been committed"):
-        if kind == "sync":
-            with Client(proxy.url, idempotent=False) as client:
-                await asyncio.to_thread(client.publish, "orders", [b"once"])
-        else:
-            async with AsyncClient(proxy.url, idempotent=False) as async_client:
-                await async_client.publish("orders", [b"once"])
+        await _publish(kind, proxy.url, [b"once"], idempotent=False)
     assert _stored(tmp_path, "orders") == [(0, 0, b"once")]
     assert proxy.stats.connections == 1
 
@@ -385,12 +374,7 @@ async def test_a_503_is_retried_after_its_retry_after_and_a_landed_commit_answer
 ) -> None:
     hub = _FlakyHub(tmp_path, [Overloaded, StorageError])
     with ServedApp(create_app(hub)) as served:
-        if kind == "sync":
-            with Client(served.url) as client:
-                result = await asyncio.to_thread(client.publish, "orders", [b"v"])
-        else:
-            async with AsyncClient(served.url) as async_client:
-                result = await async_client.publish("orders", [b"v"])
+        result = await _publish(kind, served.url, [b"v"])
     assert len(hub.calls) == 3
     assert hub.calls[1] - hub.calls[0] >= 1.0  # the server's Retry-After: 1
     assert result.duplicate  # the storage_error answer's commit had landed

@@ -809,47 +809,25 @@ def _header_fields(
     """The fields of a header whose CRC holds, checked against its version's rules."""
     fields = layout.unpack_from(buf, offset)
     flags, header_size = fields[2:4]
-    if layout is FRAME_HEADER:
-        if flags != 0 or header_size != FRAME_HEADER_SIZE:
-            raise UnsupportedVersion(
-                f"frame at position {position} uses flags {flags:#x} / header size "
-                f"{header_size} unknown to format v1",
-                position=position,
-            )
-        if any(memoryview(buf)[offset + 52 : offset + 60]):
-            raise UnsupportedVersion(
-                f"frame at position {position} sets reserved header bytes", position=position
-            )
-        header = FrameHeader(*fields[4:])
-    else:
-        if flags & ~KNOWN_FLAGS or header_size != FRAME_HEADER_V2_SIZE:
-            raise UnsupportedVersion(
-                f"frame at position {position} uses flags {flags:#x} / header size "
-                f"{header_size} unknown to format v2",
-                position=position,
-            )
-        if any(memoryview(buf)[offset + 84 : offset + 92]):
-            raise UnsupportedVersion(
-                f"frame at position {position} sets reserved header bytes", position=position
-            )
-        (frame_size, count, base_position, base_sequence, timestamp) = fields[4:9]
-        (keys_size, values_size, body_crc, producer, producer_seq, chunk) = fields[9:]
-        header = FrameHeader(
-            frame_size,
-            count,
-            base_position,
-            base_sequence,
-            timestamp,
-            keys_size,
-            values_size,
-            body_crc,
-            FORMAT_VERSION,
-            flags,
-            producer,
-            producer_seq,
-            chunk,
+    version, known_flags, size = (
+        (FORMAT_V1, 0, FRAME_HEADER_SIZE)
+        if layout is FRAME_HEADER
+        else (FORMAT_VERSION, KNOWN_FLAGS, FRAME_HEADER_V2_SIZE)
+    )
+    if flags & ~known_flags or header_size != size:
+        raise UnsupportedVersion(
+            f"frame at position {position} uses flags {flags:#x} / header size "
+            f"{header_size} unknown to format v{version}",
+            position=position,
         )
-    return header
+    # The reserved bytes are the 8 before the header CRC, in both versions.
+    if any(memoryview(buf)[offset + size - 12 : offset + size - 4]):
+        raise UnsupportedVersion(
+            f"frame at position {position} sets reserved header bytes", position=position
+        )
+    if version == FORMAT_V1:
+        return FrameHeader(*fields[4:])
+    return FrameHeader._make((*fields[4:12], FORMAT_VERSION, flags, *fields[12:]))
 
 
 def _truncated(buf: bytes | memoryview, offset: int, position: int, size: int) -> CorruptData:

@@ -347,6 +347,23 @@ class Page:
     next_position: int
 
 
+def _page_bounds(answer: Answer) -> tuple[int, int]:
+    """A binary read answer's ``X-Skip`` and ``X-Next``, once it is known not to be an error."""
+    raise_for_error(answer)
+    try:
+        return int(answer.header("X-Skip") or "0"), int(answer.header("X-Next") or "")
+    except ValueError:
+        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+
+
+def _check_page_end(position: int, at: int, next_position: int) -> None:
+    if at != next_position:
+        raise CorruptData(
+            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
+            position=position,
+        )
+
+
 def page_of(answer: Answer, position: int) -> Page:
     """Decode a binary read answer from ``position``: whole frames, ``X-Skip``, ``X-Next``.
 
@@ -354,13 +371,8 @@ def page_of(answer: Answer, position: int) -> Page:
     checked before any message is handed out; bytes changed in transit raise
     ``CorruptData``.
     """
-    raise_for_error(answer)
     body = answer.body
-    try:
-        skip = int(answer.header("X-Skip") or "0")
-        next_position = int(answer.header("X-Next") or "")
-    except ValueError:
-        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+    skip, next_position = _page_bounds(answer)
     frames: list[Iterator[Message]] = []
     count = 0
     offset = 0
@@ -390,11 +402,7 @@ def page_of(answer: Answer, position: int) -> Page:
             f"read answer from position {position} ends inside a value in pieces",
             position=position,
         )
-    if at != next_position:
-        raise CorruptData(
-            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
-            position=position,
-        )
+    _check_page_end(position, at, next_position)
     return Page(chain.from_iterable(frames), count, next_position)
 
 
@@ -405,13 +413,8 @@ def frames_page_of(answer: Answer, position: int) -> tuple[bytes, int]:
     byte as stored (producer ids, compression and values in pieces
     included), each checked here, and a value in pieces whole.
     """
-    raise_for_error(answer)
     body = answer.body
-    try:
-        skip = int(answer.header("X-Skip") or "0")
-        next_position = int(answer.header("X-Next") or "")
-    except ValueError:
-        raise CorruptData("a read answer lacks its X-Skip/X-Next headers") from None
+    skip, next_position = _page_bounds(answer)
     if skip:
         raise InvalidInput(f"position {position} is not the start of a frame")
     pieces = PieceCheck()
@@ -422,11 +425,7 @@ def frames_page_of(answer: Answer, position: int) -> tuple[bytes, int]:
         offset += header.frame_size
         at = header.end
     pieces.finish()
-    if at != next_position:
-        raise CorruptData(
-            f"read answer from position {position} ends at {at}, but X-Next says {next_position}",
-            position=position,
-        )
+    _check_page_end(position, at, next_position)
     return body, next_position
 
 
@@ -517,7 +516,14 @@ class Retries:
     base: float = 0.1
     cap: float = 2.0
     retry_after_cap: float = 10.0
+    # An idempotent append retries until its deadline once it may have
+    # reached the server (its outcome may be in doubt); while every try was
+    # refused before anything was sent, nothing is in doubt and it gives up
+    # after this many, as other requests do: a server that is not running
+    # is reported at once, not after ``retry_timeout``.
+    unsent_retries: int | None = None
     attempt: int = field(default=0, init=False)
+    reached: bool = field(default=False, init=False)
 
     def delay(self, retry_after: float | None = None) -> float:
         ceiling = min(self.cap, self.base * 2**self.attempt)
@@ -528,7 +534,9 @@ class Retries:
 
     def next_delay(self, failure: BaseException, request: Request) -> float | None:
         """Seconds to wait before trying ``request`` again after ``failure``, or None to give up."""
-        if self.attempt >= self.retries or not retriable(failure, request):
+        self.reached = self.reached or not isinstance(failure, NotSent)
+        limit = self.retries if self.reached or self.unsent_retries is None else self.unsent_retries
+        if self.attempt >= limit or not retriable(failure, request):
             return None
         retry_after = failure.retry_after if isinstance(failure, _AnsweredError) else None
         delay = self.delay(retry_after)
@@ -541,7 +549,11 @@ class Retries:
     def for_request(cls, settings: Settings, request: Request) -> Retries:
         """Count-bounded retries; an idempotent append's are bounded by ``retry_timeout``."""
         if request.append and request.idempotent:
-            return cls(sys.maxsize, deadline=time.monotonic() + settings.retry_timeout)
+            return cls(
+                sys.maxsize,
+                deadline=time.monotonic() + settings.retry_timeout,
+                unsent_retries=settings.retries,
+            )
         return cls(settings.retries)
 
 
