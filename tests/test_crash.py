@@ -99,6 +99,9 @@ class CrashStats:
     # Kills after which the checkpoint still moved (a request the dead child had
     # sent landed late) before the fence; only a remote store can do that.
     late_commits: int = 0
+    # Kills that left the next batch whole past the checkpoint (its data durable,
+    # its checkpoint not written): the successor's roll-forward adopts it.
+    rolled_forward: int = 0
     stream_bytes: int = 0
 
     def summary(self, label: str, seconds: float) -> str:
@@ -106,7 +109,8 @@ class CrashStats:
             f"crash loop ({label}): {self.kills} kills in {seconds:.1f}s, "
             f"{self.acked} batches acknowledged, {self.in_flight_committed} in-flight batches "
             f"committed, {self.mid_write} mid-write kills ({self.torn} torn frames), "
-            f"{self.late_commits} late commits, stream {self.stream_bytes / 2**20:.0f} MiB"
+            f"{self.late_commits} late commits, {self.rolled_forward} rolled forward, "
+            f"stream {self.stream_bytes / 2**20:.0f} MiB"
         )
 
 
@@ -286,6 +290,32 @@ def fence(storage: Storage) -> None:
     storage.open_stream(STREAM, write=True, takeover=True).close()
 
 
+def roll_forward_as_the_successor(storage: Storage, model: StreamModel, sizes: BatchSizes) -> bool:
+    """Open the stream for writing, as the next writer would, and check what it rolled forward.
+
+    Only the batch after the last one committed may be adopted, whole, and
+    only when its frames are all there and valid: whether a kill left it so
+    is up to the kill.
+    """
+    with Writer.open(storage, STREAM, create=False) as writer:  # fenced already
+        checkpoint = writer.checkpoint
+    if checkpoint.length == model.length:
+        return False
+    with Reader.open(storage, STREAM) as reader:
+        messages = iter(reader.read(model.length))
+        first = next(messages)
+        number = crash_writer.batch_number(first.key)
+        assert number == len(model.batches), (
+            f"rolled forward over batch {number}, after batch {len(model.batches) - 1}"
+        )
+        model.add(
+            take_batch(chain([first], messages), number, model.length, model.next_sequence, sizes)
+        )
+        assert next(messages, None) is None, "rolled forward over more than one batch"
+    assert (checkpoint.length, checkpoint.next_sequence) == (model.length, model.next_sequence)
+    return True
+
+
 def check_whole_stream(storage: Storage, model: StreamModel, sizes: BatchSizes) -> None:
     """Read everything from position 0 and compare with every committed batch."""
     with Reader.open(storage, STREAM) as reader:
@@ -336,6 +366,7 @@ def crash_loop(target: CrashTarget, work: Path, rounds: int, time_limit: float) 
                 stats.mid_write += 1
                 stats.torn += frame_is_torn(store, model.length)
                 last_garbage = (model.length, header)
+        stats.rolled_forward += roll_forward_as_the_successor(storage, model, sizes)
         if round_no % WHOLE_STREAM_CHECK_EVERY == WHOLE_STREAM_CHECK_EVERY - 1:
             check_whole_stream(storage, model, sizes)
 

@@ -21,7 +21,6 @@ from aiohttp.test_utils import TestClient
 
 from messagevault import (
     AppendResult,
-    Checkpoint,
     FileStorage,
     MemoryStorage,
     StaleWriter,
@@ -31,7 +30,6 @@ from messagevault import (
 from messagevault.committer import GroupCommitter
 from messagevault.server import StreamHub, create_app
 from messagevault.storage.base import Storage
-from messagevault.storage.file import FileStreamStore
 from messagevault.storage.memory import MemoryStreamStore
 
 Client = TestClient[web.Request, web.Application]
@@ -58,24 +56,8 @@ async def _committed_messages(client: Any, stream: str, expected: float) -> floa
     return value
 
 
-def _depose(storage: Storage, stream: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Take ``stream`` from the server's writer; the values the other writer committed.
-
-    Where the backend can fence (memory, Azure) another writer takes over and
-    commits. File storage cannot depose a live process (its flock keeps any
-    other writer out, and one the lock did not see would have its frames
-    overwritten by the server's next commit), so there the server's next
-    commit finds the checkpoint moved without anyone else writing.
-    """
-    if isinstance(storage, FileStorage):
-        advance = FileStreamStore.advance_checkpoint
-
-        def moved_once(self: FileStreamStore, new: Checkpoint, *, expected: Checkpoint) -> None:
-            monkeypatch.setattr(FileStreamStore, "advance_checkpoint", advance)
-            raise StaleWriter(f"stream {stream!r} was committed by another writer")
-
-        monkeypatch.setattr(FileStreamStore, "advance_checkpoint", moved_once)
-        return []
+def _depose(storage: Storage, stream: str) -> list[str]:
+    """Take ``stream`` from the server's writer (memory, Azure fence it); the values written."""
     with Writer.open(storage, stream, takeover=True) as other:
         other.append([(b"", b"theirs")])
     return ["theirs"]
@@ -92,12 +74,20 @@ async def _values(client: Client, stream: str) -> list[str]:
 
 
 async def test_a_deposed_stream_is_reopened_by_the_next_append(
-    aiohttp_client: MakeClient, storage: Storage, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: MakeClient,
+    storage: Storage,
 ) -> None:
+    if isinstance(storage, FileStorage):
+        # A live writer cannot be deposed on file storage (its flock keeps any
+        # other writer out). Simulated by a checkpoint that refuses to move,
+        # the refused batch would lie whole past the checkpoint, and the next
+        # writer rolls forward over it, as it must after a power cut took the
+        # checkpoint's lazy flush: no state a real depose can leave.
+        pytest.skip("file storage cannot depose a live writer (flock)")
     hub = StreamHub(storage)
     client = await aiohttp_client(create_app(hub))
     assert (await _append(client, "orders", "mine"))[0] == 200
-    theirs = _depose(storage, "orders", monkeypatch)
+    theirs = _depose(storage, "orders")
     status, body = await _append(client, "orders", "refused")  # the server learns it here
     assert (status, body["error"]) == (409, "stale_writer")
     for value in ("again", "and again"):  # not 500 committer_closed, ever again

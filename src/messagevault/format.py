@@ -29,7 +29,9 @@ Version 2 adds a producer id and batch sequence (exactly-once publishing),
 value compression, and values of any size: a value over ``MAX_VALUE_SIZE``
 is a HEAD frame (its key and first piece) followed by CONTINUATION frames
 (count 0, the next pieces), all in one batch and so in one commit. A batch
-that needs none of this is still written as v1.
+of several frames flags all but its last ``MORE`` and all but its first
+``FOLLOWS``, so that its ends show in storage. A one-frame batch that needs
+none of this is still written as v1.
 
 All integers are little-endian. CRCs are CRC-32 (ISO-HDLC, ``zlib.crc32``).
 """
@@ -84,7 +86,7 @@ FRAME_HEADER_V2: Final = struct.Struct(
     "<"
     "4s"  # magic, b"MVLB"
     "B"  # format version, 2
-    "B"  # flags: COMPRESSED | HEAD | CONTINUATION
+    "B"  # flags: COMPRESSED | HEAD | CONTINUATION | MORE | FOLLOWS
     "H"  # header size, 96
     "I"  # frame size
     "I"  # count: 1..MAX_BATCH_COUNT; 1 in a HEAD frame, 0 in a CONTINUATION
@@ -112,7 +114,16 @@ assert FRAME_HEADER_V2_SIZE == 96
 COMPRESSED: Final = 0x01  # the values region is one zstd frame
 HEAD: Final = 0x02  # one message whose value goes on in the CONTINUATION frames after it
 CONTINUATION: Final = 0x04  # no messages: the next piece of the value of the HEAD before it
-KNOWN_FLAGS: Final = COMPRESSED | HEAD | CONTINUATION
+# Another frame of this batch follows. Set on every stored frame of a batch
+# but its last, so that a writer rolling a stream forward past a stale
+# checkpoint after a crash adopts whole batches only (docs/FORMAT.md).
+MORE: Final = 0x08
+# This frame follows another of its batch: set on every stored frame of a
+# batch but its first, so that the leftover tail of a batch a crash tore is
+# never taken for a batch of its own.
+FOLLOWS: Final = 0x10
+KNOWN_FLAGS: Final = COMPRESSED | HEAD | CONTINUATION | MORE | FOLLOWS
+BATCH_FLAGS: Final = MORE | FOLLOWS  # assigned when a batch is stored, never sent
 
 NO_PRODUCER: Final = bytes(16)
 PRODUCER_ID_SIZE: Final = 16
@@ -183,6 +194,16 @@ class FrameHeader(NamedTuple):
     @property
     def compressed(self) -> bool:
         return bool(self.flags & COMPRESSED)
+
+    @property
+    def more(self) -> bool:
+        """Whether another frame of the same batch follows (not of frames stored before MORE)."""
+        return bool(self.flags & MORE)
+
+    @property
+    def follows(self) -> bool:
+        """Whether this frame follows another of its batch (not of frames stored before FOLLOWS)."""
+        return bool(self.flags & FOLLOWS)
 
     @property
     def has_producer(self) -> bool:
@@ -356,7 +377,8 @@ class EncodedBatch:
         return sum(body.count for body in self.frames)
 
     def header_size(self, body: FrameBody) -> int:
-        v2 = body.flags or self.producer != NO_PRODUCER
+        # A batch of several frames is v2, whose MORE flag marks its end in storage.
+        v2 = body.flags or self.producer != NO_PRODUCER or len(self.frames) > 1
         return FRAME_HEADER_V2_SIZE if v2 else FRAME_HEADER_SIZE
 
     @property
@@ -392,19 +414,32 @@ class EncodedBatch:
         return replace(self, producer=bytes(producer), producer_seq=producer_seq)
 
     def pieces(
-        self, base_position: int, base_sequence: int, timestamp: int
+        self, base_position: int, base_sequence: int, timestamp: int, *, batch_ends: bool = True
     ) -> list[bytes | memoryview]:
-        """Headers and body parts of every frame placed at ``base_position``."""
+        """Headers and body parts of every frame placed at ``base_position``, as stored.
+
+        Every frame but the last is flagged ``MORE``, every frame but the
+        first ``FOLLOWS``; ``batch_ends=False`` leaves both out (the wire
+        form: the server assigns its own).
+        """
         pieces: list[bytes | memoryview] = []
         position, sequence, head = base_position, base_sequence, 0
-        for body in self.frames:
+        last = len(self.frames) - 1
+        for index, body in enumerate(self.frames):
             header_size = self.header_size(body)
             if body.flags & HEAD:
                 head = position
             chunk = head if body.flags & CONTINUATION else body.chunk
+            more = (MORE if index < last else 0) | (FOLLOWS if index else 0) if batch_ends else 0
             pieces.append(
                 self._header(
-                    body, header_size, position, sequence=sequence, timestamp=timestamp, chunk=chunk
+                    body,
+                    header_size,
+                    position,
+                    sequence=sequence,
+                    timestamp=timestamp,
+                    chunk=chunk,
+                    more=more,
                 )
             )
             pieces.extend(body.parts)
@@ -421,6 +456,7 @@ class EncodedBatch:
         sequence: int,
         timestamp: int,
         chunk: int,
+        more: int = 0,
     ) -> bytes:
         if header_size == FRAME_HEADER_SIZE:
             head = FRAME_HEADER.pack(
@@ -441,7 +477,7 @@ class EncodedBatch:
             head = FRAME_HEADER_V2.pack(
                 FRAME_MAGIC,
                 FORMAT_VERSION,
-                body.flags,
+                body.flags | more,
                 FRAME_HEADER_V2_SIZE,
                 FRAME_HEADER_V2_SIZE + body.body_size,
                 body.count,
@@ -469,9 +505,21 @@ class EncodedBatch:
             chunk=body.chunk,
         )
 
-    def frame(self, base_position: int = 0, base_sequence: int = 0, timestamp: int = 0) -> bytes:
-        """All frames as one ``bytes`` (also the client-to-server wire form)."""
-        return b"".join(self.pieces(base_position, base_sequence, timestamp))
+    def frame(
+        self,
+        base_position: int = 0,
+        base_sequence: int = 0,
+        timestamp: int = 0,
+        *,
+        batch_ends: bool = False,
+    ) -> bytes:
+        """All frames as one ``bytes``: the client-to-server wire form.
+
+        The wire form leaves out the ``MORE`` and ``FOLLOWS`` flags, which the
+        server assigns (so servers from before the flags take it too);
+        ``batch_ends=True`` gives the frames exactly as a writer stores them.
+        """
+        return b"".join(self.pieces(base_position, base_sequence, timestamp, batch_ends=batch_ends))
 
 
 def check_producer(producer: object, producer_seq: object) -> None:
@@ -1273,7 +1321,7 @@ def parse_batch(body: bytes | memoryview, *, max_value_size: int | None = None) 
                 header.values_size,
                 header.body_crc,
                 (view[start : offset + header.frame_size],),
-                header.flags,
+                header.flags & ~BATCH_FLAGS,  # the writer marks the batch's ends in storage
                 header.chunk if header.is_head else 0,
             )
         )

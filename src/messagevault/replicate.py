@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 from messagevault.errors import CorruptData, InvalidInput, InvalidPosition
-from messagevault.format import Message, encode_batch, message_position
+from messagevault.format import EncodedBatch, Message, encode_batch, message_position
 from messagevault.reader import Reader
 from messagevault.writer import Writer
 
@@ -55,10 +55,31 @@ def frames_from_messages(messages: Iterable[Message]) -> Iterator[bytes]:
     (``format.message_position``), which a following frame's first message
     can never take, so the frame boundaries show in the positions alone.
     Encoding is deterministic, so a rebuilt frame is the stored one byte for
-    byte; each is checked against where the next message starts.
+    byte; each is checked against where the next message starts. A batch
+    of several frames (v2 headers, all but the last flagged ``MORE``) is
+    rebuilt whole: its frames share a timestamp, and a frame of its small
+    messages shows by its v2 header's size. (Two such batches committed in
+    one millisecond, or two values in pieces in one batch, cannot be told
+    apart from one and the other: their rebuild fails its check.)
     """
+    run: list[list[Message]] = []
+    member = False  # whether the last group was a frame of small messages of a bigger batch
     for group in frame_groups(messages):
-        yield _rebuilt(group)
+        batch = _encoded(group)
+        extent = group[-1].next_position - group[0].position
+        last_member, member = member, len(batch.frames) == 1 and batch.frame_size != extent
+        in_pieces = len(batch.frames) > 1
+        joins = (
+            run
+            and group[0].timestamp == run[0][0].timestamp
+            and (member or (in_pieces and last_member))
+        )
+        if run and not joins:
+            yield _rebuilt(run)
+            run = []
+        run.append(group)
+    if run:
+        yield _rebuilt(run)
 
 
 def frame_groups(messages: Iterable[Message]) -> Iterator[list[Message]]:
@@ -73,12 +94,18 @@ def frame_groups(messages: Iterable[Message]) -> Iterator[list[Message]]:
         yield group
 
 
-def _rebuilt(group: list[Message]) -> bytes:
-    first = group[0]
-    frame = encode_batch([(m.key, m.value) for m in group]).frame(
-        first.position, first.sequence, first.timestamp
+def _encoded(group: list[Message]) -> EncodedBatch:
+    return encode_batch([(m.key, m.value) for m in group])
+
+
+def _rebuilt(run: list[list[Message]]) -> bytes:
+    """The frames of one batch: its messages, grouped by frame."""
+    first = run[0][0]
+    frames = tuple(body for group in run for body in _encoded(group).frames)
+    frame = EncodedBatch(frames).frame(
+        first.position, first.sequence, first.timestamp, batch_ends=True
     )
-    if first.position + len(frame) != group[-1].next_position:
+    if first.position + len(frame) != run[-1][-1].next_position:
         raise CorruptData(
             f"messages from position {first.position} do not rebuild the frame they came from",
             position=first.position,

@@ -2,8 +2,11 @@
 
 A commit writes the new frames just past the committed length, then advances
 the checkpoint conditionally. Until the checkpoint moves, the new bytes are
-invisible to readers, and a crash leaves them as garbage that the next commit
-overwrites, so opening a stream never needs a repair step.
+invisible to readers. Storage may make a checkpoint durable later than the
+frames it names (file storage flushes it lazily), so after a crash the
+checkpoint may lag frames that were committed: opening a writer rolls the
+stream forward over the whole valid batches after it (``recovery``), and
+anything else past it is garbage that the next commit overwrites.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from messagevault.producers import (
     rebuild_table,
     replay,
 )
+from messagevault.recovery import adopt
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
 log = logging.getLogger("messagevault.writer")
@@ -190,6 +194,7 @@ class Writer:
         max_producers: int = DEFAULT_MAX_PRODUCERS,
         producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
         snapshot_interval: int = DEFAULT_SNAPSHOT_BYTES,
+        roll_forward: bool = True,
     ) -> None:
         _check_producer_options(max_producers, producer_max_age, snapshot_interval)
         self.name = name
@@ -202,6 +207,8 @@ class Writer:
         self._checkpoint = store.read_checkpoint()
         self._confirmed_at = time.monotonic()  # when storage last agreed with _checkpoint
         self._verify_tail()
+        if roll_forward:  # before the producer table replays the frames up to the checkpoint
+            self._roll_forward()
         self._tail = self._read_tail_page()
         self._in_doubt_landed: Callable[[], None] | None = None
         self.snapshot_interval = snapshot_interval
@@ -239,7 +246,10 @@ class Writer:
         """Open ``name`` for writing (creating it by default) and take its writer lock.
 
         ``takeover=True`` deposes a current writer where the backend can fence
-        it (see ``Storage.open_stream``). ``commit_timeout`` bounds how long an
+        it (see ``Storage.open_stream``), and then adopts nothing past the
+        checkpoint (it may be the deposed writer's failing commit); otherwise
+        opening rolls the stream forward over the whole batches a stale
+        checkpoint leaves out (``recovery``). ``commit_timeout`` bounds how long an
         append rides out storage faults before it raises ``StorageError``.
 
         The producer table (``producers``) remembers at most
@@ -259,6 +269,11 @@ class Writer:
                 max_producers=max_producers,
                 producer_max_age=producer_max_age,
                 snapshot_interval=snapshot_interval,
+                # Past the checkpoint of a stream taken from a live writer may be
+                # that writer's commit in progress, which it will report failed:
+                # not to be adopted. Only a backend whose checkpoint can lag
+                # needs rolling forward, and there a live writer cannot be deposed.
+                roll_forward=not takeover or getattr(store, "checkpoint_may_lag", False),
             )
         except BaseException:
             store.close()
@@ -676,6 +691,10 @@ class Writer:
                 f"checkpoint says {checkpoint.length}",
                 position=start,
             )
+
+    def _roll_forward(self) -> None:
+        """Adopt the whole batches a stale checkpoint leaves out, with a new checkpoint."""
+        self._checkpoint = adopt(self._store, self._checkpoint, self.name)
 
     def _check_usable(self) -> None:
         if self._closed:

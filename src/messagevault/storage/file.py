@@ -10,6 +10,13 @@ The checkpoint file has two slots, written alternately (commit number mod 2),
 so a torn checkpoint write can only damage the slot being replaced: readers
 take the valid slot with the higher commit number. A commit is therefore one
 small in-place write, with no rename and no directory fsync.
+
+With ``fsync=always`` a commit costs one device flush: the data's. The
+checkpoint written after it is flushed lazily (at most every
+``checkpoint_flush_interval`` seconds, by a commit, and on close): every
+checkpoint names data already durable, so one lost in a power cut only lags,
+and the writer opening the stream next rolls it forward over the whole
+batches that follow it (``recovery.roll_forward``).
 """
 
 from __future__ import annotations
@@ -44,13 +51,16 @@ LOCK_FILE = "writer.lock"
 SYSTEM_FOLDER = "_system"  # cannot clash: stream names never start with "_"
 SERVER_LOCK_FILE = "server.lock"  # in SYSTEM_FOLDER
 MAX_WRITE_SIZE = 4 * 1024 * 1024
+DEFAULT_CHECKPOINT_FLUSH_INTERVAL = 1.0  # seconds
 
 
 class FsyncPolicy(StrEnum):
     """When the file backend forces data to disk.
 
-    ``always``: every commit fsyncs the data, then writes and fsyncs the
-    checkpoint, before it returns: an acknowledged batch survives power loss.
+    ``always``: every commit fsyncs the data before it writes the checkpoint
+    and returns: an acknowledged batch survives power loss. The checkpoint
+    is fsynced lazily (see the module's docstring): after a power cut it may
+    lag the data, and the next writer rolls the stream forward.
     ``batch``: commits are synced together, at most ``sync_interval`` seconds
     apart; a process crash loses nothing, a power failure may lose the
     commits of the last interval. ``never``: left to the operating system.
@@ -70,6 +80,7 @@ class FileStorage:
         *,
         fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS,
         sync_interval: float = 0.05,
+        checkpoint_flush_interval: float = DEFAULT_CHECKPOINT_FLUSH_INTERVAL,
     ) -> None:
         self.root = Path(root)
         try:
@@ -78,6 +89,18 @@ class FileStorage:
             choices = ", ".join(p.value for p in FsyncPolicy)
             raise ValueError(f"unknown fsync policy {fsync!r}; choose one of {choices}") from None
         self.sync_interval = sync_interval
+        if (
+            isinstance(checkpoint_flush_interval, bool)
+            or not isinstance(checkpoint_flush_interval, int | float)
+            or not 0 <= checkpoint_flush_interval < float("inf")
+        ):
+            raise ValueError(
+                "checkpoint_flush_interval must be a number of seconds, 0 or more, "
+                f"not {checkpoint_flush_interval!r}"
+            )
+        # How long a checkpoint may stay unflushed with fsync=always: a bound on
+        # what the next writer rolls forward after a power cut (0: every commit).
+        self.checkpoint_flush_interval = float(checkpoint_flush_interval)
 
     def open_stream(
         self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
@@ -204,6 +227,10 @@ def _fsync_path(path: Path) -> None:
 class FileStreamStore:
     """One stream's files. A writable handle holds ``writer.lock`` until closed."""
 
+    # The durable checkpoint may lag durable frames (it is flushed lazily):
+    # a writer rolls forward on open, even when asked to take over.
+    checkpoint_may_lag = True
+
     def __init__(self, storage: FileStorage, name: str, folder: Path, *, write: bool) -> None:
         self._storage = storage
         self._name = name
@@ -211,6 +238,12 @@ class FileStreamStore:
         self._writable = write
         self._lock_fd: int | None = None
         self._last_sync = time.monotonic()
+        # Never: a handle's first checkpoint is flushed at once. That is the
+        # one a writer writes after rolling the stream forward, so the next
+        # open starts from it.
+        self._checkpoint_flushed_at = -float("inf")
+        self._checkpoint_unflushed = False
+        self._leftovers_cut = False
         self._closed = False
         flags = os.O_RDWR if write else os.O_RDONLY
         try:
@@ -300,20 +333,43 @@ class FileStreamStore:
             )
         if new.commit % 2 == current.commit % 2:
             raise ValueError("a new checkpoint must advance the commit number by one")
-        policy = self._storage.fsync
-        sync_now = policy is FsyncPolicy.ALWAYS or (
-            policy is FsyncPolicy.BATCH
-            and time.monotonic() - self._last_sync >= self._storage.sync_interval
-        )
+        storage = self._storage
+        policy = storage.fsync
+        now = time.monotonic()
+        if policy is FsyncPolicy.ALWAYS:
+            sync_data = True
+            # Lazily: every checkpoint names durable data, so a stale one only lags.
+            sync_checkpoint = now - self._checkpoint_flushed_at >= storage.checkpoint_flush_interval
+        else:
+            sync_data = sync_checkpoint = (
+                policy is FsyncPolicy.BATCH and now - self._last_sync >= storage.sync_interval
+            )
         try:
-            if sync_now:
+            if not self._leftovers_cut:
+                self._cut_leftovers(new.length)
+            if sync_data:
                 os.fdatasync(self._data_fd)  # data must be durable before the checkpoint names it
             os.pwrite(self._checkpoint_fd, new.encode(), (new.commit % 2) * CHECKPOINT_SIZE)
-            if sync_now:
+            self._checkpoint_unflushed = policy is FsyncPolicy.ALWAYS
+            if sync_checkpoint:
                 os.fdatasync(self._checkpoint_fd)
-                self._last_sync = time.monotonic()
+                self._checkpoint_unflushed = False
+                self._checkpoint_flushed_at = self._last_sync = time.monotonic()
         except OSError as exc:
             raise StorageError(f"cannot commit stream {self._name!r}: {exc}") from exc
+
+    def _cut_leftovers(self, length: int) -> None:
+        """Cut the data file at ``length``, before a handle's first checkpoint names it.
+
+        What lies beyond is what no commit finished: a crash's torn or
+        unflushed writes, or an uncommitted write longer than the commit
+        after it. A power cut can keep the later sectors of such a write and
+        lose the first, leaving a whole batch (a later one of a group commit)
+        where a new batch may end; cut off, it can never be rolled forward.
+        """
+        if os.fstat(self._data_fd).st_size > length:
+            os.ftruncate(self._data_fd, length)
+        self._leftovers_cut = True
 
     def _check_open(self) -> None:
         # A closed descriptor number may already belong to another file.
@@ -363,6 +419,9 @@ class FileStreamStore:
             with contextlib.suppress(OSError, AttributeError):
                 os.fdatasync(self._data_fd)
                 os.fdatasync(self._checkpoint_fd)
+        elif self._writable and self._checkpoint_unflushed:
+            with contextlib.suppress(OSError, AttributeError):
+                os.fdatasync(self._checkpoint_fd)  # the data it names is durable already
         for attr in ("_data_fd", "_checkpoint_fd"):
             fd = getattr(self, attr, None)
             if fd is not None:

@@ -5,6 +5,11 @@ whole, aligned pages of at most ``max_write_size`` bytes, the data object
 grows in large zero-filled steps, and bytes past the committed length read
 back as whatever was last written there (or zeros). That lets the writer's
 page alignment and tail-page rewrite be tested without Azure.
+
+Nothing here is lost in a crash, so every write and checkpoint counts as
+durable at once. ``lose_checkpoint`` puts back an older checkpoint, as the
+file backend's lazily flushed one can be after a power cut, to test the
+writer's roll-forward.
 """
 
 from __future__ import annotations
@@ -76,6 +81,15 @@ class MemoryStorage:
 
     def write_system_file(self, name: str, data: bytes) -> None:
         self._system_files[name] = bytes(data)
+
+    def lose_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
+        """Put ``checkpoint`` back as stream ``name``'s, as a power cut can leave it (tests).
+
+        It must be one the stream had: the data it names is kept, and so is
+        everything written after it.
+        """
+        with self._lock:
+            self._streams[name].checkpoint = checkpoint
 
     def storage_writes(self, name: str) -> int:
         """How many ``write`` calls stream ``name`` has received (for tests)."""
