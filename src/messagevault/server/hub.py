@@ -28,7 +28,7 @@ from messagevault.committer import (
     CommitObserver,
     GroupCommitter,
 )
-from messagevault.errors import CommitterClosed
+from messagevault.errors import CommitterClosed, StreamLocked, StreamNotFound
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
 from messagevault.producers import (
@@ -37,6 +37,7 @@ from messagevault.producers import (
     ProducerTable,
 )
 from messagevault.reader import RawFrames, Reader
+from messagevault.recovery import recover
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.writer import AppendResult, Writer
 
@@ -167,6 +168,8 @@ class StreamHub:
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="mv-io")
         self._committers: dict[str, GroupCommitter] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        # Streams rolled forward since this server started (see _recover).
+        self._recovered: set[str] = set()
         self._commits: dict[str, asyncio.Condition] = {}
         self._tailing: dict[str, int] = {}  # long-polls waiting per stream: who to notify
         # Commits by another node do not notify; a long poll re-reads the
@@ -289,6 +292,29 @@ class StreamHub:
                     on_commit=self._committed,
                 )
         return committer
+
+    async def _recover(self, stream: str) -> None:
+        """Roll ``stream`` forward once, before this server first reads it.
+
+        After a power cut its durable checkpoint may lag acknowledged
+        messages (docs/FORMAT.md, "Recovery"); until a writer rolls it
+        forward, readers would not see them. A server is the stream's
+        writer, so it does that at its first touch rather than at the
+        stream's next append. Where another process holds the writer lock,
+        that writer has rolled it forward already.
+        """
+        if stream in self._recovered or stream in self._committers:
+            return
+        async with self._opening.setdefault(stream, asyncio.Lock()):
+            if stream in self._recovered or stream in self._committers:
+                return
+            try:
+                await self.run(recover, self.storage, validate_stream_name(stream))
+            except StreamNotFound:
+                return  # nothing to recover; its first writer starts it afresh
+            except StreamLocked:
+                pass
+            self._recovered.add(stream)
 
     def _committed(self, commit: Commit) -> None:
         for observer in self.commit_observers:
@@ -427,6 +453,7 @@ class StreamHub:
         Opening a reader costs file opens (or, on Azure, a checkpoint round
         trip), so idle ones are kept per stream.
         """
+        await self._recover(stream)
         reader = self._idle_readers.take(stream)
         work = functools.partial(
             contextvars.copy_context().run,  # as in run(): log lines keep their request id
@@ -456,6 +483,7 @@ class StreamHub:
         return result
 
     async def read_access(self, stream: str) -> ReadAccess:
+        await self._recover(stream)  # direct readers start from the rolled-forward checkpoint
         return await self.run(_read_access, self.storage, stream)
 
     async def list_streams(self) -> list[str]:
