@@ -26,10 +26,15 @@ raw aiohttp loop of benchmarks/http.py with pre-encoded batches did
     httpx, sync                562 k                  488 k
     httpx, async               432 k                  383 k
 
-So ``Client`` uses the standard library's ``http.client`` with a small
+So ``Client`` used the standard library's ``http.client`` with a small
 connection pool of its own (no dependency, the fastest), and ``AsyncClient``
 uses aiohttp, which the server already depends on; httpx would have given
-both from one library at 15-40% of the throughput.
+both from one library at 15-40% of the throughput. For small batches
+``http.client`` itself then weighed most: it sends a request's head and body
+in two packets and parses each answer's headers with the ``email`` package.
+``Client`` now speaks HTTP/1.1 itself (``client/http1.py``, one send per
+request, answers split by hand): sequential batches of 10 x 100 B to the same
+server were acknowledged in 1.05 -> 0.76 ms p50 without fsync.
 """
 
 from __future__ import annotations
