@@ -333,6 +333,9 @@ def test_serve_rejects_an_unknown_storage(tmp_path: Path) -> None:
         ("--max-body", "10"),
         ("--max-read-messages", "0"),
         ("--max-queue-wait", "soon"),
+        ("--checkpoint-flush-interval", "-1"),
+        ("--checkpoint-flush-interval", "nan"),
+        ("--checkpoint-flush-interval", "1e9"),
     ],
 )
 def test_serve_rejects_bad_limits_before_starting(tmp_path: Path, option: tuple[str, str]) -> None:

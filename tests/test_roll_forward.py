@@ -28,6 +28,7 @@ from messagevault.format import (
     read_header,
 )
 from messagevault.recovery import roll_forward
+from messagevault.storage import open_storage
 from messagevault.storage.file import CHECKPOINT_FILE, DATA_FILE
 
 STREAM = "orders"
@@ -349,7 +350,7 @@ def test_a_commit_flushes_the_data_and_leaves_the_checkpoint_for_later(
 def test_with_no_flush_interval_every_checkpoint_is_flushed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    storage = FileStorage(tmp_path, checkpoint_flush_interval=0)
+    storage = open_storage(f"file:{tmp_path}", checkpoint_flush_interval=0)  # as serve opens it
     with Writer.open(storage, STREAM) as writer:
         writer.append(_rows(0))
         calls = _counting_flushes(monkeypatch)

@@ -130,6 +130,7 @@ def test_serve_limits_from_the_environment(tmp_path: Path) -> None:
         "MESSAGEVAULT_MAX_BODY": "2048",
         "MESSAGEVAULT_MAX_READ_MESSAGES": "2",
         "MESSAGEVAULT_LINGER_MS": "2.5",
+        "MESSAGEVAULT_CHECKPOINT_FLUSH_INTERVAL": "0.25",
     }
     with _Server(tmp_path, **limits) as server:
         assert _post(server.port, "orders", ["one", "two", "three"], server.password)
@@ -149,6 +150,7 @@ def test_serve_limits_from_the_environment(tmp_path: Path) -> None:
     assert listening["max_read_messages"] == 2
     assert listening["linger_ms"] == 2.5
     assert listening["fsync"] == "always"
+    assert listening["checkpoint_flush_interval"] == 0.25
     values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
     assert values == [b"one", b"two", b"three"]
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import sys
 import threading
@@ -64,6 +65,7 @@ from messagevault.replicate import copy_stream
 from messagevault.statsd import StatsD
 from messagevault.storage import open_storage
 from messagevault.storage.base import ServerLock, Storage, SystemFiles
+from messagevault.storage.file import DEFAULT_CHECKPOINT_FLUSH_INTERVAL
 from messagevault.wire import DEFAULT_MAX_BODY
 from messagevault.writer import AppendResult, Writer
 
@@ -223,6 +225,14 @@ def _serve_option(
     help="File storage: when commits are forced to disk.",
 )
 @_serve_option(
+    "--checkpoint-flush-interval",
+    click.FloatRange(0, 3600),
+    DEFAULT_CHECKPOINT_FLUSH_INTERVAL,
+    "File storage, --fsync always: most seconds a checkpoint stays unflushed (each commit "
+    "flushes its data; a power cut may leave the checkpoint this far behind, and the next "
+    "writer rolls the stream forward). 0: every commit flushes both.",
+)
+@_serve_option(
     "--max-body",
     click.IntRange(1024),
     DEFAULT_MAX_BODY,
@@ -320,6 +330,7 @@ def serve(  # click passes options by name
     port: int,
     storage_url: str,
     fsync: str,
+    checkpoint_flush_interval: float,
     max_body: int,
     max_read_messages: int,
     max_read_bytes: int,
@@ -349,8 +360,12 @@ def serve(  # click passes options by name
     configure(logging.getLevelNamesMapping()[log_level.upper()])
     log = logging.getLogger("messagevault.server")
     statsd = _statsd(statsd_address, statsd_prefix)  # a bad address starts nothing
+    if math.isnan(checkpoint_flush_interval):  # nan passes FloatRange
+        raise click.BadParameter("not a number", param_hint="--checkpoint-flush-interval")
     try:
-        storage = open_storage(storage_url, fsync=fsync)
+        storage = open_storage(
+            storage_url, fsync=fsync, checkpoint_flush_interval=checkpoint_flush_interval
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--storage") from exc
     files = _system_files(storage)
@@ -382,6 +397,7 @@ def serve(  # click passes options by name
         install(app, hub, statsd)
     settings = {
         "fsync": fsync,
+        "checkpoint_flush_interval": checkpoint_flush_interval,
         **dataclasses.asdict(limits),
         "linger_ms": linger_ms,
         "max_queued_bytes": max_queued_bytes,

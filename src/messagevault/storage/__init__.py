@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
-from messagevault.storage.file import FileStorage, FsyncPolicy
+from messagevault.storage.file import DEFAULT_CHECKPOINT_FLUSH_INTERVAL, FileStorage, FsyncPolicy
 from messagevault.storage.memory import MemoryStorage
 
 __all__ = [
@@ -20,7 +20,12 @@ __all__ = [
 ]
 
 
-def open_storage(url: str, *, fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS) -> Storage:
+def open_storage(
+    url: str,
+    *,
+    fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS,
+    checkpoint_flush_interval: float = DEFAULT_CHECKPOINT_FLUSH_INTERVAL,
+) -> Storage:
     """Open storage from a URL-like string.
 
     ``file:PATH`` (or a bare path) is a data folder; ``azure:CONNECTION_STRING``
@@ -32,9 +37,11 @@ def open_storage(url: str, *, fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS) -> 
     """
     scheme, sep, rest = url.partition(":")
     if not sep or len(scheme) == 1:  # a bare path, or a Windows drive letter
-        return FileStorage(url, fsync=fsync)
+        return FileStorage(url, fsync=fsync, checkpoint_flush_interval=checkpoint_flush_interval)
     if scheme == "file":
-        return FileStorage(rest or ".", fsync=fsync)
+        return FileStorage(
+            rest or ".", fsync=fsync, checkpoint_flush_interval=checkpoint_flush_interval
+        )
     if scheme == "memory":
         return MemoryStorage()
     if scheme == "azure":
