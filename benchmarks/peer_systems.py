@@ -61,7 +61,7 @@ SYSTEMS = (
     System(
         "messagevault",
         "MessageVault",
-        "serve --fsync always: data and checkpoint fsynced before each ack (group commit)",
+        "serve --fsync always: data flushed before each ack (group commit), checkpoint lazily",
         None,
         ("aiohttp",),
         "Client.publish per batch (AsyncClient.publish for 16 producers), Client.read",
