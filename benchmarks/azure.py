@@ -14,8 +14,16 @@ plain page blob with ``upload_page`` calls of 4 MiB and downloaded in 4 MiB
 ranges: with the generated client's ranged GET (what ``AzureStreamStore.read``
 uses) and, for reference, with ``BlobClient.download_blob``. Targets: append at
 >= 70% of the raw upload rate, read at >= 70% of the raw ranged download rate,
-both in MB/s of stream bytes. The benchmark starts its own Azurite (from
-node_modules; ``make bench-azure`` installs it). Results go to
+both in MB/s of stream bytes.
+
+Ack latency, in the same run (issue 12's Azurite target):
+  Put Page  one 4 KiB page per ``upload_page``, sequential, 3,000 of them
+  W3        2,000 sequential batches of 10 x 100 B through ``messagevault serve
+            --storage azure:...`` with the blocking ``Client``
+each as p50/p99 per run, and the ratio W3 p50 / Put Page p50 (target: at most
+1.3, one round trip per append); the two alternate order run by run.
+``--latency-only`` runs just this part. The benchmark starts its own Azurite
+(from node_modules; ``make bench-azure`` installs it). Results go to
 benchmarks/results/azure-<time>.json.
 """
 
@@ -26,7 +34,9 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +56,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
+import urllib.request  # noqa: E402 - imports http, which this folder's http.py would shadow
+
 from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 from azure.storage.blob import BlobClient  # noqa: E402
 from azure.storage.blob import __version__ as sdk_version  # noqa: E402
@@ -58,8 +70,12 @@ from messagevault import (  # noqa: E402
     Writer,
     encode_batch,
 )
+from messagevault.client import Client  # noqa: E402
 from messagevault.committer import GroupCommitter  # noqa: E402
+from messagevault.server.auth import save_users  # noqa: E402
 from messagevault.storage.azure import CONTAINER_PREFIX, DATA_BLOB, AzureStorage  # noqa: E402
+from messagevault.stress.embedded import free_port, stress_users  # noqa: E402
+from messagevault.stress.stats import Latency  # noqa: E402
 
 CHUNK = 4 * 1024 * 1024  # Azure's Put Page limit; also the reader's default chunk
 PAGE = 512
@@ -313,6 +329,189 @@ def measure_run(
                 storage.service.delete_container(container)
 
 
+# Ack latency: one raw Put Page round trip against W3 through the server.
+PUT_PAGE_SIZE = 4096  # a W3 commit (~1.2 KB of frame plus the tail page) fits in it
+PUT_PAGES = 3_000
+W3_BATCHES, W3_BATCH_SIZE, W3_VALUE_SIZE = 2_000, 10, 100
+WARMUP = 50  # requests before timing: connections, the server's password cache
+LATENCY_TARGET = 1.3
+USER, PASSWORD = "bench", "bench-password"
+SERVER_START_TIMEOUT = 60.0
+
+
+@dataclass
+class LatencyRun:
+    put_page_p50: float  # milliseconds
+    put_page_p99: float
+    w3_p50: float
+    w3_p99: float
+
+    @property
+    def ratio(self) -> float:
+        return self.w3_p50 / self.put_page_p50
+
+
+def put_page_latency(storage: AzureStorage, tag: str, count: int) -> Latency:
+    """``count`` sequential one-page ``upload_page`` calls, as a commit's data write makes."""
+    container = storage.service.get_container_client(f"raw-latency-{tag}")
+    container.create_container()
+    try:
+        blob = container.get_blob_client(DATA_BLOB)
+        blob.create_page_blob((count + WARMUP) * PUT_PAGE_SIZE)
+        page = os.urandom(PUT_PAGE_SIZE)
+        latency = Latency()
+        for index in range(count + WARMUP):
+            started = time.perf_counter()
+            blob.upload_page(page, offset=index * PUT_PAGE_SIZE, length=PUT_PAGE_SIZE)
+            if index >= WARMUP:
+                latency.record(time.perf_counter() - started)
+        return latency
+    finally:
+        storage.service.delete_container(container.container_name)
+
+
+class AzureServer:
+    """``messagevault serve --storage azure:...`` on a loopback port, stopped by PID."""
+
+    def __init__(self, connection_string: str, folder: Path) -> None:
+        self.port = free_port()
+        self.log = folder / f"serve-{self.port}.log"
+        command = [
+            *(sys.executable, "-m", "messagevault.leash", "serve"),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+            *("--storage", f"azure:{connection_string}", "--no-access-log"),
+        ]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")}
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,  # the leash: the server stops if this process dies
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_until_up(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited early: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit(f"the server did not come up in {SERVER_START_TIMEOUT:g} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.log.unlink(missing_ok=True)
+
+
+def w3_latency(connection_string: str, tag: str, batches: int, folder: Path) -> Latency:
+    """W3's ack latency: ``batches`` sequential publishes of 10 x 100 B, blocking client."""
+    stream = f"w3-{tag}"
+    filler = os.urandom(W3_VALUE_SIZE)
+    data = [
+        [(b"key-%012d" % (n * W3_BATCH_SIZE + i), filler) for i in range(W3_BATCH_SIZE)]
+        for n in range(batches)
+    ]
+    server = AzureServer(connection_string, folder)
+    try:
+        server.wait_until_up()
+        with Client(server.url, user=USER, password=PASSWORD) as client:
+            for _ in range(WARMUP):
+                client.publish(stream, [(b"warmup", b"v")])
+            latency = Latency()
+            for batch in data:
+                started = time.perf_counter()
+                client.publish(stream, batch)
+                latency.record(time.perf_counter() - started)
+            if client.info(stream).messages != WARMUP + batches * W3_BATCH_SIZE:
+                raise SystemExit("W3: the stream does not hold every message published")
+        return latency
+    finally:
+        server.stop()
+
+
+def latency_runs(
+    storage: AzureStorage, connection_string: str, runs: int, scale: float, folder: Path
+) -> list[LatencyRun]:
+    pages = max(100, int(PUT_PAGES * scale))
+    batches = max(100, int(W3_BATCHES * scale))
+    save_users(storage, stress_users(PASSWORD, USER))
+    results: list[LatencyRun] = []
+    for run in range(runs):
+        tag = f"r{run}"
+        # Alternate the order, so that drift hits both sides alike.
+        if run % 2:
+            w3 = w3_latency(connection_string, tag, batches, folder)
+            put = put_page_latency(storage, tag, pages)
+        else:
+            put = put_page_latency(storage, tag, pages)
+            w3 = w3_latency(connection_string, tag, batches, folder)
+        with contextlib.suppress(ResourceNotFoundError):
+            storage.service.delete_container(f"{CONTAINER_PREFIX}w3-{tag}")
+        result = LatencyRun(
+            put.percentile_ms(50), put.percentile_ms(99), w3.percentile_ms(50), w3.percentile_ms(99)
+        )
+        print(
+            f"latency run {run + 1}/{runs}: Put Page p50 {result.put_page_p50:.3f} ms "
+            f"p99 {result.put_page_p99:.3f} ms; W3 p50 {result.w3_p50:.3f} ms "
+            f"p99 {result.w3_p99:.3f} ms; W3 p50 / Put Page p50 {result.ratio:.2f}",
+            flush=True,
+        )
+        results.append(result)
+    return results
+
+
+def print_latency_table(results: list[LatencyRun]) -> dict[str, float]:
+    """Medians over the runs (the ratio is the median of each run's own ratio)."""
+    medians = {
+        "put_page_p50_ms": statistics.median(r.put_page_p50 for r in results),
+        "put_page_p99_ms": statistics.median(r.put_page_p99 for r in results),
+        "w3_p50_ms": statistics.median(r.w3_p50 for r in results),
+        "w3_p99_ms": statistics.median(r.w3_p99 for r in results),
+        "ratio": statistics.median(r.ratio for r in results),
+    }
+    table = Table(
+        title=f"Ack latency on Azurite, median of {len(results)}",
+        caption="ratio: W3 p50 / Put Page p50 of the same run, median over runs",
+        box=SIMPLE,
+    )
+    for column in ("case", "p50 ms", "p99 ms", "vs Put Page", "target"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    ok = "ok" if medians["ratio"] <= LATENCY_TARGET else "MISSED"
+    table.add_row(
+        f"Put Page, {PUT_PAGE_SIZE} B",
+        f"{medians['put_page_p50_ms']:.3f}",
+        f"{medians['put_page_p99_ms']:.3f}",
+        "",
+        "",
+    )
+    table.add_row(
+        f"W3 via serve, {W3_BATCH_SIZE} x {W3_VALUE_SIZE} B",
+        f"{medians['w3_p50_ms']:.3f}",
+        f"{medians['w3_p99_ms']:.3f}",
+        f"{medians['ratio']:.2f}x",
+        f"<= {LATENCY_TARGET}x {ok}",
+    )
+    Console(width=100).print(table)
+    return medians
+
+
 def azurite_version() -> str:
     package = HERE.parent / "node_modules" / "azurite" / "package.json"
     try:
@@ -360,7 +559,12 @@ def print_table(cases: list[Case], runs: int, scale: float) -> None:
         print(f"  {phase}: {how}")
 
 
-def save(cases: list[Case], args: argparse.Namespace) -> Path:
+def save(
+    cases: list[Case],
+    latency: list[LatencyRun],
+    medians: dict[str, float],
+    args: argparse.Namespace,
+) -> Path:
     by_key = {(c.workload, c.phase): c for c in cases}
     records: list[dict[str, Any]] = []
     for case in cases:
@@ -388,6 +592,17 @@ def save(cases: list[Case], args: argparse.Namespace) -> Path:
                     case.mb_per_s / by_key[(case.workload, layout)].mb_per_s
                 )
         records.append(record)
+    if latency:
+        records.append(
+            {
+                "workload": "W3",
+                "phase": "ack latency",
+                "runs": [asdict(run) | {"ratio": run.ratio} for run in latency],
+                **medians,
+                "target_ratio": LATENCY_TARGET,
+                "ok": medians["ratio"] <= LATENCY_TARGET,
+            }
+        )
     return save_results(
         args.output,
         "azure",
@@ -399,14 +614,21 @@ def save(cases: list[Case], args: argparse.Namespace) -> Path:
 
 def main() -> None:
     parser = benchmark_arguments(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only Put Page and W3 ack latency"
+    )
     args = parser.parse_args()
 
     cases: list[Case] = []
+    latency: list[LatencyRun] = []
     azurite = Azurite()
     try:
         azurite.start()
         storage = AzureStorage.from_connection_string(azurite.connection_string)
-        for base in WORKLOADS:
+        latency = latency_runs(
+            storage, azurite.connection_string, args.runs, args.scale, azurite.location
+        )
+        for base in [] if args.latency_only else WORKLOADS:
             workload = Workload(
                 base.name,
                 max(base.batch_size, int(base.messages * args.scale)),
@@ -443,8 +665,10 @@ def main() -> None:
     finally:
         azurite.close()
 
-    print_table(cases, args.runs, args.scale)
-    print(f"saved {save(cases, args)}")
+    if cases:
+        print_table(cases, args.runs, args.scale)
+    medians = print_latency_table(latency)
+    print(f"saved {save(cases, latency, medians, args)}")
 
 
 if __name__ == "__main__":
