@@ -35,6 +35,9 @@ from messagevault.client.base import (
     publish_request,
     published,
     read_access_of,
+    records_ahead,
+    records_of,
+    records_request,
     stream_infos,
     streams_request,
     too_large,
@@ -143,6 +146,38 @@ class AsyncClient:
                 yield message
             remaining -= page.count
             position = page.next_position
+
+    async def read_records(
+        self, stream: str, position: int = 0, *, limit: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Messages from ``position`` as JSON records (see ``Client.read_records``)."""
+        check_limit(limit)
+        remaining = sys.maxsize if limit is None else limit
+        if not remaining:
+            return
+        answer = await self._call(records_request(self._settings, stream, position, limit))
+        upcoming: asyncio.Future[Answer] | None = None
+        try:
+            while True:
+                count, next_position = records_ahead(answer)
+                if not count:
+                    return
+                remaining -= count
+                if remaining > 0:
+                    rest = None if limit is None else remaining
+                    request = records_request(self._settings, stream, next_position, rest)
+                    upcoming = asyncio.ensure_future(self._call(request))
+                    await asyncio.sleep(0)  # sent before decoding holds the loop
+                records = records_of(answer)
+                for record in records if remaining >= 0 else records[:remaining]:
+                    yield record
+                if upcoming is None:
+                    return
+                answer, upcoming = await upcoming, None
+        finally:
+            if upcoming is not None:  # the caller stopped early: the answer is not needed
+                upcoming.cancel()
+                await asyncio.gather(upcoming, return_exceptions=True)
 
     async def _page(self, stream: str, position: int, limit: int | None) -> Page:
         answer = await self._call(page_request(self._settings, stream, position, limit))

@@ -56,10 +56,12 @@ from messagevault.wire import (
     BATCH_CONTENT_TYPE,
     DUPLICATE_HEADER,
     JSON,
+    NDJSON,
     StreamInfo,
     append_result_from_minimal,
     error_from_body,
     parse_json,
+    parse_json_lines,
 )
 from messagevault.writer import AppendResult
 
@@ -434,6 +436,50 @@ def _frame_start(body: bytes, position: int, skip: int) -> int:
     version = body[4] if len(body) > 4 else FORMAT_V1
     header_size = FRAME_HEADER_SIZE if version == FORMAT_V1 else FRAME_HEADER_V2_SIZE
     return position - header_size - SLOT_SIZE * skip
+
+
+# JSON records ------------------------------------------------------------------------
+
+# The most records a JSON read asks for at a time: the read route's default
+# largest page (``serve --max-read-messages``, which a larger ``limit`` exceeds).
+RECORDS_PAGE: Final = 10_000
+
+
+def records_request(settings: Settings, stream: str, position: int, limit: int | None) -> Request:
+    """One page of JSON records from ``position`` (the NDJSON read route)."""
+    if not isinstance(position, int) or position < 0:
+        raise InvalidInput(f"position must be a non-negative integer, not {position!r}")
+    page = RECORDS_PAGE if limit is None else min(limit, RECORDS_PAGE)
+    return Request(
+        "GET",
+        stream_path(stream, "/messages") + f"?from={position}&limit={page}",
+        headers(settings, Accept=NDJSON),
+    )
+
+
+def records_ahead(answer: Answer) -> tuple[int, int]:
+    """An NDJSON read answer's record count and ``X-Next``, without decoding its records.
+
+    Enough to ask for the next page before this one is decoded: a record's
+    JSON never holds a raw newline, so each line ends in one.
+    """
+    raise_for_error(answer)
+    try:
+        next_position = int(answer.header("X-Next") or "")
+    except ValueError:
+        raise CorruptData("a read answer lacks its X-Next header") from None
+    return answer.body.count(b"\n"), next_position
+
+
+def records_of(answer: Answer) -> list[dict[str, Any]]:
+    """The records of an NDJSON read answer, as dicts (docs/HTTP.md: Reading)."""
+    try:
+        records = parse_json_lines(answer.body)
+    except ValueError as exc:
+        raise CorruptData(f"the server's NDJSON answer is not JSON: {exc}") from None
+    if not all(type(record) is dict for record in records):
+        raise CorruptData("the server's NDJSON answer holds a line that is not a record")
+    return records
 
 
 # Messages to publish -----------------------------------------------------------------
