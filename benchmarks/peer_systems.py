@@ -7,7 +7,9 @@ free 127.0.0.1 port, its data in a temporary folder, stopped by its PID.
 
 How each one is driven, the way its documentation shows:
   MessageVault  ``Client.publish`` of each batch (one producer, in a thread) or
-                ``AsyncClient.publish`` (concurrent producers); ``Client.read``.
+                ``AsyncClient.publish`` (concurrent producers); ``Client.read``, and
+                for W1 and W2 also ``Client.read_records`` (the JSON read: NDJSON
+                pages of 10,000, every record decoded, key and value to bytes).
   Redis         redis-py with hiredis: one non-transactional pipeline of XADDs per
                 batch, one thread per producer; XRANGE pages of 10,000 to read
                 back. Each entry has two fields, ``k`` (the key) and ``v``.
@@ -64,7 +66,8 @@ SYSTEMS = (
         "serve --fsync always: data flushed before each ack (group commit), checkpoint lazily",
         None,
         ("aiohttp",),
-        "Client.publish per batch (AsyncClient.publish for 16 producers), Client.read",
+        "Client.publish per batch (AsyncClient.publish for 16 producers), Client.read; "
+        "read JSON: Client.read_records (NDJSON pages of 10,000, msgspec)",
     ),
     System(
         "redis-always",
@@ -353,6 +356,9 @@ class Driver(Protocol):
     async def read(self, expected: int) -> tuple[list[bytes], list[bytes]]:
         """Keys and values of the stream from its start, in stream order."""
 
+    async def read_json(self, expected: int) -> tuple[list[bytes], list[bytes]] | None:
+        """The same through the system's JSON read, each message decoded; None: it has none."""
+
     async def stored(self) -> int:
         """How many messages the system says the stream holds."""
 
@@ -440,6 +446,20 @@ class VaultDriver:
 
         return await asyncio.to_thread(read_all)
 
+    async def read_json(self, expected: int) -> tuple[list[bytes], list[bytes]] | None:
+        def read_all() -> tuple[list[bytes], list[bytes]]:
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            for record in self.client.read_records(STREAM):
+                # As a reader of the records must: text unless they say base64.
+                if record["encoding"] != "utf-8" or "key_encoding" in record:
+                    raise SystemExit(f"MessageVault: a record in base64: {record!r:.200}")
+                keys.append(record["key"].encode())
+                values.append(record["value"].encode())
+            return keys, values
+
+        return await asyncio.to_thread(read_all)
+
     async def stored(self) -> int:
         return (await asyncio.to_thread(self.client.info, STREAM)).messages
 
@@ -489,6 +509,9 @@ class RedisDriver:
             return keys, values
 
         return await asyncio.to_thread(read_all)
+
+    async def read_json(self, expected: int) -> tuple[list[bytes], list[bytes]] | None:
+        return None  # XRANGE answers in RESP; the table sets the JSON read against it
 
     async def stored(self) -> int:
         return int(await asyncio.to_thread(self.client.xlen, STREAM))
@@ -562,6 +585,9 @@ class NatsDriver:
             values += [m.data for m in page]
         await subscription.unsubscribe()
         return keys, values
+
+    async def read_json(self, expected: int) -> tuple[list[bytes], list[bytes]] | None:
+        return None  # messages come as bytes; the table sets the JSON read against fetch
 
     async def stored(self) -> int:
         return int((await self.jetstream.stream_info(STREAM)).state.messages)

@@ -18,6 +18,7 @@ also on failure or Ctrl-C.
 Workloads (keys b"key-%012d", 16 bytes; values printable ASCII):
   W1  1,000,000 x 100 B in batches of 1,000, one producer
   W2    200,000 x 1,000 B in batches of 100, one producer
+      (both also read back as JSON: MessageVault's ``Client.read_records``)
   W3  2,000 sequential batches of 10 x 100 B: ack latency p50/p99
   W4  1,000,000 x 100 B in batches of 100 from 16 concurrent producers
 The messages are built once per workload and the same lists go to every
@@ -97,11 +98,12 @@ class Workload:
     batch_size: int
     producers: int
     latency: bool = False  # W3: every batch's ack time is kept
+    json_read: bool = False  # W1, W2: read back a second time as JSON where a system can
 
 
 WORKLOADS = (
-    Workload("W1", 1_000_000, 100, 1_000, 1),
-    Workload("W2", 200_000, 1_000, 100, 1),
+    Workload("W1", 1_000_000, 100, 1_000, 1, json_read=True),
+    Workload("W2", 200_000, 1_000, 100, 1, json_read=True),
     Workload("W3", 20_000, 100, 10, 1, latency=True),
     Workload("W4", 1_000_000, 100, 100, 16),
 )
@@ -180,6 +182,8 @@ class Measured:
     keys: list[bytes]
     values: list[bytes]
     stored: int
+    # The JSON read (W1, W2 of a system that has one): its phase, keys and values.
+    read_json: tuple[Phase, list[bytes], list[bytes]] | None = None
 
 
 Say = Callable[[str], None]
@@ -202,11 +206,18 @@ async def drive(
         clock = Clock(server)
         keys, values = await client.read(workload.messages)
         read = clock.stop()
+        read_json = None
+        if workload.json_read:
+            clock = Clock(server)
+            as_json = await client.read_json(workload.messages)
+            if as_json is not None:
+                read_json = (clock.stop(), *as_json)
+                say(f"{case}: read {len(as_json[0]):,} as JSON in {read_json[0].seconds:.1f} s")
         stored = await client.stored()
     finally:
         await client.close()
     say(f"{case}: read {len(keys):,} in {read.seconds:.1f} s; checking them")
-    return Measured(write, read, latencies, keys, values, stored)
+    return Measured(write, read, latencies, keys, values, stored, read_json)
 
 
 def run_case(
@@ -229,24 +240,40 @@ def run_case(
         if server is not None:
             server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    if args.tamper == system.key:  # the tests' seam: a driver that read a wrong value
-        middle = len(measured.values) // 2
-        measured.values[middle] = b"tampered" + measured.values[middle][8:]
+    # The tests' seam: a driver that read a wrong value (``KEY``, or ``KEY:json``).
+    tampered = measured.values
+    if args.tamper == f"{system.key}:json" and measured.read_json is not None:
+        tampered = measured.read_json[2]
+    if args.tamper in (system.key, f"{system.key}:json"):
+        middle = len(tampered) // 2
+        tampered[middle] = b"tampered" + tampered[middle][8:]
     try:
         verify(measured.keys, measured.values, measured.stored, workload, data)
+        if measured.read_json is not None:
+            _, json_keys, json_values = measured.read_json
+            try:
+                verify(json_keys, json_values, measured.stored, workload, data)
+            except VerificationFailed as failure:
+                raise VerificationFailed(f"read as JSON: {failure}") from None
     except VerificationFailed as failure:
         raise SystemExit(
             f"VERIFICATION FAILED: {system.key} {workload.name}: {failure}"
         ) from failure
     result.write_s.append(measured.write.seconds)
     result.read_s.append(measured.read.seconds)
-    for name, phase in (("write", measured.write), ("read", measured.read)):
+    phases = [("write", measured.write), ("read", measured.read)]
+    if measured.read_json is not None:
+        result.read_json_s.append(measured.read_json[0].seconds)
+        phases.append(("read_json", measured.read_json[0]))
+    for name, phase in phases:
         result.client_cpu_s.setdefault(name, []).append(phase.client_cpu_s)
         result.server_cpu_s.setdefault(name, []).append(phase.server_cpu_s)
     line = (
         f"{system.key} {workload.name}: write {workload.messages / measured.write.seconds:,.0f}"
         f" msgs/s, read {workload.messages / measured.read.seconds:,.0f} msgs/s"
     )
+    if measured.read_json is not None:
+        line += f", read JSON {workload.messages / measured.read_json[0].seconds:,.0f} msgs/s"
     if measured.latencies:
         histogram = Latency()  # the stress command's HDR histogram, as bench-http uses
         for seconds in measured.latencies:

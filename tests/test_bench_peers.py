@@ -70,6 +70,7 @@ def result(system: str, workload: str, seconds: float, latency: float = 1.0) -> 
         batch_size=100,
         write_s=[seconds, seconds * 3, seconds / 3],  # the median is ``seconds``
         read_s=[seconds / 2],
+        read_json_s=[seconds / 4] if system == "messagevault" else [],
         latency_ms={"p50": [latency], "p99": [latency * 4]},
     )
 
@@ -111,9 +112,17 @@ def test_table_has_every_measured_row_with_ratios_and_marks_skipped_peers() -> N
     ]
     by_label = {row[0]: row[1:] for row in rows}
     # W2 and W4 were not run: no rows for them.
-    assert list(by_label) == ["W1 write msgs/s", "W1 read msgs/s", "W3 ack p50 ms", "W3 ack p99 ms"]
+    assert list(by_label) == [
+        "W1 write msgs/s",
+        "W1 read msgs/s",
+        "W1 read JSON msgs/s",
+        "W3 ack p50 ms",
+        "W3 ack p99 ms",
+    ]
     assert by_label["W1 write msgs/s"] == ["100.0k", "25.0k (4.00x)", "-", "SKIPPED"]
     assert by_label["W1 read msgs/s"] == ["200.0k", "50.0k (4.00x)", "-", "SKIPPED"]
+    # MessageVault's JSON read against the peer's ordinary read.
+    assert by_label["W1 read JSON msgs/s"] == ["400.0k", "50.0k (8.00x)", "-", "SKIPPED"]
     assert by_label["W3 ack p50 ms"] == ["1.50", "0.50 (3.00x)", "-", "SKIPPED"]
     assert by_label["W3 ack p99 ms"] == ["6.00", "2.00 (3.00x)", "-", "SKIPPED"]
 
@@ -128,7 +137,21 @@ def test_table_has_every_measured_row_with_ratios_and_marks_skipped_peers() -> N
     )
     assert markdown[1] == "| --- | ---: | ---: | ---: | ---: |"
     assert markdown[2] == "| W1 write msgs/s | 100.0k | 25.0k (4.00x) | - | SKIPPED |"
-    assert len(markdown) == 1 + 1 + 4
+    assert len(markdown) == 1 + 1 + 5
+
+
+def test_a_json_row_needs_messagevaults_json_read() -> None:
+    systems = [BY_KEY[k] for k in ("messagevault", "redis-always")]
+    results = {
+        ("messagevault", "W1"): result("messagevault", "W1", 0.01),
+        ("redis-always", "W1"): result("redis-always", "W1", 0.04),
+    }
+    results["messagevault", "W1"].read_json_s.clear()
+    labels = [row[0] for row in report.table_cells(results, systems, {})[1:]]
+    assert labels == ["W1 write msgs/s", "W1 read msgs/s"]
+    del results["messagevault", "W1"]  # the peer alone: no JSON row either
+    labels = [row[0] for row in report.table_cells(results, systems, {})[1:]]
+    assert labels == ["W1 write msgs/s", "W1 read msgs/s"]
 
 
 def test_a_full_table_of_four_systems_fits_100_columns() -> None:
@@ -270,6 +293,8 @@ def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
         for system in systems:
             assert f"{system} {workload}: write " in ran.stdout
     assert ran.stdout.count(", verified") == len(systems) * 4
+    assert ran.stdout.count("messagevault W1: read 2,000 as JSON in ") == 1
+    assert ran.stdout.count(" as JSON in ") == 2  # W1 and W2, MessageVault's only
     # Progress phase by phase: writing, reading, checking.
     assert ran.stdout.count(": writing 2,000 messages") == len(systems) * 2  # W1, W4
     assert ran.stdout.count("; reading them back") == len(systems) * 4
@@ -291,6 +316,8 @@ def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
     w4 = cases["messagevault", "W4"]
     assert (w4["producers"], w4["batch_size"], w4["messages"]) == (16, 100, 2000)
     assert all(c["write_msgs_per_s"] > 0 and c["read_msgs_per_s"] > 0 for c in cases.values())
+    json_reads = {key for key, case in cases.items() if "read_json_msgs_per_s" in case}
+    assert json_reads == {("messagevault", "W1"), ("messagevault", "W2")}
     for system in systems:
         latency = cases[system, "W3"]["median_latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
@@ -308,18 +335,21 @@ def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
     assert max(len(line) for line in table_lines) <= report.TABLE_WIDTH
 
 
+@pytest.mark.parametrize(
+    ("tamper", "read"), [("messagevault", ""), ("messagevault:json", "read as JSON: ")]
+)
 def test_a_wrong_message_read_back_fails_loudly_and_still_stops_the_server(
-    tmp_path: Path,
+    tmp_path: Path, tamper: str, read: str
 ) -> None:
     output = tmp_path / "results"
     ran = run_peers(
         tmp_path,
         *("--scale", "0.002", "--runs", "1", "--output", str(output)),
-        *("--only", "messagevault,W1", "--tamper", "messagevault"),
+        *("--only", "messagevault,W1", "--tamper", tamper),
     )
     assert ran.returncode == 1
     assert re.search(
-        r"VERIFICATION FAILED: messagevault W1: message 1000 \(key-000000001000\): "
+        rf"VERIFICATION FAILED: messagevault W1: {read}message 1000 \(key-000000001000\): "
         r"the value differs",
         ran.stderr,
     )
