@@ -97,7 +97,7 @@ def message_record(message: Message) -> dict[str, Any]:
     return record
 
 
-class _Record(msgspec.Struct, kw_only=True, omit_defaults=True):
+class _Record(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):  # no cycles
     """``message_record`` as msgspec encodes it: the same fields, in the same order."""
 
     position: int
@@ -153,19 +153,29 @@ def _records(messages: Sequence[Message]) -> list[_Record]:
     try:  # keys and values of text, the common case, without a call per message
         return [
             _Record(
-                position=m.position,
-                sequence=m.sequence,
-                id=m.id.hex(),
-                timestamp=iso_time(m.timestamp),
-                key=m.key.decode("utf-8"),
-                next_position=m.next_position,
-                value=m.value.decode("utf-8"),
+                position=position,
+                sequence=sequence,
+                # message_id(...).hex() without its three to_bytes: ~0.3 us a message.
+                id=f"{_hex_time(timestamp)}{position & _48_BITS:012x}{sequence & _32_BITS:08x}",
+                timestamp=iso_time(timestamp),
+                key=key.decode("utf-8"),
+                next_position=next_position,
+                value=value.decode("utf-8"),
                 encoding="utf-8",
             )
-            for m in messages
+            for position, sequence, timestamp, key, value, next_position in messages
         ]
     except UnicodeDecodeError:
         return [_record(m) for m in messages]
+
+
+_48_BITS: Final = 0xFFFF_FFFF_FFFF  # the id's timestamp and position fields (format.message_id)
+_32_BITS: Final = 0xFFFF_FFFF  # its sequence field
+
+
+@functools.lru_cache(maxsize=256)  # every message of a batch shares its timestamp
+def _hex_time(timestamp_ms: int) -> str:
+    return f"{timestamp_ms & _48_BITS:012x}"
 
 
 def record_json(message: Message) -> bytes:
