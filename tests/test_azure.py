@@ -98,16 +98,26 @@ def test_takeover_before_the_new_writer_commits(azure_storage: AzureStorage) -> 
 
 
 def test_stale_checkpoint_etag_is_refused(azure_storage: AzureStorage) -> None:
-    """Even holding the lease, a writer with an out-of-date view cannot commit."""
+    """Even holding the lease, a writer with an out-of-date view cannot commit.
+
+    The checkpoint update runs behind the append (pipelined), so the append
+    that meets the moved checkpoint is acknowledged (its data is stored); its
+    update fails, and from then on the handle refuses everything.
+    """
     store = azure_storage.open_stream("orders", write=True, create=True)
     writer = Writer(store, "orders")
     writer.append([(b"k", b"one")])
+    assert store.read_checkpoint() == writer.checkpoint  # its update landed
     # Someone with the lease id moves the checkpoint behind the writer's back.
     blob = azure_storage.service.get_container_client("mv-orders").get_blob_client(CHECKPOINT_BLOB)
     metadata = blob.get_blob_properties().metadata
     blob.set_blob_metadata({**metadata, "commit": "7"}, lease=store._lease_id)
+    writer.append([(b"k", b"two")])
+    with pytest.raises(StaleWriter, match="another writer"):
+        store.read_checkpoint()
     with pytest.raises(StaleWriter):
-        writer.append([(b"k", b"two")])
+        writer.append([(b"k", b"three")])
+    assert blob.get_blob_properties().metadata["commit"] == "7"  # nothing of ours after it
     writer.close()
 
 

@@ -84,6 +84,8 @@ def test_checkpoint_advances_and_other_handles_see_it(storage: Storage) -> None:
     assert reader.read(0, 11) == b"frame bytes"
     newer = Checkpoint(commit=2, length=20, next_sequence=2, last_frame_position=11)
     writer.advance_checkpoint(newer, expected=new)
+    # Azure stores the checkpoint in the background; the writer's read waits for it.
+    assert writer.read_checkpoint() == newer
     assert reader.read_checkpoint() == newer
     writer.close()
     reader.close()

@@ -11,12 +11,24 @@ checkpoint update names it, and the checkpoint update is also conditional on
 the checkpoint's ETag. A writer that lost its lease (``takeover`` by another)
 or whose ETag is stale fails with ``StaleWriter`` and changes nothing.
 
+A commit is durable once its Put Page(s) returned (Azure Storage answers
+only for what it has stored), so ``advance_checkpoint`` hands the checkpoint
+update to a background thread and returns: the next commit's Put Page
+overlaps it, and a sequential producer pays one round trip per append. The
+thread writes updates in order, one at a time, only the newest of those
+waiting; each names data already stored, so readers never read past durable
+data, they see it a round trip later. After a crash the checkpoint may lag
+acknowledged commits: the next writer rolls forward (``checkpoint_may_lag``).
+
 Only this module and ``azure_lease.py`` import the Azure SDK.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,6 +80,16 @@ MAX_BLOB_SIZE = 8 * 1024**4  # Azure's page blob limit
 INITIAL_SIZE = 4 * 1024 * 1024
 MAX_GROWTH_STEP = 1024**3
 DEFAULT_SAS_EXPIRY = timedelta(hours=1)
+# A checkpoint update that failed is tried again after this, doubling up to
+# the maximum, for as long as the handle is open: nothing else makes the
+# commits it names visible to readers.
+RETRY_DELAY = 0.05
+MAX_RETRY_DELAY = 1.0
+# How long ``close`` waits for the checkpoint updates still in flight. One
+# that does not land in time is no loss: the next writer rolls forward.
+CLOSE_DRAIN_TIMEOUT = 10.0
+
+log = logging.getLogger("messagevault.storage.azure")
 
 _LEASE_LOST_CODES = {
     "LeaseIdMismatchWithBlobOperation",
@@ -240,9 +262,21 @@ def _checkpoint_from(metadata: dict[str, str], where: str) -> Checkpoint:
 
 
 class AzureStreamStore:
-    """One stream's data page blob and checkpoint blob."""
+    """One stream's data page blob and checkpoint blob.
+
+    A writable handle updates the checkpoint in the background (see the
+    module's docstring): ``advance_checkpoint`` returns before the update
+    lands, ``read_checkpoint`` first waits for the updates handed over
+    (raising what they raised), and a lost lease or a moved checkpoint found
+    by an update makes the next ``write`` or ``advance_checkpoint`` raise
+    ``StaleWriter``.
+    """
 
     remote = True  # reads are round trips: readers fetch ahead (reader._ReadAhead)
+    # A crash may leave acknowledged commits past the stored checkpoint (their
+    # update was still in flight), and so may a takeover: every commit whose
+    # Put Page landed before the new lease may have been acknowledged.
+    checkpoint_may_lag = True
 
     def __init__(
         self,
@@ -259,9 +293,21 @@ class AzureStreamStore:
         self._data: BlobClient = container.get_blob_client(DATA_BLOB)
         self._checkpoint_blob: BlobClient = container.get_blob_client(CHECKPOINT_BLOB)
         self._leases: list[BlobLease] = []
-        self._known: tuple[Checkpoint, str] | None = None  # last checkpoint seen, with its ETag
+        self._known: tuple[Checkpoint, str] | None = None  # last checkpoint stored, with its ETag
         self._size = 0
         self._closed = False
+        # The background checkpoint updates; all fields below under _updates.
+        self._updates = threading.Condition()
+        self._updater: threading.Thread | None = None
+        self._intended: Checkpoint | None = None  # the newest checkpoint handed over
+        self._queued: Checkpoint | None = None  # the newest not yet sent
+        self._sending = False
+        self._attempts = 0  # updates tried so far, landed or not
+        self._failure: StorageError | None = None  # of the last try, if it failed
+        self._retry_now = False
+        self._stopping = False
+        self._fatal: MessageVaultError | None = None  # this handle lost the stream
+        self._sent: list[Checkpoint] = []  # updates sent since _known (updater thread only)
 
     def open(self, *, takeover: bool = False) -> None:
         self.read_checkpoint()  # StreamNotFound now rather than at first use
@@ -326,6 +372,8 @@ class AzureStreamStore:
         self._check_open()
         if not self._writable:
             raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if self._fatal is not None:
+            raise self._fatal
         if offset < 0 or offset % PAGE_SIZE or len(data) % PAGE_SIZE:
             raise ValueError(f"writes must cover whole {PAGE_SIZE}-byte pages")
         if len(data) > MAX_WRITE_SIZE:
@@ -351,25 +399,151 @@ class AzureStreamStore:
         self._size = size
 
     def read_checkpoint(self) -> Checkpoint:
+        """The stored checkpoint; on a writable handle, once every update handed over landed."""
         self._check_open()
+        if self._writable:
+            self._drain(None)
         with azure_errors(f"cannot read the checkpoint of stream {self._name!r}"):
             properties = self._checkpoint_blob.get_blob_properties()
         checkpoint = _checkpoint_from(properties.metadata, f"stream {self._name!r}")
-        self._known = (checkpoint, str(properties.etag))
+        with self._updates:
+            self._known = (checkpoint, str(properties.etag))
+            self._intended = checkpoint
         return checkpoint
 
     def advance_checkpoint(self, new: Checkpoint, *, expected: Checkpoint) -> None:
+        """Hand ``new`` to the background updater; the data it names must be written already.
+
+        ``expected`` must be the checkpoint this handle last handed over or
+        read, else ``StaleWriter``. A failing update (storage down) refuses
+        further commits with ``StorageError`` until ``read_checkpoint`` sees
+        it land; a lost lease or a moved checkpoint raises ``StaleWriter``.
+        """
         self._check_open()
         if not self._writable:
             raise AccessDenied(f"stream {self._name!r} was opened read-only")
-        known = self._known if self._known and self._known[0] == expected else None
-        if known is None:
+        with self._updates:
+            if self._fatal is not None:
+                raise self._fatal
+            intended = self._intended
+        if intended != expected:
             current = self.read_checkpoint()
             if current != expected:
                 raise self._stale(current, expected)
-            known = self._known
-        assert known is not None
+        with self._updates:
+            if self._failure is not None:
+                # Commits acknowledged past a checkpoint that cannot be stored
+                # would pile up unseen by readers: let the writer ride it out.
+                raise StorageError(
+                    f"cannot commit stream {self._name!r}: the checkpoint update before "
+                    f"this one is failing ({self._failure})"
+                ) from self._failure
+            self._intended = self._queued = new
+            if self._updater is None:
+                self._updater = threading.Thread(
+                    target=self._run_updates, name=f"checkpoint-{self._name}", daemon=True
+                )
+                self._updater.start()
+            self._updates.notify_all()
+
+    def _drain(self, timeout: float | None) -> None:
+        """Wait until every update handed over landed; raise what stopped one.
+
+        A failed update waiting for its retry is tried at once, and its
+        outcome is this call's: one try, as a plain read would make.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._updates:
+            if self._failure is not None:
+                self._retry_now = True
+                self._updates.notify_all()
+            tries = self._attempts
+            while True:
+                if self._fatal is not None:
+                    raise self._fatal
+                if self._queued is None and not self._sending:
+                    return
+                if self._failure is not None and self._attempts > tries:
+                    raise StorageError(
+                        f"cannot update the checkpoint of stream {self._name!r}: {self._failure}"
+                    ) from self._failure
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise StorageError(
+                        f"checkpoint update of stream {self._name!r} did not land "
+                        f"within {timeout:g} s"
+                    )
+                self._updates.wait(remaining)
+
+    def _run_updates(self) -> None:
+        """The updater thread: the newest checkpoint handed over, one update at a time."""
+        delay = RETRY_DELAY
+        retry_at = 0.0
+        while True:
+            with self._updates:
+                while not self._stopping and (
+                    self._queued is None
+                    or (
+                        self._failure is not None
+                        and not self._retry_now
+                        and time.monotonic() < retry_at
+                    )
+                ):
+                    wait = None if self._queued is None else retry_at - time.monotonic()
+                    self._updates.wait(wait)
+                if self._stopping:
+                    return
+                target, self._queued = self._queued, None
+                self._sending, self._retry_now = True, False
+                known = self._known
+            assert target is not None and known is not None
+            try:
+                landed = self._put_checkpoint(target, known)
+            except StorageError as exc:
+                with self._updates:
+                    self._failure = exc
+                    self._queued = self._queued or target  # a newer one supersedes it
+                    self._sending = False
+                    self._attempts += 1
+                    retry_at = time.monotonic() + delay
+                    delay = min(delay * 2, MAX_RETRY_DELAY)
+                    self._updates.notify_all()
+                continue
+            except Exception as exc:  # noqa: BLE001 - raised by the handle's next call
+                # A lost lease, a deleted stream, a bug: this handle is done.
+                fatal = (
+                    exc
+                    if isinstance(exc, MessageVaultError)
+                    else StorageError(f"checkpoint update of stream {self._name!r} failed: {exc!r}")
+                )
+                with self._updates:
+                    self._fatal = fatal
+                    self._sending = False
+                    self._attempts += 1
+                    self._updates.notify_all()
+                log.warning(
+                    "checkpoint update of stream %r failed: %s",
+                    self._name,
+                    fatal,
+                    extra={"stream": self._name},
+                )
+                return
+            with self._updates:
+                self._known = landed
+                if landed[0] != target:  # an earlier try of ours landed: send the rest
+                    self._queued = self._queued or target
+                self._failure = None
+                self._sending = False
+                self._attempts += 1
+                delay = RETRY_DELAY
+                self._updates.notify_all()
+
+    def _put_checkpoint(
+        self, new: Checkpoint, known: tuple[Checkpoint, str]
+    ) -> tuple[Checkpoint, str]:
+        """Replace the stored checkpoint ``known`` by ``new``; what is stored now, with its ETag."""
         what = f"cannot commit stream {self._name!r}"
+        self._sent.append(new)
         try:
             with azure_errors(what):
                 result = self._checkpoint_blob.set_blob_metadata(
@@ -382,13 +556,19 @@ class AzureStreamStore:
             cause = exc.__cause__
             if not (isinstance(cause, HttpResponseError) and cause.status_code == 412):
                 raise
-            # ETag mismatch. If the SDK retried a request that had in fact
-            # landed, the checkpoint is ours; otherwise another writer moved it.
-            current = self.read_checkpoint()
-            if current != new:
-                raise self._stale(current, expected) from exc
-            return
-        self._known = (new, str(result["etag"]))
+            # ETag mismatch. If a request of ours that seemed to fail had in
+            # fact landed (the SDK's retry of it, an answer lost), the stored
+            # checkpoint is one we sent; otherwise another writer moved it.
+            with azure_errors(what):
+                properties = self._checkpoint_blob.get_blob_properties()
+            current = _checkpoint_from(properties.metadata, f"stream {self._name!r}")
+            if current not in self._sent:
+                raise self._stale(current, known[0]) from exc
+            landed = (current, str(properties.etag))
+        else:
+            landed = (new, str(result["etag"]))
+        self._sent.clear()
+        return landed
 
     def _stale(self, current: Checkpoint, expected: Checkpoint) -> StaleWriter:
         return StaleWriter(
@@ -438,9 +618,35 @@ class AzureStreamStore:
         return ReadAccess("azure-sas", f"{self._container.url}?{token}", expiry.timestamp())
 
     def close(self) -> None:
+        """Wait (boundedly) for the checkpoint updates in flight, then release the leases."""
         if self._closed:
             return
-        self._closed = True
+        try:
+            if self._updater is not None:
+                self._drain(CLOSE_DRAIN_TIMEOUT)
+        except MessageVaultError as exc:
+            log.warning(
+                "stream %r closed before its checkpoint caught up (the next writer rolls "
+                "forward): %s",
+                self._name,
+                exc,
+                extra={"stream": self._name},
+            )
+        finally:
+            self._stop_updates()
+            self._closed = True
+            self._release_leases()
+
+    def _stop_updates(self) -> None:
+        with self._updates:
+            self._stopping = True
+            self._updates.notify_all()
+        if self._updater is not None:
+            # An update still in flight names this handle's lease: it lands
+            # before the release below or is refused after it.
+            self._updater.join(timeout=1.0)
+
+    def _release_leases(self) -> None:
         for lease in reversed(self._leases):
             with contextlib.suppress(MessageVaultError):
                 lease.release()
