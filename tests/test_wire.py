@@ -26,7 +26,7 @@ from messagevault import (
     encode_batch,
 )
 from messagevault.format import hex_id_format, message_id
-from messagevault.server import StreamHub, create_app
+from messagevault.server import Limits, StreamHub, create_app
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
     EVENT_STREAM,
@@ -45,6 +45,7 @@ from messagevault.wire import (
     record_json,
     record_pairs,
     records_ndjson,
+    records_of_messages,
 )
 
 RESULTS = [
@@ -359,7 +360,7 @@ def test_records_encode_as_json_dumps_of_message_record(
     ]
     records = [message_record(m) for m in messages]
     expected = _ordered([json.loads(json.dumps(record)) for record in records])
-    answer = json.loads(read_answer_json("s", messages, 7))
+    answer = json.loads(read_answer_json("s", records_of_messages(messages), 7))
     assert _ordered(answer) == [("stream", "s"), ("messages", expected), ("next", 7)]
     lines = records_ndjson(messages).decode("utf-8").split("\n")
     assert lines.pop() == ""
@@ -458,3 +459,57 @@ def test_append_bodies_json_loads_could_not_take_are_refused_in_one_line(
     with pytest.raises(InvalidBatch, match=re.escape(match)) as raised:
         json_append(body)
     assert "\n" not in str(raised.value)
+
+
+async def test_records_cut_from_frames_are_those_of_the_messages_from_every_position(
+    aiohttp_client: MakeClient,
+) -> None:
+    # The read routes cut records from stored frames (records_of_frames); a
+    # page from any position, with any limit, must be what the messages give.
+    storage = MemoryStorage()
+    client = await aiohttp_client(create_app(StreamHub(storage), Limits(max_read_bytes=700)))
+    batches = [
+        encode_batch([(b"f0", b"%050d" % i) for i in range(1)]),
+        encode_batch([(b"\xff%d" % i, b"\x80 not text %d" % i) for i in range(5)]),
+        encode_batch([(b"z", b"zzz" * 40)] * 3, compress=True),
+        encode_batch([(b"k", "caf\u00e9 %d".encode() % i) for i in range(10)]).with_producer(
+            PRODUCER, 0
+        ),
+        encode_batch([(b"", b"%050d" % i) for i in range(2)]),
+    ]
+    for batch in batches:
+        response = await client.post(
+            "/streams/pages", data=batch.frame(), headers={"Content-Type": BATCH_CONTENT_TYPE}
+        )
+        assert response.status == 200, await response.text()
+    messages = list(Reader.open(storage, "pages").read())
+    assert len(messages) == 21
+    positions = [m.position for m in messages] + [messages[-1].next_position]
+    for start, position in enumerate(positions):
+        for limit in (1, 2, 7, 10_000):
+            query = {"from": position, "limit": limit}
+            response = await client.get("/streams/pages/messages", params=query)
+            answer = json.loads(await response.read())
+            got = answer["messages"]
+            # A page may stop early (700 bytes of values at most), never past the limit.
+            assert 1 <= len(got) <= limit or start == len(messages)
+            expected = messages[start : start + len(got)]
+            assert _ordered(got) == _ordered([message_record(m) for m in expected])
+            assert answer["next"] == (expected[-1].next_position if expected else position)
+            response = await client.get(
+                "/streams/pages/messages", params=query, headers={"Accept": NDJSON}
+            )
+            lines = (await response.read()).splitlines()
+            assert [json.loads(line) for line in lines] == got
+            assert response.headers["X-Next"] == str(answer["next"])
+    # Paged by next from the start, every message comes once.
+    paged: list[object] = []
+    position = 0
+    for _ in range(len(messages) + 1):
+        response = await client.get("/streams/pages/messages", params={"from": position})
+        answer = json.loads(await response.read())
+        if not answer["messages"]:
+            break
+        paged += answer["messages"]
+        position = answer["next"]
+    assert paged == [message_record(m) for m in messages]

@@ -27,13 +27,18 @@ from messagevault.errors import (
     for_code,
 )
 from messagevault.format import (
+    CONTINUATION,
+    HEAD,
     MAX_BATCH_COUNT,
     MAX_PRODUCER_SEQ,
     NO_PRODUCER,
     EncodedBatch,
     Message,
     encode_batch,
+    frame_columns,
     hex_id_format,
+    message_positions,
+    read_header,
 )
 from messagevault.storage.base import ReadAccess
 from messagevault.writer import AppendResult
@@ -178,6 +183,78 @@ def _hex_time(timestamp_ms: int) -> str:
     return f"{timestamp_ms & _48_BITS:012x}"
 
 
+# A page of records, as the read routes encode it.
+Records = list[_Record]
+
+
+def records_of_messages(messages: Sequence[Message]) -> Records:
+    """The records of ``messages`` (``message_record`` of each), ready to encode."""
+    return _records(messages)
+
+
+def records_of_frames(frames: bytes, skip: int, limit: int) -> tuple[Records, int] | None:
+    """The records of up to ``limit`` messages of stored frames, and the position after them.
+
+    ``frames`` and ``skip`` are as ``Reader.read_frames`` returns them (the
+    binary read route's page): the records are cut from each frame's columns
+    (``frame_columns``), without a ``Message`` per message, about twice as
+    fast as reading messages. None when the frames hold a value in pieces,
+    which only a message reader joins.
+    """
+    records: Records = []
+    offset = 0
+    next_position = 0
+    first = skip
+    while offset < len(frames) and len(records) < limit:
+        header = read_header(frames, offset, None)
+        if header.flags & (HEAD | CONTINUATION):
+            return None
+        keys, values = frame_columns(frames, offset, header, first)
+        count = min(len(keys), limit - len(records))
+        positions = message_positions(
+            header.base_position, first, first + count, header.header_size
+        )
+        if first + count < header.message_count:
+            next_position = header.message_position(first + count)
+        else:
+            next_position = header.end
+        nexts = [*positions[1:], next_position]
+        sequences = range(header.base_sequence + first, header.base_sequence + first + count)
+        timestamp = header.timestamp
+        hex_time, iso = _hex_time(timestamp), iso_time(timestamp)
+        try:
+            records += [
+                _Record(
+                    position=position,
+                    sequence=sequence,
+                    id=f"{hex_time}{position & _48_BITS:012x}{sequence & _32_BITS:08x}",
+                    timestamp=iso,
+                    key=key.decode("utf-8"),
+                    next_position=after,
+                    value=value.decode("utf-8"),
+                    encoding="utf-8",
+                )
+                for position, sequence, key, value, after in zip(
+                    positions, sequences, keys, values, nexts, strict=False
+                )
+            ]
+        except UnicodeDecodeError:
+            records += [
+                _record(Message(position, sequence, timestamp, key, value, after))
+                for position, sequence, key, value, after in zip(
+                    positions, sequences, keys, values, nexts, strict=False
+                )
+            ]
+        offset += header.frame_size
+        first = 0
+    return records, next_position
+
+
+def records_ndjson_of(records: Records) -> bytes:
+    """The NDJSON read answer of ``records``: a line each, each ending in a newline."""
+    return _ENCODER.encode_lines(records)
+
+
 def record_json(message: Message) -> bytes:
     """``message_record(message)`` as compact UTF-8 JSON: one NDJSON line (no newline), an event.
 
@@ -193,9 +270,9 @@ def records_ndjson(messages: Sequence[Message]) -> bytes:
     return _ENCODER.encode_lines(_records(messages))
 
 
-def read_answer_json(stream: str, messages: Sequence[Message], next_position: int) -> bytes:
+def read_answer_json(stream: str, records: Records, next_position: int) -> bytes:
     """The JSON read answer: ``{"stream": ..., "messages": [record, ...], "next": ...}``."""
-    return _ENCODER.encode(_ReadAnswer(stream, _records(messages), next_position))
+    return _ENCODER.encode(_ReadAnswer(stream, records, next_position))
 
 
 _DECODER: Final = msgspec.json.Decoder()

@@ -48,6 +48,7 @@ from messagevault.wire import (
     EVENT_STREAM,
     JSON,
     NDJSON,
+    Records,
     StreamInfo,
     appended_json,
     appended_minimal,
@@ -55,7 +56,9 @@ from messagevault.wire import (
     json_append,
     read_answer_json,
     record_json,
-    records_ndjson,
+    records_ndjson_of,
+    records_of_frames,
+    records_of_messages,
 )
 
 log = logging.getLogger("messagevault.server")
@@ -457,20 +460,44 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
         # The bulk path: up to 8 MiB of frames unless a limit is asked for.
         frames_limit = limit if "limit" in request.query else None
         return await _binary_frames(request, stream, position, frames_limit, wait)
-    messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
-    if not messages and wait:
+    records, next_position = await _records_page(
+        hub, stream, position, limit, limits.max_read_bytes
+    )
+    if not records and wait:
         notes.kind = "long_poll"
         await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
-        messages, next_position = await hub.read(stream, position, limit, limits.max_read_bytes)
+        records, next_position = await _records_page(
+            hub, stream, position, limit, limits.max_read_bytes
+        )
     if NDJSON in accept:
         return web.Response(
-            body=records_ndjson(messages),
+            body=records_ndjson_of(records),
             content_type=NDJSON,
             charset="utf-8",
             headers={"X-Next": str(next_position)},
         )
-    body = read_answer_json(stream, messages, next_position)
+    body = read_answer_json(stream, records, next_position)
     return web.Response(body=body, content_type=JSON, charset="utf-8")
+
+
+async def _records_page(
+    hub: StreamHub, stream: str, position: int, limit: int, max_bytes: int
+) -> tuple[Records, int]:
+    """Up to ``limit`` messages from ``position`` as records, and the position after them.
+
+    Cut from the stored frames (the binary route's read) where they can be:
+    about twice as fast as a ``Message`` per message. A value in pieces, or
+    a first frame over ``max_bytes``, is read as messages, whose page rules
+    (at least one message, then more while their values fit) the frames
+    then keep anyway: their values cannot add up to more than the frames.
+    """
+    frames = await hub.read_frames(stream, position, max_bytes, limit)
+    if len(frames.data) <= max_bytes:
+        page = records_of_frames(frames.data, frames.skip, limit)
+        if page is not None:
+            return page if page[0] else ([], position)
+    messages, next_position = await hub.read(stream, position, limit, max_bytes)
+    return records_of_messages(messages), next_position
 
 
 async def _binary_frames(
