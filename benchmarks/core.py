@@ -110,10 +110,20 @@ def run_once(
 def main() -> None:
     parser = benchmark_arguments(__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=None, help="where to put the test streams")
+    names = [w.name for w in WORKLOADS]
+    parser.add_argument(
+        "--workloads",
+        default=",".join(names),
+        help=f"comma-separated workloads to run, of {', '.join(names)} (default: all)",
+    )
     args = parser.parse_args()
+    chosen = args.workloads.split(",")
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(names)}")
 
     cases: list[Case] = []
-    for base in WORKLOADS:
+    for base in (w for w in WORKLOADS if w.name in chosen):
         workload = Workload(
             base.name,
             max(base.batch_size, int(base.messages * args.scale)),

@@ -17,6 +17,14 @@ checkpoint written after it is flushed lazily (at most every
 checkpoint names data already durable, so one lost in a power cut only lags,
 and the writer opening the stream next rolls it forward over the whole
 batches that follow it (``recovery.roll_forward``).
+
+With ``fsync=always`` the data file is also kept ahead of the stream in
+zeros, written and flushed (as PostgreSQL does with its WAL segments): a
+commit then overwrites blocks that already exist, and its ``fdatasync``
+writes the data and flushes the device, where a growing file would also
+commit the filesystem's journal (the new size and blocks), shared with
+every other file on the disk. Zeros never pass for a frame, so neither
+readers (who stop at the checkpoint) nor rolling forward read them as data.
 """
 
 from __future__ import annotations
@@ -52,6 +60,12 @@ SYSTEM_FOLDER = "_system"  # cannot clash: stream names never start with "_"
 SERVER_LOCK_FILE = "server.lock"  # in SYSTEM_FOLDER
 MAX_WRITE_SIZE = 4 * 1024 * 1024
 DEFAULT_CHECKPOINT_FLUSH_INTERVAL = 1.0  # seconds
+# With fsync=always the data file runs ahead of the stream in flushed zeros,
+# extended in steps of an eighth of the stream (so a small stream wastes
+# little), at least PREALLOCATE_MIN_STEP and at most ``preallocate`` bytes.
+DEFAULT_PREALLOCATE = 8 * 1024 * 1024
+PREALLOCATE_MIN_STEP = 64 * 1024
+_ZEROS = bytes(1024 * 1024)
 
 
 class FsyncPolicy(StrEnum):
@@ -81,6 +95,7 @@ class FileStorage:
         fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS,
         sync_interval: float = 0.05,
         checkpoint_flush_interval: float = DEFAULT_CHECKPOINT_FLUSH_INTERVAL,
+        preallocate: int = DEFAULT_PREALLOCATE,
     ) -> None:
         self.root = Path(root)
         try:
@@ -101,6 +116,13 @@ class FileStorage:
         # How long a checkpoint may stay unflushed with fsync=always: a bound on
         # what the next writer rolls forward after a power cut (0: every commit).
         self.checkpoint_flush_interval = float(checkpoint_flush_interval)
+        if isinstance(preallocate, bool) or not isinstance(preallocate, int) or preallocate < 0:
+            raise ValueError(
+                f"preallocate must be a whole number of bytes, 0 or more, not {preallocate!r}"
+            )
+        # The most zeros the data file is extended by at a time with
+        # fsync=always (0: never; the file then grows with each commit).
+        self.preallocate = preallocate
 
     def open_stream(
         self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
@@ -244,6 +266,13 @@ class FileStreamStore:
         self._checkpoint_flushed_at = -float("inf")
         self._checkpoint_unflushed = False
         self._leftovers_cut = False
+        self._preallocating = (
+            write and storage.fsync is FsyncPolicy.ALWAYS and storage.preallocate > 0
+        )
+        # What this handle wrote and committed: past both, the file holds
+        # only the zeros it added, which a clean close trims.
+        self._written_end = 0
+        self._committed_length: int | None = None
         self._closed = False
         flags = os.O_RDWR if write else os.O_RDONLY
         try:
@@ -294,6 +323,7 @@ class FileStreamStore:
         if len(data) > MAX_WRITE_SIZE:
             raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
         view = memoryview(data)
+        self._written_end = max(self._written_end, offset + len(view))
         try:
             while view:
                 written = os.pwrite(self._data_fd, view, offset)
@@ -347,6 +377,8 @@ class FileStreamStore:
         try:
             if not self._leftovers_cut:
                 self._cut_leftovers(new.length)
+            if self._preallocating:
+                self._keep_zeros_ahead(new.length)  # flushed with the data, just below
             if sync_data:
                 os.fdatasync(self._data_fd)  # data must be durable before the checkpoint names it
             os.pwrite(self._checkpoint_fd, new.encode(), (new.commit % 2) * CHECKPOINT_SIZE)
@@ -357,6 +389,7 @@ class FileStreamStore:
                 self._checkpoint_flushed_at = self._last_sync = time.monotonic()
         except OSError as exc:
             raise StorageError(f"cannot commit stream {self._name!r}: {exc}") from exc
+        self._committed_length = new.length
 
     def _cut_leftovers(self, length: int) -> None:
         """Cut the data file at ``length``, before a handle's first checkpoint names it.
@@ -366,10 +399,29 @@ class FileStreamStore:
         after it. A power cut can keep the later sectors of such a write and
         lose the first, leaving a whole batch (a later one of a group commit)
         where a new batch may end; cut off, it can never be rolled forward.
+        With preallocation the file is longer than the stream anyway: it is
+        cut all the same, and extended again in fresh zeros.
         """
         if os.fstat(self._data_fd).st_size > length:
             os.ftruncate(self._data_fd, length)
         self._leftovers_cut = True
+
+    def _keep_zeros_ahead(self, length: int) -> None:
+        """Extend the data file in zeros once fewer than half a step lie past ``length``.
+
+        Only ever past the end of the file: nothing written is overwritten.
+        The commit's data flush makes them durable, size and blocks with
+        them, so the commits that follow overwrite blocks the filesystem
+        need not record again.
+        """
+        size = os.fstat(self._data_fd).st_size
+        step = min(self._storage.preallocate, max(PREALLOCATE_MIN_STEP, length // 8))
+        if size - length >= step // 2:
+            return
+        end = -(-(length + step) // 4096) * 4096  # whole filesystem blocks
+        zeros = memoryview(_ZEROS)
+        while size < end:
+            size += os.pwrite(self._data_fd, zeros[: end - size], size)
 
     def _check_open(self) -> None:
         # A closed descriptor number may already belong to another file.
@@ -422,6 +474,12 @@ class FileStreamStore:
         elif self._writable and self._checkpoint_unflushed:
             with contextlib.suppress(OSError, AttributeError):
                 os.fdatasync(self._checkpoint_fd)  # the data it names is durable already
+        committed = self._committed_length
+        if self._preallocating and committed is not None and self._written_end <= committed:
+            # Only this handle's zeros lie past what it committed: a closed
+            # stream's file is as long as the stream (a lost trim leaves zeros).
+            with contextlib.suppress(OSError, AttributeError):
+                os.ftruncate(self._data_fd, committed)
         for attr in ("_data_fd", "_checkpoint_fd"):
             fd = getattr(self, attr, None)
             if fd is not None:
