@@ -40,6 +40,26 @@ def test_core_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
         ("W2", "always", "append"),
     }
     assert all(c["msgs_per_s"] > 0 for c in cases)
+    assert set(report["always_share_of_never"]) == {"W1", "W2"}
+    assert "W2: append with fsync=always at" in stdout
+
+
+def test_core_benchmark_refuses_bad_choices_in_one_line(tmp_path: Path) -> None:
+    for args, expected in (
+        (("--workloads", "W1,W9"), "unknown workload(s) W9"),
+        (("--fsync", "always,sometimes"), "unknown fsync policy"),
+        (("--preallocate", "-1"), "--preallocate must be 0 or more"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "core.py"), *args, "--output", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert expected in result.stderr.splitlines()[-1]
+    assert not list(tmp_path.iterdir())
 
 
 def test_large_values_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
