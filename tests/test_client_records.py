@@ -8,11 +8,12 @@ early; bad arguments and answers raise before anything is handed out.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from messagevault import CorruptData, FileStorage, InvalidPosition, Message, StreamNotFound
 from messagevault.client import AsyncClient, Client
@@ -20,7 +21,7 @@ from messagevault.client import base as client_base
 from messagevault.client.base import Answer, records_ahead, records_of
 from messagevault.errors import InvalidInput
 from messagevault.server import StreamHub, create_app
-from messagevault.wire import message_record
+from messagevault.wire import error_body, message_record
 from tests.served import ServedApp
 
 PAGE = 4  # records a page, instead of 10,000
@@ -142,3 +143,34 @@ def test_answers_that_are_not_records_raise_corrupt_data(
     with pytest.raises(CorruptData, match=match):
         records_ahead(answer)
         records_of(answer)
+
+
+def test_a_page_asked_ahead_that_fails_is_asked_again_with_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_base, "RECORDS_PAGE", PAGE)
+    reads: list[int] = []
+
+    @web.middleware
+    async def second_read_overloaded(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.headers.get("Accept") == "application/x-ndjson":
+            reads.append(int(request.query["from"]))
+            if len(reads) == 2:  # the page asked for ahead
+                return web.Response(
+                    status=503,
+                    body=error_body("overloaded", "busy"),
+                    content_type="application/json",
+                    headers={"Retry-After": "0"},
+                )
+        return await handler(request)
+
+    app = create_app(StreamHub(FileStorage(tmp_path, fsync="never")))
+    app.middlewares.insert(0, second_read_overloaded)
+    with ServedApp(app) as served, Client(served.url) as client:
+        client.publish("orders", [(b"k", b"%d" % i) for i in range(10)])
+        expected = [message_record(m) for m in client.read("orders")]
+        assert list(client.read_records("orders")) == expected
+    assert reads[1] == reads[2]  # the failed page, asked again
+    assert len(reads) == 5  # pages of 4, 4 (twice), 2, and the empty end

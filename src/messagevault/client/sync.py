@@ -332,7 +332,7 @@ class Client:
                     if remaining > 0:
                         rest = None if limit is None else remaining
                         request = records_request(self._settings, stream, next_position, rest)
-                        upcoming = ahead.submit(self._call, request)
+                        upcoming = self._ask_ahead(request, ahead)
                     records = records_of(answer)
                     yield from records if remaining >= 0 else records[:remaining]
                     if upcoming is None:
@@ -341,6 +341,42 @@ class Client:
             finally:
                 if upcoming is not None:  # the caller stopped early: the answer is not needed
                     upcoming.cancel()
+
+    def _ask_ahead(self, request: Request, ahead: ThreadPoolExecutor) -> Future[Answer]:
+        """Send ``request`` now; its answer is read in ``ahead`` while this thread works on.
+
+        Sent here, not by ``ahead``: decoding a page holds the GIL for
+        milliseconds, and a request the reading thread had to send would
+        wait for that, and the server with it. Reads may be sent again, so
+        any failure, or an answer that is not a 200, goes the ordinary way
+        (``_call``: its retries, its errors).
+        """
+        try:
+            connection = self._pool.take()
+        except NotSent:
+            return ahead.submit(self._call, request)
+        target = self._settings.prefix + request.path
+        try:
+            connection.send(request.method, target, request.headers, request.body)
+        except OSError:
+            self._pool.discard(connection)
+            return ahead.submit(self._call, request)
+
+        def receive() -> Answer:
+            try:
+                response = connection.receive()
+            except (OSError, BadAnswer):
+                self._pool.discard(connection)
+                return self._call(request)
+            if response.will_close:
+                self._pool.discard(connection)
+            else:
+                self._pool.give(connection)
+            if response.status != 200:
+                return self._call(request)
+            return Answer(response.status, response.headers, response.body)
+
+        return ahead.submit(receive)
 
     def _page(self, stream: str, position: int, limit: int | None) -> Page:
         return page_of(self._call(page_request(self._settings, stream, position, limit)), position)
