@@ -320,27 +320,25 @@ class Client:
     ) -> Iterator[dict[str, Any]]:
         remaining = sys.maxsize if limit is None else limit
         # One request ahead: the server reads and encodes the next page on
-        # its own core while this thread decodes the current one.
+        # its own core while this thread decodes the current one. A caller
+        # that stops early waits here for that answer, read to its end, so
+        # that its connection goes back to the pool clean.
         with ThreadPoolExecutor(1, thread_name_prefix="messagevault-read-ahead") as ahead:
-            upcoming: Future[Answer] | None = None
-            try:
-                while True:
-                    count, next_position = records_ahead(answer)
-                    if not count:
-                        return
-                    remaining -= count
-                    if remaining > 0:
-                        rest = None if limit is None else remaining
-                        request = records_request(self._settings, stream, next_position, rest)
-                        upcoming = self._ask_ahead(request, ahead)
-                    records = records_of(answer)
-                    yield from records if remaining >= 0 else records[:remaining]
-                    if upcoming is None:
-                        return
-                    answer, upcoming = upcoming.result(), None
-            finally:
-                if upcoming is not None:  # the caller stopped early: the answer is not needed
-                    upcoming.cancel()
+            while True:
+                count, next_position = records_ahead(answer)
+                if not count:
+                    return
+                remaining -= count
+                upcoming: Future[Answer] | None = None
+                if remaining > 0:
+                    rest = None if limit is None else remaining
+                    request = records_request(self._settings, stream, next_position, rest)
+                    upcoming = self._ask_ahead(request, ahead)
+                records = records_of(answer)
+                yield from records if remaining >= 0 else records[:remaining]
+                if upcoming is None:
+                    return
+                answer = upcoming.result()
 
     def _ask_ahead(self, request: Request, ahead: ThreadPoolExecutor) -> Future[Answer]:
         """Send ``request`` now; its answer is read in ``ahead`` while this thread works on.
