@@ -13,6 +13,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -154,7 +155,8 @@ def _record(message: Message) -> _Record:
     )
 
 
-def _records(messages: Sequence[Message]) -> list[_Record]:
+def _records(rows: Sequence[tuple[int, int, int, bytes, bytes, int]]) -> list[_Record]:
+    """The records of messages, or of rows of their fields in ``Message``'s order."""
     try:  # keys and values of text, the common case, without a call per message
         return [
             _Record(
@@ -168,10 +170,10 @@ def _records(messages: Sequence[Message]) -> list[_Record]:
                 value=value.decode("utf-8"),
                 encoding="utf-8",
             )
-            for position, sequence, timestamp, key, value, next_position in messages
+            for position, sequence, timestamp, key, value, next_position in rows
         ]
     except UnicodeDecodeError:
-        return [_record(m) for m in messages]
+        return [_record(Message(*row)) for row in rows]
 
 
 _48_BITS: Final = 0xFFFF_FFFF_FFFF  # the id's timestamp and position fields (format.message_id)
@@ -220,31 +222,10 @@ def records_of_frames(frames: bytes, skip: int, limit: int) -> tuple[Records, in
             next_position = header.end
         nexts = [*positions[1:], next_position]
         sequences = range(header.base_sequence + first, header.base_sequence + first + count)
-        timestamp = header.timestamp
-        hex_time, iso = _hex_time(timestamp), iso_time(timestamp)
-        try:
-            records += [
-                _Record(
-                    position=position,
-                    sequence=sequence,
-                    id=f"{hex_time}{position & _48_BITS:012x}{sequence & _32_BITS:08x}",
-                    timestamp=iso,
-                    key=key.decode("utf-8"),
-                    next_position=after,
-                    value=value.decode("utf-8"),
-                    encoding="utf-8",
-                )
-                for position, sequence, key, value, after in zip(
-                    positions, sequences, keys, values, nexts, strict=False
-                )
-            ]
-        except UnicodeDecodeError:
-            records += [
-                _record(Message(position, sequence, timestamp, key, value, after))
-                for position, sequence, key, value, after in zip(
-                    positions, sequences, keys, values, nexts, strict=False
-                )
-            ]
+        timestamps = itertools.repeat(header.timestamp)
+        records += _records(
+            list(zip(positions, sequences, timestamps, keys, values, nexts, strict=False))
+        )
         offset += header.frame_size
         first = 0
     return records, next_position
