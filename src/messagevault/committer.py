@@ -16,6 +16,11 @@ it directly.
     committer = GroupCommitter(Writer.open(storage, "orders"))
     future = committer.submit(encode_batch(messages))   # returns at once
     receipt = future.result()                            # once committed
+
+An append that finds the committer idle can also be committed by its own
+thread (``commit_here``): no wake-up of the committer thread and none back,
+which is most of an acknowledgement's latency when appends come one at a
+time.
 """
 
 from __future__ import annotations
@@ -78,10 +83,11 @@ class GroupCommitter:
     committer's lock) wherever a blocked ``submit`` would be woken: room
     was made, or the committer closed or failed. An event loop that keeps
     its waiting appends to itself learns of room there.
-    ``on_commit``, if given, is called in the committer thread after each
-    successful commit, once its futures are resolved, so a slow observer
-    delays the next commit but never an acknowledgement; it must be quick
-    and thread-safe, and whatever it raises is ignored.
+    ``on_commit``, if given, is called in the committing thread (the
+    committer's, or ``commit_here``'s caller) after each successful commit,
+    once its futures are resolved, so a slow observer delays the next commit
+    but never an acknowledgement; it must be quick and thread-safe, and
+    whatever it raises is ignored.
     """
 
     def __init__(
@@ -108,6 +114,13 @@ class GroupCommitter:
         self._changed = threading.Condition()
         self._closing = False
         self._failure: BaseException | None = None
+        # The writer is in use (a commit, in either thread): one at a time,
+        # and queued batches wait for it to be over.
+        self._committing = False
+        # How long the last commit took (seconds), None before the first;
+        # and how many batches it carried.
+        self.last_commit_seconds: float | None = None
+        self.last_commit_batches = 0
         self._thread = threading.Thread(
             target=self._run, name=f"messagevault-commit-{writer.name}", daemon=True
         )
@@ -163,6 +176,25 @@ class GroupCommitter:
             f"to be committed; try again shortly"
         )
 
+    def commit_here(self, batch: EncodedBatch) -> AppendResult | None:
+        """Commit ``batch`` in the calling thread if the committer is idle; None if it is not.
+
+        Idle: nothing queued, no commit in flight, not closed. The caller's
+        thread then does what the committer thread would have (the commit, a
+        producer snapshot when one is due, the ``on_commit`` observers) and
+        is blocked meanwhile; batches submitted meanwhile queue behind this
+        one, so order stays arrival order. Raises what the commit raised, as
+        ``submit``'s future would (``StaleWriter`` closes the committer just
+        the same). None: call ``submit``.
+        """
+        with self._changed:
+            if self._queue or self._committing or not self.accepting:
+                return None
+            self._committing = True
+        future: Future[AppendResult] = Future()
+        self._tell(self._commit([(batch, future)]))
+        return future.result()
+
     def append(self, messages: Iterable[tuple[bytes | str, bytes]]) -> AppendResult:
         """Encode, queue and wait: ``Writer.append`` for many threads at once."""
         return self.submit(encode_batch(messages)).result()
@@ -173,70 +205,97 @@ class GroupCommitter:
         return f"the committer of stream {self.writer.name!r} is closed"
 
     def _run(self) -> None:
-        while True:
-            group = self._next_group()
-            if group is None:
-                return
-            batches = [batch for batch, _ in group]
-            started = time.perf_counter()
-            try:
-                outcomes = self.writer.append_group(batches)
-            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
-                if isinstance(exc, StaleWriter):
-                    # Deposed: nothing queued can ever commit. Closed before any
-                    # waiter hears of it, so an append sent after that answer
-                    # finds the committer closed instead of joining its queue.
-                    self._fail_all(exc, group)
-                    return
-                for _, future in group:
-                    future.set_exception(exc)
-                self._group_done()
-                continue
-            seconds = time.perf_counter() - started
+        while (group := self._next_group()) is not None:
+            self._tell(self._commit(group))
+
+    def _release(self) -> None:
+        """The writer is free for the next commit (in either thread)."""
+        with self._changed:
+            self._committing = False
+            self._changed.notify_all()  # the committer thread, or close(), may wait for it
+
+    def _commit(self, group: list[tuple[EncodedBatch, Future[AppendResult]]]) -> Commit | None:
+        """Commit ``group``, let go of the writer, resolve the futures; what to tell ``on_commit``.
+
+        The writer is this thread's until then (``_committing``): it is let
+        go of before the waiters hear, so that the next append, answered or
+        new, finds the committer idle.
+        """
+        batches = [batch for batch, _ in group]
+        self.last_commit_batches = len(batches)
+        started = time.perf_counter()
+        try:
+            outcomes = self.writer.append_group(batches)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+            self.last_commit_seconds = time.perf_counter() - started
+            if isinstance(exc, StaleWriter):
+                # Deposed: nothing queued can ever commit. Closed before any
+                # waiter hears of it, so an append sent after that answer
+                # finds the committer closed instead of joining its queue.
+                self._fail_all(exc, group)
+                self._release()
+                return None
+            self._release()
+            for _, future in group:
+                future.set_exception(exc)
+            self._group_done()
+            return None
+        seconds = self.last_commit_seconds = time.perf_counter() - started
+        try:
             # Repeated and refused batches were answered without being written.
             results = [r for r in outcomes if isinstance(r, AppendResult) and not r.duplicate]
-            messages = sum(result.message_count for result in results)
-            size = sum(result.frame_size for result in results)
+            commit = None
             if results:
-                self.stats.seconds += seconds
-                self.stats.commits += 1
-                self.stats.batches += len(results)
-                self.stats.messages += messages
-                self.stats.bytes += size
-            for (_, future), outcome in zip(group, outcomes, strict=True):
-                if isinstance(outcome, AppendResult):
-                    future.set_result(outcome)
-                else:
-                    future.set_exception(outcome)
-            self._group_done()
-            try:
-                self.writer.snapshot_if_due()  # once every waiter has its answer
-            except Exception:  # a snapshot only saves a later writer time: never stop for it
-                log.exception("producer snapshot failed", extra={"stream": self.writer.name})
-            if self.on_commit is not None and results:
                 commit = Commit(
                     stream=self.writer.name,
                     batches=len(results),
-                    messages=messages,
-                    bytes=size,
+                    messages=sum(result.message_count for result in results),
+                    bytes=sum(result.frame_size for result in results),
                     seconds=seconds,
                     length=self.writer.checkpoint.length,
                 )
-                try:
-                    self.on_commit(commit)
-                except Exception:  # metrics must never stop the commits
-                    log.exception("commit observer failed", extra={"stream": self.writer.name})
+                self.stats.seconds += seconds
+                self.stats.commits += 1
+                self.stats.batches += commit.batches
+                self.stats.messages += commit.messages
+                self.stats.bytes += commit.bytes
+            try:
+                # Due every 64 MiB of stream by default: rarely worth an answer's wait.
+                self.writer.snapshot_if_due()
+            except Exception:  # a snapshot only saves a later writer time: never stop for it
+                log.exception("producer snapshot failed", extra={"stream": self.writer.name})
+        finally:
+            self._release()
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, AppendResult):
+                future.set_result(outcome)
+            else:
+                future.set_exception(outcome)
+        self._group_done()
+        return commit
+
+    def _tell(self, commit: Commit | None) -> None:
+        if self.on_commit is None or commit is None:
+            return
+        try:
+            self.on_commit(commit)
+        except Exception:  # metrics must never stop the commits
+            log.exception("commit observer failed", extra={"stream": self.writer.name})
 
     def _group_done(self) -> None:
         if self.after_group is not None:
             self.after_group()
 
     def _next_group(self) -> list[tuple[EncodedBatch, Future[AppendResult]]] | None:
+        """The next group to commit, the writer taken for it; None: stop."""
         with self._changed:
-            while not self._queue:
-                if self._closing:
+            while self._committing or not self._queue:
+                if self._failure is not None or (self._closing and not self._queue):
                     return None
                 self._changed.wait()
+            if self._failure is not None:
+                return None
+            self._committing = True
             if self.linger > 0 and not self._closing:
                 deadline = time.monotonic() + self.linger
                 while self._queued_bytes < self.max_commit_bytes and not self._closing:
@@ -280,6 +339,9 @@ class GroupCommitter:
             self._closing = True
             self._notify_room()
         self._thread.join()
+        with self._changed:
+            while self._committing:  # a commit_here in another thread
+                self._changed.wait()
         if close_writer:
             self.writer.close()
 
