@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,40 @@ def test_a_bad_preallocate_is_refused_in_one_line(tmp_path: Path, bad: object) -
         FileStorage(tmp_path / "data", preallocate=bad)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
     assert not (tmp_path / "data").exists()
+
+
+# A child with a file size limit (RLIMIT_FSIZE, SIGXFSZ ignored): its writes
+# past the limit fail with EFBIG, as they would with ENOSPC on a full disk.
+_LIMITED_WRITER = """
+import resource, signal, sys
+from messagevault import FileStorage, Reader, Writer
+from messagevault.errors import StorageError
+
+root, limit = sys.argv[1], int(sys.argv[2])
+storage = FileStorage(root)
+with Writer.open(storage, "orders", create=True, commit_timeout=0.2) as writer:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    for n in range(10):
+        writer.append([(b"k%d" % n, bytes(1000))])
+    try:
+        writer.append([(b"too big", bytes(limit))])
+    except StorageError:
+        print("refused")
+with Reader.open(storage, "orders") as reader:
+    print(len(list(reader.read())))
+"""
+
+
+def test_no_room_for_zeros_leaves_room_for_commits(tmp_path: Path) -> None:
+    limit = 20_000  # far less than the zeros of a first step (PREALLOCATE_MIN_STEP)
+    result = subprocess.run(
+        [sys.executable, "-c", _LIMITED_WRITER, str(tmp_path), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["refused", "10"]
+    assert len(_data(tmp_path)) <= limit

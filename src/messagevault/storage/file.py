@@ -22,9 +22,10 @@ With ``fsync=always`` the data file is also kept ahead of the stream in
 zeros, written and flushed (as PostgreSQL does with its WAL segments): a
 commit then overwrites blocks that already exist, and its ``fdatasync``
 writes the data and flushes the device, where a growing file would also
-commit the filesystem's journal (the new size and blocks), shared with
-every other file on the disk. Zeros never pass for a frame, so neither
-readers (who stop at the checkpoint) nor rolling forward read them as data.
+make the filesystem record the new size and blocks first (a journal commit
+on ext4 or XFS, shared with every other file on the disk). Zeros never pass
+for a frame, so neither readers (who stop at the checkpoint) nor rolling
+forward read them as data.
 """
 
 from __future__ import annotations
@@ -420,8 +421,14 @@ class FileStreamStore:
             return
         end = -(-(length + step) // 4096) * 4096  # whole filesystem blocks
         zeros = memoryview(_ZEROS)
-        while size < end:
-            size += os.pwrite(self._data_fd, zeros[: end - size], size)
+        try:
+            while size < end:
+                size += os.pwrite(self._data_fd, zeros[: end - size], size)
+        except OSError as exc:
+            # No room for zeros need not mean no room for the next commit:
+            # without them it only costs that commit's flush a little more.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
 
     def _check_open(self) -> None:
         # A closed descriptor number may already belong to another file.
