@@ -485,11 +485,12 @@ async def _records_page(
 ) -> tuple[Records, int]:
     """Up to ``limit`` messages from ``position`` as records, and the position after them.
 
-    Cut from the stored frames (the binary route's read) where they can be:
-    about twice as fast as a ``Message`` per message. A value in pieces, or
-    a first frame over ``max_bytes``, is read as messages, whose page rules
-    (at least one message, then more while their values fit) the frames
-    then keep anyway: their values cannot add up to more than the frames.
+    Cut from the stored frames (the binary route's read) where it can be:
+    about twice as fast as a ``Message`` per message. Frames of at most
+    ``max_bytes`` hold at most that much of values, so the page keeps the
+    route's bound; a value in pieces, or a first frame alone over
+    ``max_bytes``, is read as messages (at least one, then more while their
+    values fit), as before.
     """
     frames = await hub.read_frames(stream, position, max_bytes, limit)
     if len(frames.data) <= max_bytes:
