@@ -513,3 +513,27 @@ async def test_records_cut_from_frames_are_those_of_the_messages_from_every_posi
         paged += answer["messages"]
         position = answer["next"]
     assert paged == [message_record(m) for m in messages]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"messages": [{"value": "v"}], "sequence": ' + b"7" * 5000 + b"}",
+        b'{"messages": [{"value": "\xff"}]}',
+        b'{"messages": [{"value": NaN}]}',
+    ],
+    ids=["nested too deeply", "5,000 digits", "not UTF-8", "NaN"],
+)
+async def test_json_bodies_the_parser_refuses_are_a_400_and_append_nothing(
+    aiohttp_client: MakeClient, body: bytes
+) -> None:
+    client = await aiohttp_client(create_app(StreamHub(MemoryStorage())))
+    response = await client.post(
+        "/streams/orders", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    error = json.loads(await response.read())
+    assert error["error"] == "invalid_batch"
+    assert "\n" not in error["detail"]
+    assert (await client.get("/streams/orders")).status == 404  # nothing appended
