@@ -87,7 +87,12 @@ class FsyncPolicy(StrEnum):
 
 
 class FileStorage:
-    """Streams in a folder on local disk."""
+    """Streams in a folder on local disk.
+
+    ``preallocate``: with ``fsync=always``, the most bytes of zeros a
+    writer extends a data file by at a time, ahead of the stream (see the
+    module docstring; 0 turns it off, and the file grows with each commit).
+    """
 
     def __init__(
         self,
