@@ -79,6 +79,17 @@ def test_a_stream_far_past_the_largest_step_keeps_at_most_that_much_ahead(tmp_pa
     assert 0 < ahead <= PREALLOCATE_MIN_STEP + 4096
 
 
+def test_commits_larger_than_half_a_step_are_not_followed_by_zeros(tmp_path: Path) -> None:
+    # They would outrun the zeros anyway (large values): zeros would only double the writes.
+    storage = FileStorage(tmp_path, preallocate=PREALLOCATE_MIN_STEP)
+    with Writer.open(storage, STREAM) as writer:
+        for n in range(3):
+            writer.append(_rows(n, count=1, size=PREALLOCATE_MIN_STEP // 2))
+            assert len(_data(tmp_path)) == writer.checkpoint.length
+        writer.append(_rows(3))  # a small one after them: zeros again
+        assert len(_data(tmp_path)) > writer.checkpoint.length
+
+
 @pytest.mark.parametrize(
     ("fsync", "preallocate"), [("never", 1 << 20), ("batch", 1 << 20), ("always", 0)]
 )

@@ -384,7 +384,8 @@ class FileStreamStore:
             if not self._leftovers_cut:
                 self._cut_leftovers(new.length)
             if self._preallocating:
-                self._keep_zeros_ahead(new.length)  # flushed with the data, just below
+                # Flushed with the data, just below.
+                self._keep_zeros_ahead(new.length, new.length - current.length)
             if sync_data:
                 os.fdatasync(self._data_fd)  # data must be durable before the checkpoint names it
             os.pwrite(self._checkpoint_fd, new.encode(), (new.commit % 2) * CHECKPOINT_SIZE)
@@ -412,17 +413,19 @@ class FileStreamStore:
             os.ftruncate(self._data_fd, length)
         self._leftovers_cut = True
 
-    def _keep_zeros_ahead(self, length: int) -> None:
+    def _keep_zeros_ahead(self, length: int, grown: int) -> None:
         """Extend the data file in zeros once fewer than half a step lie past ``length``.
 
         Only ever past the end of the file: nothing written is overwritten.
         The commit's data flush makes them durable, size and blocks with
         them, so the commits that follow overwrite blocks the filesystem
-        need not record again.
+        need not record again. Not after a commit of ``grown`` bytes, half a
+        step or more: commits that large (large values) outrun the zeros,
+        which would only double what they write.
         """
         size = os.fstat(self._data_fd).st_size
         step = min(self._storage.preallocate, max(PREALLOCATE_MIN_STEP, length // 8))
-        if size - length >= step // 2:
+        if size - length >= step // 2 or grown >= step // 2:
             return
         end = -(-(length + step) // 4096) * 4096  # whole filesystem blocks
         zeros = memoryview(_ZEROS)
