@@ -20,8 +20,10 @@ Ack latency, in the same run (issue 12's Azurite target):
   Put Page  one 4 KiB page per ``upload_page``, sequential, 3,000 of them
   W3        2,000 sequential batches of 10 x 100 B through ``messagevault serve
             --storage azure:...`` with the blocking ``Client``
+  bare      the same W3 through ``serve`` on file storage without fsync: the
+            server and HTTP alone, for where the time beyond storage goes
 each as p50/p99 per run, and the ratio W3 p50 / Put Page p50 (target: at most
-1.3, one round trip per append); the two alternate order run by run.
+1.3, one round trip per append); the three reverse order every other run.
 ``--latency-only`` runs just this part. The benchmark starts its own Azurite
 (from node_modules; ``make bench-azure`` installs it). Results go to
 benchmarks/results/azure-<time>.json.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -72,9 +75,9 @@ from messagevault import (  # noqa: E402
 )
 from messagevault.client import Client  # noqa: E402
 from messagevault.committer import GroupCommitter  # noqa: E402
-from messagevault.server.auth import save_users  # noqa: E402
+from messagevault.server.auth import Users, save_users  # noqa: E402
 from messagevault.storage.azure import CONTAINER_PREFIX, DATA_BLOB, AzureStorage  # noqa: E402
-from messagevault.stress.embedded import free_port, stress_users  # noqa: E402
+from messagevault.stress.embedded import EmbeddedServer, free_port, stress_users  # noqa: E402
 from messagevault.stress.stats import Latency  # noqa: E402
 
 CHUNK = 4 * 1024 * 1024  # Azure's Put Page limit; also the reader's default chunk
@@ -345,10 +348,18 @@ class LatencyRun:
     put_page_p99: float
     w3_p50: float
     w3_p99: float
+    # W3 through serve on file storage without fsync: the server and HTTP alone.
+    bare_p50: float
+    bare_p99: float
 
     @property
     def ratio(self) -> float:
         return self.w3_p50 / self.put_page_p50
+
+    @property
+    def storage_ratio(self) -> float:
+        """W3 p50 less the bare server's, per Put Page p50: what storage adds per append."""
+        return (self.w3_p50 - self.bare_p50) / self.put_page_p50
 
 
 def put_page_latency(storage: AzureStorage, tag: str, count: int) -> Latency:
@@ -420,57 +431,78 @@ class AzureServer:
         self.log.unlink(missing_ok=True)
 
 
-def w3_latency(connection_string: str, tag: str, batches: int, folder: Path) -> Latency:
+def w3_publishes(url: str, stream: str, batches: int) -> Latency:
     """W3's ack latency: ``batches`` sequential publishes of 10 x 100 B, blocking client."""
-    stream = f"w3-{tag}"
     filler = os.urandom(W3_VALUE_SIZE)
     data = [
         [(b"key-%012d" % (n * W3_BATCH_SIZE + i), filler) for i in range(W3_BATCH_SIZE)]
         for n in range(batches)
     ]
+    with Client(url, user=USER, password=PASSWORD) as client:
+        for _ in range(WARMUP):
+            client.publish(stream, [(b"warmup", b"v")])
+        latency = Latency()
+        for batch in data:
+            started = time.perf_counter()
+            client.publish(stream, batch)
+            latency.record(time.perf_counter() - started)
+        if client.info(stream).messages != WARMUP + batches * W3_BATCH_SIZE:
+            raise SystemExit("W3: the stream does not hold every message published")
+    return latency
+
+
+def w3_azure(connection_string: str, tag: str, batches: int, folder: Path) -> Latency:
     server = AzureServer(connection_string, folder)
     try:
         server.wait_until_up()
-        with Client(server.url, user=USER, password=PASSWORD) as client:
-            for _ in range(WARMUP):
-                client.publish(stream, [(b"warmup", b"v")])
-            latency = Latency()
-            for batch in data:
-                started = time.perf_counter()
-                client.publish(stream, batch)
-                latency.record(time.perf_counter() - started)
-            if client.info(stream).messages != WARMUP + batches * W3_BATCH_SIZE:
-                raise SystemExit("W3: the stream does not hold every message published")
-        return latency
+        return w3_publishes(server.url, f"w3-{tag}", batches)
     finally:
         server.stop()
+
+
+def w3_bare(batches: int, folder: Path, users: Users) -> Latency:
+    """W3 through serve on file storage, fsync never: the server and HTTP, next to no storage."""
+    with EmbeddedServer(
+        fsync="never", parent=folder, user=USER, password=PASSWORD, users=users
+    ) as server:
+        return w3_publishes(server.url, "w3-bare", batches)
 
 
 def latency_runs(
     storage: AzureStorage, connection_string: str, runs: int, scale: float, folder: Path
 ) -> list[LatencyRun]:
-    pages = max(100, int(PUT_PAGES * scale))
-    batches = max(100, int(W3_BATCHES * scale))
-    save_users(storage, stress_users(PASSWORD, USER))
+    pages = max(20, int(PUT_PAGES * scale))
+    batches = max(20, int(W3_BATCHES * scale))
+    users = stress_users(PASSWORD, USER)
+    save_users(storage, users)
     results: list[LatencyRun] = []
     for run in range(runs):
         tag = f"r{run}"
-        # Alternate the order, so that drift hits both sides alike.
-        if run % 2:
-            w3 = w3_latency(connection_string, tag, batches, folder)
-            put = put_page_latency(storage, tag, pages)
-        else:
-            put = put_page_latency(storage, tag, pages)
-            w3 = w3_latency(connection_string, tag, batches, folder)
+        steps: dict[str, Callable[[], Latency]] = {
+            "put": functools.partial(put_page_latency, storage, tag, pages),
+            "w3": functools.partial(w3_azure, connection_string, tag, batches, folder),
+            "bare": functools.partial(w3_bare, batches, folder, users),
+        }
+        # Reverse the order every other run, so that drift hits all sides alike.
+        order = list(steps) if run % 2 == 0 else list(reversed(steps))
+        measured = {name: steps[name]() for name in order}
         with contextlib.suppress(ResourceNotFoundError):
             storage.service.delete_container(f"{CONTAINER_PREFIX}w3-{tag}")
+        put, w3, bare = measured["put"], measured["w3"], measured["bare"]
         result = LatencyRun(
-            put.percentile_ms(50), put.percentile_ms(99), w3.percentile_ms(50), w3.percentile_ms(99)
+            put.percentile_ms(50),
+            put.percentile_ms(99),
+            w3.percentile_ms(50),
+            w3.percentile_ms(99),
+            bare.percentile_ms(50),
+            bare.percentile_ms(99),
         )
         print(
             f"latency run {run + 1}/{runs}: Put Page p50 {result.put_page_p50:.3f} ms "
             f"p99 {result.put_page_p99:.3f} ms; W3 p50 {result.w3_p50:.3f} ms "
-            f"p99 {result.w3_p99:.3f} ms; W3 p50 / Put Page p50 {result.ratio:.2f}",
+            f"p99 {result.w3_p99:.3f} ms; bare server W3 p50 {result.bare_p50:.3f} ms; "
+            f"W3 p50 / Put Page p50 {result.ratio:.2f} "
+            f"(less the bare server: {result.storage_ratio:.2f})",
             flush=True,
         )
         results.append(result)
@@ -484,11 +516,15 @@ def print_latency_table(results: list[LatencyRun]) -> dict[str, float]:
         "put_page_p99_ms": statistics.median(r.put_page_p99 for r in results),
         "w3_p50_ms": statistics.median(r.w3_p50 for r in results),
         "w3_p99_ms": statistics.median(r.w3_p99 for r in results),
+        "bare_p50_ms": statistics.median(r.bare_p50 for r in results),
+        "bare_p99_ms": statistics.median(r.bare_p99 for r in results),
         "ratio": statistics.median(r.ratio for r in results),
+        "storage_ratio": statistics.median(r.storage_ratio for r in results),
     }
     table = Table(
         title=f"Ack latency on Azurite, median of {len(results)}",
-        caption="ratio: W3 p50 / Put Page p50 of the same run, median over runs",
+        caption="vs Put Page: W3 p50 (less the bare server's, last row) / Put Page p50 "
+        "of the same run, median over runs",
         box=SIMPLE,
     )
     for column in ("case", "p50 ms", "p99 ms", "vs Put Page", "target"):
@@ -507,6 +543,20 @@ def print_latency_table(results: list[LatencyRun]) -> dict[str, float]:
         f"{medians['w3_p99_ms']:.3f}",
         f"{medians['ratio']:.2f}x",
         f"<= {LATENCY_TARGET}x {ok}",
+    )
+    table.add_row(
+        "W3 via serve, file, no fsync",
+        f"{medians['bare_p50_ms']:.3f}",
+        f"{medians['bare_p99_ms']:.3f}",
+        "",
+        "",
+    )
+    table.add_row(
+        "W3 less the bare server",
+        f"{medians['w3_p50_ms'] - medians['bare_p50_ms']:.3f}",
+        "",
+        f"{medians['storage_ratio']:.2f}x",
+        "",
     )
     Console(width=100).print(table)
     return medians

@@ -87,9 +87,12 @@ class ObservedTransport(RequestsTransport):
         return super().send(request, **kwargs)
 
 
-def observed_storage(connection_string: str) -> tuple[AzureStorage, ObservedTransport]:
+def observed_storage(
+    connection_string: str, **options: Any
+) -> tuple[AzureStorage, ObservedTransport]:
+    """``AzureStorage(service, **options)`` whose service sends through an ``ObservedTransport``."""
     transport = ObservedTransport()
     service = BlobServiceClient.from_connection_string(
         connection_string, transport=transport, **client_options()
     )
-    return AzureStorage(service), transport
+    return AzureStorage(service, **options), transport

@@ -114,6 +114,27 @@ def test_a_sequential_producer_pays_one_round_trip_per_append(
     assert stored_checkpoint(storage) == final
 
 
+def test_checkpoint_updates_come_at_most_one_per_interval(
+    azurite: Azurite, azure_storage: AzureStorage
+) -> None:
+    storage, transport = observed_storage(azurite.connection_string, checkpoint_interval=30.0)
+    with Writer.open(storage, "orders") as writer:
+        for number in range(10):
+            writer.append([(b"k", b"v%d" % number)])
+        # The first went at once; the other nine wait out the interval as one.
+        wait_until(lambda: stored_checkpoint(storage).commit == 1, "the first update")
+        assert transport.count(SET_CHECKPOINT) == 1
+        assert writer._store.read_checkpoint() == writer.checkpoint  # a read does not wait
+        assert transport.count(SET_CHECKPOINT) == 2
+    assert values(azure_storage) == [b"v%d" % n for n in range(10)]
+
+
+@pytest.mark.parametrize("interval", [-0.1, 61, float("nan"), float("inf"), True, "0.1", None])
+def test_bad_checkpoint_intervals_are_refused(azurite: Azurite, interval: object) -> None:
+    with pytest.raises(ValueError, match="checkpoint_interval must be 0-60 seconds"):
+        AzureStorage.from_connection_string(azurite.connection_string, checkpoint_interval=interval)
+
+
 def test_close_waits_for_the_checkpoint_updates_in_flight(
     observed: tuple[AzureStorage, ObservedTransport], azure_storage: AzureStorage
 ) -> None:
@@ -235,7 +256,7 @@ def test_a_deposed_writers_waiting_updates_fail_and_it_appends_no_more(
         with pytest.raises(StaleWriter):
             old.append([(b"k", b"old-4")])
         new.append([(b"k", b"new-2")])
-        assert stored_checkpoint(azure_storage) == new.checkpoint
+    assert stored_checkpoint(azure_storage) == new.checkpoint
     old.close()
     assert values(azure_storage) == [b"old-1", b"old-2", b"old-3", b"new-1", b"new-2"]
 

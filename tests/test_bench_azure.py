@@ -29,3 +29,8 @@ def test_azure_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
             assert case["ratio"] > 0
             assert case["msgs_per_s"] > 0
         assert cases[(workload, "append")]["commits_per_s"] > 0
+    latency = cases[("W3", "ack latency")]
+    assert len(latency["runs"]) == 2
+    for figure in ("put_page_p50_ms", "w3_p50_ms", "bare_p50_ms", "ratio", "storage_ratio"):
+        assert latency[figure] > 0
+    assert "W3 via serve" in stdout

@@ -15,9 +15,10 @@ A commit is durable once its Put Page(s) returned (Azure Storage answers
 only for what it has stored), so ``advance_checkpoint`` hands the checkpoint
 update to a background thread and returns: the next commit's Put Page
 overlaps it, and a sequential producer pays one round trip per append. The
-thread writes updates in order, one at a time, only the newest of those
-waiting; each names data already stored, so readers never read past durable
-data, they see it a round trip later. After a crash the checkpoint may lag
+thread writes updates in order, one at a time and at most one per
+``checkpoint_interval``, only the newest of those waiting; each names data
+already stored, so readers never read past durable data, they see it at most
+an interval and a round trip later. After a crash the checkpoint may lag
 acknowledged commits: the next writer rolls forward (``checkpoint_may_lag``).
 
 Only this module and ``azure_lease.py`` import the Azure SDK.
@@ -80,6 +81,13 @@ MAX_BLOB_SIZE = 8 * 1024**4  # Azure's page blob limit
 INITIAL_SIZE = 4 * 1024 * 1024
 MAX_GROWTH_STEP = 1024**3
 DEFAULT_SAS_EXPIRY = timedelta(hours=1)
+# At most one checkpoint update per this many seconds (and stream), the commits
+# in between coalesced into the next. Azure bills each update as a write and
+# serves a single blob up to ~500 requests/s; Azurite (one thread) makes the
+# next commit's Put Page wait behind it. Direct readers lag by this (and a round
+# trip) at most: half of Reader.follow's default poll interval.
+DEFAULT_CHECKPOINT_INTERVAL = 0.05
+MAX_CHECKPOINT_INTERVAL = 60.0
 # A checkpoint update that failed is tried again after this, doubling up to
 # the maximum, for as long as the handle is open: nothing else makes the
 # commits it names visible to readers.
@@ -142,13 +150,31 @@ def azure_errors(what: str) -> Iterator[None]:
 
 
 class AzureStorage:
-    """Streams in one Azure storage account (or Azurite)."""
+    """Streams in one Azure storage account (or Azurite).
+
+    ``checkpoint_interval`` (seconds, 0-60): a writer updates a stream's
+    checkpoint at most this often, the commits in between coalesced.
+    """
 
     def __init__(
-        self, service: BlobServiceClient, *, sas_expiry: timedelta = DEFAULT_SAS_EXPIRY
+        self,
+        service: BlobServiceClient,
+        *,
+        sas_expiry: timedelta = DEFAULT_SAS_EXPIRY,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> None:
+        if (
+            isinstance(checkpoint_interval, bool)
+            or not isinstance(checkpoint_interval, int | float)
+            or not 0 <= checkpoint_interval <= MAX_CHECKPOINT_INTERVAL
+        ):
+            raise ValueError(
+                f"checkpoint_interval must be 0-{MAX_CHECKPOINT_INTERVAL:g} seconds, "
+                f"not {checkpoint_interval!r}"
+            )
         self.service = service
         self.sas_expiry = sas_expiry
+        self.checkpoint_interval = float(checkpoint_interval)
 
     @classmethod
     def from_connection_string(cls, connection_string: str, **kwargs: Any) -> AzureStorage:
@@ -304,7 +330,8 @@ class AzureStreamStore:
         self._sending = False
         self._attempts = 0  # updates tried so far, landed or not
         self._failure: StorageError | None = None  # of the last try, if it failed
-        self._retry_now = False
+        self._hurry = False  # someone waits for the updates: no pause before the next
+        self._interval = storage.checkpoint_interval if storage else DEFAULT_CHECKPOINT_INTERVAL
         self._stopping = False
         self._fatal: MessageVaultError | None = None  # this handle lost the stream
         self._sent: list[Checkpoint] = []  # updates sent since _known (updater thread only)
@@ -449,14 +476,14 @@ class AzureStreamStore:
     def _drain(self, timeout: float | None) -> None:
         """Wait until every update handed over landed; raise what stopped one.
 
-        A failed update waiting for its retry is tried at once, and its
-        outcome is this call's: one try, as a plain read would make.
+        The next update goes without its pause (``checkpoint_interval``); a
+        failed one waiting for its retry is tried at once, and its outcome is
+        this call's: one try, as a plain read would make.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._updates:
-            if self._failure is not None:
-                self._retry_now = True
-                self._updates.notify_all()
+            self._hurry = True
+            self._updates.notify_all()
             tries = self._attempts
             while True:
                 if self._fatal is not None:
@@ -478,24 +505,20 @@ class AzureStreamStore:
     def _run_updates(self) -> None:
         """The updater thread: the newest checkpoint handed over, one update at a time."""
         delay = RETRY_DELAY
-        retry_at = 0.0
+        next_at = 0.0  # no update before this: the interval, or a failed one's retry delay
         while True:
             with self._updates:
                 while not self._stopping and (
-                    self._queued is None
-                    or (
-                        self._failure is not None
-                        and not self._retry_now
-                        and time.monotonic() < retry_at
-                    )
+                    self._queued is None or (not self._hurry and time.monotonic() < next_at)
                 ):
-                    wait = None if self._queued is None else retry_at - time.monotonic()
+                    wait = None if self._queued is None else next_at - time.monotonic()
                     self._updates.wait(wait)
                 if self._stopping:
                     return
                 target, self._queued = self._queued, None
-                self._sending, self._retry_now = True, False
+                self._sending, self._hurry = True, False
                 known = self._known
+            started = time.monotonic()
             assert target is not None and known is not None
             try:
                 landed = self._put_checkpoint(target, known)
@@ -505,7 +528,7 @@ class AzureStreamStore:
                     self._queued = self._queued or target  # a newer one supersedes it
                     self._sending = False
                     self._attempts += 1
-                    retry_at = time.monotonic() + delay
+                    next_at = time.monotonic() + delay
                     delay = min(delay * 2, MAX_RETRY_DELAY)
                     self._updates.notify_all()
                 continue
@@ -536,6 +559,7 @@ class AzureStreamStore:
                 self._sending = False
                 self._attempts += 1
                 delay = RETRY_DELAY
+                next_at = started + self._interval
                 self._updates.notify_all()
 
     def _put_checkpoint(
