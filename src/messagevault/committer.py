@@ -212,7 +212,11 @@ class GroupCommitter:
         """The writer is free for the next commit (in either thread)."""
         with self._changed:
             self._committing = False
-            self._changed.notify_all()  # the committer thread, or close(), may wait for it
+            # Only the committer thread with batches queued, and close(),
+            # wait for that: an idle thread woken after every commit_here
+            # would cost the wake-up commit_here saves.
+            if self._queue or self._closing:
+                self._changed.notify_all()
 
     def _commit(self, group: list[tuple[EncodedBatch, Future[AppendResult]]]) -> Commit | None:
         """Commit ``group``, let go of the writer, resolve the futures; what to tell ``on_commit``.

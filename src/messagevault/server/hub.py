@@ -2,17 +2,21 @@
 
 Storage calls block (files, the Azure SDK), so they run in a thread pool;
 appends go through each stream's ``GroupCommitter``, whose thread turns the
-requests waiting at any moment into one storage commit. An append that comes
-alone (no other append in flight, the committer idle, the last commit quick
-and of one append too) to file storage is committed on the event loop itself, as Redis does
-its ``appendfsync always``: the two thread wake-ups it saves were a fifth of
-such an append's latency on a busy machine, and no other append waits
-meanwhile. The price: whatever else arrives waits for that commit (a
-few milliseconds at most), and a disk that stalls holds the loop for the
-first commit it stalls; the commits after a slow one go through the thread. Long-polling readers
-wait on a per-stream condition that commits notify while anyone waits. Reads
-reuse idle readers and, for the streams this server writes, take the
-committed length from the writer rather than from storage.
+requests waiting at any moment into one storage commit.
+
+An append that comes alone (no other append in flight, the committer idle,
+the stream's last commit quick and of one append too) to file storage is
+committed on the event loop itself, as Redis does its ``appendfsync
+always``: the two thread wake-ups it saves were a fifth of such an append's
+latency on a busy machine, and no other append waits meanwhile. The price:
+whatever else arrives waits for that commit (a few milliseconds at most),
+and a disk that stalls holds the loop for the first commit it stalls; the
+commits after a slow one go through the thread.
+
+Long-polling readers wait on a per-stream condition that commits notify
+while anyone waits. Reads reuse idle readers and, for the streams this
+server writes, take the committed length from the writer rather than from
+storage.
 """
 
 from __future__ import annotations
