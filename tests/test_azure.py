@@ -34,7 +34,17 @@ from messagevault.storage.azure import (
 from tests.azurite import Azurite
 
 
-def _values(storage: AzureStorage, name: str = "orders") -> list[bytes]:
+def _values(
+    storage: AzureStorage, name: str = "orders", *, after: Writer | None = None
+) -> list[bytes]:
+    """What a direct reader sees; ``after``'s checkpoint updates landed first.
+
+    The checkpoint update runs behind the append (pipelined), so a reader
+    sees an acknowledged append a little later; reading the checkpoint
+    through the writer's handle waits for it.
+    """
+    if after is not None:
+        after._store.read_checkpoint()
     return [m.value for m in Reader.open(storage, name).read()]
 
 
@@ -77,9 +87,9 @@ def test_takeover_fences_the_old_writer(azure_storage: AzureStorage) -> None:
         old.append([(b"k", b"old-2")])
     with pytest.raises(StaleWriter):
         old.append([(b"k", b"old-3")])
-    assert _values(azure_storage) == [b"old-1", b"new-1"]
+    assert _values(azure_storage, after=new) == [b"old-1", b"new-1"]
     new.append([(b"k", b"new-2")])
-    assert _values(azure_storage) == [b"old-1", b"new-1", b"new-2"]
+    assert _values(azure_storage, after=new) == [b"old-1", b"new-1", b"new-2"]
     old.close()
     new.close()
 
@@ -92,7 +102,7 @@ def test_takeover_before_the_new_writer_commits(azure_storage: AzureStorage) -> 
     with pytest.raises(StaleWriter):
         old.append([(b"k", b"old-2")])
     new.append([(b"k", b"new-1")])
-    assert _values(azure_storage) == [b"old-1", b"new-1"]
+    assert _values(azure_storage, after=new) == [b"old-1", b"new-1"]
     old.close()
     new.close()
 
