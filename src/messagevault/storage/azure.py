@@ -442,9 +442,10 @@ class AzureStreamStore:
         """Hand ``new`` to the background updater; the data it names must be written already.
 
         ``expected`` must be the checkpoint this handle last handed over or
-        read, else ``StaleWriter``. A failing update (storage down) refuses
-        further commits with ``StorageError`` until ``read_checkpoint`` sees
-        it land; a lost lease or a moved checkpoint raises ``StaleWriter``.
+        read, else ``StaleWriter``. While an update fails (storage down),
+        further commits are refused with ``StorageError`` until it lands (the
+        updater retries it; ``read_checkpoint`` tries it at once); after a
+        lost lease or a moved checkpoint, ``StaleWriter``.
         """
         self._check_open()
         if not self._writable:

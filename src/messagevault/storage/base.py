@@ -82,9 +82,11 @@ class StreamStore(Protocol):
 
         Atomic and conditional: if the stored checkpoint is no longer
         ``expected`` (another writer committed), raise ``StaleWriter`` and
-        change nothing. When this returns, ``new`` is what every reader sees,
-        and the data it names survives a crash as far as the backend's
-        durability setting promises. The checkpoint itself may become
+        change nothing. When this returns, ``new`` is what every reader sees
+        (on Azure a little later: the update runs in the background, and
+        ``read_checkpoint`` on the writing handle waits for it), and the
+        data it names survives a crash as far as the backend's durability
+        setting promises. The checkpoint itself may become
         durable later (file storage flushes it lazily, and a handle's first
         one at once): after a crash it may lag, and the next writer rolls
         the stream forward over the whole batches it misses
