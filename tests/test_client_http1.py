@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from messagevault.client.http1 import MAX_HEAD, BadAnswer, Connection
+from messagevault.client.http1 import MAX_HEAD, AsyncConnection, BadAnswer, Connection, Response
 
 TIMEOUT = 5.0
 
@@ -280,3 +280,100 @@ def test_a_silent_server_times_out(canned: list[CannedServer]) -> None:
     with pytest.raises(TimeoutError):
         connection.receive()
     connection.close()
+
+
+# The asyncio twin: the same answers through AsyncConnection ---------------------------
+
+
+async def _async_exchange(
+    server: CannedServer, *, timeout: float = TIMEOUT
+) -> tuple[AsyncConnection, Response]:
+    connection = AsyncConnection("127.0.0.1", server.port, timeout=timeout)
+    await connection.send("POST", "/streams/orders", {"Accept": "application/json"}, b"batch")
+    return connection, await connection.receive(timeout)
+
+
+async def test_async_answers_in_every_framing(canned: list[CannedServer]) -> None:
+    server = CannedServer(
+        [
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Next: 7\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;ext=1\r\ntwo\r\n5\r\n-more\r\n0\r\nTrailer: x\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\n\r\nuntil the end",
+        ],
+        close_at_end=True,
+    )
+    canned.append(server)
+    connection, first = await _async_exchange(server)
+    assert (first.status, first.body, first.headers["X-Next"]) == (200, b"one", "7")
+    assert not first.will_close and not connection.dropped
+    for expected in (b"two-more", b"", b"until the end"):
+        await connection.send("GET", "/x", {}, None)
+        response = await connection.receive(TIMEOUT)
+        assert response.body == expected
+    assert response.will_close
+    connection.close()
+    assert b"\r\nContent-Length: 5\r\n" in server.received[0]
+    assert server.received[0].endswith(b"\r\n\r\nbatch")
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxyz\r\n0\r\n\r\n", "longer"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_HEAD + b"\r\n\r\n", "longer than"),
+    ],
+)
+async def test_async_an_answer_that_is_not_http_is_a_bad_answer(
+    canned: list[CannedServer], answer: bytes, error: str
+) -> None:
+    server = CannedServer([answer])
+    canned.append(server)
+    connection = AsyncConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    await connection.send("GET", "/x", {}, None)
+    with pytest.raises(BadAnswer, match=error):
+        await connection.receive(TIMEOUT)
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        None,
+        b"HTTP/1.1 200 OK\r\nContent-Le",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+    ],
+)
+async def test_async_a_connection_that_ends_inside_an_answer_is_a_reset(
+    canned: list[CannedServer], answer: bytes | None
+) -> None:
+    server = CannedServer([answer] if answer is not None else [None], close_at_end=True)
+    canned.append(server)
+    connection = AsyncConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    await connection.send("GET", "/x", {}, None)
+    with pytest.raises(ConnectionResetError, match="before its answer was complete"):
+        await connection.receive(TIMEOUT)
+    connection.close()
+
+
+async def test_async_a_silent_server_times_out_and_forging_is_refused(
+    canned: list[CannedServer],
+) -> None:
+    server = CannedServer([])
+    canned.append(server)
+    connection = AsyncConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    with pytest.raises(ValueError, match="may not hold"):
+        await connection.send("GET", "/x", {"X-Request-Id": "a\r\nX-Evil: 1"}, None)
+    assert connection.dropped  # never connected
+    await connection.send("GET", "/x", {}, None)
+    with pytest.raises(TimeoutError):
+        await connection.receive(0.2)
+    connection.close()
+    assert connection.dropped

@@ -1,4 +1,4 @@
-"""``AsyncClient``: the asyncio client, over aiohttp (which the server already depends on)."""
+"""``AsyncClient``: the asyncio client, over a lean HTTP/1.1 connection of its own (``http1``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Iterable
 from itertools import islice
 from types import TracebackType
 from typing import Any
-
-import aiohttp
 
 from messagevault.client.base import (
     DEFAULT_RETRY_TIMEOUT,
@@ -42,6 +40,7 @@ from messagevault.client.base import (
     streams_request,
     too_large,
 )
+from messagevault.client.http1 import AsyncConnection, BadAnswer, tls_context
 from messagevault.client.sync import Client, MessageLike
 from messagevault.errors import ClientClosed, InvalidInput, RequestTooLarge
 from messagevault.format import EncodedBatch, Message
@@ -52,6 +51,68 @@ from messagevault.writer import AppendResult
 
 # A request that ended because ``stop`` was set or the client closed.
 _STOPPED = Answer(0, {}, b"")
+
+
+class _Pool:
+    """Keep-alive connections to the server for one event loop, at most ``limit`` at a time."""
+
+    def __init__(self, settings: Settings, limit: int = 100, max_idle: int = 16) -> None:
+        self._settings = settings
+        self._max_idle = max_idle
+        self._idle: list[AsyncConnection] = []
+        self._busy: set[AsyncConnection] = set()
+        self._room = asyncio.Semaphore(limit)
+        self._tls = tls_context() if settings.scheme == "https" else None
+        self.closed = False
+
+    async def take(self) -> AsyncConnection:
+        """A connected connection: an idle one still open, or a new one (``NotSent`` if not)."""
+        await self._room.acquire()
+        try:
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.dropped:
+                    self._busy.add(connection)
+                    return connection
+                connection.close()
+            settings = self._settings
+            connection = AsyncConnection(
+                settings.host, settings.port, timeout=settings.timeout, tls=self._tls
+            )
+            try:
+                await connection.connect()
+            except (OSError, TimeoutError) as exc:  # refused, unreachable, connect timeout
+                connection.close()
+                raise NotSent(exc) from exc
+            if self.closed:
+                connection.close()
+                raise NotSent("the client is closed")
+            self._busy.add(connection)
+            return connection
+        except BaseException:
+            self._room.release()
+            raise
+
+    def give(self, connection: AsyncConnection) -> None:
+        self._busy.discard(connection)
+        self._room.release()
+        if not self.closed and len(self._idle) < self._max_idle:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def discard(self, connection: AsyncConnection) -> None:
+        self._busy.discard(connection)
+        self._room.release()
+        connection.close()
+
+    def close(self) -> None:
+        """Close every connection, busy ones too: their requests fail at once."""
+        self.closed = True
+        connections = [*self._idle, *self._busy]
+        self._idle, self._busy = [], set()
+        for connection in connections:
+            connection.close()
 
 
 class AsyncClient:
@@ -90,7 +151,7 @@ class AsyncClient:
         )
         self._base = self._settings.url
         self._prefix = self._settings.prefix
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: _Pool | None = None
         self._renewer: Client | None = None  # for readers' SAS renewals, which are blocking
         self._closed = False
 
@@ -279,48 +340,48 @@ class AsyncClient:
             await asyncio.sleep(delay)
 
     async def _send(self, request: Request) -> Answer:
-        session = self._open_session()
-        options: dict[str, Any] = {}
-        if request.wait:  # the server may hold the answer that long
-            seconds = self._settings.timeout
-            options["timeout"] = aiohttp.ClientTimeout(
-                total=None, sock_connect=seconds, sock_read=seconds + request.wait
-            )
+        """One try over one connection (see ``Client._send``)."""
+        pool = self._open_pool()
+        connection = await pool.take()
         try:
-            async with session.request(
-                request.method,
-                self._prefix + request.path,
-                data=request.body,
-                headers=request.headers,
-                **options,
-            ) as response:
-                body = await response.read()
-                return Answer(response.status, response.headers, body)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise NotSent(exc) from exc  # refused, unreachable, no such host: never sent
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Lost(exc) from exc
+            try:
+                await connection.send(
+                    request.method, self._prefix + request.path, request.headers, request.body
+                )
+            except OSError as exc:
+                # The server takes a request only once its whole body has
+                # arrived, and this send did not finish: it was not acted on.
+                raise NotSent(exc) from exc
+            try:
+                response = await connection.receive(
+                    self._settings.timeout + request.wait, head_only=request.method == "HEAD"
+                )
+            except (OSError, BadAnswer, TimeoutError) as exc:
+                raise Lost(exc) from exc
+        except BaseException:  # cancelled too: the answer may still come, on no one's watch
+            pool.discard(connection)
+            raise
+        if response.will_close:
+            pool.discard(connection)
+        else:
+            pool.give(connection)
+        return Answer(response.status, response.headers, response.body)
 
-    def _open_session(self) -> aiohttp.ClientSession:
+    def _open_pool(self) -> _Pool:
         if self._closed:
             raise NotSent("the client is closed")
-        if self._session is None:
-            seconds = self._settings.timeout
-            self._session = aiohttp.ClientSession(
-                self._settings.origin,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds),
-                connector=aiohttp.TCPConnector(limit=100),
-            )
-        return self._session
+        if self._pool is None:
+            self._pool = _Pool(self._settings)
+        return self._pool
 
     # Lifetime --------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         """Close connections; ends ``follow`` loops (a waiting one within ~0 s)."""
         self._closed = True
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
         if self._renewer is not None:
             self._renewer.close()
 
