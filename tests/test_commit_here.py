@@ -273,6 +273,18 @@ async def test_errors_are_answered_alike_on_the_loop_and_through_the_thread(
     assert values == [b"zero", b"one"]
 
 
+async def test_with_a_linger_lone_appends_still_wait_in_the_thread(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    hub = StreamHub(FileStorage(tmp_path), linger=0.001)
+    hub.loop_commit_limit = 60.0
+    threads = _Threads(hub)
+    client = await aiohttp_client(create_app(hub))
+    for n in range(3):
+        assert (await _post(client, {"messages": [{"value": f"lone {n}"}]}))[0] == 200
+    assert threading.get_ident() not in await threads.threads(3)
+
+
 async def test_memory_storage_and_remote_storage_commit_in_the_thread() -> None:
     assert StreamHub(MemoryStorage()).commit_on_loop is False
     assert StreamHub(MemoryStorage(), commit_on_loop=True).commit_on_loop is True

@@ -183,9 +183,9 @@ class GroupCommitter:
         thread then does what the committer thread would have (the commit, a
         producer snapshot when one is due, the ``on_commit`` observers) and
         is blocked meanwhile; batches submitted meanwhile queue behind this
-        one, so order stays arrival order. Raises what the commit raised, as
-        ``submit``'s future would (``StaleWriter`` closes the committer just
-        the same). None: call ``submit``.
+        one, so order stays arrival order. It does not ``linger``. Raises
+        what the commit raised, as ``submit``'s future would (``StaleWriter``
+        closes the committer just the same). None: call ``submit``.
         """
         with self._changed:
             if self._queue or self._committing or not self.accepting:

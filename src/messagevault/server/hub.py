@@ -255,6 +255,7 @@ class StreamHub:
         turnstile = self._turnstiles.get(stream)
         return (
             self.commit_on_loop
+            and not self.linger  # asked for: commits wait for company, never alone
             and self._appending == 1
             and committer.last_commit_batches == 1
             and took is not None
