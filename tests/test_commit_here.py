@@ -9,6 +9,8 @@ stats, snapshots, close) whole.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ from messagevault.committer import Commit, GroupCommitter
 from messagevault.errors import CommitterClosed, SequenceGap
 from messagevault.format import EncodedBatch
 from messagevault.server import StreamHub, create_app
+from messagevault.server.hub import LOOP_COMMIT_MAX_BYTES
 from messagevault.storage.memory import MemoryStreamStore
 
 MakeClient = Any  # the aiohttp_client fixture
@@ -283,6 +286,23 @@ async def test_with_a_linger_lone_appends_still_wait_in_the_thread(
     for n in range(3):
         assert (await _post(client, {"messages": [{"value": f"lone {n}"}]}))[0] == 200
     assert threading.get_ident() not in await threads.threads(3)
+
+
+async def test_a_big_lone_batch_is_committed_by_the_thread(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    hub = StreamHub(FileStorage(tmp_path))
+    hub.loop_commit_limit = 60.0
+    threads = _Threads(hub)
+    client = await aiohttp_client(create_app(hub))
+    big = "x" * (LOOP_COMMIT_MAX_BYTES + 1)  # its write alone would hold the loop
+    for value in ("first", "small", big, "small again"):
+        body = json.dumps({"messages": [{"value": value}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        response = await client.post("/streams/orders", data=io.BytesIO(body), headers=headers)
+        assert response.status == 200
+    on_loop = [t == threading.get_ident() for t in await threads.threads(4)]
+    assert on_loop == [False, True, False, True]
 
 
 async def test_memory_storage_and_remote_storage_commit_in_the_thread() -> None:

@@ -246,10 +246,11 @@ class Writer:
         """Open ``name`` for writing (creating it by default) and take its writer lock.
 
         ``takeover=True`` deposes a current writer where the backend can fence
-        it (see ``Storage.open_stream``), and then adopts nothing past the
-        checkpoint (it may be the deposed writer's failing commit); otherwise
-        opening rolls the stream forward over the whole batches a stale
-        checkpoint leaves out (``recovery``). ``commit_timeout`` bounds how long an
+        it (see ``Storage.open_stream``). Opening rolls the stream forward over
+        the whole batches a stale checkpoint leaves out (``recovery``), except
+        after a takeover on a backend whose checkpoint never lags (memory):
+        there, what lies past it is the deposed writer's commit in progress,
+        which that writer reports failed. ``commit_timeout`` bounds how long an
         append rides out storage faults before it raises ``StorageError``.
 
         The producer table (``producers``) remembers at most
@@ -271,8 +272,10 @@ class Writer:
                 snapshot_interval=snapshot_interval,
                 # Past the checkpoint of a stream taken from a live writer may be
                 # that writer's commit in progress, which it will report failed:
-                # not to be adopted. Only a backend whose checkpoint can lag
-                # needs rolling forward, and there a live writer cannot be deposed.
+                # not to be adopted where checkpoints never lag (memory). Where
+                # they may (files: flushed lazily; Azure: updated behind the
+                # acknowledgement), what lies past it may be acknowledged, and the
+                # lease fences the deposed writer's later writes: roll forward.
                 roll_forward=not takeover or getattr(store, "checkpoint_may_lag", False),
             )
         except BaseException:

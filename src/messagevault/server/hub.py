@@ -72,6 +72,9 @@ READ_CHUNK_SIZE = 1024 * 1024
 # failing (whose retries would hold the loop), sends commits back to the
 # committer thread until one is quick again. A local fsync takes 0.3-5 ms.
 LOOP_COMMIT_LIMIT = 0.005
+# Nor a batch bigger than this (bytes of frames): its write alone would hold
+# the loop, and a big batch gains little from saving two thread wake-ups.
+LOOP_COMMIT_MAX_BYTES = 1024 * 1024
 
 
 class _IdleReaders:
@@ -229,11 +232,11 @@ class StreamHub:
         self._appending += 1
         try:
             result = None
-            if self._alone(stream, committer):
+            if self._alone(stream, committer, batch):
                 # Appends already read but not yet here (a burst of them)
                 # come in first: then none is alone, and they share a commit.
                 await asyncio.sleep(0)
-                if self._alone(stream, committer):
+                if self._alone(stream, committer, batch):
                     result = committer.commit_here(batch)
             if result is None:
                 result = await self._commit_in_thread(stream, committer, batch)
@@ -245,11 +248,12 @@ class StreamHub:
                 condition.notify_all()
         return result
 
-    def _alone(self, stream: str, committer: GroupCommitter) -> bool:
+    def _alone(self, stream: str, committer: GroupCommitter, batch: EncodedBatch) -> bool:
         """Whether this append may be committed on the event loop: see the module's docstring.
 
         Alone: no other append in flight, and the stream's last commit was of
-        one batch too (appends come one at a time, not in bursts) and quick.
+        one batch too (appends come one at a time, not in bursts) and quick;
+        and the batch is small (``LOOP_COMMIT_MAX_BYTES``).
         """
         took = committer.last_commit_seconds
         turnstile = self._turnstiles.get(stream)
@@ -257,6 +261,7 @@ class StreamHub:
             self.commit_on_loop
             and not self.linger  # asked for: commits wait for company, never alone
             and self._appending == 1
+            and batch.frame_size <= LOOP_COMMIT_MAX_BYTES
             and committer.last_commit_batches == 1
             and took is not None
             and took <= self.loop_commit_limit
