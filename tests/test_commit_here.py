@@ -161,6 +161,31 @@ def test_a_producer_snapshot_due_after_a_commit_here_is_taken_there() -> None:
         assert storage.open_stream("orders").read_side("producers") is not None
 
 
+def test_a_due_producer_snapshot_never_delays_the_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writer = Writer.open(MemoryStorage(), "orders", snapshot_interval=1)
+    writing, finish = threading.Event(), threading.Event()
+    write_snapshot = writer.write_snapshot
+
+    def slow_snapshot() -> bool:
+        writing.set()
+        finish.wait(30)
+        return write_snapshot()
+
+    monkeypatch.setattr(writer, "write_snapshot", slow_snapshot)
+    with GroupCommitter(writer) as committer:
+        try:
+            future = committer.submit(_batch("a").with_producer(uuid.uuid4().bytes, 0))
+            assert future.result(timeout=30).base_sequence == 0  # answered before the snapshot
+            assert writing.wait(30)
+            later = committer.submit(_batch("b"))  # waits for the writer: the snapshot has it
+            assert not later.done()
+        finally:
+            finish.set()
+        assert later.result(timeout=30).base_sequence == 3
+
+
 def test_close_waits_for_a_commit_here_in_another_thread() -> None:
     storage = _HeldStorage()
     committer = GroupCommitter(Writer.open(storage, "orders"))

@@ -245,38 +245,48 @@ class GroupCommitter:
             self._group_done()
             return None
         seconds = self.last_commit_seconds = time.perf_counter() - started
+        # Repeated and refused batches were answered without being written.
+        results = [r for r in outcomes if isinstance(r, AppendResult) and not r.duplicate]
+        commit = None
+        if results:
+            commit = Commit(
+                stream=self.writer.name,
+                batches=len(results),
+                messages=sum(result.message_count for result in results),
+                bytes=sum(result.frame_size for result in results),
+                seconds=seconds,
+                length=self.writer.checkpoint.length,
+            )
+            self.stats.seconds += seconds
+            self.stats.commits += 1
+            self.stats.batches += commit.batches
+            self.stats.messages += commit.messages
+            self.stats.bytes += commit.bytes
+        # A producer snapshot (due every 64 MiB of stream by default) is
+        # written once the waiters have their answers, never before; the
+        # writer stays this thread's until it is written.
+        snapshot_due = self.writer.snapshot_due
+        if not snapshot_due:
+            self._release()
         try:
-            # Repeated and refused batches were answered without being written.
-            results = [r for r in outcomes if isinstance(r, AppendResult) and not r.duplicate]
-            commit = None
-            if results:
-                commit = Commit(
-                    stream=self.writer.name,
-                    batches=len(results),
-                    messages=sum(result.message_count for result in results),
-                    bytes=sum(result.frame_size for result in results),
-                    seconds=seconds,
-                    length=self.writer.checkpoint.length,
-                )
-                self.stats.seconds += seconds
-                self.stats.commits += 1
-                self.stats.batches += commit.batches
-                self.stats.messages += commit.messages
-                self.stats.bytes += commit.bytes
-            try:
-                # Due every 64 MiB of stream by default: rarely worth an answer's wait.
-                self.writer.snapshot_if_due()
-            except Exception:  # a snapshot only saves a later writer time: never stop for it
-                log.exception("producer snapshot failed", extra={"stream": self.writer.name})
+            for (_, future), outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, AppendResult):
+                    future.set_result(outcome)
+                else:
+                    future.set_exception(outcome)
+            self._group_done()
+        finally:
+            if snapshot_due:
+                self._snapshot_and_release()
+        return commit
+
+    def _snapshot_and_release(self) -> None:
+        try:
+            self.writer.write_snapshot()
+        except Exception:  # a snapshot only saves a later writer time: never stop for it
+            log.exception("producer snapshot failed", extra={"stream": self.writer.name})
         finally:
             self._release()
-        for (_, future), outcome in zip(group, outcomes, strict=True):
-            if isinstance(outcome, AppendResult):
-                future.set_result(outcome)
-            else:
-                future.set_exception(outcome)
-        self._group_done()
-        return commit
 
     def _tell(self, commit: Commit | None) -> None:
         if self.on_commit is None or commit is None:

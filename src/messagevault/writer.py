@@ -725,9 +725,14 @@ class Writer:
         self._tail = self._read_tail_page()
         self._needs_resync = False
 
+    @property
+    def snapshot_due(self) -> bool:
+        """Whether ``snapshot_interval`` bytes were appended since the last producer snapshot."""
+        return self._checkpoint.length >= self._next_snapshot and self._in_step()
+
     def snapshot_if_due(self) -> None:
         """Save the producer table if ``snapshot_interval`` bytes were appended since the last."""
-        if self._checkpoint.length >= self._next_snapshot and self._in_step():
+        if self.snapshot_due:
             self.write_snapshot()
 
     def write_snapshot(self) -> bool:
