@@ -62,7 +62,7 @@ def frames_from_messages(messages: Iterable[Message]) -> Iterator[bytes]:
     one millisecond, or two values in pieces in one batch, cannot be told
     apart from one and the other: their rebuild fails its check.)
     """
-    run: list[list[Message]] = []
+    run: list[tuple[list[Message], EncodedBatch]] = []
     member = False  # whether the last group was a frame of small messages of a bigger batch
     for group in frame_groups(messages):
         batch = _encoded(group)
@@ -71,13 +71,13 @@ def frames_from_messages(messages: Iterable[Message]) -> Iterator[bytes]:
         in_pieces = len(batch.frames) > 1
         joins = (
             run
-            and group[0].timestamp == run[0][0].timestamp
+            and group[0].timestamp == run[0][0][0].timestamp
             and (member or (in_pieces and last_member))
         )
         if run and not joins:
             yield _rebuilt(run)
             run = []
-        run.append(group)
+        run.append((group, batch))
     if run:
         yield _rebuilt(run)
 
@@ -98,14 +98,14 @@ def _encoded(group: list[Message]) -> EncodedBatch:
     return encode_batch([(m.key, m.value) for m in group])
 
 
-def _rebuilt(run: list[list[Message]]) -> bytes:
-    """The frames of one batch: its messages, grouped by frame."""
-    first = run[0][0]
-    frames = tuple(body for group in run for body in _encoded(group).frames)
+def _rebuilt(run: list[tuple[list[Message], EncodedBatch]]) -> bytes:
+    """The frames of one batch: its messages grouped by frame, each group encoded."""
+    first = run[0][0][0]
+    frames = tuple(body for _, batch in run for body in batch.frames)
     frame = EncodedBatch(frames).frame(
         first.position, first.sequence, first.timestamp, batch_ends=True
     )
-    if first.position + len(frame) != run[-1][-1].next_position:
+    if first.position + len(frame) != run[-1][0][-1].next_position:
         raise CorruptData(
             f"messages from position {first.position} do not rebuild the frame they came from",
             position=first.position,
