@@ -8,6 +8,8 @@ early; bad arguments and answers raise before anything is handed out.
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from messagevault.client import AsyncClient, Client
 from messagevault.client import base as client_base
 from messagevault.client.base import Answer, records_ahead, records_of
 from messagevault.errors import InvalidInput
-from messagevault.server import StreamHub, create_app
+from messagevault.server import Limits, StreamHub, create_app
 from messagevault.wire import error_body, message_record
 from tests.served import ServedApp
 
@@ -176,3 +178,33 @@ def test_a_page_asked_ahead_that_fails_is_asked_again_with_retries(
         assert list(client.read_records("orders")) == expected
     assert reads[1] == reads[2]  # the failed page, asked again
     assert len(reads) == 5  # pages of 4, 4 (twice), 2, and the empty end
+
+
+def test_a_server_that_allows_smaller_pages_is_read_in_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_base, "RECORDS_PAGE", PAGE)
+    hub = StreamHub(FileStorage(tmp_path, fsync="never"))
+    with ServedApp(create_app(hub, Limits(max_read_messages=PAGE - 1))) as server:
+        with Client(server.url) as client:
+            client.publish("orders", [(b"k", b"%d" % i) for i in range(11)])
+            values = [record["value"] for record in client.read_records("orders")]
+            assert values == [str(i) for i in range(11)]
+            assert len(list(client.read_records("orders", limit=PAGE + 1))) == PAGE + 1
+        # Asked for no limit, the server's page stays within its maximum.
+        with urllib.request.urlopen(f"{server.url}/streams/orders/messages") as answer:
+            assert len(json.loads(answer.read())["messages"]) == PAGE - 1
+
+
+async def test_async_a_server_that_allows_smaller_pages_is_read_in_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_base, "RECORDS_PAGE", PAGE)
+    hub = StreamHub(FileStorage(tmp_path, fsync="never"))
+    with ServedApp(create_app(hub, Limits(max_read_messages=PAGE - 1))) as server:
+        async with AsyncClient(server.url) as client:
+            await client.publish("orders", [(b"k", b"%d" % i) for i in range(11)])
+            values = [record["value"] async for record in client.read_records("orders")]
+            assert values == [str(i) for i in range(11)]
+            records = [r async for r in client.read_records("orders", limit=PAGE + 1)]
+            assert len(records) == PAGE + 1

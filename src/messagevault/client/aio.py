@@ -216,7 +216,13 @@ class AsyncClient:
         remaining = sys.maxsize if limit is None else limit
         if not remaining:
             return
-        answer = await self._call(records_request(self._settings, stream, position, limit))
+        sized = True
+        try:
+            answer = await self._call(records_request(self._settings, stream, position, limit))
+        except InvalidInput:  # a server with a lower --max-read-messages: its own page size
+            sized = False
+            request = records_request(self._settings, stream, position, limit, sized=False)
+            answer = await self._call(request)
         upcoming: asyncio.Future[Answer] | None = None
         try:
             while True:
@@ -226,7 +232,9 @@ class AsyncClient:
                 remaining -= count
                 if remaining > 0:
                     rest = None if limit is None else remaining
-                    request = records_request(self._settings, stream, next_position, rest)
+                    request = records_request(
+                        self._settings, stream, next_position, rest, sized=sized
+                    )
                     upcoming = asyncio.ensure_future(self._call(request))
                     await asyncio.sleep(0)  # sent before decoding holds the loop
                 records = records_of(answer)

@@ -445,15 +445,21 @@ def _frame_start(body: bytes, position: int, skip: int) -> int:
 RECORDS_PAGE: Final = 10_000
 
 
-def records_request(settings: Settings, stream: str, position: int, limit: int | None) -> Request:
-    """One page of JSON records from ``position`` (the NDJSON read route)."""
+def records_request(
+    settings: Settings, stream: str, position: int, limit: int | None, *, sized: bool = True
+) -> Request:
+    """One page of JSON records from ``position`` (the NDJSON read route).
+
+    ``sized=False`` leaves the page's size to the server (its default page,
+    within its ``--max-read-messages``), for a server that refused ours.
+    """
     if not isinstance(position, int) or position < 0:
         raise InvalidInput(f"position must be a non-negative integer, not {position!r}")
-    page = RECORDS_PAGE if limit is None else min(limit, RECORDS_PAGE)
+    query = f"?from={position}"
+    if sized:
+        query += f"&limit={RECORDS_PAGE if limit is None else min(limit, RECORDS_PAGE)}"
     return Request(
-        "GET",
-        stream_path(stream, "/messages") + f"?from={position}&limit={page}",
-        headers(settings, Accept=NDJSON),
+        "GET", stream_path(stream, "/messages") + query, headers(settings, Accept=NDJSON)
     )
 
 

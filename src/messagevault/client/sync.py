@@ -312,11 +312,17 @@ class Client:
         records_request(self._settings, stream, position, limit)  # bad arguments raise here
         if limit == 0:
             return iter(())
-        first = self._call(records_request(self._settings, stream, position, limit))
-        return self._record_pages(stream, first, limit)
+        sized = True
+        try:
+            first = self._call(records_request(self._settings, stream, position, limit))
+        except InvalidInput:  # a server with a lower --max-read-messages: its own page size
+            sized = False
+            request = records_request(self._settings, stream, position, limit, sized=False)
+            first = self._call(request)
+        return self._record_pages(stream, first, limit, sized)
 
     def _record_pages(
-        self, stream: str, answer: Answer, limit: int | None
+        self, stream: str, answer: Answer, limit: int | None, sized: bool
     ) -> Iterator[dict[str, Any]]:
         remaining = sys.maxsize if limit is None else limit
         # One request ahead: the server reads and encodes the next page on
@@ -332,7 +338,9 @@ class Client:
                 upcoming: Future[Answer] | None = None
                 if remaining > 0:
                     rest = None if limit is None else remaining
-                    request = records_request(self._settings, stream, next_position, rest)
+                    request = records_request(
+                        self._settings, stream, next_position, rest, sized=sized
+                    )
                     upcoming = self._ask_ahead(request, ahead)
                 records = records_of(answer)
                 yield from records if remaining >= 0 else records[:remaining]

@@ -446,7 +446,9 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
     limits = request.app[LIMITS]
     hub = request.app[HUB]
     position = _int_param(request, "from", 0, 0, 2**63 - 1)
-    limit = _int_param(request, "limit", 1000, 1, limits.max_read_messages)
+    # Without a limit, a page of 1,000, or fewer where this server allows fewer.
+    default_limit = min(1000, limits.max_read_messages)
+    limit = _int_param(request, "limit", default_limit, 1, limits.max_read_messages)
     # A longer wait than this server holds a request for is shortened, not
     # refused: a client cannot know every server's --max-wait.
     wait = min(_int_param(request, "wait", 0, 0, MAX_WAIT_ASKED), int(limits.max_wait))
