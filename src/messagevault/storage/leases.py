@@ -1,0 +1,150 @@
+"""Named, expiring leases kept in storage: who writes a stream, which nodes are alive.
+
+Several server nodes share one storage (an Azure account, or one data folder
+on one machine). Each stream is written by the node holding the stream's
+lease (``streams/<stream>``); each live node holds ``nodes/<node-id>``. A
+lease lasts ``duration`` seconds unless renewed, and storage itself says who
+holds it and at which address, so any node, or an operator, can find a
+stream's writer without asking the others.
+
+Every acquisition of a lease by a new holder (including the same node after
+a restart) increases its ``generation``: the fencing token. A stream handle
+opened under a lease (``Storage.open_stream(..., lease=held)``) writes only
+while the stored generation is still its own, so a writer that was paused
+past its lease's expiry, and resumed after another node took the stream
+over, can no longer change the stream:
+
+- on files every data write, checkpoint advance and side write checks the
+  lease file's generation under a shared ``flock`` of that file, which an
+  acquisition takes exclusively: the check and the write are one step;
+- on Azure a takeover breaks the deposed writer's blob leases, so its Put
+  Page and checkpoint updates fail on the lease and ETag conditions that
+  Azure checks.
+
+Each backend implements ``Leases`` and passes ``tests/test_lease_contract.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+# Azure's limits on a blob lease; the file backend keeps to them so that a
+# setting that works on one backend works on the other (tests may go lower
+# on files: see ``MIN_FILE_DURATION``).
+MIN_DURATION = 15.0
+MAX_DURATION = 60.0
+MIN_FILE_DURATION = 0.5
+
+_LEASE_NAME = re.compile(r"(streams|nodes)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_lease_name(name: str) -> str:
+    """Return ``name`` if it names a lease (``streams/<stream>`` or ``nodes/<id>``), else ValueError.
+
+    >>> validate_lease_name("nodes/n1")
+    'nodes/n1'
+    """
+    if not isinstance(name, str) or not _LEASE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"lease name {str(name)[:60]!r} must be streams/<name> or nodes/<name>, the name "
+            "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """What storage says about one lease now.
+
+    ``holder`` and ``address`` name the last holder even after its lease
+    ended (released, broken or expired), so that a node restarting under the
+    same id can tell that a lease was its own; ``held`` says whether it still
+    counts. ``expires_at`` is a Unix time by the holder's clock when it last
+    took or renewed the lease (``None`` when not held).
+    """
+
+    name: str
+    holder: str | None
+    address: str | None
+    generation: int  # 0: never held
+    held: bool
+    expires_at: float | None
+
+    def live(self, now: float | None = None) -> bool:
+        """Held, and not past its recorded expiry (a holder that died stops renewing)."""
+        if not self.held:
+            return False
+        if self.expires_at is None:
+            return True
+        return (time.time() if now is None else now) < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A lease this process holds: what it needs to renew, release or write under it.
+
+    ``lease_id`` is the holder's secret for this acquisition (on Azure, the
+    blob lease id); ``generation`` is the fencing token.
+    """
+
+    name: str
+    lease_id: str
+    holder: str
+    address: str
+    generation: int
+    duration: float
+    acquired_at: float  # time.monotonic() of the acquisition or last renewal
+
+    def expires_in(self, now: float | None = None) -> float:
+        """Seconds left by this process's clock before the lease may have ended."""
+        return self.acquired_at + self.duration - (time.monotonic() if now is None else now)
+
+
+class Leases(Protocol):
+    """A storage's leases. Calls block (files, network); they are thread-safe."""
+
+    def acquire(self, name: str, *, holder: str, address: str, duration: float) -> HeldLease:
+        """Take lease ``name`` for ``duration`` seconds with a new, higher generation.
+
+        Raises ``LeaseHeld`` (its ``record`` attribute: the ``LeaseRecord``)
+        while another holder's lease is live: held and neither released,
+        broken nor expired. A ``duration`` out of range raises ``ValueError``.
+        """
+        ...
+
+    def renew(self, lease: HeldLease) -> HeldLease:
+        """Extend ``lease`` by its duration from now; the renewed lease (same generation).
+
+        ``LeaseLost`` if it is no longer this holder's: broken, released, or
+        expired and taken by another. A lease that expired but that nobody
+        took since is renewed.
+        """
+        ...
+
+    def release(self, lease: HeldLease) -> None:
+        """End ``lease`` now so that another may take it at once. Idempotent; a no-op if not ours."""
+        ...
+
+    def break_(self, name: str) -> None:
+        """End whoever's lease ``name`` is now (its holder is gone). A no-op when none is held."""
+        ...
+
+    def inspect(self, name: str) -> LeaseRecord | None:
+        """What storage says about lease ``name``, or ``None`` if it was never taken."""
+        ...
+
+    def list(self, prefix: str) -> list[LeaseRecord]:
+        """Every lease whose name starts with ``prefix`` (``"streams/"``, ``"nodes/"``), by name."""
+        ...
+
+
+@runtime_checkable
+class LeaseStorage(Protocol):
+    """Storage that keeps leases, so that several server nodes can share it."""
+
+    def leases(self) -> Leases:
+        """This storage's leases (one object per storage; cheap to call again)."""
+        ...
