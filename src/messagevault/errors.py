@@ -160,9 +160,18 @@ class StaleWriter(WriterConflict):
 
 
 class LeaseHeld(WriterConflict):
-    """Someone else holds the lease; ``lease.break_()`` takes it by force."""
+    """Someone else holds the lease; ``lease.break_()`` takes it by force.
+
+    ``record``: what storage said about the lease (a
+    ``storage.leases.LeaseRecord``: holder, address, generation, expiry), when
+    known; typed loosely because errors sit below storage.
+    """
 
     code = "lease_held"
+
+    def __init__(self, message: str = "", *, record: object | None = None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 class LeaseLost(WriterConflict):

@@ -21,7 +21,7 @@ already stored, so readers never read past durable data, they see it at most
 an interval and a round trip later. After a crash the checkpoint may lag
 acknowledged commits: the next writer rolls forward (``checkpoint_may_lag``).
 
-Only this module and ``azure_lease.py`` import the Azure SDK.
+Only this module, ``azure_lease.py`` and ``azure_leases.py`` import the Azure SDK.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from messagevault.errors import (
 from messagevault.format import CHECKPOINT_VERSION
 from messagevault.names import validate_stream_name
 from messagevault.storage.azure_lease import BlobLease, error_code
+from messagevault.storage.azure_leases import AzureLeases
 from messagevault.storage.base import ReadAccess, validate_side_name
 
 CONTAINER_PREFIX = "mv-"
@@ -175,6 +176,7 @@ class AzureStorage:
         self.service = service
         self.sas_expiry = sas_expiry
         self.checkpoint_interval = float(checkpoint_interval)
+        self._leases: AzureLeases | None = None
 
     @classmethod
     def from_connection_string(cls, connection_string: str, **kwargs: Any) -> AzureStorage:
@@ -243,6 +245,21 @@ class AzureStorage:
         # A block blob upload replaces the whole blob atomically.
         with azure_errors(f"cannot write {name}"):
             self.system_container().get_blob_client(name).upload_blob(data, overwrite=True)
+
+    def create_system_file(self, name: str, data: bytes) -> bool:
+        # overwrite=False sends If-None-Match: *, which Azure checks atomically.
+        with azure_errors(f"cannot create {name}"):
+            try:
+                self.system_container().get_blob_client(name).upload_blob(data, overwrite=False)
+            except ResourceExistsError:
+                return False
+        return True
+
+    def leases(self) -> AzureLeases:
+        """Leases on blobs under ``leases/`` in the system container (see ``azure_leases``)."""
+        if self._leases is None:
+            self._leases = AzureLeases(self.system_container)
+        return self._leases
 
 
 def _create_stream(container: ContainerClient, name: str) -> None:

@@ -168,6 +168,15 @@ class SystemFiles(Protocol):
         """Replace the file atomically: readers see the old bytes or the new, never a mix."""
         ...
 
+    def create_system_file(self, name: str, data: bytes) -> bool:
+        """Create the file with ``data`` unless it exists: True if created, False if it existed.
+
+        Exclusive: of several callers racing (other nodes too), one creates
+        it and the rest find its bytes. For secrets made once, such as the
+        node-to-node token.
+        """
+        ...
+
 
 @runtime_checkable
 class ServerLock(Protocol):

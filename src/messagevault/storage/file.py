@@ -53,6 +53,7 @@ from messagevault.errors import (
 )
 from messagevault.names import validate_stream_name
 from messagevault.storage.base import ReadAccess, validate_side_name
+from messagevault.storage.file_leases import FileLeases
 
 DATA_FILE = "data"
 CHECKPOINT_FILE = "checkpoint"
@@ -129,6 +130,7 @@ class FileStorage:
         # The most zeros the data file is extended by at a time with
         # fsync=always (0: never; the file then grows with each commit).
         self.preallocate = preallocate
+        self._leases = FileLeases(self.root)
 
     def open_stream(
         self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
@@ -155,6 +157,10 @@ class FileStorage:
 
     def describe(self) -> str:
         return f"file storage at {self.root}"
+
+    def leases(self) -> FileLeases:
+        """Leases as files under ``_system/leases`` (see ``file_leases``)."""
+        return self._leases
 
     @contextlib.contextmanager
     def hold_server_lock(self) -> Iterator[None]:
@@ -194,6 +200,28 @@ class FileStorage:
             _fsync_path(folder)
         except OSError as exc:
             raise StorageError(f"cannot write {name}: {exc}") from exc
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def create_system_file(self, name: str, data: bytes) -> bool:
+        """Write a temp file, fsync, link it to the name (fails if it exists), fsync the folder.
+
+        A link, not a rename: a rename would replace a file another process
+        created meanwhile. Readers see no file or the whole of it.
+        """
+        folder = self.root / SYSTEM_FOLDER
+        temp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_file_durably(temp, data)
+            try:
+                os.link(temp, folder / name)
+            except FileExistsError:
+                return False
+            _fsync_path(folder)
+            return True
+        except OSError as exc:
+            raise StorageError(f"cannot create {name}: {exc}") from exc
         finally:
             temp.unlink(missing_ok=True)
 

@@ -26,10 +26,14 @@ Each backend implements ``Leases`` and passes ``tests/test_lease_contract.py``.
 
 from __future__ import annotations
 
+import math
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from messagevault.errors import LeaseHeld
 
 # Azure's limits on a blob lease; the file backend keeps to them so that a
 # setting that works on one backend works on the other (tests may go lower
@@ -37,12 +41,13 @@ from typing import Protocol, runtime_checkable
 MIN_DURATION = 15.0
 MAX_DURATION = 60.0
 MIN_FILE_DURATION = 0.5
+DEFAULT_DURATION = 15.0  # a stream's lease, unless `serve --lease-duration` says otherwise
 
 _LEASE_NAME = re.compile(r"(streams|nodes)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_lease_name(name: str) -> str:
-    """Return ``name`` if it names a lease (``streams/<stream>`` or ``nodes/<id>``), else ValueError.
+    """Return ``name`` if it names a lease (``streams/<stream>``, ``nodes/<id>``), else ValueError.
 
     >>> validate_lease_name("nodes/n1")
     'nodes/n1'
@@ -53,6 +58,36 @@ def validate_lease_name(name: str) -> str:
             "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+def validate_duration(duration: float, minimum: float, maximum: float = MAX_DURATION) -> float:
+    """Return ``duration`` as a float if it lies in ``[minimum, maximum]`` seconds, else ValueError.
+
+    >>> validate_duration(15, MIN_DURATION)
+    15.0
+    """
+    if (
+        isinstance(duration, bool)
+        or not isinstance(duration, int | float)
+        or not math.isfinite(duration)
+        or not minimum <= duration <= maximum
+    ):
+        raise ValueError(
+            f"a lease lasts {minimum:g}-{maximum:g} seconds, not {str(duration)[:40]!r}"
+        )
+    return float(duration)
+
+
+def validate_lease_prefix(prefix: str) -> str:
+    """Return ``prefix`` if ``list`` may take it: ``""``, ``"streams/"``, ``"nodes/"`` or longer."""
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9._/-]{0,140}", prefix):
+        raise ValueError(f"lease prefix {str(prefix)[:60]!r} has characters no lease name has")
+    return prefix
+
+
+def new_lease_id() -> str:
+    """A fresh secret for one acquisition (a UUID: Azure's blob lease ids are UUIDs)."""
+    return str(uuid.uuid4())
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +160,7 @@ class Leases(Protocol):
         ...
 
     def release(self, lease: HeldLease) -> None:
-        """End ``lease`` now so that another may take it at once. Idempotent; a no-op if not ours."""
+        """End ``lease`` now so that another may take it at once. Idempotent; no-op if not ours."""
         ...
 
     def break_(self, name: str) -> None:
@@ -139,6 +174,12 @@ class Leases(Protocol):
     def list(self, prefix: str) -> list[LeaseRecord]:
         """Every lease whose name starts with ``prefix`` (``"streams/"``, ``"nodes/"``), by name."""
         ...
+
+
+def held_record(error: LeaseHeld) -> LeaseRecord | None:
+    """The ``LeaseRecord`` a ``LeaseHeld`` carries (who holds the lease, where), if any."""
+    record = error.record
+    return record if isinstance(record, LeaseRecord) else None
 
 
 @runtime_checkable

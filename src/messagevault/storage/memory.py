@@ -22,6 +22,7 @@ from messagevault.checkpoint import Checkpoint
 from messagevault.errors import AccessDenied, StaleWriter, StreamLocked, StreamNotFound
 from messagevault.names import validate_stream_name
 from messagevault.storage.base import ReadAccess, validate_side_name
+from messagevault.storage.memory_leases import MemoryLeases
 
 DEFAULT_MAX_WRITE_SIZE = 4 * 1024 * 1024
 GROWTH_STEP = 1024 * 1024
@@ -47,6 +48,7 @@ class MemoryStorage:
         self._streams: dict[str, _StreamState] = {}
         self._system_files: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._leases = MemoryLeases()
 
     def open_stream(
         self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
@@ -72,6 +74,10 @@ class MemoryStorage:
     def describe(self) -> str:
         return f"memory storage (page size {self.page_size})"
 
+    def leases(self) -> MemoryLeases:
+        """This storage's leases (in memory, like its streams)."""
+        return self._leases
+
     def hold_server_lock(self) -> AbstractContextManager[None]:
         """Nothing to guard: no other process can reach this storage."""
         return nullcontext()
@@ -81,6 +87,13 @@ class MemoryStorage:
 
     def write_system_file(self, name: str, data: bytes) -> None:
         self._system_files[name] = bytes(data)
+
+    def create_system_file(self, name: str, data: bytes) -> bool:
+        with self._lock:
+            if name in self._system_files:
+                return False
+            self._system_files[name] = bytes(data)
+            return True
 
     def lose_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
         """Put ``checkpoint`` back as stream ``name``'s, as a power cut can leave it (tests).

@@ -1,0 +1,133 @@
+"""Leases kept in this process's memory: for unit tests of the cluster logic.
+
+They follow the same contract as the file and Azure leases
+(``tests/test_lease_contract.py``), expiring by ``time.time()``, and accept
+durations down to ``leases.MIN_FILE_DURATION`` so that tests need not wait.
+``MemoryStorage.leases()`` gives each memory storage its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+
+from messagevault.errors import LeaseHeld, LeaseLost
+from messagevault.storage.leases import (
+    MAX_DURATION,
+    MIN_FILE_DURATION,
+    HeldLease,
+    LeaseRecord,
+    new_lease_id,
+    validate_duration,
+    validate_lease_name,
+    validate_lease_prefix,
+)
+
+
+@dataclass
+class _State:
+    holder: str
+    address: str
+    generation: int
+    lease_id: str
+    held: bool
+    expires_at: float | None
+
+    def record(self, name: str) -> LeaseRecord:
+        return LeaseRecord(
+            name=name,
+            holder=self.holder,
+            address=self.address,
+            generation=self.generation,
+            held=self.held,
+            expires_at=self.expires_at if self.held else None,
+        )
+
+    def live(self, now: float) -> bool:
+        return self.held and (self.expires_at is None or now < self.expires_at)
+
+
+class MemoryLeases:
+    """Leases in a dict under one lock. Thread-safe; nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, _State] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, name: str, *, holder: str, address: str, duration: float) -> HeldLease:
+        validate_lease_name(name)
+        duration = validate_duration(duration, MIN_FILE_DURATION, MAX_DURATION)
+        with self._lock:
+            now = time.time()
+            state = self._leases.get(name)
+            if state is not None and state.live(now):
+                record = state.record(name)
+                raise LeaseHeld(
+                    f"lease {name} is held by {record.holder} ({record.address}) "
+                    f"until {record.expires_at:.1f}",
+                    record=record,
+                )
+            generation = (state.generation if state else 0) + 1
+            lease_id = new_lease_id()
+            self._leases[name] = _State(holder, address, generation, lease_id, True, now + duration)
+            return HeldLease(
+                name, lease_id, holder, address, generation, duration, time.monotonic()
+            )
+
+    def renew(self, lease: HeldLease) -> HeldLease:
+        with self._lock:
+            state = self._ours(lease)
+            if state is None:
+                raise LeaseLost(f"lease {lease.name} (generation {lease.generation}) is lost")
+            state.expires_at = time.time() + lease.duration
+            return dataclasses.replace(lease, acquired_at=time.monotonic())
+
+    def release(self, lease: HeldLease) -> None:
+        with self._lock:
+            state = self._ours(lease)
+            if state is not None:
+                state.held = False
+                state.expires_at = None
+
+    def break_(self, name: str) -> None:
+        validate_lease_name(name)
+        with self._lock:
+            state = self._leases.get(name)
+            if state is not None:
+                state.held = False
+                state.expires_at = None
+
+    def inspect(self, name: str) -> LeaseRecord | None:
+        validate_lease_name(name)
+        with self._lock:
+            state = self._leases.get(name)
+            return None if state is None else state.record(name)
+
+    def list(self, prefix: str) -> list[LeaseRecord]:
+        validate_lease_prefix(prefix)
+        with self._lock:
+            return [
+                state.record(name)
+                for name, state in sorted(self._leases.items())
+                if name.startswith(prefix)
+            ]
+
+    def superseded(self, lease: HeldLease) -> int | None:
+        """None while ``lease`` still holds its name; else the generation stored now (fencing)."""
+        with self._lock:
+            state = self._leases.get(lease.name)
+            if state is None:
+                return 0
+            if state.held and state.lease_id == lease.lease_id:
+                return None
+            return state.generation
+
+    def _ours(self, lease: HeldLease) -> _State | None:
+        """The lease's state if ``lease`` still holds it (an expiry nobody acted on included)."""
+        validate_lease_name(lease.name)
+        state = self._leases.get(lease.name)
+        if state is None or not state.held or state.lease_id != lease.lease_id:
+            return None
+        return state
