@@ -58,6 +58,7 @@ from messagevault.producers import (
 )
 from messagevault.recovery import adopt
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
+from messagevault.storage.leases import HeldLease
 
 log = logging.getLogger("messagevault.writer")
 
@@ -238,6 +239,7 @@ class Writer:
         *,
         create: bool = True,
         takeover: bool = False,
+        lease: HeldLease | None = None,
         commit_timeout: float = 30.0,
         max_producers: int = DEFAULT_MAX_PRODUCERS,
         producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
@@ -253,6 +255,11 @@ class Writer:
         which that writer reports failed. ``commit_timeout`` bounds how long an
         append rides out storage faults before it raises ``StorageError``.
 
+        ``lease``: the ``streams/<name>`` lease this writer writes under (a
+        server node of several); opening under it deposes the previous
+        holder's writer as a takeover does, and every write then fails with
+        ``StaleWriter`` once another node holds the lease (``open_stream``).
+
         The producer table (``producers``) remembers at most
         ``max_producers`` producers, none for longer than
         ``producer_max_age`` seconds of commit timestamps after its last
@@ -261,7 +268,13 @@ class Writer:
         the frames after it.
         """
         _check_producer_options(max_producers, producer_max_age, snapshot_interval)
-        store = storage.open_stream(name, write=True, create=create, takeover=takeover)
+        store = (
+            storage.open_stream(name, write=True, create=create, takeover=takeover)
+            if lease is None
+            else storage.open_stream(name, write=True, create=create, lease=lease)
+        )
+        # A lease's previous holder is deposed as by a takeover (and recovered from as after one).
+        takeover = takeover or lease is not None
         try:
             return cls(
                 store,

@@ -67,7 +67,8 @@ from messagevault.format import CHECKPOINT_VERSION
 from messagevault.names import validate_stream_name
 from messagevault.storage.azure_lease import BlobLease, error_code
 from messagevault.storage.azure_leases import AzureLeases
-from messagevault.storage.base import ReadAccess, validate_side_name
+from messagevault.storage.base import ReadAccess, check_stream_lease, validate_side_name
+from messagevault.storage.leases import HeldLease
 
 CONTAINER_PREFIX = "mv-"
 SYSTEM_CONTAINER = "messagevault-system"  # cannot clash: stream containers start "mv-"
@@ -184,15 +185,31 @@ class AzureStorage:
         return cls(service, **kwargs)
 
     def open_stream(
-        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+        self,
+        name: str,
+        *,
+        write: bool = False,
+        create: bool = False,
+        takeover: bool = False,
+        lease: HeldLease | None = None,
     ) -> AzureStreamStore:
         validate_stream_name(name)
+        check_stream_lease(name, lease, write=write)
+        if lease is not None:
+            # The lease's holder takes the stream over: breaking the deposed
+            # holder's blob leases fences it by Azure's own lease checks.
+            self.leases().check_current(lease)
+            takeover = True
         container = self.service.get_container_client(CONTAINER_PREFIX + name)
         if create:
             _create_stream(container, name)
         store = AzureStreamStore(container, name, storage=self, write=write)
         try:
             store.open(takeover=takeover)
+            if lease is not None:
+                # Checked again now that the blobs are ours: a holder deposed while
+                # it opened steps back rather than keep the stream from the new one.
+                self.leases().check_current(lease)
         except BaseException:
             store.close()
             raise

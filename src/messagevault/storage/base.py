@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from messagevault.checkpoint import Checkpoint
+from messagevault.storage.leases import HeldLease
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,16 @@ def validate_side_name(name: str) -> str:
     return name
 
 
+def check_stream_lease(name: str, lease: HeldLease | None, *, write: bool) -> None:
+    """ValueError unless ``lease`` is None or stream ``name``'s lease, opened for writing."""
+    if lease is None:
+        return
+    if not write:
+        raise ValueError("a stream is opened under a lease only for writing (write=True)")
+    if lease.name != f"streams/{name}":
+        raise ValueError(f"lease {lease.name} is not stream {name!r}'s (streams/{name})")
+
+
 class SystemFiles(Protocol):
     """Small named files the server keeps beside the streams (users, leader info).
 
@@ -200,7 +211,13 @@ class Storage(Protocol):
     """A set of named streams: a data folder, an Azure storage account, memory."""
 
     def open_stream(
-        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+        self,
+        name: str,
+        *,
+        write: bool = False,
+        create: bool = False,
+        takeover: bool = False,
+        lease: HeldLease | None = None,
     ) -> StreamStore:
         """Open stream ``name``.
 
@@ -212,6 +229,17 @@ class Storage(Protocol):
         leases) deposes the holder, whose next write or commit fails with
         ``StaleWriter``. The file backend cannot depose a live process; its
         lock is released by the kernel when the holder dies.
+
+        ``lease`` (with ``write=True``): the stream's lease
+        (``streams/<name>``, see ``storage.leases``), which this process
+        holds. The handle writes only while that lease is still held at its
+        generation: it deposes a previous lease holder's handle as a
+        takeover does, and once another holder acquires the lease every
+        ``write``, ``advance_checkpoint`` and ``write_side`` raises
+        ``StaleWriter`` and changes nothing (files and memory check the lease
+        on each; Azure breaks the deposed writer's blob leases at open). A
+        lease no longer current at open raises ``StaleWriter``; a writer
+        holding the stream without a lease, ``StreamLocked``.
         """
         ...
 

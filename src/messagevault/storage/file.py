@@ -3,6 +3,7 @@
     <root>/<stream>/data          frames, laid end to end (see docs/FORMAT.md)
     <root>/<stream>/checkpoint    two 64-byte checkpoint slots
     <root>/<stream>/writer.lock   flock()ed by the single writer; holds its pid
+                                  (shared by writers under a lease, which the lease fences)
     <root>/<stream>/<side>        side objects such as ``producers``, replaced whole
     <root>/_system/server.lock    flock()ed by the server using the folder; holds its pid
 
@@ -52,8 +53,9 @@ from messagevault.errors import (
     WriterConflict,
 )
 from messagevault.names import validate_stream_name
-from messagevault.storage.base import ReadAccess, validate_side_name
-from messagevault.storage.file_leases import FileLeases
+from messagevault.storage.base import ReadAccess, check_stream_lease, validate_side_name
+from messagevault.storage.file_leases import FileLeases, LeaseFence
+from messagevault.storage.leases import HeldLease
 
 DATA_FILE = "data"
 CHECKPOINT_FILE = "checkpoint"
@@ -68,6 +70,7 @@ DEFAULT_CHECKPOINT_FLUSH_INTERVAL = 1.0  # seconds
 DEFAULT_PREALLOCATE = 8 * 1024 * 1024
 PREALLOCATE_MIN_STEP = 64 * 1024
 _ZEROS = bytes(1024 * 1024)
+_UNFENCED = contextlib.nullcontext()  # what a handle without a lease writes under
 
 
 class FsyncPolicy(StrEnum):
@@ -133,18 +136,25 @@ class FileStorage:
         self._leases = FileLeases(self.root)
 
     def open_stream(
-        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+        self,
+        name: str,
+        *,
+        write: bool = False,
+        create: bool = False,
+        takeover: bool = False,
+        lease: HeldLease | None = None,
     ) -> FileStreamStore:
         # ``takeover`` cannot apply here: a live process's flock cannot be
-        # broken, and a dead one's is already gone.
+        # broken, and a dead one's is already gone. A lease can (``LeaseFence``).
         del takeover
         validate_stream_name(name)
+        check_stream_lease(name, lease, write=write)
         folder = self.root / name
         if not (folder / CHECKPOINT_FILE).exists():
             if not create:
                 raise StreamNotFound(f"stream {name!r} does not exist in {self.describe()}")
             _create_stream_folder(self.root, name)
-        return FileStreamStore(self, name, folder, write=write)
+        return FileStreamStore(self, name, folder, write=write, lease=lease)
 
     def list_streams(self) -> list[str]:
         if not self.root.is_dir():
@@ -281,18 +291,35 @@ def _fsync_path(path: Path) -> None:
 
 
 class FileStreamStore:
-    """One stream's files. A writable handle holds ``writer.lock`` until closed."""
+    """One stream's files. A writable handle holds ``writer.lock`` until closed.
+
+    A handle opened under a lease holds ``writer.lock`` shared instead, which
+    keeps writers without a lease off the stream (and it off theirs) but not
+    the lease's next holder: a stopped process's lifetime flock would block
+    failover. The lease fences it instead: each change to the stream runs
+    under ``LeaseFence`` (a shared flock of the lease file and a check that
+    the lease is still this handle's), so a deposed handle changes nothing.
+    """
 
     # The durable checkpoint may lag durable frames (it is flushed lazily):
     # a writer rolls forward on open, even when asked to take over.
     checkpoint_may_lag = True
 
-    def __init__(self, storage: FileStorage, name: str, folder: Path, *, write: bool) -> None:
+    def __init__(
+        self,
+        storage: FileStorage,
+        name: str,
+        folder: Path,
+        *,
+        write: bool,
+        lease: HeldLease | None = None,
+    ) -> None:
         self._storage = storage
         self._name = name
         self._folder = folder
         self._writable = write
         self._lock_fd: int | None = None
+        self._fence: LeaseFence | None = None
         self._last_sync = time.monotonic()
         # Never: a handle's first checkpoint is flushed at once. That is the
         # one a writer writes after rolling the stream forward, so the next
@@ -310,7 +337,11 @@ class FileStreamStore:
         self._closed = False
         flags = os.O_RDWR if write else os.O_RDONLY
         try:
-            if write:
+            if write and lease is not None:
+                self._fence = storage.leases().fence(lease)
+                self._fence.check()
+                self._lock_fd = _share_writer_lock(folder / LOCK_FILE, name)
+            elif write:
                 self._lock_fd = _take_writer_lock(folder / LOCK_FILE, name)
             self._data_fd = os.open(folder / DATA_FILE, flags)
             self._checkpoint_fd = os.open(folder / CHECKPOINT_FILE, flags)
@@ -357,14 +388,15 @@ class FileStreamStore:
         if len(data) > MAX_WRITE_SIZE:
             raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
         view = memoryview(data)
-        self._written_end = max(self._written_end, offset + len(view))
-        try:
-            while view:
-                written = os.pwrite(self._data_fd, view, offset)
-                view = view[written:]
-                offset += written
-        except OSError as exc:
-            raise StorageError(f"cannot write stream {self._name!r}: {exc}") from exc
+        with self._fence or _UNFENCED:
+            self._written_end = max(self._written_end, offset + len(view))
+            try:
+                while view:
+                    written = os.pwrite(self._data_fd, view, offset)
+                    view = view[written:]
+                    offset += written
+            except OSError as exc:
+                raise StorageError(f"cannot write stream {self._name!r}: {exc}") from exc
 
     def read_checkpoint(self) -> Checkpoint:
         self._check_open()
@@ -408,15 +440,19 @@ class FileStreamStore:
             sync_data = sync_checkpoint = (
                 policy is FsyncPolicy.BATCH and now - self._last_sync >= storage.sync_interval
             )
+        fence = self._fence or _UNFENCED
         try:
-            if not self._leftovers_cut:
-                self._cut_leftovers(new.length)
-            if self._preallocating:
-                # Flushed with the data, just below.
-                self._keep_zeros_ahead(new.length, new.length - current.length)
+            if not self._leftovers_cut or self._preallocating:
+                with fence:
+                    if not self._leftovers_cut:
+                        self._cut_leftovers(new.length)
+                    if self._preallocating:
+                        # Flushed with the data, just below.
+                        self._keep_zeros_ahead(new.length, new.length - current.length)
             if sync_data:
                 os.fdatasync(self._data_fd)  # data must be durable before the checkpoint names it
-            os.pwrite(self._checkpoint_fd, new.encode(), (new.commit % 2) * CHECKPOINT_SIZE)
+            with fence:  # the flush above may wait outside it; the replacement may not
+                os.pwrite(self._checkpoint_fd, new.encode(), (new.commit % 2) * CHECKPOINT_SIZE)
             self._checkpoint_unflushed = policy is FsyncPolicy.ALWAYS
             if sync_checkpoint:
                 os.fdatasync(self._checkpoint_fd)
@@ -496,7 +532,8 @@ class FileStreamStore:
         temp = self._folder / f".{name}.{secrets.token_hex(4)}.tmp"
         try:
             _write_file_durably(temp, data)
-            temp.replace(self._folder / name)
+            with self._fence or _UNFENCED:
+                temp.replace(self._folder / name)
             _fsync_path(self._folder)
         except OSError as exc:
             raise StorageError(f"cannot write {name} of stream {self._name!r}: {exc}") from exc
@@ -521,7 +558,11 @@ class FileStreamStore:
         if self._preallocating and committed is not None and self._written_end <= committed:
             # Only this handle's zeros lie past what it committed: a closed
             # stream's file is as long as the stream (a lost trim leaves zeros).
-            with contextlib.suppress(OSError, AttributeError):
+            # Not a deposed lease holder's: past its commits lie the new holder's.
+            with (
+                contextlib.suppress(OSError, AttributeError, StaleWriter, StorageError),
+                self._fence or _UNFENCED,
+            ):
                 os.ftruncate(self._data_fd, committed)
         for attr in ("_data_fd", "_checkpoint_fd"):
             fd = getattr(self, attr, None)
@@ -532,6 +573,8 @@ class FileStreamStore:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
+        if self._fence is not None:
+            self._fence.close()
 
 
 def _take_writer_lock(path: Path, name: str) -> int:
@@ -551,9 +594,53 @@ def _take_writer_lock(path: Path, name: str) -> int:
                 f"serves this data folder: publish through that server (the client library, "
                 f"or `messagevault publish --url http://HOST:PORT`)"
             ) from None
+        if _held_shared(path):
+            raise StreamLocked(
+                f"stream {name!r} is written by a messagevault server node under its lease: "
+                "publish through the nodes (the client library, or `messagevault publish --url`)"
+            ) from None
         raise StreamLocked(
             f"stream {name!r} is already open for writing by another writer (pid {held.holder})"
         ) from None
+
+
+def _share_writer_lock(path: Path, name: str) -> int:
+    """flock() the stream's lock file shared, as writers under a lease do; the descriptor.
+
+    ``StreamLocked`` while a writer without a lease holds it (exclusively).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StreamLocked(
+            f"stream {name!r} is open for writing by a writer without a lease (pid {holder}); "
+            "stop it before serving the stream from a node"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(f"cannot lock {path}: {exc}") from exc
+    return fd
+
+
+def _held_shared(path: Path) -> bool:
+    """Whether ``path``'s flock is held shared now (by writers under a lease), probed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _server_holding(server_lock: Path) -> str | None:

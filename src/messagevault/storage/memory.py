@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from messagevault.checkpoint import Checkpoint
 from messagevault.errors import AccessDenied, StaleWriter, StreamLocked, StreamNotFound
 from messagevault.names import validate_stream_name
-from messagevault.storage.base import ReadAccess, validate_side_name
+from messagevault.storage.base import ReadAccess, check_stream_lease, validate_side_name
+from messagevault.storage.leases import HeldLease
 from messagevault.storage.memory_leases import MemoryLeases
 
 DEFAULT_MAX_WRITE_SIZE = 4 * 1024 * 1024
@@ -51,18 +52,32 @@ class MemoryStorage:
         self._leases = MemoryLeases()
 
     def open_stream(
-        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+        self,
+        name: str,
+        *,
+        write: bool = False,
+        create: bool = False,
+        takeover: bool = False,
+        lease: HeldLease | None = None,
     ) -> MemoryStreamStore:
         validate_stream_name(name)
+        check_stream_lease(name, lease, write=write)
         with self._lock:
+            if lease is not None:
+                _check_lease(self._leases, name, lease)
             state = self._streams.get(name)
             if state is None:
                 if not create:
                     raise StreamNotFound(f"stream {name!r} does not exist in {self.describe()}")
                 state = self._streams[name] = _StreamState()
-            handle = MemoryStreamStore(self, name, state, write=write)
+            handle = MemoryStreamStore(self, name, state, write=write, lease=lease)
             if write:
-                if state.writer is not None and not takeover:
+                current = state.writer
+                # A lease holder deposes the previous holder's handle, never a lease-less writer.
+                may_depose = takeover or (
+                    lease is not None and getattr(current, "lease", None) is not None
+                )
+                if current is not None and not may_depose:
                     raise StreamLocked(f"stream {name!r} is already open for writing")
                 state.writer = handle
             return handle
@@ -109,15 +124,34 @@ class MemoryStorage:
         return self._streams[name].writes
 
 
+def _check_lease(leases: MemoryLeases, stream: str, lease: HeldLease) -> None:
+    stored = leases.superseded(lease)
+    if stored is not None:
+        raise StaleWriter(
+            f"stream {stream!r} was taken over (lease generation {stored} > ours "
+            f"{lease.generation})"
+            if stored > lease.generation
+            else f"stream {stream!r}: its lease (generation {lease.generation}) "
+            "was released or broken"
+        )
+
+
 class MemoryStreamStore:
     def __init__(
-        self, storage: MemoryStorage, name: str, state: _StreamState, *, write: bool
+        self,
+        storage: MemoryStorage,
+        name: str,
+        state: _StreamState,
+        *,
+        write: bool,
+        lease: HeldLease | None = None,
     ) -> None:
         self._storage = storage
         self._name = name
         self._state = state
         self._writable = write
         self._closed = False
+        self.lease = lease  # the lease this handle writes under, if any
 
     @property
     def page_size(self) -> int:
@@ -172,6 +206,8 @@ class MemoryStreamStore:
             self._state.checkpoint = new
 
     def _check_still_writer(self) -> None:
+        if self.lease is not None:
+            _check_lease(self._storage._leases, self._name, self.lease)
         if self._state.writer is not self:
             raise StaleWriter(f"stream {self._name!r} was taken over by another writer")
 
@@ -185,7 +221,10 @@ class MemoryStreamStore:
         validate_side_name(name)
         if not self._writable:
             raise AccessDenied(f"stream {self._name!r} was opened read-only")
-        self._state.sides[name] = bytes(data)
+        with self._storage._lock:
+            if self.lease is not None:  # a lease-less deposed writer's snapshot is harmless
+                self._check_still_writer()
+            self._state.sides[name] = bytes(data)
 
     def read_access(self) -> ReadAccess:
         return ReadAccess("memory", self._name)

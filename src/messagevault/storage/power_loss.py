@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 from messagevault.checkpoint import Checkpoint
 from messagevault.storage.base import ReadAccess
 from messagevault.storage.file import CHECKPOINT_FILE, DATA_FILE, FileStorage, FileStreamStore
+from messagevault.storage.leases import HeldLease
 from messagevault.storage.memory import MemoryStorage, MemoryStreamStore
 
 if TYPE_CHECKING:
@@ -231,10 +232,18 @@ class PowerLossStorage:
     # -- the Storage protocol ------------------------------------------------
 
     def open_stream(
-        self, name: str, *, write: bool = False, create: bool = False, takeover: bool = False
+        self,
+        name: str,
+        *,
+        write: bool = False,
+        create: bool = False,
+        takeover: bool = False,
+        lease: HeldLease | None = None,
     ) -> PowerLossStreamStore:
         self._check_power()
-        inner = self.inner.open_stream(name, write=write, create=create, takeover=takeover)
+        inner = self.inner.open_stream(
+            name, write=write, create=create, takeover=takeover, lease=lease
+        )
         with self._lock:
             if name not in self._streams:
                 self._streams[name] = _Volatile(
