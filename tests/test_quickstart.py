@@ -207,7 +207,7 @@ def test_the_client_sends_the_profile_password_only_to_its_server(
 ) -> None:
     save_profile("default", "http://127.0.0.1:9999", "admin", "secret")
     mine = Settings.resolve(None, None, None, 30, 0)
-    assert (mine.host, mine.port) == ("127.0.0.1", 9999)
+    assert [(node.host, node.port) for node in mine.nodes] == [("127.0.0.1", 9999)]
     assert mine.authorization is not None
     monkeypatch.setenv("MESSAGEVAULT_URL", "http://127.0.0.1:9999/")
     assert Settings.resolve(None, None, None, 30, 0).authorization == mine.authorization

@@ -39,8 +39,10 @@ from messagevault.client.base import (
     stream_infos,
     streams_request,
     too_large,
+    unreachable,
 )
 from messagevault.client.http1 import AsyncConnection, BadAnswer, tls_context
+from messagevault.client.nodes import WRITER_HEADER, Node, Nodes, Route
 from messagevault.client.sync import Client, MessageLike
 from messagevault.errors import ClientClosed, InvalidInput, RequestTooLarge
 from messagevault.format import EncodedBatch, Message
@@ -54,15 +56,18 @@ _STOPPED = Answer(0, {}, b"")
 
 
 class _Pool:
-    """Keep-alive connections to the server for one event loop, at most ``limit`` at a time."""
+    """Keep-alive connections to one node for one event loop, at most ``limit`` at a time."""
 
-    def __init__(self, settings: Settings, limit: int = 100, max_idle: int = 16) -> None:
+    def __init__(
+        self, settings: Settings, node: Node, limit: int = 100, max_idle: int = 16
+    ) -> None:
         self._settings = settings
+        self._node = node
         self._max_idle = max_idle
         self._idle: list[AsyncConnection] = []
         self._busy: set[AsyncConnection] = set()
         self._room = asyncio.Semaphore(limit)
-        self._tls = tls_context() if settings.scheme == "https" else None
+        self._tls = tls_context() if node.scheme == "https" else None
         self.closed = False
 
     async def take(self) -> AsyncConnection:
@@ -75,9 +80,9 @@ class _Pool:
                     self._busy.add(connection)
                     return connection
                 connection.close()
-            settings = self._settings
+            node = self._node
             connection = AsyncConnection(
-                settings.host, settings.port, timeout=settings.timeout, tls=self._tls
+                node.host, node.port, timeout=self._settings.timeout, tls=self._tls
             )
             try:
                 await connection.connect()
@@ -126,7 +131,8 @@ class AsyncClient:
     ``read`` and ``follow`` are async iterators. Retries, timeouts and
     errors are as for ``Client``; ``follow`` also ends when ``stop`` (an
     ``asyncio.Event``) is set and when its task is cancelled. One client
-    belongs to one event loop: its connections are made on first use.
+    belongs to one event loop: its connections are made on first use. Like
+    ``Client``, it may be given several nodes of one server.
     """
 
     def __init__(
@@ -149,9 +155,8 @@ class AsyncClient:
             retry_timeout=retry_timeout,
             idempotent=idempotent,
         )
-        self._base = self._settings.url
-        self._prefix = self._settings.prefix
-        self._pool: _Pool | None = None
+        self._nodes = Nodes(self._settings.nodes)
+        self._pools: dict[Node, _Pool] = {}  # made on first use, on the running loop
         self._renewer: Client | None = None  # for readers' SAS renewals, which are blocking
         self._closed = False
 
@@ -162,8 +167,13 @@ class AsyncClient:
 
     @property
     def url(self) -> str:
-        """The server's base URL (without credentials)."""
-        return self._base
+        """The server's base URL (without credentials); several nodes', comma-separated."""
+        return self._settings.url
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The base URL of each of the server's nodes the client was given."""
+        return tuple(node.url for node in self._settings.nodes)
 
     async def publish(
         self, stream: str, messages: Iterable[MessageLike], *, compress: bool = False
@@ -325,36 +335,48 @@ class AsyncClient:
             retries = Retries.for_request(self._settings, request)
         else:
             retries = Retries(sys.maxsize, deadline=time.monotonic() + patience)
+        route = self._nodes.route(request.stream)
         while True:
             if self._closed:
                 if patience is not None:
                     return _STOPPED
                 raise ClientClosed("the client is closed")
-            failure: BaseException
-            try:
-                answer = await self._send(request)
-            except (NotSent, Lost) as exc:
-                failure = exc
-            else:
-                error = answered_error(answer)
-                if error is None:
-                    return answer
-                failure = error
-            delay = retries.next_delay(failure, request)
+            outcome = await self._try(route, request)
+            if isinstance(outcome, Answer):
+                return outcome
+            delay = retries.next_delay(outcome, request)
             if delay is None:
                 if self._closed and patience is not None:
                     return _STOPPED
-                raise give_up(failure, request, self._settings) from None
+                raise give_up(outcome, request, self._settings, route.node) from None
             await asyncio.sleep(delay)
+            route.retry(refused=isinstance(outcome, NotSent))
 
-    async def _send(self, request: Request) -> Answer:
-        """One try over one connection (see ``Client._send``)."""
-        pool = self._open_pool()
+    async def _try(self, route: Route, request: Request) -> Answer | Exception:
+        """One try of ``request`` (see ``Client._try``)."""
+        while True:
+            try:
+                answer = await self._send(route.node, request)
+            except NotSent as exc:
+                if route.refused(exc):
+                    continue
+                return unreachable(route.refusals)
+            except Lost as exc:
+                return exc
+            error = answered_error(answer)
+            if error is not None:
+                return error
+            route.answered(answer.header(WRITER_HEADER) if request.append else None)
+            return answer
+
+    async def _send(self, node: Node, request: Request) -> Answer:
+        """One try over one connection to ``node`` (see ``Client._send``)."""
+        pool = self._open_pool(node)
         connection = await pool.take()
         try:
             try:
                 await connection.send(
-                    request.method, self._prefix + request.path, request.headers, request.body
+                    request.method, node.prefix + request.path, request.headers, request.body
                 )
             except OSError as exc:
                 # The server takes a request only once its whole body has
@@ -375,20 +397,21 @@ class AsyncClient:
             pool.give(connection)
         return Answer(response.status, response.headers, response.body)
 
-    def _open_pool(self) -> _Pool:
+    def _open_pool(self, node: Node) -> _Pool:
         if self._closed:
             raise NotSent("the client is closed")
-        if self._pool is None:
-            self._pool = _Pool(self._settings)
-        return self._pool
+        pool = self._pools.get(node)
+        if pool is None:
+            pool = self._pools[node] = _Pool(self._settings, node)
+        return pool
 
     # Lifetime --------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         """Close connections; ends ``follow`` loops (a waiting one within ~0 s)."""
         self._closed = True
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
             pool.close()
         if self._renewer is not None:
             self._renewer.close()

@@ -15,12 +15,13 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
+from messagevault.client.nodes import Node, nodes_within, parse_urls
 from messagevault.errors import (
     CommitterClosed,
     CorruptData,
@@ -89,12 +90,9 @@ def _credentials_in_env() -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    """Where the server is and how to talk to it, from arguments or the environment."""
+    """Where the server's nodes are and how to talk to them, from arguments or the environment."""
 
-    scheme: str
-    host: str
-    port: int
-    prefix: str  # path of the server under its host, "" at the root
+    nodes: tuple[Node, ...]  # one, or several sharing one storage (client/nodes.py)
     authorization: str | None = field(repr=False)  # a password, all but in name
     timeout: float
     retries: int
@@ -105,7 +103,7 @@ class Settings:
     @classmethod
     def resolve(
         cls,
-        url: str | None,
+        url: str | Sequence[str] | None,
         user: str | None,
         password: str | None,
         timeout: float,
@@ -116,40 +114,32 @@ class Settings:
     ) -> Settings:
         """Arguments first, then MESSAGEVAULT_URL/_USER/_PASSWORD, then the URL's own user info.
 
+        ``url`` may name several nodes of one server: a comma-separated list
+        or a list of URLs (``nodes.parse_urls`` says what each must be).
         When neither names a server, or no credentials were found, the
         ``default`` profile of the user's config file (``profiles``) fills in,
-        its credentials only for its own server.
+        its credentials only for its own server's nodes.
         """
-        url = url or os.environ.get("MESSAGEVAULT_URL")
+        if isinstance(url, str) or url is None:
+            url = url or os.environ.get("MESSAGEVAULT_URL")
         profile: dict[str, str] = {}
         if url is None:
             profile = default_profile()  # the server must come from it: a broken file is an error
         elif user is None and password is None and not _credentials_in_env():
             with contextlib.suppress(InvalidInput):  # a server named outright needs no profile
                 profile = default_profile()
-            if profile.get("url", "").rstrip("/") != (url or profile.get("url", "")).rstrip("/"):
+            if not nodes_within(url, profile.get("url", "")):
                 profile = {}  # another server's: never send its password elsewhere
-        url = url or profile.get("url") or DEFAULT_URL
-        try:
-            parts = urlsplit(url)
-            parts.hostname  # noqa: B018 - parsing it is the check ("http://[::1" fails here)
-        except ValueError as exc:
-            raise InvalidInput(f"server URL {url!r} cannot be parsed: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput(f"server URL must be http://HOST[:PORT] or https://..., not {url!r}")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise InvalidInput(f"server URL {url!r} has a bad port") from None
+        parsed = parse_urls(url if url is not None else profile.get("url") or DEFAULT_URL)
         if timeout <= 0:
             raise InvalidInput(f"timeout must be positive, not {timeout!r}")
         if retries < 0:
             raise InvalidInput(f"retries must be 0 or more, not {retries!r}")
         if not retry_timeout >= 0:  # NaN too
             raise InvalidInput(f"retry_timeout must be 0 or more seconds, not {retry_timeout!r}")
-        user = user if user is not None else os.environ.get("MESSAGEVAULT_USER") or parts.username
+        user = user if user is not None else os.environ.get("MESSAGEVAULT_USER") or parsed.user
         if password is None:
-            password = os.environ.get("MESSAGEVAULT_PASSWORD") or parts.password
+            password = os.environ.get("MESSAGEVAULT_PASSWORD") or parsed.password
         if user is None and password is None:
             user, password = profile.get("user"), profile.get("password")
         authorization = None
@@ -157,10 +147,7 @@ class Settings:
             token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
             authorization = f"Basic {token}"
         return cls(
-            parts.scheme,
-            parts.hostname,
-            port,
-            parts.path.rstrip("/"),
+            parsed.nodes,
             authorization,
             timeout,
             retries,
@@ -169,15 +156,9 @@ class Settings:
         )
 
     @property
-    def origin(self) -> str:
-        """Scheme, host and port."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-    @property
     def url(self) -> str:
-        """The server's base URL, without credentials."""
-        return self.origin + self.prefix
+        """The server's base URL, without credentials; its nodes' comma-separated."""
+        return ",".join(node.url for node in self.nodes)
 
 
 @dataclass(frozen=True)
@@ -191,6 +172,7 @@ class Request:
     idempotent: bool = True
     wait: int = 0  # seconds the server may hold the answer (long poll)
     append: bool = False
+    stream: str | None = None  # an append's: its writer is learned from the answer
 
 
 @dataclass(frozen=True)
@@ -242,6 +224,7 @@ def publish_request(settings: Settings, stream: str, batch: EncodedBatch) -> Req
         batch.frame(),
         idempotent=batch.producer != NO_PRODUCER,
         append=True,
+        stream=stream,
     )
 
 
@@ -663,19 +646,35 @@ def in_doubt(error: MessageVaultError) -> bool:
     return isinstance(error, _APPEND_IN_DOUBT) or error.status in _DOUBT_STATUSES
 
 
-def give_up(failure: BaseException, request: Request, settings: Settings) -> BaseException:
-    """The exception to raise once ``failure`` is not retried any more.
+def unreachable(refusals: Sequence[tuple[Node, BaseException]]) -> NotSent:
+    """The failure of a round in which every node refused: each node's reason.
+
+    With one node, its own failure, as before there were several.
+    """
+    if len(refusals) == 1 and isinstance(refusals[0][1], NotSent):
+        return refusals[0][1]
+    return NotSent("; ".join(f"{node.url}: {failure}" for node, failure in refusals))
+
+
+def give_up(
+    failure: BaseException, request: Request, settings: Settings, node: Node
+) -> BaseException:
+    """The exception to raise once ``failure``, ``request``'s last on ``node``, is not retried.
 
     An append's error that leaves its commit in doubt says so (a note), as a
     lost connection does: after ``retry_timeout`` of ``storage_error``, say.
+    A server none of whose nodes could be reached is named by all of them.
     """
     if isinstance(failure, _AnsweredError):
         error = failure.error
         if request.append and in_doubt(error):
             error.add_note(DOUBT)
         return error
-    where = f"{request.method} {settings.url}{request.path.split('?')[0]}"
+    path = request.path.split("?")[0]
+    where = f"{request.method} {node.url}{path}"
     if isinstance(failure, NotSent):
+        if len(settings.nodes) > 1:
+            where = f"{request.method} {path} at any of its {len(settings.nodes)} nodes"
         return ServerUnreachable(f"cannot reach the server for {where}: {failure}")
     doubt = f"; {DOUBT}" if request.append else ""
     return ServerUnreachable(f"connection lost during {where}: {failure}{doubt}")

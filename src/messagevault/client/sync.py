@@ -45,8 +45,10 @@ from messagevault.client.base import (
     stream_infos,
     streams_request,
     too_large,
+    unreachable,
 )
 from messagevault.client.http1 import BadAnswer, Connection, tls_context
+from messagevault.client.nodes import WRITER_HEADER, Node, Nodes, Route
 from messagevault.errors import ClientClosed, InvalidInput, RequestTooLarge
 from messagevault.format import EncodedBatch, Message
 from messagevault.reader import Reader
@@ -58,15 +60,16 @@ MessageLike = tuple[bytes | str, bytes | str] | bytes | str | Message | object
 
 
 class _Pool:
-    """Idle keep-alive connections to the server, shared by the client's threads."""
+    """Idle keep-alive connections to one node, shared by the client's threads."""
 
-    def __init__(self, settings: Settings, max_idle: int = 16) -> None:
+    def __init__(self, settings: Settings, node: Node, max_idle: int = 16) -> None:
         self._settings = settings
+        self._node = node
         self._max_idle = max_idle
         self._idle: list[Connection] = []
         self._busy: set[Connection] = set()
         self._lock = threading.Lock()
-        self._tls = tls_context() if settings.scheme == "https" else None
+        self._tls = tls_context() if node.scheme == "https" else None
         self.closed = False
 
     def take(self) -> Connection:
@@ -83,10 +86,8 @@ class _Pool:
             if not _dropped(connection):
                 return connection
             self.discard(connection)
-        settings = self._settings
-        connection = Connection(
-            settings.host, settings.port, timeout=settings.timeout, tls=self._tls
-        )
+        node = self._node
+        connection = Connection(node.host, node.port, timeout=self._settings.timeout, tls=self._tls)
         try:
             connection.connect()
         except OSError as exc:  # refused, unreachable, name unknown, connect timeout
@@ -151,6 +152,12 @@ class Client:
     http://127.0.0.1:8080). ``timeout`` bounds connecting and each wait for
     bytes from the server, in seconds.
 
+    ``url`` may name several nodes of one server (nodes sharing one
+    storage): ``"http://a:8080,http://b:8080"`` or a list of URLs. Each
+    request goes to one node; a node that cannot be reached is passed over
+    and the request goes to the next at once, and appends go straight to
+    their stream's writer once an answer has named it (``client/nodes.py``).
+
     Errors are the classes the server raised (``StreamNotFound``,
     ``InvalidBatch``, ``Unauthenticated``...: ``errors.for_code``), and
     ``ServerUnreachable`` when no answer came. Failed requests are retried
@@ -197,16 +204,19 @@ class Client:
             retry_timeout=retry_timeout,
             idempotent=idempotent,
         )
-        self._pool = _Pool(self._settings)
-        self._closing = threading.Event()
+        self._open()
 
     @classmethod
     def _from_settings(cls, settings: Settings) -> Client:
         client = cls.__new__(cls)
         client._settings = settings
-        client._pool = _Pool(settings)
-        client._closing = threading.Event()
+        client._open()
         return client
+
+    def _open(self) -> None:
+        self._nodes = Nodes(self._settings.nodes)
+        self._pools = {node: _Pool(self._settings, node) for node in self._settings.nodes}
+        self._closing = threading.Event()
 
     @property
     def idempotent(self) -> bool:
@@ -215,8 +225,13 @@ class Client:
 
     @property
     def url(self) -> str:
-        """The server's base URL (without credentials)."""
+        """The server's base URL (without credentials); several nodes', comma-separated."""
         return self._settings.url
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The base URL of each of the server's nodes the client was given."""
+        return tuple(node.url for node in self._settings.nodes)
 
     # Publishing ------------------------------------------------------------------------
 
@@ -357,27 +372,29 @@ class Client:
         any failure, or an answer that is not a 200, goes the ordinary way
         (``_call``: its retries, its errors).
         """
+        node = self._nodes.route().node
+        pool = self._pools[node]
         try:
-            connection = self._pool.take()
+            connection = pool.take()
         except NotSent:
             return ahead.submit(self._call, request)
-        target = self._settings.prefix + request.path
+        target = node.prefix + request.path
         try:
             connection.send(request.method, target, request.headers, request.body)
         except OSError:
-            self._pool.discard(connection)
+            pool.discard(connection)
             return ahead.submit(self._call, request)
 
         def receive() -> Answer:
             try:
                 response = connection.receive()
             except (OSError, BadAnswer):
-                self._pool.discard(connection)
+                pool.discard(connection)
                 return self._call(request)
             if response.will_close:
-                self._pool.discard(connection)
+                pool.discard(connection)
             else:
-                self._pool.give(connection)
+                pool.give(connection)
             if response.status != 200:
                 return self._call(request)
             return Answer(response.status, response.headers, response.body)
@@ -471,28 +488,47 @@ class Client:
             retries = Retries.for_request(self._settings, request)
         else:
             retries = Retries(sys.maxsize, deadline=time.monotonic() + patience)
+        route = self._nodes.route(request.stream)
         while True:
             if self._closing.is_set():
                 if stop is not None or patience is not None:
                     return _STOPPED
                 raise ClientClosed("the client is closed")
-            failure: BaseException
-            try:
-                answer = self._send(request, stop)
-            except (NotSent, Lost) as exc:
-                failure = exc
-            else:
-                error = answered_error(answer)
-                if error is None:
-                    return answer
-                failure = error
-            delay = retries.next_delay(failure, request)
+            outcome = self._try(route, request, stop)
+            if isinstance(outcome, Answer):
+                return outcome
+            delay = retries.next_delay(outcome, request)
             if delay is None:
                 if self._closing.is_set() and (stop is not None or patience is not None):
                     return _STOPPED
-                raise give_up(failure, request, self._settings) from None
+                raise give_up(outcome, request, self._settings, route.node) from None
             if self._sleep(delay, stop):
                 return _STOPPED
+            route.retry(refused=isinstance(outcome, NotSent))
+
+    def _try(
+        self, route: Route, request: Request, stop: threading.Event | None
+    ) -> Answer | Exception:
+        """One try of ``request``: its successful answer, or the failure to retry or raise.
+
+        A node that cannot be connected to is passed over for the next at
+        once, within the try: only a round of refusals is a failure.
+        """
+        while True:
+            try:
+                answer = self._send(route.node, request, stop)
+            except NotSent as exc:
+                if route.refused(exc):
+                    continue
+                return unreachable(route.refusals)
+            except Lost as exc:
+                return exc
+            error = answered_error(answer)
+            if error is not None:
+                return error
+            if answer is not _STOPPED:
+                route.answered(answer.header(WRITER_HEADER) if request.append else None)
+            return answer
 
     def _sleep(self, seconds: float, stop: threading.Event | None) -> bool:
         """Wait ``seconds``; True if the client closed or ``stop`` was set meanwhile."""
@@ -504,16 +540,17 @@ class Client:
                 return True
         return False
 
-    def _send(self, request: Request, stop: threading.Event | None) -> Answer:
-        """One try over one connection."""
-        connection = self._pool.take()
+    def _send(self, node: Node, request: Request, stop: threading.Event | None) -> Answer:
+        """One try over one connection to ``node``."""
+        pool = self._pools[node]
+        connection = pool.take()
         settings = self._settings
         try:
             if request.wait and connection.sock is not None:
                 connection.sock.settimeout(settings.timeout + request.wait)
             try:
                 connection.send(
-                    request.method, settings.prefix + request.path, request.headers, request.body
+                    request.method, node.prefix + request.path, request.headers, request.body
                 )
             except OSError as exc:
                 # The server takes a request only once its whole body has
@@ -521,21 +558,21 @@ class Client:
                 # not finish: it was not acted on.
                 raise NotSent(exc) from exc
             if stop is not None and not self._await_answer(connection, request, stop):
-                self._pool.discard(connection)
+                pool.discard(connection)
                 return _STOPPED
             try:
                 response = connection.receive(head_only=request.method == "HEAD")
             except (OSError, BadAnswer) as exc:
                 raise Lost(exc) from exc
         except BaseException:
-            self._pool.discard(connection)
+            pool.discard(connection)
             raise
         if request.wait and connection.sock is not None:
             connection.sock.settimeout(settings.timeout)
         if response.will_close:
-            self._pool.discard(connection)
+            pool.discard(connection)
         else:
-            self._pool.give(connection)
+            pool.give(connection)
         return Answer(response.status, response.headers, response.body)
 
     def _await_answer(
@@ -562,7 +599,8 @@ class Client:
     def close(self) -> None:
         """Close connections; ends ``follow`` loops and interrupts waiting requests."""
         self._closing.set()
-        self._pool.close()
+        for pool in self._pools.values():
+            pool.close()
 
     def __enter__(self) -> Client:
         return self
