@@ -442,13 +442,12 @@ class FileStreamStore:
             )
         fence = self._fence or _UNFENCED
         try:
-            if not self._leftovers_cut or self._preallocating:
+            if not self._leftovers_cut:
                 with fence:
-                    if not self._leftovers_cut:
-                        self._cut_leftovers(new.length)
-                    if self._preallocating:
-                        # Flushed with the data, just below.
-                        self._keep_zeros_ahead(new.length, new.length - current.length)
+                    self._cut_leftovers(new.length)
+            if self._preallocating:
+                # Flushed with the data, just below.
+                self._keep_zeros_ahead(new.length, new.length - current.length)
             if sync_data:
                 os.fdatasync(self._data_fd)  # data must be durable before the checkpoint names it
             with fence:  # the flush above may wait outside it; the replacement may not
@@ -494,8 +493,10 @@ class FileStreamStore:
         end = -(-(length + step) // 4096) * 4096  # whole filesystem blocks
         zeros = memoryview(_ZEROS)
         try:
-            while size < end:
-                size += os.pwrite(self._data_fd, zeros[: end - size], size)
+            # Fenced: past a deposed lease holder's end may lie its successor's frames.
+            with self._fence or _UNFENCED:
+                while size < end:
+                    size += os.pwrite(self._data_fd, zeros[: end - size], size)
         except OSError as exc:
             # No room for zeros need not mean no room for the next commit:
             # without them it only costs that commit's flush a little more.
