@@ -245,6 +245,19 @@ def test_bad_durations_are_refused_and_change_nothing(
     assert leases.inspect(name) is None
 
 
+@pytest.mark.parametrize(
+    ("holder", "address"),
+    [("", "http://a"), ("n 1", "http://a"), ("n1", ""), ("n1", "h\u00e9"), ("x" * 129, "a")],
+)
+def test_bad_holders_and_addresses_are_refused_and_change_nothing(
+    backend: Backend, holder: str, address: str
+) -> None:
+    leases, name = backend.leases, backend.name()
+    with pytest.raises(ValueError, match="printable ASCII"):
+        leases.acquire(name, holder=holder, address=address, duration=backend.duration)
+    assert leases.inspect(name) is None
+
+
 def test_azure_refuses_durations_below_15_seconds(backend: Backend) -> None:
     if backend.kind != "azure":
         pytest.skip("files and memory accept shorter leases, for tests")

@@ -37,6 +37,7 @@ from messagevault.storage.leases import (
     LeaseRecord,
     new_lease_id,
     validate_duration,
+    validate_holder,
     validate_lease_name,
     validate_lease_prefix,
 )
@@ -60,6 +61,7 @@ class AzureLeases:
     def acquire(self, name: str, *, holder: str, address: str, duration: float) -> HeldLease:
         blob = self._blob(name)
         duration = validate_duration(duration, MIN_DURATION, MAX_DURATION)
+        validate_holder(holder, address)
         if not duration.is_integer():
             raise ValueError(f"a lease on Azure lasts whole seconds, 15-60, not {duration!r}")
         lease_id = new_lease_id()

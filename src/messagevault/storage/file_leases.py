@@ -52,6 +52,7 @@ from messagevault.storage.leases import (
     LeaseRecord,
     new_lease_id,
     validate_duration,
+    validate_holder,
     validate_lease_name,
     validate_lease_prefix,
 )
@@ -146,6 +147,7 @@ class FileLeases:
     def acquire(self, name: str, *, holder: str, address: str, duration: float) -> HeldLease:
         path = self.path(name)
         duration = validate_duration(duration, MIN_FILE_DURATION, MAX_DURATION)
+        validate_holder(holder, address)
         with self._locked(path, create=True) as (fd, stored):
             now = time.time()
             if stored is not None and stored.live(now):

@@ -85,6 +85,19 @@ def validate_lease_prefix(prefix: str) -> str:
     return prefix
 
 
+def validate_holder(holder: str, address: str) -> None:
+    """ValueError unless ``holder`` (a node id) and ``address`` (its URL) can be recorded.
+
+    Printable ASCII without spaces: they go into Azure metadata and logs.
+    """
+    for what, value, longest in (("holder", holder, 128), ("address", address, 2048)):
+        if not isinstance(value, str) or not re.fullmatch(rf"[!-~]{{1,{longest}}}", value):
+            raise ValueError(
+                f"lease {what} {str(value)[:60]!r} must be 1-{longest} printable ASCII "
+                "characters without spaces"
+            )
+
+
 def new_lease_id() -> str:
     """A fresh secret for one acquisition (a UUID: Azure's blob lease ids are UUIDs)."""
     return str(uuid.uuid4())

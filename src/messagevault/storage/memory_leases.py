@@ -21,6 +21,7 @@ from messagevault.storage.leases import (
     LeaseRecord,
     new_lease_id,
     validate_duration,
+    validate_holder,
     validate_lease_name,
     validate_lease_prefix,
 )
@@ -59,6 +60,7 @@ class MemoryLeases:
     def acquire(self, name: str, *, holder: str, address: str, duration: float) -> HeldLease:
         validate_lease_name(name)
         duration = validate_duration(duration, MIN_FILE_DURATION, MAX_DURATION)
+        validate_holder(holder, address)
         with self._lock:
             now = time.time()
             state = self._leases.get(name)
