@@ -352,6 +352,10 @@ def test_a_torn_lease_file_counts_as_free_and_the_generation_still_rises(tmp_pat
     intact = path.read_bytes()
     assert intact.startswith(b"mvlease 00000000000000000003\n")
 
+    # A shorter record over a longer one, killed before the ftruncate: still read.
+    path.write_bytes(intact + b"garbage")
+    assert leases.inspect("streams/s") == LeaseRecord("streams/s", "n1", "http://a", 3, False, None)
+
     path.write_bytes(intact[:45])  # the body cut short: the header's generation holds
     assert leases.inspect("streams/s") == LeaseRecord("streams/s", None, None, 3, False, None)
     assert leases.acquire("streams/s", holder="n2", address="b", duration=LONG).generation == 4

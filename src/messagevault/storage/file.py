@@ -6,6 +6,7 @@
                                   (shared by writers under a lease, which the lease fences)
     <root>/<stream>/<side>        side objects such as ``producers``, replaced whole
     <root>/_system/server.lock    flock()ed by the server using the folder; holds its pid
+    <root>/_system/leases/...     leases of server nodes sharing the folder (``file_leases``)
 
 The checkpoint file has two slots, written alternately (commit number mod 2),
 so a torn checkpoint write can only damage the slot being replaced: readers

@@ -62,6 +62,7 @@ LOCK_WAIT = 2.0  # seconds a lease file's flock is retried before giving up
 _HEADER = re.compile(rb"mvlease (\d{20})\n")
 _HEADER_SIZE = 29
 _READ_SIZE = 64 * 1024
+_JSON = json.JSONDecoder()
 
 
 @dataclass
@@ -112,7 +113,9 @@ def decode(raw: bytes, mtime_ns: int) -> _Stored | None:
         return _Stored(None, None, mtime_ns, "", False, None)
     generation = int(header.group(1))
     try:
-        body: Any = json.loads(raw[_HEADER_SIZE:])
+        # raw_decode: what follows the object is a longer record's tail that
+        # a crash before the ftruncate left behind, not part of this one.
+        body: Any = _JSON.raw_decode(raw[_HEADER_SIZE:].decode())[0]
         stored = _Stored(
             holder=_text(body["holder"]),
             address=_text(body["address"]),
@@ -121,7 +124,7 @@ def decode(raw: bytes, mtime_ns: int) -> _Stored | None:
             held=bool(body["held"]),
             expires_at=None if body["expires_at"] is None else float(body["expires_at"]),
         )
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, IndexError):  # UnicodeDecodeError is a ValueError
         return _Stored(None, None, generation, "", False, None)
     if stored.generation != generation:
         return _Stored(None, None, max(generation, stored.generation), "", False, None)
