@@ -15,6 +15,8 @@ import itertools
 import json
 import math
 import os
+import secrets
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +27,7 @@ from typing import Any, BinaryIO
 import click
 from click.decorators import FC
 
-from messagevault.cli_config import Target, resolve_target
+from messagevault.cli_config import Target, remember_storage_file, resolve_target, storage_value
 from messagevault.cli_input import DEFAULT_BATCH_BYTES, publish_input
 from messagevault.cli_output import (
     FORMATS,
@@ -69,13 +71,31 @@ from messagevault.storage.file import DEFAULT_CHECKPOINT_FLUSH_INTERVAL
 from messagevault.wire import DEFAULT_MAX_BODY
 from messagevault.writer import AppendResult, Writer
 
-storage_option = click.option(
-    "--storage",
-    "storage_url",
-    envvar="MESSAGEVAULT_STORAGE",
-    default="file:./data",
-    show_default=True,
-    help="Where streams live: file:PATH, azure:CONNECTION_STRING or memory: (for trying out).",
+
+def storage_option(function: FC) -> FC:
+    """``--storage`` and ``--storage-file``: the storage a command opens, as ``storage_url``."""
+    function = _storage_file_option(function)
+    return click.option(
+        "--storage",
+        "storage_url",
+        envvar="MESSAGEVAULT_STORAGE",
+        default="file:./data",
+        show_default=True,
+        callback=storage_value,
+        help="Where streams live: file:PATH, azure:CONNECTION_STRING or memory: (for trying out). "
+        "Env: MESSAGEVAULT_STORAGE.",
+    )(function)
+
+
+_storage_file_option = click.option(
+    "--storage-file",
+    envvar="MESSAGEVAULT_STORAGE_FILE",
+    metavar="PATH",
+    is_eager=True,  # read by --storage's callback
+    expose_value=False,
+    callback=remember_storage_file,
+    help="Read the storage URL (e.g. azure:CONNECTION_STRING) from this file instead, so that "
+    "no account key shows in `ps`. Env: MESSAGEVAULT_STORAGE_FILE.",
 )
 
 
@@ -215,6 +235,27 @@ def _serve_option(
     type=click.IntRange(0, 65535),
     help="0: any free port (the `listening` log line says which).",
 )
+@click.option(
+    "--tls-cert",
+    envvar="MESSAGEVAULT_TLS_CERT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PEM",
+    help="Serve https with this certificate (chain, PEM); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    envvar="MESSAGEVAULT_TLS_KEY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PEM",
+    help="The private key of --tls-cert (PEM, unencrypted).",
+)
+@click.option(
+    "--allow-plain-http",
+    envvar="MESSAGEVAULT_ALLOW_PLAIN_HTTP",
+    is_flag=True,
+    help="Take passwords over plain HTTP from other machines: only behind a proxy that "
+    "terminates TLS. Without it (and without --tls-cert) --host must be a loopback address.",
+)
 @storage_option
 @click.option(
     "--fsync",
@@ -317,6 +358,14 @@ def _serve_option(
     'Streams with series of their own in /metrics; the rest are counted as stream="_other".',
 )
 @click.option(
+    "--admin-password-file",
+    envvar="MESSAGEVAULT_ADMIN_PASSWORD_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="When this start creates the first admin, write its password to PATH (a new file, "
+    "readable by its owner only) instead of stderr. PATH must not exist then.",
+)
+@click.option(
     "--save-profile",
     metavar="NAME",
     help="When this start creates the first admin, also save its url, user and password as "
@@ -328,6 +377,9 @@ def serve(  # click passes options by name
     *,
     host: str,
     port: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    allow_plain_http: bool,
     storage_url: str,
     fsync: str,
     checkpoint_flush_interval: float,
@@ -345,6 +397,7 @@ def serve(  # click passes options by name
     log_level: str,
     access_log: bool,
     metrics_streams: int,
+    admin_password_file: Path | None,
     save_profile: str | None,
 ) -> None:
     """Run the HTTP server, the single writer of the storage's streams."""
@@ -353,12 +406,15 @@ def serve(  # click passes options by name
 
     from messagevault.server import Limits, StreamHub, create_app
     from messagevault.server.app import REQUEST_OBSERVERS
-    from messagevault.server.auth import Authenticator, ensure_admin
+    from messagevault.server.auth import Authenticator
     from messagevault.server.logs import configure, shutdown
     from messagevault.server.runner import CannotListen, serve_until_stopped
+    from messagevault.server.tls import PLAIN_HTTP_ALLOWED
 
     configure(logging.getLevelNamesMapping()[log_level.upper()])
     log = logging.getLogger("messagevault.server")
+    tls = _tls(host, tls_cert, tls_key, allow_plain_http=allow_plain_http)  # before opening
+    scheme = "https" if tls is not None else "http"
     statsd = _statsd(statsd_address, statsd_prefix)  # a bad address starts nothing
     if math.isnan(checkpoint_flush_interval):  # nan passes FloatRange
         raise click.BadParameter("not a number", param_hint="--checkpoint-flush-interval")
@@ -387,6 +443,7 @@ def serve(  # click passes options by name
     except ValueError as exc:  # what a range cannot say: nan, inf
         raise click.BadParameter(str(exc), param_hint="--producer-max-age") from exc
     app = create_app(hub, limits, Authenticator(files), max_stream_series=metrics_streams)
+    app[PLAIN_HTTP_ALLOWED] = allow_plain_http
     if access_log:
         from messagevault.server.access_log import log_request
 
@@ -412,26 +469,27 @@ def serve(  # click passes options by name
 
     def listening(bound_port: int) -> None:
         # Once the port is ours: a server that cannot listen creates nothing.
-        password = ensure_admin(files)
-        if password is not None:
-            # Shown once, never stored: only its argon2 hash is in users.json.
-            click.echo(
-                f"Created user 'admin' with password: {password}\n"
-                "Keep it now; change it with `messagevault users passwd admin`.",
-                err=True,
-            )
-            if save_profile:
-                _save_admin_profile(save_profile, host, bound_port, password)
+        password = _first_admin(files, admin_password_file)
+        if password is not None and save_profile:
+            _save_admin_profile(save_profile, _local_url(scheme, host, bound_port), password)
         log.info(
             "listening",
-            extra={"host": host, "port": bound_port, "storage": storage.describe(), **settings},
+            extra={
+                "host": host,
+                "port": bound_port,
+                "url": _local_url(scheme, host, bound_port),
+                "storage": storage.describe(),
+                **settings,
+            },
         )
 
     # SIGINT/SIGTERM stop gracefully: no new requests, in-flight commits
     # finish (the hub drains its committers), exit 0.
     with _server_lock(storage):
         try:
-            asyncio.run(serve_until_stopped(app, host, port, on_listening=listening))
+            asyncio.run(
+                serve_until_stopped(app, host, port, on_listening=listening, ssl_context=tls)
+            )
         except CannotListen as exc:
             hint = "stop what uses it, or choose another --port" if exc.in_use else "check --host"
             click.echo(f"error: {exc}; {hint}", err=True)
@@ -454,11 +512,92 @@ def _statsd(address: str | None, prefix: str) -> StatsD | None:
         raise click.BadParameter(str(exc), param_hint="--statsd") from exc
 
 
-def _save_admin_profile(name: str, host: str, port: int, password: str) -> None:
-    """``serve --save-profile``: the new admin's credentials for the CLI and the client."""
+def _tls(
+    host: str, cert: Path | None, key: Path | None, *, allow_plain_http: bool
+) -> ssl.SSLContext | None:
+    """``serve --tls-cert/--tls-key``: the https context; no passwords in clear off this host."""
+    from messagevault.server.tls import TLSSetupError, plain_http_refusal, server_context
+
+    if (cert is None) != (key is None):
+        raise click.UsageError("give --tls-cert and --tls-key together, or neither")
+    refusal = plain_http_refusal(host, tls=cert is not None, allow_plain_http=allow_plain_http)
+    if refusal is not None:
+        raise click.UsageError(refusal)
+    if cert is None or key is None:
+        return None
+    try:
+        return server_context(cert, key)
+    except TLSSetupError as exc:
+        raise click.ClickException(f"cannot serve https: {exc}") from None
+
+
+def _first_admin(files: SystemFiles, password_file: Path | None) -> str | None:
+    """The first admin's password when this start creates the admin, else None.
+
+    Shown once on stderr, or (``--admin-password-file``) written to a new
+    file only its owner can read, before the admin is saved: a file that
+    cannot be created leaves no admin behind whose password nobody knows.
+    Never stored otherwise: only its argon2 hash is in users.json.
+    """
+    from messagevault.server.auth import USERS_FILE, ensure_admin
+
+    if password_file is None:
+        password = ensure_admin(files)
+        if password is not None:
+            click.echo(
+                f"Created user 'admin' with password: {password}\n"
+                "Keep it now; change it with `messagevault users passwd admin`.",
+                err=True,
+            )
+        return password
+    if files.read_system_file(USERS_FILE) is not None:
+        click.echo(f"Users exist already: {password_file} not written.", err=True)
+        return None
+    password = secrets.token_urlsafe(18)
+    nothing = "nothing was created"
+    try:
+        descriptor = os.open(
+            password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+        )
+    except FileExistsError:
+        raise click.ClickException(
+            f"--admin-password-file {password_file} exists already; {nothing} (remove it, "
+            "or choose another path)"
+        ) from None
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot create --admin-password-file {password_file}: {exc.strerror}; {nothing}"
+        ) from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(password)
+            file.flush()
+            os.fsync(file.fileno())
+        created = ensure_admin(files, password)
+    except BaseException:
+        password_file.unlink(missing_ok=True)
+        raise
+    if created is None:  # another node, or `users add`, was first
+        password_file.unlink(missing_ok=True)
+        click.echo(f"Users exist already: {password_file} not written.", err=True)
+        return None
+    click.echo(
+        f"Created user 'admin'; its password is in {password_file} (readable by its owner "
+        "only). Change it with `messagevault users passwd admin`.",
+        err=True,
+    )
+    return password
+
+
+def _local_url(scheme: str, host: str, port: int) -> str:
+    """Where a client on this machine reaches the server (the any-address is not one)."""
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - recognising, not binding, the any-address
         host = "127.0.0.1"
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _save_admin_profile(name: str, url: str, password: str) -> None:
+    """``serve --save-profile``: the new admin's credentials for the CLI and the client."""
     try:
         path = save_profile(name, url, "admin", password)
     except (MessageVaultError, OSError) as exc:  # the server runs on regardless
@@ -591,7 +730,7 @@ def users_grant(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
 
 
 def source_options(function: FC) -> FC:
-    """``--url``, ``--storage``, ``--profile``: where a command goes (rules: ``cli_config``)."""
+    """``--url``, ``--storage(-file)``, ``--profile``: where a command goes (``cli_config``)."""
     options = [
         click.option(
             "--url",
@@ -604,9 +743,11 @@ def source_options(function: FC) -> FC:
             "--storage",
             envvar="MESSAGEVAULT_STORAGE",
             metavar="STORAGE",
+            callback=storage_value,
             help="Read and write storage directly: file:PATH or azure:CONNECTION_STRING "
             "(default file:./data). Env: MESSAGEVAULT_STORAGE.",
         ),
+        _storage_file_option,
         click.option(
             "--profile",
             envvar="MESSAGEVAULT_PROFILE",

@@ -33,7 +33,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from messagevault.client.nodes import nodes_within
 from messagevault.errors import InvalidInput
 from messagevault.profiles import DEFAULT_PROFILE, PROFILE_KEYS, config_path, read_profiles
 
@@ -128,7 +127,9 @@ def resolve_target(
     url_flag = url if _given(ctx, "url") == command_line else None
     storage_flag = storage if _given(ctx, "storage") == command_line else None
     if url_flag and storage_flag:
-        raise click.UsageError("give --url (a server) or --storage (direct access), not both")
+        raise click.UsageError(
+            "give --url (a server) or --storage/--storage-file (direct access), not both"
+        )
     if storage_flag:  # decided: no config file to read (nor to fail on)
         return Target(storage=storage_flag, origin="--storage")
     named = load_profile(profile_name, required=True) if profile_name else None
@@ -156,19 +157,13 @@ def resolve_target(
 
 
 def _same_server(profile_url: str | None, url: str | None) -> bool:
-    """Whether ``url`` names the profile's server: its node, or some of its several nodes."""
-    return bool(profile_url and url) and nodes_within(url or "", profile_url or "")
+    return bool(profile_url and url) and shown_url(profile_url) == shown_url(url)
 
 
 def shown_url(url: str | None) -> str:
-    """``url`` without user info (a password may be in it) or a trailing slash: safe to print.
-
-    A comma-separated list of a server's nodes is shown node by node.
-    """
+    """``url`` without user info (a password may be in it) or a trailing slash: safe to print."""
     if url is None:
         return ""
-    if "," in url:
-        return ",".join(shown_url(entry.strip()) for entry in url.split(","))
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url.rstrip("/")
@@ -219,3 +214,82 @@ def _with_credentials(target: Target, named: Profile | None, default: Profile | 
         password=password,
         credentials_origin=" and ".join(origins),
     )
+
+
+# --storage-file: the storage URL in a file, so that an account key is in
+# neither the command line (`ps` shows it to every user) nor the environment.
+_STORAGE_FILE = "messagevault.storage_file"  # ctx.meta: (path, where it was given)
+_KEY_FIELDS = ("accountkey=", "sharedaccesssignature=")
+
+
+def remember_storage_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--storage-file``'s callback (an eager option): ``--storage``'s callback reads it."""
+    if value is not None and param.name is not None:
+        ctx.meta[_STORAGE_FILE] = (value, ctx.get_parameter_source(param.name))
+
+
+def storage_value(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--storage``'s callback: its value, or the storage URL read from ``--storage-file``.
+
+    The command line beats the environment; ``--storage`` and
+    ``--storage-file`` both on the command line (or both their variables
+    set) is a usage error. A storage read from a file counts as given where
+    the file was (``resolve_target`` ranks it so).
+    """
+    assert param.name is not None
+    source = ctx.get_parameter_source(param.name)
+    command_line = click.core.ParameterSource.COMMANDLINE
+    environment = click.core.ParameterSource.ENVIRONMENT
+    path, path_source = ctx.meta.pop(_STORAGE_FILE, (None, None))
+    if path is not None and source in (command_line, environment):
+        if path_source == source:
+            given = "on the command line" if source == command_line else "set"
+            raise click.UsageError(
+                f"--storage and --storage-file are both {given} "
+                "(MESSAGEVAULT_STORAGE, MESSAGEVAULT_STORAGE_FILE): give one"
+            )
+        if source == command_line:
+            path = None  # the command line beats the environment variable
+    if path is not None:
+        value = read_storage_file(path)
+        ctx.set_parameter_source(param.name, path_source)
+        source = path_source
+    elif value and source == command_line and _has_key(value):
+        click.echo(
+            "warning: --storage shows the account key to anyone who runs `ps` (and keeps it "
+            "in shell history); use --storage-file PATH or MESSAGEVAULT_STORAGE instead",
+            err=True,
+        )
+    if value and _has_key(value) and not value.startswith("azure:"):
+        # Taken for a path (or a scheme) it would be echoed, key and all, by
+        # the errors and log lines that name the storage.
+        raise click.BadParameter(
+            "an Azure connection string goes after azure: (azure:DefaultEndpointsProtocol=...)",
+            ctx=ctx,
+            param_hint="--storage-file" if path is not None else "--storage",
+        )
+    return value
+
+
+def read_storage_file(path: str) -> str:
+    """The storage URL in file ``path``, surrounding whitespace stripped; never echoed."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = file.read().strip()
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror or exc}", param_hint="--storage-file"
+        ) from None
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not UTF-8 text", param_hint="--storage-file") from None
+    if not value:
+        raise click.BadParameter(
+            f"{path} is empty: it should hold a storage URL such as azure:CONNECTION_STRING",
+            param_hint="--storage-file",
+        )
+    return value
+
+
+def _has_key(value: str) -> bool:
+    lowered = value.lower()
+    return any(field in lowered for field in _KEY_FIELDS)

@@ -41,6 +41,7 @@ from messagevault.server.metrics import DEFAULT_MAX_STREAM_SERIES, Metrics
 from messagevault.server.openapi import openapi_document
 from messagevault.server.served import RequestObserver as RequestObserver  # noqa: PLC0414
 from messagevault.server.served import Served as Served  # noqa: PLC0414
+from messagevault.server.tls import refuse_plain_basic
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
     DEFAULT_MAX_BODY,
@@ -235,6 +236,7 @@ async def authentication(
         request[PRINCIPAL] = OPEN_ACCESS
     elif request.path not in PUBLIC_PATHS:
         header = request.headers.get("Authorization")
+        refuse_plain_basic(request, header)
         principal = auth.known(header)
         if principal is None:
             principal = await _verify(request.app, auth, header)

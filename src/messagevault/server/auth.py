@@ -106,11 +106,14 @@ def save_users(files: SystemFiles, users: Users) -> None:
     files.write_system_file(USERS_FILE, users.dump())
 
 
-def ensure_admin(files: SystemFiles) -> str | None:
-    """On first start, create ``admin`` with a random password and return it (else None)."""
+def ensure_admin(files: SystemFiles, password: str | None = None) -> str | None:
+    """On first start, create ``admin`` with ``password`` (else a random one) and return it.
+
+    None when users exist already: nothing changed.
+    """
     if files.read_system_file(USERS_FILE) is not None:
         return None
-    password = secrets.token_urlsafe(18)
+    password = password or secrets.token_urlsafe(18)
     users = Users()
     users.set_password("admin", password)
     users.grant("admin", ["admin"])

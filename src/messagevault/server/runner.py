@@ -12,6 +12,7 @@ import asyncio
 import errno
 import os
 import signal
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -32,6 +33,7 @@ async def serve_until_stopped(
     *,
     on_listening: Callable[[int], None],
     shutdown_timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT, then stop gracefully.
 
@@ -40,6 +42,7 @@ async def serve_until_stopped(
     (the app's ``on_shutdown``); requests in flight, appends being
     committed, get up to ``shutdown_timeout`` seconds; then the app's
     ``on_cleanup`` closes its writers. Returns once all that is done.
+    ``ssl_context``: serve https with it (``tls.server_context``).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -51,7 +54,7 @@ async def serve_until_stopped(
         await runner.setup()
         try:
             try:
-                await web.TCPSite(runner, host, port).start()
+                await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
             except OSError as exc:
                 raise CannotListen(
                     f"cannot listen on {host}:{port}: {_reason(exc)}",
