@@ -736,8 +736,8 @@ def source_options(function: FC) -> FC:
             "--url",
             envvar="MESSAGEVAULT_URL",
             metavar="URL",
-            help="Go through the server at URL (e.g. http://127.0.0.1:8080). "
-            "Env: MESSAGEVAULT_URL.",
+            help="Go through the server at URL (e.g. http://127.0.0.1:8080; several nodes "
+            "of one server: URL,URL,...). Env: MESSAGEVAULT_URL.",
         ),
         click.option(
             "--storage",
