@@ -191,12 +191,12 @@ def test_a_writer_without_a_lease_and_one_with_exclude_each_other(local: Backend
     storage, stream = local.storage, local.stream
     held = local.take("a")
     leased = Writer.open(storage, stream, lease=held)
-    with pytest.raises(StreamLocked, match="under its lease|already open for writing"):
+    with pytest.raises(StreamLocked, match=r"under its lease|already open for writing"):
         Writer.open(storage, stream)
     leased.append([("k", b"v")])  # unharmed
     leased.close()
     plain = Writer.open(storage, stream)
-    with pytest.raises(StreamLocked, match="without a lease|already open for writing"):
+    with pytest.raises(StreamLocked, match=r"without a lease|already open for writing"):
         Writer.open(storage, stream, lease=held)
     plain.close()
     with Writer.open(storage, stream, lease=held) as again:
