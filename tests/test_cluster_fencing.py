@@ -1,0 +1,279 @@
+"""Fencing, proven with real node processes (issue 13 §3).
+
+A stream's writer W is paused with SIGSTOP while appends sent straight to it
+are in flight; the other nodes take the stream once W's lease has run out
+and acknowledge appends to it; then W is resumed (SIGCONT) and made to write:
+its queued appends resume and more are sent to it. None of them may be
+committed by W: each fails (409 ``stale_writer``, 503 ``not_writer`` /
+``committer_closed``) or is forwarded to the new writer, W logs that it
+stopped writing the stream, and the stream, read from storage, holds every
+acknowledged batch once and in order, no refused one, and no in-doubt one
+twice. Every batch not acknowledged is then sent again, the same bytes
+(the same producer id and batch number), until acknowledged: the stream
+then holds each exactly once.
+
+That a writer holding a lease no longer current cannot change the stream,
+below the server (a ``Writer`` in this process, another taking the lease,
+``StaleWriter``), is tested in ``tests/test_lease_fencing.py``
+(``test_a_deposed_lease_holders_writer_appends_nothing`` on every backend,
+and ``test_a_writer_stopped_past_a_takeover_cannot_change_the_stream_when_resumed``
+with a real process and SIGSTOP on files).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from messagevault.client import Client
+from messagevault.storage import open_storage
+from messagevault.storage.base import Storage
+from tests.azurite import Azurite
+from tests.cluster_load import (
+    DirectAppend,
+    DirectSender,
+    message_value,
+    stream_values,
+    wait_for,
+)
+from tests.cluster_nodes import Cluster, Node, clear_leases, cluster_of, credentials
+
+SENDERS = 3  # threads keeping appends in flight to the writer while it is stopped
+AFTER_RESUME = 5  # appends sent to the resumed writer, one after another
+# Answers that say a batch was not committed (it never reached storage).
+REFUSED = frozenset({"not_writer", "committer_closed", "no_writer"})
+# Answers of a deposed writer that may leave the batch in storage (a takeover
+# rolls forward over frames written past the checkpoint): in doubt.
+FENCED = frozenset({"stale_writer"})
+
+
+def _logs(cluster: Cluster, lines: int = 25) -> str:
+    return "\n".join(
+        f"--- {node.node_id}\n"
+        + "\n".join(
+            [
+                line
+                for line in node.log.read_text(errors="replace").splitlines()
+                if '"messagevault.access"' not in line or '"status": 200' not in line
+            ][-lines:]
+        )
+        for node in cluster.nodes
+    )
+
+
+def _send_in_background(append: DirectAppend, stream: str, timeout: float) -> threading.Thread:
+    thread = threading.Thread(
+        target=append.send, args=(stream, credentials(), timeout), daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _occurrences(values: list[bytes], append: DirectAppend) -> list[int]:
+    """Where ``append``'s batch starts in ``values``, once per whole copy; [] if absent.
+
+    A part of the batch found alone (not its whole run) counts as a copy at -1.
+    """
+    first = message_value(append.tag, 0)
+    run = [message_value(append.tag, n) for n in range(append.count)]
+    starts = [i for i, value in enumerate(values) if value == first]
+    copies = [i if values[i : i + append.count] == run else -1 for i in starts]
+    strays = sum(value in run for value in values) - append.count * len(starts)
+    return copies + [-1] * max(strays, 0)
+
+
+def _judge_stream(
+    values: list[bytes], appends: list[DirectAppend], senders: list[DirectSender]
+) -> list[str]:
+    """Faults of the stream after the pause: [] when it holds exactly what it may."""
+    faults = []
+    known = {message_value(a.tag, n) for a in appends for n in range(a.count)}
+    foreign = [value for value in values if value not in known]
+    if foreign:
+        faults.append(f"{len(foreign)} messages nobody sent: {foreign[:5]}")
+    for append in appends:
+        copies = _occurrences(values, append)
+        if append.acknowledged and (len(copies) != 1 or -1 in copies):
+            faults.append(f"acknowledged {append.tag} is there {len(copies)} times: {copies}")
+        elif append.code in REFUSED and copies:
+            faults.append(f"{append.tag} was refused ({append.code}) but is in the stream")
+        elif len(copies) > 1 or -1 in copies:
+            faults.append(f"{append.tag} ({append.code or append.failure}) is there as {copies}")
+    for sender in senders:  # one sender's acknowledged batches, in the order it sent them
+        starts = [_occurrences(values, a)[0] for a in sender.sent if a.acknowledged]
+        if starts != sorted(starts):
+            faults.append(f"sender {sender.tag}'s acknowledged batches are out of order")
+    return faults
+
+
+def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> None:
+    stream = f"fence-{uuid.uuid4().hex[:8]}"
+    move_timeout = 4 * lease_duration + 30  # expiry, the others noticing, taking
+    hang = move_timeout + 60  # a request to the stopped writer waits this long at most
+    user, password = credentials()
+    appends: list[DirectAppend] = []
+    with cluster_of(3, root, storage=url, lease_duration=lease_duration) as cluster:
+        first = DirectAppend("setup", 1, uuid.uuid4().bytes, cluster.urls[0])
+        appends.append(first.send(stream, credentials(), 30))
+        assert first.acknowledged, f"{first}\n{_logs(cluster)}"
+        writer: Node = wait_for(lambda: cluster.writer_of(stream), 10, what="the writer")
+        others = [node for node in cluster.nodes if node is not writer]
+
+        stop = threading.Event()
+        senders = [
+            DirectSender(f"w{i}", writer.url, stream, credentials(), stop, timeout=hang)
+            for i in range(SENDERS)
+        ]
+        for sender in senders:
+            sender.start()
+        wait_for(
+            lambda: all(any(a.acknowledged for a in s.sent) for s in senders),
+            10,
+            what="the writer acknowledging every sender",
+        )
+
+        writer.signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            # Through the others, until one of them acknowledges: the lease moved.
+            through_others: list[tuple[DirectAppend, threading.Thread]] = []
+            taker: DirectAppend | None = None
+            deadline = stopped_at + move_timeout
+            while taker is None and time.monotonic() < deadline:
+                node = others[len(through_others) % len(others)]
+                append = DirectAppend(f"o{len(through_others)}", 2, uuid.uuid4().bytes, node.url)
+                through_others.append((append, _send_in_background(append, stream, hang)))
+                time.sleep(0.3)
+                taker = next(
+                    (
+                        a
+                        for a, _ in through_others
+                        if a.acknowledged and a.writer and a.writer != writer.url
+                    ),
+                    None,
+                )
+            assert taker is not None, (
+                f"the lease did not move in {move_timeout:g} s\n{_logs(cluster)}"
+            )
+            new_writer = cluster.by_url(taker.writer or "")
+        finally:
+            writer.signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+
+        after = [
+            DirectAppend(f"after{i}", 2, uuid.uuid4().bytes, writer.url).send(
+                stream, credentials(), 30
+            )
+            for i in range(AFTER_RESUME)
+        ]
+        time.sleep(0.5)  # the senders' next appends, after the resume, too
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=hang)
+        for _, thread in through_others:
+            thread.join(timeout=hang)
+        assert not any(s.is_alive() for s in senders), "a sender hangs"
+        assert not any(t.is_alive() for _, t in through_others), "an append hangs"
+
+        to_writer = [a for s in senders for a in s.sent] + after
+        appends += to_writer + [a for a, _ in through_others]
+        logs = _logs(cluster)
+        print(
+            f"\n{writer.node_id} stopped {resumed_at - stopped_at:.1f} s; "
+            f"{new_writer.node_id} took over at {taker.position}; answers: "
+            + ", ".join(
+                f"{where} {code}: {n}"
+                for (where, code), n in sorted(
+                    Counter(
+                        (
+                            "to writer" if a in to_writer else "to others",
+                            a.code
+                            or a.failure
+                            or f"ok by {cluster.by_url(a.writer or '').node_id}",
+                        )
+                        for a in appends
+                    ).items()
+                )
+            )
+        )
+        # Answers W gave itself after the pause: only for batches it committed
+        # before it (their answers were on the way), below the new writer's first.
+        assert taker.position is not None
+        late_own = [
+            a
+            for a in to_writer
+            if a.acknowledged and a.writer == writer.url and (a.answered_at or 0) > stopped_at
+        ]
+        assert all(a.position is not None and a.position < taker.position for a in late_own), (
+            f"the resumed writer committed {[(a.tag, a.position) for a in late_own]} "
+            f"after {new_writer.node_id} took over at {taker.position}\n{logs}"
+        )
+        # Every append sent to W after the resume failed or went to the new writer.
+        for append in [a for a in to_writer if a.sent_at > resumed_at]:
+            assert append.code in REFUSED | FENCED or (
+                append.acknowledged and append.writer == new_writer.url
+            ), f"{append} after the resume\n{logs}"
+        # Every append got an answer, and no other answer than these (no 500).
+        unexpected = [
+            (a.tag, a.url, a.status, a.code, a.failure)
+            for a in appends
+            if not a.acknowledged and a.code not in REFUSED | FENCED
+        ]
+        assert not unexpected, f"{unexpected}\n{logs}"
+        stopped = [
+            json.loads(line)
+            for line in writer.log.read_text(errors="replace").splitlines()
+            if '"stopped writing stream"' in line
+        ]
+        assert any(entry["stream"] == stream and entry["reason"] for entry in stopped), logs
+
+        acknowledged = {a.tag for a in appends if a.acknowledged}
+        wait_for(  # a direct reader sees Azure's checkpoint a little after the ack
+            lambda: (
+                acknowledged
+                <= {v.decode().rpartition("/")[0] for v in stream_values(storage, stream)}
+            ),
+            15,
+            what="every acknowledged batch in storage",
+        )
+        faults = _judge_stream(stream_values(storage, stream), appends, senders)
+        assert not faults, "\n".join([*faults, logs])
+
+        # Each batch not acknowledged, again until it is: then each is there once.
+        with Client(cluster.urls, user=user, password=password, retry_timeout=60) as client:
+            for append in appends:
+                if not append.acknowledged:
+                    client.publish_batch(stream, append.batch)
+        for node in cluster.nodes:
+            node.stop()
+    values = stream_values(storage, stream)
+    counts = {a.tag: _occurrences(values, a) for a in appends}
+    wrong = {tag: copies for tag, copies in counts.items() if len(copies) != 1 or -1 in copies}
+    assert not wrong, wrong
+    assert len(values) == sum(a.count for a in appends)
+
+
+@pytest.mark.slow
+def test_a_stopped_writer_resumed_after_a_takeover_changes_nothing_on_files(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "data"
+    _fencing(f"file:{root}", open_storage(f"file:{root}"), tmp_path, lease_duration=2)
+
+
+@pytest.mark.slow
+def test_a_stopped_writer_resumed_after_a_takeover_changes_nothing_on_azurite(
+    azurite: Azurite, azure_storage: Storage, tmp_path: Path
+) -> None:
+    clear_leases(azure_storage)
+    try:
+        _fencing(f"azure:{azurite.connection_string}", azure_storage, tmp_path, lease_duration=15)
+    finally:
+        clear_leases(azure_storage)
