@@ -19,10 +19,11 @@ import secrets
 import ssl
 import sys
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 from click.decorators import FC
@@ -51,6 +52,7 @@ from messagevault.cli_stress import stress
 from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES
 from messagevault.errors import (
     Forbidden,
+    LeaseHeld,
     MessageVaultError,
     RequestTooLarge,
     ServerUnreachable,
@@ -68,8 +70,14 @@ from messagevault.statsd import StatsD
 from messagevault.storage import open_storage
 from messagevault.storage.base import ServerLock, Storage, SystemFiles
 from messagevault.storage.file import DEFAULT_CHECKPOINT_FLUSH_INTERVAL
+from messagevault.storage.leases import DEFAULT_DURATION as DEFAULT_LEASE_DURATION
+from messagevault.storage.leases import MAX_DURATION, MIN_FILE_DURATION
 from messagevault.wire import DEFAULT_MAX_BODY
 from messagevault.writer import AppendResult, Writer
+
+if TYPE_CHECKING:
+    from messagevault.server.cluster import Cluster
+    from messagevault.server.hub import StreamHub
 
 
 def storage_option(function: FC) -> FC:
@@ -373,7 +381,28 @@ def _serve_option(
     "reach this server with no further set-up. An existing profile NAME is left alone. "
     "`make serve` uses `--save-profile default`.",
 )
-def serve(  # click passes options by name
+@click.option(
+    "--node-id",
+    envvar="MESSAGEVAULT_NODE_ID",
+    metavar="ID",
+    help="Run as one of several nodes sharing this storage, under this name (unique per node): "
+    "each stream is written by the node holding its lease, and any node takes any request. "
+    "Without it this server is the storage's only one.",
+)
+@click.option(
+    "--advertise",
+    envvar="MESSAGEVAULT_ADVERTISE",
+    metavar="URL",
+    help="With --node-id: the URL other nodes reach this one at (default http://HOST:PORT).",
+)
+@_serve_option(
+    "--lease-duration",
+    click.FloatRange(MIN_FILE_DURATION, MAX_DURATION),
+    DEFAULT_LEASE_DURATION,
+    "With --node-id: seconds a stream's lease lasts unless renewed (renewed every third of "
+    "it); a node that dies without a word loses its streams after this. Azure: 15-60.",
+)
+def serve(  # noqa: PLR0915 - one command, its options in a row; click passes them by name
     *,
     host: str,
     port: int,
@@ -399,8 +428,11 @@ def serve(  # click passes options by name
     metrics_streams: int,
     admin_password_file: Path | None,
     save_profile: str | None,
+    node_id: str | None,
+    advertise: str | None,
+    lease_duration: float,
 ) -> None:
-    """Run the HTTP server, the single writer of the storage's streams."""
+    """Run the HTTP server, the single writer of the storage's streams (or of its share of them)."""
     import asyncio
     import logging
 
@@ -442,7 +474,19 @@ def serve(  # click passes options by name
         )
     except ValueError as exc:  # what a range cannot say: nan, inf
         raise click.BadParameter(str(exc), param_hint="--producer-max-age") from exc
-    app = create_app(hub, limits, Authenticator(files), max_stream_series=metrics_streams)
+    cluster = None
+    if node_id is not None:
+        cluster = _cluster(
+            storage,
+            hub,
+            files,
+            node_id=node_id,
+            address=_advertised(advertise, host, port),
+            lease_duration=lease_duration,
+        )
+    app = create_app(
+        hub, limits, Authenticator(files), max_stream_series=metrics_streams, cluster=cluster
+    )
     app[PLAIN_HTTP_ALLOWED] = allow_plain_http
     if access_log:
         from messagevault.server.access_log import log_request
@@ -485,17 +529,96 @@ def serve(  # click passes options by name
 
     # SIGINT/SIGTERM stop gracefully: no new requests, in-flight commits
     # finish (the hub drains its committers), exit 0.
-    with _server_lock(storage):
+    # Several nodes share their storage: the leases keep them apart.
+    with _server_lock(storage) if cluster is None else contextlib.nullcontext():
         try:
             asyncio.run(
                 serve_until_stopped(app, host, port, on_listening=listening, ssl_context=tls)
             )
+        except LeaseHeld as exc:  # another live node has this --node-id
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
         except CannotListen as exc:
             hint = "stop what uses it, or choose another --port" if exc.in_use else "check --host"
             click.echo(f"error: {exc}; {hint}", err=True)
             sys.exit(1)
     log.info("stopped")
     shutdown()  # the last lines written out, "stopped" among them
+
+
+def _cluster(
+    storage: Storage,
+    hub: StreamHub,
+    files: SystemFiles,
+    *,
+    node_id: str,
+    address: str,
+    lease_duration: float,
+) -> Cluster:
+    """``serve --node-id``: this node's part in the cluster, or a usage error.
+
+    It joins the cluster when the app starts, just before the socket is
+    bound (its address is known by then), and leaves when the app stops.
+    """
+    from messagevault.server.cluster import Cluster, load_token, node_lease
+    from messagevault.storage.leases import LeaseStorage, validate_lease_name
+
+    try:
+        validate_lease_name(node_lease(node_id))
+    except ValueError:
+        raise click.BadParameter(
+            "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            param_hint="--node-id",
+        ) from None
+    if not isinstance(storage, LeaseStorage):
+        raise click.UsageError(f"{storage.describe()} cannot be shared by several nodes")
+    if type(storage).__name__ == "AzureStorage" and not 15 <= lease_duration <= 60:
+        raise click.BadParameter("Azure leases last 15-60 seconds", param_hint="--lease-duration")
+    try:
+        token = load_token(files)
+    except MessageVaultError as exc:
+        raise click.ClickException(f"cannot read or create the cluster token: {exc}") from exc
+    cluster = Cluster(
+        storage.leases(),
+        node_id,
+        token,
+        run=hub.run,
+        open_writer=hub.open_writer,
+        close_writer=hub.stop_writing,
+        lease_duration=lease_duration,
+    )
+    cluster.address = address
+    return cluster
+
+
+def _advertised(advertise: str | None, host: str, port: int) -> str:
+    """The URL other nodes reach this one at: ``--advertise``, else http://HOST:PORT."""
+    if advertise is None:
+        if host in ("0.0.0.0", "::", "") or port == 0:  # noqa: S104 - recognising the any-address
+            raise click.UsageError(
+                "--node-id needs --advertise URL when --host is an any-address or --port is 0: "
+                "other nodes must know where to reach this one"
+            )
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    parts = urllib.parse.urlsplit(advertise)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username
+        or parts.password
+        or parts.query
+        or parts.fragment
+        or parts.path not in ("", "/")
+    ):
+        raise click.BadParameter(
+            f"{advertise!r} must be an http(s)://host:port URL with no path, user or query",
+            param_hint="--advertise",
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise click.BadParameter(f"bad port in {advertise!r}", param_hint="--advertise") from None
+    return advertise.rstrip("/")
 
 
 def _statsd(address: str | None, prefix: str) -> StatsD | None:

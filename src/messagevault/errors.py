@@ -24,6 +24,9 @@
     │   └── StaleSequence            a producer's batch is older than its last committed one (409)
     ├── CommitterClosed              an append reached a committer that had stopped; nothing written
     ├── Overloaded                   too much waits to be committed; try again shortly
+    ├── NoWriter                     (nodes) no node could write the stream yet; try again
+    ├── NotWriter                    (nodes) a forwarded append reached a node that is no writer
+    ├── WriterUnreachable            (nodes) the connection to the writer broke mid-append
     ├── StorageError                 the storage itself failed (I/O, network); may be retriable
     │   └── NotReady                 the server cannot reach its storage yet (HTTP 503 on /ready)
     ├── InternalError                the server failed (a bug; its log says more) (HTTP 500)
@@ -221,6 +224,39 @@ class Overloaded(MessageVaultError):
     """More appends wait for a commit than the queue holds, for longer than the caller waits."""
 
     code = "overloaded"
+    retriable = True
+
+
+class NoWriter(MessageVaultError):
+    """No node could be found or made the stream's writer within the wait (HTTP 503).
+
+    The stream's writer is failing over, or storage is unreachable; nothing
+    was appended.
+    """
+
+    code = "no_writer"
+    retriable = True
+
+
+class NotWriter(MessageVaultError):
+    """A forwarded append reached a node that does not write the stream (HTTP 503).
+
+    The writer moved while the append was on its way; nothing was appended.
+    The forwarding node looks again.
+    """
+
+    code = "not_writer"
+    retriable = True
+
+
+class WriterUnreachable(MessageVaultError):
+    """The connection to the stream's writer broke after the append was sent (HTTP 502).
+
+    The writer may have committed it: an append with a producer id is safe
+    to send again; one without may be in the stream already.
+    """
+
+    code = "writer_unreachable"
     retriable = True
 
 

@@ -26,15 +26,19 @@ from messagevault.errors import (
     InvalidPosition,
     MessageVaultError,
     NotReady,
+    NotWriter,
+    NoWriter,
     Overloaded,
     StorageError,
     StreamNotFound,
     UnsupportedMediaType,
     WriterConflict,
+    WriterUnreachable,
 )
 from messagevault.format import EncodedBatch, parse_batch
 from messagevault.names import validate_stream_name
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
+from messagevault.server.cluster import NODE_HEADER, ON_BEHALF_HEADER, WRITER_HEADER, Cluster
 from messagevault.server.hub import StreamHub
 from messagevault.server.logs import REQUEST_ID, request_id
 from messagevault.server.metrics import DEFAULT_MAX_STREAM_SERIES, Metrics
@@ -86,6 +90,7 @@ class _Notes:
 
 
 HUB = web.AppKey("hub", StreamHub)
+CLUSTER = web.AppKey("cluster", Cluster)
 AUTH = web.AppKey("auth", Authenticator)
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 METRICS = web.AppKey("metrics", Metrics)
@@ -112,6 +117,10 @@ _STATUS = {  # the first class an error is an instance of decides
     # Retriable: the append never reached storage (queued behind a commit
     # that found the stream taken over, or the server is shutting down).
     CommitterClosed: 503,
+    NoWriter: 503,
+    NotWriter: 503,
+    # A gateway's answer: the writer may have acted (the client's retry rules know 502).
+    WriterUnreachable: 502,
 }
 
 
@@ -232,7 +241,13 @@ async def authentication(
 ) -> web.StreamResponse:
     """Every stream route needs a user; handlers then check that user's claims."""
     auth = request.app.get(AUTH)
-    if auth is None:
+    cluster = request.app.get(CLUSTER)
+    if cluster is not None and cluster.is_node(request.headers.get("Authorization")):
+        # Another node of the cluster, forwarding an append it authorised.
+        user = request.headers.get(ON_BEHALF_HEADER, "?")
+        node = request.headers.get(NODE_HEADER, "?")
+        request[PRINCIPAL] = Principal(f"{user} via {node}", NODE_CLAIMS, node=True)
+    elif auth is None:
         request[PRINCIPAL] = OPEN_ACCESS
     elif request.path not in PUBLIC_PATHS:
         header = request.headers.get("Authorization")
@@ -270,6 +285,8 @@ async def _verify(app: web.Application, auth: Authenticator, header: str | None)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 OPEN_ACCESS = Principal("anonymous", frozenset({"admin"}))
+# What a node's credentials allow: appends it forwards (and reads, which writing implies).
+NODE_CLAIMS = frozenset({"all:write"})
 
 
 def _require(request: web.Request, action: str, stream: str | None) -> None:
@@ -285,11 +302,15 @@ def create_app(
     authenticator: Authenticator | None = None,
     *,
     max_stream_series: int = DEFAULT_MAX_STREAM_SERIES,
+    cluster: Cluster | None = None,
 ) -> web.Application:
     """The application. Without ``authenticator`` every request is allowed (embedding, tests).
 
     ``max_stream_series``: how many streams get series of their own in
     ``/metrics``; the others are counted together as ``stream="_other"``.
+    ``cluster``: this server is one of several nodes (server/cluster.py),
+    reached at ``cluster.address``; it joins as the app starts and leaves
+    after the app's last commit.
     """
     limits = limits or Limits()
     # client_max_size: aiohttp refuses a larger body with 413 before reading it all.
@@ -299,7 +320,16 @@ def create_app(
     if authenticator is not None:
         app[AUTH] = authenticator
     app[HUB] = hub
-    app[METRICS] = metrics = Metrics(hub, max_stream_series=max_stream_series)
+    app[METRICS] = metrics = Metrics(hub, max_stream_series=max_stream_series, cluster=cluster)
+    if cluster is not None:
+        app[CLUSTER] = cluster
+        hub.leases = cluster.held
+        hub.writer_deposed = cluster.check
+
+        async def join(app: web.Application) -> None:
+            await cluster.start(cluster.address)
+
+        app.on_startup.append(join)
     hub.commit_observers.append(metrics.committed)
     observers: list[RequestObserver] = [metrics.observe]
     app[REQUEST_OBSERVERS] = observers
@@ -314,11 +344,15 @@ def create_app(
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/cluster", cluster_route)
 
     async def end_waits(app: web.Application) -> None:
         await app[HUB].stop_waiting()
 
     async def close_hub(app: web.Application) -> None:
+        if CLUSTER in app:  # after the last commit, the streams move at once
+            await app[HUB].close_writers()
+            await app[CLUSTER].stop()
         await app[HUB].close()
 
     # on_shutdown runs before the server waits for open requests to finish:
@@ -352,6 +386,11 @@ async def append(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"send {BATCH_CONTENT_TYPE} or {JSON}, not {content_type!r}")
     body = await _body(request)
     hub = request.app[HUB]
+    cluster = request.app.get(CLUSTER)
+    if cluster is not None:
+        relayed = await _forward_unless_writer(request, cluster, stream, body)
+        if relayed is not None:
+            return relayed
     # Checking a batch is a pass over all of it (CRCs, JSON, unpacking a
     # compressed value in pieces): a big one is checked in the I/O pool so
     # that it never stalls the other requests on the event loop.
@@ -359,6 +398,8 @@ async def append(request: web.Request) -> web.Response:
     result = await hub.append(stream, batch)
     notes = request[NOTES]
     headers = {}
+    if cluster is not None:
+        headers[WRITER_HEADER] = cluster.address
     if result.duplicate:
         # The same answer as the first time, so that a retry whose first
         # answer was lost reads it as if nothing had happened.
@@ -374,6 +415,30 @@ async def append(request: web.Request) -> web.Response:
 
 
 OFF_LOOP_BODY: Final = 1024 * 1024  # bytes of a request body checked on the event loop at most
+
+
+async def _forward_unless_writer(
+    request: web.Request, cluster: Cluster, stream: str, body: bytes
+) -> web.Response | None:
+    """Forward an append to its stream's writer and relay the answer; None if this node writes it.
+
+    An append another node forwarded is never forwarded again: if this node
+    does not write the stream (it moved on the way), ``NotWriter`` sends the
+    forwarding node looking again.
+    """
+    principal: Principal = request[PRINCIPAL]
+    address = await cluster.writer_for(stream, forwarded=principal.node)
+    if address is None:
+        return None
+    if principal.node:
+        raise NotWriter(f"this node does not write stream {stream!r}; its writer is at {address}")
+    answer = await cluster.forward(stream, address, request, body, principal.name)
+    if answer is None:  # this node became the writer meanwhile
+        return None
+    notes = request[NOTES]
+    notes.kind = "forwarded"
+    request.app[METRICS].forwarded(stream)
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
 async def _body(request: web.Request) -> bytes:
@@ -596,7 +661,27 @@ async def ready(request: web.Request) -> web.Response:
         await request.app[HUB].list_streams()
     except MessageVaultError as exc:
         raise NotReady(f"storage is not reachable: {exc}") from exc
-    return web.json_response({"status": "ready"})
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        return web.json_response({"status": "ready", "role": "single"})
+    return web.json_response(
+        {
+            "status": "ready",
+            "node": cluster.node_id,
+            "address": cluster.address,
+            "role": cluster.role,
+            "streams_written": len(cluster.held),
+        }
+    )
+
+
+async def cluster_route(request: web.Request) -> web.Response:
+    """The nodes sharing this storage and which streams each writes (``GET /cluster``)."""
+    _require(request, "read", None)
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        return web.json_response({"node": None, "role": "single", "nodes": [], "streams": []})
+    return web.json_response(await cluster.describe())
 
 
 async def metrics_route(request: web.Request) -> web.Response:

@@ -54,6 +54,7 @@ def validate_claim(claim: str) -> str:
 class Principal:
     name: str
     claims: frozenset[str]
+    node: bool = False  # another node of the cluster, forwarding a user's append
 
     def may(self, action: str, stream: str | None = None) -> bool:
         """Whether this user may ``read`` or ``write`` ``stream`` (any stream if None)."""
@@ -117,8 +118,13 @@ def ensure_admin(files: SystemFiles, password: str | None = None) -> str | None:
     users = Users()
     users.set_password("admin", password)
     users.grant("admin", ["admin"])
-    save_users(files, users)
-    return password
+    create = getattr(files, "create_system_file", None)
+    if create is None:
+        save_users(files, users)
+        return password
+    # Several nodes starting at once on new storage: one admin, whose
+    # password is the one its creator shows; the others find it made.
+    return password if create(USERS_FILE, users.dump()) else None
 
 
 class Authenticator:

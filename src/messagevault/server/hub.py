@@ -28,7 +28,7 @@ import functools
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -39,7 +39,7 @@ from messagevault.committer import (
     CommitObserver,
     GroupCommitter,
 )
-from messagevault.errors import CommitterClosed, StreamLocked, StreamNotFound
+from messagevault.errors import CommitterClosed, NotWriter, StreamLocked, StreamNotFound
 from messagevault.format import EncodedBatch, Message
 from messagevault.names import validate_stream_name
 from messagevault.producers import (
@@ -51,6 +51,7 @@ from messagevault.reader import RawFrames, Reader
 from messagevault.recovery import recover
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.storage.file import FileStorage
+from messagevault.storage.leases import HeldLease
 from messagevault.writer import AppendResult, Writer
 
 T = TypeVar("T")
@@ -216,6 +217,13 @@ class StreamHub:
         # Told of every commit of every stream, in the committer threads:
         # metrics (Prometheus histograms, StatsD) hang off this.
         self.commit_observers: list[CommitObserver] = []
+        # One of several nodes (server/cluster.py): the leases of the streams
+        # this node writes; a writer is opened only under one. None: this
+        # server is the only one and writes every stream.
+        self.leases: dict[str, HeldLease] | None = None
+        # Several nodes: told when a stream's writer was found deposed, so
+        # that the node stops counting itself its writer.
+        self.writer_deposed: Callable[[str], Awaitable[None]] | None = None
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """Run a blocking storage call in the I/O pool.
@@ -341,14 +349,22 @@ class StreamHub:
                 # (the commit observers), not by committer.
                 await self._let_go(stream, committer)
                 committer = None
+                if self.writer_deposed is not None:
+                    await self.writer_deposed(stream)
             if committer is None:
                 # A fresh writer starts from what storage holds now: after a
                 # takeover, from the other writer's last commit. StreamLocked
                 # (409) while the other writer still holds the stream.
+                lease = None
+                if self.leases is not None:
+                    lease = self.leases.get(stream)
+                    if lease is None:
+                        raise NotWriter(f"this node does not write stream {stream!r} (any more)")
                 open_writer = functools.partial(
                     Writer.open,
                     max_producers=self.max_producers,
                     producer_max_age=self.producer_max_age,
+                    lease=lease,
                 )
                 writer = await self.run(open_writer, self.storage, stream)
                 committer = self._committers[stream] = GroupCommitter(
@@ -371,7 +387,9 @@ class StreamHub:
         stream's next append. Where another process holds the writer lock,
         that writer has rolled it forward already.
         """
-        if stream in self._recovered or stream in self._committers:
+        if stream in self._recovered or stream in self._committers or self.leases is not None:
+            # One of several nodes: only a stream's writer may roll it
+            # forward, and it does so when it takes the stream's lease.
             return
         async with self._opening.setdefault(stream, asyncio.Lock()):
             if stream in self._recovered or stream in self._committers:
@@ -390,6 +408,25 @@ class StreamHub:
                 observer(commit)
             except Exception:  # one broken observer must not starve the others
                 log.exception("commit observer failed", extra={"stream": commit.stream})
+
+    async def open_writer(self, stream: str) -> None:
+        """Open ``stream``'s writer now (several nodes: once this node has taken its lease)."""
+        await self._committer(stream)
+
+    async def stop_writing(self, stream: str) -> None:
+        """Stop writing ``stream``: its lease is gone. Appends queued fail, retriably.
+
+        The writer may have lost the stream already (its commits then fail
+        on the fence); the close runs in the background so that a storage
+        riding out an outage does not hold the caller up.
+        """
+        # Not under the stream's opening lock: this is called while that
+        # lock is held too (a deposed writer found by ``_committer``). A
+        # writer being opened meanwhile finds no lease and is refused.
+        committer = self._committers.pop(stream, None)
+        if committer is not None:
+            task = asyncio.ensure_future(self.run(committer.close))
+            task.add_done_callback(_log_failed_close)
 
     async def _let_go(self, stream: str, committer: GroupCommitter) -> None:
         """Drop a committer whose writer was deposed, releasing its lock or lease.
@@ -557,14 +594,23 @@ class StreamHub:
     async def list_streams(self) -> list[str]:
         return await self.run(self.storage.list_streams)
 
-    async def close(self) -> None:
-        """Finish in-flight commits, close every writer, stop the I/O pool."""
+    async def close_writers(self) -> None:
+        """Finish in-flight commits and close every writer; reads go on. Idempotent."""
         self._closed = True  # later appends: CommitterClosed (503), not a new writer
         committers, self._committers = list(self._committers.values()), {}
         for committer in committers:
             await self.run(committer.close)
+
+    async def close(self) -> None:
+        """Finish in-flight commits, close every writer, stop the I/O pool."""
+        await self.close_writers()
         self._pool.shutdown(wait=True)
         self._idle_readers.close()
+
+
+def _log_failed_close(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("closing a deposed writer failed", exc_info=task.exception())
 
 
 def _using_reader(

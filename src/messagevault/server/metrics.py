@@ -38,6 +38,9 @@ from messagevault.committer import Commit
 from messagevault.server.hub import StreamHub
 
 if TYPE_CHECKING:
+    from messagevault.server.cluster import Cluster
+
+if TYPE_CHECKING:
     from messagevault.server.served import Served
 
 # Every counter and histogram would get a ``_created`` gauge beside it, a
@@ -97,7 +100,11 @@ class Metrics:
     """The registry ``/metrics`` serves, and the observers that feed it."""
 
     def __init__(
-        self, hub: StreamHub, *, max_stream_series: int = DEFAULT_MAX_STREAM_SERIES
+        self,
+        hub: StreamHub,
+        *,
+        max_stream_series: int = DEFAULT_MAX_STREAM_SERIES,
+        cluster: Cluster | None = None,
     ) -> None:
         # A registry per app: tests start many apps in one process, and each
         # must count only its own (the default registry would collide).
@@ -117,6 +124,13 @@ class Metrics:
         # (``started``/``finished``) on the event loop, read when scraped.
         self.in_flight: dict[str, int] = {}
         registry.register(HubCollector(hub, self.streams, self.in_flight))
+        registry.register(NodeCollector(cluster))
+        self.forwarded_appends = Counter(
+            "messagevault_forwarded_appends",
+            "Appends this node forwarded to the node that writes their stream",
+            ["stream"],
+            registry=registry,
+        )
         self.requests = Counter(
             "messagevault_requests",
             "HTTP requests answered, by method, route pattern, status and error code (ok: none)",
@@ -207,6 +221,10 @@ class Metrics:
         if served.kind == "duplicate" and served.stream is not None:
             self.duplicate_appends.labels(self.streams(served.stream)).inc()
 
+    def forwarded(self, stream: str) -> None:
+        """An append was forwarded to its stream's writer (several nodes)."""
+        self.forwarded_appends.labels(self.streams(stream)).inc()
+
     def committed(self, commit: Commit) -> None:
         """Count one storage commit (a commit observer, in a committer thread)."""
         children = self._per_stream.get(commit.stream)
@@ -238,6 +256,32 @@ class _StreamChildren:
         self.batches = batches
         self.messages = messages
         self.bytes = bytes_
+
+
+class NodeCollector(Collector):
+    """This server's role: the only server of its storage, or one node of several."""
+
+    def __init__(self, cluster: Cluster | None) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        cluster = self.cluster
+        role = GaugeMetricFamily(
+            "messagevault_node_role",
+            "1 for this server's role: single (the only server of its storage), or, one of "
+            "several nodes, writer (writes at least one stream) or standby",
+            labels=["node", "role"],
+        )
+        if cluster is None:
+            role.add_metric(["", "single"], 1)
+        else:
+            role.add_metric([cluster.node_id, cluster.role], 1)
+        yield role
+        yield GaugeMetricFamily(
+            "messagevault_streams_written",
+            "Streams whose lease this node holds (several nodes); the only server: all it opened",
+            value=len(cluster.held) if cluster is not None else 0,
+        )
 
 
 class HubCollector(Collector):

@@ -55,7 +55,15 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
     413: ("request_entity_too_large",),
     415: ("unsupported_media_type",),
     500: ("internal_error",),
-    503: ("storage_error", "not_ready", "overloaded", "committer_closed"),
+    502: ("writer_unreachable",),
+    503: (
+        "storage_error",
+        "not_ready",
+        "overloaded",
+        "committer_closed",
+        "no_writer",
+        "not_writer",
+    ),
 }
 
 
@@ -262,6 +270,12 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                 "get": {
                     "summary": "Readiness: storage reachable",
                     "responses": {"200": _json({"type": "object"}), **_errors(503)},
+                }
+            },
+            "/cluster": {
+                "get": {
+                    "summary": "Several nodes: the live nodes and which node writes each stream",
+                    "responses": {"200": _json({"type": "object"}), **_errors(401, 403, 503)},
                 }
             },
             "/metrics": {
