@@ -279,6 +279,7 @@ class DirectAppend:
     count: int
     producer_id: bytes
     url: str
+    producer_seq: int = 0  # the batch's number under its producer id
     sent_at: float = 0.0
     answered_at: float | None = None
     status: int | None = None  # None: no answer (connection refused, reset, timed out)
@@ -290,16 +291,11 @@ class DirectAppend:
     @property
     def batch(self) -> EncodedBatch:
         pairs = [(b"direct", message_value(self.tag, n)) for n in range(self.count)]
-        return batch_of(pairs).with_producer(self.producer_id, 0)
+        return batch_of(pairs).with_producer(self.producer_id, self.producer_seq)
 
     @property
     def acknowledged(self) -> bool:
         return self.status == 200
-
-    @property
-    def refused(self) -> bool:
-        """Answered with an error that says the batch was not committed."""
-        return self.code in {"stale_writer", "not_writer", "committer_closed", "no_writer"}
 
     def send(self, stream: str, credentials: tuple[str, str], timeout: float) -> DirectAppend:
         parts = urlsplit(self.url)

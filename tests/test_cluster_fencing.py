@@ -45,7 +45,7 @@ from tests.cluster_load import (
 )
 from tests.cluster_nodes import Cluster, Node, clear_leases, cluster_of, credentials
 
-SENDERS = 3  # threads keeping appends in flight to the writer while it is stopped
+SENDERS = 8  # threads keeping appends in flight to the writer while it is stopped
 AFTER_RESUME = 5  # appends sent to the resumed writer, one after another
 # Answers that say a batch was not committed (it never reached storage).
 REFUSED = frozenset({"not_writer", "committer_closed", "no_writer"})
@@ -138,6 +138,12 @@ def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> N
             10,
             what="the writer acknowledging every sender",
         )
+        # A producer whose batches go to W, then to the new writer, then to W
+        # again: W, resumed, has not seen the middle one, and must not judge
+        # the last by its own stale table (409 sequence_gap) but step aside.
+        producer = uuid.uuid4().bytes
+        appends.append(DirectAppend("seq0", 2, producer, writer.url, 0))
+        assert appends[-1].send(stream, credentials(), 30).acknowledged, appends[-1]
 
         writer.signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -163,11 +169,14 @@ def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> N
                 f"the lease did not move in {move_timeout:g} s\n{_logs(cluster)}"
             )
             new_writer = cluster.by_url(taker.writer or "")
+            appends.append(DirectAppend("seq1", 2, producer, new_writer.url, 1))
+            assert appends[-1].send(stream, credentials(), 30).acknowledged, appends[-1]
         finally:
             writer.signal(signal.SIGCONT)
         resumed_at = time.monotonic()
 
-        after = [
+        after = [DirectAppend("seq2", 2, producer, writer.url, 2).send(stream, credentials(), 30)]
+        after += [
             DirectAppend(f"after{i}", 2, uuid.uuid4().bytes, writer.url).send(
                 stream, credentials(), 30
             )
