@@ -393,7 +393,7 @@ def _serve_option(
     "--advertise",
     envvar="MESSAGEVAULT_ADVERTISE",
     metavar="URL",
-    help="With --node-id: the URL other nodes reach this one at (default http://HOST:PORT).",
+    help="With --node-id: the URL other nodes reach this one at (default http(s)://HOST:PORT).",
 )
 @_serve_option(
     "--lease-duration",
@@ -481,7 +481,7 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
             hub,
             files,
             node_id=node_id,
-            address=_advertised(advertise, host, port),
+            address=_advertised(advertise, scheme, host, port),
             lease_duration=lease_duration,
         )
     app = create_app(
@@ -591,15 +591,15 @@ def _cluster(
     return cluster
 
 
-def _advertised(advertise: str | None, host: str, port: int) -> str:
-    """The URL other nodes reach this one at: ``--advertise``, else http://HOST:PORT."""
+def _advertised(advertise: str | None, scheme: str, host: str, port: int) -> str:
+    """The URL other nodes reach this one at: ``--advertise``, else SCHEME://HOST:PORT."""
     if advertise is None:
         if host in ("0.0.0.0", "::", "") or port == 0:  # noqa: S104 - recognising the any-address
             raise click.UsageError(
                 "--node-id needs --advertise URL when --host is an any-address or --port is 0: "
                 "other nodes must know where to reach this one"
             )
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return _local_url(scheme, host, port)
     parts = urllib.parse.urlsplit(advertise)
     if (
         parts.scheme not in ("http", "https")

@@ -1,0 +1,83 @@
+"""``messagevault serve --node-id``: its bad options, and a node id already in use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from messagevault.cli import main
+from messagevault.storage import FileStorage
+from tests.azurite import free_port
+from tests.cluster_nodes import cluster_of
+
+NODE_N1 = ("--node-id", "n1")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "complaint"),
+    [
+        (["--node-id", "bad id"], "--node-id"),
+        (["--node-id", ""], "--node-id"),
+        (["--node-id", "-leading-dash"], "--node-id"),
+        (["--node-id", "n1", "--advertise", "ftp://127.0.0.1:9"], "--advertise"),
+        (["--node-id", "n1", "--advertise", "http://user:pw@127.0.0.1:9"], "--advertise"),
+        (["--node-id", "n1", "--advertise", "http://127.0.0.1:9/path"], "--advertise"),
+        (["--node-id", "n1", "--advertise", "http://127.0.0.1:port"], "--advertise"),
+        (["--node-id", "n1", "--advertise", "http://127.0.0.1:9?x=1"], "--advertise"),
+        (["--node-id", "n1", "--lease-duration", "0.1"], "--lease-duration"),
+        (["--node-id", "n1", "--lease-duration", "61"], "--lease-duration"),
+        (["--node-id", "n1", "--port", "0"], "--advertise"),
+        (
+            ["--node-id", "n1", "--host", "0.0.0.0", "--allow-plain-http"],
+            "--advertise",
+        ),
+    ],
+)
+def test_bad_cluster_options_are_refused_before_anything_starts(
+    tmp_path: Path, arguments: list[str], complaint: str
+) -> None:
+    result = CliRunner().invoke(
+        main, ["serve", "--storage", f"file:{tmp_path}", "--port", str(free_port()), *arguments]
+    )
+    assert result.exit_code == 2, result.output
+    assert complaint in result.output
+    assert not (tmp_path / "_system" / "leases").exists()  # no lease taken
+
+
+def test_azure_leases_last_15_to_60_seconds(tmp_path: Path) -> None:
+    # Refused before any request: nothing listens at this account's address.
+    connection = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey="
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+        f"BlobEndpoint=http://127.0.0.1:{free_port()}/devstoreaccount1;"
+    )
+    result = CliRunner().invoke(
+        main,
+        ["serve", "--port", str(free_port()), "--node-id", "n1", "--lease-duration", "5"],
+        env={"MESSAGEVAULT_STORAGE": f"azure:{connection}"},
+    )
+    assert result.exit_code == 2, result.output
+    assert "15-60" in result.output
+
+
+def test_a_node_id_in_use_by_a_live_node_is_refused(tmp_path: Path) -> None:
+    with cluster_of(1, tmp_path) as cluster:
+        port = free_port()
+        started = subprocess.run(
+            [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *NODE_N1],
+            env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{tmp_path}"},
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert started.returncode == 1, started.stderr
+        assert b"in use by a live node at " + cluster.nodes[0].url.encode() in started.stderr
+        # The live node keeps its lease and goes on serving.
+        (record,) = FileStorage(tmp_path).leases().list("nodes/")
+        assert record.address == cluster.nodes[0].url and record.live()
+        assert cluster.nodes[0].get("/ready")["node"] == "n1"
