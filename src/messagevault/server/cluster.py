@@ -395,7 +395,8 @@ class Cluster:
     async def take(self, stream: str, record: LeaseRecord | None, reason: str) -> None:
         """Become the stream's writer: (break a dead holder's lease,) take it, open the writer.
 
-        ``LeaseHeld`` when another node took it first.
+        ``record`` is the lease as judged (None: never taken); a live one is
+        broken first. ``LeaseHeld`` when another node took it first.
         """
         lock = self._taking.setdefault(stream, asyncio.Lock())
         async with lock:
@@ -405,6 +406,12 @@ class Cluster:
                 raise NoWriter("this node is shutting down")
             name = stream_lease(stream)
             if record is not None and record.live():
+                # Break only the lease judged: a cached record may be a
+                # moment old, and another node may have taken over since.
+                self.forget(stream)
+                current = await self.record(stream)
+                if current is None or current.generation != record.generation:
+                    raise LeaseHeld(f"stream {stream!r} changed writers meanwhile")
                 await self.run(self.leases.break_, name)
             self.forget(stream)
             lease = await self._acquire(name)
