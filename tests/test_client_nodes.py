@@ -15,15 +15,19 @@ so each test runs both (``kind``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +56,24 @@ USER = "app"
 PASSWORD = "nodes-test-password"
 
 
-def _nowhere() -> str:
-    """A loopback URL where nothing listens: connecting is refused."""
-    return f"http://127.0.0.1:{free_port()}"
+@pytest.fixture
+def nowhere() -> Iterator[Callable[[], str]]:
+    """Makes loopback URLs where nothing listens: connecting is refused.
+
+    Each port is bound (never listened on) until the test ends, so that no
+    server another test starts meanwhile can take it.
+    """
+    sockets: list[socket.socket] = []
+
+    def make() -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sockets.append(sock)
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield make
+    for sock in sockets:
+        sock.close()
 
 
 def _stored(root: Path, stream: str) -> list[bytes]:
@@ -97,6 +116,13 @@ class Either:
     def __init__(self, kind: str, url: str | list[str], **options: Any) -> None:
         self.sync = Client(url, **options) if kind == "sync" else None
         self.aio = AsyncClient(url, **options) if kind == "async" else None
+
+    def writer(self, stream: str) -> str | None:
+        """The URL of the node the client sends ``stream``'s appends to first, if it knows one."""
+        client = self.sync or self.aio
+        assert client is not None
+        node = client._nodes.writer(stream)
+        return None if node is None else node.url
 
     async def publish(self, stream: str, values: list[bytes]) -> AppendResult:
         if self.sync is not None:
@@ -208,10 +234,10 @@ def test_the_environment_and_a_profile_may_name_several_nodes(
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.usefixtures("first_node_first")
 async def test_requests_pass_over_a_node_that_is_down(
-    kind: str, tmp_path: Path, connects: list[int]
+    kind: str, tmp_path: Path, connects: list[int], nowhere: Callable[[], str]
 ) -> None:
     """Without using up a retry (``retries=0``), and the dead node is left alone for a while."""
-    dead = _nowhere()
+    dead = nowhere()
     with _server(tmp_path / "a") as a, _server(tmp_path / "b") as b:
         async with _either(kind, [dead, a.url, b.url], retries=0) as client:
             receipts = [await client.publish("orders", [b"m%d" % n]) for n in range(3)]
@@ -223,6 +249,22 @@ async def test_requests_pass_over_a_node_that_is_down(
         assert _stored(tmp_path / "b", "orders") == []
     assert connects.count(port_of(dead)) == 1  # passed over after its refusal
     assert connects.count(port_of(b.url)) == 0
+
+
+@pytest.mark.usefixtures("first_node_first")
+def test_threads_share_the_nodes_state(tmp_path: Path, nowhere: Callable[[], str]) -> None:
+    """Many threads on one client, the first node down: each request reaches the live one."""
+    with (
+        _server(tmp_path / "data") as server,
+        Client([nowhere(), server.url], retries=0) as client,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        results = list(
+            pool.map(lambda n: client.publish(f"stream-{n % 4}", [b"%d" % n]), range(80))
+        )
+    assert sorted(len(result) for result in results) == [1] * 80
+    stored = [value for n in range(4) for value in _stored(tmp_path / "data", f"stream-{n}")]
+    assert sorted(stored) == sorted(b"%d" % n for n in range(80))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -245,10 +287,10 @@ async def test_a_node_that_stops_is_left_for_the_next(kind: str, tmp_path: Path)
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_no_node_reachable_raises_server_unreachable_naming_every_node(
-    kind: str, connects: list[int]
+    kind: str, connects: list[int], nowhere: Callable[[], str]
 ) -> None:
     """After ``retries`` rounds of refusals, for reads and idempotent appends alike."""
-    nodes = [_nowhere(), _nowhere()]
+    nodes = [nowhere(), nowhere()]
     async with _either(kind, nodes, retries=1) as client:
         with pytest.raises(ServerUnreachable) as read:
             await client.streams()
@@ -319,20 +361,26 @@ def test_a_producers_batches_stay_exactly_once_across_nodes(tmp_path: Path) -> N
 
 
 @contextlib.contextmanager
-def _serve_killable(root: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``messagevault serve`` on ``root`` (user ``USER``); its URL and process, stopped by PID."""
+def _serve_killable(
+    root: Path, node_id: str | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``messagevault serve`` on ``root`` (user ``USER``); its URL and process, stopped by PID.
+
+    With ``node_id``: a node of the cluster on ``root`` (``--node-id``).
+    """
     users = Users()
     users.set_password(USER, PASSWORD)
     users.grant(USER, ["admin"])
     save_users(FileStorage(root), users)
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    node = ["--node-id", node_id, "--advertise", url] if node_id is not None else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "messagevault.cli", "serve", "--port", str(port), *node],
         env={**os.environ, "MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_FSYNC": "never"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -370,6 +418,44 @@ async def test_a_node_killed_mid_use_is_passed_over(kind: str, tmp_path: Path) -
             assert await client.streams() == ["orders"]
             assert await client.read("orders") == [b"on b"]
     assert _stored(tmp_path / "a", "orders") == [b"on a"]
+
+
+def _writer_address(url: str, stream: str) -> str:
+    """The address of ``stream``'s writer, as the cluster's ``GET /cluster`` says."""
+    request = urllib.request.Request(f"{url}/cluster")
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        cluster = json.load(answer)
+    (entry,) = [entry for entry in cluster["streams"] if entry["stream"] == stream]
+    return str(entry["address"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_cluster_writer_is_learnt_and_its_death_ridden_out(
+    kind: str, tmp_path: Path
+) -> None:
+    """Two ``serve --node-id`` nodes on one folder: appends find the writer, which is killed."""
+    root = tmp_path / "data"
+    with (
+        _serve_killable(root, "n1") as (one, first),
+        _serve_killable(root, "n2") as (two, second),
+    ):
+        client = Either(kind, [one, two], user=USER, password=PASSWORD)
+        try:
+            receipts = [await client.publish("orders", [b"m%d" % n]) for n in range(3)]
+            writer = _writer_address(one, "orders")
+            assert client.writer("orders") == writer
+            process = first if writer == one else second
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+            receipts.append(await client.publish("orders", [b"m3"]))
+            assert await client.read("orders") == [b"m0", b"m1", b"m2", b"m3"]
+            assert client.writer("orders") == (two if writer == one else one)
+        finally:
+            await client.close()
+    assert [receipt[0].sequence for receipt in receipts] == [0, 1, 2, 3]
+    assert _stored(root, "orders") == [b"m0", b"m1", b"m2", b"m3"]
 
 
 # The writer of a stream ----------------------------------------------------------------
@@ -540,9 +626,9 @@ def _run(tmp_path: Path, *args: str, **env: str | None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_the_cli_takes_several_nodes(tmp_path: Path) -> None:
+def test_the_cli_takes_several_nodes(tmp_path: Path, nowhere: Callable[[], str]) -> None:
     with _server(tmp_path / "data") as server:
-        nodes = f"{_nowhere()},{server.url}"
+        nodes = f"{nowhere()},{server.url}"
         code, out, err = _run(tmp_path, "publish", "orders", "hello", "--url", nodes)
         assert code == 0, err
         code, out, err = _run(tmp_path, "read", "orders", MESSAGEVAULT_URL=nodes)
@@ -552,7 +638,7 @@ def test_the_cli_takes_several_nodes(tmp_path: Path) -> None:
     assert code != 0
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "has an empty entry" in err
-    dead = [_nowhere(), _nowhere()]
+    dead = [nowhere(), nowhere()]
     code, out, err = _run(tmp_path, "streams", "--url", ",".join(dead))
     assert code != 0
     assert all(node in err for node in dead), err
