@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from messagevault.cli import main
+from messagevault.client import Client
 from messagevault.storage import FileStorage
 from tests.azurite import free_port
-from tests.cluster_nodes import cluster_of
+from tests.cluster_nodes import PASSWORD, USER, cluster_of
 
 NODE_N1 = ("--node-id", "n1")
 
@@ -81,3 +83,45 @@ def test_a_node_id_in_use_by_a_live_node_is_refused(tmp_path: Path) -> None:
         (record,) = FileStorage(tmp_path).leases().list("nodes/")
         assert record.address == cluster.nodes[0].url and record.live()
         assert cluster.nodes[0].get("/ready")["node"] == "n1"
+
+
+def test_cluster_command_through_a_node_and_from_storage_alone(tmp_path: Path) -> None:
+    with cluster_of(2, tmp_path) as cluster:
+        node = cluster.nodes[0]
+        with Client(node.url, user=USER, password=PASSWORD) as client:
+            client.publish("cli-cluster", [b"v"])
+        writer = cluster.writer_of("cli-cluster")
+        assert writer is not None
+        runner = CliRunner()
+        environment = {"MESSAGEVAULT_USER": USER, "MESSAGEVAULT_PASSWORD": PASSWORD}
+        through = runner.invoke(
+            main, ["cluster", "--url", node.url, "--format", "json"], env=environment
+        )
+        assert through.exit_code == 0, through.output
+        shown = json.loads(through.output)
+        assert shown["node"] == "n1"
+        (stream,) = shown["streams"]
+        assert (stream["stream"], stream["writer"]) == ("cli-cluster", writer.node_id)
+        from_storage = runner.invoke(
+            main, ["cluster", "--storage", f"file:{tmp_path}", "--format", "table"]
+        )
+        assert from_storage.exit_code == 0, from_storage.output
+        assert "cli-cluster" in from_storage.output
+        assert writer.url in from_storage.output
+        assert "n1" in from_storage.output and "n2" in from_storage.output
+    # Every node stopped: the leases say so, and nobody writes the stream.
+    stopped = CliRunner().invoke(
+        main, ["cluster", "--storage", f"file:{tmp_path}", "--format", "json"]
+    )
+    shown = json.loads(stopped.output)
+    assert [n["live"] for n in shown["nodes"]] == [False, False]
+    assert shown["streams"][0]["writer"] is None
+
+
+def test_cluster_command_on_a_single_server_storage(tmp_path: Path) -> None:
+    FileStorage(tmp_path).open_stream("plain-stream", create=True).close()
+    shown = CliRunner().invoke(
+        main, ["cluster", "--storage", f"file:{tmp_path}", "--format", "json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output) == {"nodes": [], "streams": []}

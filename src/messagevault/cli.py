@@ -19,6 +19,7 @@ import secrets
 import ssl
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -1219,6 +1220,59 @@ def streams(
         click.echo(
             json.dumps({"stream": info.stream, "messages": info.messages, "length": info.length})
         )
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault cluster --url http://n1:8080",
+        "messagevault cluster --storage file:/var/lib/messagevault   # from the leases alone",
+    )
+)
+@source_options
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json"]),
+    help="Default: table on a terminal, json when piped.",
+)
+def cluster(
+    *, url: str | None, storage: str | None, profile: str | None, output: str | None
+) -> None:
+    """Show the server nodes sharing a storage and which node writes each stream.
+
+    Through a server it asks GET /cluster; with --storage it reads the leases
+    themselves, so it works with every node down.
+    """
+    with _source(url, storage, profile) as source:
+        found = source.cluster()
+    if output == "json" or (output is None and default_format(None) != "table"):
+        print_json(found)
+        return
+    now = time.time()
+
+    def left(expires_at: float | None) -> str:
+        return "" if expires_at is None else f"{max(0.0, expires_at - now):.1f} s"
+
+    print_table(
+        ["node", "address", "live", "lease left"],
+        [
+            [n["node"], n["address"] or "", "yes" if n["live"] else "no", left(n["expires_at"])]
+            for n in found.get("nodes", [])
+        ],
+    )
+    print_table(
+        ["stream", "writer", "address", "generation", "lease left"],
+        [
+            [
+                s["stream"],
+                s["writer"] or "(none)",
+                s["address"] or "",
+                str(s["generation"]),
+                left(s["expires_at"]),
+            ]
+            for s in found.get("streams", [])
+        ],
+    )
 
 
 @main.command(

@@ -11,7 +11,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from queue import Empty, SimpleQueue
-from typing import Protocol
+from typing import Any, Protocol
 
 import click
 
@@ -49,6 +49,10 @@ class Source(Protocol):
     def streams(self) -> list[StreamInfo]: ...
 
     def info(self, stream: str) -> StreamInfo: ...
+
+    def cluster(self) -> dict[str, Any]:
+        """The nodes and which writes each stream (``GET /cluster``, or the leases in storage)."""
+        ...
 
     def position_of_sequence(self, stream: str, sequence: int) -> int: ...
 
@@ -145,6 +149,15 @@ class StorageSource:
 
     def describe(self) -> str:
         return self.storage.describe()
+
+    def cluster(self) -> dict[str, Any]:
+        from messagevault.server.cluster import lease_report
+        from messagevault.storage.leases import LeaseStorage
+
+        if not isinstance(self.storage, LeaseStorage):
+            return {"nodes": [], "streams": []}
+        leases = self.storage.leases()
+        return dict(lease_report(leases.list("nodes/"), leases.list("streams/")))
 
     def reader(self, stream: str) -> Reader:
         if stream not in self._readers:
@@ -254,6 +267,9 @@ class ServerSource:
 
     def info(self, stream: str) -> StreamInfo:
         return self.client.info(stream)
+
+    def cluster(self) -> dict[str, Any]:
+        return self.client.cluster()
 
     def position_of_sequence(self, stream: str, sequence: int) -> int:
         """Straight from the stream's storage when it can be reached, else through the server."""

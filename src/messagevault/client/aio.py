@@ -24,6 +24,7 @@ from messagevault.client.base import (
     answered_error,
     batch_of,
     check_limit,
+    cluster_request,
     give_up,
     idempotent_batch,
     info_request,
@@ -193,6 +194,15 @@ class AsyncClient:
     async def streams(self) -> list[StreamInfo]:
         """The streams the user may read (name, length, message count)."""
         return stream_infos(await self._call(streams_request(self._settings)))
+
+    async def cluster(self) -> dict[str, Any]:
+        """The server's nodes and which node writes each stream (``GET /cluster``).
+
+        ``{"node": None, "role": "single", ...}`` from a server that is the
+        only one of its storage.
+        """
+        answer: dict[str, Any] = json_of(await self._call(cluster_request(self._settings)))
+        return answer
 
     async def info(self, stream: str) -> StreamInfo:
         """A stream's committed state and its direct read access."""

@@ -236,6 +236,10 @@ def streams_request(settings: Settings) -> Request:
     return Request("GET", "/streams", headers(settings, Accept=JSON))
 
 
+def cluster_request(settings: Settings) -> Request:
+    return Request("GET", "/cluster", headers(settings, Accept=JSON))
+
+
 def page_request(
     settings: Settings, stream: str, position: int, limit: int | None, wait: int = 0
 ) -> Request:

@@ -29,6 +29,7 @@ from messagevault.client.base import (
     answered_error,
     batch_of,
     check_limit,
+    cluster_request,
     frames_page_of,
     give_up,
     idempotent_batch,
@@ -268,6 +269,15 @@ class Client:
     def streams(self) -> list[StreamInfo]:
         """The streams the user may read (name, length, message count)."""
         return stream_infos(self._call(streams_request(self._settings)))
+
+    def cluster(self) -> dict[str, Any]:
+        """The server's nodes and which node writes each stream (``GET /cluster``).
+
+        ``{"node": None, "role": "single", ...}`` from a server that is the
+        only one of its storage.
+        """
+        answer: dict[str, Any] = json_of(self._call(cluster_request(self._settings)))
+        return answer
 
     def info(self, stream: str) -> StreamInfo:
         """A stream's committed state and its direct read access."""

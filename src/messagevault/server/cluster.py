@@ -540,39 +540,53 @@ class Cluster:
         nodes = await self.run(self.leases.list, "nodes/")
         streams = await self.run(self.leases.list, "streams/")
         assert isinstance(nodes, list) and isinstance(streams, list)
-        now = time.time()
-        held_here = {stream: lease for stream, lease in self.held.items()}
         return {
             "node": self.node_id,
             "address": self.address,
             "lease_duration": self.lease_duration,
-            "nodes": [
-                {
-                    "node": record.name.removeprefix("nodes/"),
-                    "address": record.address,
-                    "live": record.live(now),
-                    "expires_at": record.expires_at,
-                }
-                for record in nodes
-            ],
-            "streams": [
-                {
-                    "stream": stream,
-                    "writer": record.holder if record.live(now) else None,
-                    "address": record.address if record.live(now) else None,
-                    "generation": record.generation,
-                    "expires_at": record.expires_at if record.live(now) else None,
-                    "written_here": stream in held_here,
-                }
-                for record in streams
-                for stream in [record.name.removeprefix("streams/")]
-            ],
+            **lease_report(nodes, streams, written_here=set(self.held)),
         }
 
     @property
     def role(self) -> str:
         """``writer`` while this node writes a stream, else ``standby``."""
         return "writer" if self.held else "standby"
+
+
+def lease_report(
+    nodes: list[LeaseRecord], streams: list[LeaseRecord], *, written_here: set[str] | None = None
+) -> dict[str, list[dict[str, object]]]:
+    """What the leases say: the nodes, and which node writes each stream (``GET /cluster``).
+
+    From storage alone, so ``messagevault cluster --storage`` shows the same
+    without a server. ``written_here``: the streams the asking node writes.
+    """
+    now = time.time()
+    report_streams = []
+    for record in streams:
+        live = record.live(now)
+        entry: dict[str, object] = {
+            "stream": record.name.removeprefix("streams/"),
+            "writer": record.holder if live else None,
+            "address": record.address if live else None,
+            "generation": record.generation,
+            "expires_at": record.expires_at if live else None,
+        }
+        if written_here is not None:
+            entry["written_here"] = entry["stream"] in written_here
+        report_streams.append(entry)
+    return {
+        "nodes": [
+            {
+                "node": record.name.removeprefix("nodes/"),
+                "address": record.address,
+                "live": record.live(now),
+                "expires_at": record.expires_at,
+            }
+            for record in nodes
+        ],
+        "streams": report_streams,
+    }
 
 
 def _acquire(leases: Leases, name: str, holder: str, address: str, duration: float) -> HeldLease:
