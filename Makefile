@@ -38,7 +38,15 @@ typecheck: $(STAMP)
 peer-servers: $(STAMP)
 	-$(BIN)/python benchmarks/peers.py --install-servers
 
-pytest: $(STAMP) node_modules/.installed peer-servers
+# podman (with runc: crun refuses some hosts' cgroups) and a python3 base image made from
+# Debian's packages, for tests/test_deploy.py's image test (it skips without them). Best
+# effort, like peer-servers: it needs root and Debian's mirror, not Docker Hub.
+.PHONY: container-engine
+container-engine:
+	-command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || apt-get install -y podman runc debootstrap
+	-command -v podman >/dev/null && sh deploy/base-image.sh
+
+pytest: $(STAMP) node_modules/.installed peer-servers container-engine
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest

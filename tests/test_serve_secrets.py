@@ -17,8 +17,10 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from click.testing import CliRunner
 
 from messagevault import FileStorage, Reader
 from messagevault.cli import main
-from messagevault.server.auth import USERS_FILE
+from messagevault.server.auth import USERS_FILE, Authenticator, ensure_admin
 from messagevault.storage.azure import CONTAINER_PREFIX, SYSTEM_CONTAINER, AzureStorage
 from tests.azurite import Azurite, free_port
 
@@ -144,6 +146,25 @@ def test_the_first_admin_password_goes_to_a_new_owner_only_file(tmp_path: Path) 
         assert again.close() == 0
     assert f"Users exist already: {password_file} not written." in again.stderr
     assert password_file.read_text() == password
+
+
+def test_nodes_starting_at_once_make_one_admin_whose_password_is_the_one_shown(
+    tmp_path: Path,
+) -> None:
+    """Without an exclusive create, each racer would show a password and the last save win."""
+    barrier = threading.Barrier(6)
+
+    def start(_: int) -> str | None:
+        storage = FileStorage(tmp_path / "data")  # a node of its own, on the same folder
+        barrier.wait(timeout=30)
+        return ensure_admin(storage)
+
+    with ThreadPoolExecutor(6) as pool:
+        shown = [password for password in pool.map(start, range(6)) if password is not None]
+    assert len(shown) == 1
+    authenticator = Authenticator(FileStorage(tmp_path / "data"))
+    token = base64.b64encode(f"admin:{shown[0]}".encode()).decode()
+    assert authenticator.authenticate(f"Basic {token}").name == "admin"
 
 
 def _no_users(tmp_path: Path) -> bool:

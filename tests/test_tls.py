@@ -34,13 +34,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from messagevault.client import AsyncClient, Client
-from messagevault.errors import ServerUnreachable
+from messagevault.errors import InsecureTransport, ServerUnreachable
 from messagevault.server import StreamHub, create_app
 from messagevault.server.app import AUTH, PRINCIPAL, authentication
 from messagevault.server.auth import Authenticator, Unauthenticated, Users, save_users
 from messagevault.server.tls import (
     PLAIN_HTTP_ALLOWED,
-    InsecureTransport,
     TLSSetupError,
     is_loopback,
     is_loopback_host,

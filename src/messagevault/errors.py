@@ -15,6 +15,7 @@
     ├── AccessDenied                 read-only access (a SAS URL, a reader) asked to write
     ├── Unauthenticated              no credentials, or wrong ones (HTTP 401)
     ├── Forbidden                    credentials without the claim a request needs (HTTP 403)
+    │   └── InsecureTransport        a password over plain HTTP from another machine (HTTP 403)
     ├── WriterConflict               single-writer rule, and a producer's batch sequence
     │   ├── StreamLocked             another writer holds the stream now
     │   ├── StaleWriter              another writer committed or took over since we last looked
@@ -142,6 +143,15 @@ class Forbidden(MessageVaultError):
     """Valid credentials without the claim this request needs (HTTP 403)."""
 
     code = "forbidden"
+
+
+class InsecureTransport(Forbidden):
+    """Basic credentials came over plain HTTP from another machine (HTTP 403); never checked.
+
+    Use https, or a TLS-terminating proxy with ``serve --allow-plain-http``.
+    """
+
+    code = "insecure_transport"
 
 
 class WriterConflict(MessageVaultError):

@@ -39,7 +39,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
         "unsupported_version",
     ),
     401: ("unauthenticated",),
-    403: ("forbidden", "access_denied"),
+    403: ("forbidden", "access_denied", "insecure_transport"),
     404: ("stream_not_found", "not_found"),
     405: ("method_not_allowed",),
     409: (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from messagevault.errors import Forbidden
+from messagevault.errors import InsecureTransport
 
 # Set by ``serve --allow-plain-http``: Basic credentials may come over plain
 # HTTP from any peer (a TLS-terminating proxy in front). Absent means no.
@@ -27,12 +27,6 @@ WAYS_OUT = (
     "serve https with --tls-cert CERT --tls-key KEY, or, behind a TLS-terminating "
     "proxy, pass --allow-plain-http"
 )
-
-
-class InsecureTransport(Forbidden):
-    """Basic credentials came over plain HTTP from another machine (HTTP 403); not checked."""
-
-    code = "insecure_transport"
 
 
 class TLSSetupError(ValueError):
