@@ -125,3 +125,21 @@ def test_cluster_command_on_a_single_server_storage(tmp_path: Path) -> None:
     )
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output) == {"nodes": [], "streams": []}
+
+
+def test_publishing_straight_to_storage_that_nodes_serve_is_refused(tmp_path: Path) -> None:
+    with cluster_of(1, tmp_path) as cluster:
+        refused = CliRunner().invoke(
+            main, ["publish", "--storage", f"file:{tmp_path}", "beside-nodes", "value"]
+        )
+        assert refused.exit_code == 1, refused.output
+        assert (
+            f"served by server nodes (n1): publish through them, e.g. --url {cluster.urls[0]}"
+            in (refused.output)
+        )
+        assert "beside-nodes" not in FileStorage(tmp_path).list_streams()
+    # With every node stopped, storage is the user's to write again.
+    allowed = CliRunner().invoke(
+        main, ["publish", "--storage", f"file:{tmp_path}", "beside-nodes", "value"]
+    )
+    assert allowed.exit_code == 0, allowed.output

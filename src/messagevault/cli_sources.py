@@ -159,6 +159,25 @@ class StorageSource:
         leases = self.storage.leases()
         return dict(lease_report(leases.list("nodes/"), leases.list("streams/")))
 
+    def _refuse_if_served(self) -> None:
+        """Appends to storage that server nodes serve go through them, never around them.
+
+        A node writes a stream under its lease; a writer beside the nodes
+        would take streams none of them has open now, and hold them from the
+        nodes until it closed.
+        """
+        from messagevault.storage.leases import LeaseStorage
+
+        if not isinstance(self.storage, LeaseStorage):
+            return
+        live = [record for record in self.storage.leases().list("nodes/") if record.live()]
+        if live:
+            names = ", ".join(record.name.removeprefix("nodes/") for record in live)
+            raise click.ClickException(
+                f"{self.storage.describe()} ({self.target.origin}) is served by server nodes "
+                f"({names}): publish through them, e.g. --url {live[0].address}"
+            )
+
     def reader(self, stream: str) -> Reader:
         if stream not in self._readers:
             self._readers[stream] = Reader.open(self.storage, stream)
@@ -235,6 +254,7 @@ class StorageSource:
     def publish(self, stream: str, batch: EncodedBatch) -> AppendResult:
         writer = self._writers.get(stream)
         if writer is None:
+            self._refuse_if_served()
             writer = self._writers[stream] = Writer.open(self.storage, stream)
         return writer.append_batches([batch])[0]
 
