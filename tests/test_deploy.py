@@ -243,7 +243,8 @@ def image() -> Iterator[str]:
     tag = f"localhost/messagevault-test:{os.getpid()}"
     built = _podman(
         "build",
-        "--layers=false",  # no intermediate images left behind
+        "--layers=false",  # no intermediate images left behind,
+        "--force-rm",  # nor containers, even when a step fails
         "--network",
         "host",
         *_runtime_options(),
