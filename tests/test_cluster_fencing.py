@@ -68,6 +68,16 @@ def _logs(cluster: Cluster, lines: int = 25) -> str:
     )
 
 
+def _stopped_writing(node: Node, stream: str) -> list[str]:
+    """The reasons ``node``'s log gives for having stopped writing ``stream``."""
+    entries = [
+        json.loads(line)
+        for line in node.log.read_text(errors="replace").splitlines()
+        if '"stopped writing stream"' in line
+    ]
+    return [e["reason"] for e in entries if e.get("stream") == stream and e.get("reason")]
+
+
 def _send_in_background(append: DirectAppend, stream: str, timeout: float) -> threading.Thread:
     thread = threading.Thread(
         target=append.send, args=(stream, credentials(), timeout), daemon=True
@@ -236,12 +246,9 @@ def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> N
             if not a.acknowledged and a.code not in REFUSED | FENCED
         ]
         assert not unexpected, f"{unexpected}\n{logs}"
-        stopped = [
-            json.loads(line)
-            for line in writer.log.read_text(errors="replace").splitlines()
-            if '"stopped writing stream"' in line
-        ]
-        assert any(entry["stream"] == stream and entry["reason"] for entry in stopped), logs
+        wait_for(  # the node writes its log lines from a queue, a moment later
+            lambda: _stopped_writing(writer, stream), 10, what=f"W's log saying so\n{logs}"
+        )
 
         acknowledged = {a.tag for a in appends if a.acknowledged}
         wait_for(  # a direct reader sees Azure's checkpoint a little after the ack
