@@ -69,6 +69,10 @@ def _logs(cluster: Cluster, lines: int = 15) -> str:
     )
 
 
+def _log_count(cluster: Cluster, text: str) -> int:
+    return sum(node.log.read_text(errors="replace").count(text) for node in cluster.nodes)
+
+
 def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -> None:
     streams = [f"fo-{uuid.uuid4().hex[:8]}-{suffix}" for suffix in ("a", "b")]
     acks = Acks()
@@ -141,6 +145,11 @@ def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -
             "acknowledged_messages": sum(a.count for a in acks.items),
             "duplicate_acks": sum(a.duplicate for a in acks.items),
             "producer_errors": dict(errors),
+            # Every time a node took a stream: a kill moves every stream its
+            # victim wrote, and a node may take one from another that lives
+            # (which then says "stopped writing stream" if it lives long enough).
+            "takeovers": _log_count(cluster, '"writing stream"'),
+            "deposed_alive": _log_count(cluster, '"stopped writing stream"'),
         },
     )
     assert not faults and not problems, "\n".join([*problems, *faults, _logs(cluster)])
