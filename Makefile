@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install peer-servers serve test lint typecheck pytest bench-core bench-large bench-http bench-azure bench-client bench-peers readme-peers clean
+.PHONY: install peer-servers serve test lint typecheck pytest bench-core bench-large bench-http bench-azure bench-client bench-cluster bench-peers readme-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench-client: $(STAMP)
 
 bench-azure: $(STAMP) node_modules/.installed
 	$(BIN)/python benchmarks/azure.py
+
+# 1, 2 and 3 server nodes on one storage (files, then Azurite): ingest and failover time.
+bench-cluster: $(STAMP) node_modules/.installed
+	$(BIN)/python benchmarks/cluster.py
 
 # Redis Streams and NATS JetStream against MessageVault, same workloads; apt-get installs
 # redis-server and nats-server if they are missing. The peers' Python clients: the bench extra.

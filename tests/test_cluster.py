@@ -25,15 +25,9 @@ from messagevault import FileStorage, MemoryStorage, Reader, encode_batch
 from messagevault.format import NO_PRODUCER
 from messagevault.server import Limits, StreamHub, create_app
 from messagevault.server.auth import Authenticator, Users, save_users
-from messagevault.server.cluster import (
-    NODE_SCHEME,
-    WRITER_HEADER,
-    Cluster,
-    load_token,
-    stream_lease,
-)
+from messagevault.server.cluster import NODE_SCHEME, Cluster, load_token, stream_lease
 from messagevault.storage.base import Storage
-from messagevault.wire import DUPLICATE_HEADER
+from messagevault.wire import DUPLICATE_HEADER, WRITER_HEADER
 from tests.azurite import free_port
 from tests.prometheus_text import sample
 
@@ -89,10 +83,8 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
 
 @pytest.fixture
 async def nodes(storage: Storage) -> AsyncIterator[list[Node]]:
+    # Started one after another: the first ones saw no others when they joined.
     started = [await start_node(storage, f"n{i}") for i in (1, 2, 3)]
-    await started[0].cluster.renew_once()  # every node sees the others
-    await started[1].cluster.renew_once()
-    await started[2].cluster.renew_once()
     try:
         yield started
     finally:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
+from messagevault.client.nodes import nodes_within
 from messagevault.errors import InvalidInput
 from messagevault.profiles import DEFAULT_PROFILE, PROFILE_KEYS, config_path, read_profiles
 
@@ -157,13 +158,19 @@ def resolve_target(
 
 
 def _same_server(profile_url: str | None, url: str | None) -> bool:
-    return bool(profile_url and url) and shown_url(profile_url) == shown_url(url)
+    """Whether ``url`` names the profile's server: its node, or some of its several nodes."""
+    return bool(profile_url and url) and nodes_within(url or "", profile_url or "")
 
 
 def shown_url(url: str | None) -> str:
-    """``url`` without user info (a password may be in it) or a trailing slash: safe to print."""
+    """``url`` without user info (a password may be in it) or a trailing slash: safe to print.
+
+    A comma-separated list of a server's nodes is shown node by node.
+    """
     if url is None:
         return ""
+    if "," in url:
+        return ",".join(shown_url(entry.strip()) for entry in url.split(","))
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url.rstrip("/")

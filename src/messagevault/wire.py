@@ -51,6 +51,9 @@ EVENT_STREAM: Final = "text/event-stream"
 # On the answer to an append that was a duplicate: its receipts are those of
 # the batch committed earlier with the same producer id and sequence.
 DUPLICATE_HEADER: Final = "X-Duplicate"
+# On append answers of a server node (several nodes): the advertised URL of the
+# stream's writer, for a client that sends the stream's next appends there.
+WRITER_HEADER: Final = "X-MessageVault-Writer"
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND: Final = timedelta(milliseconds=1)

@@ -38,8 +38,8 @@ from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 from messagevault.errors import InvalidInput
+from messagevault.wire import WRITER_HEADER as WRITER_HEADER  # noqa: PLC0414 - where it was
 
-WRITER_HEADER: Final = "X-MessageVault-Writer"
 # Seconds a node that refused a connection is passed over: long enough that
 # a dead node costs one refusal per client now and then, short enough that
 # a restarted node gets its share back soon.

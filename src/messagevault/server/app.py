@@ -38,7 +38,7 @@ from messagevault.errors import (
 from messagevault.format import EncodedBatch, parse_batch
 from messagevault.names import validate_stream_name
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
-from messagevault.server.cluster import NODE_HEADER, ON_BEHALF_HEADER, WRITER_HEADER, Cluster
+from messagevault.server.cluster import NODE_HEADER, ON_BEHALF_HEADER, Cluster
 from messagevault.server.hub import StreamHub
 from messagevault.server.logs import REQUEST_ID, request_id
 from messagevault.server.metrics import DEFAULT_MAX_STREAM_SERIES, Metrics
@@ -53,6 +53,7 @@ from messagevault.wire import (
     EVENT_STREAM,
     JSON,
     NDJSON,
+    WRITER_HEADER,
     Records,
     StreamInfo,
     appended_json,

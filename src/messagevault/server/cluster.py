@@ -47,7 +47,7 @@ from messagevault.errors import (
 )
 from messagevault.storage.leases import DEFAULT_DURATION as DEFAULT_LEASE_DURATION
 from messagevault.storage.leases import HeldLease, LeaseRecord, Leases
-from messagevault.wire import DUPLICATE_HEADER
+from messagevault.wire import DUPLICATE_HEADER, WRITER_HEADER
 
 log = logging.getLogger("messagevault.cluster")
 
@@ -55,7 +55,6 @@ TOKEN_FILE: Final = "cluster-token"  # noqa: S105 - the name of the system file 
 NODE_SCHEME: Final = "MessageVault-Node"  # Authorization: MessageVault-Node <token>
 NODE_HEADER: Final = "X-MessageVault-Node"  # the node that forwarded a request
 ON_BEHALF_HEADER: Final = "X-MessageVault-User"  # whose append it forwards (for the log)
-WRITER_HEADER: Final = "X-MessageVault-Writer"  # on append answers: the writer's address
 # A writer whose address refused connections this long (seconds) is taken for dead.
 DEAD_AFTER: Final = 1.0
 # How long a stream's lease record is trusted without asking storage again (seconds).
@@ -146,6 +145,7 @@ class Cluster:
     held: dict[str, HeldLease] = field(default_factory=dict)  # streams this node writes
     _node: HeldLease | None = None
     _live_nodes: list[LeaseRecord] = field(default_factory=list)
+    _looking: asyncio.Future[None] | None = None  # a look at nodes/ under way
     _records: dict[str, tuple[LeaseRecord | None, float]] = field(default_factory=dict)
     _suspects: dict[str, _Suspect] = field(default_factory=dict)
     _taking: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -299,6 +299,13 @@ class Cluster:
         if lease is not None:
             await self._renew_stream(stream, lease)
 
+    async def _look_at_nodes(self) -> None:
+        """Refresh the view of live nodes now; placements at the same moment share one look."""
+        looking = self._looking
+        if looking is None or looking.done():
+            looking = self._looking = asyncio.ensure_future(self._refresh_nodes())
+        await asyncio.shield(looking)
+
     async def _refresh_nodes(self) -> None:
         try:
             records = await self.run(self.leases.list, "nodes/")
@@ -359,6 +366,7 @@ class Cluster:
             await self.take(stream, record, "this node restarted")
             return None
         if not forwarded:
+            await self._look_at_nodes()  # placing a stream: with the nodes that joined since
             preferred = self._preferred(stream)
             if (
                 preferred is not None
