@@ -46,7 +46,7 @@ from messagevault.errors import (
     WriterUnreachable,
 )
 from messagevault.storage.leases import DEFAULT_DURATION as DEFAULT_LEASE_DURATION
-from messagevault.storage.leases import HeldLease, LeaseRecord, Leases
+from messagevault.storage.leases import HeldLease, LeaseRecord, Leases, held_record
 from messagevault.wire import DUPLICATE_HEADER, WRITER_HEADER
 
 log = logging.getLogger("messagevault.cluster")
@@ -60,6 +60,9 @@ DEAD_AFTER: Final = 1.0
 # How long a stream's lease record is trusted without asking storage again (seconds).
 RECORD_TTL: Final = 1.0
 DEFAULT_FORWARD_WAIT: Final = 10.0  # seconds an append waits for a writer before no_writer
+# Seconds a forwarded append may wait for the writer's answer: beyond a commit
+# riding out storage faults (30 s) and a full queue's wait (10 s).
+FORWARD_READ_TIMEOUT: Final = 60.0
 # Headers of an append that the writer needs; everything else stays here.
 _FORWARDED_REQUEST_HEADERS: Final = ("Content-Type", "Prefer", "X-Request-Id", "Content-Encoding")
 # Headers of the writer's answer relayed to the client, beside the body and status.
@@ -165,15 +168,19 @@ class Cluster:
         """
         self.address = address
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=1.0, sock_connect=1.0),
+            # A writer that takes longer than FORWARD_READ_TIMEOUT to answer
+            # (frozen, say) gets the append answered writer_unreachable.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=1.0, sock_connect=1.0, sock_read=FORWARD_READ_TIMEOUT
+            ),
             connector=aiohttp.TCPConnector(limit=256, enable_cleanup_closed=True),
         )
         name = node_lease(self.node_id)
         try:
             self._node = await self._acquire(name)
         except LeaseHeld as held:
-            record = held.record if hasattr(held, "record") else None
-            other = getattr(record, "address", None)
+            record = held_record(held)
+            other = record.address if record is not None else None
             if other and other != address and await self._answers(other):
                 raise LeaseHeld(
                     f"node id {self.node_id!r} is in use by a live node at {other}; "
