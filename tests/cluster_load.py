@@ -174,7 +174,9 @@ class LoadProducer(threading.Thread):
                 Client(url, user=user, password=password, timeout=10, retry_timeout=5)
                 for url in self.urls
             ]
-        return [Client(self.urls, user=user, password=password, timeout=10, retry_timeout=10)]
+        return [
+            Client(",".join(self.urls), user=user, password=password, timeout=10, retry_timeout=10)
+        ]
 
     def run(self) -> None:
         clients = self._clients()
@@ -300,7 +302,7 @@ class DirectAppend:
     def send(self, stream: str, credentials: tuple[str, str], timeout: float) -> DirectAppend:
         parts = urlsplit(self.url)
         token = base64.b64encode(":".join(credentials).encode()).decode()
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
         self.sent_at = time.monotonic()
         try:
             connection.request(

@@ -18,6 +18,7 @@ that a failover happened within ``FAILOVER_BOUND`` is asserted.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from messagevault.storage import open_storage
 from messagevault.storage.base import Storage
 from tests.azurite import Azurite
 from tests.cluster_load import (
+    Ack,
     Acks,
     Failover,
     LoadProducer,
@@ -73,6 +75,22 @@ def _log_count(cluster: Cluster, text: str) -> int:
     return sum(node.log.read_text(errors="replace").count(text) for node in cluster.nodes)
 
 
+def _next_ack(
+    acks: Acks, producers: list[LoadProducer], stream: str, killed_at: float
+) -> Ack | None:
+    """The failover's ack, waiting ``FAILOVER_BOUND`` at most; None at once if no producer runs."""
+    deadline = killed_at + FAILOVER_BOUND
+    while time.monotonic() < deadline:
+        ack = acks.first_after(stream, killed_at, min(1.0, deadline - time.monotonic()))
+        if ack is not None or not any(p.is_alive() for p in producers):
+            return ack
+    return None
+
+
+def _problems(producers: list[LoadProducer]) -> list[str]:
+    return [f"{p.producer}: {p.fatal or p.gave_up}" for p in producers if p.fatal or p.gave_up]
+
+
 def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -> None:
     streams = [f"fo-{uuid.uuid4().hex[:8]}-{suffix}" for suffix in ("a", "b")]
     acks = Acks()
@@ -99,18 +117,18 @@ def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -
             for number in range(KILLS):
                 stream = streams[number % len(streams)]
                 pause = RESTART_PAUSES[(number // len(streams)) % len(RESTART_PAUSES)]
-                writer = wait_for(
-                    lambda stream=stream: _live_writer(cluster, stream), 30, what="a writer"
+                writer: Node = wait_for(
+                    functools.partial(_live_writer, cluster, stream), 30, what="a writer"
                 )
                 killed_at = time.monotonic()
                 writer.kill()
                 if pause:
                     time.sleep(pause)
                 writer.start(wait=False)
-                ack = acks.first_after(stream, killed_at, FAILOVER_BOUND)
+                ack = _next_ack(acks, producers, stream, killed_at)
                 assert ack is not None, (
                     f"kill {number + 1} of {writer.node_id} ({stream}): no ack within "
-                    f"{FAILOVER_BOUND:g} s\n{_logs(cluster)}"
+                    f"{FAILOVER_BOUND:g} s; producers: {_problems(producers)}\n{_logs(cluster)}"
                 )
                 failovers.append(
                     Failover(number + 1, stream, writer.node_id, pause, ack.at - killed_at)
@@ -121,9 +139,7 @@ def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -
             for producer in producers:
                 producer.join(timeout=90)
         assert not any(p.is_alive() for p in producers), "a producer did not stop"
-        problems = [
-            f"{p.producer}: {p.fatal or p.gave_up}" for p in producers if p.fatal or p.gave_up
-        ]
+        problems = _problems(producers)
         for node in cluster.nodes:
             node.stop()  # the last commits' checkpoints are in storage (Azure's trail)
         faults = [

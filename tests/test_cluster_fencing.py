@@ -263,7 +263,9 @@ def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> N
         assert not faults, "\n".join([*faults, logs])
 
         # Each batch not acknowledged, again until it is: then each is there once.
-        with Client(cluster.urls, user=user, password=password, retry_timeout=60) as client:
+        with Client(
+            ",".join(cluster.urls), user=user, password=password, retry_timeout=60
+        ) as client:
             for append in appends:
                 if not append.acknowledged:
                     client.publish_batch(stream, append.batch)
@@ -336,7 +338,7 @@ def test_a_writer_deposed_unawares_answers_a_producers_next_batch_retriably(
         )
         if not seq2.acknowledged:
             user, password = credentials()
-            with Client(cluster.urls, user=user, password=password) as client:
+            with Client(",".join(cluster.urls), user=user, password=password) as client:
                 client.publish_batch(stream, seq2.batch)
     values = stream_values(storage, stream)
     assert values == [message_value(f"seq{n}", i) for n in range(3) for i in range(2)]
