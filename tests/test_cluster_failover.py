@@ -33,6 +33,7 @@ from tests.azurite import Azurite
 from tests.cluster_load import (
     Ack,
     Acks,
+    DirectAppend,
     Failover,
     LoadProducer,
     check_stream,
@@ -187,3 +188,52 @@ def test_failover_under_load_on_azurite(
         _failover_under_load("azure", f"azure:{azurite.connection_string}", azure_storage, tmp_path)
     finally:
         clear_leases(azure_storage)
+
+
+@pytest.mark.xfail(
+    reason="server defect, reported: a node that found an address refusing connections "
+    "presumes it dead until it next reaches it (cluster._presumed_dead has no time bound, "
+    "and a presumed-dead address is never tried again), so it breaks the lease of the node "
+    "restarted there; remove this mark once it is fixed",
+    raises=AssertionError,
+    strict=True,
+)
+def test_a_node_back_from_the_dead_keeps_the_streams_it_took_back(tmp_path: Path) -> None:
+    """W dies; X takes one of W's streams; W restarts and takes back another: X forwards to it.
+
+    X saw W's address refuse connections while it took the first stream;
+    that must not make X break the lease W took, alive, since it restarted.
+    """
+    root = tmp_path / "data"
+    streams = [f"back-{uuid.uuid4().hex[:6]}-{n}" for n in range(7)]
+    with cluster_of(3, tmp_path, storage=f"file:{root}", lease_duration=15) as cluster:
+        writers: dict[str, list[str]] = {}
+        for stream in streams:  # 7 streams on 3 nodes: one node writes two or more
+            append = DirectAppend(stream, 1, uuid.uuid4().bytes, cluster.urls[0])
+            assert append.send(stream, credentials(), 30).acknowledged, append
+            writers.setdefault(append.writer or "", []).append(stream)
+        url, (first, second, *_) = next((u, s) for u, s in writers.items() if len(s) >= 2)
+        writer = cluster.by_url(url)
+        other = next(node for node in cluster.nodes if node is not writer)
+
+        writer.kill()
+        taken = DirectAppend("taken", 1, uuid.uuid4().bytes, other.url)
+        taken.send(first, credentials(), 30)  # refused by W's address for 1 s, then taken
+        assert taken.acknowledged and taken.writer == other.url, taken
+        writer.start()
+        back = DirectAppend("back", 1, uuid.uuid4().bytes, writer.url).send(
+            second, credentials(), 30
+        )
+        assert back.acknowledged and back.writer == writer.url, back  # "this node restarted"
+
+        through = DirectAppend("through", 1, uuid.uuid4().bytes, other.url)
+        through.send(second, credentials(), 30)
+        assert through.acknowledged, through
+        assert through.writer == writer.url, (
+            f"{other.node_id} took {second} from {writer.node_id}, alive since its restart\n"
+            + "\n".join(
+                line
+                for line in other.log.read_text(errors="replace").splitlines()
+                if '"writing stream"' in line
+            )
+        )
