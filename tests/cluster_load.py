@@ -37,6 +37,7 @@ from messagevault.format import EncodedBatch
 from messagevault.reader import Reader
 from messagevault.storage.base import Storage
 from messagevault.wire import BATCH_CONTENT_TYPE
+from tests.cluster_nodes import Cluster
 
 WRITER_HEADER = "X-MessageVault-Writer"
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
@@ -286,6 +287,7 @@ class DirectAppend:
     answered_at: float | None = None
     status: int | None = None  # None: no answer (connection refused, reset, timed out)
     code: str | None = None  # the error code of an error answer
+    detail: str | None = None  # and its detail
     writer: str | None = None  # X-MessageVault-Writer of the answer
     position: int | None = None  # the first message's, when acknowledged
     failure: str | None = None
@@ -330,6 +332,7 @@ class DirectAppend:
             self.position = int(content["messages"][0]["position"])
         else:
             self.code = str(content.get("error", f"http_{answer.status}"))
+            self.detail = str(content.get("detail", ""))
         return self
 
 
@@ -366,6 +369,21 @@ class DirectSender(threading.Thread):
             append.send(self.stream, self.credentials, self.timeout)
             if append.status is None:
                 time.sleep(0.05)  # refused or reset: do not spin
+
+
+def node_logs(cluster: Cluster, lines: int = 20) -> str:
+    """Each node's last ``lines`` log lines, less its successful requests, for failure messages."""
+    return "\n".join(
+        f"--- {node.node_id}\n"
+        + "\n".join(
+            [
+                line
+                for line in node.log.read_text(errors="replace").splitlines()
+                if '"messagevault.access"' not in line or '"status": 200' not in line
+            ][-lines:]
+        )
+        for node in cluster.nodes
+    )
 
 
 def stream_values(storage: Storage, stream: str) -> list[bytes]:

@@ -37,6 +37,7 @@ from tests.cluster_load import (
     Failover,
     LoadProducer,
     check_stream,
+    node_logs,
     report_failovers,
     wait_for,
 )
@@ -55,21 +56,6 @@ def _live_writer(cluster: Cluster, stream: str) -> Node | None:
     if node is None or node.process is None or node.process.poll() is not None:
         return None
     return node
-
-
-def _logs(cluster: Cluster, lines: int = 15) -> str:
-    """Each node's last log lines, less its successful requests."""
-    return "\n".join(
-        f"--- {node.node_id}\n"
-        + "\n".join(
-            [
-                line
-                for line in node.log.read_text(errors="replace").splitlines()
-                if '"messagevault.access"' not in line or '"status": 200' not in line
-            ][-lines:]
-        )
-        for node in cluster.nodes
-    )
 
 
 def _log_count(cluster: Cluster, text: str) -> int:
@@ -114,7 +100,9 @@ def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -
             producer.start()
         try:
             for stream in streams:
-                assert acks.first_after(stream, 0.0, 30.0), f"no ack on {stream}\n{_logs(cluster)}"
+                assert acks.first_after(stream, 0.0, 30.0), (
+                    f"no ack on {stream}\n{node_logs(cluster)}"
+                )
             for number in range(KILLS):
                 stream = streams[number % len(streams)]
                 pause = RESTART_PAUSES[(number // len(streams)) % len(RESTART_PAUSES)]
@@ -129,7 +117,7 @@ def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -
                 ack = _next_ack(acks, producers, stream, killed_at)
                 assert ack is not None, (
                     f"kill {number + 1} of {writer.node_id} ({stream}): no ack within "
-                    f"{FAILOVER_BOUND:g} s; producers: {_problems(producers)}\n{_logs(cluster)}"
+                    f"{FAILOVER_BOUND:g} s; producers: {_problems(producers)}\n{node_logs(cluster)}"
                 )
                 failovers.append(
                     Failover(number + 1, stream, writer.node_id, pause, ack.at - killed_at)
@@ -169,7 +157,7 @@ def _failover_under_load(backend: str, url: str, storage: Storage, root: Path) -
             "deposed_alive": _log_count(cluster, '"stopped writing stream"'),
         },
     )
-    assert not faults and not problems, "\n".join([*problems, *faults, _logs(cluster)])
+    assert not faults and not problems, "\n".join([*problems, *faults, node_logs(cluster)])
     assert len(failovers) == KILLS
 
 

@@ -40,32 +40,23 @@ from tests.cluster_load import (
     DirectAppend,
     DirectSender,
     message_value,
+    node_logs,
     stream_values,
     wait_for,
 )
-from tests.cluster_nodes import Cluster, Node, clear_leases, cluster_of, credentials
+from tests.cluster_nodes import Node, clear_leases, cluster_of, credentials
 
 SENDERS = 8  # threads keeping appends in flight to the writer while it is stopped
 AFTER_RESUME = 5  # appends sent to the resumed writer, one after another
+# On files a writer stopped in the middle of a write holds its lease file's
+# shared flock, and no node can take the lease (which needs it exclusively)
+# until it resumes: the pause is then tried again, at another moment.
+STOP_ATTEMPTS = 3
 # Answers that say a batch was not committed (it never reached storage).
 REFUSED = frozenset({"not_writer", "committer_closed", "no_writer"})
 # Answers of a deposed writer that may leave the batch in storage (a takeover
 # rolls forward over frames written past the checkpoint): in doubt.
 FENCED = frozenset({"stale_writer"})
-
-
-def _logs(cluster: Cluster, lines: int = 25) -> str:
-    return "\n".join(
-        f"--- {node.node_id}\n"
-        + "\n".join(
-            [
-                line
-                for line in node.log.read_text(errors="replace").splitlines()
-                if '"messagevault.access"' not in line or '"status": 200' not in line
-            ][-lines:]
-        )
-        for node in cluster.nodes
-    )
 
 
 def _stopped_writing(node: Node, stream: str) -> list[str]:
@@ -123,16 +114,37 @@ def _judge_stream(
     return faults
 
 
+def _until_taken(
+    writer: Node,
+    others: list[Node],
+    stream: str,
+    sent: list[tuple[DirectAppend, threading.Thread]],
+    timeout: float,
+    hang: float,
+) -> DirectAppend | None:
+    """Append through ``others`` (added to ``sent``) until one is acknowledged by a new writer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node = others[len(sent) % len(others)]
+        append = DirectAppend(f"o{len(sent)}", 2, uuid.uuid4().bytes, node.url)
+        sent.append((append, _send_in_background(append, stream, hang)))
+        time.sleep(0.3)
+        for append, _ in sent:
+            if append.acknowledged and append.writer and append.writer != writer.url:
+                return append
+    return None
+
+
 def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> None:
     stream = f"fence-{uuid.uuid4().hex[:8]}"
-    move_timeout = 4 * lease_duration + 30  # expiry, the others noticing, taking
+    move_timeout = 3 * lease_duration + 10  # expiry, the others noticing, taking
     hang = move_timeout + 60  # a request to the stopped writer waits this long at most
     user, password = credentials()
     appends: list[DirectAppend] = []
     with cluster_of(3, root, storage=url, lease_duration=lease_duration) as cluster:
         first = DirectAppend("setup", 1, uuid.uuid4().bytes, cluster.urls[0])
         appends.append(first.send(stream, credentials(), 30))
-        assert first.acknowledged, f"{first}\n{_logs(cluster)}"
+        assert first.acknowledged, f"{first}\n{node_logs(cluster)}"
         writer: Node = wait_for(lambda: cluster.writer_of(stream), 10, what="the writer")
         others = [node for node in cluster.nodes if node is not writer]
 
@@ -155,34 +167,30 @@ def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> N
         appends.append(DirectAppend("seq0", 2, producer, writer.url, 0))
         assert appends[-1].send(stream, credentials(), 30).acknowledged, appends[-1]
 
-        writer.signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        try:
-            # Through the others, until one of them acknowledges: the lease moved.
-            through_others: list[tuple[DirectAppend, threading.Thread]] = []
-            taker: DirectAppend | None = None
-            deadline = stopped_at + move_timeout
-            while taker is None and time.monotonic() < deadline:
-                node = others[len(through_others) % len(others)]
-                append = DirectAppend(f"o{len(through_others)}", 2, uuid.uuid4().bytes, node.url)
-                through_others.append((append, _send_in_background(append, stream, hang)))
-                time.sleep(0.3)
-                taker = next(
-                    (
-                        a
-                        for a, _ in through_others
-                        if a.acknowledged and a.writer and a.writer != writer.url
-                    ),
-                    None,
-                )
-            assert taker is not None, (
-                f"the lease did not move in {move_timeout:g} s\n{_logs(cluster)}"
-            )
-            new_writer = cluster.by_url(taker.writer or "")
-            appends.append(DirectAppend("seq1", 2, producer, new_writer.url, 1))
-            assert appends[-1].send(stream, credentials(), 30).acknowledged, appends[-1]
-        finally:
-            writer.signal(signal.SIGCONT)
+        # Through the others, until one of them acknowledges: the lease moved.
+        through_others: list[tuple[DirectAppend, threading.Thread]] = []
+        taker: DirectAppend | None = None
+        pauses = 0
+        for pauses in range(1, STOP_ATTEMPTS + 1):  # noqa: B007 - printed below
+            writer.signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            try:
+                taker = _until_taken(writer, others, stream, through_others, move_timeout, hang)
+                if taker is not None:
+                    new_writer = cluster.by_url(taker.writer or "")
+                    appends.append(DirectAppend("seq1", 2, producer, new_writer.url, 1))
+                    assert appends[-1].send(stream, credentials(), 30).acknowledged, appends[-1]
+            finally:
+                writer.signal(signal.SIGCONT)
+            if taker is not None:
+                break
+            # Stopped inside a write, W holds its lease file's flock: no node
+            # can take the lease until it resumes (see STOP_ATTEMPTS).
+            time.sleep(0.5)
+        assert taker is not None, (
+            f"the lease did not move in {STOP_ATTEMPTS} pauses of {move_timeout:g} s: "
+            f"{sorted({a.detail for a, _ in through_others if a.detail})}\n{node_logs(cluster)}"
+        )
         resumed_at = time.monotonic()
 
         after = [DirectAppend("seq2", 2, producer, writer.url, 2).send(stream, credentials(), 30)]
@@ -203,9 +211,9 @@ def _fencing(url: str, storage: Storage, root: Path, lease_duration: float) -> N
 
         to_writer = [a for s in senders for a in s.sent] + after
         appends += to_writer + [a for a, _ in through_others]
-        logs = _logs(cluster)
+        logs = node_logs(cluster)
         print(
-            f"\n{writer.node_id} stopped {resumed_at - stopped_at:.1f} s; "
+            f"\n{writer.node_id} stopped {resumed_at - stopped_at:.1f} s (pause {pauses}); "
             f"{new_writer.node_id} took over at {taker.position}; answers: "
             + ", ".join(
                 f"{where} {code}: {n}"
@@ -331,10 +339,10 @@ def test_a_writer_deposed_unawares_answers_a_producers_next_batch_retriably(
             f"streams/{stream}", holder=other.node_id, address=other.url, duration=60
         )  # the other node's by name: it takes it over at its next append
         seq1 = DirectAppend("seq1", 2, producer, other.url, 1).send(stream, credentials(), 30)
-        assert seq1.acknowledged and seq1.writer == other.url, f"{seq1}\n{_logs(cluster)}"
+        assert seq1.acknowledged and seq1.writer == other.url, f"{seq1}\n{node_logs(cluster)}"
         seq2 = DirectAppend("seq2", 2, producer, writer.url, 2).send(stream, credentials(), 30)
         assert (seq2.acknowledged and seq2.writer == other.url) or seq2.code in REFUSED | FENCED, (
-            f"{seq2}\n{_logs(cluster)}"
+            f"{seq2}\n{node_logs(cluster)}"
         )
         if not seq2.acknowledged:
             user, password = credentials()
