@@ -424,7 +424,7 @@ def report_failovers(
     document = {
         **summary,
         "when": stamp,
-        "failovers": [f.__dict__ for f in failovers],
+        "failovers": [{**f.__dict__, "seconds": round(f.seconds, 3)} for f in failovers],
         **extra,
     }
     path = RESULTS / f"cluster-failover-{backend}-{stamp}.json"
