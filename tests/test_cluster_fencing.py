@@ -108,7 +108,8 @@ def _judge_stream(
         elif len(copies) > 1 or -1 in copies:
             faults.append(f"{append.tag} ({append.code or append.failure}) is there as {copies}")
     for sender in senders:  # one sender's acknowledged batches, in the order it sent them
-        starts = [_occurrences(values, a)[0] for a in sender.sent if a.acknowledged]
+        found = [_occurrences(values, a) for a in sender.sent if a.acknowledged]
+        starts = [copies[0] for copies in found if copies]  # the missing ones: faults above
         if starts != sorted(starts):
             faults.append(f"sender {sender.tag}'s acknowledged batches are out of order")
     return faults
