@@ -311,3 +311,34 @@ async def test_a_single_server_says_so(aiohttp_client: Any, tmp_path: Path) -> N
     assert described == {"node": None, "role": "single", "nodes": [], "streams": []}
     metrics = await (await client.get("/metrics")).text()
     assert sample(metrics, "messagevault_node_role", node="", role="single") == 1
+
+
+async def test_a_deposed_writer_does_not_refuse_a_sequence_from_its_stale_table(
+    nodes: list[Node], session: aiohttp.ClientSession, storage: Storage
+) -> None:
+    producer = b"s" * 16
+    await append(session, nodes[0], "stale-table", batch(b"0", producer=producer, sequence=0))
+    writer = writer_node(nodes, "stale-table")
+    other = next(node for node in nodes if node is not writer)
+    as_node = {"Authorization": f"{NODE_SCHEME} {writer.cluster.token}"}
+    # The lease moves to another node, which commits the producer's next batch;
+    # the old writer has not renewed since, so it still counts itself the writer.
+    storage.leases().break_(stream_lease("stale-table"))  # type: ignore[attr-defined]
+    status, _, answer = await append(
+        session, other, "stale-table", batch(b"1", producer=producer, sequence=1), **as_node
+    )
+    assert status == 200, answer
+    assert "stale-table" in writer.cluster.held
+    # Its table says the producer's last batch was 0: batch 2 would be a gap.
+    # Asked of storage first, the answer is not_writer (send it again), not sequence_gap.
+    status, _, answer = await append(
+        session, writer, "stale-table", batch(b"2", producer=producer, sequence=2), **as_node
+    )
+    assert (status, answer["error"]) == (503, "not_writer"), answer
+    assert "stale-table" not in writer.cluster.held
+    status, _, answer = await append(
+        session, writer, "stale-table", batch(b"2", producer=producer, sequence=2)
+    )
+    assert status == 200, answer  # forwarded to the new writer now
+    with Reader.open(storage, "stale-table") as reader:
+        assert [m.value for m in reader.read(0)] == [b"0", b"1", b"2"]

@@ -178,14 +178,6 @@ def test_failover_under_load_on_azurite(
         clear_leases(azure_storage)
 
 
-@pytest.mark.xfail(
-    reason="server defect, reported: a node that found an address refusing connections "
-    "presumes it dead until it next reaches it (cluster._presumed_dead has no time bound, "
-    "and a presumed-dead address is never tried again), so it breaks the lease of the node "
-    "restarted there; remove this mark once it is fixed",
-    raises=AssertionError,
-    strict=True,
-)
 def test_a_node_back_from_the_dead_keeps_the_streams_it_took_back(tmp_path: Path) -> None:
     """W dies; X takes one of W's streams; W restarts and takes back another: X forwards to it.
 

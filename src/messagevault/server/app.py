@@ -29,6 +29,8 @@ from messagevault.errors import (
     NotWriter,
     NoWriter,
     Overloaded,
+    SequenceGap,
+    StaleSequence,
     StorageError,
     StreamNotFound,
     UnsupportedMediaType,
@@ -396,7 +398,14 @@ async def append(request: web.Request) -> web.Response:
     # compressed value in pieces): a big one is checked in the I/O pool so
     # that it never stalls the other requests on the event loop.
     batch = check(body) if len(body) <= OFF_LOOP_BODY else await hub.run(check, body)
-    result = await hub.append(stream, batch)
+    try:
+        result = await hub.append(stream, batch)
+    except (SequenceGap, StaleSequence) as exc:  # decided from the writer's memory alone
+        if cluster is not None and not await cluster.confirm(stream):
+            raise NotWriter(
+                f"this node no longer writes stream {stream!r}; send the append again"
+            ) from exc
+        raise
     notes = request[NOTES]
     headers = {}
     if cluster is not None:

@@ -300,6 +300,20 @@ class Cluster:
         )
         await self.close_writer(stream)
 
+    async def confirm(self, stream: str) -> bool:
+        """Whether this node still writes ``stream``, asked of storage now (a renewal).
+
+        For answers drawn from the writer's memory alone, such as a
+        producer's sequence refused: a writer deposed a moment ago, not yet
+        told, would refuse from a table that the new writer has moved on
+        from. False (and the stream let go of) when the lease is gone.
+        """
+        lease = self.held.get(stream)
+        if lease is None:
+            return False
+        await self._renew_stream(stream, lease)
+        return stream in self.held
+
     async def check(self, stream: str) -> None:
         """The stream's writer was found deposed: renew its lease now, and let it go if lost."""
         lease = self.held.get(stream)
@@ -365,7 +379,7 @@ class Cluster:
         now = time.time()
         if record is not None and record.live(now):
             if record.holder != self.node_id and record.address:
-                if not self._presumed_dead(record.address):
+                if not await self._dead(record.address):
                     return record.address
                 await self.take(stream, record, f"its writer {record.holder} refuses connections")
                 return None
@@ -379,7 +393,7 @@ class Cluster:
                 preferred is not None
                 and preferred.holder != self.node_id
                 and preferred.address
-                and not self._presumed_dead(preferred.address)
+                and not self._refusing(preferred.address)
             ):
                 return preferred.address
         reason = "new stream" if record is None else "its writer's lease had ended"
@@ -451,9 +465,30 @@ class Cluster:
 
     # Failure detection ------------------------------------------------------
 
-    def _presumed_dead(self, address: str) -> bool:
+    def _refusing(self, address: str) -> bool:
+        """Whether ``address`` has refused connections for ``DEAD_AFTER`` seconds, until lately.
+
+        Refusals long past say nothing: a node restarts at its address.
+        """
         suspect = self._suspects.get(address)
-        return suspect is not None and suspect.last - suspect.since >= DEAD_AFTER
+        return (
+            suspect is not None
+            and suspect.last - suspect.since >= DEAD_AFTER
+            and time.monotonic() - suspect.last < DEAD_AFTER
+        )
+
+    async def _dead(self, address: str) -> bool:
+        """Whether the writer at ``address`` is gone: it kept refusing, and still does now.
+
+        Asked before its lease is broken: a node that came back at that
+        address a moment ago keeps what it holds.
+        """
+        if not self._refusing(address):
+            return False
+        if await self._answers(address):
+            self._reached(address)
+            return False
+        return True
 
     def _refused(self, address: str) -> None:
         now = time.monotonic()
@@ -470,7 +505,9 @@ class Cluster:
         """Whether something listens at ``address`` (a connection can be made)."""
         assert self._session is not None
         try:
-            async with self._session.get(f"{address}/health", allow_redirects=False):
+            async with self._session.get(
+                f"{address}/health", allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2)
+            ):
                 return True
         except aiohttp.ClientConnectorError:
             return False
