@@ -50,6 +50,7 @@ from messagevault.storage.leases import (
     MIN_FILE_DURATION,
     HeldLease,
     LeaseRecord,
+    StoredLease,
     new_lease_id,
     validate_duration,
     validate_holder,
@@ -66,28 +67,8 @@ _JSON = json.JSONDecoder()
 
 
 @dataclass
-class _Stored:
+class _Stored(StoredLease):
     """One lease file's record as found; ``lease_id`` empty when torn or never taken."""
-
-    holder: str | None
-    address: str | None
-    generation: int
-    lease_id: str
-    held: bool
-    expires_at: float | None
-
-    def record(self, name: str) -> LeaseRecord:
-        return LeaseRecord(
-            name=name,
-            holder=self.holder,
-            address=self.address,
-            generation=self.generation,
-            held=self.held,
-            expires_at=self.expires_at if self.held else None,
-        )
-
-    def live(self, now: float) -> bool:
-        return self.held and (self.expires_at is None or now < self.expires_at)
 
     def encode(self) -> bytes:
         body = {

@@ -130,6 +130,34 @@ class LeaseRecord:
         return (time.time() if now is None else now) < self.expires_at
 
 
+@dataclass
+class StoredLease:
+    """A lease as a backend that keeps the holder's secret beside it stores it (files, memory).
+
+    ``lease_id`` is empty when it was never taken or its record is torn.
+    """
+
+    holder: str | None
+    address: str | None
+    generation: int
+    lease_id: str
+    held: bool
+    expires_at: float | None
+
+    def record(self, name: str) -> LeaseRecord:
+        return LeaseRecord(
+            name=name,
+            holder=self.holder,
+            address=self.address,
+            generation=self.generation,
+            held=self.held,
+            expires_at=self.expires_at if self.held else None,
+        )
+
+    def live(self, now: float) -> bool:
+        return self.held and (self.expires_at is None or now < self.expires_at)
+
+
 @dataclass(frozen=True, slots=True)
 class HeldLease:
     """A lease this process holds: what it needs to renew, release or write under it.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from dataclasses import dataclass
 
 from messagevault.errors import LeaseHeld, LeaseLost
 from messagevault.storage.leases import (
@@ -19,6 +18,7 @@ from messagevault.storage.leases import (
     MIN_FILE_DURATION,
     HeldLease,
     LeaseRecord,
+    StoredLease,
     new_lease_id,
     validate_duration,
     validate_holder,
@@ -27,34 +27,11 @@ from messagevault.storage.leases import (
 )
 
 
-@dataclass
-class _State:
-    holder: str
-    address: str
-    generation: int
-    lease_id: str
-    held: bool
-    expires_at: float | None
-
-    def record(self, name: str) -> LeaseRecord:
-        return LeaseRecord(
-            name=name,
-            holder=self.holder,
-            address=self.address,
-            generation=self.generation,
-            held=self.held,
-            expires_at=self.expires_at if self.held else None,
-        )
-
-    def live(self, now: float) -> bool:
-        return self.held and (self.expires_at is None or now < self.expires_at)
-
-
 class MemoryLeases:
     """Leases in a dict under one lock. Thread-safe; nothing survives the process."""
 
     def __init__(self) -> None:
-        self._leases: dict[str, _State] = {}
+        self._leases: dict[str, StoredLease] = {}
         self._lock = threading.Lock()
 
     def acquire(self, name: str, *, holder: str, address: str, duration: float) -> HeldLease:
@@ -73,7 +50,9 @@ class MemoryLeases:
                 )
             generation = (state.generation if state else 0) + 1
             lease_id = new_lease_id()
-            self._leases[name] = _State(holder, address, generation, lease_id, True, now + duration)
+            self._leases[name] = StoredLease(
+                holder, address, generation, lease_id, True, now + duration
+            )
             return HeldLease(
                 name, lease_id, holder, address, generation, duration, time.monotonic()
             )
@@ -126,7 +105,7 @@ class MemoryLeases:
                 return None
             return state.generation
 
-    def _ours(self, lease: HeldLease) -> _State | None:
+    def _ours(self, lease: HeldLease) -> StoredLease | None:
         """The lease's state if ``lease`` still holds it (an expiry nobody acted on included)."""
         validate_lease_name(lease.name)
         state = self._leases.get(lease.name)
