@@ -243,13 +243,27 @@ def main() -> None:
     modes = options.modes.split(",")
     console = Console(width=132)
     rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []  # runs that failed (their stress error), made again
     for run in range(options.runs):
         for backend in backends:
             for nodes in sizes:
                 for mode in modes:
                     if mode == "writers" and nodes == 1:
                         continue  # one node: the two ways are the same
-                    row = ingest(backend, nodes, mode, options.duration)
+                    try:
+                        row = ingest(backend, nodes, mode, options.duration)
+                    except RuntimeError as exc:  # said, counted, and the run made again once
+                        console.print(f"[red]{backend} {nodes} node(s) {mode} failed:[/] {exc}")
+                        failures.append(
+                            {
+                                "backend": backend,
+                                "nodes": nodes,
+                                "mode": mode,
+                                "run": run,
+                                "error": str(exc)[-1000:],
+                            }
+                        )
+                        row = ingest(backend, nodes, mode, options.duration)
                     row["run"] = run
                     rows.append(row)
                     console.print(
@@ -335,6 +349,7 @@ def main() -> None:
         "runs": rows,
         "summary": summary,
         "failovers": failover_times,
+        "failed_runs": failures,
     }
     path = options.out / f"cluster-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
@@ -342,6 +357,8 @@ def main() -> None:
         Console(file=markdown, width=120, no_color=True).print(table)
         if failover_times:
             Console(file=markdown, width=120, no_color=True).print(failover_table)
+    if failures:
+        console.print(f"[red]{len(failures)} run(s) failed and were made again: see failed_runs[/]")
     console.print(f"saved {path}")
 
 
