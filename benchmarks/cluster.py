@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -135,7 +136,11 @@ def ingest(backend: str, nodes: int, mode: str, duration: float) -> dict[str, An
             for process in processes:
                 _, stderr = process.communicate(timeout=duration + 300)
                 if process.returncode != 0:
+                    kept = Path(tempfile.mkdtemp(prefix="mv-bench-cluster-failed-"))
+                    for log in folder.glob("*.log"):  # the nodes' logs outlive the run
+                        shutil.copy(log, kept)
                     raise RuntimeError(
+                        f"(node logs kept in {kept}) "
                         f"stress failed ({process.returncode}): {stderr.decode()[-2000:]}"
                     )
             rates, p50s, p99s, forwarded = [], [], [], 0.0
@@ -250,20 +255,24 @@ def main() -> None:
                 for mode in modes:
                     if mode == "writers" and nodes == 1:
                         continue  # one node: the two ways are the same
-                    try:
-                        row = ingest(backend, nodes, mode, options.duration)
-                    except RuntimeError as exc:  # said, counted, and the run made again once
-                        console.print(f"[red]{backend} {nodes} node(s) {mode} failed:[/] {exc}")
-                        failures.append(
-                            {
-                                "backend": backend,
-                                "nodes": nodes,
-                                "mode": mode,
-                                "run": run,
-                                "error": str(exc)[-1000:],
-                            }
-                        )
-                        row = ingest(backend, nodes, mode, options.duration)
+                    row = None
+                    for _attempt in range(2):  # a failed run is said, counted and made again once
+                        try:
+                            row = ingest(backend, nodes, mode, options.duration)
+                            break
+                        except RuntimeError as exc:
+                            console.print(f"[red]{backend} {nodes} node(s) {mode} failed:[/] {exc}")
+                            failures.append(
+                                {
+                                    "backend": backend,
+                                    "nodes": nodes,
+                                    "mode": mode,
+                                    "run": run,
+                                    "error": str(exc)[-1000:],
+                                }
+                            )
+                    if row is None:
+                        continue
                     row["run"] = run
                     rows.append(row)
                     console.print(
