@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
+from click.testing import CliRunner
 
 from messagevault import (
     AccessDenied,
@@ -20,10 +23,13 @@ from messagevault import (
     StreamLocked,
     Writer,
 )
+from messagevault.cli import main
 from messagevault.errors import LeaseHeld, LeaseLost
+from messagevault.server import StreamHub, create_app
 from messagevault.storage import ReadAccess, open_read_access
 from messagevault.storage.azure import (
     CHECKPOINT_BLOB,
+    CONTAINER_PREFIX,
     DATA_BLOB,
     INITIAL_SIZE,
     LEADER_LOCK_BLOB,
@@ -315,3 +321,26 @@ def test_a_reader_renews_access_that_expired_before_it_was_opened(
     with Reader.from_read_access(expired, refresh=refresh) as reader:
         assert [m.value for m in reader.read()] == [b"v"]
     assert len(renewals) == 1
+
+
+async def test_a_stream_being_created_is_left_out_of_the_list(
+    azure_storage: AzureStorage, azurite: Azurite, aiohttp_client: Any
+) -> None:
+    # Azure creates a stream's container, then its data blob, then its
+    # checkpoint: another node's stream in the middle of that is no stream yet.
+    # GET /streams used to fail with 404 on it (seen as bench-cluster's stress
+    # failing at start while other processes created their streams).
+    with Writer.open(azure_storage, "whole-stream") as writer:
+        writer.append([(b"", b"v")])
+    azure_storage.service.create_container(CONTAINER_PREFIX + "half-made")
+    client = await aiohttp_client(create_app(StreamHub(azure_storage)))
+    answer = await client.get("/streams")
+    assert answer.status == 200, await answer.text()
+    assert [s["stream"] for s in (await answer.json())["streams"]] == ["whole-stream"]
+    listed = CliRunner().invoke(
+        main,
+        ["streams", "--format", "ndjson"],
+        env={"MESSAGEVAULT_STORAGE": f"azure:{azurite.connection_string}"},
+    )
+    assert listed.exit_code == 0, listed.output
+    assert [json.loads(line)["stream"] for line in listed.output.splitlines()] == ["whole-stream"]

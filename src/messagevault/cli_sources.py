@@ -189,7 +189,10 @@ class StorageSource:
             self._check_data_folder(self.storage, names, self.target.origin)
         found = []
         for name in names:
-            checkpoint = self.reader(name).checkpoint()
+            try:
+                checkpoint = self.reader(name).checkpoint()
+            except StreamNotFound:  # being created (its checkpoint comes last), or gone
+                continue
             last = checkpoint.last_timestamp if checkpoint.length else None
             found.append(
                 StreamInfo.from_timestamps(

@@ -480,7 +480,12 @@ async def list_streams(request: web.Request) -> web.Response:
     for name in await hub.list_streams():
         if not request[PRINCIPAL].may("read", name):
             continue
-        checkpoint = await hub.checkpoint(name)
+        try:
+            checkpoint = await hub.checkpoint(name)
+        except StreamNotFound:
+            # Listed, but not a stream yet (its checkpoint comes last: Azure,
+            # another node creating it this moment) or not any more.
+            continue
         streams.append(
             {"stream": name, "length": checkpoint.length, "messages": checkpoint.next_sequence}
         )
