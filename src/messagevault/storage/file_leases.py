@@ -40,18 +40,17 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from messagevault.errors import LeaseHeld, LeaseLost, StaleWriter, StorageError
+from messagevault.errors import LeaseLost, StaleWriter, StorageError
 from messagevault.storage.leases import (
     MAX_DURATION,
     MIN_FILE_DURATION,
     HeldLease,
     LeaseRecord,
     StoredLease,
-    new_lease_id,
+    take,
     validate_duration,
     validate_holder,
     validate_lease_name,
@@ -66,38 +65,35 @@ _READ_SIZE = 64 * 1024
 _JSON = json.JSONDecoder()
 
 
-@dataclass
-class _Stored(StoredLease):
-    """One lease file's record as found; ``lease_id`` empty when torn or never taken."""
-
-    def encode(self) -> bytes:
-        body = {
-            "holder": self.holder,
-            "address": self.address,
-            "generation": self.generation,
-            "lease_id": self.lease_id,
-            "held": self.held,
-            "expires_at": self.expires_at,
-        }
-        return b"mvlease %020d\n" % self.generation + json.dumps(body).encode() + b"\n"
+def encode(stored: StoredLease) -> bytes:
+    """A lease file's bytes: the fixed header with the generation, then the record."""
+    body = {
+        "holder": stored.holder,
+        "address": stored.address,
+        "generation": stored.generation,
+        "lease_id": stored.lease_id,
+        "held": stored.held,
+        "expires_at": stored.expires_at,
+    }
+    return b"mvlease %020d\n" % stored.generation + json.dumps(body).encode() + b"\n"
 
 
-_NEVER_TAKEN = _Stored(None, None, 0, "", False, None)
+_NEVER_TAKEN = StoredLease(None, None, 0, "", False, None)
 
 
-def decode(raw: bytes, mtime_ns: int) -> _Stored | None:
+def decode(raw: bytes, mtime_ns: int) -> StoredLease | None:
     """The record in a lease file's bytes; None if empty (never taken). Never raises."""
     if not raw:
         return None
     header = _HEADER.match(raw)
     if header is None:
-        return _Stored(None, None, mtime_ns, "", False, None)
+        return StoredLease(None, None, mtime_ns, "", False, None)
     generation = int(header.group(1))
     try:
         # raw_decode: what follows the object is a longer record's tail that
         # a crash before the ftruncate left behind, not part of this one.
         body: Any = _JSON.raw_decode(raw[_HEADER_SIZE:].decode())[0]
-        stored = _Stored(
+        stored = StoredLease(
             holder=_text(body["holder"]),
             address=_text(body["address"]),
             generation=int(body["generation"]),
@@ -106,9 +102,9 @@ def decode(raw: bytes, mtime_ns: int) -> _Stored | None:
             expires_at=None if body["expires_at"] is None else float(body["expires_at"]),
         )
     except (ValueError, TypeError, KeyError, IndexError):  # UnicodeDecodeError is a ValueError
-        return _Stored(None, None, generation, "", False, None)
+        return StoredLease(None, None, generation, "", False, None)
     if stored.generation != generation:
-        return _Stored(None, None, max(generation, stored.generation), "", False, None)
+        return StoredLease(None, None, max(generation, stored.generation), "", False, None)
     return stored
 
 
@@ -133,22 +129,7 @@ class FileLeases:
         duration = validate_duration(duration, MIN_FILE_DURATION, MAX_DURATION)
         validate_holder(holder, address)
         with self._locked(path, create=True) as (fd, stored):
-            now = time.time()
-            if stored is not None and stored.live(now):
-                record = stored.record(name)
-                raise LeaseHeld(
-                    f"lease {name} is held by {record.holder} ({record.address}) "
-                    f"for {(record.expires_at or now) - now:.1f} s more",
-                    record=record,
-                )
-            taken = _Stored(
-                holder,
-                address,
-                (stored.generation if stored else 0) + 1,
-                new_lease_id(),
-                True,
-                now + duration,
-            )
+            taken = take(name, stored, holder, address, duration)
             _store(fd, taken, path)
         return HeldLease(
             name, taken.lease_id, holder, address, taken.generation, duration, time.monotonic()
@@ -157,7 +138,7 @@ class FileLeases:
     def renew(self, lease: HeldLease) -> HeldLease:
         path = self.path(lease.name)
         with self._locked(path) as (fd, stored):
-            if stored is None or not _ours(stored, lease):
+            if stored is None or not stored.holds(lease):
                 raise LeaseLost(f"lease {lease.name} (generation {lease.generation}) is lost")
             renewed_at = time.monotonic()
             _store(fd, dataclasses.replace(stored, expires_at=time.time() + lease.duration), path)
@@ -166,7 +147,7 @@ class FileLeases:
     def release(self, lease: HeldLease) -> None:
         path = self.path(lease.name)
         with self._locked(path) as (fd, stored):
-            if stored is not None and _ours(stored, lease):
+            if stored is not None and stored.holds(lease):
                 _store(fd, dataclasses.replace(stored, held=False, expires_at=None), path)
 
     def break_(self, name: str) -> None:
@@ -209,7 +190,7 @@ class FileLeases:
     @contextlib.contextmanager
     def _locked(
         self, path: Path, *, create: bool = False, shared: bool = False
-    ) -> Iterator[tuple[int, _Stored | None]]:
+    ) -> Iterator[tuple[int, StoredLease | None]]:
         """The lease file open and flocked, with its record (None: no file, or never taken)."""
         try:
             fd = os.open(path, os.O_RDWR)
@@ -225,10 +206,6 @@ class FileLeases:
             yield fd, read(fd, path)
         finally:
             os.close(fd)  # drops the flock
-
-
-def _ours(stored: _Stored, lease: HeldLease) -> bool:
-    return stored.held and stored.lease_id == lease.lease_id
 
 
 def _create(path: Path) -> int:
@@ -271,7 +248,7 @@ def lock(fd: int, kind: int, path: Path) -> None:
         pause = min(pause * 2, 0.02)
 
 
-def read(fd: int, path: Path) -> _Stored | None:
+def read(fd: int, path: Path) -> StoredLease | None:
     try:
         raw = os.pread(fd, _READ_SIZE, 0)
         return decode(raw, os.fstat(fd).st_mtime_ns if raw else 0)
@@ -279,8 +256,8 @@ def read(fd: int, path: Path) -> _Stored | None:
         raise StorageError(f"cannot read lease file {path}: {exc}") from exc
 
 
-def _store(fd: int, stored: _Stored, path: Path) -> None:
-    data = stored.encode()
+def _store(fd: int, stored: StoredLease, path: Path) -> None:
+    data = encode(stored)
     try:
         written = os.pwrite(fd, data, 0)
         if written != len(data):
@@ -340,7 +317,7 @@ class LeaseFence:
             return  # unchanged since it last said ours (renewals change it)
         lease = self._lease
         stored = decode(raw, os.fstat(self._fd).st_mtime_ns) or _NEVER_TAKEN
-        if not _ours(stored, lease) or stored.generation != lease.generation:
+        if not stored.holds(lease) or stored.generation != lease.generation:
             stream = lease.name.partition("/")[2]
             raise StaleWriter(
                 f"stream {stream!r} was taken over (lease generation {stored.generation} "

@@ -157,6 +157,29 @@ class StoredLease:
     def live(self, now: float) -> bool:
         return self.held and (self.expires_at is None or now < self.expires_at)
 
+    def holds(self, lease: HeldLease) -> bool:
+        """Whether ``lease`` still holds this record (an expiry nobody acted on included)."""
+        return self.held and self.lease_id == lease.lease_id
+
+
+def take(
+    name: str, stored: StoredLease | None, holder: str, address: str, duration: float
+) -> StoredLease:
+    """The record once ``holder`` takes lease ``name``: a new id and the next generation.
+
+    ``LeaseHeld`` (with the record) while another's lease on it is live.
+    """
+    now = time.time()
+    if stored is not None and stored.live(now):
+        record = stored.record(name)
+        raise LeaseHeld(
+            f"lease {name} is held by {record.holder} ({record.address}) "
+            f"for {(record.expires_at or now) - now:.1f} s more",
+            record=record,
+        )
+    generation = (stored.generation if stored is not None else 0) + 1
+    return StoredLease(holder, address, generation, new_lease_id(), True, now + duration)
+
 
 @dataclass(frozen=True, slots=True)
 class HeldLease:

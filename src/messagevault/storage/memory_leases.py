@@ -12,14 +12,14 @@ import dataclasses
 import threading
 import time
 
-from messagevault.errors import LeaseHeld, LeaseLost
+from messagevault.errors import LeaseLost
 from messagevault.storage.leases import (
     MAX_DURATION,
     MIN_FILE_DURATION,
     HeldLease,
     LeaseRecord,
     StoredLease,
-    new_lease_id,
+    take,
     validate_duration,
     validate_holder,
     validate_lease_name,
@@ -39,23 +39,12 @@ class MemoryLeases:
         duration = validate_duration(duration, MIN_FILE_DURATION, MAX_DURATION)
         validate_holder(holder, address)
         with self._lock:
-            now = time.time()
-            state = self._leases.get(name)
-            if state is not None and state.live(now):
-                record = state.record(name)
-                raise LeaseHeld(
-                    f"lease {name} is held by {record.holder} ({record.address}) "
-                    f"until {record.expires_at:.1f}",
-                    record=record,
-                )
-            generation = (state.generation if state else 0) + 1
-            lease_id = new_lease_id()
-            self._leases[name] = StoredLease(
-                holder, address, generation, lease_id, True, now + duration
+            taken = self._leases[name] = take(
+                name, self._leases.get(name), holder, address, duration
             )
-            return HeldLease(
-                name, lease_id, holder, address, generation, duration, time.monotonic()
-            )
+        return HeldLease(
+            name, taken.lease_id, holder, address, taken.generation, duration, time.monotonic()
+        )
 
     def renew(self, lease: HeldLease) -> HeldLease:
         with self._lock:
@@ -101,7 +90,7 @@ class MemoryLeases:
             state = self._leases.get(lease.name)
             if state is None:
                 return 0
-            if state.held and state.lease_id == lease.lease_id:
+            if state.holds(lease):
                 return None
             return state.generation
 
@@ -109,6 +98,4 @@ class MemoryLeases:
         """The lease's state if ``lease`` still holds it (an expiry nobody acted on included)."""
         validate_lease_name(lease.name)
         state = self._leases.get(lease.name)
-        if state is None or not state.held or state.lease_id != lease.lease_id:
-            return None
-        return state
+        return state if state is not None and state.holds(lease) else None
