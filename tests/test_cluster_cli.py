@@ -143,3 +143,17 @@ def test_publishing_straight_to_storage_that_nodes_serve_is_refused(tmp_path: Pa
         main, ["publish", "--storage", f"file:{tmp_path}", "beside-nodes", "value"]
     )
     assert allowed.exit_code == 0, allowed.output
+
+
+def test_cluster_command_says_what_it_found_and_refuses_a_missing_folder(tmp_path: Path) -> None:
+    FileStorage(tmp_path).open_stream("plain-stream", create=True).close()
+    shown = CliRunner().invoke(
+        main, ["cluster", "--storage", f"file:{tmp_path}", "--format", "table"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "No server nodes share this storage" in shown.output
+    missing = CliRunner().invoke(
+        main, ["cluster", "--storage", f"file:{tmp_path / 'typo'}", "--format", "json"]
+    )
+    assert missing.exit_code == 1
+    assert f"there is no folder {tmp_path / 'typo'}" in missing.output

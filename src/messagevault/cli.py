@@ -1248,6 +1248,12 @@ def cluster(
     if output == "json" or (output is None and default_format(None) != "table"):
         print_json(found)
         return
+    if not found.get("nodes"):
+        click.echo(
+            "No server nodes share this storage: it is served by one server without "
+            "--node-id, or by none."
+        )
+        return
     now = time.time()
 
     def left(expires_at: float | None) -> str:
@@ -1260,6 +1266,9 @@ def cluster(
             for n in found.get("nodes", [])
         ],
     )
+    if not found.get("streams"):
+        click.echo("No stream has had a writer yet.")
+        return
     print_table(
         ["stream", "writer", "address", "generation", "lease left"],
         [

@@ -154,6 +154,8 @@ class StorageSource:
         from messagevault.server.cluster import lease_report
         from messagevault.storage.leases import LeaseStorage
 
+        if isinstance(self.storage, FileStorage):  # a mistyped path is no empty cluster
+            self._check_data_folder(self.storage, self.storage.list_streams(), self.target.origin)
         if not isinstance(self.storage, LeaseStorage):
             return {"nodes": [], "streams": []}
         leases = self.storage.leases()
