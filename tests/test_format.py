@@ -7,6 +7,7 @@ consumer garbage or an unexplained crash instead of "damaged at position N".
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import struct
@@ -635,6 +636,11 @@ checkpoints = st.builds(
     next_sequence=st.integers(0, U64),
     last_frame_position=st.integers(0, U64),
     last_timestamp=st.integers(0, U64),
+).flatmap(
+    # A trimmed stream's first position lies within its length.
+    lambda c: st.builds(
+        lambda first: dataclasses.replace(c, first_position=first), st.integers(0, c.length)
+    )
 )
 
 
@@ -681,7 +687,29 @@ def test_every_checkpoint_bit_and_truncation_is_protected() -> None:
     assert faults == []
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+def test_untrimmed_checkpoint_stays_version_1_and_a_trimmed_one_is_version_2() -> None:
+    untrimmed = Checkpoint(1, 2, 3, 4, 5).encode()
+    assert untrimmed[4] == 1 and untrimmed[48:60] == bytes(12)  # what readers before v2 read
+    trimmed = Checkpoint(1, 9_000, 3, 4, 5, first_position=4_096)
+    raw = trimmed.encode()
+    assert raw[4] == 2 and int.from_bytes(raw[48:56], "little") == 4_096
+    assert Checkpoint.decode(raw) == trimmed
+
+
+@pytest.mark.parametrize(
+    ("version", "first", "length"), [(1, 10, 20), (2, 21, 20)], ids=["v1-with-first", "past-end"]
+)
+def test_checkpoint_first_position_out_of_place_is_corrupt(
+    version: int, first: int, length: int
+) -> None:
+    fields = list(CHECKPOINT.unpack(Checkpoint(1, length, 3, 4, 5).encode()[: CHECKPOINT.size]))
+    fields[1], fields[-1] = version, first
+    body = CHECKPOINT.pack(*fields)
+    with pytest.raises(CorruptData, match="first position"):
+        Checkpoint.decode(body + CHECKPOINT_CRC.pack(zlib.crc32(body)))
+
+
+@pytest.mark.parametrize("version", [0, 3, 255])
 def test_checkpoint_of_another_version_is_unsupported(version: int) -> None:
     fields = list(CHECKPOINT.unpack(Checkpoint(1, 2, 3, 4, 5).encode()[: CHECKPOINT.size]))
     fields[1] = version

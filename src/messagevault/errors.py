@@ -5,6 +5,7 @@
     │   ├── InvalidStreamName
     │   ├── InvalidBatch             empty, too many messages, key/value/batch too large, bad types
     │   ├── InvalidPosition          not a message boundary, or beyond the committed end
+    │   │   └── PositionTrimmed      below the stream's first readable position (trimmed)
     │   ├── UnsupportedMediaType     a body in a content type the route does not take (HTTP 415)
     │   ├── RequestTooLarge          a body over the server's limit (HTTP 413)
     │   └── MethodNotAllowed         an HTTP method the route does not have (HTTP 405)
@@ -79,6 +80,21 @@ class InvalidPosition(InvalidInput):
     """A read position is not a message boundary or lies beyond the committed end."""
 
     code = "invalid_position"
+
+
+class PositionTrimmed(InvalidPosition):
+    """A read or seek asked for messages below the stream's first readable position.
+
+    Trimming (retention) released them. ``first_position`` is where the
+    stream's messages now start (the checkpoint's ``first_position``), or
+    ``None`` when rebuilt from an answer that did not say.
+    """
+
+    code = "position_trimmed"
+
+    def __init__(self, message: str, *, first_position: int | None = None) -> None:
+        super().__init__(message)
+        self.first_position = first_position
 
 
 class UnsupportedMediaType(InvalidInput):

@@ -55,8 +55,11 @@ from messagevault.errors import CorruptData, InvalidBatch, InvalidPosition, Unsu
 
 FORMAT_VERSION: Final = 2  # the newest version this module reads and writes
 FORMAT_V1: Final = 1
-# The checkpoint did not change with frame format v2: it stays version 1.
-CHECKPOINT_VERSION: Final = 1
+# The checkpoint did not change with frame format v2. Version 2 adds the first
+# readable position (a trimmed stream); a stream never trimmed keeps writing
+# version 1, so that readers from before trimming still read it.
+CHECKPOINT_V1: Final = 1
+CHECKPOINT_VERSION: Final = 2
 
 MAX_KEY_SIZE: Final = 255
 MAX_VALUE_SIZE: Final = 4 * 1024 * 1024

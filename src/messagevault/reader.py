@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from itertools import chain
 from types import TracebackType
 from typing import NamedTuple, TypeVar
@@ -302,6 +303,32 @@ class Reader:
                 frame_position, first = committed, 0
             else:
                 waiter.wait(poll_interval)
+
+    def seek(self, *, sequence: int | None = None, time: datetime | float | None = None) -> int:
+        """Where to read from for message ``sequence``, or the first message at or after ``time``.
+
+        Give exactly one. ``sequence`` counts messages from 0; the next one to
+        be written (``next_sequence``) gives the committed length, a larger
+        one ``InvalidPosition``. ``time`` is an aware ``datetime`` or Unix
+        seconds; a time after the last message gives the committed length
+        (where the next message will be), a time before the first readable
+        message gives its position. Either below the stream's first readable
+        position (a trimmed stream) raises ``PositionTrimmed``.
+
+        Uses the stream's sparse index where there is one (``index.py``):
+        O(log n) small index reads and one bounded scan of frame headers,
+        checked against the frames, so a damaged index costs time, never a
+        wrong answer.
+        """
+        if (sequence is None) == (time is None):
+            raise ValueError("seek needs exactly one of sequence= and time=")
+        from messagevault.index import seek_position, timestamp_ms
+
+        checkpoint = self._store.read_checkpoint()
+        if sequence is not None:
+            return seek_position(self._store, self.name, checkpoint, sequence=sequence)
+        assert time is not None
+        return seek_position(self._store, self.name, checkpoint, timestamp=timestamp_ms(time))
 
     def position_of_sequence(self, sequence: int) -> int:
         """The position of message number ``sequence`` (counting from 0).

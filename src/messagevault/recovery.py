@@ -72,7 +72,12 @@ def roll_forward(store: StreamStore, checkpoint: Checkpoint) -> Checkpoint:
         )
         if not header.more and not pieces.pending:
             adopted = Checkpoint(
-                checkpoint.commit + 1, position, sequence, header.base_position, timestamp
+                checkpoint.commit + 1,
+                position,
+                sequence,
+                header.base_position,
+                timestamp,
+                checkpoint.first_position,
             )
             batch_first = None
     return adopted

@@ -492,7 +492,9 @@ class Writer:
             sequence += batch.count
         last_batch_at, last_batch, _ = placed[-1]
         last_frame = last_batch_at + last_batch.frame_size - last_batch.last_frame_size
-        new = Checkpoint(start.commit + 1, position, sequence, last_frame, timestamp)
+        new = Checkpoint(
+            start.commit + 1, position, sequence, last_frame, timestamp, start.first_position
+        )
 
         def landed() -> None:
             for at, batch, _ in placed:
@@ -550,7 +552,9 @@ class Writer:
         if offset == 0:
             raise InvalidInput("no frames to append")
         pieces.finish()  # never commit half of a value in pieces
-        new = Checkpoint(start.commit + 1, position, sequence, last_frame, timestamp)
+        new = Checkpoint(
+            start.commit + 1, position, sequence, last_frame, timestamp, start.first_position
+        )
 
         def landed() -> None:
             for header in headers:

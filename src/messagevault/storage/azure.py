@@ -63,7 +63,7 @@ from messagevault.errors import (
     StreamNotFound,
     UnsupportedVersion,
 )
-from messagevault.format import CHECKPOINT_VERSION
+from messagevault.format import CHECKPOINT_V1, CHECKPOINT_VERSION
 from messagevault.names import validate_stream_name
 from messagevault.storage.azure_lease import BlobLease, error_code
 from messagevault.storage.azure_leases import AzureLeases
@@ -295,27 +295,35 @@ def _create_stream(container: ContainerClient, name: str) -> None:
 
 
 def _metadata(checkpoint: Checkpoint) -> dict[str, str]:
-    return {
-        "formatversion": str(CHECKPOINT_VERSION),
+    metadata = {
+        "formatversion": str(checkpoint.version),
         "commit": str(checkpoint.commit),
         "length": str(checkpoint.length),
         "nextsequence": str(checkpoint.next_sequence),
         "lastframeposition": str(checkpoint.last_frame_position),
         "lasttimestamp": str(checkpoint.last_timestamp),
     }
+    if checkpoint.first_position:  # version 2: a trimmed stream
+        metadata["firstposition"] = str(checkpoint.first_position)
+    return metadata
 
 
 def _checkpoint_from(metadata: dict[str, str], where: str) -> Checkpoint:
     try:
         version = int(metadata["formatversion"])
-        if version != CHECKPOINT_VERSION:
+        if version not in (CHECKPOINT_V1, CHECKPOINT_VERSION):
             raise UnsupportedVersion(f"{where}: checkpoint format version {version}")
+        first_position = int(metadata["firstposition"]) if version == CHECKPOINT_VERSION else 0
+        length = int(metadata["length"])
+        if not 0 <= first_position <= length:
+            raise ValueError(f"first position {first_position} outside 0..{length}")
         return Checkpoint(
             int(metadata["commit"]),
-            int(metadata["length"]),
+            length,
             int(metadata["nextsequence"]),
             int(metadata["lastframeposition"]),
             int(metadata["lasttimestamp"]),
+            first_position,
         )
     except (KeyError, ValueError) as exc:
         raise CorruptData(f"{where}: damaged checkpoint metadata {metadata!r}") from exc
