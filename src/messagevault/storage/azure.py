@@ -263,6 +263,13 @@ class AzureStorage:
         with azure_errors(f"cannot write {name}"):
             self.system_container().get_blob_client(name).upload_blob(data, overwrite=True)
 
+    def delete_system_file(self, name: str) -> None:
+        try:
+            with azure_errors(f"cannot delete {name}"):
+                self.system_container().get_blob_client(name).delete_blob()
+        except StreamNotFound:
+            pass  # already gone
+
     def create_system_file(self, name: str, data: bytes) -> bool:
         # overwrite=False sends If-None-Match: *, which Azure checks atomically.
         with azure_errors(f"cannot create {name}"):

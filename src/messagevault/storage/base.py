@@ -188,6 +188,10 @@ class SystemFiles(Protocol):
         """
         ...
 
+    def delete_system_file(self, name: str) -> None:
+        """Remove the file; nothing happens if there is none (a stream's policy, say)."""
+        ...
+
 
 @runtime_checkable
 class ServerLock(Protocol):

@@ -214,6 +214,20 @@ class FileStorage:
         finally:
             temp.unlink(missing_ok=True)
 
+    def delete_system_file(self, name: str) -> None:
+        """Remove the file, then fsync the folder so that the removal survives a crash."""
+        folder = self.root / SYSTEM_FOLDER
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot delete {name}: {exc}") from exc
+        try:
+            _fsync_path(folder)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {name}: {exc}") from exc
+
     def create_system_file(self, name: str, data: bytes) -> bool:
         """Write a temp file, fsync, link it to the name (fails if it exists), fsync the folder.
 

@@ -110,6 +110,9 @@ class MemoryStorage:
             self._system_files[name] = bytes(data)
             return True
 
+    def delete_system_file(self, name: str) -> None:
+        self._system_files.pop(name, None)
+
     def lose_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
         """Put ``checkpoint`` back as stream ``name``'s, as a power cut can leave it (tests).
 
