@@ -178,9 +178,9 @@ def test_side_objects_are_replaced_whole_and_read_by_any_handle(storage: Storage
     writer.write_side("producers", big)
     assert reader.read_side("producers") == big
     writer.write_side("producers", b"v2")  # shorter: nothing of the old left behind
-    writer.write_side("index", b"")
+    writer.write_side("summary", b"")
     assert reader.read_side("producers") == b"v2"
-    assert reader.read_side("index") == b""
+    assert reader.read_side("summary") == b""
     assert reader.read_checkpoint() == Checkpoint()  # side objects are not commits
     writer.close()
     reader.close()
@@ -205,6 +205,7 @@ def test_side_objects_belong_to_their_stream(storage: Storage) -> None:
         "",
         "data",
         "checkpoint",
+        "index",
         "writer.lock",
         ".producers",
         "../x",
@@ -267,7 +268,7 @@ def test_direct_readers_read_side_objects(
     access = writer.read_access()
     direct = RenewingStore(access, lambda: access)
     assert direct.read_side("producers") == b"snapshot"
-    assert direct.read_side("index") is None
+    assert direct.read_side("summary") is None
     with pytest.raises(PermissionError):
         direct.write_side("producers", b"new")
     direct.close()

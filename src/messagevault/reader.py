@@ -162,6 +162,21 @@ class RenewingStore:
     def write_side(self, name: str, data: bytes) -> None:
         raise AccessDenied("a reader's access is read-only")
 
+    def index_size(self) -> int:
+        return self._call(lambda store: store.index_size())
+
+    def read_index(self, offset: int, size: int) -> bytes:
+        return self._call(lambda store: store.read_index(offset, size))
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        raise AccessDenied("a reader's access is read-only")
+
+    def truncate_index(self, size: int) -> None:
+        raise AccessDenied("a reader's access is read-only")
+
+    def release(self, below: int) -> int:
+        raise AccessDenied("a reader's access is read-only")
+
     def read_access(self) -> ReadAccess:
         return self._access
 

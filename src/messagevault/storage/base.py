@@ -119,6 +119,62 @@ class StreamStore(Protocol):
         """A descriptor a direct consumer can use to read this stream."""
         ...
 
+    # The stream's sparse index (``index.py``, docs/FORMAT.md "Index"): a third
+    # object beside data and checkpoint, written by the writer behind its
+    # commits and read by every reader that seeks. It is derived from the
+    # frames and checked against them on every use, so it has no commit
+    # protocol: a lost, torn or stale index costs a scan, never a wrong answer.
+
+    def index_size(self) -> int:
+        """Bytes in the index object; 0 when there is none.
+
+        On a page backend the object is whole pages: bytes past the last
+        entry written read as zeros.
+        """
+        ...
+
+    def read_index(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of the index object from ``offset``.
+
+        Fewer only where the object ends; ``b""`` when there is none. Works
+        on read-only handles too (a SAS URL reads it).
+        """
+        ...
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` into the index object at ``offset``, creating or growing it.
+
+        Only on a handle opened for writing (``AccessDenied`` otherwise), with
+        the ``page_size`` and ``max_write_size`` rules of ``write``, and fenced
+        as ``write`` is (a deposed writer gets ``StaleWriter``). Durable
+        eventually, not at once: an index lagging after a crash is rebuilt
+        from the frames.
+        """
+        ...
+
+    def truncate_index(self, size: int) -> None:
+        """Cut the index object to ``size`` bytes (0 drops every entry; the writer rebuilds it).
+
+        Writers only, fenced as ``write_index``; ``size`` a multiple of
+        ``page_size``. A missing index stays missing.
+        """
+        ...
+
+    def release(self, below: int) -> int:
+        """Give back the storage that holds data bytes ``[0, below)``; the bytes released.
+
+        For trimming: ``below`` must not exceed the committed checkpoint's
+        ``first_position`` (``ValueError`` otherwise, and nothing changes), so
+        only bytes no reader may read any more are freed. File storage punches
+        a hole (``fallocate(PUNCH_HOLE)``, whole filesystem blocks), Azure
+        clears whole 512-byte pages (which then stop being billed), memory
+        zeroes them. Reads there then return zeros. Idempotent: releasing
+        again, or less, frees nothing more and is no error. Where the
+        filesystem cannot punch holes, 0 (the trim still holds: readers stop
+        at ``first_position``). Writers only, fenced as ``write``.
+        """
+        ...
+
     def close(self) -> None:
         """Release the handle and, for a writer, the single-writer lock. Idempotent."""
         ...
@@ -126,7 +182,7 @@ class StreamStore(Protocol):
 
 MAX_SIDE_NAME_LENGTH = 32
 # Names of a stream's own objects on some backend; a side object must not replace them.
-RESERVED_SIDE_NAMES = frozenset({"data", "checkpoint"})
+RESERVED_SIDE_NAMES = frozenset({"data", "checkpoint", "index"})
 _SIDE_NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 
 
@@ -152,6 +208,21 @@ def validate_side_name(name: str) -> str:
     if name in RESERVED_SIDE_NAMES:
         raise ValueError(f"side object name {name!r} is reserved for the stream's own {name}")
     return name
+
+
+def check_release(name: str, below: int, committed: Checkpoint) -> None:
+    """ValueError unless ``release(below)`` may free stream ``name``'s bytes below ``below``.
+
+    Only bytes no reader may read any more: below the committed checkpoint's
+    ``first_position`` (the trim is committed first, then released).
+    """
+    if isinstance(below, bool) or not isinstance(below, int) or below < 0:
+        raise ValueError(f"release needs a byte position, 0 or more, not {below!r}")
+    if below > committed.first_position:
+        raise ValueError(
+            f"cannot release stream {name!r} below {below}: its committed first readable "
+            f"position is {committed.first_position} (commit the trim first)"
+        )
 
 
 def check_stream_lease(name: str, lease: HeldLease | None, *, write: bool) -> None:
@@ -249,6 +320,25 @@ class Storage(Protocol):
 
     def list_streams(self) -> list[str]:
         """Names of all streams, sorted."""
+        ...
+
+    def delete_stream(self, name: str, *, takeover: bool = False) -> None:
+        """Delete stream ``name``: its data, checkpoint, index and side objects.
+
+        ``StreamNotFound`` if there is none; ``StreamLocked`` (nothing
+        deleted) while a writer holds it, the caller's own included: close
+        it first. ``takeover=True`` deletes it all the same where a backend
+        can depose a writer (memory; Azure, where a crashed writer's lease
+        never ends by itself), as ``open_stream(takeover=True)`` would; the
+        file backend cannot depose a live process, and a dead one's lock is
+        gone already. A deposed writer's next change fails. Readers opening
+        the stream afterwards get ``StreamNotFound``; handles open already
+        get errors (memory, Azure) or, on file storage, may read on what
+        their open files still hold. A stream of that name created
+        afterwards starts empty. Not atomic across a crash on every backend,
+        but a crash leaves either the whole stream or one that
+        ``list_streams`` no longer shows and deleting again finishes.
+        """
         ...
 
     def describe(self) -> str:

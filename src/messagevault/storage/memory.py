@@ -6,10 +6,12 @@ grows in large zero-filled steps, and bytes past the committed length read
 back as whatever was last written there (or zeros). That lets the writer's
 page alignment and tail-page rewrite be tested without Azure.
 
-Nothing here is lost in a crash, so every write and checkpoint counts as
-durable at once. ``lose_checkpoint`` puts back an older checkpoint, as the
-file backend's lazily flushed one can be after a power cut, to test the
-writer's roll-forward.
+The index object follows the same page rules as the data (and, paged, grows
+by doubling from ``INDEX_INITIAL_SIZE``, as on Azure); ``release`` zeroes the
+bytes it gives back, whole pages when paged. Nothing here is lost in a crash,
+so every write and checkpoint counts as durable at once. ``lose_checkpoint``
+puts back an older checkpoint, as the file backend's lazily flushed one can
+be after a power cut, to test the writer's roll-forward.
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ from dataclasses import dataclass, field
 from messagevault.checkpoint import Checkpoint
 from messagevault.errors import AccessDenied, StaleWriter, StreamLocked, StreamNotFound
 from messagevault.names import validate_stream_name
-from messagevault.storage.base import ReadAccess, check_stream_lease, validate_side_name
+from messagevault.storage.base import (
+    ReadAccess,
+    check_release,
+    check_stream_lease,
+    validate_side_name,
+)
 from messagevault.storage.leases import HeldLease
 from messagevault.storage.memory_leases import MemoryLeases
 
 DEFAULT_MAX_WRITE_SIZE = 4 * 1024 * 1024
 GROWTH_STEP = 1024 * 1024
+INDEX_INITIAL_SIZE = 4096  # paged: the index object's first size, doubled as it grows
 
 
 @dataclass
@@ -36,6 +44,9 @@ class _StreamState:
     writer: object | None = None
     writes: int = 0  # storage writes so far, for tests that count commits
     sides: dict[str, bytes] = field(default_factory=dict)
+    index: bytearray | None = None  # None: no index object yet
+    released: int = 0  # data bytes [0, released) were zeroed by ``release``
+    deleted: bool = False
 
 
 class MemoryStorage:
@@ -85,6 +96,20 @@ class MemoryStorage:
     def list_streams(self) -> list[str]:
         with self._lock:
             return sorted(self._streams)
+
+    def delete_stream(self, name: str, *, takeover: bool = False) -> None:
+        validate_stream_name(name)
+        with self._lock:
+            state = self._streams.get(name)
+            if state is None:
+                raise StreamNotFound(f"stream {name!r} does not exist in {self.describe()}")
+            if state.writer is not None and not takeover:
+                raise StreamLocked(
+                    f"stream {name!r} is open for writing: close its writer before deleting it"
+                )
+            del self._streams[name]
+            state.deleted = True  # handles still open get StreamNotFound
+            state.writer = None
 
     def describe(self) -> str:
         return f"memory storage (page size {self.page_size})"
@@ -170,8 +195,8 @@ class MemoryStreamStore:
             raise ValueError("offset and size must not be negative")
         return bytes(self._state.data[offset : offset + size])
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._check_open()
+    def _check_write(self, offset: int, data: bytes | memoryview) -> None:
+        """AccessDenied or ValueError unless ``write`` (or ``write_index``) may write this."""
         if not self._writable:
             raise AccessDenied(f"stream {self._name!r} was opened read-only")
         page = self.page_size
@@ -179,6 +204,11 @@ class MemoryStreamStore:
             raise ValueError(f"writes must cover whole {page}-byte pages")
         if len(data) > self.max_write_size:
             raise ValueError(f"write of {len(data)} bytes exceeds {self.max_write_size}")
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
+        self._check_write(offset, data)
+        page = self.page_size
         with self._storage._lock:
             self._check_still_writer()
             buf = self._state.data
@@ -232,6 +262,63 @@ class MemoryStreamStore:
     def read_access(self) -> ReadAccess:
         return ReadAccess("memory", self._name)
 
+    def index_size(self) -> int:
+        self._check_open()
+        index = self._state.index
+        return 0 if index is None else len(index)
+
+    def read_index(self, offset: int, size: int) -> bytes:
+        self._check_open()
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must not be negative")
+        index = self._state.index
+        return b"" if index is None else bytes(index[offset : offset + size])
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
+        self._check_write(offset, data)
+        with self._storage._lock:
+            self._check_still_writer()
+            index = self._state.index
+            if index is None:
+                index = self._state.index = bytearray()
+            end = offset + len(data)
+            if end > len(index):
+                if self.page_size > 1:  # as an Azure page blob: doubled, zeros past the entries
+                    end = max(end, 2 * len(index), INDEX_INITIAL_SIZE)
+                    end = -(-end // self.page_size) * self.page_size
+                index.extend(bytes(end - len(index)))
+            index[offset : offset + len(data)] = data
+
+    def truncate_index(self, size: int) -> None:
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if size < 0 or size % self.page_size:
+            raise ValueError(
+                f"an index is cut to whole {self.page_size}-byte pages, not {size} bytes"
+            )
+        with self._storage._lock:
+            self._check_still_writer()
+            index = self._state.index
+            if index is not None and size < len(index):
+                del index[size:]
+
+    def release(self, below: int) -> int:
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        with self._storage._lock:
+            self._check_still_writer()
+            check_release(self._name, below, self._state.checkpoint)
+            # Whole pages only, as Azure clears them.
+            end = min(below // self.page_size * self.page_size, len(self._state.data))
+            freed = max(0, end - self._state.released)
+            if freed:
+                self._state.data[self._state.released : end] = bytes(freed)
+                self._state.released = end
+            return freed
+
     def close(self) -> None:
         if self._closed:
             return
@@ -244,3 +331,5 @@ class MemoryStreamStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("stream handle is closed")
+        if self._state.deleted:
+            raise StreamNotFound(f"stream {self._name!r} was deleted")

@@ -259,6 +259,16 @@ class PowerLossStorage:
     def list_streams(self) -> list[str]:
         return self.inner.list_streams()
 
+    def delete_stream(self, name: str, *, takeover: bool = False) -> None:
+        self._check_power()
+        self.inner.delete_stream(name, takeover=takeover)
+        with self._lock:
+            # A stream of that name created later is a new one, durable as found.
+            self._streams.pop(name, None)
+            for identity, (stream, _) in list(self._inodes.items()):
+                if stream == name:
+                    del self._inodes[identity]
+
     def describe(self) -> str:
         return f"{self.inner.describe()}, with simulated power cuts (seed {self.seed})"
 
@@ -540,6 +550,25 @@ class PowerLossStreamStore:
 
     def write_side(self, name: str, data: bytes) -> None:
         self._alive().write_side(name, data)
+
+    # The index and releases pass straight through, no storage events: the
+    # index is rebuilt from the frames, and released bytes lie below the
+    # first readable position (both are durable eventually, by contract).
+
+    def index_size(self) -> int:
+        return self._alive().index_size()
+
+    def read_index(self, offset: int, size: int) -> bytes:
+        return self._alive().read_index(offset, size)
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        self._alive().write_index(offset, data)
+
+    def truncate_index(self, size: int) -> None:
+        self._alive().truncate_index(size)
+
+    def release(self, below: int) -> int:
+        return self._alive().release(below)
 
     def read_access(self) -> ReadAccess:
         return self._inner.read_access()
