@@ -4,7 +4,9 @@
     <root>/<stream>/checkpoint    two 64-byte checkpoint slots
     <root>/<stream>/writer.lock   flock()ed by the single writer; holds its pid
                                   (shared by writers under a lease, which the lease fences)
+    <root>/<stream>/index         the sparse index (``index.py``), written in place
     <root>/<stream>/<side>        side objects such as ``producers``, replaced whole
+    <root>/.deleted-<stream>-<x>  a stream being deleted (moved aside, then removed)
     <root>/_system/server.lock    flock()ed by the server using the folder; holds its pid
     <root>/_system/leases/...     leases of server nodes sharing the folder (``file_leases``)
 
@@ -28,6 +30,11 @@ make the filesystem record the new size and blocks first (a journal commit
 on ext4 or XFS, shared with every other file on the disk). Zeros never pass
 for a frame, so neither readers (who stop at the checkpoint) nor rolling
 forward read them as data.
+
+The index is written in place by the writer, flushed only when it is cut
+short and when the writer closes: it is rebuilt from the frames wherever a
+crash left it behind. ``release`` punches a hole below a trimmed stream's
+first readable position (``file_holes``).
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from enum import StrEnum
@@ -54,13 +63,24 @@ from messagevault.errors import (
     WriterConflict,
 )
 from messagevault.names import validate_stream_name
-from messagevault.storage.base import ReadAccess, check_stream_lease, validate_side_name
+from messagevault.storage.base import (
+    ReadAccess,
+    check_release,
+    check_stream_lease,
+    validate_side_name,
+)
+from messagevault.storage.file_holes import punch_hole
 from messagevault.storage.file_leases import FileLeases, LeaseFence
 from messagevault.storage.leases import HeldLease
 
 DATA_FILE = "data"
 CHECKPOINT_FILE = "checkpoint"
+INDEX_FILE = "index"
 LOCK_FILE = "writer.lock"
+# A deleted stream's folder is renamed to this prefix first: no stream name
+# starts with ".", so list_streams never shows it, and a crash leaves it to
+# the next delete_stream or list_streams to remove.
+DELETED_PREFIX = ".deleted-"
 SYSTEM_FOLDER = "_system"  # cannot clash: stream names never start with "_"
 SERVER_LOCK_FILE = "server.lock"  # in SYSTEM_FOLDER
 MAX_WRITE_SIZE = 4 * 1024 * 1024
@@ -72,6 +92,8 @@ DEFAULT_PREALLOCATE = 8 * 1024 * 1024
 PREALLOCATE_MIN_STEP = 64 * 1024
 _ZEROS = bytes(1024 * 1024)
 _UNFENCED = contextlib.nullcontext()  # what a handle without a lease writes under
+
+log = logging.getLogger("messagevault.storage.file")
 
 
 class FsyncPolicy(StrEnum):
@@ -160,11 +182,53 @@ class FileStorage:
     def list_streams(self) -> list[str]:
         if not self.root.is_dir():
             return []
+        self._remove_deleted()
         return sorted(
             entry.name
             for entry in self.root.iterdir()
             if (entry / CHECKPOINT_FILE).is_file() and _is_valid_name(entry.name)
         )
+
+    def delete_stream(self, name: str, *, takeover: bool = False) -> None:
+        """Under the writer lock, rename the folder aside, fsync the root, then remove it.
+
+        The rename is the deletion: atomic, and durable once the root is
+        flushed. ``takeover`` cannot apply (see ``open_stream``).
+        """
+        del takeover
+        validate_stream_name(name)
+        self._remove_deleted()
+        folder = self.root / name
+        if not (folder / CHECKPOINT_FILE).exists():
+            raise StreamNotFound(f"stream {name!r} does not exist in {self.describe()}")
+        try:
+            lock_fd = _take_writer_lock(folder / LOCK_FILE, name)
+        except FileNotFoundError:
+            raise StreamNotFound(f"stream {name!r} does not exist in {self.describe()}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot delete stream {name!r}: {exc}") from exc
+        aside = self.root / f"{DELETED_PREFIX}{name}-{secrets.token_hex(4)}"
+        try:
+            if not _lock_is_current(lock_fd, folder / LOCK_FILE):
+                raise StreamNotFound(f"stream {name!r} was deleted meanwhile")
+            folder.rename(aside)
+            _fsync_path(self.root)
+        except OSError as exc:
+            raise StorageError(f"cannot delete stream {name!r}: {exc}") from exc
+        finally:
+            os.close(lock_fd)
+        self._remove_deleted()
+
+    def _remove_deleted(self) -> None:
+        """Remove the folders of deleted streams (one a crash interrupted, too)."""
+        try:
+            leftovers = [e for e in self.root.iterdir() if e.name.startswith(DELETED_PREFIX)]
+        except OSError:
+            return  # no root yet, or not ours to tidy (read-only)
+        for leftover in leftovers:
+            # Another process may be removing it at the same time: whatever is
+            # left once both are done is tried again next time.
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def describe(self) -> str:
         return f"file storage at {self.root}"
@@ -350,6 +414,9 @@ class FileStreamStore:
         self._written_end = 0
         self._committed_length: int | None = None
         self._closed = False
+        # Opened at first use: the index may appear after a reader opened.
+        self._index_fd: int | None = None
+        self._index_unflushed = False
         flags = os.O_RDWR if write else os.O_RDONLY
         try:
             if write and lease is not None:
@@ -358,8 +425,17 @@ class FileStreamStore:
                 self._lock_fd = _share_writer_lock(folder / LOCK_FILE, name)
             elif write:
                 self._lock_fd = _take_writer_lock(folder / LOCK_FILE, name)
+            if self._lock_fd is not None and not _lock_is_current(
+                self._lock_fd, folder / LOCK_FILE
+            ):
+                # Locked a deleted stream's lock file: its successor's is another.
+                raise StreamNotFound(f"stream {name!r} was deleted")
             self._data_fd = os.open(folder / DATA_FILE, flags)
             self._checkpoint_fd = os.open(folder / CHECKPOINT_FILE, flags)
+        except FileNotFoundError:
+            self.close()
+            missing = f"stream {name!r} does not exist in {storage.describe()}"
+            raise StreamNotFound(missing) from None
         except BaseException:
             self.close()
             raise
@@ -377,20 +453,7 @@ class FileStreamStore:
         if offset < 0 or size < 0:
             raise ValueError("offset and size must not be negative")
         try:
-            data = os.pread(self._data_fd, size, offset)
-            if len(data) == size or not data:
-                return data
-            # A short read of a regular file means end of file, except on the
-            # rare signal interruption: finish the read to be sure.
-            chunks = [data]
-            got = len(data)
-            while got < size:
-                more = os.pread(self._data_fd, size - got, offset + got)
-                if not more:
-                    break
-                chunks.append(more)
-                got += len(more)
-            return b"".join(chunks)
+            return _pread_fully(self._data_fd, size, offset)
         except OSError as exc:
             raise StorageError(f"cannot read stream {self._name!r}: {exc}") from exc
 
@@ -559,6 +622,99 @@ class FileStreamStore:
     def read_access(self) -> ReadAccess:
         return ReadAccess("file", str(self._folder.resolve()))
 
+    def _index(self, *, create: bool) -> int | None:
+        """The index file's descriptor, opened (or, writing, created) now if need be."""
+        if self._index_fd is None:
+            flags = os.O_RDWR if self._writable else os.O_RDONLY
+            if create:
+                flags |= os.O_CREAT
+            try:
+                self._index_fd = os.open(self._folder / INDEX_FILE, flags, 0o644)
+            except FileNotFoundError:
+                return None
+        return self._index_fd
+
+    def index_size(self) -> int:
+        self._check_open()
+        try:
+            fd = self._index(create=False)
+            return 0 if fd is None else os.fstat(fd).st_size
+        except OSError as exc:
+            raise StorageError(f"cannot read the index of {self._name!r}: {exc}") from exc
+
+    def read_index(self, offset: int, size: int) -> bytes:
+        self._check_open()
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must not be negative")
+        try:
+            fd = self._index(create=False)
+            return b"" if fd is None else _pread_fully(fd, size, offset)
+        except OSError as exc:
+            raise StorageError(f"cannot read the index of {self._name!r}: {exc}") from exc
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        """pwrite, not flushed (see the module docstring), fenced as ``write``."""
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        if len(data) > MAX_WRITE_SIZE:
+            raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
+        view = memoryview(data)
+        with self._fence or _UNFENCED:
+            try:
+                fd = self._index(create=True)
+                assert fd is not None
+                self._index_unflushed = True
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view = view[written:]
+                    offset += written
+            except OSError as exc:
+                raise StorageError(f"cannot write the index of {self._name!r}: {exc}") from exc
+
+    def truncate_index(self, size: int) -> None:
+        """ftruncate and flush: entries cut off must not come back after a crash."""
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"an index is cut to a size of 0 bytes or more, not {size!r}")
+        with self._fence or _UNFENCED:
+            try:
+                fd = self._index(create=False)
+                if fd is None or os.fstat(fd).st_size <= size:
+                    return
+                os.ftruncate(fd, size)
+                os.fdatasync(fd)
+                self._index_unflushed = False
+            except OSError as exc:
+                raise StorageError(f"cannot cut the index of {self._name!r}: {exc}") from exc
+
+    def release(self, below: int) -> int:
+        """Punch a hole over data ``[0, below)``; the bytes of the blocks freed (0 if none).
+
+        Not flushed: a hole lost in a crash only comes back as bytes below
+        the first readable position, which no reader reads.
+        """
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        check_release(self._name, below, self.read_checkpoint())
+        if below == 0:
+            return 0
+        with self._fence or _UNFENCED:
+            try:
+                before = os.fstat(self._data_fd).st_blocks
+                if not punch_hole(self._data_fd, 0, below):
+                    _cannot_punch_holes(self._storage.root)
+                    return 0
+                after = os.fstat(self._data_fd).st_blocks
+            except OSError as exc:
+                raise StorageError(f"cannot release stream {self._name!r}: {exc}") from exc
+        return max(0, before - after) * 512  # st_blocks counts 512-byte units
+
     def close(self) -> None:
         if self._closed:
             return
@@ -570,6 +726,9 @@ class FileStreamStore:
         elif self._writable and self._checkpoint_unflushed:
             with contextlib.suppress(OSError, AttributeError):
                 os.fdatasync(self._checkpoint_fd)  # the data it names is durable already
+        if self._index_fd is not None and self._index_unflushed:
+            with contextlib.suppress(OSError):
+                os.fdatasync(self._index_fd)
         committed = self._committed_length
         if self._preallocating and committed is not None and self._written_end <= committed:
             # Only this handle's zeros lie past what it committed: a closed
@@ -580,7 +739,7 @@ class FileStreamStore:
                 self._fence or _UNFENCED,
             ):
                 os.ftruncate(self._data_fd, committed)
-        for attr in ("_data_fd", "_checkpoint_fd"):
+        for attr in ("_data_fd", "_checkpoint_fd", "_index_fd"):
             fd = getattr(self, attr, None)
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -591,6 +750,47 @@ class FileStreamStore:
             self._lock_fd = None
         if self._fence is not None:
             self._fence.close()
+
+
+_punch_warned: set[Path] = set()
+
+
+def _cannot_punch_holes(root: Path) -> None:
+    """Log, once per data folder, that releasing frees nothing there."""
+    if root not in _punch_warned:
+        _punch_warned.add(root)
+        log.warning(
+            "the filesystem of %s cannot punch holes: trimmed streams keep their disk "
+            "space (readers still stop at the first readable position)",
+            root,
+        )
+
+
+def _pread_fully(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes from ``offset``, fewer only at the end of the file."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    # A short read of a regular file means end of file, except on the rare
+    # signal interruption: finish the read to be sure.
+    chunks = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        chunks.append(more)
+        got += len(more)
+    return b"".join(chunks)
+
+
+def _lock_is_current(fd: int, path: Path) -> bool:
+    """Whether the lock file ``fd`` holds is still ``path`` (not a deleted stream's)."""
+    try:
+        held, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _take_writer_lock(path: Path, name: str) -> int:
