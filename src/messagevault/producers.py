@@ -369,7 +369,9 @@ def rebuild_table(
     """The producer table of the stream up to ``checkpoint``: the snapshot, then the frames after.
 
     A missing, damaged or misplaced snapshot (one that does not describe
-    this stream at a frame boundary) means a replay from position 0.
+    this stream at a frame boundary) means a replay from position 0, or
+    from the first readable position of a trimmed stream (the producers
+    whose last batches were trimmed are then forgotten).
     """
     table = ProducerTable(max_producers=max_producers, max_age=max_age)
     problem = None
@@ -377,7 +379,7 @@ def rebuild_table(
         snapshot = _fitting_snapshot(store, checkpoint)
     except CorruptData as exc:
         snapshot, problem = None, str(exc)
-    start = 0
+    start = checkpoint.first_position
     if snapshot is not None:
         table.restore(snapshot)
         start = snapshot.position
@@ -400,6 +402,8 @@ def _fitting_snapshot(store: StreamStore, checkpoint: Checkpoint) -> ProducerSna
     where = f"producer snapshot at position {snapshot.position}, sequence {snapshot.sequence}"
     if snapshot.position > checkpoint.length:
         raise CorruptData(f"{where} lies past the committed length {checkpoint.length}")
+    if snapshot.position < checkpoint.first_position:
+        raise CorruptData(f"{where} lies below the first readable position (trimmed)")
     if snapshot.position == checkpoint.length:
         sequence = checkpoint.next_sequence
     else:

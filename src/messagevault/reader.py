@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 from messagevault.checkpoint import Checkpoint
-from messagevault.errors import AccessDenied, CorruptData, InvalidPosition
+from messagevault.errors import AccessDenied, CorruptData, InvalidPosition, PositionTrimmed
 from messagevault.format import (
     FRAME_HEADER_SIZE,
     MAX_HEADER_SIZE,
@@ -262,6 +262,7 @@ class Reader:
         *,
         end: int | None = None,
         committed: int | None = None,
+        first_position: int | None = None,
         max_bytes: int | None = None,
     ) -> Iterator[Message]:
         """Iterate committed messages from ``position`` up to the current committed length.
@@ -274,17 +275,24 @@ class Reader:
         ``end`` stops early, at a frame boundary such as an earlier committed
         length. ``committed`` is the committed length when the caller knows
         it for certain (the server that writes the stream): it saves reading
-        the checkpoint, a round trip on Azure. ``max_bytes`` stops before a
-        frame, or a value in pieces, whose values would take those read past
-        it, once at least one message came: a page of a stream of large
-        values then never reads one it will not hand out.
+        the checkpoint, a round trip on Azure; ``first_position`` is then the
+        first readable position it knows (see below). ``max_bytes`` stops
+        before a frame, or a value in pieces, whose values would take those
+        read past it, once at least one message came: a page of a stream of
+        large values then never reads one it will not hand out.
+
+        A trimmed stream (``Writer.trim``) starts at its checkpoint's
+        ``first_position``: position 0 means the start of the stream and
+        reads from there (Kafka's "earliest"); any other position below it
+        raises ``PositionTrimmed`` naming the first readable position, as
+        does a read overtaken by a trim while it scans.
         """
-        if committed is None:
-            committed = self._store.read_checkpoint().length
+        frame_position, first, committed = self._start(position, committed, first_position)
         limit = committed if end is None else min(end, committed)
-        frame_position, first = self._locate(position, committed)
         # Frames decode to lists; chaining them keeps per-message iteration in C.
-        return chain.from_iterable(self._frames(frame_position, first, limit, max_bytes))
+        return chain.from_iterable(
+            self._overtaken(self._frames(frame_position, first, limit, max_bytes), frame_position)
+        )
 
     def follow(
         self,
@@ -297,11 +305,13 @@ class Reader:
 
         Checks the checkpoint every ``poll_interval`` seconds while at the
         tail. Ends cleanly when ``stop`` is set, when ``close()`` is called,
-        or when the caller closes the iterator.
+        or when the caller closes the iterator. Position 0 and trimmed
+        positions are as for ``read``; a follower that falls behind a trim
+        gets ``PositionTrimmed``.
         """
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
-        frame_position, first = self._locate(position, self._store.read_checkpoint().length)
+        frame_position, first, _ = self._start(position, None, None)
         return chain.from_iterable(self._follow_frames(frame_position, first, poll_interval, stop))
 
     def _follow_frames(
@@ -309,9 +319,13 @@ class Reader:
     ) -> Iterator[Iterator[Message]]:
         waiter = stop if stop is not None else self._stop
         while not self._stopped(stop):
-            committed = self._store.read_checkpoint().length
+            checkpoint = self._store.read_checkpoint()
+            committed = checkpoint.length
+            if frame_position < checkpoint.first_position:
+                raise self._trimmed(frame_position, checkpoint)
             if frame_position < committed:
-                for messages in self._frames(frame_position, first, committed):
+                frames = self._frames(frame_position, first, committed)
+                for messages in self._overtaken(frames, frame_position):
                     yield messages
                     if self._stopped(stop):
                         return
@@ -351,8 +365,9 @@ class Reader:
         The next sequence to be written gives the committed length. Positions
         are byte offsets, so no arithmetic leads from a sequence to its
         position: this reads the last frame's header, and for an earlier
-        message walks the frame headers from the start, one small read per
-        frame, skipping each frame's body.
+        message walks the frame headers from the first readable one, one
+        small read per frame, skipping each frame's body. A sequence trimmed
+        away raises ``PositionTrimmed``.
         """
         checkpoint = self._store.read_checkpoint()
         if not isinstance(sequence, int) or not 0 <= sequence <= checkpoint.next_sequence:
@@ -364,15 +379,22 @@ class Reader:
             )
         if sequence == checkpoint.next_sequence:
             return checkpoint.length
+        if checkpoint.first_position == checkpoint.length:
+            raise self._trimmed(None, checkpoint, sequence=sequence)
         position = checkpoint.last_frame_position
         header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
         if header.is_continuation:  # the last message is a value in pieces: go to its head
             position = header.chunk
             header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
         if header.base_sequence > sequence:
-            position = 0  # before the last frame: walk from the first
+            first = checkpoint.first_position
+            if position == first:  # the last message is the first readable one
+                raise self._trimmed(None, checkpoint, sequence=sequence)
+            position = first  # before the last frame: walk from the first
             while position < checkpoint.last_frame_position:
                 header = read_header(self._store.read(position, MAX_HEADER_SIZE), 0, position)
+                if position == first and sequence < header.base_sequence:
+                    raise self._trimmed(None, checkpoint, sequence=sequence)
                 if sequence < header.base_sequence + header.message_count:
                     break
                 position = header.end
@@ -410,10 +432,100 @@ class Reader:
     def _stopped(self, stop: threading.Event | None) -> bool:
         return self._stop.is_set() or (stop is not None and stop.is_set())
 
-    def _locate(self, position: int, committed: int) -> tuple[int, int]:
-        """Map a message position to (frame position, index in frame), or raise."""
+    def frame_of(self, position: int, checkpoint: Checkpoint | None = None) -> int:
+        """The start of the frame holding message ``position``, checked as ``read`` checks it.
+
+        The committed length gives itself; position 0 of a trimmed stream its
+        first readable position. ``checkpoint``: the committed one, if the
+        caller holds it (a writer).
+        """
+        if checkpoint is None:
+            checkpoint = self._store.read_checkpoint()
+        return self._locate(position, checkpoint.length, checkpoint.first_position)[0]
+
+    def _start(
+        self, position: int, committed: int | None, first_position: int | None
+    ) -> tuple[int, int, int]:
+        """Where a read from ``position`` starts: (frame position, index in frame, committed).
+
+        ``committed`` and ``first_position`` as the caller knows them, else
+        read from the checkpoint. A position that fails its checks is tried
+        against a fresh checkpoint before it is refused: a trim since the
+        caller's checkpoint may be why it fails.
+        """
+        if committed is None:
+            checkpoint = self._store.read_checkpoint()
+            committed, first_position = checkpoint.length, checkpoint.first_position
+        known_first = first_position or 0
+        try:
+            return (*self._locate(position, committed, known_first), committed)
+        except PositionTrimmed:
+            raise
+        except (InvalidPosition, CorruptData):
+            if not isinstance(position, int) or not 0 <= position <= committed:
+                raise
+            latest = self._store.read_checkpoint()
+            if position >= latest.first_position or latest.first_position <= known_first:
+                raise
+            located = self._locate(position, latest.length, latest.first_position)
+            return (*located, latest.length)
+
+    def _trimmed(
+        self, position: int | None, checkpoint: Checkpoint, *, sequence: int | None = None
+    ) -> PositionTrimmed:
+        """The error for a read below ``checkpoint``'s first readable position."""
+        first = checkpoint.first_position
+        where = f"position {first}"
+        if first < checkpoint.length:
+            try:  # one small read names the first readable sequence too
+                raw = self._store.read(first, min(MAX_HEADER_SIZE, checkpoint.length - first))
+                where += f" (sequence {read_header(raw, 0, first).base_sequence})"
+            except CorruptData:
+                pass  # trimmed again meanwhile: the position alone
+        else:
+            where += f" (sequence {checkpoint.next_sequence}, the next to be written)"
+        asked = f"sequence {sequence}" if sequence is not None else f"position {position}"
+        return PositionTrimmed(
+            f"stream {self.name!r} was trimmed: its first readable message is at {where}; "
+            f"{asked} is gone",
+            first_position=first,
+        )
+
+    def _overtaken(self, frames: Iterator[T], start: int) -> Iterator[T]:
+        """``frames``, but a scan a trim overtook raises ``PositionTrimmed``, not ``CorruptData``.
+
+        Released bytes read as zeros: a scan that met them where its
+        checkpoint promised frames was overtaken if the stream now starts
+        past the damage.
+        """
+        try:
+            yield from frames
+        except CorruptData as exc:
+            trimmed = self._trimmed_since(exc, start)
+            if trimmed is None:
+                raise
+            raise trimmed from exc
+
+    def _trimmed_since(self, exc: CorruptData, start: int) -> PositionTrimmed | None:
+        """``PositionTrimmed`` if a trim since a scan from ``start`` began explains ``exc``."""
+        where = start if exc.position is None else exc.position
+        checkpoint = self._store.read_checkpoint()
+        if where >= checkpoint.first_position:
+            return None
+        return self._trimmed(where, checkpoint)
+
+    def _locate(self, position: int, committed: int, first_position: int = 0) -> tuple[int, int]:
+        """Map a message position to (frame position, index in frame), or raise.
+
+        Position 0 of a trimmed stream is its first readable position; any
+        other below that is gone (``PositionTrimmed``).
+        """
         if not isinstance(position, int) or position < 0:
             raise InvalidPosition(f"position must be a non-negative integer, not {position!r}")
+        if position < first_position:
+            if position == 0:
+                return first_position, 0
+            raise self._trimmed(position, self._store.read_checkpoint())
         if position > committed:
             raise InvalidPosition(
                 f"position {position} is beyond the end of stream {self.name!r} "
@@ -500,6 +612,7 @@ class Reader:
         max_bytes: int = DEFAULT_CHUNK_SIZE,
         max_messages: int | None = None,
         committed: int | None = None,
+        first_position: int | None = None,
     ) -> RawFrames:
         """Whole committed frames from ``position``, as stored, each checked.
 
@@ -509,11 +622,10 @@ class Reader:
         ``position`` on. If ``position`` is inside a frame, that frame comes
         whole and ``skip`` says how many of its leading messages the caller
         did not ask for. A value in pieces comes with all its frames, even
-        past ``max_bytes``. ``committed`` is as for ``read``.
+        past ``max_bytes``. ``committed``, ``first_position`` and trimmed
+        positions are as for ``read``.
         """
-        if committed is None:
-            committed = self._store.read_checkpoint().length
-        frame_position, skip = self._locate(position, committed)
+        frame_position, skip, committed = self._start(position, committed, first_position)
         pieces: list[bytes] = []
         size = 0
         wanted = -skip  # messages from ``position`` on, so far
@@ -525,10 +637,18 @@ class Reader:
         bulk = max_messages is None and _is_remote(self._store)
         chunk_size = max(self._chunk_size, max_bytes) if bulk else None
         missing = 0  # bytes of a value in pieces still to come: its frames go together
-        for buffer, offset, header in self._raw_frames(frame_position, committed, chunk_size):
+        raw_frames = self._raw_frames(frame_position, committed, chunk_size)
+        frames = self._overtaken(raw_frames, frame_position)
+        for buffer, offset, header in frames:
             if pieces and not missing and size + header.frame_size > max_bytes:
                 break
-            verify_frame(buffer, offset, header.base_position)
+            try:
+                verify_frame(buffer, offset, header.base_position)
+            except CorruptData as exc:  # bytes released as they were read
+                trimmed = self._trimmed_since(exc, frame_position)
+                if trimmed is None:
+                    raise
+                raise trimmed from exc
             pieces.append(buffer[offset : offset + header.frame_size])
             size += header.frame_size
             wanted += header.message_count
@@ -550,13 +670,14 @@ class Reader:
         total)``, in bytes, is called after each frame.
         """
         committed = self._store.read_checkpoint()
-        frame_position, _ = self._locate(position, committed.length)
+        frame_position, _ = self._locate(position, committed.length, committed.first_position)
         frames = messages = 0
         last: FrameHeader | None = None
         # A value in pieces is checked by joining it as a reader would: its
         # pieces must follow their head and add up (and unpack, if compressed).
         pieces = FrameAssembler()
-        for buffer, offset, header in self._raw_frames(frame_position, committed.length):
+        raw_frames = self._raw_frames(frame_position, committed.length)
+        for buffer, offset, header in self._overtaken(raw_frames, frame_position):
             if header.is_head or header.is_continuation or pieces.pending:
                 for _ in pieces.feed(buffer, offset, header):
                     pass

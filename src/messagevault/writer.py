@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import NamedTuple, overload
 
@@ -23,6 +24,7 @@ from messagevault.checkpoint import Checkpoint
 from messagevault.errors import (
     CorruptData,
     InvalidInput,
+    InvalidPosition,
     MessageVaultError,
     SequenceGap,
     SequenceReused,
@@ -56,7 +58,9 @@ from messagevault.producers import (
     rebuild_table,
     replay,
 )
+from messagevault.reader import Reader
 from messagevault.recovery import adopt
+from messagevault.retention import trim_position
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 from messagevault.storage.leases import HeldLease
 
@@ -162,6 +166,16 @@ class AppendResult(Sequence[Receipt]):
             yield self[index]
 
 
+@dataclass(frozen=True, slots=True)
+class TrimResult:
+    """The outcome of ``Writer.trim``: where the stream's readable messages now start."""
+
+    first_position: int  # the first readable byte: a frame start, or the committed length
+    first_sequence: int  # the sequence of the message there (next_sequence if none is left)
+    released_bytes: int  # storage given back by this trim (0 where holes cannot be punched)
+    trimmed: bool = True  # False: the stream already started at or past that point
+
+
 def _crcs(batch: EncodedBatch) -> list[int]:
     return [body.body_crc for body in batch.frames]
 
@@ -211,6 +225,7 @@ class Writer:
         if roll_forward:  # before the producer table replays the frames up to the checkpoint
             self._roll_forward()
         self._tail = self._read_tail_page()
+        self._release_trimmed()  # finishes a trim that crashed between its commit and release
         self._in_doubt_landed: Callable[[], None] | None = None
         self.snapshot_interval = snapshot_interval
         rebuilt = rebuild_table(
@@ -563,6 +578,120 @@ class Writer:
         self._commit_as([view], new, start, landed)
         return new
 
+    def trim(self, position: int) -> TrimResult:
+        """Make the stream start at the frame holding ``position``; free the bytes below.
+
+        ``position`` is a message position or the committed length, as
+        ``Reader.read`` takes (``InvalidPosition`` otherwise, and nothing
+        changes). Positions never move: the frames below simply become
+        unreadable (``PositionTrimmed``) and their storage is released
+        (``StreamStore.release``). A value in pieces goes whole or not at
+        all. Never backwards: at or below the current first position this
+        changes nothing and says so (``trimmed=False``).
+
+        A trim is a commit of the checkpoint alone (the same one, but for
+        its ``first_position``), then the release. A crash between the two
+        leaves bytes unreadable but held, and the next writer to open the
+        stream releases them.
+        """
+        self._check_usable()
+        start = self._checkpoint
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise InvalidPosition(f"position must be a non-negative integer, not {position!r}")
+        if 0 <= position <= start.first_position:
+            return self._trim_result(start, trimmed=False)
+        frame_position = self._frame_holding(position, start)
+        if frame_position <= start.first_position:
+            return self._trim_result(start, trimmed=False)
+        # The producer table must not need the frames that go: a writer
+        # opening later rebuilds it from the snapshot, never from below the
+        # first position.
+        if self._snapshot_at is None or self._snapshot_at < frame_position:
+            self.write_snapshot()
+        new = dataclasses.replace(start, commit=start.commit + 1, first_position=frame_position)
+        self._commit_as([], new, start, lambda: None)
+        log.info(
+            "stream %r trimmed below position %d",
+            self.name,
+            frame_position,
+            extra={"stream": self.name},
+        )
+        return self._trim_result(new, released=self._release_trimmed())
+
+    def trim_below(
+        self,
+        *,
+        position: int | None = None,
+        sequence: int | None = None,
+        time: datetime | float | None = None,
+    ) -> TrimResult:
+        """``trim`` below a position, a sequence (it stays) or a time; exactly one.
+
+        See ``retention.trim_position``: a target already trimmed away
+        changes nothing.
+        """
+        at = trim_position(
+            self._store,
+            self._checkpoint,
+            name=self.name,
+            position=position,
+            sequence=sequence,
+            time=time,
+        )
+        return self.trim(at)
+
+    def _frame_holding(self, position: int, checkpoint: Checkpoint) -> int:
+        """The start of the frame holding message ``position`` (the length for the length)."""
+        # The reader's check of a message position, on this writer's store
+        # (never closed: the reader is only borrowed for the check).
+        frame_position = Reader(self._store, self.name, read_ahead=False).frame_of(
+            position, checkpoint
+        )
+        if frame_position < checkpoint.length:
+            raw = self._store.read(
+                frame_position, min(MAX_HEADER_SIZE, checkpoint.length - frame_position)
+            )
+            if read_header(raw, 0, frame_position).is_continuation:
+                raise InvalidPosition(
+                    f"position {position} in stream {self.name!r} is inside a value in "
+                    "pieces, not a message"
+                )
+        return frame_position
+
+    def _trim_result(
+        self, checkpoint: Checkpoint, *, released: int = 0, trimmed: bool = True
+    ) -> TrimResult:
+        first = checkpoint.first_position
+        sequence = checkpoint.next_sequence
+        if first < checkpoint.length:
+            raw = self._store.read(first, min(MAX_HEADER_SIZE, checkpoint.length - first))
+            sequence = read_header(raw, 0, first).base_sequence
+        return TrimResult(first, sequence, released, trimmed)
+
+    def _release_trimmed(self) -> int:
+        """Release the storage below the committed first position; the bytes freed.
+
+        Idempotent and cheap once done. A failure is logged, not raised: the
+        trim holds (readers stop at the first position) and the next writer
+        to open the stream tries again.
+        """
+        below = self._checkpoint.first_position
+        if not below:
+            return 0
+        try:
+            return self._store.release(below)
+        except StaleWriter:
+            raise
+        except StorageError as exc:
+            log.warning(
+                "stream %r: storage below position %d not released yet: %s",
+                self.name,
+                below,
+                exc,
+                extra={"stream": self.name},
+            )
+            return 0
+
     def _commit_as(
         self,
         pieces: list[bytes | memoryview],
@@ -700,8 +829,8 @@ class Writer:
     def _verify_tail(self) -> None:
         """Check the last committed frame, so damage is found before we build on it."""
         checkpoint = self._checkpoint
-        if checkpoint.length == 0:
-            return
+        if checkpoint.length in (0, checkpoint.first_position):
+            return  # nothing committed, or everything trimmed
         start = checkpoint.last_frame_position
         raw = self._store.read(start, checkpoint.length - start)
         header = verify_frame(raw, 0, start)
