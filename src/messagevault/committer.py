@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 # CommitterClosed lived here; importing it from here still works.
 from messagevault.errors import CommitterClosed as CommitterClosed  # noqa: PLC0414
@@ -41,6 +42,7 @@ from messagevault.format import EncodedBatch, encode_batch
 from messagevault.writer import AppendResult, Writer
 
 DEFAULT_MAX_QUEUED_BYTES = 64 * 1024 * 1024
+T = TypeVar("T")
 
 log = logging.getLogger("messagevault.committer")
 
@@ -117,6 +119,7 @@ class GroupCommitter:
         # The writer is in use (a commit, in either thread): one at a time,
         # and queued batches wait for it to be over.
         self._committing = False
+        self._exclusive_waiting = 0  # run_exclusive callers waiting for the writer
         # How long the last commit took (seconds), None before the first;
         # and how many batches it carried.
         self.last_commit_seconds: float | None = None
@@ -195,6 +198,30 @@ class GroupCommitter:
         self._tell(self._commit([(batch, future)]))
         return future.result()
 
+    def run_exclusive(self, work: Callable[[Writer], T]) -> T:
+        """``work(writer)`` in the calling thread, with the writer to itself, between commits.
+
+        Waits for the commit in flight (either thread's) to end; batches
+        queued meanwhile wait for ``work`` and then commit as usual. For
+        what changes the stream but is not an append (``Writer.trim``).
+        Raises ``CommitterClosed`` once closed or failed, and what ``work``
+        raises.
+        """
+        with self._changed:
+            self._exclusive_waiting += 1
+            try:
+                while self._committing and self.accepting:
+                    self._changed.wait()
+            finally:
+                self._exclusive_waiting -= 1
+            if not self.accepting:
+                raise CommitterClosed(self._closed_reason())
+            self._committing = True
+        try:
+            return work(self.writer)
+        finally:
+            self._release()
+
     def append(self, messages: Iterable[tuple[bytes | str, bytes]]) -> AppendResult:
         """Encode, queue and wait: ``Writer.append`` for many threads at once."""
         return self.submit(encode_batch(messages)).result()
@@ -215,7 +242,7 @@ class GroupCommitter:
             # Only the committer thread with batches queued, and close(),
             # wait for that: an idle thread woken after every commit_here
             # would cost the wake-up commit_here saves.
-            if self._queue or self._closing:
+            if self._queue or self._closing or self._exclusive_waiting:
                 self._changed.notify_all()
 
     def _commit(self, group: list[tuple[EncodedBatch, Future[AppendResult]]]) -> Commit | None:
@@ -262,11 +289,12 @@ class GroupCommitter:
             self.stats.batches += commit.batches
             self.stats.messages += commit.messages
             self.stats.bytes += commit.bytes
-        # A producer snapshot (due every 64 MiB of stream by default) is
-        # written once the waiters have their answers, never before; the
-        # writer stays this thread's until it is written.
-        snapshot_due = self.writer.snapshot_due
-        if not snapshot_due:
+        # A producer snapshot (due every 64 MiB of stream by default) and the
+        # index entries (written at most every second) are written once the
+        # waiters have their answers, never before; the writer stays this
+        # thread's until they are written.
+        upkeep_due = self.writer.snapshot_due or self.writer.index_due
+        if not upkeep_due:
             self._release()
         try:
             for (_, future), outcome in zip(group, outcomes, strict=True):
@@ -276,15 +304,16 @@ class GroupCommitter:
                     future.set_exception(outcome)
             self._group_done()
         finally:
-            if snapshot_due:
-                self._snapshot_and_release()
+            if upkeep_due:
+                self._upkeep_and_release()
         return commit
 
-    def _snapshot_and_release(self) -> None:
+    def _upkeep_and_release(self) -> None:
         try:
-            self.writer.write_snapshot()
-        except Exception:  # a snapshot only saves a later writer time: never stop for it
-            log.exception("producer snapshot failed", extra={"stream": self.writer.name})
+            self.writer.snapshot_if_due()
+            self.writer.index_if_due()
+        except Exception:  # both only save later readers and writers time: never stop for them
+            log.exception("producer snapshot or index failed", extra={"stream": self.writer.name})
         finally:
             self._release()
 

@@ -46,6 +46,7 @@ from messagevault.format import (
     read_header,
     verify_frame,
 )
+from messagevault.index import DEFAULT_INDEX_POLICY, Indexer, IndexPolicy
 from messagevault.producers import (
     DEFAULT_MAX_PRODUCERS,
     DEFAULT_PRODUCER_MAX_AGE,
@@ -210,6 +211,8 @@ class Writer:
         producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
         snapshot_interval: int = DEFAULT_SNAPSHOT_BYTES,
         roll_forward: bool = True,
+        index: IndexPolicy | None = DEFAULT_INDEX_POLICY,
+        rebuild_index: bool = False,
     ) -> None:
         _check_producer_options(max_producers, producer_max_age, snapshot_interval)
         self.name = name
@@ -245,6 +248,27 @@ class Writer:
             rebuilt.scanned >= snapshot_interval
         ):
             self.write_snapshot()  # spare the next writer this replay
+        self.indexer = self._open_index(index, rebuild_index)
+
+    def _open_index(self, policy: IndexPolicy | None, rebuild: bool) -> Indexer | None:
+        """The stream's indexer; None without a policy, or when its index cannot be read.
+
+        An index only saves seeks time: a writer never fails to open for it.
+        """
+        if policy is None:
+            return None
+        try:
+            return Indexer(self._store, self.name, self._checkpoint, policy, rebuild=rebuild)
+        except StaleWriter:
+            raise
+        except MessageVaultError as exc:
+            log.warning(
+                "stream %r opened without its index (%s): seeks scan frame headers",
+                self.name,
+                exc,
+                extra={"stream": self.name},
+            )
+            return None
 
     @classmethod
     def open(
@@ -259,6 +283,8 @@ class Writer:
         max_producers: int = DEFAULT_MAX_PRODUCERS,
         producer_max_age: float = DEFAULT_PRODUCER_MAX_AGE,
         snapshot_interval: int = DEFAULT_SNAPSHOT_BYTES,
+        index: IndexPolicy | None = DEFAULT_INDEX_POLICY,
+        rebuild_index: bool = False,
     ) -> Writer:
         """Open ``name`` for writing (creating it by default) and take its writer lock.
 
@@ -281,6 +307,12 @@ class Writer:
         commit, and is saved every ``snapshot_interval`` bytes of appended
         frames and on ``close``. Opening rebuilds it from that snapshot and
         the frames after it.
+
+        ``index``: how densely the stream's sparse index (``index.py``, which
+        seeks by sequence and time use) is kept; None keeps none. Opening
+        checks its tail and catches up on what it lacks, in a thread when
+        that is much (a stream written before the index existed);
+        ``rebuild_index`` throws it away and builds it again.
         """
         _check_producer_options(max_producers, producer_max_age, snapshot_interval)
         store = (
@@ -298,6 +330,8 @@ class Writer:
                 max_producers=max_producers,
                 producer_max_age=producer_max_age,
                 snapshot_interval=snapshot_interval,
+                index=index,
+                rebuild_index=rebuild_index,
                 # Past the checkpoint of a stream taken from a live writer may be
                 # that writer's commit in progress, which it will report failed:
                 # not to be adopted where checkpoints never lag (memory). Where
@@ -376,6 +410,7 @@ class Writer:
             raise refused
         results = [r for r in self._carry_out(batches, verdicts) if isinstance(r, AppendResult)]
         self.snapshot_if_due()
+        self.index_if_due()
         return results
 
     def append_group(
@@ -389,8 +424,9 @@ class Writer:
         to it) gets that one's result, with ``duplicate=True``. An exception
         (storage, a deposed writer) is about the whole group: then nothing
         was committed, as far as this writer knows. Unlike
-        ``append_batches``, this leaves ``snapshot_if_due`` to the caller,
-        to be called once the outcomes are handed out.
+        ``append_batches``, this leaves ``snapshot_if_due`` and
+        ``index_if_due`` to the caller, to be called once the outcomes are
+        handed out.
         """
         if not batches:
             return []
@@ -521,7 +557,17 @@ class Writer:
                     )
                     self._producers.record(batch.producer, record)
 
-        self._commit_as(pieces, new, start, landed)
+        if self.indexer is not None:
+            indexer = self.indexer
+            noted = [(at, base, timestamp, len(batch.frames)) for at, batch, base in placed]
+
+            def landed_and_noted() -> None:
+                landed()
+                indexer.note(noted, position)
+
+            self._commit_as(pieces, new, start, landed_and_noted)
+        else:
+            self._commit_as(pieces, new, start, landed)
         return [
             AppendResult.of_batch(batch, at, base, timestamp, position)
             for at, batch, base in placed
@@ -574,8 +620,11 @@ class Writer:
         def landed() -> None:
             for header in headers:
                 replay(self._producers, header)
+            if self.indexer is not None:
+                self.indexer.note_headers(headers, new.length)
 
         self._commit_as([view], new, start, landed)
+        self.index_if_due()
         return new
 
     def trim(self, position: int) -> TrimResult:
@@ -904,6 +953,17 @@ class Writer:
         self._snapshot_at = checkpoint.length
         return True
 
+    @property
+    def index_due(self) -> bool:
+        """Whether index entries wait to be written (``index_if_due``)."""
+        return self.indexer is not None and self.indexer.flush_due and self._in_step()
+
+    def index_if_due(self) -> None:
+        """Write the index entries noted since the last time, if the interval has passed."""
+        if self.index_due:
+            assert self.indexer is not None
+            self.indexer.flush()
+
     def _in_step(self) -> bool:
         """Whether this writer's table is known to match storage (not deposed, not in doubt)."""
         return not self._closed and self._broken is None and not self._needs_resync
@@ -912,12 +972,17 @@ class Writer:
         """Save the producer table if it changed; release the stream's writer lock. Idempotent."""
         if self._closed:
             return
+        in_step = self._in_step()
         try:
-            if self._in_step() and self._snapshot_at != self._checkpoint.length:
+            if in_step and self._snapshot_at != self._checkpoint.length:
                 self.write_snapshot()
         finally:
             self._closed = True
-            self._store.close()
+            try:
+                if self.indexer is not None:  # stops a build; a deposed writer writes nothing
+                    self.indexer.close(flush=in_step)
+            finally:
+                self._store.close()
 
     def __enter__(self) -> Writer:
         return self

@@ -665,7 +665,8 @@ class FileStreamStore:
         with self._fence or _UNFENCED:
             try:
                 fd = self._index(create=True)
-                assert fd is not None
+                if fd is None:  # O_CREAT failed for want of the folder
+                    raise StreamNotFound(f"stream {self._name!r} no longer exists")
                 self._index_unflushed = True
                 while view:
                     written = os.pwrite(fd, view, offset)
