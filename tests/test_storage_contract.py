@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,9 @@ from messagevault.errors import (
 )
 from messagevault.reader import RenewingStore
 from messagevault.storage import FileStorage
+from messagevault.storage.azure import CONTAINER_PREFIX, AzureStorage
 from messagevault.storage.base import Storage, StreamStore
+from messagevault.storage.leases import HeldLease
 
 
 def _pages(store: StreamStore, data: bytes) -> bytes:
@@ -299,3 +303,320 @@ def test_file_side_object_write_that_fails_leaves_the_old_one(
         "writer.lock",
     ]  # no temp file left behind
     store.close()
+
+
+# The index object, release and delete_stream (issue 14) -----------------------------------
+
+
+def _index_pages(store: StreamStore, count: int, fill: int) -> bytes:
+    """``count`` 512-byte pages of ``fill``: whole pages on every backend."""
+    del store
+    return bytes([fill]) * (512 * count)
+
+
+def test_a_stream_has_no_index_until_one_is_written(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    reader = storage.open_stream("orders")
+    for store in (writer, reader):
+        assert store.index_size() == 0
+        assert store.read_index(0, 100) == b""
+    writer.close()
+    reader.close()
+
+
+def test_index_writes_are_read_back_by_any_handle(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    reader = storage.open_stream("orders")  # opened before the index exists
+    first, second = _index_pages(writer, 2, 1), _index_pages(writer, 1, 2)
+    writer.write_index(0, first)
+    writer.write_index(len(first), memoryview(second))
+    entries = first + second
+    for store in (writer, reader):
+        size = store.index_size()
+        assert size >= len(entries)
+        if store.page_size > 1:
+            assert size % store.page_size == 0
+        assert store.read_index(0, len(entries)) == entries
+        assert store.read_index(100, 50) == entries[100:150]
+        # Past the entries: zeros (page backends keep whole, grown pages) or nothing.
+        assert store.read_index(len(entries), size - len(entries)) == bytes(size - len(entries))
+        assert store.read_index(size - 4, 100) == store.read_index(size - 4, 4)
+        assert store.read_index(size, 10) == b""
+    writer.write_index(512, _index_pages(writer, 1, 3))  # rewrite in place
+    assert reader.read_index(0, len(entries)) == first[:512] + bytes([3]) * 512 + second
+    assert reader.read_checkpoint() == Checkpoint()  # the index is no commit
+    assert writer.read(0, 10) in (b"", bytes(10))  # nor is it data
+    writer.close()
+    reader.close()
+    again = storage.open_stream("orders")
+    assert again.read_index(0, 1024) == first[:512] + bytes([3]) * 512
+    again.close()
+
+
+def test_truncate_index_cuts_and_a_missing_index_stays_missing(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    writer.truncate_index(0)
+    writer.truncate_index(4096)
+    assert writer.index_size() == 0
+    writer.write_index(0, _index_pages(writer, 3, 7))
+    writer.truncate_index(512)
+    reader = storage.open_stream("orders")
+    assert reader.index_size() == 512
+    assert reader.read_index(0, 2048) == bytes([7]) * 512
+    writer.truncate_index(4096)  # never grows it
+    assert reader.index_size() == 512
+    writer.truncate_index(0)
+    assert reader.index_size() == 0
+    assert reader.read_index(0, 10) == b""
+    writer.write_index(1024, _index_pages(writer, 1, 9))  # rebuilt after a cut: zeros before
+    assert reader.read_index(0, 1536) == bytes(1024) + bytes([9]) * 512
+    writer.close()
+    reader.close()
+
+
+def test_bad_index_writes_are_refused_and_change_nothing(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    store.write_index(0, _index_pages(store, 1, 5))
+    with pytest.raises(ValueError, match="exceeds"):
+        store.write_index(0, bytes(store.max_write_size + 512))
+    with pytest.raises(ValueError):
+        store.write_index(-512, bytes(512))
+    with pytest.raises(ValueError, match="negative"):
+        store.read_index(-1, 10)
+    with pytest.raises(ValueError):
+        store.truncate_index(-512)
+    if store.page_size > 1:
+        with pytest.raises(ValueError, match="pages"):
+            store.write_index(1, bytes(512))
+        with pytest.raises(ValueError, match="pages"):
+            store.write_index(0, bytes(513))
+        with pytest.raises(ValueError, match="pages"):
+            store.truncate_index(100)
+    assert store.read_index(0, 512) == bytes([5]) * 512
+    store.close()
+
+
+def test_read_only_handles_cannot_change_the_index_or_release(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    writer.write_index(0, _index_pages(writer, 1, 4))
+    reader = storage.open_stream("orders")
+    with pytest.raises(PermissionError):
+        reader.write_index(0, bytes(512))
+    with pytest.raises(PermissionError):
+        reader.truncate_index(0)
+    with pytest.raises(PermissionError):
+        reader.release(0)
+    assert reader.read_index(0, 512) == bytes([4]) * 512
+    writer.close()
+    reader.close()
+
+
+def test_closed_handle_refuses_the_index_and_release(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    store.close()
+    for call in (
+        store.index_size,
+        lambda: store.read_index(0, 1),
+        lambda: store.write_index(0, bytes(512)),
+        lambda: store.truncate_index(0),
+        lambda: store.release(0),
+    ):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+
+
+def _trimmed(store: StreamStore, data: bytes, first_position: int) -> Checkpoint:
+    """Write ``data`` and commit it trimmed below ``first_position``; the checkpoint."""
+    store.write(0, data)
+    checkpoint = Checkpoint(
+        commit=1, length=len(data), next_sequence=10, first_position=first_position
+    )
+    store.advance_checkpoint(checkpoint, expected=Checkpoint())
+    assert store.read_checkpoint() == checkpoint
+    return checkpoint
+
+
+def _stored_bytes_below(storage: Storage, name: str, end: int) -> int:
+    """Bytes of stream ``name``'s data in ``[0, end)`` its backend still stores."""
+    if isinstance(storage, FileStorage):
+        return os.stat(storage.root / name / "data").st_blocks * 512  # the whole file's
+    if isinstance(storage, AzureStorage):
+        blob = storage.service.get_blob_client(CONTAINER_PREFIX + name, "data")
+        return sum(
+            min(int(r.end) + 1, end) - int(r.start)
+            for r in blob.list_page_ranges(offset=0, length=end)
+            if not r.cleared
+        )
+    reader = storage.open_stream(name)  # memory: what is not zero
+    try:
+        return sum(1 for byte in reader.read(0, end) if byte)
+    finally:
+        reader.close()
+
+
+def test_release_frees_whole_pages_below_the_first_position(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    data = bytes(range(1, 256)) * 1028  # 262,140 bytes, not a zero among them
+    data = _pages(store, data)
+    first = 200_000 + 100  # neither a page nor a block boundary
+    checkpoint = _trimmed(store, data, first)
+    cleared = first // 512 * 512  # whole pages on Azure; file and memory zero all of it
+    stored_before = _stored_bytes_below(storage, "orders", cleared)
+    released = store.release(first)
+    assert released > 0
+    assert released <= cleared + 4096
+    assert _stored_bytes_below(storage, "orders", cleared) < stored_before
+    reader = storage.open_stream("orders")
+    assert reader.read(0, cleared) == bytes(cleared)
+    assert reader.read(first, len(data) - first) == data[first:]  # the rest untouched
+    assert reader.read_checkpoint() == checkpoint
+    # Idempotent: again, or less, frees nothing more and is no error.
+    assert store.release(first) == 0
+    assert store.release(first - 5000) == 0
+    assert store.release(0) == 0
+    assert reader.read(first, len(data) - first) == data[first:]
+    reader.close()
+    store.close()
+
+
+def test_storage_is_released_on_each_backend(storage: Storage) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    data = b"\xa5" * (1024 * 1024)
+    _trimmed(store, data, 768 * 1024)
+    before = _stored_bytes_below(storage, "orders", 768 * 1024)
+    store.release(768 * 1024)
+    after = _stored_bytes_below(storage, "orders", 768 * 1024)
+    if isinstance(storage, FileStorage):
+        assert after <= before - 768 * 1024  # the file's blocks (or the test's disk can't punch)
+    else:
+        assert (before, after) == (768 * 1024, 0)
+    store.close()
+
+
+@pytest.mark.parametrize("below", [1, 513, 10_000, -1, True, 1.5, "512"])
+def test_release_above_the_first_position_is_refused_and_changes_nothing(
+    storage: Storage, below: object
+) -> None:
+    store = storage.open_stream("orders", write=True, create=True)
+    data = _pages(store, b"\x01" * 2000)
+    checkpoint = _trimmed(store, data, 512) if below != 1 else None
+    if checkpoint is None:  # an untrimmed stream releases nothing at all
+        store.write(0, data)
+    with pytest.raises(ValueError, match="release"):
+        store.release(below)  # type: ignore[arg-type]
+    assert store.read(0, len(data)) == data
+    store.close()
+
+
+def test_delete_a_missing_stream_or_a_bad_name(storage: Storage) -> None:
+    storage.open_stream("orders", create=True).close()
+    with pytest.raises(StreamNotFound, match="nope"):
+        storage.delete_stream("nope")
+    for name in ("ab", "Orders", "a--b", "../orders", "_system", ".orders", "x" * 61):
+        with pytest.raises(InvalidStreamName):
+            storage.delete_stream(name)
+    assert storage.list_streams() == ["orders"]
+
+
+def test_delete_is_refused_while_a_writer_holds_the_stream(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    data = _pages(writer, b"keep me")
+    writer.write(0, data)
+    committed = Checkpoint(commit=1, length=7, next_sequence=1)
+    writer.advance_checkpoint(committed, expected=Checkpoint())
+    writer.write_index(0, bytes([1]) * 512)
+    with pytest.raises(StreamLocked, match="orders"):
+        storage.delete_stream("orders")  # the caller's own writer counts: close it first
+    assert storage.list_streams() == ["orders"]
+    writer.write(len(data), _pages(writer, b"more"))  # the writer carries on
+    reader = storage.open_stream("orders")
+    assert reader.read_checkpoint() == committed
+    assert reader.read(0, 7) == b"keep me"
+    assert reader.read_index(0, 512) == bytes([1]) * 512
+    reader.close()
+    writer.close()
+
+
+def test_a_deleted_stream_is_gone_and_comes_back_empty(storage: Storage) -> None:
+    writer = storage.open_stream("orders", write=True, create=True)
+    data = _pages(writer, b"old frames")
+    writer.write(0, data)
+    writer.advance_checkpoint(
+        Checkpoint(commit=1, length=10, next_sequence=1), expected=Checkpoint()
+    )
+    writer.write_index(0, bytes([1]) * 512)
+    writer.write_side("producers", b"old table")
+    writer.close()
+    storage.open_stream("billing", create=True).close()
+    storage.delete_stream("orders")
+    assert storage.list_streams() == ["billing"]
+    with pytest.raises(StreamNotFound):
+        storage.open_stream("orders")
+    with pytest.raises(StreamNotFound):
+        storage.open_stream("orders", write=True)
+    with pytest.raises(StreamNotFound):
+        storage.delete_stream("orders")
+    again = storage.open_stream("orders", write=True, create=True)
+    assert again.read_checkpoint() == Checkpoint()
+    assert again.index_size() == 0
+    assert again.read_side("producers") is None
+    assert again.read(0, 10) in (b"", bytes(10))
+    again.close()
+    assert storage.list_streams() == ["billing", "orders"]
+
+
+def test_delete_with_takeover_deposes_a_writer_where_the_backend_can(storage: Storage) -> None:
+    """A crashed writer's lease (Azure) never ends: ``takeover`` deletes the stream anyway."""
+    writer = storage.open_stream("orders", write=True, create=True)
+    if isinstance(storage, FileStorage):  # a live process's flock cannot be broken
+        with pytest.raises(StreamLocked):
+            storage.delete_stream("orders", takeover=True)
+        writer.close()
+        return
+    storage.delete_stream("orders", takeover=True)
+    assert storage.list_streams() == []
+    with pytest.raises((StaleWriter, StreamNotFound)):
+        writer.write(0, _pages(writer, b"late"))
+    with pytest.raises((StaleWriter, StreamNotFound)):
+        writer.write_index(0, bytes(512))
+    writer.close()
+    assert storage.list_streams() == []
+
+
+def test_a_deposed_writer_cannot_touch_the_index_or_release(storage: Storage) -> None:
+    """Fenced as ``write``: after another writer's lease, StaleWriter and no change."""
+    leases = storage.leases()  # type: ignore[attr-defined]
+    stream = f"fence-{uuid.uuid4().hex[:8]}"  # lease blobs outlive the Azure fixture's cleanup
+
+    def take(holder: str) -> HeldLease:
+        leases.break_(f"streams/{stream}")
+        held: HeldLease = leases.acquire(
+            f"streams/{stream}", holder=holder, address=f"http://127.0.0.1/{holder}", duration=15
+        )
+        return held
+
+    a = storage.open_stream(stream, write=True, create=True, lease=take("a"))
+    data = _pages(a, b"\x01" * 16384)
+    a.write_index(0, bytes([1]) * 1024)
+    b = storage.open_stream(stream, write=True, lease=take("b"))
+    trimmed = Checkpoint(commit=1, length=len(data), next_sequence=1, first_position=12288)
+    b.write(0, data)
+    b.advance_checkpoint(trimmed, expected=Checkpoint())
+    b.read_checkpoint()  # landed (Azure stores it in the background)
+    with pytest.raises(StaleWriter):
+        a.write_index(0, bytes([2]) * 512)
+    with pytest.raises(StaleWriter):
+        a.write_index(4096, bytes([2]) * 512)
+    with pytest.raises(StaleWriter):
+        a.truncate_index(0)
+    with pytest.raises(StaleWriter):
+        a.release(12288)
+    reader = storage.open_stream(stream)
+    assert reader.read_index(0, 1024) == bytes([1]) * 1024
+    assert reader.read(0, len(data)) == data
+    b.write_index(1024, bytes([3]) * 512)  # the new writer writes on
+    assert reader.read_index(0, 1536) == bytes([1]) * 1024 + bytes([3]) * 512
+    assert b.release(12288) > 0  # whole blocks, on every backend
+    reader.close()
+    a.close()
+    b.close()

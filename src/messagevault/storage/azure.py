@@ -3,13 +3,19 @@
     container  mv-<stream>
       data        page blob: the frames (docs/FORMAT.md), grown in large steps
       checkpoint  block blob, empty; its metadata holds the checkpoint fields
+      index       page blob: the sparse index (``index.py``), created by the first
+                  ``write_index`` and grown by doubling; zeros past the entries
       <side>      block blobs such as ``producers``, replaced whole (``write_side``)
     container  messagevault-system   what the server keeps (users, leader lock)
 
-A writer holds an infinite lease on both blobs; every data write, resize and
-checkpoint update names it, and the checkpoint update is also conditional on
-the checkpoint's ETag. A writer that lost its lease (``takeover`` by another)
-or whose ETag is stale fails with ``StaleWriter`` and changes nothing.
+A writer holds an infinite lease on the data and checkpoint blobs, and on the
+index once it writes there, all under one lease id; every data write, resize,
+clear and checkpoint update names it, and the checkpoint update is also
+conditional on the checkpoint's ETag. A writer that lost its lease
+(``takeover`` by another) or whose ETag is stale fails with ``StaleWriter``
+and changes nothing. ``release`` clears whole pages (Azure stops billing
+them); ``delete_stream`` takes the writer's leases as a writer would, then
+deletes the container.
 
 A commit is durable once its Put Page(s) returned (Azure Storage answers
 only for what it has stored), so ``advance_checkpoint`` hands the checkpoint
@@ -30,7 +36,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,6 +62,7 @@ from messagevault.errors import (
     CorruptData,
     InvalidStreamName,
     LeaseHeld,
+    LeaseLost,
     MessageVaultError,
     StaleWriter,
     StorageError,
@@ -67,13 +74,20 @@ from messagevault.format import CHECKPOINT_V1, CHECKPOINT_VERSION
 from messagevault.names import validate_stream_name
 from messagevault.storage.azure_lease import BlobLease, error_code
 from messagevault.storage.azure_leases import AzureLeases
-from messagevault.storage.base import ReadAccess, check_stream_lease, validate_side_name
+from messagevault.storage.base import (
+    ReadAccess,
+    check_release,
+    check_stream_lease,
+    validate_side_name,
+)
 from messagevault.storage.leases import HeldLease
 
 CONTAINER_PREFIX = "mv-"
 SYSTEM_CONTAINER = "messagevault-system"  # cannot clash: stream containers start "mv-"
 DATA_BLOB = "data"
 CHECKPOINT_BLOB = "checkpoint"
+INDEX_BLOB = "index"
+INDEX_INITIAL_SIZE = 64 * 1024  # the index blob's first size, doubled as it grows
 USERS_BLOB = "users.json"  # the server's users and claims (hashed passwords only)
 LEADER_LOCK_BLOB = "leader-lock"  # empty; leased by the node that is leader
 LEADER_INFO_BLOB = "leader.json"  # the leader's address, for other nodes to forward to
@@ -142,6 +156,11 @@ def azure_errors(what: str) -> Iterator[None]:
         raise StreamNotFound(f"{what}: not found") from exc
     except HttpResponseError as exc:
         code = error_code(exc)
+        if code == "ContainerBeingDeleted":
+            # Azure takes a while (up to about a minute) to delete a container.
+            raise StorageError(
+                f"{what}: a stream of that name is still being deleted; try again shortly"
+            ) from exc
         if exc.status_code == 403:
             raise AccessDenied(f"{what}: access denied ({code or exc.reason})") from exc
         if exc.status_code == 412 and code in _LEASE_LOST_CODES:
@@ -224,6 +243,24 @@ class AzureStorage:
                     names.append(validate_stream_name(name))
         return sorted(names)
 
+    def delete_stream(self, name: str, *, takeover: bool = False) -> None:
+        """Take the stream's leases as a writer opening it would, then delete its container.
+
+        Holding them keeps a writer from opening it meanwhile; a live writer's
+        (or a crashed one's, whose lease never ends) is ``StreamLocked``
+        unless ``takeover``. One Delete Container removes every blob.
+        """
+        validate_stream_name(name)
+        container = self.service.get_container_client(CONTAINER_PREFIX + name)
+        store = AzureStreamStore(container, name, storage=self, write=True)
+        try:
+            store.open(takeover=takeover)
+            with azure_errors(f"cannot delete stream {name!r}"):
+                container.delete_container()
+            store.forget_leases()  # gone with their blobs
+        finally:
+            store.close()
+
     def system_container(self) -> ContainerClient:
         """The container for server state (users, leader lock), created on first use."""
         container = self.service.get_container_client(SYSTEM_CONTAINER)
@@ -289,8 +326,11 @@ class AzureStorage:
 def _create_stream(container: ContainerClient, name: str) -> None:
     """Create container, data blob, then checkpoint: a stream exists once its checkpoint does."""
     with azure_errors(f"cannot create stream {name!r}"):
-        with contextlib.suppress(ResourceExistsError):
+        try:
             container.create_container()
+        except ResourceExistsError as exc:
+            if error_code(exc) == "ContainerBeingDeleted":  # a 409 too, but no stream
+                raise
         with contextlib.suppress(ResourceExistsError):
             container.get_blob_client(DATA_BLOB).create_page_blob(
                 INITIAL_SIZE, match_condition=MatchConditions.IfMissing
@@ -367,7 +407,12 @@ class AzureStreamStore:
         self._writable = write
         self._data: BlobClient = container.get_blob_client(DATA_BLOB)
         self._checkpoint_blob: BlobClient = container.get_blob_client(CHECKPOINT_BLOB)
+        self._index: BlobClient = container.get_blob_client(INDEX_BLOB)
         self._leases: list[BlobLease] = []
+        # The index blob's size as this writer last knew it, and its lease
+        # (taken at the first write_index or truncate_index), if any.
+        self._index_size: int | None = None
+        self._index_lease: BlobLease | None = None
         self._known: tuple[Checkpoint, str] | None = None  # last checkpoint stored, with its ETag
         self._size = 0
         self._closed = False
@@ -411,6 +456,172 @@ class AzureStreamStore:
                 f"stream {self._name!r} is already open for writing by another writer "
                 "(its lease is held; open with takeover=True to depose it)"
             ) from exc
+        if takeover:
+            # The deposed writer's index writes fail from now on; this
+            # handle leases the index when it first writes there.
+            try:
+                BlobLease(self._index).break_()
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, ResourceNotFoundError):
+                    raise  # (no index yet is no lease to break)
+
+    def forget_leases(self) -> None:
+        """Drop the leases without releasing them: their blobs are gone (``delete_stream``)."""
+        self._leases.clear()
+        self._index_lease = None
+
+    def index_size(self) -> int:
+        self._check_open()
+        with azure_errors(f"cannot read the index of stream {self._name!r}"):
+            try:
+                return int(self._index.get_blob_properties().size)
+            except ResourceNotFoundError:
+                return 0
+
+    def read_index(self, offset: int, size: int) -> bytes:
+        self._check_open()
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must not be negative")
+        if size == 0:
+            return b""
+        with azure_errors(f"cannot read the index of stream {self._name!r}"):
+            try:
+                # A plain ranged GET, as ``read`` does.
+                chunks = self._index._client.blob.download(
+                    range=f"bytes={offset}-{offset + size - 1}"
+                )
+                return b"".join(chunks)
+            except ResourceNotFoundError:
+                return b""
+            except HttpResponseError as exc:
+                if exc.status_code == 416:  # at or past the end (Azurite: 206, empty)
+                    return b""
+                raise
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if self._fatal is not None:
+            raise self._fatal
+        if offset < 0 or offset % PAGE_SIZE or len(data) % PAGE_SIZE:
+            raise ValueError(f"writes must cover whole {PAGE_SIZE}-byte pages")
+        if len(data) > MAX_WRITE_SIZE:
+            raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
+        if not data:
+            return
+        end = offset + len(data)
+        if end > MAX_BLOB_SIZE:
+            raise ValueError(f"index write past Azure's {MAX_BLOB_SIZE}-byte page blob limit")
+
+        def put(lease_id: str) -> None:
+            size = self._index_size or 0
+            if end > size:
+                grown = min(MAX_BLOB_SIZE, max(end, 2 * size, INDEX_INITIAL_SIZE))
+                self._index.resize_blob(-(-grown // PAGE_SIZE) * PAGE_SIZE, lease=lease_id)
+                self._index_size = -(-grown // PAGE_SIZE) * PAGE_SIZE
+            self._index.upload_page(bytes(data), offset=offset, length=len(data), lease=lease_id)
+
+        self._under_index_lease("write the index", put)
+
+    def truncate_index(self, size: int) -> None:
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size % PAGE_SIZE:
+            raise ValueError(f"an index is cut to whole {PAGE_SIZE}-byte pages, not {size!r}")
+        if self._fatal is not None:
+            raise self._fatal
+        if self._index_lease is None and self.index_size() == 0:
+            return  # none (or empty): a missing index stays missing
+
+        def cut(lease_id: str) -> None:
+            if self._index_size is not None and self._index_size > size:
+                self._index.resize_blob(size, lease=lease_id)
+                self._index_size = size
+
+        self._under_index_lease("cut the index", cut)
+
+    def _under_index_lease(self, what: str, change: Callable[[str], None]) -> None:
+        """Run ``change(lease_id)`` on the index blob under this writer's lease.
+
+        The index is leased lazily, and a lease on it may be a deposed
+        writer's (one that created the index after this handle took over):
+        then, once this handle's data lease shows it is still the writer, it
+        takes the index over and tries once more. A deposed handle finds its
+        data lease gone and raises ``StaleWriter``.
+        """
+        for attempt in range(2):
+            if self._index_lease is None:
+                self._take_index_lease()
+            lease = self._index_lease
+            assert lease is not None
+            try:
+                with azure_errors(f"cannot {what} of stream {self._name!r}"):
+                    change(lease.lease_id)
+                return
+            except StaleWriter:
+                self._index_lease = None
+                if attempt:
+                    raise
+
+    def _take_index_lease(self) -> None:
+        """Create the index blob if missing, and lease it under this writer's id."""
+        lease_id = self._lease_id
+        assert lease_id is not None
+        what = f"cannot lease the index of stream {self._name!r}"
+        self._confirm_writer()
+        with azure_errors(what):
+            with contextlib.suppress(ResourceExistsError):
+                self._index.create_page_blob(
+                    INDEX_INITIAL_SIZE, match_condition=MatchConditions.IfMissing
+                )
+            self._index_size = int(self._index.get_blob_properties().size)
+        lease = BlobLease(self._index, lease_id)
+        try:
+            lease.acquire()
+        except LeaseHeld:
+            lease.break_()  # a deposed writer's: this handle is the writer (confirmed above)
+            lease.acquire()
+        if lease not in self._leases:
+            self._leases.append(lease)
+        self._index_lease = lease
+
+    def _confirm_writer(self) -> None:
+        """``StaleWriter`` unless this handle still holds the data blob's lease."""
+        try:
+            self._leases[0].renew()  # an infinite lease: renewing only checks it is ours
+        except LeaseLost as exc:
+            raise StaleWriter(f"stream {self._name!r}: this writer lost its lease") from exc
+        except StorageError as exc:
+            if isinstance(exc.__cause__, ResourceNotFoundError):
+                raise StreamNotFound(f"stream {self._name!r} was deleted") from exc
+            raise
+
+    def release(self, below: int) -> int:
+        """Clear the whole pages below ``below``; the bytes that were stored there.
+
+        Idempotent in its answer: only ranges still stored are counted (Get
+        Page Ranges, bounded to the range), and none means no Clear Pages.
+        """
+        self._check_open()
+        if not self._writable:
+            raise AccessDenied(f"stream {self._name!r} was opened read-only")
+        if self._fatal is not None:
+            raise self._fatal
+        check_release(self._name, below, self.read_checkpoint())
+        end = below // PAGE_SIZE * PAGE_SIZE
+        if end == 0:
+            return 0
+        with azure_errors(f"cannot release stream {self._name!r}"):
+            stored = sum(
+                min(int(r.end or 0) + 1, end) - int(r.start or 0)
+                for r in self._data.list_page_ranges(offset=0, length=end, lease=self._lease_id)
+                if not r.cleared
+            )
+            if stored:
+                self._data.clear_page(offset=0, length=end, lease=self._lease_id)
+        return stored
 
     @property
     def page_size(self) -> int:
