@@ -577,6 +577,51 @@ class Cluster:
                 return None
             address = next_address
 
+    async def relay(
+        self, address: str, method: str, path: str, user: str, *, body: bytes | None = None
+    ) -> Forwarded:
+        """Send an admin's request (a ``DELETE``; a trim, whose JSON ``body``) to ``address``.
+
+        Sent once, with the cluster's credentials, on behalf of ``user``:
+        ``NoWriter`` when that node cannot be connected to (nothing was
+        sent), ``WriterUnreachable`` when the connection broke after.
+        """
+        assert self._session is not None
+        headers = {
+            "Authorization": f"{NODE_SCHEME} {self.token}",
+            NODE_HEADER: self.node_id,
+            ON_BEHALF_HEADER: user,
+        }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._session.request(
+                method, f"{address}{path}", headers=headers, data=body
+            ) as answer:
+                content = await answer.read()
+                relayed = {
+                    name: answer.headers[name]
+                    for name in _RELAYED_ANSWER_HEADERS
+                    if name in answer.headers
+                }
+                return Forwarded(answer.status, content, relayed)
+        except aiohttp.ClientConnectorError:
+            self._refused(address)
+            raise NoWriter(f"the node at {address} cannot be reached; try again shortly") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise WriterUnreachable(
+                f"the connection to the node at {address} broke during {method} {path} "
+                f"({type(exc).__name__}); it may have been done"
+            ) from None
+
+    async def release_stream(self, stream: str) -> None:
+        """Let go of ``stream``'s lease at once (it was deleted): the next append places it anew."""
+        lease = self.held.pop(stream, None)
+        self._records.pop(stream, None)
+        if lease is not None:
+            with contextlib.suppress(MessageVaultError):
+                await self.run(self.leases.release, lease)
+
     # Node-to-node credentials ----------------------------------------------
 
     def is_node(self, authorization: str | None) -> bool:
