@@ -443,7 +443,7 @@ def _stored_bytes_below(storage: Storage, name: str, end: int) -> int:
     if isinstance(storage, AzureStorage):
         blob = storage.service.get_blob_client(CONTAINER_PREFIX + name, "data")
         return sum(
-            min(int(r.end) + 1, end) - int(r.start)
+            min((r.end or 0) + 1, end) - (r.start or 0)
             for r in blob.list_page_ranges(offset=0, length=end)
             if not r.cleared
         )
