@@ -43,6 +43,7 @@ from messagevault.cli_output import (
 )
 from messagevault.cli_sources import (
     Source,
+    StorageSource,
     copy_source,
     open_source,
     sas_reader,
@@ -1351,6 +1352,53 @@ def verify(
     click.echo(
         f"{name}: OK, {report.messages:,} messages in {report.frames:,} frames, "
         f"{human_bytes(report.bytes)}"
+    )
+
+
+# index --------------------------------------------------------------------------------
+
+
+@main.command(
+    "index",
+    epilog=_examples(
+        "messagevault index orders",
+        "messagevault index orders --rebuild",
+        'messagevault index --storage azure:"$CONNECTION_STRING" orders',
+    ),
+)
+@storage_option
+@click.argument("stream")
+@click.option(
+    "--rebuild", is_flag=True, help="Throw the index away and build it again from the frames."
+)
+def index_command(*, storage_url: str, stream: str, rebuild: bool) -> None:
+    """Build STREAM's sparse index (what seeks by sequence and time use), or bring it up to date.
+
+    A writer keeps the index as it appends and catches up when it opens, so
+    streams a server writes need nothing from you; this is for a stream
+    written before the index existed, or one whose index you want rebuilt.
+    It opens the stream as its writer, straight on storage: refused while a
+    server writes the stream (that server keeps its index).
+    """
+    storage = _open(storage_url)
+    StorageSource(storage, Target(storage=storage_url, origin="--storage")).refuse_if_served(
+        "the node that writes a stream keeps its index"
+    )
+    with Writer.open(storage, stream, create=False, rebuild_index=rebuild) as writer:
+        indexer = writer.indexer
+        if indexer is None:  # the index could not be read or written: the log said why
+            raise click.ClickException(f"stream {stream!r} has no usable index (see above)")
+        with progress_bar(f"indexing {stream}", 0, unit="bytes"):
+            indexer.wait_built()
+        indexer.flush()
+        status, checkpoint = indexer.status(), writer.checkpoint
+    click.echo(
+        f"{stream}: index of {status.entries:,} {'entry' if status.entries == 1 else 'entries'}"
+        " (one every "
+        f"{human_bytes(indexer.policy.every_bytes)} or {indexer.policy.every_frames:,} frames) "
+        f"covering {human_bytes(status.indexed_to - checkpoint.first_position)}, "
+        f"{checkpoint.next_sequence:,} messages"
+        + (f" (rebuilt: the old one was set aside: {indexer.problem})" if indexer.problem else "")
     )
 
 

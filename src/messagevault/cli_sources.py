@@ -162,6 +162,9 @@ class StorageSource:
         return dict(lease_report(leases.list("nodes/"), leases.list("streams/")))
 
     def _refuse_if_served(self) -> None:
+        self.refuse_if_served("publish through them, e.g. --url {address}")
+
+    def refuse_if_served(self, advice: str) -> None:
         """Appends to storage that server nodes serve go through them, never around them.
 
         A node writes a stream under its lease; a writer beside the nodes
@@ -177,7 +180,7 @@ class StorageSource:
             names = ", ".join(record.name.removeprefix("nodes/") for record in live)
             raise click.ClickException(
                 f"{self.storage.describe()} ({self.target.origin}) is served by server nodes "
-                f"({names}): publish through them, e.g. --url {live[0].address}"
+                f"({names}): " + advice.format(address=live[0].address)
             )
 
     def reader(self, stream: str) -> Reader:

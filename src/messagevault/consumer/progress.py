@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from messagevault.errors import InvalidInput, InvalidPosition
+from messagevault.errors import InvalidInput, InvalidPosition, PositionTrimmed
 from messagevault.names import validate_stream_name
 from messagevault.positions import JsonValue, PositionStore, SavedPosition, validate_consumer_name
 
@@ -130,10 +130,15 @@ class Progress:
         self.last_save = self.clock()
 
     def resume_error(self, exc: InvalidPosition) -> InvalidPosition:
-        return InvalidPosition(
+        message = (
             f"consumer {self.name!r} cannot resume at position {self.position} "
             f"(from {self.positions.describe()}): {exc}"
         )
+        if isinstance(exc, PositionTrimmed):
+            # Its messages are gone: only the operator can say whether to
+            # skip them (save first_position as the consumer's position).
+            return PositionTrimmed(message, first_position=exc.first_position)
+        return InvalidPosition(message)
 
 
 def check_poll_interval(poll_interval: float) -> None:
