@@ -418,3 +418,47 @@ def test_seeks_below_the_first_readable_position_are_refused(
         assert reader.seek(time=message.timestamp / 1000) == next(
             m.position for m in later if m.timestamp >= message.timestamp
         )
+
+
+# --- messagevault index -----------------------------------------------------------
+
+
+def _cli(root: Path, *args: str) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from messagevault.cli import main
+
+    env = {"MESSAGEVAULT_STORAGE": f"file:{root}", "MESSAGEVAULT_CONFIG": str(root / "none.toml")}
+    result = CliRunner().invoke(main, ["index", *args], env=env, prog_name="messagevault")
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_the_index_command_builds_and_rebuilds(tmp_path: Path, clock: FakeClock) -> None:
+    storage = FileStorage(tmp_path)
+    written = _write(storage, "old", clock, batches=300, policy=None)
+    assert storage.open_stream("old").index_size() == 0
+    code, out, err = _cli(tmp_path, "old")
+    assert code == 0, err
+    built = _index_bytes(storage, "old")
+    entries = [e for e in _entries(built) if e]
+    assert f"old: index of {len(entries):,} entries" in out
+    assert f"{written.next_sequence:,} messages" in out
+    _replace_index(storage, "old", DAMAGE["garbage-middle"](built))
+    code, out, err = _cli(tmp_path, "old", "--rebuild")
+    assert code == 0, err
+    assert _index_bytes(storage, "old") == built
+    _check_every_seek(Reader.open(storage, "old"), written, times=5)
+
+
+def test_the_index_command_refuses_bad_streams(tmp_path: Path, clock: FakeClock) -> None:
+    code, _, err = _cli(tmp_path, "nosuch")
+    assert code == 1 and "does not exist" in err
+    code, _, err = _cli(tmp_path, "Bad_Name")
+    assert code != 0 and "Bad_Name" in err
+    storage = FileStorage(tmp_path)
+    _write(storage, "busy", clock, batches=5)
+    before = _index_bytes(storage, "busy")
+    with Writer.open(storage, "busy"):  # a server writing it, say
+        code, _, err = _cli(tmp_path, "busy", "--rebuild")
+    assert code == 1 and "busy" in err and err.count("\n") == 1
+    assert _index_bytes(storage, "busy") == before
