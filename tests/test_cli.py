@@ -170,7 +170,7 @@ def test_files_are_one_message_each(tmp_path: Path) -> None:
         (("read", "missing"), None, 1, "`messagevault streams` lists the streams"),
         (("read", "orders", "--from", "3"), None, 1, "not the position of a message"),
         (("read", "orders", "--from", "-1"), None, 2, "'--from'"),
-        (("read", "orders", "--sequence", "7"), None, 1, "messages 0-0; there is no sequence 7"),
+        (("read", "orders", "--sequence", "7"), None, 1, "there is no sequence 7"),
         (("read", "orders", "--from", "0", "--end"), None, 2, "choose one place to start"),
         (("read", "orders", "--url", "http://127.0.0.1:1", "--storage", "x"), None, 2, "not both"),
         (("publish", "orders"), None, 2, "nothing to publish"),

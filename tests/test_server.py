@@ -285,7 +285,7 @@ async def test_bad_read_positions_and_parameters(client: Client) -> None:
         ({"from": 3}, "invalid_position"),
         ({"from": end + 1}, "invalid_position"),
         ({"from": "x"}, "invalid_input"),
-        ({"limit": 0}, "invalid_input"),
+        ({"limit": -1}, "invalid_input"),
         ({"wait": 3601}, "invalid_input"),
     ]:
         response = await client.get("/streams/orders/messages", params=params)

@@ -23,6 +23,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -74,6 +75,7 @@ from messagevault.storage.base import ServerLock, Storage, SystemFiles
 from messagevault.storage.file import DEFAULT_CHECKPOINT_FLUSH_INTERVAL
 from messagevault.storage.leases import DEFAULT_DURATION as DEFAULT_LEASE_DURATION
 from messagevault.storage.leases import MAX_DURATION, MIN_FILE_DURATION
+from messagevault.times import ago, parse_duration, parse_time
 from messagevault.wire import DEFAULT_MAX_BODY
 from messagevault.writer import AppendResult, Writer
 
@@ -1084,15 +1086,59 @@ def _print_messages(
 
 
 def _start(
-    source: Source, stream: str, position: int | None, sequence: int | None, at_end: bool
+    source: Source,
+    stream: str,
+    *,
+    position: int | None,
+    sequence: int | None,
+    since: timedelta | None,
+    at: datetime | float | None,
+    at_end: bool,
 ) -> int:
-    if sum((position is not None, sequence is not None, at_end)) > 1:
-        raise click.UsageError("choose one place to start: --from, --sequence or --end")
+    """Where ``read`` starts: the one of its options given (none: the start)."""
+    given = [
+        option
+        for option, value in (
+            ("--from", position),
+            ("--sequence", sequence),
+            ("--since", since),
+            ("--at", at),
+            ("--end", at_end or None),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise click.UsageError(
+            f"choose one place to start, not {' and '.join(given)}: "
+            "--from, --sequence, --since, --at or --end"
+        )
     if sequence is not None:
-        return source.position_of_sequence(stream, sequence)
+        return source.seek(stream, sequence=sequence)
+    if since is not None:
+        return source.seek(stream, time=ago(since))
+    if at is not None:
+        return source.seek(stream, time=at)
     if at_end:
         return source.info(stream).length
     return position or 0
+
+
+def _duration_value(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> timedelta | None:
+    try:
+        return None if value is None else parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _time_value(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime | float | None:
+    try:
+        return None if value is None else parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command(
@@ -1100,6 +1146,8 @@ def _start(
         "messagevault read orders                      # all of it: a table, or NDJSON when piped",
         "messagevault read orders --from 1260 --limit 10",
         "messagevault read orders --sequence 3000 --format value",
+        "messagevault read orders --since 10m          # what the last ten minutes brought",
+        "messagevault read orders --at 2026-12-01T14:00Z --limit 100",
         "messagevault read orders --end --follow       # only new messages, as they come",
         "messagevault read --url http://127.0.0.1:8080 orders > orders.ndjson",
     )
@@ -1115,8 +1163,20 @@ def _start(
 @click.option(
     "--sequence",
     type=click.IntRange(0),
-    help="Start at message number N. Positions are byte offsets, so this walks the frame "
-    "headers from the start of the stream (one small read per frame).",
+    help="Start at message number N (counting from 0; the message count: the end).",
+)
+@click.option(
+    "--since",
+    metavar="DURATION",
+    callback=_duration_value,
+    help="Start at the first message of the last DURATION: 90s, 10m, 1h30m, 2d, 1w.",
+)
+@click.option(
+    "--at",
+    metavar="TIME",
+    callback=_time_value,
+    help="Start at the first message at or after TIME: ISO 8601 with a zone "
+    "(2026-12-01T14:00Z, 2026-12-01T15:00+01:00) or milliseconds since the Unix epoch.",
 )
 @click.option("--end", "at_end", is_flag=True, help="Start at the end (only new messages).")
 @click.option("--limit", type=click.IntRange(0), help="Stop after this many messages.")
@@ -1130,12 +1190,17 @@ def read(
     stream: str,
     position: int | None,
     sequence: int | None,
+    since: timedelta | None,
+    at: datetime | float | None,
     at_end: bool,
     limit: int | None,
     follow: bool,
     output: str | None,
 ) -> None:
-    """Print STREAM's messages from a position (default: the start) to the end.
+    """Print STREAM's messages from a position, a sequence or a time (default: the start).
+
+    --sequence, --since and --at find where to start without reading the
+    messages before it (the stream's sparse index, then a short scan).
 
     NDJSON records are those of the HTTP API: {"position", "sequence", "id",
     "timestamp", "key", "next_position", "value", "encoding"}, with
@@ -1143,7 +1208,15 @@ def read(
     that is not UTF-8.
     """
     with _source(url, storage, profile) as source:
-        start = _start(source, stream, position, sequence, at_end)
+        start = _start(
+            source,
+            stream,
+            position=position,
+            sequence=sequence,
+            since=since,
+            at=at,
+            at_end=at_end,
+        )
         _print_messages(source, stream, start, follow=follow, limit=limit, output=output)
 
 
@@ -1162,7 +1235,7 @@ def read(
     type=click.IntRange(0),
     default=0,
     show_default=True,
-    help="Show the last N messages first (found by walking frame headers, as --sequence).",
+    help="Show the last N messages first.",
 )
 @_format_option
 def tail(
@@ -1177,11 +1250,7 @@ def tail(
     """Follow STREAM from its end, printing messages as they are committed; Ctrl-C ends."""
     with _source(url, storage, profile) as source:
         info = source.info(stream)
-        start = (
-            source.position_of_sequence(stream, max(info.messages - last, 0))
-            if last
-            else info.length
-        )
+        start = source.seek(stream, sequence=max(info.messages - last, 0)) if last else info.length
         _print_messages(source, stream, start, follow=True, limit=None, output=output)
 
 

@@ -10,30 +10,25 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from queue import Empty, SimpleQueue
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import click
 
 from messagevault.cli_config import Target, server_target
-from messagevault.errors import (
-    AccessDenied,
-    Forbidden,
-    InvalidInput,
-    InvalidPosition,
-    ServerUnreachable,
-    StorageError,
-    StreamNotFound,
-    Unauthenticated,
-)
+from messagevault.errors import StreamNotFound
 from messagevault.format import EncodedBatch, Message, read_header
 from messagevault.reader import Reader, VerifyReport
 from messagevault.replicate import FrameSource, ReaderFrames
 from messagevault.storage import open_storage
-from messagevault.storage.base import ReadAccess, Storage
+from messagevault.storage.base import ReadAccess, Storage, SystemFiles
 from messagevault.storage.file import SYSTEM_FOLDER, FileStorage
 from messagevault.wire import StreamInfo
 from messagevault.writer import AppendResult, Writer
+
+if TYPE_CHECKING:
+    from messagevault.retention_policy import RetentionPolicy
 
 FOLLOW_POLL_INTERVAL = 0.1  # seconds between checkpoint reads at the tail of storage
 Progress = Callable[[int, int], None]
@@ -54,7 +49,11 @@ class Source(Protocol):
         """The nodes and which writes each stream (``GET /cluster``, or the leases in storage)."""
         ...
 
-    def position_of_sequence(self, stream: str, sequence: int) -> int: ...
+    def seek(
+        self, stream: str, *, sequence: int | None = None, time: datetime | float | None = None
+    ) -> int:
+        """Where message ``sequence``, or the first message at or after ``time``, is."""
+        ...
 
     def read(self, stream: str, position: int) -> Iterator[Message]:
         """Messages from ``position`` up to the committed end; a bad position fails at once."""
@@ -75,6 +74,18 @@ class Source(Protocol):
     def verify(self, stream: str, progress: Progress) -> VerifyReport: ...
 
     def frame_source(self, stream: str) -> FrameSource: ...
+
+    def delete_stream(self, stream: str) -> None:
+        """Delete the stream and its retention policy (through a server: the admin claim)."""
+        ...
+
+    def retention(self, stream: str) -> dict[str, Any]:
+        """The retention that applies: ``max_age``, ``max_bytes``, ``source`` (as the HTTP API)."""
+        ...
+
+    def set_retention(self, stream: str, policy: RetentionPolicy) -> dict[str, Any]: ...
+
+    def clear_retention(self, stream: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -231,8 +242,10 @@ class StorageSource:
     def info(self, stream: str) -> StreamInfo:
         return stream_info(self.reader(stream), stream)
 
-    def position_of_sequence(self, stream: str, sequence: int) -> int:
-        return self.reader(stream).position_of_sequence(sequence)
+    def seek(
+        self, stream: str, *, sequence: int | None = None, time: datetime | float | None = None
+    ) -> int:
+        return self.reader(stream).seek(sequence=sequence, time=time)
 
     def read(self, stream: str, position: int) -> Iterator[Message]:
         return self.reader(stream).read(position)
@@ -272,6 +285,50 @@ class StorageSource:
     def frame_source(self, stream: str) -> FrameSource:
         return ReaderFrames(self.reader(stream))
 
+    def delete_stream(self, stream: str) -> None:
+        """Delete under the server lock: a server serving this storage must do it itself.
+
+        It would otherwise go on serving what it has open of the stream.
+        """
+        from messagevault.retention_policy import delete_policy
+        from messagevault.storage.base import ServerLock
+
+        self.refuse_if_served("delete it")
+        lock = self.storage.hold_server_lock() if isinstance(self.storage, ServerLock) else None
+        with lock or contextlib.nullcontext():
+            reader = self._readers.pop(stream, None)
+            if reader is not None:
+                reader.close()
+            self.storage.delete_stream(stream)
+            delete_policy(self._system_files(), stream)
+
+    def _system_files(self) -> SystemFiles:
+        from messagevault.retention_policy import system_files
+
+        return system_files(self.storage)
+
+    def retention(self, stream: str) -> dict[str, Any]:
+        from messagevault.retention_policy import load_policy
+
+        self.reader(stream)  # StreamNotFound for no such stream
+        policy = load_policy(self._system_files(), stream)
+        if policy is None:  # a server's default is the server's to say
+            return {"stream": stream, "max_age": None, "max_bytes": None, "source": "none"}
+        return {"stream": stream, **policy.to_json(), "source": "stream"}
+
+    def set_retention(self, stream: str, policy: RetentionPolicy) -> dict[str, Any]:
+        from messagevault.retention_policy import save_policy
+
+        self.reader(stream)  # StreamNotFound for no such stream
+        save_policy(self._system_files(), stream, policy)
+        return self.retention(stream)
+
+    def clear_retention(self, stream: str) -> None:
+        from messagevault.retention_policy import delete_policy
+
+        self.reader(stream)  # StreamNotFound for no such stream
+        delete_policy(self._system_files(), stream)
+
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
@@ -299,24 +356,10 @@ class ServerSource:
     def cluster(self) -> dict[str, Any]:
         return self.client.cluster()
 
-    def position_of_sequence(self, stream: str, sequence: int) -> int:
-        """Straight from the stream's storage when it can be reached, else through the server."""
-        try:
-            with self.client.open_reader(stream) as reader:
-                return reader.position_of_sequence(sequence)
-        except (InvalidPosition, Unauthenticated, Forbidden, ServerUnreachable):
-            raise
-        except (InvalidInput, StreamNotFound, AccessDenied, StorageError, OSError):
-            pass  # the server's storage is out of reach from here: walk the messages
-        info = self.client.info(stream)
-        if not 0 <= sequence <= info.messages:
-            raise InvalidPosition(
-                f"stream {stream!r} has {info.messages} messages; there is no sequence {sequence}"
-            )
-        for message in self.client.read(stream):
-            if message.sequence == sequence:
-                return message.position
-        return info.length
+    def seek(
+        self, stream: str, *, sequence: int | None = None, time: datetime | float | None = None
+    ) -> int:
+        return self.client.seek(stream, sequence=sequence, time=time)
 
     def read(self, stream: str, position: int) -> Iterator[Message]:
         return self.client.read(stream, position)
@@ -347,6 +390,20 @@ class ServerSource:
 
     def frame_source(self, stream: str) -> FrameSource:
         return _ServerFrames(self, stream)
+
+    def delete_stream(self, stream: str) -> None:
+        self.client.delete_stream(stream)
+
+    def retention(self, stream: str) -> dict[str, Any]:
+        return self.client.retention(stream)
+
+    def set_retention(self, stream: str, policy: RetentionPolicy) -> dict[str, Any]:
+        return self.client.set_retention(
+            stream, max_age=policy.max_age, max_bytes=policy.max_bytes
+        )
+
+    def clear_retention(self, stream: str) -> None:
+        self.client.clear_retention(stream)
 
     def close(self) -> None:
         self.client.close()

@@ -54,6 +54,10 @@ DUPLICATE_HEADER: Final = "X-Duplicate"
 # On append answers of a server node (several nodes): the advertised URL of the
 # stream's writer, for a client that sends the stream's next appends there.
 WRITER_HEADER: Final = "X-MessageVault-Writer"
+# On read answers: the position the answer starts at, where ``from``,
+# ``from_sequence`` or ``from_time`` led (a client that seeks checks the
+# frames it gets against it).
+POSITION_HEADER: Final = "X-Position"
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND: Final = timedelta(milliseconds=1)

@@ -6,6 +6,7 @@ import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
 from itertools import islice
 from types import TracebackType
 from typing import Any
@@ -20,23 +21,32 @@ from messagevault.client.base import (
     Page,
     Request,
     Retries,
+    Seek,
     Settings,
     answered_error,
     batch_of,
     check_limit,
+    clear_retention_request,
     cluster_request,
+    delete_request,
     give_up,
     idempotent_batch,
     info_request,
     json_of,
+    no_content,
     page_of,
     page_request,
     publish_request,
     published,
     read_access_of,
+    read_start,
     records_ahead,
     records_of,
     records_request,
+    retention_request,
+    seek_start,
+    sought,
+    started_at,
     stream_infos,
     streams_request,
     too_large,
@@ -45,7 +55,7 @@ from messagevault.client.base import (
 from messagevault.client.http1 import AsyncConnection, BadAnswer, tls_context
 from messagevault.client.nodes import WRITER_HEADER, Node, Nodes, Route
 from messagevault.client.sync import Client, MessageLike
-from messagevault.errors import ClientClosed, InvalidInput, RequestTooLarge
+from messagevault.errors import ClientClosed, InvalidInput, InvalidPosition, RequestTooLarge
 from messagevault.format import EncodedBatch, Message
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess
@@ -209,14 +219,48 @@ class AsyncClient:
         answer = await self._call(info_request(self._settings, stream))
         return StreamInfo.from_json(json_of(answer))
 
+    # Administration (the admin claim) ----------------------------------------------------
+
+    async def delete_stream(self, stream: str) -> None:
+        """Delete ``stream`` and everything in it, for good; ``StreamNotFound`` if there is none."""
+        no_content(await self._call(delete_request(self._settings, stream)))
+
+    async def retention(self, stream: str) -> dict[str, Any]:
+        """The retention that applies to ``stream`` (see ``Client.retention``)."""
+        answer: dict[str, Any] = json_of(
+            await self._call(retention_request(self._settings, stream))
+        )
+        return answer
+
+    async def set_retention(
+        self, stream: str, *, max_age: float | None = None, max_bytes: int | None = None
+    ) -> dict[str, Any]:
+        """Give ``stream`` its own policy: at most ``max_age`` seconds and/or ``max_bytes``."""
+        policy = {"max_age": max_age, "max_bytes": max_bytes}
+        answer: dict[str, Any] = json_of(
+            await self._call(retention_request(self._settings, stream, policy))
+        )
+        return answer
+
+    async def clear_retention(self, stream: str) -> None:
+        """Drop ``stream``'s own policy: the server's default applies again."""
+        no_content(await self._call(clear_retention_request(self._settings, stream)))
+
     async def read(
-        self, stream: str, position: int = 0, *, limit: int | None = None
+        self,
+        stream: str,
+        position: int | None = None,
+        *,
+        limit: int | None = None,
+        from_sequence: int | None = None,
+        from_time: datetime | float | None = None,
     ) -> AsyncIterator[Message]:
-        """Messages from ``position`` to the end of the stream (see ``Client.read``)."""
+        """Messages from ``position`` (or a sequence, or a time) on (see ``Client.read``)."""
         check_limit(limit)
+        start: int | Seek = read_start(position, from_sequence, from_time)
         remaining = sys.maxsize if limit is None else limit
         while remaining:
-            page = await self._page(stream, position, None if limit is None else remaining)
+            page = await self._page(stream, start, None if limit is None else remaining)
             if not page.count:
                 return
             if page.count >= remaining:
@@ -226,23 +270,43 @@ class AsyncClient:
             for message in page.messages:
                 yield message
             remaining -= page.count
-            position = page.next_position
+            start = page.next_position
+
+    async def seek(
+        self, stream: str, *, sequence: int | None = None, time: datetime | float | None = None
+    ) -> int:
+        """The position of message ``sequence``, or of the first at or after ``time``.
+
+        See ``Client.seek``.
+        """
+        start = seek_start(sequence, time)
+        return sought(await self._call(page_request(self._settings, stream, start, 0)), start)
 
     async def read_records(
-        self, stream: str, position: int = 0, *, limit: int | None = None
+        self,
+        stream: str,
+        position: int | None = None,
+        *,
+        limit: int | None = None,
+        from_sequence: int | None = None,
+        from_time: datetime | float | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Messages from ``position`` as JSON records (see ``Client.read_records``)."""
+        """Messages from ``position`` on as JSON records (see ``Client.read_records``)."""
         check_limit(limit)
+        start = read_start(position, from_sequence, from_time)
         remaining = sys.maxsize if limit is None else limit
         if not remaining:
             return
         sized = True
         try:
-            answer = await self._call(records_request(self._settings, stream, position, limit))
+            answer = await self._call(records_request(self._settings, stream, start, limit))
+        except InvalidPosition:
+            raise
         except InvalidInput:  # a server with a lower --max-read-messages: its own page size
             sized = False
-            request = records_request(self._settings, stream, position, limit, sized=False)
+            request = records_request(self._settings, stream, start, limit, sized=False)
             answer = await self._call(request)
+        started_at(answer, start)  # a server that cannot seek is refused here
         upcoming: asyncio.Future[Answer] | None = None
         try:
             while True:
@@ -268,14 +332,20 @@ class AsyncClient:
                 upcoming.cancel()
                 await asyncio.gather(upcoming, return_exceptions=True)
 
-    async def _page(self, stream: str, position: int, limit: int | None) -> Page:
-        answer = await self._call(page_request(self._settings, stream, position, limit))
-        return page_of(answer, position)
+    async def _page(self, stream: str, start: int | Seek, limit: int | None) -> Page:
+        answer = await self._call(page_request(self._settings, stream, start, limit))
+        return page_of(answer, start)
 
     async def follow(
-        self, stream: str, position: int = 0, *, stop: asyncio.Event | None = None
+        self,
+        stream: str,
+        position: int | None = None,
+        *,
+        stop: asyncio.Event | None = None,
+        from_sequence: int | None = None,
+        from_time: datetime | float | None = None,
     ) -> AsyncIterator[Message]:
-        """Messages from ``position`` on, for ever (see ``Client.follow``).
+        """Messages from ``position`` (or a sequence, or a time) on, for ever (``Client.follow``).
 
         Ends when ``stop`` is set, when the client is closed, when the
         consuming task is cancelled, or when the iterator is closed.
@@ -284,20 +354,21 @@ class AsyncClient:
         def stopped() -> bool:
             return self._closed or (stop is not None and stop.is_set())
 
+        start: int | Seek = read_start(position, from_sequence, from_time)
         while not stopped():
-            request = page_request(self._settings, stream, position, None, FOLLOW_WAIT)
+            request = page_request(self._settings, stream, start, None, FOLLOW_WAIT)
             asked = time.monotonic()
             answer = await self._poll(request, stop)
             if answer is _STOPPED:
                 return
-            page = page_of(answer, position)
+            page = page_of(answer, start)
             if not page.count and time.monotonic() - asked < EARLY_EMPTY:
                 await asyncio.sleep(EARLY_EMPTY)  # the server ended the wait: shutting down
             for message in page.messages:
                 yield message
                 if stopped():
                     return
-            position = page.next_position
+            start = page.next_position
 
     async def _poll(self, request: Request, stop: asyncio.Event | None) -> Answer:
         """A long poll that a set ``stop`` cuts short (then ``_STOPPED``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from itertools import chain
 from typing import Any, Final
 from urllib.parse import quote
@@ -50,6 +52,7 @@ from messagevault.format import (
     read_header,
     verify_frame,
 )
+from messagevault.index import timestamp_ms
 from messagevault.names import validate_stream_name
 from messagevault.profiles import default_profile
 from messagevault.storage.base import ReadAccess
@@ -58,6 +61,7 @@ from messagevault.wire import (
     DUPLICATE_HEADER,
     JSON,
     NDJSON,
+    POSITION_HEADER,
     StreamInfo,
     append_result_from_minimal,
     error_from_body,
@@ -240,13 +244,105 @@ def cluster_request(settings: Settings) -> Request:
     return Request("GET", "/cluster", headers(settings, Accept=JSON))
 
 
-def page_request(
-    settings: Settings, stream: str, position: int, limit: int | None, wait: int = 0
+def delete_request(settings: Settings, stream: str) -> Request:
+    # Not sent again after a lost connection: a repeat of a delete that was
+    # done would say 404, or delete a stream re-created meanwhile.
+    return Request("DELETE", stream_path(stream), headers(settings, Accept=JSON), idempotent=False)
+
+
+def retention_request(
+    settings: Settings, stream: str, policy: Mapping[str, float | int | None] | None = None
 ) -> Request:
-    """One page of stored frames from ``position`` (the binary read route)."""
+    """``GET`` the stream's retention policy, or ``PUT`` ``policy`` (``max_age``, ``max_bytes``)."""
+    path = stream_path(stream, "/retention")
+    if policy is None:
+        return Request("GET", path, headers(settings, Accept=JSON))
+    body = json.dumps(dict(policy)).encode()
+    return Request("PUT", path, headers(settings, Accept=JSON, Content_Type=JSON), body)
+
+
+def clear_retention_request(settings: Settings, stream: str) -> Request:
+    return Request("DELETE", stream_path(stream, "/retention"), headers(settings, Accept=JSON))
+
+
+def no_content(answer: Answer) -> None:
+    """A 204's answer: nothing, or the error it holds."""
+    raise_for_error(answer)
+
+
+@dataclass(frozen=True)
+class Seek:
+    """A read's start that the server finds: message ``sequence``, or the first at ``time_ms``."""
+
+    sequence: int | None = None
+    time_ms: int | None = None
+
+    @property
+    def query(self) -> str:
+        if self.sequence is not None:
+            return f"from_sequence={self.sequence}"
+        return f"from_time={self.time_ms}"
+
+
+def read_start(
+    position: int | None, from_sequence: int | None, from_time: datetime | float | None
+) -> int | Seek:
+    """Where a read starts: ``position`` (default 0), or a ``Seek``; at most one of the three.
+
+    ``from_time`` is an aware ``datetime`` or Unix seconds; it travels as
+    whole milliseconds, rounded up (the first message at or after it).
+    """
+    given = [
+        name
+        for name, value in (
+            ("position", position),
+            ("from_sequence", from_sequence),
+            ("from_time", from_time),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise InvalidInput(f"give one place to start a read, not {' and '.join(given)}")
+    if from_sequence is not None:
+        if type(from_sequence) is not int or from_sequence < 0:
+            raise InvalidInput(
+                f"from_sequence must be a non-negative integer, not {from_sequence!r}"
+            )
+        return Seek(sequence=from_sequence)
+    if from_time is not None:
+        try:
+            return Seek(time_ms=timestamp_ms(from_time))
+        except ValueError as exc:
+            raise InvalidInput(f"from_time: {exc}") from None
+    return 0 if position is None else position
+
+
+def seek_start(sequence: int | None, time: datetime | float | None) -> Seek:
+    """``seek``'s arguments as a ``Seek``: exactly one of them."""
+    if sequence is None and time is None:
+        raise InvalidInput("seek needs sequence= or time=")
+    start = read_start(None, sequence, time)
+    assert isinstance(start, Seek)
+    return start
+
+
+def _start_query(position: int | Seek) -> str:
+    if isinstance(position, Seek):
+        return f"?{position.query}"
     if not isinstance(position, int) or position < 0:
         raise InvalidInput(f"position must be a non-negative integer, not {position!r}")
-    query = f"?from={position}"
+    return f"?from={position}"
+
+
+def page_request(
+    settings: Settings, stream: str, position: int | Seek, limit: int | None, wait: int = 0
+) -> Request:
+    """One page of stored frames from ``position``, or where a ``Seek`` leads (binary route).
+
+    ``limit=0`` asks for no messages: the answer says where the read starts
+    (``sought``).
+    """
+    query = _start_query(position)
     if limit is not None and limit <= SMALL_READ:
         query += f"&limit={limit}"
     if wait:
@@ -336,6 +432,30 @@ class Page:
     next_position: int
 
 
+def started_at(answer: Answer, position: int | Seek) -> int:
+    """Where a read answer starts: ``position``, or for a ``Seek`` the server's ``X-Position``.
+
+    A server that does not know ``from_sequence``/``from_time`` (one older
+    than this client) ignores them and reads from 0: its answer lacks the
+    header, and is refused rather than taken for the messages asked for.
+    """
+    if not isinstance(position, Seek):
+        return position
+    raise_for_error(answer)
+    try:
+        return int(answer.header(POSITION_HEADER) or "")
+    except ValueError:
+        raise InvalidInput(
+            f"the server cannot start a read at {position.query.replace('=', ' ')} "
+            f"(its answer has no {POSITION_HEADER}): it is older than this client"
+        ) from None
+
+
+def sought(answer: Answer, position: Seek) -> int:
+    """The position a ``limit=0`` read of ``position`` found (``seek``)."""
+    return started_at(answer, position)
+
+
 def _page_bounds(answer: Answer) -> tuple[int, int]:
     """A binary read answer's ``X-Skip`` and ``X-Next``, once it is known not to be an error."""
     raise_for_error(answer)
@@ -353,8 +473,8 @@ def _check_page_end(position: int, at: int, next_position: int) -> None:
         )
 
 
-def page_of(answer: Answer, position: int) -> Page:
-    """Decode a binary read answer from ``position``: whole frames, ``X-Skip``, ``X-Next``.
+def page_of(answer: Answer, start: int | Seek) -> Page:
+    """Decode a binary read answer from ``start``: whole frames, ``X-Skip``, ``X-Next``.
 
     Every frame's header and body CRCs, its position and sequence layout are
     checked before any message is handed out; bytes changed in transit raise
@@ -362,6 +482,7 @@ def page_of(answer: Answer, position: int) -> Page:
     """
     body = answer.body
     skip, next_position = _page_bounds(answer)
+    position = started_at(answer, start)
     frames: list[Iterator[Message]] = []
     count = 0
     offset = 0
@@ -433,16 +554,19 @@ RECORDS_PAGE: Final = 10_000
 
 
 def records_request(
-    settings: Settings, stream: str, position: int, limit: int | None, *, sized: bool = True
+    settings: Settings,
+    stream: str,
+    position: int | Seek,
+    limit: int | None,
+    *,
+    sized: bool = True,
 ) -> Request:
-    """One page of JSON records from ``position`` (the NDJSON read route).
+    """One page of JSON records from ``position``, or a ``Seek`` (the NDJSON read route).
 
     ``sized=False`` leaves the page's size to the server (its default page,
     within its ``--max-read-messages``), for a server that refused ours.
     """
-    if not isinstance(position, int) or position < 0:
-        raise InvalidInput(f"position must be a non-negative integer, not {position!r}")
-    query = f"?from={position}"
+    query = _start_query(position)
     if sized:
         query += f"&limit={RECORDS_PAGE if limit is None else min(limit, RECORDS_PAGE)}"
     return Request(

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from itertools import islice
 from types import TracebackType
 from typing import Any
@@ -25,24 +26,33 @@ from messagevault.client.base import (
     Page,
     Request,
     Retries,
+    Seek,
     Settings,
     answered_error,
     batch_of,
     check_limit,
+    clear_retention_request,
     cluster_request,
+    delete_request,
     frames_page_of,
     give_up,
     idempotent_batch,
     info_request,
     json_of,
+    no_content,
     page_of,
     page_request,
     publish_request,
     published,
     read_access_of,
+    read_start,
     records_ahead,
     records_of,
     records_request,
+    retention_request,
+    seek_start,
+    sought,
+    started_at,
     stream_infos,
     streams_request,
     too_large,
@@ -50,7 +60,7 @@ from messagevault.client.base import (
 )
 from messagevault.client.http1 import BadAnswer, Connection, tls_context
 from messagevault.client.nodes import WRITER_HEADER, Node, Nodes, Route
-from messagevault.errors import ClientClosed, InvalidInput, RequestTooLarge
+from messagevault.errors import ClientClosed, InvalidInput, InvalidPosition, RequestTooLarge
 from messagevault.format import EncodedBatch, Message
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess
@@ -283,24 +293,78 @@ class Client:
         """A stream's committed state and its direct read access."""
         return StreamInfo.from_json(json_of(self._call(info_request(self._settings, stream))))
 
+    # Administration (the admin claim) ----------------------------------------------------
+
+    def delete_stream(self, stream: str) -> None:
+        """Delete ``stream`` and everything in it, for good; ``StreamNotFound`` if there is none."""
+        no_content(self._call(delete_request(self._settings, stream)))
+
+    def retention(self, stream: str) -> dict[str, Any]:
+        """The retention that applies to ``stream``: ``max_age``, ``max_bytes`` and ``source``.
+
+        ``source`` is ``stream`` (its own policy), ``default`` (the
+        server's) or ``none`` (kept for ever).
+        """
+        answer: dict[str, Any] = json_of(self._call(retention_request(self._settings, stream)))
+        return answer
+
+    def set_retention(
+        self, stream: str, *, max_age: float | None = None, max_bytes: int | None = None
+    ) -> dict[str, Any]:
+        """Give ``stream`` its own policy: at most ``max_age`` seconds and/or ``max_bytes``."""
+        policy = {"max_age": max_age, "max_bytes": max_bytes}
+        request = retention_request(self._settings, stream, policy)
+        answer: dict[str, Any] = json_of(self._call(request))
+        return answer
+
+    def clear_retention(self, stream: str) -> None:
+        """Drop ``stream``'s own policy: the server's default applies again."""
+        no_content(self._call(clear_retention_request(self._settings, stream)))
+
     # Reading ---------------------------------------------------------------------------
 
     def read(
-        self, stream: str, position: int = 0, *, limit: int | None = None
+        self,
+        stream: str,
+        position: int | None = None,
+        *,
+        limit: int | None = None,
+        from_sequence: int | None = None,
+        from_time: datetime | float | None = None,
     ) -> Iterator[Message]:
         """Messages from ``position`` to the end of the stream (at most ``limit`` of them).
+
+        Or from message number ``from_sequence``, or from the first message
+        at or after ``from_time`` (an aware ``datetime`` or Unix seconds):
+        the server finds where (``seek``), in the same request. Give one of
+        the three; none starts at 0.
 
         Pages through the server's binary read route (whole stored frames,
         every CRC checked here) until a page comes back empty. The first page
         is fetched before this returns, so a bad stream or position raises
-        here (``StreamNotFound``, ``InvalidPosition``).
+        here (``StreamNotFound``, ``InvalidPosition``; ``PositionTrimmed``
+        below a trimmed stream's first message).
         """
         check_limit(limit)
-        page_request(self._settings, stream, position, limit)  # bad arguments raise here
+        start = read_start(position, from_sequence, from_time)
+        page_request(self._settings, stream, start, limit)  # bad arguments raise here
         if limit == 0:
             return iter(())
-        first = self._page(stream, position, limit)
+        first = self._page(stream, start, limit)
         return self._pages(stream, first, limit)
+
+    def seek(
+        self, stream: str, *, sequence: int | None = None, time: datetime | float | None = None
+    ) -> int:
+        """The position of message ``sequence``, or of the first message at or after ``time``.
+
+        As ``Reader.seek``, asked of the server (a read of no messages):
+        ``sequence`` equal to the stream's message count, or a ``time``
+        after its last message, gives the committed length; a larger
+        ``sequence`` raises ``InvalidPosition``.
+        """
+        start = seek_start(sequence, time)
+        return sought(self._call(page_request(self._settings, stream, start, 0)), start)
 
     def read_frames(
         self, stream: str, position: int = 0, end: int | None = None
@@ -320,7 +384,13 @@ class Client:
             yield data
 
     def read_records(
-        self, stream: str, position: int = 0, *, limit: int | None = None
+        self,
+        stream: str,
+        position: int | None = None,
+        *,
+        limit: int | None = None,
+        from_sequence: int | None = None,
+        from_time: datetime | float | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Messages from ``position`` as the HTTP API's JSON records, at most ``limit`` of them.
 
@@ -331,19 +401,23 @@ class Client:
         bytes. Pages of up to 10,000 come through the NDJSON route, the next
         one asked for while this one is decoded and handed out. The first
         page is fetched before this returns, so a bad stream or position
-        raises here.
+        raises here. ``from_sequence`` and ``from_time`` are as for ``read``.
         """
         check_limit(limit)
-        records_request(self._settings, stream, position, limit)  # bad arguments raise here
+        start = read_start(position, from_sequence, from_time)
+        records_request(self._settings, stream, start, limit)  # bad arguments raise here
         if limit == 0:
             return iter(())
         sized = True
         try:
-            first = self._call(records_request(self._settings, stream, position, limit))
+            first = self._call(records_request(self._settings, stream, start, limit))
+        except InvalidPosition:
+            raise
         except InvalidInput:  # a server with a lower --max-read-messages: its own page size
             sized = False
-            request = records_request(self._settings, stream, position, limit, sized=False)
+            request = records_request(self._settings, stream, start, limit, sized=False)
             first = self._call(request)
+        started_at(first, start)  # a server that cannot seek is refused here
         return self._record_pages(stream, first, limit, sized)
 
     def _record_pages(
@@ -411,8 +485,8 @@ class Client:
 
         return ahead.submit(receive)
 
-    def _page(self, stream: str, position: int, limit: int | None) -> Page:
-        return page_of(self._call(page_request(self._settings, stream, position, limit)), position)
+    def _page(self, stream: str, start: int | Seek, limit: int | None) -> Page:
+        return page_of(self._call(page_request(self._settings, stream, start, limit)), start)
 
     def _pages(self, stream: str, page: Page, limit: int | None) -> Iterator[Message]:
         remaining = sys.maxsize if limit is None else limit
@@ -425,21 +499,30 @@ class Client:
             page = self._page(stream, page.next_position, None if limit is None else remaining)
 
     def follow(
-        self, stream: str, position: int = 0, *, stop: threading.Event | None = None
+        self,
+        stream: str,
+        position: int | None = None,
+        *,
+        stop: threading.Event | None = None,
+        from_sequence: int | None = None,
+        from_time: datetime | float | None = None,
     ) -> Iterator[Message]:
         """Messages from ``position`` on, for ever: waits at the tail for new commits.
 
+        ``from_sequence`` and ``from_time`` start elsewhere, as for ``read``
+        (a ``from_time`` after the last message waits for the next one).
         Long-polls the server (``wait``), so a new commit arrives at once.
         Ends when ``stop`` is set, when the client is closed (within
         ~0.1 s, even while waiting) or when the caller closes the iterator.
         A server that goes away is waited for, up to ``timeout`` seconds in a
         row, then ``ServerUnreachable`` is raised.
         """
-        page_request(self._settings, stream, position, None)  # bad arguments raise here
-        return self._follow(stream, position, stop)
+        start = read_start(position, from_sequence, from_time)
+        page_request(self._settings, stream, start, None)  # bad arguments raise here
+        return self._follow(stream, start, stop)
 
     def _follow(
-        self, stream: str, position: int, stop: threading.Event | None
+        self, stream: str, position: int | Seek, stop: threading.Event | None
     ) -> Iterator[Message]:
         def stopped() -> bool:
             return self._closing.is_set() or (stop is not None and stop.is_set())

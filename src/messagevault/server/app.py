@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from aiohttp import web
@@ -48,6 +49,7 @@ from messagevault.server.openapi import openapi_document
 from messagevault.server.served import RequestObserver as RequestObserver  # noqa: PLC0414
 from messagevault.server.served import Served as Served  # noqa: PLC0414
 from messagevault.server.tls import refuse_plain_basic
+from messagevault.times import parse_time
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
     DEFAULT_MAX_BODY,
@@ -55,6 +57,7 @@ from messagevault.wire import (
     EVENT_STREAM,
     JSON,
     NDJSON,
+    POSITION_HEADER,
     WRITER_HEADER,
     Records,
     StreamInfo,
@@ -527,10 +530,10 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
     _require(request, "read", stream)
     limits = request.app[LIMITS]
     hub = request.app[HUB]
-    position = _int_param(request, "from", 0, 0, 2**63 - 1)
+    start = _read_start(request)
     # Without a limit, a page of 1,000, or fewer where this server allows fewer.
     default_limit = min(1000, limits.max_read_messages)
-    limit = _int_param(request, "limit", default_limit, 1, limits.max_read_messages)
+    limit = _int_param(request, "limit", default_limit, 0, limits.max_read_messages)
     # A longer wait than this server holds a request for is shortened, not
     # refused: a client cannot know every server's --max-wait.
     wait = min(_int_param(request, "wait", 0, 0, MAX_WAIT_ASKED), int(limits.max_wait))
@@ -538,30 +541,97 @@ async def read_messages(request: web.Request) -> web.StreamResponse:
     notes = request[NOTES]
     notes.kind = "read"
     if EVENT_STREAM in accept:
+        if not limit:
+            raise InvalidInput(
+                "limit=0 reads no messages: a Server-Sent-Events tail needs 1 or more"
+            )
         notes.kind = "tail"
-        return await _server_sent_events(request, stream, position, limit)
-    if BATCH_CONTENT_TYPE in accept:
+        return await _server_sent_events(request, stream, start, limit)
+    position = start if isinstance(start, int) else await _seek(hub, stream, start)
+    if not limit:
+        # No messages: where the read would start (a seek), at once.
+        if isinstance(start, int):
+            await hub.check_position(stream, position)
+        records: Records = []
+        next_position = position
+        if BATCH_CONTENT_TYPE in accept:
+            return _frames_answer(b"", 0, position, position)
+    elif BATCH_CONTENT_TYPE in accept:
         # The bulk path: up to 8 MiB of frames unless a limit is asked for.
         frames_limit = limit if "limit" in request.query else None
         return await _binary_frames(request, stream, position, frames_limit, wait)
-    records, next_position = await _records_page(
-        hub, stream, position, limit, limits.max_read_bytes
-    )
-    if not records and wait:
-        notes.kind = "long_poll"
-        await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
+    else:
         records, next_position = await _records_page(
             hub, stream, position, limit, limits.max_read_bytes
         )
+        if not records and wait:
+            notes.kind = "long_poll"
+            await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
+            records, next_position = await _records_page(
+                hub, stream, position, limit, limits.max_read_bytes
+            )
     if NDJSON in accept:
         return web.Response(
             body=records_ndjson_of(records),
             content_type=NDJSON,
             charset="utf-8",
-            headers={"X-Next": str(next_position)},
+            headers={"X-Next": str(next_position), POSITION_HEADER: str(position)},
         )
     body = read_answer_json(stream, records, next_position)
-    return web.Response(body=body, content_type=JSON, charset="utf-8")
+    return web.Response(
+        body=body, content_type=JSON, charset="utf-8", headers={POSITION_HEADER: str(position)}
+    )
+
+
+READ_STARTS: Final = ("from", "from_sequence", "from_time")
+MAX_POSITION: Final = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class _Seek:
+    """A read's start found by seeking: message ``sequence``, the first at ``time``, or the end."""
+
+    sequence: int | None = None
+    time: datetime | float | None = None
+
+
+def _read_start(request: web.Request) -> int | _Seek:
+    """Where a read starts: a position as given, or what to seek (checked, not yet sought)."""
+    query = request.query
+    if "from_sequence" not in query and "from_time" not in query:  # a position: the hot path
+        raw = query.get("from")
+        if raw is None:
+            return 0
+        if raw == "end":
+            return _Seek()
+        try:
+            position = int(raw)
+        except ValueError:
+            position = -1
+        if not 0 <= position <= MAX_POSITION:
+            raise InvalidInput(
+                f"query parameter 'from' must be a position (0 to {MAX_POSITION}) or 'end', "
+                f"not {raw!r}"
+            )
+        return position
+    given = [name for name in READ_STARTS if name in query]
+    if len(given) > 1:
+        raise InvalidInput(
+            f"give one place to start a read, not {' and '.join(repr(n) for n in given)}: "
+            "'from' (a position or 'end'), 'from_sequence' or 'from_time'"
+        )
+    if "from_sequence" in query:
+        return _Seek(sequence=_int_param(request, "from_sequence", 0, 0, MAX_POSITION))
+    try:
+        return _Seek(time=parse_time(query["from_time"]))
+    except ValueError as exc:
+        raise InvalidInput(f"query parameter 'from_time': {exc}") from None
+
+
+async def _seek(hub: StreamHub, stream: str, start: _Seek) -> int:
+    if start.sequence is None and start.time is None:
+        return (await hub.checkpoint(stream)).length
+    return await hub.seek(stream, sequence=start.sequence, time=start.time)
 
 
 async def _records_page(
@@ -602,21 +672,32 @@ async def _binary_frames(
         request[NOTES].kind = "long_poll"
         await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
         frames = await hub.read_frames(stream, position, max_bytes, limit)
+    return _frames_answer(frames.data, frames.skip, frames.next_position, position)
+
+
+def _frames_answer(data: bytes, skip: int, next_position: int, position: int) -> web.Response:
     return web.Response(
-        body=frames.data,
+        body=data,
         content_type=BATCH_CONTENT_TYPE,
-        headers={"X-Skip": str(frames.skip), "X-Next": str(frames.next_position)},
+        headers={"X-Skip": str(skip), "X-Next": str(next_position), POSITION_HEADER: str(position)},
     )
 
 
 async def _server_sent_events(
-    request: web.Request, stream: str, position: int, limit: int
+    request: web.Request, stream: str, start: int | _Seek, limit: int
 ) -> web.StreamResponse:
-    """Follow the tail: one event per message, id = next position (for Last-Event-ID)."""
+    """Follow the tail: one event per message, id = next position (for Last-Event-ID).
+
+    A reconnecting ``EventSource`` sends the URL it was opened with and the
+    last id it saw: that id wins over ``from``, ``from_sequence`` and
+    ``from_time``, which said where the tail started the first time.
+    """
     hub = request.app[HUB]
     resume = request.headers.get("Last-Event-ID")
-    if resume is not None and resume.isdigit():
+    if resume is not None and resume.isascii() and resume.isdigit():
         position = int(resume)
+    else:
+        position = start if isinstance(start, int) else await _seek(hub, stream, start)
     await hub.checkpoint(stream)  # 404 before the stream starts
     response = web.StreamResponse(
         headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"}

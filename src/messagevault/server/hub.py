@@ -30,6 +30,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from typing import TypeVar
 
 from messagevault.checkpoint import Checkpoint
@@ -547,6 +548,20 @@ class StreamHub:
         )
         return await self._with_reader(stream, read_frames)
 
+    async def seek(
+        self, stream: str, *, sequence: int | None = None, time: datetime | float | None = None
+    ) -> int:
+        """Where message ``sequence``, or the first message at or after ``time``, is.
+
+        ``Reader.seek`` in the I/O pool: its answers, its errors.
+        """
+        seek = functools.partial(Reader.seek, sequence=sequence, time=time)
+        return await self._with_reader(stream, seek)
+
+    async def check_position(self, stream: str, position: int) -> None:
+        """Raise ``InvalidPosition`` unless ``position`` is a message position or the length."""
+        await self._with_reader(stream, _check_position, self._known_length(stream), position)
+
     def _known_length(self, stream: str) -> int | None:
         """The committed length, for readers to skip reading the checkpoint, when known."""
         known = self._known_checkpoint(stream)
@@ -642,6 +657,10 @@ def _read_access(storage: Storage, stream: str) -> ReadAccess:
         return store.read_access()
     finally:
         store.close()
+
+
+def _check_position(reader: Reader, committed: int | None, position: int) -> None:
+    reader.read(position, committed=committed)  # checks the position; reads no frame yet
 
 
 def _first_timestamp(reader: Reader, committed: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from messagevault.format import MAX_BATCH_COUNT, MAX_PRODUCER_SEQ
+from messagevault.times import MAX_EPOCH_MS
 from messagevault.wire import RECORD_FIELDS
 
 _STREAM = {
@@ -99,6 +100,13 @@ def _json_or_frames(schema: dict[str, Any]) -> dict[str, Any]:
         "schema": {"type": "string", "format": "binary"}
     }
     response["content"]["application/x-ndjson"] = {"schema": {"type": "string"}}
+    response["headers"] = {
+        "X-Position": {
+            "description": "where the answer starts: the position from, from_sequence or "
+            "from_time led to",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    }
     return response
 
 
@@ -219,21 +227,51 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                 "parameters": [_STREAM],
                 "get": {
                     "summary": (
-                        "Messages from a position; long-poll with wait; "
+                        "Messages from a position, a sequence or a time; long-poll with wait; "
                         "Server-Sent Events with Accept: text/event-stream"
+                    ),
+                    "description": (
+                        "Give at most one of from, from_sequence and from_time (none: from 0). "
+                        "limit=0 reads no messages: next (X-Next) is where the read would start"
                     ),
                     "parameters": [
                         {
                             "name": "from",
                             "in": "query",
+                            "description": "A message position, or end (the committed length)",
+                            "schema": {
+                                "oneOf": [
+                                    {"type": "integer", "minimum": 0},
+                                    {"const": "end"},
+                                ]
+                            },
+                        },
+                        {
+                            "name": "from_sequence",
+                            "in": "query",
+                            "description": "Start at message number N (counting from 0)",
                             "schema": {"type": "integer", "minimum": 0},
+                        },
+                        {
+                            "name": "from_time",
+                            "in": "query",
+                            "description": (
+                                "Start at the first message at or after this time: RFC 3339 with "
+                                "a zone (2026-12-01T14:00Z) or milliseconds since the Unix epoch"
+                            ),
+                            "schema": {
+                                "oneOf": [
+                                    {"type": "string", "format": "date-time"},
+                                    {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS},
+                                ]
+                            },
                         },
                         {
                             "name": "limit",
                             "in": "query",
                             "schema": {
                                 "type": "integer",
-                                "minimum": 1,
+                                "minimum": 0,
                                 "maximum": max_read_messages,
                             },
                         },
