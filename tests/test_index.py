@@ -462,3 +462,18 @@ def test_the_index_command_refuses_bad_streams(tmp_path: Path, clock: FakeClock)
         code, _, err = _cli(tmp_path, "busy", "--rebuild")
     assert code == 1 and "busy" in err and err.count("\n") == 1
     assert _index_bytes(storage, "busy") == before
+
+
+def test_a_stream_gone_quiet_still_gets_its_index_written() -> None:
+    """The group committer writes due entries while idle, not only after the next commit."""
+    from messagevault.committer import GroupCommitter
+
+    storage = MemoryStorage()
+    policy = IndexPolicy(every_bytes=1, every_frames=1, flush_interval=0.05)
+    with GroupCommitter(Writer.open(storage, "quiet", index=policy)) as committer:
+        committer.append([(b"k", b"first")])
+        committer.append([(b"k", b"second")])
+        deadline = time.monotonic() + 10
+        while storage.open_stream("quiet").index_size() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len([e for e in _entries(_index_bytes(storage, "quiet")) if e]) == 2

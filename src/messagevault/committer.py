@@ -233,7 +233,10 @@ class GroupCommitter:
 
     def _run(self) -> None:
         while (group := self._next_group()) is not None:
-            self._tell(self._commit(group))
+            if group:
+                self._tell(self._commit(group))
+            else:  # idle, with index entries due: the writer was taken for them
+                self._upkeep_and_release()
 
     def _release(self) -> None:
         """The writer is free for the next commit (in either thread)."""
@@ -330,12 +333,20 @@ class GroupCommitter:
             self.after_group()
 
     def _next_group(self) -> list[tuple[EncodedBatch, Future[AppendResult]]] | None:
-        """The next group to commit, the writer taken for it; None: stop."""
+        """The next group to commit, the writer taken for it; None: stop.
+
+        An empty group: nothing to commit, but index entries noted by the last
+        commits are due (a stream gone quiet still gets its index written).
+        """
         with self._changed:
             while self._committing or not self._queue:
                 if self._failure is not None or (self._closing and not self._queue):
                     return None
-                self._changed.wait()
+                due_in = None if self._committing else self.writer.index_due_in()
+                if due_in is not None and due_in <= 0:
+                    self._committing = True
+                    return []
+                self._changed.wait(due_in)
             if self._failure is not None:
                 return None
             self._committing = True

@@ -547,6 +547,12 @@ class Indexer:
             or time.monotonic() - self._flushed_at >= self.policy.flush_interval
         )
 
+    def flush_due_in(self) -> float | None:
+        """Seconds until ``flush_due``; None while no entry waits."""
+        if not self._pending:
+            return None
+        return self._flushed_at + self.policy.flush_interval - time.monotonic()
+
     def flush_if_due(self) -> None:
         if self.flush_due:
             self.flush()

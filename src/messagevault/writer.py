@@ -958,6 +958,12 @@ class Writer:
         """Whether index entries wait to be written (``index_if_due``)."""
         return self.indexer is not None and self.indexer.flush_due and self._in_step()
 
+    def index_due_in(self) -> float | None:
+        """Seconds until noted index entries are due to be written; None: none wait."""
+        if self.indexer is None or not self._in_step():
+            return None
+        return self.indexer.flush_due_in()
+
     def index_if_due(self) -> None:
         """Write the index entries noted since the last time, if the interval has passed."""
         if self.index_due:
