@@ -55,6 +55,7 @@ from messagevault.cli_stress import stress
 from messagevault.committer import DEFAULT_MAX_QUEUED_BYTES
 from messagevault.errors import (
     Forbidden,
+    InvalidInput,
     LeaseHeld,
     MessageVaultError,
     RequestTooLarge,
@@ -69,6 +70,7 @@ from messagevault.producers import DEFAULT_MAX_PRODUCERS, DEFAULT_PRODUCER_MAX_A
 from messagevault.profiles import config_path, save_profile
 from messagevault.reader import Reader, VerifyReport
 from messagevault.replicate import copy_stream
+from messagevault.retention_policy import RetentionPolicy, parse_size
 from messagevault.statsd import StatsD
 from messagevault.storage import open_storage
 from messagevault.storage.base import ServerLock, Storage, SystemFiles
@@ -82,6 +84,7 @@ from messagevault.writer import AppendResult, Writer
 if TYPE_CHECKING:
     from messagevault.server.cluster import Cluster
     from messagevault.server.hub import StreamHub
+    from messagevault.server.retention_task import RetentionSettings
 
 
 def storage_option(function: FC) -> FC:
@@ -406,6 +409,28 @@ def _serve_option(
     "With --node-id: seconds a stream's lease lasts unless renewed (renewed every third of "
     "it); a node that dies without a word loses its streams after this. Azure: 15-60.",
 )
+@_serve_option(
+    "--retention-interval",
+    click.FloatRange(0.01, 86400),
+    60.0,
+    "Seconds between two passes applying the streams' retention policies "
+    "(`messagevault retention`); each node applies those of the streams it writes.",
+)
+@click.option(
+    "--retention-max-age",
+    envvar="MESSAGEVAULT_RETENTION_MAX_AGE",
+    metavar="DURATION",
+    help="Default retention of streams without a policy of their own: trim messages older "
+    "than this (e.g. 7d, 12h). Default: kept for ever. Env: MESSAGEVAULT_RETENTION_MAX_AGE.",
+)
+@click.option(
+    "--retention-max-bytes",
+    envvar="MESSAGEVAULT_RETENTION_MAX_BYTES",
+    metavar="SIZE",
+    help="Default retention of streams without a policy of their own: keep at most this much "
+    "readable (e.g. 10GiB, 500MB), trimming whole frames from the front. "
+    "Env: MESSAGEVAULT_RETENTION_MAX_BYTES.",
+)
 def serve(  # noqa: PLR0915 - one command, its options in a row; click passes them by name
     *,
     host: str,
@@ -435,6 +460,9 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
     node_id: str | None,
     advertise: str | None,
     lease_duration: float,
+    retention_interval: float,
+    retention_max_age: str | None,
+    retention_max_bytes: str | None,
 ) -> None:
     """Run the HTTP server, the single writer of the storage's streams (or of its share of them)."""
     import asyncio
@@ -488,8 +516,14 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
             address=_advertised(advertise, scheme, host, port),
             lease_duration=lease_duration,
         )
+    retention = _retention_settings(retention_interval, retention_max_age, retention_max_bytes)
     app = create_app(
-        hub, limits, Authenticator(files), max_stream_series=metrics_streams, cluster=cluster
+        hub,
+        limits,
+        Authenticator(files),
+        max_stream_series=metrics_streams,
+        cluster=cluster,
+        retention=retention,
     )
     app[PLAIN_HTTP_ALLOWED] = allow_plain_http
     if access_log:
@@ -513,6 +547,8 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
         "statsd_prefix": statsd_prefix,
         "access_log": access_log,
         "metrics_streams": metrics_streams,
+        "retention_interval": retention_interval,
+        "retention_default": retention.default.to_json() if retention.default else None,
     }
 
     def listening(bound_port: int) -> None:
@@ -548,6 +584,33 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
             sys.exit(1)
     log.info("stopped")
     shutdown()  # the last lines written out, "stopped" among them
+
+
+def _retention_settings(
+    interval: float, max_age: str | None, max_bytes: str | None
+) -> RetentionSettings:
+    """``serve``'s retention options, or a usage error naming the option."""
+    from messagevault.server.retention_task import RetentionSettings
+    from messagevault.times import parse_duration
+
+    age = size = None
+    try:
+        if max_age is not None:
+            age = parse_duration(max_age).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--retention-max-age") from None
+    try:
+        if max_bytes is not None:
+            size = parse_size(max_bytes)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="--retention-max-bytes") from None
+    try:
+        default = None if age is None and size is None else RetentionPolicy(age, size)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="--retention-max-age") from None
+    if math.isnan(interval):  # nan passes FloatRange
+        raise click.BadParameter("not a number", param_hint="--retention-interval")
+    return RetentionSettings(interval=interval, default=default)
 
 
 def _cluster(
@@ -1564,6 +1627,149 @@ def copy(
         f"{summary['to']}: the copy holds {summary['messages']:,} messages and ends at "
         f"position {report.end:,}"
     )
+
+
+# delete, retention ------------------------------------------------------------------
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault delete orders --url http://127.0.0.1:8080   # asks: type 'orders'",
+        "messagevault delete orders --yes --profile admin         # scripts: no question",
+        "messagevault delete orders --storage file:./data --yes   # no server serving it",
+    )
+)
+@source_options
+@click.argument("stream")
+@click.option(
+    "--yes", is_flag=True, help="Delete without asking (needed where there is no terminal)."
+)
+def delete(
+    *, url: str | None, storage: str | None, profile: str | None, stream: str, yes: bool
+) -> None:
+    """Delete STREAM, every message in it and its retention policy, for good.
+
+    Asks you to type the stream's name first, unless --yes; without a
+    terminal to ask on, it refuses unless --yes. Through a server it takes
+    the admin claim; straight to --storage it is refused while a server
+    serves that storage. A stream of that name published to afterwards
+    starts empty.
+    """
+    validate_stream_name(stream)
+    if not yes and not _stdin_is_terminal():
+        raise click.UsageError(
+            f"deleting stream {stream!r} asks you to type its name, and there is no terminal "
+            "to ask on: give --yes to delete it without asking"
+        )
+    with _source(url, storage, profile) as source:
+        if not yes:
+            found = source.info(stream)  # StreamNotFound before any question
+            click.echo(
+                f"Stream {stream} holds {found.messages:,} messages "
+                f"({human_bytes(found.length)}) in {source.describe()}; deleting it cannot "
+                "be undone.",
+                err=True,
+            )
+            typed = click.prompt(
+                "Type the stream's name to delete it", default="", show_default=False, err=True
+            )
+            if typed.strip() != stream:
+                raise click.ClickException(f"you typed {typed!r}, not {stream!r}: nothing deleted")
+        source.delete_stream(stream)
+    click.echo(f"deleted stream {stream}", err=True)
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault retention orders                          # show it",
+        "messagevault retention orders --max-age 7d             # a week of messages",
+        "messagevault retention orders --max-bytes 10GiB        # the last 10 GiB",
+        "messagevault retention orders --max-age none           # drop the age limit",
+        "messagevault retention orders --clear                  # back to the default",
+    )
+)
+@source_options
+@click.argument("stream")
+@click.option(
+    "--max-age",
+    metavar="DURATION",
+    help="Trim messages older than this: 90d, 12h, 1h30m, 45s; `none` drops the limit.",
+)
+@click.option(
+    "--max-bytes",
+    metavar="SIZE",
+    help="Keep at most this much of the stream readable: 10GiB, 500MB, 4096; `none` drops it.",
+)
+@click.option("--clear", is_flag=True, help="Drop STREAM's own policy (the default applies).")
+def retention(
+    *,
+    url: str | None,
+    storage: str | None,
+    profile: str | None,
+    stream: str,
+    max_age: str | None,
+    max_bytes: str | None,
+    clear: bool,
+) -> None:
+    """Show STREAM's retention policy, or set it (the admin claim, through a server).
+
+    The server applies policies in the background, every
+    --retention-interval seconds (60 by default), trimming whole frames
+    from the front of the stream: positions never change, and reads below
+    the first readable position get a clear error. A limit given alone
+    keeps the other as it was.
+    """
+    validate_stream_name(stream)
+    if clear and (max_age is not None or max_bytes is not None):
+        raise click.UsageError("--clear drops the whole policy: give it alone")
+    with _source(url, storage, profile) as source:
+        if clear:
+            source.clear_retention(stream)
+            shown = source.retention(stream)
+        elif max_age is None and max_bytes is None:
+            shown = source.retention(stream)
+        else:
+            current = source.retention(stream)
+            own = current if current.get("source") == "stream" else {}
+            policy = _retention_policy(max_age, max_bytes, own)
+            shown = source.set_retention(stream, policy)
+    if default_format(None) != "table":
+        print_json(shown)
+        return
+    if shown["source"] == "none":
+        click.echo(f"{stream}: kept for ever (no retention policy)")
+        return
+    policy = RetentionPolicy(shown["max_age"], shown["max_bytes"])
+    whose = "its own policy" if shown["source"] == "stream" else "the server's default"
+    click.echo(f"{stream}: {policy.describe()} ({whose})")
+
+
+def _retention_policy(
+    max_age: str | None, max_bytes: str | None, current: dict[str, Any]
+) -> RetentionPolicy:
+    """The policy ``retention``'s options ask for, on top of the stream's own one."""
+    from messagevault.times import parse_duration
+
+    age = current.get("max_age")
+    size = current.get("max_bytes")
+    if max_age is not None:
+        try:
+            age = None if max_age == "none" else parse_duration(max_age).total_seconds()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-age") from None
+    if max_bytes is not None:
+        try:
+            size = None if max_bytes == "none" else parse_size(max_bytes)
+        except InvalidInput as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-bytes") from None
+    try:
+        return RetentionPolicy(age, size)
+    except InvalidInput as exc:
+        raise click.UsageError(f"{exc} (--clear drops the policy)") from None
 
 
 main.add_command(stress)

@@ -19,11 +19,11 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from messagevault.errors import InvalidInput
+from messagevault.errors import InvalidInput, StorageError
 from messagevault.names import validate_stream_name
-from messagevault.storage.base import SystemFiles
+from messagevault.storage.base import Storage, SystemFiles
 
 # A limit beyond these is a typo, not a wish (ms timestamps reach far further).
 MAX_AGE_LIMIT: Final = 100 * 365 * 86400  # seconds: a century
@@ -109,6 +109,13 @@ def _check_bytes(max_bytes: object) -> None:
 
 
 # Where policies are kept -----------------------------------------------------------------
+
+
+def system_files(storage: Storage) -> SystemFiles:
+    """``storage`` as the keeper of system files, where policies live."""
+    if not hasattr(storage, "read_system_file") or not hasattr(storage, "delete_system_file"):
+        raise StorageError(f"{storage.describe()} keeps no system files: no retention policies")
+    return cast(SystemFiles, storage)
 
 
 def policy_file(stream: str) -> str:

@@ -46,6 +46,13 @@ from messagevault.server.hub import StreamHub
 from messagevault.server.logs import REQUEST_ID, request_id
 from messagevault.server.metrics import DEFAULT_MAX_STREAM_SERIES, Metrics
 from messagevault.server.openapi import openapi_document
+from messagevault.server.retention_task import (
+    RetentionSettings,
+    RetentionTask,
+    delete_stream_policy,
+    retention_answer,
+    set_stream_policy,
+)
 from messagevault.server.served import RequestObserver as RequestObserver  # noqa: PLC0414
 from messagevault.server.served import Served as Served  # noqa: PLC0414
 from messagevault.server.tls import refuse_plain_basic
@@ -96,6 +103,7 @@ class _Notes:
 
 
 HUB = web.AppKey("hub", StreamHub)
+RETENTION = web.AppKey("retention", RetentionTask)
 CLUSTER = web.AppKey("cluster", Cluster)
 AUTH = web.AppKey("auth", Authenticator)
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
@@ -309,6 +317,7 @@ def create_app(
     *,
     max_stream_series: int = DEFAULT_MAX_STREAM_SERIES,
     cluster: Cluster | None = None,
+    retention: RetentionSettings | None = None,
 ) -> web.Application:
     """The application. Without ``authenticator`` every request is allowed (embedding, tests).
 
@@ -317,6 +326,9 @@ def create_app(
     ``cluster``: this server is one of several nodes (server/cluster.py),
     reached at ``cluster.address``; it joins as the app starts and leaves
     after the app's last commit.
+    ``retention``: apply retention policies in the background, this often,
+    with this default (server/retention_task.py); without it policies are
+    kept and shown but not applied.
     """
     limits = limits or Limits()
     # client_max_size: aiohttp refuses a larger body with 413 before reading it all.
@@ -336,6 +348,15 @@ def create_app(
             await cluster.start(cluster.address)
 
         app.on_startup.append(join)
+    app[RETENTION] = RetentionTask(
+        hub, retention or RetentionSettings(), trimmed=metrics.retention_trimmed
+    )
+    if retention is not None:
+
+        async def start_retention(app: web.Application) -> None:
+            app[RETENTION].start()
+
+        app.on_startup.append(start_retention)
     hub.commit_observers.append(metrics.committed)
     observers: list[RequestObserver] = [metrics.observe]
     app[REQUEST_OBSERVERS] = observers
@@ -351,8 +372,13 @@ def create_app(
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/cluster", cluster_route)
+    app.router.add_delete("/streams/{stream}", delete_stream)
+    app.router.add_get("/streams/{stream}/retention", get_retention)
+    app.router.add_put("/streams/{stream}/retention", put_retention)
+    app.router.add_delete("/streams/{stream}/retention", delete_retention)
 
     async def end_waits(app: web.Application) -> None:
+        await app[RETENTION].stop()  # no trim starts once the server is stopping
         await app[HUB].stop_waiting()
 
     async def close_hub(app: web.Application) -> None:
@@ -790,3 +816,71 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(
         openapi_document(max_read_messages=limits.max_read_messages, max_wait=int(limits.max_wait))
     )
+
+
+# Deleting a stream, and retention policies ----------------------------------------------
+
+
+def _require_admin(request: web.Request, what: str) -> None:
+    principal: Principal = request[PRINCIPAL]
+    # A node forwards only what an admin asked of it.
+    if not (principal.node or "admin" in principal.claims):
+        raise Forbidden(f"user {principal.name!r} may not {what}: that takes the admin claim")
+
+
+async def delete_stream(request: web.Request) -> web.Response:
+    """``DELETE /streams/{stream}`` (admin): the stream, its policy and, several nodes, its lease.
+
+    Done by the stream's writer: another node's request is forwarded there,
+    as an append is; a stream nobody writes is taken by this node first.
+    """
+    stream = _stream(request)
+    _require_admin(request, f"delete stream {stream!r}")
+    hub = request.app[HUB]
+    await hub.checkpoint(stream)  # 404 for no such stream, before any lease is taken
+    cluster = request.app.get(CLUSTER)
+    if cluster is not None:
+        principal: Principal = request[PRINCIPAL]
+        address = await cluster.writer_for(stream, forwarded=principal.node)
+        if address is not None:
+            if principal.node:
+                raise NotWriter(f"this node does not write {stream!r}; its writer is at {address}")
+            answer = await cluster.relay(address, "DELETE", request.path, principal.name)
+            request[NOTES].kind = "forwarded"
+            return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    await hub.delete_stream(stream)
+    await delete_stream_policy(hub, stream)
+    if cluster is not None:
+        await cluster.release_stream(stream)
+    return web.Response(status=204)
+
+
+async def get_retention(request: web.Request) -> web.Response:
+    """``GET /streams/{stream}/retention``: its policy, or the server's default (any reader)."""
+    stream = _stream(request)
+    _require(request, "read", stream)
+    await request.app[HUB].checkpoint(stream)  # 404 for no such stream
+    return web.json_response(await retention_answer(request.app[RETENTION], stream))
+
+
+async def put_retention(request: web.Request) -> web.Response:
+    """``PUT /streams/{stream}/retention`` (admin): ``{"max_age": s|null, "max_bytes": n|null}``."""
+    stream = _stream(request)
+    _require_admin(request, f"set stream {stream!r}'s retention")
+    if request.content_type != JSON:
+        raise UnsupportedMediaType(f"send the policy as {JSON}, not {request.content_type!r}")
+    body = await _body(request)
+    hub = request.app[HUB]
+    await hub.checkpoint(stream)  # 404 for no such stream
+    await set_stream_policy(hub, stream, body)
+    return web.json_response(await retention_answer(request.app[RETENTION], stream))
+
+
+async def delete_retention(request: web.Request) -> web.Response:
+    """``DELETE /streams/{stream}/retention`` (admin): the stream follows the default again."""
+    stream = _stream(request)
+    _require_admin(request, f"clear stream {stream!r}'s retention")
+    hub = request.app[HUB]
+    await hub.checkpoint(stream)  # 404 for no such stream
+    await delete_stream_policy(hub, stream)
+    return web.Response(status=204)

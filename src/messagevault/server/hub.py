@@ -91,6 +91,7 @@ class _IdleReaders:
         self._idle: OrderedDict[str, list[Reader]] = OrderedDict()
         self._count = 0
         self._closed = False
+        self._forgotten: dict[str, int] = {}
 
     def take(self, stream: str) -> Reader | None:
         idle = self._idle.get(stream)
@@ -99,8 +100,8 @@ class _IdleReaders:
         self._count -= 1
         return idle.pop()
 
-    def give(self, stream: str, reader: Reader) -> None:
-        if self._closed:
+    def give(self, stream: str, reader: Reader, era: int = 0) -> None:
+        if self._closed or era != self.era(stream):
             reader.close()
             return
         self._idle.setdefault(stream, []).append(reader)
@@ -113,6 +114,17 @@ class _IdleReaders:
             self._count -= 1
             if not readers:
                 del self._idle[oldest]
+
+    def forget(self, stream: str) -> None:
+        """Close ``stream``'s idle readers (it was deleted); those in use, when given back."""
+        self._forgotten[stream] = self._forgotten.get(stream, 0) + 1
+        for reader in self._idle.pop(stream, []):
+            reader.close()
+            self._count -= 1
+
+    def era(self, stream: str) -> int:
+        """Changes when ``stream`` is forgotten: a reader taken before then is not kept."""
+        return self._forgotten.get(stream, 0)
 
     def close(self) -> None:
         self._closed = True
@@ -214,6 +226,7 @@ class StreamHub:
         self._room = asyncio.Event()  # set (and replaced) when a committer makes room
         self._awaiting_room = 0
         self._turnstiles: dict[str, asyncio.Lock] = {}  # appends waiting for room, in order
+        self._deleting: set[str] = set()  # streams whose delete is under way
         self._closed = False
         # Told of every commit of every stream, in the committer threads:
         # metrics (Prometheus histograms, StatsD) hang off this.
@@ -343,7 +356,9 @@ class StreamHub:
         if self._closed:
             raise CommitterClosed("the server is shutting down; try again shortly")
         lock = self._opening.setdefault(stream, asyncio.Lock())
+        self._refuse_if_deleting(stream)  # not waiting for the delete's lock
         async with lock:
+            self._refuse_if_deleting(stream)
             committer = self._committers.get(stream)
             if committer is not None and not committer.accepting:
                 # The stream's metrics carry on: they are counted by stream
@@ -413,6 +428,41 @@ class StreamHub:
     async def open_writer(self, stream: str) -> None:
         """Open ``stream``'s writer now (several nodes: once this node has taken its lease)."""
         await self._committer(stream)
+
+    def _refuse_if_deleting(self, stream: str) -> None:
+        if stream in self._deleting:
+            raise CommitterClosed(
+                f"stream {stream!r} is being deleted; an append sent after the delete "
+                "starts it afresh"
+            )
+
+    async def delete_stream(self, stream: str) -> None:
+        """Delete ``stream`` from storage, after the appends already queued for it.
+
+        Appends this server accepted before the delete are committed, then
+        deleted with the stream (that is what deleting means); those that
+        arrive while it runs are refused (``CommitterClosed``, retriable: a
+        retry after the delete starts the stream afresh). Idle readers go,
+        so that reads see the stream gone (``StreamNotFound``). Several
+        nodes: the caller holds the stream's lease, and releases it after.
+        """
+        validate_stream_name(stream)
+        async with self._opening.setdefault(stream, asyncio.Lock()):
+            self._deleting.add(stream)
+            try:
+                committer = self._committers.pop(stream, None)
+                if committer is not None:
+                    await self.run(committer.close)  # commits what is queued first
+                await self.run(self.storage.delete_stream, stream)
+            finally:
+                self._deleting.discard(stream)
+                self._idle_readers.forget(stream)
+                self._recovered.discard(stream)
+        log.info("deleted stream", extra={"stream": stream})
+        if self._tailing.get(stream):  # long polls look again, and find it gone
+            condition = self._condition(stream)
+            async with condition:
+                condition.notify_all()
 
     async def stop_writing(self, stream: str) -> None:
         """Stop writing ``stream``: its lease is gone. Appends queued fail, retriably.
@@ -574,6 +624,7 @@ class StreamHub:
         trip), so idle ones are kept per stream.
         """
         await self._recover(stream)
+        era = self._idle_readers.era(stream)
         reader = self._idle_readers.take(stream)
         work = functools.partial(
             contextvars.copy_context().run,  # as in run(): log lines keep their request id
@@ -593,7 +644,7 @@ class StreamHub:
 
         def keep(done: asyncio.Future[tuple[T, Reader]]) -> None:
             if not done.cancelled() and done.exception() is None:
-                self._idle_readers.give(stream, done.result()[1])
+                self._idle_readers.give(stream, done.result()[1], era)
             elif reader is not None:
                 reader.close()  # idempotent: a failed read closed it already
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from messagevault.server.cluster import Cluster
 
 if TYPE_CHECKING:
+    from messagevault.server.retention_task import Applied
     from messagevault.server.served import Served
 
 # Every counter and histogram would get a ``_created`` gauge beside it, a
@@ -186,6 +187,18 @@ class Metrics:
             ["stream"],
             registry=registry,
         )
+        self.retention_trimmed_bytes = Counter(
+            "messagevault_retention_trimmed_bytes",
+            "Bytes of stream data that retention made unreadable (trimmed from the front)",
+            ["stream"],
+            registry=registry,
+        )
+        self.retention_released_bytes = Counter(
+            "messagevault_retention_released_bytes",
+            "Storage that retention's trims gave back (hole punched, pages cleared)",
+            ["stream"],
+            registry=registry,
+        )
         # ``labels()`` looks its child up under a lock on every call; label
         # sets are few, so each child is looked up once.
         self._counted: dict[tuple[str, str, int, str | None], Callable[[], None]] = {}
@@ -224,6 +237,12 @@ class Metrics:
     def forwarded(self, stream: str) -> None:
         """An append was forwarded to its stream's writer (several nodes)."""
         self.forwarded_appends.labels(self.streams(stream)).inc()
+
+    def retention_trimmed(self, applied: Applied) -> None:
+        """Count one trim made by retention (on the event loop)."""
+        stream = self.streams(applied.stream)
+        self.retention_trimmed_bytes.labels(stream).inc(applied.trimmed_bytes)
+        self.retention_released_bytes.labels(stream).inc(applied.released_bytes)
 
     def committed(self, commit: Commit) -> None:
         """Count one storage commit (a commit observer, in a committer thread)."""
@@ -306,10 +325,13 @@ class HubCollector(Collector):
         )
         queued: dict[str, float] = {}
         length: dict[str, float] = {}
+        first: dict[str, float] = {}
         for stream, committer in committers.items():
             label = self.streams(stream)
+            checkpoint = committer.writer.checkpoint
             queued[label] = queued.get(label, 0) + committer.queued_bytes
-            length[label] = length.get(label, 0) + committer.writer.checkpoint.length
+            length[label] = length.get(label, 0) + checkpoint.length
+            first[label] = first.get(label, 0) + checkpoint.first_position
         waiting: dict[str, float] = {}
         for stream, count in self.hub.waiting_reads().items():
             label = self.streams(stream)
@@ -339,6 +361,12 @@ class HubCollector(Collector):
                 "messagevault_stream_length_bytes",
                 "Committed length of the stream (_other: the sum of the other streams)",
                 length,
+            ),
+            (
+                "messagevault_stream_first_position_bytes",
+                "The stream's first readable position: bytes below it were trimmed "
+                "(_other: the sum of the other streams)",
+                first,
             ),
             (
                 "messagevault_waiting_reads",

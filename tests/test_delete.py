@@ -1,0 +1,229 @@
+"""Deleting a stream: admin-only, after the appends already accepted, with its policy and lease."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from messagevault import FileStorage, MemoryStorage, Reader, encode_batch
+from messagevault.errors import CommitterClosed, StreamNotFound
+from messagevault.retention_policy import RetentionPolicy, load_policy, save_policy
+from messagevault.server import StreamHub, create_app
+from messagevault.server.auth import Authenticator, Users, save_users
+from messagevault.storage.base import Storage
+from messagevault.writer import AppendResult
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+def _basic(name: str) -> dict[str, str]:
+    token = base64.b64encode(f"{name}:{name}-secret".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+ROOT, WRITER, READER = _basic("root"), _basic("writer"), _basic("reader")
+
+
+def _with_users(storage: Storage) -> Storage:
+    users = Users()
+    for name, claims in {
+        "root": ["admin"],
+        "writer": ["orders:write"],
+        "reader": ["orders:read"],
+    }.items():
+        users.set_password(name, f"{name}-secret")
+        users.grant(name, claims)
+    save_users(storage, users)  # type: ignore[arg-type]
+    return storage
+
+
+def _storage(backend: str, tmp_path: Path) -> Storage:
+    return MemoryStorage() if backend == "memory" else FileStorage(tmp_path)
+
+
+async def _client(aiohttp_client: MakeClient, storage: Storage) -> Client:
+    authenticator = Authenticator(storage, reload_interval=0)  # type: ignore[arg-type]
+    return await aiohttp_client(create_app(StreamHub(storage), authenticator=authenticator))
+
+
+async def _publish(client: Client, stream: str, values: list[str]) -> dict[str, Any]:
+    response = await client.post(
+        f"/streams/{stream}", json={"messages": [{"value": v} for v in values]}, headers=ROOT
+    )
+    assert response.status == 200, await response.text()
+    answer: dict[str, Any] = await response.json()
+    return answer
+
+
+async def _error(response: Any, status: int, code: str) -> str:
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert body["error"] == code, body
+    detail: str = body["detail"]
+    assert detail and "\n" not in detail
+    return detail
+
+
+@pytest.mark.parametrize("backend", ["memory", "file"])
+async def test_an_admin_deletes_a_stream_and_it_starts_afresh(
+    aiohttp_client: MakeClient, backend: str, tmp_path: Path
+) -> None:
+    storage = _with_users(_storage(backend, tmp_path))
+    client = await _client(aiohttp_client, storage)
+    for n in range(3):
+        await _publish(client, "orders", [f"old {n}"])
+    await _publish(client, "billing", ["kept"])
+    save_policy(storage, "orders", RetentionPolicy(max_bytes=10_000))  # type: ignore[arg-type]
+    # A read first: the server keeps its reader for the next one.
+    response = await client.get("/streams/orders/messages", headers=ROOT)
+    assert len((await response.json())["messages"]) == 3
+
+    response = await client.delete("/streams/orders", headers=ROOT)
+    assert response.status == 204, await response.text()
+
+    for path in ("/streams/orders", "/streams/orders/messages", "/streams/orders/retention"):
+        await _error(await client.get(path, headers=ROOT), 404, "stream_not_found")
+    listed = await (await client.get("/streams", headers=ROOT)).json()
+    assert [s["stream"] for s in listed["streams"]] == ["billing"]
+    assert storage.list_streams() == ["billing"]
+    with pytest.raises(StreamNotFound):
+        Reader.open(storage, "orders")
+    assert load_policy(storage, "orders") is None  # type: ignore[arg-type]
+    await _error(await client.delete("/streams/orders", headers=ROOT), 404, "stream_not_found")
+
+    # Published to again, it starts empty: sequence 0 at position 0.
+    answer = await _publish(client, "orders", ["new"])
+    assert (answer["messages"][0]["sequence"], answer["messages"][0]["position"]) == (0, 0)
+    response = await client.get("/streams/orders/messages", headers=ROOT)
+    assert [m["value"] for m in (await response.json())["messages"]] == ["new"]
+    info = await (await client.get("/streams/billing", headers=ROOT)).json()
+    assert info["messages"] == 1
+
+
+async def test_only_an_admin_deletes(aiohttp_client: MakeClient) -> None:
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage)
+    await _publish(client, "orders", ["a"])
+    for headers in (WRITER, READER):
+        detail = await _error(
+            await client.delete("/streams/orders", headers=headers), 403, "forbidden"
+        )
+        assert "admin" in detail
+    await _error(await client.delete("/streams/orders"), 401, "unauthenticated")
+    await _error(await client.delete("/streams/No_Such", headers=ROOT), 400, "invalid_stream_name")
+    await _error(await client.delete("/streams/nothing", headers=ROOT), 404, "stream_not_found")
+    assert storage.list_streams() == ["orders"]
+    info = await (await client.get("/streams/orders", headers=ROOT)).json()
+    assert info["messages"] == 1
+
+
+class _SlowDelete(MemoryStorage):
+    """Memory storage whose ``delete_stream`` waits until told to go on (a slow backend)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleting = threading.Event()
+        self.go_on = threading.Event()
+
+    def delete_stream(self, name: str, *, takeover: bool = False) -> None:
+        self.deleting.set()
+        assert self.go_on.wait(10)
+        super().delete_stream(name, takeover=takeover)
+
+
+async def test_an_append_during_a_delete_is_refused_clearly(aiohttp_client: MakeClient) -> None:
+    storage = _SlowDelete()
+    _with_users(storage)
+    client = await _client(aiohttp_client, storage)
+    await _publish(client, "orders", ["before"])
+    deleting = asyncio.ensure_future(client.delete("/streams/orders", headers=ROOT))
+    assert await asyncio.to_thread(storage.deleting.wait, 10)
+    response = await client.post(
+        "/streams/orders", json={"messages": [{"value": "during"}]}, headers=ROOT
+    )
+    detail = await _error(response, 503, "committer_closed")
+    assert "being deleted" in detail
+    assert response.headers["Retry-After"] == "1"
+    storage.go_on.set()
+    assert (await deleting).status == 204
+    answer = await _publish(client, "orders", ["after"])  # the retry: a fresh stream
+    assert answer["messages"][0]["sequence"] == 0
+
+
+async def test_appends_in_flight_are_committed_or_refused_never_lost() -> None:
+    """Racing a delete, every append is acknowledged or refused (CommitterClosed), nothing else.
+
+    Those acknowledged are in the old stream (deleted with it: that is what
+    deleting means) or in the new one, at the sequence their receipt says;
+    the new stream holds exactly those acknowledged after the delete.
+    """
+    storage = MemoryStorage()
+    hub = StreamHub(storage, commit_on_loop=False)
+    try:
+        await hub.append("orders", encode_batch([(b"", b"first")]))
+
+        async def append(n: int) -> AppendResult:
+            await asyncio.sleep(0.0005 * (n % 20))
+            return await hub.append("orders", encode_batch([(b"", b"%d" % n)]))
+
+        async def delete() -> None:
+            await asyncio.sleep(0.004)
+            await hub.delete_stream("orders")
+
+        outcomes = await asyncio.gather(
+            *(append(n) for n in range(200)), delete(), return_exceptions=True
+        )
+        *appends, deleted = outcomes
+        assert deleted is None
+        for outcome in appends:
+            assert isinstance(outcome, AppendResult | CommitterClosed), outcome
+        acknowledged = {
+            int(n): outcome
+            for n, outcome in enumerate(appends)
+            if isinstance(outcome, AppendResult)
+        }
+        try:
+            with Reader.open(storage, "orders") as reader:
+                after = {int(m.value): m for m in reader.read()}
+        except StreamNotFound:
+            after = {}
+        assert set(after) <= set(acknowledged)  # nothing unacknowledged appears
+        for n, message in after.items():
+            assert message.sequence == acknowledged[n][0].sequence
+            assert message.position == acknowledged[n][0].position
+        before = sorted(acknowledged[n][0].sequence for n in set(acknowledged) - set(after))
+        # The old stream's were its messages 1, 2, ... (0 was "first"), no gaps.
+        assert before == list(range(1, len(before) + 1))
+        assert sorted(m.sequence for m in after.values()) == list(range(len(after)))
+    finally:
+        await hub.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "file"])
+async def test_the_hub_deletes_a_stream_it_writes_and_readers_find_it_gone(
+    backend: str, tmp_path: Path
+) -> None:
+    storage = _storage(backend, tmp_path)
+    hub = StreamHub(storage)
+    try:
+        await hub.append("orders", encode_batch([(b"", b"a")]))
+        messages, _ = await hub.read("orders", 0, 10, 1 << 20)
+        assert len(messages) == 1
+        await hub.delete_stream("orders")
+        with pytest.raises(StreamNotFound):
+            await hub.read("orders", 0, 10, 1 << 20)
+        with pytest.raises(StreamNotFound):
+            await hub.checkpoint("orders")
+        with pytest.raises(StreamNotFound):
+            await hub.delete_stream("orders")
+    finally:
+        await hub.close()

@@ -1,0 +1,392 @@
+"""Retention policies: kept in storage, set by admins, applied by the server in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from messagevault import FileStorage, MemoryStorage, Reader, Writer
+from messagevault.errors import InvalidInput
+from messagevault.format import encode_batch, read_header
+from messagevault.retention_policy import (
+    RetentionPolicy,
+    delete_policy,
+    format_duration,
+    format_size,
+    load_policy,
+    parse_size,
+    policy_file,
+    save_policy,
+)
+from messagevault.server import StreamHub, create_app
+from messagevault.server.app import RETENTION
+from messagevault.server.auth import Authenticator, Users, save_users
+from messagevault.server.retention_task import (
+    RetentionSettings,
+    RetentionTask,
+    retention_target,
+    whole_frame_from,
+)
+from messagevault.storage.base import Storage
+from tests.prometheus_text import sample
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+def _basic(name: str) -> dict[str, str]:
+    token = base64.b64encode(f"{name}:{name}-secret".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+ROOT, WRITER, READER = _basic("root"), _basic("writer"), _basic("reader")
+
+
+def _with_users(storage: MemoryStorage) -> MemoryStorage:
+    users = Users()
+    for name, claims in {
+        "root": ["admin"],
+        "writer": ["orders:write"],
+        "reader": ["orders:read"],
+    }.items():
+        users.set_password(name, f"{name}-secret")
+        users.grant(name, claims)
+    save_users(storage, users)
+    return storage
+
+
+async def _client(
+    aiohttp_client: MakeClient,
+    storage: MemoryStorage,
+    retention: RetentionSettings | None = None,
+) -> Client:
+    app = create_app(
+        StreamHub(storage),
+        authenticator=Authenticator(storage, reload_interval=0),
+        retention=retention,
+    )
+    return await aiohttp_client(app)
+
+
+async def _publish(client: Client, stream: str, values: list[str]) -> dict[str, Any]:
+    response = await client.post(
+        f"/streams/{stream}", json={"messages": [{"value": v} for v in values]}, headers=ROOT
+    )
+    assert response.status == 200, await response.text()
+    answer: dict[str, Any] = await response.json()
+    return answer
+
+
+async def _error(response: Any, status: int, code: str) -> str:
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert body["error"] == code, body
+    detail: str = body["detail"]
+    assert detail and "\n" not in detail
+    return detail
+
+
+# The policy and its units ------------------------------------------------------------------
+
+
+def test_policy_round_trips_through_json() -> None:
+    policy = RetentionPolicy(max_age=7 * 86400.0, max_bytes=10 * 1024**3)
+    assert RetentionPolicy.from_json(json.loads(json.dumps(policy.to_json()))) == policy
+    assert RetentionPolicy.from_json({"max_age": 60}) == RetentionPolicy(max_age=60.0)
+    assert RetentionPolicy.from_json({"max_bytes": 1, "max_age": None}).max_bytes == 1
+    assert policy.describe() == "max age 7d, max bytes 10GiB"
+
+
+@pytest.mark.parametrize(
+    ("document", "words"),
+    [
+        ({}, "needs max_age or max_bytes"),
+        ({"max_age": None, "max_bytes": None}, "needs max_age or max_bytes"),
+        ({"max_age": -1}, "max_age must be"),
+        ({"max_age": 0}, "max_age must be"),
+        ({"max_age": "7d"}, "max_age must be"),
+        ({"max_age": True}, "max_age must be"),
+        ({"max_age": 1e300}, "max_age must be"),
+        ({"max_bytes": 0}, "max_bytes must be"),
+        ({"max_bytes": -5}, "max_bytes must be"),
+        ({"max_bytes": 1.5}, "max_bytes must be"),
+        ({"max_bytes": "10GiB"}, "max_bytes must be"),
+        ({"max_bytes": 2**70}, "max_bytes must be"),
+        ({"max_age": 60, "maxage": 5}, "unknown retention field"),
+        ([60, 100], "is a JSON object"),
+        (None, "is a JSON object"),
+    ],
+)
+def test_bad_policies_are_refused_clearly(document: object, words: str) -> None:
+    with pytest.raises(InvalidInput, match=words):
+        RetentionPolicy.from_json(document)
+
+
+def test_sizes_and_durations_as_people_write_them() -> None:
+    assert parse_size("10GiB") == 10 * 1024**3
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size("64 kib") == 65536
+    assert parse_size("1.5GiB") == 3 * 1024**3 // 2
+    assert parse_size("4096") == 4096
+    for bad in ("", "ten GiB", "10 GiBs", "-1MB", "0", "10XB", "1e3"):
+        with pytest.raises(InvalidInput, match="size"):
+            parse_size(bad)
+    assert format_size(10 * 1024**3) == "10GiB"
+    assert format_size(1500) == "1500B"
+    assert format_duration(90 * 86400) == "90d"
+    assert format_duration(5400) == "90m"
+    assert format_duration(1.5) == "1.5s"
+
+
+@pytest.mark.parametrize("backend", ["memory", "file"])
+def test_policies_live_in_system_files(backend: str, tmp_path: Path) -> None:
+    storage = MemoryStorage() if backend == "memory" else FileStorage(tmp_path)
+    assert load_policy(storage, "orders") is None
+    save_policy(storage, "orders", RetentionPolicy(max_bytes=1000))
+    assert load_policy(storage, "orders") == RetentionPolicy(max_bytes=1000)
+    assert load_policy(storage, "billing") is None  # one file per stream
+    assert storage.read_system_file(policy_file("orders")) is not None
+    assert delete_policy(storage, "orders") is True
+    assert load_policy(storage, "orders") is None
+    assert delete_policy(storage, "orders") is False  # deleting again is no error
+    if isinstance(storage, FileStorage):
+        assert not (tmp_path / "_system" / policy_file("orders")).exists()
+
+
+def test_a_damaged_stored_policy_says_which_file() -> None:
+    storage = MemoryStorage()
+    storage.write_system_file(policy_file("orders"), b'{"max_age": -3}')
+    with pytest.raises(InvalidInput, match=r"retention\.orders\.json.*damaged"):
+        load_policy(storage, "orders")
+
+
+# Over HTTP ---------------------------------------------------------------------------------
+
+
+async def test_admin_sets_shows_and_clears_a_policy(aiohttp_client: MakeClient) -> None:
+    client = await _client(aiohttp_client, _with_users(MemoryStorage()))
+    await _publish(client, "orders", ["a"])
+    shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
+    assert shown == {"stream": "orders", "max_age": None, "max_bytes": None, "source": "none"}
+
+    response = await client.put(
+        "/streams/orders/retention", json={"max_age": 3600, "max_bytes": 1024}, headers=ROOT
+    )
+    assert response.status == 200, await response.text()
+    expected = {"stream": "orders", "max_age": 3600.0, "max_bytes": 1024, "source": "stream"}
+    assert await response.json() == expected
+    shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
+    assert shown == expected
+
+    response = await client.delete("/streams/orders/retention", headers=ROOT)
+    assert response.status == 204
+    shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
+    assert shown["source"] == "none"
+
+
+async def test_a_stream_without_a_policy_shows_the_default(aiohttp_client: MakeClient) -> None:
+    default = RetentionPolicy(max_age=90 * 86400.0)
+    client = await _client(
+        aiohttp_client, _with_users(MemoryStorage()), RetentionSettings(default=default)
+    )
+    await _publish(client, "orders", ["a"])
+    shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
+    assert shown == {
+        "stream": "orders",
+        "max_age": 90 * 86400.0,
+        "max_bytes": None,
+        "source": "default",
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"max_age": -1}', "max_age must be"),
+        (b'{"max_bytes": 0}', "max_bytes must be"),
+        (b'{"max_bytes": "10GiB"}', "max_bytes must be"),
+        (b'{"max_age": null, "max_bytes": null}', "needs max_age or max_bytes"),
+        (b'{"keep": "forever"}', "unknown retention field"),
+        (b"{max_age: 5}", "not JSON"),
+        (b"", "not JSON"),
+        (b"[]", "JSON object"),
+    ],
+)
+async def test_bad_policies_over_http_change_nothing(
+    aiohttp_client: MakeClient, body: bytes, words: str
+) -> None:
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage)
+    await _publish(client, "orders", ["a"])
+    save_policy(storage, "orders", RetentionPolicy(max_bytes=5000))
+    response = await client.put(
+        "/streams/orders/retention",
+        data=body,
+        headers={**ROOT, "Content-Type": "application/json"},
+    )
+    assert words in await _error(response, 400, "invalid_input")
+    assert load_policy(storage, "orders") == RetentionPolicy(max_bytes=5000)
+
+
+async def test_who_may_do_what_with_policies(aiohttp_client: MakeClient) -> None:
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage)
+    await _publish(client, "orders", ["a"])
+    await _publish(client, "billing", ["a"])
+    for headers in (WRITER, READER):
+        response = await client.put(
+            "/streams/orders/retention", json={"max_age": 60}, headers=headers
+        )
+        assert "admin" in await _error(response, 403, "forbidden")
+        response = await client.delete("/streams/orders/retention", headers=headers)
+        await _error(response, 403, "forbidden")
+    assert load_policy(storage, "orders") is None
+    # Reading a policy takes reading the stream.
+    await _error(await client.get("/streams/billing/retention", headers=READER), 403, "forbidden")
+    await _error(await client.get("/streams/orders/retention"), 401, "unauthenticated")
+
+
+async def test_policies_of_streams_that_are_not_there(aiohttp_client: MakeClient) -> None:
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage)
+    policy = {"max_age": 60}
+    response = await client.put("/streams/nothing/retention", json=policy, headers=ROOT)
+    await _error(response, 404, "stream_not_found")
+    assert load_policy(storage, "nothing") is None
+    await _error(
+        await client.get("/streams/nothing/retention", headers=ROOT), 404, "stream_not_found"
+    )
+    response = await client.put("/streams/Bad_Name/retention", json=policy, headers=ROOT)
+    await _error(response, 400, "invalid_stream_name")
+    await _publish(client, "orders", ["a"])
+    response = await client.put(
+        "/streams/orders/retention",
+        data=b"max_age=60",
+        headers={**ROOT, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    await _error(response, 415, "unsupported_media_type")
+
+
+# Applying policies -------------------------------------------------------------------------
+
+
+def _stream_of_varied_frames(storage: Storage, stream: str) -> list[int]:
+    """Frames of 1-40 messages with values of 1 B-3 KiB; the frame starts."""
+    starts = []
+    with Writer.open(storage, stream) as writer:
+        for n in range(60):
+            count = 1 + (n * 7) % 40
+            size = 1 + (n * 523) % 3000
+            result = writer.append_batches(
+                [encode_batch([(b"k", bytes([n % 256]) * size)] * count)]
+            )[0]
+            starts.append(result[0].position)
+    return starts
+
+
+@pytest.mark.parametrize("backend", ["memory", "file"])
+def test_the_first_whole_frame_at_or_after_any_position(backend: str, tmp_path: Path) -> None:
+    storage: Storage = MemoryStorage() if backend == "memory" else FileStorage(tmp_path)
+    starts = _stream_of_varied_frames(storage, "orders")
+    with Reader.open(storage, "orders") as reader:
+        checkpoint = reader.checkpoint()
+        ends = [*starts[1:], checkpoint.length]
+        for target in sorted({0, 1, checkpoint.length - 1, *starts, *(s + 1 for s in starts)}):
+            expected = next((s for s in starts if s >= target), checkpoint.length)
+            assert whole_frame_from(reader, checkpoint, target) == expected, target
+        assert ends[-1] == checkpoint.length
+
+
+def test_the_target_of_each_limit() -> None:
+    storage = MemoryStorage()
+    starts = _stream_of_varied_frames(storage, "orders")
+    with Reader.open(storage, "orders") as reader:
+        checkpoint = reader.checkpoint()
+    store = storage.open_stream("orders")
+    last_timestamp = read_header(store.read(starts[-1], 96), 0, starts[-1]).timestamp
+    length = checkpoint.length
+    now = last_timestamp / 1000
+    # Bytes: at most max_bytes stay, cut at a frame start.
+    for max_bytes in (1, 5000, length // 2, length - 1):
+        _, target = retention_target(storage, "orders", RetentionPolicy(max_bytes=max_bytes), now)
+        assert target == next(s for s in [*starts, length] if s >= length - max_bytes)
+        assert length - target <= max_bytes
+    _, target = retention_target(storage, "orders", RetentionPolicy(max_bytes=length), now)
+    assert target == 0
+    # Age: everything older than now - max_age goes.
+    _, target = retention_target(storage, "orders", RetentionPolicy(max_age=1e6), now)
+    assert target == 0
+    _, target = retention_target(storage, "orders", RetentionPolicy(max_age=1), now + 3600)
+    assert target == length  # every message is older
+    # Both: the later cut wins.
+    both = RetentionPolicy(max_age=1e6, max_bytes=5000)
+    _, target = retention_target(storage, "orders", both, now)
+    assert target == next(s for s in [*starts, length] if s >= length - 5000)
+
+
+async def test_the_server_trims_by_bytes_in_the_background(aiohttp_client: MakeClient) -> None:
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage, RetentionSettings(interval=0.05))
+    for n in range(20):
+        await _publish(client, "orders", [f"message {n} " + "x" * 200])
+    await _publish(client, "billing", ["kept: no policy"])
+    response = await client.put("/streams/orders/retention", json={"max_bytes": 1000}, headers=ROOT)
+    assert response.status == 200
+    checkpoint = storage.open_stream("orders").read_checkpoint()
+    for _ in range(200):  # bounded: 10 s at most
+        checkpoint = storage.open_stream("orders").read_checkpoint()
+        if checkpoint.first_position:
+            break
+        await asyncio.sleep(0.05)
+    assert 0 < checkpoint.length - checkpoint.first_position <= 1000
+    assert storage.open_stream("billing").read_checkpoint().first_position == 0
+    # What is left reads from the first readable message; below it is refused.
+    with Reader.open(storage, "orders") as reader:
+        values = [m.value for m in reader.read(checkpoint.first_position)]
+    assert values[-1].startswith(b"message 19 ")
+    # Metrics: the bytes trimmed, the first position.
+    metrics = await (await client.get("/metrics")).text()
+    assert sample(metrics, "messagevault_retention_trimmed_bytes_total", stream="orders") == (
+        checkpoint.first_position
+    )
+    assert sample(metrics, "messagevault_stream_first_position_bytes", stream="orders") == (
+        checkpoint.first_position
+    )
+
+
+async def test_the_server_trims_by_age(aiohttp_client: MakeClient) -> None:
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage)
+    task: RetentionTask = client.server.app[RETENTION]
+    for n in range(5):
+        await _publish(client, "orders", [f"old {n}"])
+    old = storage.open_stream("orders").read_checkpoint()
+    await asyncio.sleep(0.01)  # the next message is stamped a later millisecond
+    await _publish(client, "orders", ["new"])
+    new = storage.open_stream("orders").read_checkpoint()
+    assert new.last_timestamp > old.last_timestamp
+    await client.put("/streams/orders/retention", json={"max_age": 3600}, headers=ROOT)
+    # An hour after the first, to the millisecond: it is not older than the hour yet.
+    first = read_header(storage.open_stream("orders").read(0, 96), 0, 0).timestamp
+    task.clock = lambda: first / 1000 + 3600
+    assert await task.run_once() == []
+    # An hour after "new": the old ones go, "new" stays.
+    task.clock = lambda: new.last_timestamp / 1000 + 3600
+    (applied,) = await task.run_once()
+    assert applied.stream == "orders"
+    assert (applied.first_position, applied.first_sequence) == (old.length, 5)
+    assert applied.trimmed_bytes == old.length
+    assert storage.open_stream("orders").read_checkpoint().first_position == old.length
+    assert await task.run_once() == []  # nothing more to do
+    # Later still: every message is older, and all of them go.
+    task.clock = lambda: new.last_timestamp / 1000 + 3601
+    (applied,) = await task.run_once()
+    assert (applied.first_position, applied.first_sequence) == (new.length, 6)
