@@ -12,14 +12,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
-from messagevault import FileStorage, MemoryStorage, Reader, encode_batch
+from messagevault import FileStorage, MemoryStorage, Reader, Writer, cli, encode_batch
+from messagevault.cli import main
 from messagevault.errors import CommitterClosed, StreamNotFound
 from messagevault.retention_policy import RetentionPolicy, load_policy, save_policy
 from messagevault.server import StreamHub, create_app
 from messagevault.server.auth import Authenticator, Users, save_users
 from messagevault.storage.base import Storage
 from messagevault.writer import AppendResult
+from tests.served import ServedApp
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -227,3 +230,110 @@ async def test_the_hub_deletes_a_stream_it_writes_and_readers_find_it_gone(
             await hub.delete_stream("orders")
     finally:
         await hub.close()
+
+
+# The CLI -----------------------------------------------------------------------------------
+
+
+def _cli(tmp_path: Path, *args: str, stdin: str | None = None, **env: str) -> tuple[int, str]:
+    variables: dict[str, str | None] = {
+        "MESSAGEVAULT_STORAGE": f"file:{tmp_path}",
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "no-config.toml"),
+        "MESSAGEVAULT_URL": None,
+        "MESSAGEVAULT_PROFILE": None,
+        "MESSAGEVAULT_USER": None,
+        "MESSAGEVAULT_PASSWORD": None,
+        **env,
+    }
+    result = CliRunner().invoke(main, list(args), input=stdin, env=variables)
+    return result.exit_code, result.stderr
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def _a_stream(tmp_path: Path, stream: str = "orders") -> None:
+    with Writer.open(FileStorage(tmp_path), stream) as writer:
+        writer.append([(b"", b"a"), (b"", b"b")])
+
+
+def test_cli_delete_asks_for_the_streams_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _a_stream(tmp_path)
+    code, err = _cli(tmp_path, "delete", "orders")  # no terminal to ask on
+    assert code == 2
+    assert "--yes" in _one_line(err)
+    assert FileStorage(tmp_path).list_streams() == ["orders"]
+
+    monkeypatch.setattr(cli, "_stdin_is_terminal", lambda: True)
+    code, err = _cli(tmp_path, "delete", "orders", stdin="order\n")
+    assert code == 1
+    assert "you typed 'order', not 'orders': nothing deleted" in err
+    assert "holds 2 messages" in err
+    assert FileStorage(tmp_path).list_streams() == ["orders"]
+    code, err = _cli(tmp_path, "delete", "orders", stdin="\n")
+    assert code == 1
+    assert FileStorage(tmp_path).list_streams() == ["orders"]
+
+    code, err = _cli(tmp_path, "delete", "orders", stdin="orders\n")
+    assert code == 0, err
+    assert "deleted stream orders" in err
+    assert FileStorage(tmp_path).list_streams() == []
+
+
+def test_cli_delete_with_yes_and_its_bad_inputs(tmp_path: Path) -> None:
+    _a_stream(tmp_path)
+    save_policy(FileStorage(tmp_path), "orders", RetentionPolicy(max_age=60))
+    code, err = _cli(tmp_path, "delete", "nothing", "--yes")
+    assert code == 1
+    assert "nothing" in _one_line(err)
+    code, err = _cli(tmp_path, "delete", "Bad_Name", "--yes")
+    assert code == 1
+    assert "stream name" in _one_line(err)
+    assert FileStorage(tmp_path).list_streams() == ["orders"]
+    code, err = _cli(tmp_path, "delete", "orders", "--yes")
+    assert code == 0, err
+    assert FileStorage(tmp_path).list_streams() == []
+    assert load_policy(FileStorage(tmp_path), "orders") is None
+
+
+def test_cli_delete_refuses_storage_a_server_serves(tmp_path: Path) -> None:
+    _a_stream(tmp_path)
+    storage = FileStorage(tmp_path)
+    with storage.hold_server_lock():  # a single server on the folder
+        code, err = _cli(tmp_path, "delete", "orders", "--yes")
+    assert code == 1
+    assert "already serves the data folder" in _one_line(err)
+    node = storage.leases().acquire(
+        "nodes/n1", holder="n1", address="http://127.0.0.1:9", duration=30
+    )
+    try:
+        code, err = _cli(tmp_path, "delete", "orders", "--yes")
+        assert code == 1
+        assert "served by server nodes (n1): delete it through them" in _one_line(err)
+    finally:
+        storage.leases().release(node)
+    assert storage.list_streams() == ["orders"]
+
+
+def test_cli_delete_through_a_server(tmp_path: Path) -> None:
+    storage = _with_users(FileStorage(tmp_path / "served"))
+    _a_stream(tmp_path / "served")
+    authenticator = Authenticator(storage, reload_interval=0)  # type: ignore[arg-type]
+    with ServedApp(create_app(StreamHub(storage), authenticator=authenticator)) as server:
+        writer = {"MESSAGEVAULT_USER": "writer", "MESSAGEVAULT_PASSWORD": "writer-secret"}
+        code, err = _cli(tmp_path, "delete", "orders", "--yes", "--url", server.url, **writer)
+        assert code == 1
+        assert "users grant writer admin" in _one_line(err)
+        assert storage.list_streams() == ["orders"]
+        root = {"MESSAGEVAULT_USER": "root", "MESSAGEVAULT_PASSWORD": "root-secret"}
+        code, err = _cli(tmp_path, "delete", "orders", "--yes", "--url", server.url, **root)
+        assert code == 0, err
+        assert storage.list_streams() == []
+        code, err = _cli(tmp_path, "delete", "orders", "--yes", "--url", server.url, **root)
+        assert code == 1
+        assert "not" in _one_line(err)

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 
 from messagevault import FileStorage, MemoryStorage, Reader, Writer
+from messagevault.cli import main
 from messagevault.errors import InvalidInput
 from messagevault.format import encode_batch, read_header
 from messagevault.retention_policy import (
@@ -37,6 +39,7 @@ from messagevault.server.retention_task import (
 )
 from messagevault.storage.base import Storage
 from tests.prometheus_text import sample
+from tests.served import ServedApp
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -390,3 +393,131 @@ async def test_the_server_trims_by_age(aiohttp_client: MakeClient) -> None:
     task.clock = lambda: new.last_timestamp / 1000 + 3601
     (applied,) = await task.run_once()
     assert (applied.first_position, applied.first_sequence) == (new.length, 6)
+
+
+# The CLI -----------------------------------------------------------------------------------
+
+
+def _cli(tmp_path: Path, *args: str, **env: str) -> tuple[int, str, str]:
+    variables: dict[str, str | None] = {
+        "MESSAGEVAULT_STORAGE": f"file:{tmp_path}",
+        "MESSAGEVAULT_CONFIG": str(tmp_path / "no-config.toml"),
+        "MESSAGEVAULT_URL": None,
+        "MESSAGEVAULT_PROFILE": None,
+        "MESSAGEVAULT_USER": None,
+        "MESSAGEVAULT_PASSWORD": None,
+        **env,
+    }
+    result = CliRunner().invoke(main, list(args), env=variables)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_cli_shows_sets_and_clears_a_policy_in_storage(tmp_path: Path) -> None:
+    with Writer.open(FileStorage(tmp_path), "orders") as writer:
+        writer.append([(b"", b"a")])
+    code, out, err = _cli(tmp_path, "retention", "orders")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {
+        "stream": "orders",
+        "max_age": None,
+        "max_bytes": None,
+        "source": "none",
+    }
+    code, out, _ = _cli(tmp_path, "retention", "orders", "--max-age", "7d")
+    assert code == 0
+    assert json.loads(out)["max_age"] == 7 * 86400
+    code, out, _ = _cli(tmp_path, "retention", "orders", "--max-bytes", "10GiB")
+    assert code == 0  # the age limit stays
+    assert (json.loads(out)["max_age"], json.loads(out)["max_bytes"]) == (7 * 86400, 10 * 1024**3)
+    code, out, _ = _cli(tmp_path, "retention", "orders", "--max-age", "none")
+    assert code == 0
+    assert load_policy(FileStorage(tmp_path), "orders") == RetentionPolicy(max_bytes=10 * 1024**3)
+    code, out, _ = _cli(tmp_path, "retention", "orders", "--clear")
+    assert code == 0
+    assert json.loads(out)["source"] == "none"
+    assert load_policy(FileStorage(tmp_path), "orders") is None
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--max-age", "7x"], 2, "not a duration"),
+        (["--max-age", "-1d"], 2, "not a duration"),
+        (["--max-bytes", "lots"], 2, "not a size"),
+        (["--max-bytes", "0"], 2, "not a size"),
+        (["--clear", "--max-age", "1d"], 2, "give it alone"),
+        (["--max-bytes", "none"], 2, "needs max_age or max_bytes"),
+    ],
+)
+def test_cli_retention_bad_inputs_change_nothing(
+    tmp_path: Path, args: list[str], code: int, words: str
+) -> None:
+    with Writer.open(FileStorage(tmp_path), "orders") as writer:
+        writer.append([(b"", b"a")])
+    save_policy(FileStorage(tmp_path), "orders", RetentionPolicy(max_bytes=4096))
+    exit_code, _, err = _cli(tmp_path, "retention", "orders", *args)
+    assert exit_code == code
+    assert words in _one_line(err)
+    assert load_policy(FileStorage(tmp_path), "orders") == RetentionPolicy(max_bytes=4096)
+
+
+def test_cli_retention_of_no_stream(tmp_path: Path) -> None:
+    with Writer.open(FileStorage(tmp_path), "orders") as writer:
+        writer.append([(b"", b"a")])
+    code, _, err = _cli(tmp_path, "retention", "nothing", "--max-age", "1d")
+    assert code == 1
+    assert "nothing" in _one_line(err)
+    assert load_policy(FileStorage(tmp_path), "nothing") is None
+
+
+def test_cli_retention_through_a_server(tmp_path: Path) -> None:
+    storage = _with_users(MemoryStorage())
+    default = RetentionSettings(default=RetentionPolicy(max_age=86400.0))
+    app = create_app(
+        StreamHub(storage),
+        authenticator=Authenticator(storage, reload_interval=0),
+        retention=default,
+    )
+    with ServedApp(app) as server:
+        with Writer.open(storage, "orders") as writer:
+            writer.append([(b"", b"a")])
+        root = {"MESSAGEVAULT_USER": "root", "MESSAGEVAULT_PASSWORD": "root-secret"}
+        code, out, err = _cli(tmp_path, "retention", "orders", "--url", server.url, **root)
+        assert (code, err) == (0, "")
+        assert json.loads(out)["source"] == "default"
+        code, out, err = _cli(
+            tmp_path, "retention", "orders", "--max-bytes", "1MiB", "--url", server.url, **root
+        )
+        assert code == 0, err
+        assert json.loads(out) == {
+            "stream": "orders",
+            "max_age": None,  # the default's age is not copied into the stream's own policy
+            "max_bytes": 1024**2,
+            "source": "stream",
+        }
+        reader = {"MESSAGEVAULT_USER": "reader", "MESSAGEVAULT_PASSWORD": "reader-secret"}
+        code, out, _ = _cli(tmp_path, "retention", "orders", "--url", server.url, **reader)
+        assert (code, json.loads(out)["max_bytes"]) == (0, 1024**2)
+        code, _, err = _cli(
+            tmp_path, "retention", "orders", "--clear", "--url", server.url, **reader
+        )
+        assert code == 1
+        assert "users grant reader admin" in _one_line(err)
+    assert load_policy(storage, "orders") == RetentionPolicy(max_bytes=1024**2)
+
+
+def test_serve_refuses_bad_retention_options(tmp_path: Path) -> None:
+    for args, words in (
+        (["--retention-max-age", "soon"], "--retention-max-age"),
+        (["--retention-max-bytes", "big"], "--retention-max-bytes"),
+        (["--retention-interval", "0"], "--retention-interval"),
+    ):
+        code, _, err = _cli(tmp_path, "serve", "--port", "0", *args)
+        assert code == 2
+        assert words in _one_line(err)

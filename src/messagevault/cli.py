@@ -189,6 +189,9 @@ def _explain(exc: MessageVaultError, ctx: click.Context) -> str:
             f"{given}; set MESSAGEVAULT_USER and MESSAGEVAULT_PASSWORD, "
             f"or choose a profile of {config_path()} with --profile NAME"
         )
+    elif isinstance(exc, Forbidden) and target is not None and command in _ADMIN_COMMANDS:
+        user = target.user or "USER"
+        parts.append(f"it takes the admin claim: messagevault users grant {user} admin")
     elif isinstance(exc, Forbidden) and target is not None:
         claim = "write" if command == "publish" else "read"
         parts.append(
@@ -199,6 +202,10 @@ def _explain(exc: MessageVaultError, ctx: click.Context) -> str:
         parts.append("`messagevault streams` lists the streams there")
     parts.extend(getattr(exc, "__notes__", []))
     return "; ".join(parts)
+
+
+# Commands whose requests take the admin claim (``retention`` only to set a policy).
+_ADMIN_COMMANDS = frozenset({"delete", "retention", "trim"})
 
 
 def _examples(*lines: str) -> str:

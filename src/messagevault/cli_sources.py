@@ -293,7 +293,7 @@ class StorageSource:
         from messagevault.retention_policy import delete_policy
         from messagevault.storage.base import ServerLock
 
-        self.refuse_if_served("delete it")
+        self.refuse_if_served("delete it through them, e.g. --url {address}")
         lock = self.storage.hold_server_lock() if isinstance(self.storage, ServerLock) else None
         with lock or contextlib.nullcontext():
             reader = self._readers.pop(stream, None)
