@@ -45,6 +45,7 @@ from messagevault.cli_output import (
 from messagevault.cli_sources import (
     Source,
     StorageSource,
+    TrimTarget,
     copy_source,
     open_source,
     sas_reader,
@@ -1777,6 +1778,98 @@ def _retention_policy(
         return RetentionPolicy(age, size)
     except InvalidInput as exc:
         raise click.UsageError(f"{exc} (--clear drops the policy)") from None
+
+
+@main.command(
+    epilog=_examples(
+        "messagevault trim orders --older-than 7d --url http://127.0.0.1:8080",
+        "messagevault trim orders --before-sequence 1000000 --profile admin",
+        "messagevault trim orders --before-time 2026-12-01T14:00Z",
+        "messagevault trim orders --before-position 1260 --storage file:./data",
+    )
+)
+@source_options
+@click.argument("stream")
+@click.option(
+    "--before-position",
+    type=click.IntRange(0),
+    metavar="P",
+    help="Trim the frames before the one holding the message at P (the length: all of them).",
+)
+@click.option(
+    "--before-sequence",
+    type=click.IntRange(0),
+    metavar="N",
+    help="Trim the messages before message number N (N stays; the message count: all).",
+)
+@click.option(
+    "--before-time",
+    metavar="TIME",
+    callback=_time_value,
+    help="Trim the messages older than TIME: ISO 8601 with a zone (2026-12-01T14:00Z) "
+    "or milliseconds since the Unix epoch.",
+)
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    callback=_duration_value,
+    help="Trim the messages older than DURATION ago: 90s, 10m, 12h, 7d, 2w.",
+)
+def trim(
+    *,
+    url: str | None,
+    storage: str | None,
+    profile: str | None,
+    stream: str,
+    before_position: int | None,
+    before_sequence: int | None,
+    before_time: datetime | float | None,
+    older_than: timedelta | None,
+) -> None:
+    """Release STREAM's messages before a position, a sequence or a time, for good.
+
+    Whole frames go from the front; positions never change, and reads
+    below the new first readable position get a clear error (a read from
+    the start begins there). Never backwards: a point already trimmed
+    changes nothing. Through a server it takes the admin claim; straight to
+    --storage it is refused while server nodes serve that storage. Prints
+    where the stream now starts: JSON when piped.
+    """
+    validate_stream_name(stream)
+    given = [
+        option
+        for option, value in (
+            ("--before-position", before_position),
+            ("--before-sequence", before_sequence),
+            ("--before-time", before_time),
+            ("--older-than", older_than),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise click.UsageError(
+            "give one place to trim before"
+            + (f", not {' and '.join(given)}" if given else "")
+            + ": --before-position, --before-sequence, --before-time or --older-than"
+        )
+    target = TrimTarget(
+        before_position,
+        before_sequence,
+        ago(older_than) if older_than is not None else before_time,
+    )
+    with _source(url, storage, profile) as source:
+        result = source.trim(stream, target)
+    if default_format(None) != "table":
+        print_json(dataclasses.asdict(result))
+        return
+    starts = (
+        f"{stream} starts at position {result.first_position:,} "
+        f"(sequence {result.first_sequence:,})"
+    )
+    if not result.trimmed:
+        click.echo(f"{starts}: nothing before that point was left to trim")
+        return
+    click.echo(f"trimmed {starts}; {human_bytes(result.released_bytes)} of storage released")
 
 
 main.add_command(stress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import click
 
 from messagevault.cli_config import Target, server_target
+from messagevault.client.base import Trimmed
 from messagevault.errors import StreamNotFound
 from messagevault.format import EncodedBatch, Message, read_header
 from messagevault.reader import Reader, VerifyReport
@@ -32,6 +34,15 @@ if TYPE_CHECKING:
 
 FOLLOW_POLL_INTERVAL = 0.1  # seconds between checkpoint reads at the tail of storage
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrimTarget:
+    """Where ``trim`` cuts a stream: one of these, the others None."""
+
+    before_position: int | None = None
+    before_sequence: int | None = None
+    before_time: datetime | float | None = None
 
 
 class Source(Protocol):
@@ -87,6 +98,10 @@ class Source(Protocol):
 
     def clear_retention(self, stream: str) -> None: ...
 
+    def trim(self, stream: str, target: TrimTarget) -> Trimmed:
+        """Release the messages before ``target`` (through a server: the admin claim)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -141,13 +156,17 @@ def copy_source(
 
 def stream_info(reader: Reader, stream: str) -> StreamInfo:
     checkpoint = reader.checkpoint()
-    first = next(reader.read(committed=checkpoint.length), None)  # decodes the first frame
+    first = None
+    if checkpoint.first_position < checkpoint.length:  # a message is left (a trim takes all)
+        first = reader.header_at(checkpoint.first_position, committed=checkpoint.length)
     return StreamInfo.from_timestamps(
         stream,
         checkpoint.length,
         checkpoint.next_sequence,
         first_write=first.timestamp if first else None,
         last_write=checkpoint.last_timestamp if checkpoint.length else None,
+        first_position=checkpoint.first_position,
+        first_sequence=first.base_sequence if first else checkpoint.next_sequence,
     )
 
 
@@ -329,6 +348,25 @@ class StorageSource:
         self.reader(stream)  # StreamNotFound for no such stream
         delete_policy(self._system_files(), stream)
 
+    def trim(self, stream: str, target: TrimTarget) -> Trimmed:
+        writer = self._writers.pop(stream, None)
+        if writer is None:
+            self.refuse_if_served("trim through them, e.g. --url {address}")
+            writer = Writer.open(self.storage, stream, create=False)
+        with writer:
+            result = writer.trim_below(
+                position=target.before_position,
+                sequence=target.before_sequence,
+                time=target.before_time,
+            )
+        return Trimmed(
+            stream,
+            result.first_position,
+            result.first_sequence,
+            result.released_bytes,
+            result.trimmed,
+        )
+
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
@@ -404,6 +442,14 @@ class ServerSource:
 
     def clear_retention(self, stream: str) -> None:
         self.client.clear_retention(stream)
+
+    def trim(self, stream: str, target: TrimTarget) -> Trimmed:
+        return self.client.trim(
+            stream,
+            before_position=target.before_position,
+            before_sequence=target.before_sequence,
+            before_time=target.before_time,
+        )
 
     def close(self) -> None:
         self.client.close()

@@ -25,6 +25,7 @@ from messagevault.errors import (
     CorruptData,
     InvalidBatch,
     MessageVaultError,
+    PositionTrimmed,
     for_code,
 )
 from messagevault.format import (
@@ -530,6 +531,10 @@ class StreamInfo:
     ``first_write`` and ``last_write`` are ``None`` for an empty stream;
     ``GET /streams`` gives only name, length and message count, and
     ``read_access`` only comes with a single stream's info.
+    ``first_position`` and ``first_sequence`` are where the readable
+    messages start: 0 and 0 unless the stream was trimmed, the length and
+    ``messages`` when it was trimmed of all of them. ``first_write`` is the
+    first *readable* message's time.
     """
 
     stream: str
@@ -538,6 +543,8 @@ class StreamInfo:
     first_write: datetime | None = None
     last_write: datetime | None = None
     read_access: ReadAccess | None = None
+    first_position: int = 0
+    first_sequence: int = 0
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> StreamInfo:
@@ -553,6 +560,9 @@ class StreamInfo:
                 if access is None
                 else ReadAccess(access["kind"], access["location"], access.get("expires_at"))
             ),
+            # Absent from servers that predate trimming: nothing was trimmed there.
+            first_position=document.get("first_position", 0),
+            first_sequence=document.get("first_sequence", 0),
         )
 
     @classmethod
@@ -565,6 +575,8 @@ class StreamInfo:
         first_write: int | None,
         last_write: int | None,
         read_access: ReadAccess | None = None,
+        first_position: int = 0,
+        first_sequence: int = 0,
     ) -> StreamInfo:
         """From the milliseconds a checkpoint and a frame hold (the server's side)."""
         return cls(
@@ -574,6 +586,8 @@ class StreamInfo:
             None if first_write is None else _datetime(first_write),
             None if last_write is None else _datetime(last_write),
             read_access,
+            first_position,
+            first_sequence,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -583,6 +597,8 @@ class StreamInfo:
             "stream": self.stream,
             "length": self.length,
             "messages": self.messages,
+            "first_position": self.first_position,
+            "first_sequence": self.first_sequence,
             "first_write": _optional_iso(self.first_write),
             "last_write": _optional_iso(self.last_write),
             "read_access": None if access is None else dataclasses.asdict(access),
@@ -607,9 +623,12 @@ DEFAULT_MAX_BODY: Final = 512 * 1024 * 1024
 # Errors --------------------------------------------------------------------------------
 
 
-def error_body(code: str, detail: str) -> bytes:
-    """The one error shape: ``{"error": code, "detail": text}``."""
-    return json.dumps({"error": code, "detail": detail}).encode()
+def error_body(code: str, detail: str, fields: Mapping[str, object] | None = None) -> bytes:
+    """The one error shape: ``{"error": code, "detail": text}``, plus ``fields`` of some codes.
+
+    ``position_trimmed`` carries ``first_position``, where the stream now starts.
+    """
+    return json.dumps({"error": code, "detail": detail, **(fields or {})}).encode()
 
 
 def error_from_body(status: int, body: bytes) -> MessageVaultError:
@@ -628,4 +647,7 @@ def error_from_body(status: int, body: bytes) -> MessageVaultError:
         code, detail = f"http_{status}", f"HTTP {status}" + (f": {text}" if text else "")
     error = for_code(code)(detail)
     error.status = status
+    if isinstance(error, PositionTrimmed):
+        first = document.get("first_position") if isinstance(document, dict) else None
+        error.first_position = first if isinstance(first, int) else None
     return error

@@ -23,6 +23,7 @@ from messagevault.client.base import (
     Retries,
     Seek,
     Settings,
+    Trimmed,
     answered_error,
     batch_of,
     check_limit,
@@ -50,6 +51,7 @@ from messagevault.client.base import (
     stream_infos,
     streams_request,
     too_large,
+    trim_request,
     unreachable,
 )
 from messagevault.client.http1 import AsyncConnection, BadAnswer, tls_context
@@ -224,6 +226,24 @@ class AsyncClient:
     async def delete_stream(self, stream: str) -> None:
         """Delete ``stream`` and everything in it, for good; ``StreamNotFound`` if there is none."""
         no_content(await self._call(delete_request(self._settings, stream)))
+
+    async def trim(
+        self,
+        stream: str,
+        *,
+        before_position: int | None = None,
+        before_sequence: int | None = None,
+        before_time: datetime | float | None = None,
+    ) -> Trimmed:
+        """Release the messages before a point (see ``Client.trim``)."""
+        request = trim_request(
+            self._settings,
+            stream,
+            before_position=before_position,
+            before_sequence=before_sequence,
+            before_time=before_time,
+        )
+        return Trimmed.from_json(json_of(await self._call(request)))
 
     async def retention(self, stream: str) -> dict[str, Any]:
         """The retention that applies to ``stream`` (see ``Client.retention``)."""

@@ -261,6 +261,60 @@ def retention_request(
     return Request("PUT", path, headers(settings, Accept=JSON, Content_Type=JSON), body)
 
 
+@dataclass(frozen=True)
+class Trimmed:
+    """What a trim answers (``Client.trim``): where the stream's readable messages now start."""
+
+    stream: str
+    first_position: int
+    first_sequence: int  # the next sequence to be written when every message was trimmed
+    released_bytes: int  # storage this trim gave back
+    trimmed: bool  # False: the stream already started at or past that point
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Trimmed:
+        return cls(
+            document["stream"],
+            document["first_position"],
+            document["first_sequence"],
+            document["released_bytes"],
+            document["trimmed"],
+        )
+
+
+def trim_request(
+    settings: Settings,
+    stream: str,
+    *,
+    before_position: int | None = None,
+    before_sequence: int | None = None,
+    before_time: datetime | float | None = None,
+) -> Request:
+    """``POST /streams/{stream}/trim`` below one of the three (the server checks them)."""
+    given = {
+        name: value
+        for name, value in (
+            ("before_position", before_position),
+            ("before_sequence", before_sequence),
+            ("before_time", before_time),
+        )
+        if value is not None
+    }
+    if len(given) != 1:
+        raise InvalidInput(
+            "a trim needs exactly one of before_position, before_sequence and before_time"
+        )
+    if before_time is not None:
+        try:  # whole ms, rounded up: the first message at or after it stays
+            given["before_time"] = timestamp_ms(before_time)
+        except ValueError as exc:
+            raise InvalidInput(f"before_time: {exc}") from None
+    body = json.dumps(given).encode()
+    # Sent again after a lost answer: a trim repeated changes nothing more.
+    path = stream_path(stream, "/trim")
+    return Request("POST", path, headers(settings, Accept=JSON, Content_Type=JSON), body)
+
+
 def clear_retention_request(settings: Settings, stream: str) -> Request:
     return Request("DELETE", stream_path(stream, "/retention"), headers(settings, Accept=JSON))
 
@@ -440,6 +494,8 @@ def started_at(answer: Answer, position: int | Seek) -> int:
     header, and is refused rather than taken for the messages asked for.
     """
     if not isinstance(position, Seek):
+        if position == 0 and answer.header(POSITION_HEADER):  # a trimmed stream starts past 0
+            return int(answer.header(POSITION_HEADER) or "0")
         return position
     raise_for_error(answer)
     try:

@@ -28,6 +28,7 @@ from messagevault.client.base import (
     Retries,
     Seek,
     Settings,
+    Trimmed,
     answered_error,
     batch_of,
     check_limit,
@@ -56,6 +57,7 @@ from messagevault.client.base import (
     stream_infos,
     streams_request,
     too_large,
+    trim_request,
     unreachable,
 )
 from messagevault.client.http1 import BadAnswer, Connection, tls_context
@@ -320,6 +322,31 @@ class Client:
     def clear_retention(self, stream: str) -> None:
         """Drop ``stream``'s own policy: the server's default applies again."""
         no_content(self._call(clear_retention_request(self._settings, stream)))
+
+    def trim(
+        self,
+        stream: str,
+        *,
+        before_position: int | None = None,
+        before_sequence: int | None = None,
+        before_time: datetime | float | None = None,
+    ) -> Trimmed:
+        """Release the messages before a position, a sequence or a time; give exactly one.
+
+        Whole frames go: the message at ``before_position`` or
+        ``before_sequence``, and the first at or after ``before_time`` (an
+        aware ``datetime`` or Unix seconds), stay readable. Reads below the
+        new first position then raise ``PositionTrimmed``. Never backwards:
+        a point already trimmed changes nothing (``trimmed`` is False).
+        """
+        request = trim_request(
+            self._settings,
+            stream,
+            before_position=before_position,
+            before_sequence=before_sequence,
+            before_time=before_time,
+        )
+        return Trimmed.from_json(json_of(self._call(request)))
 
     # Reading ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from messagevault.errors import (
     NotWriter,
     NoWriter,
     Overloaded,
+    PositionTrimmed,
     SequenceGap,
     StaleSequence,
     StorageError,
@@ -38,7 +39,7 @@ from messagevault.errors import (
     WriterConflict,
     WriterUnreachable,
 )
-from messagevault.format import EncodedBatch, parse_batch
+from messagevault.format import EncodedBatch, parse_batch, read_header
 from messagevault.names import validate_stream_name
 from messagevault.server.auth import Authenticator, Forbidden, Principal, Unauthenticated
 from messagevault.server.cluster import NODE_HEADER, ON_BEHALF_HEADER, Cluster
@@ -72,6 +73,7 @@ from messagevault.wire import (
     appended_minimal,
     error_body,
     json_append,
+    parse_json,
     read_answer_json,
     record_json,
     records_ndjson_of,
@@ -120,6 +122,7 @@ _STATUS = {  # the first class an error is an instance of decides
     UnsupportedMediaType: 415,  # before InvalidInput, its base
     Unauthenticated: 401,
     Forbidden: 403,
+    PositionTrimmed: 410,  # before InvalidPosition, its base: those messages are gone for good
     InvalidPosition: 400,
     InvalidInput: 400,
     CorruptData: 400,  # on the request path, corrupt bytes are a bad request body
@@ -145,8 +148,17 @@ def _status_for(exc: MessageVaultError) -> int:
     return 500
 
 
-def error_response(status: int, code: str, detail: str) -> web.Response:
-    return web.Response(body=error_body(code, detail), status=status, content_type=JSON)
+def error_response(
+    status: int, code: str, detail: str, fields: dict[str, object] | None = None
+) -> web.Response:
+    return web.Response(body=error_body(code, detail, fields), status=status, content_type=JSON)
+
+
+def _error_fields(exc: MessageVaultError) -> dict[str, object] | None:
+    """What an error's JSON carries besides code and detail, for a client to act on."""
+    if isinstance(exc, PositionTrimmed) and exc.first_position is not None:
+        return {"first_position": exc.first_position}
+    return None
 
 
 @web.middleware
@@ -225,7 +237,7 @@ async def _answer(
         response = await handler(request)
     except MessageVaultError as exc:
         error = exc.code
-        response = error_response(_status_for(exc), exc.code, str(exc))
+        response = error_response(_status_for(exc), exc.code, str(exc), _error_fields(exc))
         if isinstance(exc, Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Basic realm="messagevault"'
         elif exc.retriable and response.status == 503:
@@ -367,6 +379,7 @@ def create_app(
     app.router.add_get("/streams", list_streams)
     app.router.add_get("/streams/{stream}", stream_info)
     app.router.add_get("/streams/{stream}/messages", read_messages)
+    app.router.add_post("/streams/{stream}/trim", trim_stream)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_route)
@@ -527,15 +540,101 @@ async def stream_info(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     checkpoint = await hub.checkpoint(stream)
     length = checkpoint.length
+    # The first *readable* message: a trimmed stream's starts past position 0.
+    first = await hub.first_header(stream, checkpoint)
     info = StreamInfo.from_timestamps(
         stream,
         length,
         checkpoint.next_sequence,
-        first_write=await hub.first_timestamp(stream, length) if length else None,
+        first_write=None if first is None else first.timestamp,
         last_write=checkpoint.last_timestamp if checkpoint.length else None,
         read_access=await hub.read_access(stream),
+        first_position=checkpoint.first_position if first is None else first.base_position,
+        first_sequence=checkpoint.next_sequence if first is None else first.base_sequence,
     )
     return web.json_response(info.to_json())
+
+
+TRIM_TARGETS: Final = ("before_position", "before_sequence", "before_time")
+
+
+async def trim_stream(request: web.Request) -> web.Response:
+    """``POST /streams/{stream}/trim`` (admin): release the messages before a point.
+
+    The body is ``{"before_position": P}``, ``{"before_sequence": N}`` or
+    ``{"before_time": T}`` (ISO 8601 with a zone, or ms since the epoch).
+    Done by the stream's writer: another node's request is forwarded there,
+    as an append is.
+    """
+    stream = _stream(request)
+    _require_admin(request, f"trim stream {stream!r}")
+    if request.content_type != JSON:
+        raise UnsupportedMediaType(f"send the trim as {JSON}, not {request.content_type!r}")
+    body = await _body(request)
+    target = _trim_target(body)
+    hub = request.app[HUB]
+    await hub.checkpoint(stream)  # 404 for no such stream, before any lease is taken
+    cluster = request.app.get(CLUSTER)
+    if cluster is not None:
+        principal: Principal = request[PRINCIPAL]
+        address = await cluster.writer_for(stream, forwarded=principal.node)
+        if address is not None:
+            if principal.node:
+                raise NotWriter(f"this node does not write {stream!r}; its writer is at {address}")
+            answer = await cluster.relay(address, "POST", request.path, principal.name, body=body)
+            request[NOTES].kind = "forwarded"
+            return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    result = await hub.trim(stream, target.position, sequence=target.sequence, time=target.time)
+    return web.json_response(
+        {
+            "stream": stream,
+            "first_position": result.first_position,
+            "first_sequence": result.first_sequence,
+            "released_bytes": result.released_bytes,
+            "trimmed": result.trimmed,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class _TrimTarget:
+    """The one point a trim request names (the others None)."""
+
+    position: int | None = None
+    sequence: int | None = None
+    time: datetime | float | None = None
+
+
+def _trim_target(body: bytes) -> _TrimTarget:
+    """The point a trim request body names; ``InvalidInput`` for anything else."""
+    try:
+        document = parse_json(body)
+    except ValueError as exc:
+        raise InvalidInput(f"the trim request is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput(f"the trim request must be a JSON object with one of {TRIM_TARGETS}")
+    unknown = sorted(set(document) - set(TRIM_TARGETS))
+    given = [name for name in TRIM_TARGETS if name in document]
+    if unknown or len(given) != 1:
+        problem = f"unknown field {unknown[0]!r}" if unknown else f"{len(given)} given"
+        raise InvalidInput(f"a trim takes exactly one of {', '.join(TRIM_TARGETS)} ({problem})")
+    name = given[0]
+    value = document[name]
+    if name == "before_time":
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise InvalidInput(
+                f"'before_time' must be an ISO 8601 time with a zone or ms since the epoch, "
+                f"not {value!r}"
+            )
+        try:
+            return _TrimTarget(time=parse_time(str(value)))
+        except ValueError as exc:
+            raise InvalidInput(f"'before_time': {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_POSITION:
+        raise InvalidInput(f"{name!r} must be an integer from 0 to {MAX_POSITION}, not {value!r}")
+    if name == "before_position":
+        return _TrimTarget(position=value)
+    return _TrimTarget(sequence=value)
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -676,7 +775,8 @@ async def _records_page(
     if len(frames.data) <= max_bytes:
         page = records_of_frames(frames.data, frames.skip, limit)
         if page is not None:
-            return page if page[0] else ([], position)
+            # No messages: continue where the read starts (past 0 once trimmed).
+            return page if page[0] else ([], frames.next_position)
     messages, next_position = await hub.read(stream, position, limit, max_bytes)
     return records_of_messages(messages), next_position
 
@@ -698,6 +798,10 @@ async def _binary_frames(
         request[NOTES].kind = "long_poll"
         await hub.wait_for_commit(stream, position, wait, gone=_gone(request))
         frames = await hub.read_frames(stream, position, max_bytes, limit)
+    if position == 0 and frames.data:  # from the start: past 0 once trimmed, so say where
+        position = read_header(frames.data, 0, None).base_position
+    elif position == 0:
+        position = frames.next_position
     return _frames_answer(frames.data, frames.skip, frames.next_position, position)
 
 

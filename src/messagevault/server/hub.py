@@ -40,8 +40,14 @@ from messagevault.committer import (
     CommitObserver,
     GroupCommitter,
 )
-from messagevault.errors import CommitterClosed, NotWriter, StreamLocked, StreamNotFound
-from messagevault.format import EncodedBatch, Message
+from messagevault.errors import (
+    CommitterClosed,
+    CorruptData,
+    NotWriter,
+    StreamLocked,
+    StreamNotFound,
+)
+from messagevault.format import EncodedBatch, FrameHeader, Message
 from messagevault.names import validate_stream_name
 from messagevault.producers import (
     DEFAULT_MAX_PRODUCERS,
@@ -53,7 +59,7 @@ from messagevault.recovery import recover
 from messagevault.storage.base import ReadAccess, Storage
 from messagevault.storage.file import FileStorage
 from messagevault.storage.leases import HeldLease
-from messagevault.writer import AppendResult, Writer
+from messagevault.writer import AppendResult, TrimResult, Writer
 
 T = TypeVar("T")
 
@@ -573,17 +579,50 @@ class StreamHub:
         self, stream: str, position: int, limit: int, max_bytes: int
     ) -> tuple[list[Message], int]:
         """Up to ``limit`` messages from ``position``; (messages, next position)."""
-        committed = self._known_length(stream)
-        return await self._with_reader(
-            stream, _read_messages, committed, position, limit, max_bytes
-        )
+        known = self._known_checkpoint(stream)
+        return await self._with_reader(stream, _read_messages, known, position, limit, max_bytes)
 
-    async def first_timestamp(self, stream: str, committed: int) -> int:
-        """When the first message of a non-empty stream was written (its frame's header).
+    async def first_header(self, stream: str, checkpoint: Checkpoint) -> FrameHeader | None:
+        """The header of the stream's first readable frame; None when no message is left.
 
-        From the header alone: the first message may be a value of any size.
+        That is at the checkpoint's first position (0 unless trimmed). From
+        the header alone: the first message may be a value of any size.
         """
-        return await self._with_reader(stream, _first_timestamp, committed)
+        if checkpoint.first_position >= checkpoint.length:
+            return None
+        return await self._with_reader(stream, _first_header, checkpoint)
+
+    async def trim(
+        self,
+        stream: str,
+        position: int | None = None,
+        *,
+        sequence: int | None = None,
+        time: datetime | float | None = None,
+    ) -> TrimResult:
+        """Trim ``stream`` below a position, a sequence or a time (``Writer.trim_below``).
+
+        The stream's writer does it, taking the writer from its committer
+        between two commits (``run_exclusive``); it is opened first if need
+        be, as for an append. ``StreamNotFound`` for a stream that does not
+        exist (none is created).
+        """
+        if stream not in self._committers:
+            await self.checkpoint(stream)  # StreamNotFound rather than a new empty stream
+        committer = await self._committer(stream)
+        trim_below = functools.partial(
+            Writer.trim_below, position=position, sequence=sequence, time=time
+        )
+        result = await self.run(functools.partial(committer.run_exclusive, trim_below))
+        if result.trimmed:
+            log.info(
+                "trimmed stream below position %d (sequence %d): %d bytes released",
+                result.first_position,
+                result.first_sequence,
+                result.released_bytes,
+                extra={"stream": stream},
+            )
+        return result
 
     async def read_frames(
         self, stream: str, position: int, max_bytes: int, max_messages: int | None = None
@@ -595,6 +634,7 @@ class StreamHub:
             max_bytes=max_bytes,
             max_messages=max_messages,
             committed=self._known_length(stream),
+            first_position=self._known_first_position(stream),
         )
         return await self._with_reader(stream, read_frames)
 
@@ -611,6 +651,11 @@ class StreamHub:
     async def check_position(self, stream: str, position: int) -> None:
         """Raise ``InvalidPosition`` unless ``position`` is a message position or the length."""
         await self._with_reader(stream, _check_position, self._known_length(stream), position)
+
+    def _known_first_position(self, stream: str) -> int | None:
+        """The first readable position, when known as ``_known_length`` is."""
+        known = self._known_checkpoint(stream)
+        return None if known is None else known.first_position
 
     def _known_length(self, stream: str) -> int | None:
         """The committed length, for readers to skip reading the checkpoint, when known."""
@@ -714,12 +759,18 @@ def _check_position(reader: Reader, committed: int | None, position: int) -> Non
     reader.read(position, committed=committed)  # checks the position; reads no frame yet
 
 
-def _first_timestamp(reader: Reader, committed: int) -> int:
-    return reader.header_at(0, committed=committed).timestamp
+def _first_header(reader: Reader, checkpoint: Checkpoint) -> FrameHeader | None:
+    try:
+        return reader.header_at(checkpoint.first_position, committed=checkpoint.length)
+    except CorruptData:  # released meanwhile (a trim since the checkpoint): look again
+        checkpoint = reader.checkpoint()
+        if checkpoint.first_position >= checkpoint.length:
+            return None
+        return reader.header_at(checkpoint.first_position, committed=checkpoint.length)
 
 
 def _read_messages(
-    reader: Reader, committed: int | None, position: int, limit: int, max_bytes: int
+    reader: Reader, known: Checkpoint | None, position: int, limit: int, max_bytes: int
 ) -> tuple[list[Message], int]:
     """At least one message (whatever its size), then more while they fit ``max_bytes``.
 
@@ -728,7 +779,13 @@ def _read_messages(
     """
     messages: list[Message] = []
     size = 0
-    for message in reader.read(position, committed=committed, max_bytes=max_bytes):
+    messages_read = reader.read(
+        position,
+        committed=None if known is None else known.length,
+        first_position=None if known is None else known.first_position,
+        max_bytes=max_bytes,
+    )
+    for message in messages_read:
         if messages and size + len(message.value) > max_bytes:
             break
         messages.append(message)
