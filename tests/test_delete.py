@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,12 +20,15 @@ from click.testing import CliRunner
 
 from messagevault import FileStorage, MemoryStorage, Reader, Writer, cli, encode_batch
 from messagevault.cli import main
+from messagevault.client import Client as MessageVaultClient
 from messagevault.errors import CommitterClosed, StreamNotFound
 from messagevault.retention_policy import RetentionPolicy, load_policy, save_policy
 from messagevault.server import StreamHub, create_app
 from messagevault.server.auth import Authenticator, Users, save_users
 from messagevault.storage.base import Storage
 from messagevault.writer import AppendResult
+from tests.cluster_nodes import PASSWORD, USER, Node, cluster_of
+from tests.cluster_nodes import _auth as cluster_auth
 from tests.served import ServedApp
 
 Client = TestClient[web.Request, web.Application]
@@ -337,3 +344,57 @@ def test_cli_delete_through_a_server(tmp_path: Path) -> None:
         code, err = _cli(tmp_path, "delete", "orders", "--yes", "--url", server.url, **root)
         assert code == 1
         assert "not" in _one_line(err)
+
+
+# Several nodes -----------------------------------------------------------------------------
+
+
+def _ask(node: Node, method: str, path: str, body: dict[str, Any] | None = None) -> int:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {**cluster_auth(), "Content-Type": "application/json"}
+    request = urllib.request.Request(f"{node.url}{path}", data, headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+TRIM_LINE = "trimmed stream by its retention policy"
+
+
+def test_several_nodes_the_writer_applies_retention_and_any_node_deletes(
+    tmp_path: Path,
+) -> None:
+    nodes = cluster_of(2, tmp_path, arguments=["--retention-interval", "0.2"])
+    with nodes as cluster, MessageVaultClient(cluster.urls, user=USER, password=PASSWORD) as client:
+        client.publish("orders", [("", "first")])
+        writer = cluster.writer_of("orders")
+        assert writer is not None
+        other = next(node for node in cluster.nodes if node is not writer)
+        # The policy is set through the node that does not write the stream...
+        assert _ask(other, "PUT", "/streams/orders/retention", {"max_bytes": 2000}) == 200
+        for n in range(30):
+            client.publish("orders", [("", f"message {n} " + "x" * 100)])
+        # ...and the writer applies it, within a few passes.
+        storage = FileStorage(tmp_path)
+        checkpoint = storage.open_stream("orders").read_checkpoint()
+        deadline = time.monotonic() + 20
+        while checkpoint.length - checkpoint.first_position > 2000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            checkpoint = storage.open_stream("orders").read_checkpoint()
+        assert 0 < checkpoint.length - checkpoint.first_position <= 2000
+        while TRIM_LINE not in writer.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the log is written behind the trim
+        assert TRIM_LINE in writer.log.read_text()
+        assert TRIM_LINE not in other.log.read_text()
+
+        # A delete through the node that does not write the stream.
+        assert _ask(other, "DELETE", "/streams/orders") == 204
+        for node in cluster.nodes:
+            assert _ask(node, "GET", "/streams/orders") == 404
+        assert storage.list_streams() == []
+        assert load_policy(storage, "orders") is None
+        (receipt,) = client.publish("orders", [("", "again")])
+        assert (receipt.sequence, receipt.position) == (0, 0)
+        assert _ask(writer, "DELETE", "/streams/nothing") == 404
