@@ -53,6 +53,7 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
         "stale_sequence",
         "sequence_reused",
     ),
+    410: ("position_trimmed",),
     413: ("request_entity_too_large",),
     415: ("unsupported_media_type",),
     500: ("internal_error",),
@@ -65,6 +66,33 @@ ERROR_CODES: dict[int, tuple[str, ...]] = {
         "no_writer",
         "not_writer",
     ),
+}
+
+
+_TRIM_REQUEST: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "maxProperties": 1,
+    "properties": {
+        "before_position": {"type": "integer", "minimum": 0},
+        "before_sequence": {"type": "integer", "minimum": 0},
+        "before_time": {
+            "description": "RFC 3339 with a zone, or ms since the Unix epoch",
+            "type": ["string", "integer"],
+        },
+    },
+}
+_TRIM_ANSWER: Final = {
+    "type": "object",
+    "required": ["stream", "first_position", "first_sequence", "released_bytes", "trimmed"],
+    "properties": {
+        "stream": {"type": "string"},
+        "first_position": {"type": "integer"},
+        "first_sequence": {"type": "integer"},
+        "released_bytes": {"type": "integer"},
+        "trimmed": {"type": "boolean", "description": "false: nothing before that point was left"},
+    },
 }
 
 
@@ -297,7 +325,22 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                                 },
                             }
                         ),
-                        **_errors(400, 401, 403, 404, 503),
+                        **_errors(400, 401, 403, 404, 410, 503),
+                    },
+                },
+            },
+            "/streams/{stream}/trim": {
+                "parameters": [_STREAM],
+                "post": {
+                    "summary": "Admin: release the messages before a position, a sequence or a "
+                    "time (whole frames; positions never move)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _TRIM_REQUEST}},
+                    },
+                    "responses": {
+                        "200": _json(_TRIM_ANSWER),
+                        **_errors(400, 401, 403, 404, 415, 502, 503),
                     },
                 },
             },
@@ -465,6 +508,11 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                         "stream": {"type": "string"},
                         "length": {"type": "integer"},
                         "messages": {"type": "integer"},
+                        "first_position": {
+                            "type": "integer",
+                            "description": "the first readable position: 0 unless trimmed",
+                        },
+                        "first_sequence": {"type": "integer"},
                         "first_write": {"type": ["string", "null"]},
                         "last_write": {"type": ["string", "null"]},
                         "read_access": {"type": "object"},
