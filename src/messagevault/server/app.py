@@ -828,7 +828,9 @@ async def _server_sent_events(
         position = int(resume)
     else:
         position = start if isinstance(start, int) else await _seek(hub, stream, start)
-    await hub.checkpoint(stream)  # 404 before the stream starts
+    # 404 before the stream starts, 400 for a position that is no message's:
+    # answered now, while the answer can still be an error.
+    await hub.check_position(stream, position)
     response = web.StreamResponse(
         headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"}
     )
