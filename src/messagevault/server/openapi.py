@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from messagevault.format import MAX_BATCH_COUNT, MAX_PRODUCER_SEQ
+from messagevault.retention_policy import MAX_AGE_LIMIT, MAX_BYTES_LIMIT
 from messagevault.times import MAX_EPOCH_MS
 from messagevault.wire import RECORD_FIELDS
 
@@ -92,6 +93,40 @@ _TRIM_ANSWER: Final = {
         "first_sequence": {"type": "integer"},
         "released_bytes": {"type": "integer"},
         "trimmed": {"type": "boolean", "description": "false: nothing before that point was left"},
+    },
+}
+
+
+_LIMITS: Final = {
+    "max_age": {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "maximum": MAX_AGE_LIMIT,
+        "description": "seconds: older messages are trimmed",
+    },
+    "max_bytes": {
+        "type": ["integer", "null"],
+        "exclusiveMinimum": 0,
+        "maximum": MAX_BYTES_LIMIT,
+        "description": "readable bytes kept at most (whole frames are trimmed from the front)",
+    },
+}
+_RETENTION_POLICY: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": _LIMITS,
+}
+_RETENTION: Final = {
+    "type": "object",
+    "required": ["stream", "max_age", "max_bytes", "source"],
+    "properties": {
+        "stream": {"type": "string"},
+        **_LIMITS,
+        "source": {
+            "enum": ["stream", "default", "none"],
+            "description": "the stream's own policy, the server's default, or none (kept)",
+        },
     },
 }
 
@@ -219,6 +254,42 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                     "summary": "Stream info and direct read access",
                     "responses": {
                         "200": _json({"$ref": "#/components/schemas/StreamInfo"}),
+                        **_errors(400, 401, 403, 404, 503),
+                    },
+                },
+                "delete": {
+                    "summary": "Admin: delete the stream, its messages and its retention policy",
+                    "responses": {
+                        "204": {"description": "Deleted"},
+                        **_errors(400, 401, 403, 404, 409, 502, 503),
+                    },
+                },
+            },
+            "/streams/{stream}/retention": {
+                "parameters": [_STREAM],
+                "get": {
+                    "summary": "The retention that applies: the stream's own policy, or the "
+                    "server's default",
+                    "responses": {
+                        "200": _json(_RETENTION),
+                        **_errors(400, 401, 403, 404, 503),
+                    },
+                },
+                "put": {
+                    "summary": "Admin: set the stream's own retention policy",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _RETENTION_POLICY}},
+                    },
+                    "responses": {
+                        "200": _json(_RETENTION),
+                        **_errors(400, 401, 403, 404, 415, 503),
+                    },
+                },
+                "delete": {
+                    "summary": "Admin: drop the stream's own policy (the default applies)",
+                    "responses": {
+                        "204": {"description": "Dropped (or there was none)"},
                         **_errors(400, 401, 403, 404, 503),
                     },
                 },
