@@ -707,6 +707,12 @@ class FileStreamStore:
             return 0
         with self._fence or _UNFENCED:
             try:
+                # The checkpoint hiding these bytes must outlive a power cut
+                # before they go (it is flushed lazily): a hole under a
+                # checkpoint that lost its first position would be damage, and
+                # would stop a roll forward from a lagging one.
+                os.fdatasync(self._checkpoint_fd)
+                self._checkpoint_unflushed = False
                 before = os.fstat(self._data_fd).st_blocks
                 if not punch_hole(self._data_fd, 0, below):
                     _cannot_punch_holes(self._storage.root)
