@@ -104,3 +104,30 @@ def test_a_trim_killed_before_its_release_on_azure(
 ) -> None:
     acks, first = _run_until_committed("azure:" + azurite.connection_string)
     _check_after_crash(azure_storage, acks, first)
+
+
+def test_a_trim_holds_across_a_server_restart(tmp_path: Path) -> None:
+    from messagevault.client import Client
+    from tests.serve_process import serve_process
+
+    root = tmp_path / "data"
+    with (
+        serve_process(root, "admin", "secret", fsync="always") as url,
+        Client(url, user="admin", password="secret") as client,
+    ):
+        results = [client.publish(STREAM, [("k", f"v{n}")] * 2) for n in range(10)]
+        trimmed = client.trim(STREAM, before_sequence=9)  # batch 4 holds 8 and 9
+        assert (trimmed.first_position, trimmed.first_sequence) == (results[4].frame_position, 8)
+    with (
+        serve_process(root, "admin", "secret", fsync="always") as url,
+        Client(url, user="admin", password="secret") as client,
+    ):
+        info = client.info(STREAM)
+        assert (info.first_position, info.first_sequence) == (trimmed.first_position, 8)
+        assert [m.sequence for m in client.read(STREAM)] == list(range(8, 20))
+        with pytest.raises(PositionTrimmed) as error:
+            list(client.read(STREAM, results[1].frame_position))
+        assert error.value.first_position == trimmed.first_position
+        appended = client.publish(STREAM, [("k", "after the restart")])
+        assert appended[0].sequence == 20
+        assert client.trim(STREAM, before_position=0).trimmed is False
