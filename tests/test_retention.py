@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from messagevault import FileStorage, MemoryStorage, Reader, Writer
@@ -29,6 +30,7 @@ from messagevault.retention_policy import (
     save_policy,
 )
 from messagevault.server import StreamHub, create_app
+from messagevault.server import auth as auth_module
 from messagevault.server.app import RETENTION
 from messagevault.server.auth import Authenticator, Users, save_users
 from messagevault.server.retention_task import (
@@ -43,6 +45,14 @@ from tests.served import ServedApp
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture(autouse=True)
+def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Argon2 still, at its lowest cost: these tests check claims, not hashing."""
+    monkeypatch.setattr(
+        auth_module, "_hasher", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    )
 
 
 def _basic(name: str) -> dict[str, str]:
