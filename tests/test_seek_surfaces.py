@@ -31,7 +31,7 @@ from messagevault import FileStorage, Reader, Writer
 from messagevault.cli import main
 from messagevault.client import AsyncClient, Client
 from messagevault.client.base import Answer, Seek, page_of, started_at
-from messagevault.errors import InvalidInput, InvalidPosition
+from messagevault.errors import InvalidInput, InvalidPosition, PositionTrimmed
 from messagevault.format import Message
 from messagevault.server import StreamHub, create_app
 from messagevault.times import parse_duration, parse_time
@@ -39,6 +39,7 @@ from tests.served import ServedApp
 
 STREAM = "varied"
 EMPTY = "nothing-yet"
+TRIMMED = "trimmed-half"  # four one-message frames, the first two trimmed away
 BIG = 5 * 1024 * 1024 + 123  # over 4 MiB: stored as a HEAD frame and CONTINUATION pieces
 BATCH = "application/x-messagevault-batch"
 NDJSON = "application/x-ndjson"
@@ -69,6 +70,11 @@ def _write_varied(storage: FileStorage) -> None:
             time.sleep(0.003)
     with Writer.open(storage, EMPTY):
         pass
+    with Writer.open(storage, TRIMMED) as writer:
+        for value in [b"a", b"b", b"c", b"d"]:
+            writer.append([(b"", value)])
+            time.sleep(0.003)
+        writer.trim_below(sequence=2)
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +337,34 @@ async def test_an_empty_stream_seeks_to_zero(served: Served, http: aiohttp.Clien
             assert (await r.json())["next"] == 0
     async with http.get(f"/streams/{EMPTY}/messages", params={"from_sequence": "1"}) as r:
         assert (r.status, (await r.json())["error"]) == (400, "invalid_position")
+
+
+async def test_a_trimmed_stream_refuses_seeks_below_its_first_message(
+    served: Served, http: aiohttp.ClientSession
+) -> None:
+    """The error is the reader's (its HTTP status is the trim's, test_trim.py): passed on as is."""
+    with Reader.open(FileStorage(served.root), TRIMMED) as reader:
+        first = next(reader.read(0))  # position 0 reads from the first readable message
+    assert first.sequence == 2
+    route = f"/streams/{TRIMMED}/messages"
+    async with http.get(route, params={"from_sequence": "1"}) as response:
+        body = await response.json()
+    assert (response.status // 100, body["error"]) == (4, "position_trimmed"), body
+    assert str(first.position) in body["detail"]
+    for query in [{"from_sequence": "2"}, {"from_time": "0"}]:  # a time before it: the first
+        async with http.get(route, params={**query, "limit": "1"}) as response:
+            records = (await response.json())["messages"]
+        assert [record["position"] for record in records] == [first.position], query
+    with Client(served.url) as client, pytest.raises(PositionTrimmed) as trimmed:
+        client.seek(TRIMMED, sequence=0)
+    assert trimmed.value.first_position == first.position
+    result = CliRunner().invoke(
+        main,
+        ["read", "--storage", f"file:{served.root}", TRIMMED, "--sequence", "0"],
+        env={"MESSAGEVAULT_CONFIG": str(served.root / "no-config.toml")},
+    )
+    assert result.exit_code == 1
+    assert "trimmed" in result.stderr
 
 
 def _bad_starts(served: Served) -> list[tuple[dict[str, str], str, str]]:
