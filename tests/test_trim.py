@@ -362,3 +362,69 @@ def test_trim_time_is_as_a_seek_takes_it() -> None:
         last = writer.checkpoint.last_timestamp
         keep = writer.trim_below(time=datetime.fromtimestamp(last / 1000, UTC) - timedelta(days=1))
         assert not keep.trimmed  # older than every message: nothing goes
+
+
+def test_consumers_on_storage_positioned_before_the_trim_get_position_trimmed() -> None:
+    from messagevault.consumer import AsyncConsumer, Consumer
+    from messagevault.positions import MemoryPositionStore
+
+    storage = MemoryStorage()
+    with Writer.open(storage, STREAM) as writer:
+        results = _fill(writer, 8)
+        writer.trim(results[5].frame_position)
+    first = results[5].frame_position
+    stale = results[2].frame_position
+    with pytest.raises(PositionTrimmed) as info:
+        Consumer(storage, STREAM, "billing", MemoryPositionStore(), start=stale).run(
+            lambda message: None, follow=False
+        )
+    assert info.value.first_position == first
+    assert "billing" in str(info.value)
+
+    async def run_async() -> None:
+        consumer = AsyncConsumer(storage, STREAM, "audit", MemoryPositionStore(), start=stale)
+        await consumer.run(lambda message: None, follow=False)
+
+    import asyncio
+
+    with pytest.raises(PositionTrimmed) as info:
+        asyncio.run(run_async())
+    assert info.value.first_position == first
+    # From the beginning: the first readable message, no error.
+    seen: list[int] = []
+    Consumer(storage, STREAM, "fresh", MemoryPositionStore()).run(
+        lambda message: seen.append(message.sequence), follow=False
+    )
+    assert seen[0] == results[5][0].sequence
+
+
+def test_a_follower_that_falls_behind_a_trim_gets_position_trimmed() -> None:
+    storage = MemoryStorage()
+    with Writer.open(storage, STREAM) as writer:
+        results = _fill(writer, 6)
+        reader = Reader.open(storage, STREAM)
+        follower = reader.follow(results[1].frame_position, poll_interval=0.001)
+        for message in follower:  # read to the tail
+            if message.sequence == results[-1][-1].sequence:
+                break
+        more = writer.append([(b"k", b"new")])
+        newer = writer.append([(b"k", b"newer")])
+        writer.trim(newer.frame_position)  # past the follower, which sits at ``more``
+        with pytest.raises(PositionTrimmed) as info:
+            next(follower)
+        assert info.value.first_position == newer.frame_position
+        assert more.frame_position < newer.frame_position
+        reader.close()
+
+
+def test_direct_readers_of_azure_honour_the_first_position(azure_storage: Storage) -> None:
+    with Writer.open(azure_storage, STREAM) as writer:
+        results = _fill(writer, 6)
+        writer.trim(results[3].frame_position)
+        access = writer.read_access()  # a read-only SAS URL
+    with Reader.from_read_access(access) as reader:
+        assert _sequences(reader)[0] == results[3][0].sequence
+        with pytest.raises(PositionTrimmed) as info:
+            reader.read(results[1].frame_position)
+        assert info.value.first_position == results[3].frame_position
+        assert reader.seek(sequence=results[3][0].sequence) == results[3].frame_position
