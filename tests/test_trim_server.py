@@ -284,7 +284,12 @@ def test_cli_trims_straight_on_storage_and_through_a_server(tmp_path: Path) -> N
     assert code == 1 and "nowhere" in err
     assert storage.open_stream(STREAM).read_checkpoint().first_position == results[1].frame_position
 
+    code, out, err = _cli(tmp_path, "verify", STREAM)
+    assert code == 0, err
     with ServedApp(create_app(StreamHub(storage))) as served:
+        code, out, err = _cli(tmp_path, "verify", STREAM, "--url", served.url)
+        assert code == 0, err
+        assert "27 messages" in out + err
         code, out, err = _cli(tmp_path, "trim", STREAM, "--older-than", "0s", "--url", served.url)
         assert code == 0, err
         assert json.loads(out)["first_sequence"] == 30  # everything is older than now

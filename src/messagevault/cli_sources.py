@@ -413,9 +413,11 @@ class ServerSource:
 
     def verify(self, stream: str, progress: Progress) -> VerifyReport:
         """Every message through the server: the client checks each frame's CRCs."""
-        length = self.client.info(stream).length
-        frames = messages = position = 0
-        for data in self.client.read_frames(stream, 0, length):  # each frame checked
+        info = self.client.info(stream)
+        length, first = info.length, info.first_position  # past 0 once trimmed
+        position = first
+        frames = messages = 0
+        for data in self.client.read_frames(stream, first, length):  # each frame checked
             offset = 0
             while offset < len(data) and position + offset < length:
                 header = read_header(data, offset, position + offset)
@@ -423,8 +425,8 @@ class ServerSource:
                 messages += header.message_count
                 offset += header.frame_size
             position += offset
-            progress(position, length)
-        return VerifyReport(frames, messages, length)
+            progress(position - first, length - first)
+        return VerifyReport(frames, messages, length - first)
 
     def frame_source(self, stream: str) -> FrameSource:
         return _ServerFrames(self, stream)

@@ -584,7 +584,7 @@ def frames_page_of(answer: Answer, position: int) -> tuple[bytes, int]:
     if skip:
         raise InvalidInput(f"position {position} is not the start of a frame")
     pieces = PieceCheck()
-    offset, at = 0, position
+    offset, at = 0, started_at(answer, position)  # from 0: where a trimmed stream starts
     while offset < len(body):
         header = verify_frame(body, offset, at)
         pieces.take(header, offset)

@@ -650,7 +650,8 @@ class StreamHub:
 
     async def check_position(self, stream: str, position: int) -> None:
         """Raise ``InvalidPosition`` unless ``position`` is a message position or the length."""
-        await self._with_reader(stream, _check_position, self._known_length(stream), position)
+        known = self._known_checkpoint(stream)
+        await self._with_reader(stream, _check_position, known, position)
 
     def _known_first_position(self, stream: str) -> int | None:
         """The first readable position, when known as ``_known_length`` is."""
@@ -755,8 +756,12 @@ def _read_access(storage: Storage, stream: str) -> ReadAccess:
         store.close()
 
 
-def _check_position(reader: Reader, committed: int | None, position: int) -> None:
-    reader.read(position, committed=committed)  # checks the position; reads no frame yet
+def _check_position(reader: Reader, known: Checkpoint | None, position: int) -> None:
+    # Checks the position (a trimmed one too); reads no frame yet.
+    if known is None:
+        reader.read(position)
+    else:
+        reader.read(position, committed=known.length, first_position=known.first_position)
 
 
 def _first_header(reader: Reader, checkpoint: Checkpoint) -> FrameHeader | None:
