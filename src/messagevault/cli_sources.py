@@ -438,9 +438,7 @@ class ServerSource:
         return self.client.retention(stream)
 
     def set_retention(self, stream: str, policy: RetentionPolicy) -> dict[str, Any]:
-        return self.client.set_retention(
-            stream, max_age=policy.max_age, max_bytes=policy.max_bytes
-        )
+        return self.client.set_retention(stream, max_age=policy.max_age, max_bytes=policy.max_bytes)
 
     def clear_retention(self, stream: str) -> None:
         self.client.clear_retention(stream)
