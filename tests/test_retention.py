@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from messagevault import FileStorage, MemoryStorage, Reader, Writer
 from messagevault.cli import main
-from messagevault.errors import InvalidInput
+from messagevault.client import AsyncClient
+from messagevault.errors import Forbidden, InvalidInput, StreamNotFound
 from messagevault.format import encode_batch, read_header
 from messagevault.retention_policy import (
     RetentionPolicy,
@@ -531,3 +532,24 @@ def test_serve_refuses_bad_retention_options(tmp_path: Path) -> None:
         code, _, err = _cli(tmp_path, "serve", "--port", "0", *args)
         assert code == 2
         assert words in _one_line(err)
+
+
+async def test_the_async_client_manages_policies_and_deletes(aiohttp_client: MakeClient) -> None:
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage)
+    await _publish(client, "orders", ["a"])
+    url = str(client.make_url("")).rstrip("/")
+    async with AsyncClient(url, user="root", password="root-secret") as admin:
+        shown = await admin.set_retention("orders", max_age=60.0)
+        assert (shown["max_age"], shown["source"]) == (60.0, "stream")
+        assert (await admin.retention("orders"))["max_age"] == 60.0
+        await admin.clear_retention("orders")
+        assert (await admin.retention("orders"))["source"] == "none"
+        with pytest.raises(InvalidInput, match="max_bytes must be"):
+            await admin.set_retention("orders", max_bytes=-1)
+        await admin.delete_stream("orders")
+        with pytest.raises(StreamNotFound):
+            await admin.delete_stream("orders")
+    async with AsyncClient(url, user="reader", password="reader-secret") as reader:
+        with pytest.raises(Forbidden):
+            await reader.delete_stream("orders")
