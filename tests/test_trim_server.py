@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -295,3 +296,30 @@ def test_cli_trims_straight_on_storage_and_through_a_server(tmp_path: Path) -> N
         assert json.loads(out)["first_sequence"] == 30  # everything is older than now
         code, out, err = _cli(tmp_path, "read", STREAM, "--url", served.url)
         assert (code, out) == (0, "")
+
+
+async def test_a_tail_from_the_start_of_a_trimmed_stream(
+    client: HttpClient, storage: MemoryStorage
+) -> None:
+    results = _seed(storage)
+    await _trim(client, {"before_position": results[8].frame_position})
+    headers = {"Accept": "text/event-stream"}
+    response = await client.get(f"/streams/{STREAM}/messages", headers=headers)
+    assert response.status == 200
+    event = await response.content.readuntil(b"\n\n")
+    assert b'"sequence":24' in event  # batch 8's first message
+    response.close()
+    response = await client.get(
+        f"/streams/{STREAM}/messages", params={"from": results[1].frame_position}, headers=headers
+    )
+    assert response.status == 410
+    assert (await response.json())["first_position"] == results[8].frame_position
+
+    # Everything trimmed: the tail waits at the first position (it did spin at 0, sending
+    # keep-alives without end).
+    await _trim(client, {"before_position": storage.open_stream(STREAM).read_checkpoint().length})
+    response = await client.get(f"/streams/{STREAM}/messages", headers=headers)
+    assert response.status == 200
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(response.content.read(1), 0.5)
+    response.close()

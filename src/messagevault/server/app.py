@@ -840,9 +840,14 @@ async def _server_sent_events(
     gone = _gone(request)
     try:
         while not hub.stopping and not gone():  # a shutdown ends the stream: clients reconnect
-            messages, position_after = await hub.read(
-                stream, position, limit, request.app[LIMITS].max_read_bytes
-            )
+            try:
+                messages, position_after = await hub.read(
+                    stream, position, limit, request.app[LIMITS].max_read_bytes
+                )
+            except PositionTrimmed as exc:  # a trim overtook this tail: say so, and end it
+                body = error_body(exc.code, str(exc), _error_fields(exc))
+                await response.write(b"event: error\ndata: %b\n\n" % body)
+                break
             for message in messages:
                 event = b"id: %d\ndata: %b\n\n" % (message.next_position, record_json(message))
                 await response.write(event)

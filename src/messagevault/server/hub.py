@@ -797,4 +797,7 @@ def _read_messages(
         size += len(message.value) + len(message.key)
         if len(messages) >= limit:
             break
-    return messages, messages[-1].next_position if messages else position
+    if messages:
+        return messages, messages[-1].next_position
+    # None yet: where they will start (past 0 on a trimmed stream), for a wait to go from.
+    return messages, position or reader.frame_of(0, known)
