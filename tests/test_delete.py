@@ -407,7 +407,10 @@ def test_several_nodes_the_writer_applies_retention_and_any_node_deletes(
     tmp_path: Path,
 ) -> None:
     nodes = cluster_of(2, tmp_path, arguments=["--retention-interval", "0.2"])
-    with nodes as cluster, MessageVaultClient(cluster.urls, user=USER, password=PASSWORD) as client:
+    with (
+        nodes as cluster,
+        MessageVaultClient(",".join(cluster.urls), user=USER, password=PASSWORD) as client,
+    ):
         client.publish("orders", [("", "first")])
         writer = cluster.writer_of("orders")
         assert writer is not None

@@ -379,7 +379,9 @@ async def test_the_server_trims_by_bytes_in_the_background(aiohttp_client: MakeC
 async def test_the_server_trims_by_age(aiohttp_client: MakeClient) -> None:
     storage = _with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
-    task: RetentionTask = client.server.app[RETENTION]
+    app = client.app
+    assert app is not None
+    task: RetentionTask = app[RETENTION]
     for n in range(5):
         await _publish(client, "orders", [f"old {n}"])
     old = storage.open_stream("orders").read_checkpoint()
