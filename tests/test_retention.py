@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from argon2 import PasswordHasher
 from click.testing import CliRunner
 
-from messagevault import FileStorage, MemoryStorage, Reader, Writer
+from messagevault import FileStorage, MemoryStorage, Reader, Writer, cli_output
 from messagevault.cli import main
 from messagevault.client import AsyncClient
 from messagevault.errors import Forbidden, InvalidInput, StreamNotFound
@@ -555,3 +555,15 @@ async def test_the_async_client_manages_policies_and_deletes(aiohttp_client: Mak
     async with AsyncClient(url, user="reader", password="reader-secret") as reader:
         with pytest.raises(Forbidden):
             await reader.delete_stream("orders")
+
+
+def test_cli_retention_reads_as_a_sentence_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Writer.open(FileStorage(tmp_path), "orders") as writer:
+        writer.append([(b"", b"a")])
+    monkeypatch.setattr(cli_output, "stdout_is_terminal", lambda: True)
+    code, out, _ = _cli(tmp_path, "retention", "orders")
+    assert (code, out) == (0, "orders: kept for ever (no retention policy)\n")
+    code, out, _ = _cli(tmp_path, "retention", "orders", "--max-age", "90d", "--max-bytes", "1GiB")
+    assert (code, out) == (0, "orders: max age 90d, max bytes 1GiB (its own policy)\n")
