@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -365,6 +369,31 @@ async def test_a_trimmed_stream_refuses_seeks_below_its_first_message(
     )
     assert result.exit_code == 1
     assert "trimmed" in result.stderr
+
+
+def test_tail_of_a_trimmed_stream_shows_what_is_left(served: Served) -> None:
+    """``tail -n 10`` of a stream with two readable messages shows those two, not an error."""
+    command = ["tail", "--storage", f"file:{served.root}", TRIMMED, "-n", "10", "--format", "value"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "messagevault.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MESSAGEVAULT_CONFIG": str(served.root / "no-config.toml")},
+    ) as tail:
+        try:
+            assert tail.stdout is not None
+            printed = b""
+            deadline = time.monotonic() + 30
+            while printed.count(b"\n") < 2 and time.monotonic() < deadline:  # then it follows
+                if select.select([tail.stdout], [], [], 0.5)[0]:
+                    chunk = os.read(tail.stdout.fileno(), 4096)
+                    if not chunk:
+                        break  # it ended: an error
+                    printed += chunk
+            assert printed == b"c\nd\n", (printed, tail.poll())
+        finally:
+            tail.terminate()  # by its PID
+            tail.wait(timeout=30)
 
 
 def _bad_starts(served: Served) -> list[tuple[dict[str, str], str, str]]:

@@ -1321,7 +1321,9 @@ def tail(
     """Follow STREAM from its end, printing messages as they are committed; Ctrl-C ends."""
     with _source(url, storage, profile) as source:
         info = source.info(stream)
-        start = source.seek(stream, sequence=max(info.messages - last, 0)) if last else info.length
+        # A trimmed stream has fewer than its message count to show.
+        first = max(info.messages - last, info.first_sequence)
+        start = source.seek(stream, sequence=first) if last else info.length
         _print_messages(source, stream, start, follow=True, limit=None, output=output)
 
 
