@@ -11,7 +11,8 @@
 
 ``Client`` (blocking, thread-safe) and ``AsyncClient`` (asyncio) offer the
 same methods: ``publish``/``publish_batch``, ``streams``, ``info``, ``read``,
-``follow`` and ``open_reader`` (a ``Reader`` straight on the storage).
+``follow`` (from a position, ``from_sequence=`` or ``from_time=``), ``seek``
+and ``open_reader`` (a ``Reader`` straight on the storage).
 
 HTTP libraries, chosen by measurement: each candidate published 400 batches
 of 1,000 x 100 B, one after the other, to ``messagevault serve --fsync
