@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install peer-servers serve test lint typecheck pytest bench-core bench-large bench-http bench-azure bench-client bench-cluster bench-peers readme-peers clean
+.PHONY: install peer-servers serve test lint typecheck pytest bench-core bench-large bench-http bench-azure bench-client bench-cluster bench-seek bench-peers readme-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ bench-azure: $(STAMP) node_modules/.installed
 # 1, 2 and 3 server nodes on one storage (files, then Azurite): ingest and failover time.
 bench-cluster: $(STAMP) node_modules/.installed
 	$(BIN)/python benchmarks/cluster.py
+
+# Seeks by sequence and time over 10M messages, index against header walk, and append
+# latency with the index on and off; files, then Azurite. Built streams are cached
+# (~/.cache/messagevault-bench-seek, about 2.5 GB): later runs skip the build.
+bench-seek: $(STAMP) node_modules/.installed
+	$(BIN)/python benchmarks/seek.py
 
 # Redis Streams and NATS JetStream against MessageVault, same workloads; apt-get installs
 # redis-server and nats-server if they are missing. The peers' Python clients: the bench extra.
