@@ -75,7 +75,7 @@ bench-cluster: $(STAMP) node_modules/.installed
 
 # Seeks by sequence and time over 10M messages, index against header walk, and append
 # latency with the index on and off; files, then Azurite. Built streams are cached
-# (~/.cache/messagevault-bench-seek, about 2.5 GB): later runs skip the build.
+# (~/.cache/messagevault-bench-seek, about 1.3 GB): later runs skip the build.
 bench-seek: $(STAMP) node_modules/.installed
 	$(BIN)/python benchmarks/seek.py
 
