@@ -441,3 +441,25 @@ def test_several_nodes_the_writer_applies_retention_and_any_node_deletes(
         (receipt,) = client.publish("orders", [("", "again")])
         assert (receipt.sequence, receipt.position) == (0, 0)
         assert _ask(writer, "DELETE", "/streams/nothing") == 404
+
+
+async def test_waiting_reads_of_a_deleted_stream_end(aiohttp_client: MakeClient) -> None:
+    """A long poll answers 404 and a Server-Sent-Events tail ends with an error event."""
+    storage = _with_users(MemoryStorage())
+    client = await _client(aiohttp_client, storage)
+    await _publish(client, "orders", ["a"])
+    tail = await client.get(
+        "/streams/orders/messages", headers={**ROOT, "Accept": "text/event-stream"}
+    )
+    assert (await tail.content.readline()).startswith(b"id: ")
+    info = await (await client.get("/streams/orders", headers=ROOT)).json()
+    end = info["length"]
+    poll = asyncio.ensure_future(
+        client.get("/streams/orders/messages", params={"from": end, "wait": 30}, headers=ROOT)
+    )
+    await asyncio.sleep(0.2)  # both wait for the next commit now
+    assert (await client.delete("/streams/orders", headers=ROOT)).status == 204
+    await _error(await asyncio.wait_for(poll, 10), 404, "stream_not_found")
+    rest = await asyncio.wait_for(tail.content.read(), 10)  # the tail ends
+    event = rest.split(b"event: error\ndata: ")[1]
+    assert json.loads(event)["error"] == "stream_not_found"

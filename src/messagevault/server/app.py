@@ -844,7 +844,12 @@ async def _server_sent_events(
                 messages, position_after = await hub.read(
                     stream, position, limit, request.app[LIMITS].max_read_bytes
                 )
-            except PositionTrimmed as exc:  # a trim overtook this tail: say so, and end it
+                if not messages:
+                    # Wakes early if the reader goes away, so that it stops
+                    # counting as a waiting read.
+                    await hub.wait_for_commit(stream, position, 15, gone=gone)
+            except (PositionTrimmed, StreamNotFound) as exc:
+                # A trim overtook this tail, or the stream was deleted: say so, and end it.
                 body = error_body(exc.code, str(exc), _error_fields(exc))
                 await response.write(b"event: error\ndata: %b\n\n" % body)
                 break
@@ -854,9 +859,6 @@ async def _server_sent_events(
                 notes.sent += len(event)
             position = position_after
             if not messages:
-                # Wakes early if the reader goes away, so that it stops
-                # counting as a waiting read.
-                await hub.wait_for_commit(stream, position, 15, gone=gone)
                 await response.write(KEEP_ALIVE)
                 notes.sent += len(KEEP_ALIVE)
         await response.write_eof()
