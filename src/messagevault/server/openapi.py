@@ -358,8 +358,9 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                                 "Start at the first message at or after this time: RFC 3339 with "
                                 "a zone (2026-12-01T14:00Z) or milliseconds since the Unix epoch"
                             ),
+                            # anyOf: in a query every value is text, and digits are text too.
                             "schema": {
-                                "oneOf": [
+                                "anyOf": [
                                     {"type": "string", "format": "date-time"},
                                     {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS},
                                 ]
