@@ -241,6 +241,26 @@ def _scan_for_sequence(
     )
 
 
+def frame_at_or_after(store: StreamStore, name: str, checkpoint: Checkpoint, position: int) -> int:
+    """The first frame start at or after byte ``position`` that is no piece of a value.
+
+    The committed length when there is none; the first readable position for
+    any ``position`` below it. Retention by size asks this: where whole
+    frames start once the bytes before ``position`` go. The same search as a
+    seek, on positions: O(log n) index reads and one bounded scan.
+    """
+    if position >= checkpoint.length:
+        return checkpoint.length
+    if position <= checkpoint.first_position:
+        return checkpoint.first_position
+    walk = _HeaderWalk(store, name, checkpoint.length)
+    entry = _search(store, checkpoint, lambda e: e.position <= position)
+    for header in walk.headers(_checked_start(walk, name, checkpoint, entry)):
+        if header.base_position >= position and not header.is_continuation:
+            return header.base_position
+    return checkpoint.length
+
+
 def _trimmed(name: str, checkpoint: Checkpoint, first_sequence: int, asked: int) -> PositionTrimmed:
     return PositionTrimmed(
         f"stream {name!r} was trimmed: its first readable message is sequence "
@@ -475,7 +495,7 @@ class Indexer:
 
     def _last_good(self, size: int, checkpoint: Checkpoint) -> tuple[int | None, str | None]:
         """The last stored entry that agrees with its frame, or why none does."""
-        slots = (size - INDEX_HEADER_SIZE) // ENTRY_SIZE
+        slots = self._written_slots(size)
         if slots <= 0:
             return None, "no entries"
         first_slot = max(0, slots - 128)
@@ -499,6 +519,25 @@ class Indexer:
             self._frames_since = 0
             return slot, None
         return None, f"none of the last {slots - first_slot} entries is readable"
+
+    def _written_slots(self, size: int) -> int:
+        """Slots up to the last one not all zeros: page storage pads the object with zeros.
+
+        Entries are written in order from slot 0, so written slots come first
+        and zeros after them: a binary search finds the boundary in
+        log2(slots) small reads (none more when the last slot is written, as
+        on file storage, whose index ends where its entries do).
+        """
+        slots = (size - INDEX_HEADER_SIZE) // ENTRY_SIZE
+        low, high = 0, slots  # the first slot of the zero tail is in [low, high]
+        while low < high:
+            probe = high - 1 if high == slots and low == 0 else (low + high) // 2
+            raw = self._store.read_index(entry_offset(probe), ENTRY_SIZE)
+            if any(raw):
+                low = probe + 1
+            else:
+                high = probe
+        return low
 
     # The writer's side.
 

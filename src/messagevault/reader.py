@@ -359,6 +359,18 @@ class Reader:
         assert time is not None
         return seek_position(self._store, self.name, checkpoint, timestamp=timestamp_ms(time))
 
+    def frame_at_or_after(self, position: int, checkpoint: Checkpoint | None = None) -> int:
+        """The first frame start at or after byte ``position`` that is no piece of a value.
+
+        The committed length when there is none (``index.frame_at_or_after``).
+        """
+        from messagevault.index import frame_at_or_after
+
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise InvalidPosition(f"position must be a non-negative integer, not {position!r}")
+        checkpoint = checkpoint or self._store.read_checkpoint()
+        return frame_at_or_after(self._store, self.name, checkpoint, position)
+
     def position_of_sequence(self, sequence: int) -> int:
         """The position of message number ``sequence`` (counting from 0).
 

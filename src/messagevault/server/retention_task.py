@@ -239,27 +239,7 @@ def retention_target(
 def whole_frame_from(reader: Reader, checkpoint: Checkpoint, target: int) -> int:
     """The start of the first whole frame (not a piece of a value) at or after ``target``.
 
-    The committed length when there is none. Positions grow with sequences,
-    so a binary search over sequences by seek finds the first message at or
-    after ``target`` (O(log n) seeks, each O(log n) index reads); then at
-    most a few headers lead from the frame holding it to a whole frame's start.
+    The committed length when there is none: the index finds it as it finds
+    a seek's start (``Reader.frame_at_or_after``).
     """
-    length = checkpoint.length
-    if target >= length:
-        return length
-    low = reader.header_at(checkpoint.first_position, committed=length).base_sequence
-    high = checkpoint.next_sequence  # its position is the length: at or after the target
-    while low < high:
-        middle = (low + high) // 2
-        if reader.seek(sequence=middle) >= target:
-            high = middle
-        else:
-            low = middle + 1
-    position = length if low >= checkpoint.next_sequence else reader.seek(sequence=low)
-    frame = position if position >= length else reader.frame_of(position, checkpoint)
-    while frame < length:
-        header = reader.header_at(frame, committed=length)
-        if frame >= target and not header.is_continuation:
-            break
-        frame = header.end
-    return min(frame, length)
+    return reader.frame_at_or_after(target, checkpoint)
