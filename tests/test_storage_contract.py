@@ -617,6 +617,8 @@ def test_a_deposed_writer_cannot_touch_the_index_or_release(storage: Storage) ->
     b.write_index(1024, bytes([3]) * 512)  # the new writer writes on
     assert reader.read_index(0, 1536) == bytes([1]) * 1024 + bytes([3]) * 512
     assert b.release(12288) > 0  # whole blocks, on every backend
+    with pytest.raises(StaleWriter):
+        a.release(12288)  # nothing left to free, and still refused
     reader.close()
     a.close()
     b.close()

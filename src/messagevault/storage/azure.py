@@ -621,6 +621,8 @@ class AzureStreamStore:
             )
             if stored:
                 self._data.clear_page(offset=0, length=end, lease=self._lease_id)
+        if not stored:
+            self._confirm_writer()  # fenced even when there is nothing left to clear
         return stored
 
     @property
