@@ -524,3 +524,28 @@ def test_zeros_after_the_entries_are_no_damage(storage: Storage, clock: FakeCloc
         assert writer.indexer is not None
         assert writer.indexer.problem is None  # kept, not set aside and rebuilt
         assert writer.indexer.status().entries == len([e for e in _entries(good) if e])
+
+
+def test_a_trimmed_stream_keeps_its_index_across_writers(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """Entries below the trim point stay; a writer opening later goes on from the first frame."""
+    policy = IndexPolicy(every_bytes=1 << 30, every_frames=1 << 30, flush_interval=0)
+    _write(storage, "kept", clock, batches=20, policy=policy)  # one entry, at position 0
+    middle = _read_all(storage, "kept").messages[200].position
+    with Writer.open(storage, "kept", index=None) as writer:  # the index stays as it was
+        writer.trim(middle)
+    with Writer.open(storage, "kept", index=DENSE) as writer:
+        assert writer.indexer is not None and writer.indexer.problem is None
+        for number in range(20):
+            clock.now_ms += 1000
+            writer.append([(b"after", b"%d" % number)] * 3)
+    written = _read_all(storage, "kept")
+    entries = [e for e in _entries(_index_bytes(storage, "kept")) if e]
+    first = storage.open_stream("kept").read_checkpoint().first_position
+    assert entries[0].position == 0 < first <= entries[1].position  # went on from the first
+    assert [e.position for e in entries] == sorted({e.position for e in entries})
+    trimmed = Written(
+        [m for m in written.messages if m.position >= first], written.length, written.next_sequence
+    )
+    _check_every_seek(Reader.open(storage, "kept"), trimmed, times=10)

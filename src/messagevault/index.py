@@ -491,7 +491,9 @@ class Indexer:
         page_start = end - end % self._page
         self._tail = self._store.read_index(page_start, end - page_start) if self._page > 1 else b""
         assert self._last is not None
-        return self._last.position
+        # Entries below a trim point stay (harmless: seeks start at or above
+        # it) but the frames there are gone: go on from the first readable one.
+        return max(self._last.position, checkpoint.first_position)
 
     def _last_good(self, size: int, checkpoint: Checkpoint) -> tuple[int | None, str | None]:
         """The last stored entry that agrees with its frame, or why none does."""
