@@ -147,7 +147,7 @@ def test_a_power_cut_after_a_trim_leaves_no_hole_under_an_older_checkpoint(
             power.power_cut()
             with Reader.open(power, STREAM) as reader:
                 checkpoint = reader.checkpoint()
-                # The trim survives (its checkpoint was flushed before the hole was
-                # punched), or neither does: never a hole under first_position 0.
+                # The trim survives: its checkpoint was flushed before the hole was
+                # punched (a lost one would leave first_position 0 over a hole).
                 assert checkpoint.first_position == trimmed.first_position, seed
                 assert [m.value[0] for m in reader.read()] == [5, 6, 7], seed
