@@ -847,7 +847,8 @@ async def _server_sent_events(
                 if not messages:
                     # Wakes early if the reader goes away, so that it stops
                     # counting as a waiting read.
-                    await hub.wait_for_commit(stream, position, 15, gone=gone)
+                    # From where the read would start: past 0 on a trimmed stream.
+                    await hub.wait_for_commit(stream, position_after, 15, gone=gone)
             except (PositionTrimmed, StreamNotFound) as exc:
                 # A trim overtook this tail, or the stream was deleted: say so, and end it.
                 body = error_body(exc.code, str(exc), _error_fields(exc))
