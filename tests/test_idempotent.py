@@ -116,6 +116,21 @@ def test_a_duplicate_gets_the_original_receipts_and_appends_nothing(
     assert _values(local_storage) == [b"before0:0", b"before0:1", b"before0:2", *_ids(P, 0)]
 
 
+def test_a_retry_of_a_batch_since_trimmed_is_refused_and_the_group_goes_on(
+    local_storage: Storage,
+) -> None:
+    """Its frames are gone, so it cannot be compared or answered: a StaleSequence, alone."""
+    with Writer.open(local_storage, STREAM) as writer:
+        _append(writer, _batch(P, 0))
+        kept = _append(writer, _batch(None, 0, "kept"))
+        writer.trim(kept[0].position)
+        outcomes = writer.append_group([_batch(P, 0), _batch(Q, 0)])
+        assert isinstance(outcomes[0], StaleSequence)
+        assert "trimmed" in str(outcomes[0]) and "not appended again" in str(outcomes[0])
+        assert isinstance(outcomes[1], AppendResult) and not outcomes[1].duplicate
+    assert _values(local_storage) == [*_ids(None, 0, "kept"), *_ids(Q, 0)]
+
+
 def _ids(producer: bytes | None, sequence: int, tag: str = "", count: int = 3) -> list[bytes]:
     del producer
     return [f"{tag}{sequence}:{n}".encode() for n in range(count)]

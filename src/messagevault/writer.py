@@ -177,6 +177,21 @@ class TrimResult:
     trimmed: bool = True  # False: the stream already started at or past that point
 
 
+def _trimmed_repeat(
+    batch: EncodedBatch, record: ProducerRecord, checkpoint: Checkpoint
+) -> StaleSequence:
+    """A retry of a batch committed, then trimmed: refused, as its bytes cannot be compared.
+
+    It is not appended again (exactly once holds); its receipts are gone with
+    its frames, so the producer hears that rather than a made-up answer.
+    """
+    return StaleSequence(
+        f"batch {batch.producer_seq} of producer {batch.producer.hex()} was committed at "
+        f"position {record.start} and has since been trimmed (the stream now starts at "
+        f"{checkpoint.first_position}): not appended again"
+    )
+
+
 def _crcs(batch: EncodedBatch) -> list[int]:
     return [body.body_crc for body in batch.frames]
 
@@ -454,6 +469,9 @@ class Writer:
                         continue
                 else:
                     found = self._producers.check(producer, batch.producer_seq)
+                    if found is not None and found.start < self._checkpoint.first_position:
+                        verdicts.append(_trimmed_repeat(batch, found, self._checkpoint))
+                        continue
                     if found is not None:
                         stored = [header.body_crc for header in self._headers_of(found)]
                         verdicts.append(found if stored == _crcs(batch) else _reused(batch))
