@@ -558,6 +558,29 @@ async def stream_info(request: web.Request) -> web.Response:
 TRIM_TARGETS: Final = ("before_position", "before_sequence", "before_time")
 
 
+async def _relayed_to_writer(
+    request: web.Request, stream: str, body: bytes | None = None
+) -> web.Response | None:
+    """Another node's answer to this admin request, when that node writes ``stream``.
+
+    None: this node is no cluster node, or writes the stream (taking it if
+    nobody does). A forwarded request reaching a node that does not write
+    the stream raises ``NotWriter``, as a forwarded append does.
+    """
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        return None
+    principal: Principal = request[PRINCIPAL]
+    address = await cluster.writer_for(stream, forwarded=principal.node)
+    if address is None:
+        return None
+    if principal.node:
+        raise NotWriter(f"this node does not write {stream!r}; its writer is at {address}")
+    answer = await cluster.relay(address, request.method, request.path, principal.name, body=body)
+    request[NOTES].kind = "forwarded"
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
 async def trim_stream(request: web.Request) -> web.Response:
     """``POST /streams/{stream}/trim`` (admin): release the messages before a point.
 
@@ -574,16 +597,8 @@ async def trim_stream(request: web.Request) -> web.Response:
     target = _trim_target(body)
     hub = request.app[HUB]
     await hub.checkpoint(stream)  # 404 for no such stream, before any lease is taken
-    cluster = request.app.get(CLUSTER)
-    if cluster is not None:
-        principal: Principal = request[PRINCIPAL]
-        address = await cluster.writer_for(stream, forwarded=principal.node)
-        if address is not None:
-            if principal.node:
-                raise NotWriter(f"this node does not write {stream!r}; its writer is at {address}")
-            answer = await cluster.relay(address, "POST", request.path, principal.name, body=body)
-            request[NOTES].kind = "forwarded"
-            return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    if (relayed := await _relayed_to_writer(request, stream, body)) is not None:
+        return relayed
     result = await hub.trim(stream, target.position, sequence=target.sequence, time=target.time)
     return web.json_response(
         {
@@ -952,16 +967,9 @@ async def delete_stream(request: web.Request) -> web.Response:
     _require_admin(request, f"delete stream {stream!r}")
     hub = request.app[HUB]
     await hub.checkpoint(stream)  # 404 for no such stream, before any lease is taken
+    if (relayed := await _relayed_to_writer(request, stream)) is not None:
+        return relayed
     cluster = request.app.get(CLUSTER)
-    if cluster is not None:
-        principal: Principal = request[PRINCIPAL]
-        address = await cluster.writer_for(stream, forwarded=principal.node)
-        if address is not None:
-            if principal.node:
-                raise NotWriter(f"this node does not write {stream!r}; its writer is at {address}")
-            answer = await cluster.relay(address, "DELETE", request.path, principal.name)
-            request[NOTES].kind = "forwarded"
-            return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
     await hub.delete_stream(stream)
     await delete_stream_policy(hub, stream)
     if cluster is not None:

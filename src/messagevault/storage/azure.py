@@ -498,7 +498,11 @@ class AzureStreamStore:
                     return b""
                 raise
 
-    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+    def _check_page_write(self, offset: int, data: bytes | memoryview) -> bool:
+        """Refuse what no page write may do (a reader's, a deposed writer's, bad pages).
+
+        False: nothing to write.
+        """
         self._check_open()
         if not self._writable:
             raise AccessDenied(f"stream {self._name!r} was opened read-only")
@@ -508,7 +512,10 @@ class AzureStreamStore:
             raise ValueError(f"writes must cover whole {PAGE_SIZE}-byte pages")
         if len(data) > MAX_WRITE_SIZE:
             raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
-        if not data:
+        return bool(data)
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        if not self._check_page_write(offset, data):
             return
         end = offset + len(data)
         if end > MAX_BLOB_SIZE:
@@ -658,16 +665,7 @@ class AzureStreamStore:
                 raise
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._check_open()
-        if not self._writable:
-            raise AccessDenied(f"stream {self._name!r} was opened read-only")
-        if self._fatal is not None:
-            raise self._fatal
-        if offset < 0 or offset % PAGE_SIZE or len(data) % PAGE_SIZE:
-            raise ValueError(f"writes must cover whole {PAGE_SIZE}-byte pages")
-        if len(data) > MAX_WRITE_SIZE:
-            raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
-        if not data:
+        if not self._check_page_write(offset, data):
             return
         end = offset + len(data)
         with azure_errors(f"cannot write stream {self._name!r}"):

@@ -458,13 +458,7 @@ class FileStreamStore:
             raise StorageError(f"cannot read stream {self._name!r}: {exc}") from exc
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._check_open()
-        if not self._writable:
-            raise AccessDenied(f"stream {self._name!r} was opened read-only")
-        if offset < 0:
-            raise ValueError("offset must not be negative")
-        if len(data) > MAX_WRITE_SIZE:
-            raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
+        self._check_write(offset, data)
         view = memoryview(data)
         with self._fence or _UNFENCED:
             self._written_end = max(self._written_end, offset + len(view))
@@ -652,8 +646,7 @@ class FileStreamStore:
         except OSError as exc:
             raise StorageError(f"cannot read the index of {self._name!r}: {exc}") from exc
 
-    def write_index(self, offset: int, data: bytes | memoryview) -> None:
-        """pwrite, not flushed (see the module docstring), fenced as ``write``."""
+    def _check_write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_open()
         if not self._writable:
             raise AccessDenied(f"stream {self._name!r} was opened read-only")
@@ -661,6 +654,10 @@ class FileStreamStore:
             raise ValueError("offset must not be negative")
         if len(data) > MAX_WRITE_SIZE:
             raise ValueError(f"write of {len(data)} bytes exceeds {MAX_WRITE_SIZE}")
+
+    def write_index(self, offset: int, data: bytes | memoryview) -> None:
+        """pwrite, not flushed (see the module docstring), fenced as ``write``."""
+        self._check_write(offset, data)
         view = memoryview(data)
         with self._fence or _UNFENCED:
             try:
