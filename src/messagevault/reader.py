@@ -333,7 +333,13 @@ class Reader:
             else:
                 waiter.wait(poll_interval)
 
-    def seek(self, *, sequence: int | None = None, time: datetime | float | None = None) -> int:
+    def seek(
+        self,
+        *,
+        sequence: int | None = None,
+        time: datetime | float | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> int:
         """Where to read from for message ``sequence``, or the first message at or after ``time``.
 
         Give exactly one. ``sequence`` counts messages from 0; the next one to
@@ -344,6 +350,10 @@ class Reader:
         message gives its position. Either below the stream's first readable
         position (a trimmed stream) raises ``PositionTrimmed``.
 
+        ``checkpoint``: the committed state when the caller knows it (the
+        server writing the stream, whose checkpoint storage may show a moment
+        later); read from storage otherwise.
+
         Uses the stream's sparse index where there is one (``index.py``):
         O(log n) small index reads and one bounded scan of frame headers,
         checked against the frames, so a damaged index costs time, never a
@@ -353,7 +363,7 @@ class Reader:
             raise ValueError("seek needs exactly one of sequence= and time=")
         from messagevault.index import seek_position, timestamp_ms
 
-        checkpoint = self._store.read_checkpoint()
+        checkpoint = checkpoint or self._store.read_checkpoint()
         if sequence is not None:
             return seek_position(self._store, self.name, checkpoint, sequence=sequence)
         assert time is not None

@@ -147,8 +147,10 @@ class RetentionTask:
         policy = await self.policy(stream)
         if policy is None:
             return None
+        # The writer's own checkpoint: storage may show it a moment later (Azure).
+        known = await self.hub.checkpoint(stream)
         checkpoint, target = await self.hub.run(
-            retention_target, self.hub.storage, stream, policy, self.clock()
+            retention_target, self.hub.storage, stream, policy, self.clock(), known
         )
         if target <= checkpoint.first_position:
             return None
@@ -213,15 +215,20 @@ async def delete_stream_policy(hub: StreamHub, stream: str) -> bool:
 
 
 def retention_target(
-    storage: Storage, stream: str, policy: RetentionPolicy, now: float
+    storage: Storage,
+    stream: str,
+    policy: RetentionPolicy,
+    now: float,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Checkpoint, int]:
     """The committed checkpoint, and where ``policy`` says the stream should start (blocking).
 
     A frame start at or below the committed length; the checkpoint's first
-    position when nothing is to go.
+    position when nothing is to go. ``checkpoint``: the committed state when
+    the caller knows it better than storage shows it yet.
     """
     with Reader.open(storage, stream, read_ahead=False) as reader:
-        checkpoint = reader.checkpoint()
+        checkpoint = checkpoint or reader.checkpoint()
         target = first = checkpoint.first_position
         if first >= checkpoint.length:
             return checkpoint, target
@@ -229,7 +236,7 @@ def retention_target(
             if checkpoint.last_timestamp < (now - policy.max_age) * 1000:
                 target = checkpoint.length  # every message is older
             else:
-                target = max(target, reader.seek(time=now - policy.max_age))
+                target = max(target, reader.seek(time=now - policy.max_age, checkpoint=checkpoint))
         if policy.max_bytes is not None and checkpoint.length - first > policy.max_bytes:
             keep_from = checkpoint.length - policy.max_bytes
             target = max(target, whole_frame_from(reader, checkpoint, keep_from))
