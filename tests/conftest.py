@@ -6,13 +6,15 @@ A new backend joins every contract and log test by adding one entry to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from messagevault.storage import FileStorage, MemoryStorage
-from messagevault.storage.azure import CONTAINER_PREFIX, AzureStorage
+from messagevault.storage.azure import CONTAINER_PREFIX, SYSTEM_CONTAINER, AzureStorage
 from messagevault.storage.base import Storage
 from tests.azurite import Azurite
 from tests.statsd_daemon import StatsDDaemon
@@ -73,11 +75,26 @@ def statsd_daemon() -> Iterator[StatsDDaemon]:
 
 @pytest.fixture
 def azure_storage(azurite: Azurite) -> Iterator[AzureStorage]:
-    """Azure storage on the session's Azurite; every stream is deleted afterwards."""
+    """Azure storage on the session's Azurite; every stream is deleted afterwards.
+
+    So are the system files a test left (users, retention policies), which
+    would otherwise greet the next test; leases stay (``clear_leases``).
+    """
     storage = AzureStorage.from_connection_string(azurite.connection_string)
+    _clear_system_files(storage)  # also those of tests that ran servers on Azurite alone
     yield storage
     for container in storage.service.list_containers(name_starts_with=CONTAINER_PREFIX):
         storage.service.delete_container(container.name)
+    _clear_system_files(storage)
+
+
+def _clear_system_files(storage: AzureStorage) -> None:
+    system = storage.service.get_container_client(SYSTEM_CONTAINER)
+    with contextlib.suppress(ResourceNotFoundError):
+        for blob in system.list_blobs():
+            if not blob.name.startswith("leases/"):
+                with contextlib.suppress(ResourceNotFoundError):
+                    system.delete_blob(blob.name)
 
 
 @pytest.fixture

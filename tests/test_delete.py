@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import threading
 import time
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from messagevault import FileStorage, MemoryStorage, Reader, Writer, cli, encode_batch
@@ -30,11 +28,17 @@ from messagevault.retention_policy import (
     save_policy,
 )
 from messagevault.server import StreamHub, create_app
-from messagevault.server import auth as auth_module
-from messagevault.server.auth import Authenticator, Users, save_users
+from messagevault.server.auth import Authenticator
 from messagevault.server.retention_task import RetentionSettings, RetentionTask
 from messagevault.storage.base import Storage
 from messagevault.writer import AppendResult
+from tests.admin_users import (
+    READER,
+    ROOT,
+    WRITER,
+    cheap_passwords,  # noqa: F401 - an autouse fixture
+    with_users,
+)
 from tests.azurite import Azurite
 from tests.cluster_nodes import PASSWORD, USER, Node, clear_leases, cluster_of
 from tests.cluster_nodes import _auth as cluster_auth
@@ -42,35 +46,6 @@ from tests.served import ServedApp
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture(autouse=True)
-def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Argon2 still, at its lowest cost: these tests check claims, not hashing."""
-    monkeypatch.setattr(
-        auth_module, "_hasher", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    )
-
-
-def _basic(name: str) -> dict[str, str]:
-    token = base64.b64encode(f"{name}:{name}-secret".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
-
-
-ROOT, WRITER, READER = _basic("root"), _basic("writer"), _basic("reader")
-
-
-def _with_users(storage: Storage) -> Storage:
-    users = Users()
-    for name, claims in {
-        "root": ["admin"],
-        "writer": ["orders:write"],
-        "reader": ["orders:read"],
-    }.items():
-        users.set_password(name, f"{name}-secret")
-        users.grant(name, claims)
-    save_users(storage, users)  # type: ignore[arg-type]
-    return storage
 
 
 def _storage(backend: str, tmp_path: Path) -> Storage:
@@ -104,7 +79,7 @@ async def _error(response: Any, status: int, code: str) -> str:
 async def test_an_admin_deletes_a_stream_and_it_starts_afresh(
     aiohttp_client: MakeClient, backend: str, tmp_path: Path
 ) -> None:
-    storage = _with_users(_storage(backend, tmp_path))
+    storage = with_users(_storage(backend, tmp_path))
     client = await _client(aiohttp_client, storage)
     for n in range(3):
         await _publish(client, "orders", [f"old {n}"])
@@ -137,7 +112,7 @@ async def test_an_admin_deletes_a_stream_and_it_starts_afresh(
 
 
 async def test_only_an_admin_deletes(aiohttp_client: MakeClient) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
     await _publish(client, "orders", ["a"])
     for headers in (WRITER, READER):
@@ -169,7 +144,7 @@ class _SlowDelete(MemoryStorage):
 
 async def test_an_append_during_a_delete_is_refused_clearly(aiohttp_client: MakeClient) -> None:
     storage = _SlowDelete()
-    _with_users(storage)
+    with_users(storage)
     client = await _client(aiohttp_client, storage)
     await _publish(client, "orders", ["before"])
     deleting = asyncio.ensure_future(client.delete("/streams/orders", headers=ROOT))
@@ -374,7 +349,7 @@ def test_cli_delete_refuses_storage_a_server_serves(tmp_path: Path) -> None:
 
 
 def test_cli_delete_through_a_server(tmp_path: Path) -> None:
-    storage = _with_users(FileStorage(tmp_path / "served"))
+    storage = with_users(FileStorage(tmp_path / "served"))
     _a_stream(tmp_path / "served")
     authenticator = Authenticator(storage, reload_interval=0)  # type: ignore[arg-type]
     with ServedApp(create_app(StreamHub(storage), authenticator=authenticator)) as server:
@@ -479,7 +454,7 @@ def _writer_applies_retention_and_any_node_deletes(
 
 async def test_waiting_reads_of_a_deleted_stream_end(aiohttp_client: MakeClient) -> None:
     """A long poll answers 404 and a Server-Sent-Events tail ends with an error event."""
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
     await _publish(client, "orders", ["a"])
     tail = await client.get(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from messagevault import FileStorage, MemoryStorage, Reader, Writer, cli_output
@@ -31,9 +29,8 @@ from messagevault.retention_policy import (
     save_policy,
 )
 from messagevault.server import StreamHub, create_app
-from messagevault.server import auth as auth_module
 from messagevault.server.app import RETENTION
-from messagevault.server.auth import Authenticator, Users, save_users
+from messagevault.server.auth import Authenticator
 from messagevault.server.retention_task import (
     RetentionSettings,
     RetentionTask,
@@ -41,40 +38,18 @@ from messagevault.server.retention_task import (
     whole_frame_from,
 )
 from messagevault.storage.base import Storage
+from tests.admin_users import (
+    READER,
+    ROOT,
+    WRITER,
+    cheap_passwords,  # noqa: F401 - an autouse fixture
+    with_users,
+)
 from tests.prometheus_text import sample
 from tests.served import ServedApp
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture(autouse=True)
-def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Argon2 still, at its lowest cost: these tests check claims, not hashing."""
-    monkeypatch.setattr(
-        auth_module, "_hasher", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    )
-
-
-def _basic(name: str) -> dict[str, str]:
-    token = base64.b64encode(f"{name}:{name}-secret".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
-
-
-ROOT, WRITER, READER = _basic("root"), _basic("writer"), _basic("reader")
-
-
-def _with_users(storage: MemoryStorage) -> MemoryStorage:
-    users = Users()
-    for name, claims in {
-        "root": ["admin"],
-        "writer": ["orders:write"],
-        "reader": ["orders:read"],
-    }.items():
-        users.set_password(name, f"{name}-secret")
-        users.grant(name, claims)
-    save_users(storage, users)
-    return storage
 
 
 async def _client(
@@ -186,7 +161,7 @@ def test_a_damaged_stored_policy_says_which_file() -> None:
 
 
 async def test_admin_sets_shows_and_clears_a_policy(aiohttp_client: MakeClient) -> None:
-    client = await _client(aiohttp_client, _with_users(MemoryStorage()))
+    client = await _client(aiohttp_client, with_users(MemoryStorage()))
     await _publish(client, "orders", ["a"])
     shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
     assert shown == {"stream": "orders", "max_age": None, "max_bytes": None, "source": "none"}
@@ -209,7 +184,7 @@ async def test_admin_sets_shows_and_clears_a_policy(aiohttp_client: MakeClient) 
 async def test_a_stream_without_a_policy_shows_the_default(aiohttp_client: MakeClient) -> None:
     default = RetentionPolicy(max_age=90 * 86400.0)
     client = await _client(
-        aiohttp_client, _with_users(MemoryStorage()), RetentionSettings(default=default)
+        aiohttp_client, with_users(MemoryStorage()), RetentionSettings(default=default)
     )
     await _publish(client, "orders", ["a"])
     shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
@@ -237,7 +212,7 @@ async def test_a_stream_without_a_policy_shows_the_default(aiohttp_client: MakeC
 async def test_bad_policies_over_http_change_nothing(
     aiohttp_client: MakeClient, body: bytes, words: str
 ) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
     await _publish(client, "orders", ["a"])
     save_policy(storage, "orders", RetentionPolicy(max_bytes=5000))
@@ -251,7 +226,7 @@ async def test_bad_policies_over_http_change_nothing(
 
 
 async def test_who_may_do_what_with_policies(aiohttp_client: MakeClient) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
     await _publish(client, "orders", ["a"])
     await _publish(client, "billing", ["a"])
@@ -269,7 +244,7 @@ async def test_who_may_do_what_with_policies(aiohttp_client: MakeClient) -> None
 
 
 async def test_policies_of_streams_that_are_not_there(aiohttp_client: MakeClient) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
     policy = {"max_age": 60}
     response = await client.put("/streams/nothing/retention", json=policy, headers=ROOT)
@@ -347,7 +322,7 @@ def test_the_target_of_each_limit() -> None:
 
 
 async def test_the_server_trims_by_bytes_in_the_background(aiohttp_client: MakeClient) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage, RetentionSettings(interval=0.05))
     for n in range(20):
         await _publish(client, "orders", [f"message {n} " + "x" * 200])
@@ -377,7 +352,7 @@ async def test_the_server_trims_by_bytes_in_the_background(aiohttp_client: MakeC
 
 
 async def test_the_server_trims_by_age(aiohttp_client: MakeClient) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
     app = client.app
     assert app is not None
@@ -490,7 +465,7 @@ def test_cli_retention_of_no_stream(tmp_path: Path) -> None:
 
 
 def test_cli_retention_through_a_server(tmp_path: Path) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     default = RetentionSettings(default=RetentionPolicy(max_age=86400.0))
     app = create_app(
         StreamHub(storage),
@@ -537,7 +512,7 @@ def test_serve_refuses_bad_retention_options(tmp_path: Path) -> None:
 
 
 async def test_the_async_client_manages_policies_and_deletes(aiohttp_client: MakeClient) -> None:
-    storage = _with_users(MemoryStorage())
+    storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
     await _publish(client, "orders", ["a"])
     url = str(client.make_url("")).rstrip("/")
