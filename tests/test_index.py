@@ -550,3 +550,26 @@ def test_a_trimmed_stream_keeps_its_index_across_writers(
         [m for m in written.messages if m.position >= first], written.length, written.next_sequence
     )
     _check_every_seek(Reader.open(storage, "kept"), trimmed, times=10)
+
+
+class _Dying(BaseException):
+    """What a simulated power cut raises in every thread (``storage.power_loss.PowerCut``)."""
+
+
+def test_a_build_thread_ends_quietly_whatever_stops_it(clock: FakeClock) -> None:
+    """An exception escaping a thread fails the test run: the build must catch even these."""
+    from messagevault.index import Indexer
+
+    storage = MemoryStorage()
+    _write(storage, "doomed", clock, batches=400, policy=None, seed=11)
+    store = storage.open_stream("doomed")
+    checkpoint = store.read_checkpoint()
+    assert checkpoint.length > 5 * 1024 * 1024  # built in a thread, not at open
+
+    class DyingStore(CountingStore):
+        def read(self, offset: int, size: int) -> bytes:
+            raise _Dying("the process is gone")
+
+    indexer = Indexer(DyingStore(store), "doomed", checkpoint, DENSE)  # type: ignore[arg-type]
+    assert not indexer.wait_built(10)  # it stopped, unbuilt, without raising
+    indexer.close(flush=False)
