@@ -342,6 +342,7 @@ class CountingStore:
         self.data_reads = 0
         self.index_reads = 0
         self.data_bytes = 0
+        self.size_reads = 0
 
     def read(self, offset: int, size: int) -> bytes:
         self.data_reads += 1
@@ -351,6 +352,10 @@ class CountingStore:
     def read_index(self, offset: int, size: int) -> bytes:
         self.index_reads += 1
         return self._store.read_index(offset, size)
+
+    def index_size(self) -> int:
+        self.size_reads += 1
+        return self._store.index_size()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -573,3 +578,33 @@ def test_a_build_thread_ends_quietly_whatever_stops_it(clock: FakeClock) -> None
     indexer = Indexer(DyingStore(store), "doomed", checkpoint, DENSE)  # type: ignore[arg-type]
     assert not indexer.wait_built(10)  # it stopped, unbuilt, without raising
     indexer.close(flush=False)
+
+
+def test_a_reader_asks_the_index_size_once_a_while_and_a_stale_one_is_safe(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Azure the size is a round trip of its own; a size a moment old must not mislead."""
+    from messagevault import reader as reader_module
+
+    storage = MemoryStorage()
+    with Writer.open(storage, "sized", index=DENSE) as writer:
+        for number in range(300):
+            clock.now_ms += 5
+            writer.append([(b"k", b"%d" % number + bytes(500))])
+        counting = CountingStore(storage.open_stream("sized"))
+        reader = Reader(counting, "sized")  # type: ignore[arg-type]
+        monkeypatch.setattr(reader_module, "INDEX_SIZE_TTL", 3600.0)
+        for sequence in (5, 150, 299):
+            reader.seek(sequence=sequence)
+        assert counting.size_reads == 1
+        for number in range(300, 600):  # the index grows past the size the reader holds
+            clock.now_ms += 5
+            writer.append([(b"k", b"%d" % number + bytes(500))])
+        writer.index_if_due()
+        written = _read_all(storage, "sized")
+        _check_every_seek(reader, written, times=20)
+        assert counting.size_reads == 1
+        monkeypatch.setattr(reader_module, "INDEX_SIZE_TTL", -1.0)
+        reader.seek(sequence=599)
+        reader.seek(sequence=3)
+        assert counting.size_reads == 3

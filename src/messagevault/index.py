@@ -189,6 +189,7 @@ def seek_position(
     *,
     sequence: int | None = None,
     timestamp: int | None = None,
+    index_size: int | None = None,
 ) -> int:
     """Where message ``sequence`` is, or the first message at or after ``timestamp`` (ms).
 
@@ -213,11 +214,11 @@ def seek_position(
     # may sit in an earlier frame than an entry stamped with that very time).
     walk = _HeaderWalk(store, name, checkpoint.length)
     if sequence is not None:
-        entry = _search(store, checkpoint, lambda e: e.sequence <= sequence)
+        entry = _search(store, checkpoint, lambda e: e.sequence <= sequence, index_size)
         start = _checked_start(walk, name, checkpoint, entry)
         return _scan_for_sequence(walk, name, checkpoint, start, sequence)
     assert timestamp is not None
-    entry = _search(store, checkpoint, lambda e: e.timestamp < timestamp)
+    entry = _search(store, checkpoint, lambda e: e.timestamp < timestamp, index_size)
     start = _checked_start(walk, name, checkpoint, entry)
     for header in walk.headers(start):
         if not header.is_continuation and header.timestamp >= timestamp:
@@ -244,7 +245,13 @@ def _scan_for_sequence(
     )
 
 
-def frame_at_or_after(store: StreamStore, name: str, checkpoint: Checkpoint, position: int) -> int:
+def frame_at_or_after(
+    store: StreamStore,
+    name: str,
+    checkpoint: Checkpoint,
+    position: int,
+    index_size: int | None = None,
+) -> int:
     """The first frame start at or after byte ``position`` that is no piece of a value.
 
     The committed length when there is none; the first readable position for
@@ -257,7 +264,7 @@ def frame_at_or_after(store: StreamStore, name: str, checkpoint: Checkpoint, pos
     if position <= checkpoint.first_position:
         return checkpoint.first_position
     walk = _HeaderWalk(store, name, checkpoint.length)
-    entry = _search(store, checkpoint, lambda e: e.position <= position)
+    entry = _search(store, checkpoint, lambda e: e.position <= position, index_size)
     for header in walk.headers(_checked_start(walk, name, checkpoint, entry)):
         if header.base_position >= position and not header.is_continuation:
             return header.base_position
@@ -333,7 +340,10 @@ class _Blocks:
 
 
 def _search(
-    store: StreamStore, checkpoint: Checkpoint, at_or_before: Callable[[IndexEntry], bool]
+    store: StreamStore,
+    checkpoint: Checkpoint,
+    at_or_before: Callable[[IndexEntry], bool],
+    size: int | None = None,
 ) -> IndexEntry | None:
     """The last entry for which ``at_or_before`` holds, or None (no index, none holds).
 
@@ -342,8 +352,12 @@ def _search(
     length count as "after the target", so the search only ever moves
     towards the start past them: damage costs a longer scan, not a wrong
     start, and the start is checked against its frame header anyway.
+    ``size``: the index's size when the caller knows it; any size is safe
+    (too small: newer entries unseen, a longer scan; too large: slots past
+    the end read as nothing).
     """
-    size = store.index_size()
+    if size is None:
+        size = store.index_size()
     slots = (size - INDEX_HEADER_SIZE) // ENTRY_SIZE
     if slots <= 0:
         return None

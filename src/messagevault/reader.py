@@ -34,6 +34,8 @@ from messagevault.storage import open_read_access
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+# How long a reader goes on using the index size it last asked storage for.
+INDEX_SIZE_TTL = 1.0
 # A remote read costs a round trip (and some milliseconds of SDK work) however
 # small: bigger reads amortise it. 8 MiB reached the raw download rate on Azurite.
 REMOTE_CHUNK_SIZE = 8 * 1024 * 1024
@@ -214,6 +216,7 @@ class Reader:
         # remote storage; a caller reading short pages turns it off.
         self._read_ahead = remote if read_ahead is None else read_ahead
         self._stop = threading.Event()
+        self._index_size_asked: tuple[float, int] | None = None  # (when, size)
 
     @classmethod
     def open(
@@ -365,9 +368,17 @@ class Reader:
 
         checkpoint = checkpoint or self._store.read_checkpoint()
         if sequence is not None:
-            return seek_position(self._store, self.name, checkpoint, sequence=sequence)
+            return seek_position(
+                self._store, self.name, checkpoint, sequence=sequence, index_size=self._index_size()
+            )
         assert time is not None
-        return seek_position(self._store, self.name, checkpoint, timestamp=timestamp_ms(time))
+        return seek_position(
+            self._store,
+            self.name,
+            checkpoint,
+            timestamp=timestamp_ms(time),
+            index_size=self._index_size(),
+        )
 
     def frame_at_or_after(self, position: int, checkpoint: Checkpoint | None = None) -> int:
         """The first frame start at or after byte ``position`` that is no piece of a value.
@@ -379,7 +390,19 @@ class Reader:
         if not isinstance(position, int) or isinstance(position, bool) or position < 0:
             raise InvalidPosition(f"position must be a non-negative integer, not {position!r}")
         checkpoint = checkpoint or self._store.read_checkpoint()
-        return frame_at_or_after(self._store, self.name, checkpoint, position)
+        return frame_at_or_after(self._store, self.name, checkpoint, position, self._index_size())
+
+    def _index_size(self) -> int:
+        """The index's size, asked of storage at most every ``INDEX_SIZE_TTL`` seconds.
+
+        On Azure asking is a round trip of its own, a sixth of a seek's. Any
+        size is safe for a seek: one a moment old only misses the newest
+        entries, which lengthens that seek's scan a little.
+        """
+        now = time.monotonic()
+        if self._index_size_asked is None or now - self._index_size_asked[0] > INDEX_SIZE_TTL:
+            self._index_size_asked = (now, self._store.index_size())
+        return self._index_size_asked[1]
 
     def position_of_sequence(self, sequence: int) -> int:
         """The position of message number ``sequence`` (counting from 0).
