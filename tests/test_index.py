@@ -608,3 +608,36 @@ def test_a_reader_asks_the_index_size_once_a_while_and_a_stale_one_is_safe(
         reader.seek(sequence=599)
         reader.seek(sequence=3)
         assert counting.size_reads == 3
+
+
+def test_commit_here_leaves_index_writes_to_the_committer_thread() -> None:
+    """A commit_here caller (the server's event loop) never waits for an index write."""
+    import threading
+
+    from messagevault.committer import GroupCommitter
+
+    storage = MemoryStorage()
+    # Entries due at once: a commit_here that wrote them would do so every time.
+    policy = IndexPolicy(every_bytes=1, every_frames=1, flush_interval=0)
+    writer = Writer.open(storage, "here", index=policy)
+    writers: list[int] = []
+
+    class Recording(CountingStore):
+        def write_index(self, offset: int, data: bytes | memoryview) -> None:
+            writers.append(threading.get_ident())
+            self._store.write_index(offset, data)
+
+    writer._store = Recording(writer._store)  # type: ignore[assignment]
+    assert writer.indexer is not None
+    writer.indexer._store = writer._store
+    with GroupCommitter(writer) as committer:
+        for number in range(5):
+            batch = encode_batch([(b"k", b"%d" % number)])
+            if committer.commit_here(batch) is None:  # the thread was writing entries
+                committer.submit(batch).result()
+            time.sleep(0.03)
+        deadline = time.monotonic() + 10
+        while writer.indexer.status().entries < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.indexer.status().entries == 5  # written although no commit followed
+    assert writers and threading.get_ident() not in writers

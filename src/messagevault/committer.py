@@ -120,6 +120,9 @@ class GroupCommitter:
         # and queued batches wait for it to be over.
         self._committing = False
         self._exclusive_waiting = 0  # run_exclusive callers waiting for the writer
+        # The idle thread is waiting with a timeout for index entries due: a
+        # commit_here that noted more need not wake it.
+        self._upkeep_waiting = False
         # How long the last commit took (seconds), None before the first;
         # and how many batches it carried.
         self.last_commit_seconds: float | None = None
@@ -195,7 +198,7 @@ class GroupCommitter:
                 return None
             self._committing = True
         future: Future[AppendResult] = Future()
-        self._tell(self._commit([(batch, future)]))
+        self._tell(self._commit([(batch, future)], here=True))
         return future.result()
 
     def run_exclusive(self, work: Callable[[Writer], T]) -> T:
@@ -244,11 +247,20 @@ class GroupCommitter:
             self._committing = False
             # Only the committer thread with batches queued, and close(),
             # wait for that: an idle thread woken after every commit_here
-            # would cost the wake-up commit_here saves.
-            if self._queue or self._closing or self._exclusive_waiting:
+            # would cost the wake-up commit_here saves. Index entries a
+            # commit_here noted are the idle thread's to write: it is woken
+            # once for them (then it waits with a timeout until they are due).
+            if (
+                self._queue
+                or self._closing
+                or self._exclusive_waiting
+                or (not self._upkeep_waiting and self.writer.index_due_in() is not None)
+            ):
                 self._changed.notify_all()
 
-    def _commit(self, group: list[tuple[EncodedBatch, Future[AppendResult]]]) -> Commit | None:
+    def _commit(
+        self, group: list[tuple[EncodedBatch, Future[AppendResult]]], *, here: bool = False
+    ) -> Commit | None:
         """Commit ``group``, let go of the writer, resolve the futures; what to tell ``on_commit``.
 
         The writer is this thread's until then (``_committing``): it is let
@@ -296,7 +308,9 @@ class GroupCommitter:
         # index entries (written at most every second) are written once the
         # waiters have their answers, never before; the writer stays this
         # thread's until they are written.
-        upkeep_due = self.writer.snapshot_due or self.writer.index_due
+        # Index entries are never written on a commit_here caller's thread
+        # (the server's event loop, say): the idle committer thread does it.
+        upkeep_due = self.writer.snapshot_due or (not here and self.writer.index_due)
         if not upkeep_due:
             self._release()
         try:
@@ -308,13 +322,14 @@ class GroupCommitter:
             self._group_done()
         finally:
             if upkeep_due:
-                self._upkeep_and_release()
+                self._upkeep_and_release(index=not here)
         return commit
 
-    def _upkeep_and_release(self) -> None:
+    def _upkeep_and_release(self, *, index: bool = True) -> None:
         try:
             self.writer.snapshot_if_due()
-            self.writer.index_if_due()
+            if index:
+                self.writer.index_if_due()
         except Exception:  # both only save later readers and writers time: never stop for them
             log.exception("producer snapshot or index failed", extra={"stream": self.writer.name})
         finally:
@@ -346,6 +361,7 @@ class GroupCommitter:
                 if due_in is not None and due_in <= 0:
                     self._committing = True
                     return []
+                self._upkeep_waiting = due_in is not None
                 self._changed.wait(due_in)
             if self._failure is not None:
                 return None
