@@ -308,6 +308,28 @@ export function decodeCheckpoint(bytes) {
   return checked(checkpoint);
 }
 
+/**
+ * The checkpoint file of file storage (`<root>/<stream>/checkpoint`): two 64-byte slots
+ * written alternately, so a torn write spoils only one; the valid slot with the higher
+ * commit is the checkpoint.
+ */
+export function decodeCheckpointFile(bytes) {
+  bytes = asBytes(bytes);
+  let best = null;
+  let problem = null;
+  for (const start of [0, CHECKPOINT_SIZE]) {
+    if (bytes.length < start + CHECKPOINT_SIZE) break;
+    try {
+      const slot = decodeCheckpoint(bytes.subarray(start, start + CHECKPOINT_SIZE));
+      if (best === null || slot.commit > best.commit) best = slot;
+    } catch (error) {
+      problem = error;
+    }
+  }
+  if (best === null) throw problem ?? corrupt(`checkpoint file: ${bytes.length} bytes, too few for a slot`);
+  return best;
+}
+
 function checked(checkpoint) {
   if (checkpoint.firstPosition > checkpoint.length) {
     throw corrupt(`checkpoint: first position ${checkpoint.firstPosition} past length ${checkpoint.length}`);
@@ -464,7 +486,7 @@ export class AzureSasSource extends HttpRangeSource {
       u.pathname = `${url.pathname.replace(/\/$/, "")}/${name}`;
       return u.toString();
     };
-    super({ dataUrl: blob("data"), checkpointUrl: blob("checkpoint"), indexUrl: blob("index"), headers: { "x-ms-version": "2021-08-06" }, fetch: fetchFn });
+    super({ dataUrl: blob("data"), checkpointUrl: blob("checkpoint"), indexUrl: blob("index"), fetch: fetchFn });
   }
 
   async checkpoint() {
