@@ -326,7 +326,7 @@ export function decodeCheckpointFile(bytes) {
       problem = error;
     }
   }
-  if (best === null) throw problem ?? corrupt(`checkpoint file: ${bytes.length} bytes, too few for a slot`);
+  if (best === null) throw problem ?? corrupt(`checkpoint: ${bytes.length} bytes, not 64`);
   return best;
 }
 
@@ -411,6 +411,11 @@ export class BufferSource {
     return given;
   }
 
+  /** A new checkpoint (bytes or object), as a writer commits: followers see it on their next poll. */
+  setCheckpoint(checkpoint) {
+    this._checkpoint = checkpoint;
+  }
+
   async read(position, size) {
     if (position + size > this.data.length) throw corrupt(`data ends at ${this.data.length}, before ${position + size}`, position);
     return this.data.subarray(position, position + size);
@@ -454,7 +459,8 @@ export class HttpRangeSource {
   async checkpoint() {
     const response = await this.fetchFn(this.checkpointUrl, { headers: this.headers });
     if (!response.ok) throw new MessageVaultError("StorageError", `GET ${stripQuery(this.checkpointUrl)}: HTTP ${response.status}`);
-    return decodeCheckpoint(new Uint8Array(await response.arrayBuffer()));
+    // 64 bytes, or file storage's checkpoint file of two slots.
+    return decodeCheckpointFile(new Uint8Array(await response.arrayBuffer()));
   }
 
   read(position, size) {
