@@ -863,6 +863,7 @@ export class ServerReader {
     const skip = Number(response.headers.get("x-skip") ?? 0);
     const next = Number(response.headers.get("x-next"));
     const position = Number(response.headers.get("x-position"));
+    if (!Number.isSafeInteger(next)) throw new MessageVaultError("ServerError", `GET ${url}: the answer has no X-Next header`);
     const messages = body.length ? decodeFrames(body, { skip, decompress: this.decompress }) : [];
     return { messages, next, position };
   }
