@@ -20,7 +20,7 @@ import pytest
 
 from messagevault import FileStorage, Reader, Writer
 from messagevault.client import Client
-from messagevault.format import Message
+from messagevault.format import Message, encode_batch
 from messagevault.index import IndexPolicy
 from messagevault.server import StreamHub, create_app
 from messagevault.server.auth import Authenticator, Users, save_users
@@ -58,6 +58,9 @@ def _varied(writer: Writer) -> int | None:
             [(key, bytes([n, i % 256]) * ((n * 97 + i * 13) % 1500)) for i in range(1 + n % 7)]
         )
     writer.append([(b"Tick", b"%d" % i) for i in range(2000)])
+    # A v2 frame of many messages: a producer's batch (positions past a 96-byte header).
+    batch = encode_batch([(b"Produced", b"p%d" % i) for i in range(9)])
+    writer.append_batches([batch.with_producer(b"js-reader-test-p", 3)])
     big = hashlib.shake_256(b"js reader piece").digest(4 * 1024 * 1024 + 123_456)
     writer.append([(b"Blob", big)])
     writer.append([(b"After", b'{"json": true}'), (b"", b"")])
