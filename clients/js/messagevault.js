@@ -229,6 +229,30 @@ function message(header, i, key, value, nextPosition) {
   };
 }
 
+/**
+ * The content size a zstd frame declares in its header (writers always declare it), read
+ * without decoding: a value compressed whole and cut in pieces states its size only there.
+ */
+export function zstdContentSize(bytes, position) {
+  const bad = (why) => corrupt(`compressed values at ${position}: ${why}`, position);
+  if (bytes.length < 6 || view(bytes).getUint32(0, true) !== 0xfd2fb528) throw bad("not a zstd frame");
+  const descriptor = bytes[4];
+  const sizeFlag = descriptor >> 6;
+  const singleSegment = (descriptor >> 5) & 1;
+  const dictionaryBytes = [0, 1, 2, 4][descriptor & 3];
+  const sizeBytes = [singleSegment ? 1 : 0, 2, 4, 8][sizeFlag];
+  if (sizeBytes === 0) throw bad("the zstd frame does not declare its size");
+  const at = 5 + (singleSegment ? 0 : 1) + dictionaryBytes;
+  if (bytes.length < at + sizeBytes) throw bad("zstd frame header cut short");
+  const dv = new DataView(bytes.buffer, bytes.byteOffset + at, sizeBytes);
+  if (sizeBytes === 1) return dv.getUint8(0);
+  if (sizeBytes === 2) return dv.getUint16(0, true) + 256;
+  if (sizeBytes === 4) return dv.getUint32(0, true);
+  const size = dv.getBigUint64(0, true);
+  if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw bad(`declared size ${size}`);
+  return Number(size);
+}
+
 function decompressed(header, stored, size, options) {
   if (!options.decompress) {
     throw new MessageVaultError(
@@ -248,6 +272,8 @@ function frameMessages(frame, skip, options) {
   let values = frame.values;
   if (header.isCompressed) {
     const total = values.lengths.reduce((a, b) => a + b, 0);
+    const declared = zstdContentSize(values.stored, header.position);
+    if (declared !== total) throw corrupt(`frame at ${header.position}: zstd declares ${declared} bytes, the lengths ${total}`, header.position);
     const plain = decompressed(header, values.stored, total, options);
     values = [];
     let at = 0;
@@ -276,7 +302,7 @@ function joinedMessage(head, pieces, options) {
   }
   if (at !== total) throw corrupt(`value at ${head.header.position}: pieces short of its size`, head.header.position);
   let plain = value;
-  if (head.header.isCompressed) plain = decompressed(head.header, value, head.values.lengths[0], options);
+  if (head.header.isCompressed) plain = decompressed(head.header, value, zstdContentSize(value, head.header.position), options);
   return plain;
 }
 
