@@ -266,8 +266,8 @@ function decompressed(header, stored, size, options) {
   return out;
 }
 
-/** The messages of a decoded (non-HEAD) frame, from message `skip` on. */
-function frameMessages(frame, skip, options) {
+/** The messages of a decoded (non-HEAD) frame, from message `skip` on, made as asked for. */
+function* frameMessages(frame, skip, options) {
   const { header, keys } = frame;
   let values = frame.values;
   if (header.isCompressed) {
@@ -282,12 +282,10 @@ function frameMessages(frame, skip, options) {
       at += size;
     }
   }
-  const out = [];
   for (let i = skip; i < header.count; i++) {
     const next = i + 1 < header.count ? messagePosition(header, i + 1) : header.end;
-    out.push(message(header, i, keys[i], values[i], next));
+    yield message(header, i, keys[i], values[i], next);
   }
-  return out;
 }
 
 /** Joins a HEAD frame and its CONTINUATION frames into the one message they hold. */
@@ -597,7 +595,9 @@ export class StreamReader {
     // is reported as damage by the frame loop, not as "no message here".
     if (position === checkpoint.length || position === checkpoint.firstPosition) return { start: position, skip: 0 };
     const notMessage = () => new MessageVaultError("InvalidPosition", `${position} is not the position of a message`, position);
-    const near = await this.source.read(position, Math.min(V2_HEADER, checkpoint.length - position));
+    // A whole window: when a frame starts here, reading goes on from these bytes (on
+    // Azure, one round trip fewer per read).
+    const near = await this.source.read(position, Math.min(SCAN_WINDOW, checkpoint.length - position));
     let header = null;
     try {
       header = decodeHeader(near, 0, position);
@@ -608,7 +608,7 @@ export class StreamReader {
       if (header.isContinuation) {
         throw new MessageVaultError("InvalidPosition", `${position} is a piece of the value at position ${header.chunk}, not a message`, position);
       }
-      return { start: position, skip: 0 };
+      return { start: position, skip: 0, prefetched: near };
     }
     if (near.length < 4) throw notMessage();
     const slot = view(near).getUint32(0, true);
@@ -632,12 +632,12 @@ export class StreamReader {
    */
   async *messages({ from, checkpoint } = {}) {
     checkpoint = checkpoint ?? (await this.checkpoint());
-    const { start, skip } = await this.locate(from ?? checkpoint.firstPosition, checkpoint);
-    yield* this._frames(start, skip, checkpoint.length);
+    const { start, skip, prefetched } = await this.locate(from ?? checkpoint.firstPosition, checkpoint);
+    yield* this._frames(start, skip, checkpoint.length, prefetched);
   }
 
-  async *_frames(position, skip, end) {
-    let buffer = new Uint8Array(0);
+  async *_frames(position, skip, end, prefetched = new Uint8Array(0)) {
+    let buffer = prefetched;
     let bufferAt = position;
     const need = async (at, size) => {
       if (at < bufferAt || at + size > bufferAt + buffer.length) {

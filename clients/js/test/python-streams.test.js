@@ -63,8 +63,7 @@ test("python-written streams: reads resume from any message position", { skip },
   for (const [name, listed] of Object.entries(manifest.streams)) {
     if (listed.compressed_position !== null) continue;
     const { reader } = open(listed);
-    const step = Math.max(1, Math.floor(listed.messages.length / 60));
-    for (let i = 0; i < listed.messages.length; i += step) {
+    for (let i = 0; i < listed.messages.length; i++) {
       const [first, second] = await readFrom(reader, listed.messages[i].position, 2);
       assertMessage(first, listed.messages[i], `${name} from message ${i}`);
       if (i + 1 < listed.messages.length) assertMessage(second, listed.messages[i + 1], `${name} after message ${i}`);
