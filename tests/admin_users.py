@@ -1,4 +1,5 @@
-"""Users for tests of admin-only routes: root (admin), writer and reader of ``orders``.
+"""Users for tests of admin-only routes: root (admin), writer and reader of ``orders``;
+and the requests those tests make.
 
 Argon2 at its lowest cost (``cheap_passwords``, an autouse fixture where a
 test module imports it): these tests check claims, not hashing.
@@ -7,7 +8,7 @@ test module imports it): these tests check claims, not hashing.
 from __future__ import annotations
 
 import base64
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from argon2 import PasswordHasher
@@ -16,7 +17,7 @@ from messagevault.server import auth as auth_module
 from messagevault.server.auth import Users, save_users
 from messagevault.storage.base import SystemFiles
 
-S = TypeVar("S", bound=SystemFiles)
+S = TypeVar("S")  # a storage: every backend keeps system files
 
 
 @pytest.fixture(autouse=True)
@@ -45,5 +46,25 @@ def with_users(storage: S) -> S:
     }.items():
         users.set_password(name, f"{name}-secret")
         users.grant(name, claims)
-    save_users(storage, users)
+    save_users(cast(SystemFiles, storage), users)
     return storage
+
+
+async def publish(client: Any, stream: str, values: list[str]) -> dict[str, Any]:
+    """Append ``values`` as root through an aiohttp test client; the answer."""
+    response = await client.post(
+        f"/streams/{stream}", json={"messages": [{"value": v} for v in values]}, headers=ROOT
+    )
+    assert response.status == 200, await response.text()
+    answer: dict[str, Any] = await response.json()
+    return answer
+
+
+async def error_detail(response: Any, status: int, code: str) -> str:
+    """The one-line detail of an error answer with this status and code."""
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert body["error"] == code, body
+    detail: str = body["detail"]
+    assert detail and "\n" not in detail
+    return detail

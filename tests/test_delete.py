@@ -37,6 +37,8 @@ from tests.admin_users import (
     ROOT,
     WRITER,
     cheap_passwords,  # noqa: F401 - an autouse fixture
+    error_detail,
+    publish,
     with_users,
 )
 from tests.azurite import Azurite
@@ -57,24 +59,6 @@ async def _client(aiohttp_client: MakeClient, storage: Storage) -> Client:
     return await aiohttp_client(create_app(StreamHub(storage), authenticator=authenticator))
 
 
-async def _publish(client: Client, stream: str, values: list[str]) -> dict[str, Any]:
-    response = await client.post(
-        f"/streams/{stream}", json={"messages": [{"value": v} for v in values]}, headers=ROOT
-    )
-    assert response.status == 200, await response.text()
-    answer: dict[str, Any] = await response.json()
-    return answer
-
-
-async def _error(response: Any, status: int, code: str) -> str:
-    assert response.status == status, await response.text()
-    body = await response.json()
-    assert body["error"] == code, body
-    detail: str = body["detail"]
-    assert detail and "\n" not in detail
-    return detail
-
-
 @pytest.mark.parametrize("backend", ["memory", "file"])
 async def test_an_admin_deletes_a_stream_and_it_starts_afresh(
     aiohttp_client: MakeClient, backend: str, tmp_path: Path
@@ -82,8 +66,8 @@ async def test_an_admin_deletes_a_stream_and_it_starts_afresh(
     storage = with_users(_storage(backend, tmp_path))
     client = await _client(aiohttp_client, storage)
     for n in range(3):
-        await _publish(client, "orders", [f"old {n}"])
-    await _publish(client, "billing", ["kept"])
+        await publish(client, "orders", [f"old {n}"])
+    await publish(client, "billing", ["kept"])
     save_policy(storage, "orders", RetentionPolicy(max_bytes=10_000))  # type: ignore[arg-type]
     # A read first: the server keeps its reader for the next one.
     response = await client.get("/streams/orders/messages", headers=ROOT)
@@ -93,17 +77,19 @@ async def test_an_admin_deletes_a_stream_and_it_starts_afresh(
     assert response.status == 204, await response.text()
 
     for path in ("/streams/orders", "/streams/orders/messages", "/streams/orders/retention"):
-        await _error(await client.get(path, headers=ROOT), 404, "stream_not_found")
+        await error_detail(await client.get(path, headers=ROOT), 404, "stream_not_found")
     listed = await (await client.get("/streams", headers=ROOT)).json()
     assert [s["stream"] for s in listed["streams"]] == ["billing"]
     assert storage.list_streams() == ["billing"]
     with pytest.raises(StreamNotFound):
         Reader.open(storage, "orders")
     assert load_policy(storage, "orders") is None  # type: ignore[arg-type]
-    await _error(await client.delete("/streams/orders", headers=ROOT), 404, "stream_not_found")
+    await error_detail(
+        await client.delete("/streams/orders", headers=ROOT), 404, "stream_not_found"
+    )
 
     # Published to again, it starts empty: sequence 0 at position 0.
-    answer = await _publish(client, "orders", ["new"])
+    answer = await publish(client, "orders", ["new"])
     assert (answer["messages"][0]["sequence"], answer["messages"][0]["position"]) == (0, 0)
     response = await client.get("/streams/orders/messages", headers=ROOT)
     assert [m["value"] for m in (await response.json())["messages"]] == ["new"]
@@ -114,15 +100,19 @@ async def test_an_admin_deletes_a_stream_and_it_starts_afresh(
 async def test_only_an_admin_deletes(aiohttp_client: MakeClient) -> None:
     storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
-    await _publish(client, "orders", ["a"])
+    await publish(client, "orders", ["a"])
     for headers in (WRITER, READER):
-        detail = await _error(
+        detail = await error_detail(
             await client.delete("/streams/orders", headers=headers), 403, "forbidden"
         )
         assert "admin" in detail
-    await _error(await client.delete("/streams/orders"), 401, "unauthenticated")
-    await _error(await client.delete("/streams/No_Such", headers=ROOT), 400, "invalid_stream_name")
-    await _error(await client.delete("/streams/nothing", headers=ROOT), 404, "stream_not_found")
+    await error_detail(await client.delete("/streams/orders"), 401, "unauthenticated")
+    await error_detail(
+        await client.delete("/streams/No_Such", headers=ROOT), 400, "invalid_stream_name"
+    )
+    await error_detail(
+        await client.delete("/streams/nothing", headers=ROOT), 404, "stream_not_found"
+    )
     assert storage.list_streams() == ["orders"]
     info = await (await client.get("/streams/orders", headers=ROOT)).json()
     assert info["messages"] == 1
@@ -146,18 +136,18 @@ async def test_an_append_during_a_delete_is_refused_clearly(aiohttp_client: Make
     storage = _SlowDelete()
     with_users(storage)
     client = await _client(aiohttp_client, storage)
-    await _publish(client, "orders", ["before"])
+    await publish(client, "orders", ["before"])
     deleting = asyncio.ensure_future(client.delete("/streams/orders", headers=ROOT))
     assert await asyncio.to_thread(storage.deleting.wait, 10)
     response = await client.post(
         "/streams/orders", json={"messages": [{"value": "during"}]}, headers=ROOT
     )
-    detail = await _error(response, 503, "committer_closed")
+    detail = await error_detail(response, 503, "committer_closed")
     assert "being deleted" in detail
     assert response.headers["Retry-After"] == "1"
     storage.go_on.set()
     assert (await deleting).status == 204
-    answer = await _publish(client, "orders", ["after"])  # the retry: a fresh stream
+    answer = await publish(client, "orders", ["after"])  # the retry: a fresh stream
     assert answer["messages"][0]["sequence"] == 0
 
 
@@ -351,7 +341,7 @@ def test_cli_delete_refuses_storage_a_server_serves(tmp_path: Path) -> None:
 def test_cli_delete_through_a_server(tmp_path: Path) -> None:
     storage = with_users(FileStorage(tmp_path / "served"))
     _a_stream(tmp_path / "served")
-    authenticator = Authenticator(storage, reload_interval=0)  # type: ignore[arg-type]
+    authenticator = Authenticator(storage, reload_interval=0)
     with ServedApp(create_app(StreamHub(storage), authenticator=authenticator)) as server:
         writer = {"MESSAGEVAULT_USER": "writer", "MESSAGEVAULT_PASSWORD": "writer-secret"}
         code, err = _cli(tmp_path, "delete", "orders", "--yes", "--url", server.url, **writer)
@@ -456,7 +446,7 @@ async def test_waiting_reads_of_a_deleted_stream_end(aiohttp_client: MakeClient)
     """A long poll answers 404 and a Server-Sent-Events tail ends with an error event."""
     storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
-    await _publish(client, "orders", ["a"])
+    await publish(client, "orders", ["a"])
     tail = await client.get(
         "/streams/orders/messages", headers={**ROOT, "Accept": "text/event-stream"}
     )
@@ -468,7 +458,7 @@ async def test_waiting_reads_of_a_deleted_stream_end(aiohttp_client: MakeClient)
     )
     await asyncio.sleep(0.2)  # both wait for the next commit now
     assert (await client.delete("/streams/orders", headers=ROOT)).status == 204
-    await _error(await asyncio.wait_for(poll, 10), 404, "stream_not_found")
+    await error_detail(await asyncio.wait_for(poll, 10), 404, "stream_not_found")
     rest = await asyncio.wait_for(tail.content.read(), 10)  # the tail ends
     event = rest.split(b"event: error\ndata: ")[1]
     assert json.loads(event)["error"] == "stream_not_found"

@@ -6,7 +6,6 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -43,6 +42,8 @@ from tests.admin_users import (
     ROOT,
     WRITER,
     cheap_passwords,  # noqa: F401 - an autouse fixture
+    error_detail,
+    publish,
     with_users,
 )
 from tests.prometheus_text import sample
@@ -63,24 +64,6 @@ async def _client(
         retention=retention,
     )
     return await aiohttp_client(app)
-
-
-async def _publish(client: Client, stream: str, values: list[str]) -> dict[str, Any]:
-    response = await client.post(
-        f"/streams/{stream}", json={"messages": [{"value": v} for v in values]}, headers=ROOT
-    )
-    assert response.status == 200, await response.text()
-    answer: dict[str, Any] = await response.json()
-    return answer
-
-
-async def _error(response: Any, status: int, code: str) -> str:
-    assert response.status == status, await response.text()
-    body = await response.json()
-    assert body["error"] == code, body
-    detail: str = body["detail"]
-    assert detail and "\n" not in detail
-    return detail
 
 
 # The policy and its units ------------------------------------------------------------------
@@ -162,7 +145,7 @@ def test_a_damaged_stored_policy_says_which_file() -> None:
 
 async def test_admin_sets_shows_and_clears_a_policy(aiohttp_client: MakeClient) -> None:
     client = await _client(aiohttp_client, with_users(MemoryStorage()))
-    await _publish(client, "orders", ["a"])
+    await publish(client, "orders", ["a"])
     shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
     assert shown == {"stream": "orders", "max_age": None, "max_bytes": None, "source": "none"}
 
@@ -186,7 +169,7 @@ async def test_a_stream_without_a_policy_shows_the_default(aiohttp_client: MakeC
     client = await _client(
         aiohttp_client, with_users(MemoryStorage()), RetentionSettings(default=default)
     )
-    await _publish(client, "orders", ["a"])
+    await publish(client, "orders", ["a"])
     shown = await (await client.get("/streams/orders/retention", headers=READER)).json()
     assert shown == {
         "stream": "orders",
@@ -214,33 +197,35 @@ async def test_bad_policies_over_http_change_nothing(
 ) -> None:
     storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
-    await _publish(client, "orders", ["a"])
+    await publish(client, "orders", ["a"])
     save_policy(storage, "orders", RetentionPolicy(max_bytes=5000))
     response = await client.put(
         "/streams/orders/retention",
         data=body,
         headers={**ROOT, "Content-Type": "application/json"},
     )
-    assert words in await _error(response, 400, "invalid_input")
+    assert words in await error_detail(response, 400, "invalid_input")
     assert load_policy(storage, "orders") == RetentionPolicy(max_bytes=5000)
 
 
 async def test_who_may_do_what_with_policies(aiohttp_client: MakeClient) -> None:
     storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
-    await _publish(client, "orders", ["a"])
-    await _publish(client, "billing", ["a"])
+    await publish(client, "orders", ["a"])
+    await publish(client, "billing", ["a"])
     for headers in (WRITER, READER):
         response = await client.put(
             "/streams/orders/retention", json={"max_age": 60}, headers=headers
         )
-        assert "admin" in await _error(response, 403, "forbidden")
+        assert "admin" in await error_detail(response, 403, "forbidden")
         response = await client.delete("/streams/orders/retention", headers=headers)
-        await _error(response, 403, "forbidden")
+        await error_detail(response, 403, "forbidden")
     assert load_policy(storage, "orders") is None
     # Reading a policy takes reading the stream.
-    await _error(await client.get("/streams/billing/retention", headers=READER), 403, "forbidden")
-    await _error(await client.get("/streams/orders/retention"), 401, "unauthenticated")
+    await error_detail(
+        await client.get("/streams/billing/retention", headers=READER), 403, "forbidden"
+    )
+    await error_detail(await client.get("/streams/orders/retention"), 401, "unauthenticated")
 
 
 async def test_policies_of_streams_that_are_not_there(aiohttp_client: MakeClient) -> None:
@@ -248,20 +233,20 @@ async def test_policies_of_streams_that_are_not_there(aiohttp_client: MakeClient
     client = await _client(aiohttp_client, storage)
     policy = {"max_age": 60}
     response = await client.put("/streams/nothing/retention", json=policy, headers=ROOT)
-    await _error(response, 404, "stream_not_found")
+    await error_detail(response, 404, "stream_not_found")
     assert load_policy(storage, "nothing") is None
-    await _error(
+    await error_detail(
         await client.get("/streams/nothing/retention", headers=ROOT), 404, "stream_not_found"
     )
     response = await client.put("/streams/Bad_Name/retention", json=policy, headers=ROOT)
-    await _error(response, 400, "invalid_stream_name")
-    await _publish(client, "orders", ["a"])
+    await error_detail(response, 400, "invalid_stream_name")
+    await publish(client, "orders", ["a"])
     response = await client.put(
         "/streams/orders/retention",
         data=b"max_age=60",
         headers={**ROOT, "Content-Type": "application/x-www-form-urlencoded"},
     )
-    await _error(response, 415, "unsupported_media_type")
+    await error_detail(response, 415, "unsupported_media_type")
 
 
 # Applying policies -------------------------------------------------------------------------
@@ -325,8 +310,8 @@ async def test_the_server_trims_by_bytes_in_the_background(aiohttp_client: MakeC
     storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage, RetentionSettings(interval=0.05))
     for n in range(20):
-        await _publish(client, "orders", [f"message {n} " + "x" * 200])
-    await _publish(client, "billing", ["kept: no policy"])
+        await publish(client, "orders", [f"message {n} " + "x" * 200])
+    await publish(client, "billing", ["kept: no policy"])
     response = await client.put("/streams/orders/retention", json={"max_bytes": 1000}, headers=ROOT)
     assert response.status == 200
     checkpoint = storage.open_stream("orders").read_checkpoint()
@@ -358,10 +343,10 @@ async def test_the_server_trims_by_age(aiohttp_client: MakeClient) -> None:
     assert app is not None
     task: RetentionTask = app[RETENTION]
     for n in range(5):
-        await _publish(client, "orders", [f"old {n}"])
+        await publish(client, "orders", [f"old {n}"])
     old = storage.open_stream("orders").read_checkpoint()
     await asyncio.sleep(0.01)  # the next message is stamped a later millisecond
-    await _publish(client, "orders", ["new"])
+    await publish(client, "orders", ["new"])
     new = storage.open_stream("orders").read_checkpoint()
     assert new.last_timestamp > old.last_timestamp
     await client.put("/streams/orders/retention", json={"max_age": 3600}, headers=ROOT)
@@ -514,7 +499,7 @@ def test_serve_refuses_bad_retention_options(tmp_path: Path) -> None:
 async def test_the_async_client_manages_policies_and_deletes(aiohttp_client: MakeClient) -> None:
     storage = with_users(MemoryStorage())
     client = await _client(aiohttp_client, storage)
-    await _publish(client, "orders", ["a"])
+    await publish(client, "orders", ["a"])
     url = str(client.make_url("")).rstrip("/")
     async with AsyncClient(url, user="root", password="root-secret") as admin:
         shown = await admin.set_retention("orders", max_age=60.0)

@@ -479,24 +479,10 @@ class AzureStreamStore:
                 return 0
 
     def read_index(self, offset: int, size: int) -> bytes:
-        self._check_open()
-        if offset < 0 or size < 0:
-            raise ValueError("offset and size must not be negative")
-        if size == 0:
+        try:
+            return self._ranged_read(self._index, offset, size, "the index of stream")
+        except StreamNotFound:  # no index (yet): as good as an empty one
             return b""
-        with azure_errors(f"cannot read the index of stream {self._name!r}"):
-            try:
-                # A plain ranged GET, as ``read`` does.
-                chunks = self._index._client.blob.download(
-                    range=f"bytes={offset}-{offset + size - 1}"
-                )
-                return b"".join(chunks)
-            except ResourceNotFoundError:
-                return b""
-            except HttpResponseError as exc:
-                if exc.status_code == 416:  # at or past the end (Azurite: 206, empty)
-                    return b""
-                raise
 
     def _check_page_write(self, offset: int, data: bytes | memoryview) -> bool:
         """Refuse what no page write may do (a reader's, a deposed writer's, bad pages).
@@ -645,19 +631,21 @@ class AzureStreamStore:
         return self._leases[0].lease_id if self._leases else None
 
     def read(self, offset: int, size: int) -> bytes:
+        return self._ranged_read(self._data, offset, size, "stream")
+
+    def _ranged_read(self, blob: BlobClient, offset: int, size: int, what: str) -> bytes:
+        """Up to ``size`` bytes of page blob ``blob`` from ``offset``; fewer at its end."""
         self._check_open()
         if offset < 0 or size < 0:
             raise ValueError("offset and size must not be negative")
         if size == 0:
             return b""
-        with azure_errors(f"cannot read stream {self._name!r}"):
+        with azure_errors(f"cannot read {what} {self._name!r}"):
             try:
                 # The generated client's plain ranged GET: BlobClient.download_blob
                 # would add a Get Page Ranges call per read, which grows slow as
                 # a page blob fragments (one range per commit).
-                chunks = self._data._client.blob.download(
-                    range=f"bytes={offset}-{offset + size - 1}"
-                )
+                chunks = blob._client.blob.download(range=f"bytes={offset}-{offset + size - 1}")
                 return b"".join(chunks)
             except HttpResponseError as exc:
                 if exc.status_code == 416:  # at or past the end (Azurite: 206, empty)
