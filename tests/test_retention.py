@@ -527,3 +527,16 @@ def test_cli_retention_reads_as_a_sentence_on_a_terminal(
     assert (code, out) == (0, "orders: kept for ever (no retention policy)\n")
     code, out, _ = _cli(tmp_path, "retention", "orders", "--max-age", "90d", "--max-bytes", "1GiB")
     assert (code, out) == (0, "orders: max age 90d, max bytes 1GiB (its own policy)\n")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--max-bytes", "12XB"), ("--max-age", "soon"), ("--max-age", "-1d")]
+)
+def test_cli_refuses_a_bad_limit_before_asking_anyone(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    """A mistyped limit is the error, not the server it would have gone to being down."""
+    code, _, err = _cli(
+        tmp_path, "retention", "orders", option, value, "--url", "http://127.0.0.1:1"
+    )
+    assert code == 2 and option in _one_line(err) and "cannot reach" not in err

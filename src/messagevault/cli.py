@@ -1736,6 +1736,7 @@ def retention(
     validate_stream_name(stream)
     if clear and (max_age is not None or max_bytes is not None):
         raise click.UsageError("--clear drops the whole policy: give it alone")
+    asked = _asked_limits(max_age, max_bytes)
     with _source(url, storage, profile) as source:
         if clear:
             source.clear_retention(stream)
@@ -1745,7 +1746,7 @@ def retention(
         else:
             current = source.retention(stream)
             own = current if current.get("source") == "stream" else {}
-            policy = _retention_policy(max_age, max_bytes, own)
+            policy = _retention_policy(asked, own)
             shown = source.set_retention(stream, policy)
     if default_format(None) != "table":
         print_json(shown)
@@ -1758,26 +1759,33 @@ def retention(
     click.echo(f"{stream}: {policy.describe()} ({whose})")
 
 
-def _retention_policy(
-    max_age: str | None, max_bytes: str | None, current: dict[str, Any]
-) -> RetentionPolicy:
-    """The policy ``retention``'s options ask for, on top of the stream's own one."""
+def _asked_limits(max_age: str | None, max_bytes: str | None) -> dict[str, float | int | None]:
+    """The limits ``retention``'s options give ("none" drops one), checked before any request."""
     from messagevault.times import parse_duration
 
-    age = current.get("max_age")
-    size = current.get("max_bytes")
+    asked: dict[str, float | int | None] = {}
     if max_age is not None:
         try:
-            age = None if max_age == "none" else parse_duration(max_age).total_seconds()
+            asked["max_age"] = (
+                None if max_age == "none" else parse_duration(max_age).total_seconds()
+            )
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--max-age") from None
     if max_bytes is not None:
         try:
-            size = None if max_bytes == "none" else parse_size(max_bytes)
+            asked["max_bytes"] = None if max_bytes == "none" else parse_size(max_bytes)
         except InvalidInput as exc:
             raise click.BadParameter(str(exc), param_hint="--max-bytes") from None
+    return asked
+
+
+def _retention_policy(
+    asked: dict[str, float | int | None], current: dict[str, Any]
+) -> RetentionPolicy:
+    """The policy asked for, on top of the stream's own one."""
+    limits = {"max_age": current.get("max_age"), "max_bytes": current.get("max_bytes"), **asked}
     try:
-        return RetentionPolicy(age, size)
+        return RetentionPolicy(limits["max_age"], limits["max_bytes"])  # type: ignore[arg-type]
     except InvalidInput as exc:
         raise click.UsageError(f"{exc} (--clear drops the policy)") from None
 
