@@ -46,10 +46,18 @@ container-engine:
 	-command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || apt-get install -y podman runc debootstrap
 	-command -v podman >/dev/null && sh deploy/base-image.sh
 
+# Debian's Chromium, which Playwright drives in the browser tests (tests/browser.py;
+# `playwright install`'s own builds cannot be fetched here). Best effort, like
+# peer-servers: it needs root and Debian's mirror; without it those tests skip and
+# say why, unless CI is set, where they fail.
+.PHONY: browser
+browser:
+	-command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
 # Two workers (pytest-xdist): most of the suite's time is subprocesses, servers and
 # Azurite waiting, not CPU, so two run in about half the time on two cores. Each
 # worker starts its own Azurite and StatsD daemon on free ports.
-pytest: $(STAMP) node_modules/.installed peer-servers container-engine
+pytest: $(STAMP) node_modules/.installed peer-servers container-engine browser
 	$(BIN)/python -m pytest -n 2
 
 test: lint typecheck pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
@@ -17,7 +18,11 @@ from messagevault.storage import FileStorage, MemoryStorage
 from messagevault.storage.azure import CONTAINER_PREFIX, SYSTEM_CONTAINER, AzureStorage
 from messagevault.storage.base import Storage
 from tests.azurite import Azurite
+from tests.browser import open_browser
 from tests.statsd_daemon import StatsDDaemon
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Storage]] = {
     "memory": lambda _, __: MemoryStorage(),
@@ -71,6 +76,16 @@ def statsd_daemon() -> Iterator[StatsDDaemon]:
         yield daemon
     finally:
         daemon.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """A headless Chromium for the session (each xdist worker its own); skips without one.
+
+    Browser tests are sync tests: Playwright's sync API will not run in an asyncio loop.
+    """
+    with open_browser() as chromium:
+        yield chromium
 
 
 @pytest.fixture
