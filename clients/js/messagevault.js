@@ -72,6 +72,9 @@ function u64(dv, offset, what, position) {
 
 const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 const utf8 = new TextDecoder("utf-8");
+const utf8Encoder = new TextEncoder();
+// Called as a plain function: a browser refuses window.fetch called as a method of another object.
+const browserFetch = (...args) => globalThis.fetch(...args);
 const utf8Strict = new TextDecoder("utf-8", { fatal: true });
 
 /** A message's value as UTF-8 text (an error if it is not UTF-8). */
@@ -214,19 +217,23 @@ export function decodeFrame(bytes, offset, position) {
   return { header, keys, values };
 }
 
-function message(header, i, key, value, nextPosition) {
+function message(header, i, key, value, nextPosition, size = value?.length) {
   const position = messagePosition(header, i);
   const sequence = header.baseSequence + i;
-  return {
+  const m = {
     position,
     nextPosition,
     sequence,
     id: messageId(header.timestamp, position, sequence),
     key,
     value,
+    size,
     timestamp: header.timestamp,
     time: new Date(header.timestamp),
   };
+  // Only with {compressed: "keep"} and no decoder: the value is unknown here, its size is not.
+  if (value === null) m.compressed = true;
+  return m;
 }
 
 /**
@@ -253,6 +260,9 @@ export function zstdContentSize(bytes, position) {
   return Number(size);
 }
 
+/** {compressed: "keep"} without a decoder: compressed values come as `value: null, compressed: true`. */
+const keepsCompressed = (options) => !options.decompress && options.compressed === "keep";
+
 function decompressed(header, stored, size, options) {
   if (!options.decompress) {
     throw new MessageVaultError(
@@ -274,6 +284,13 @@ function* frameMessages(frame, skip, options) {
     const total = values.lengths.reduce((a, b) => a + b, 0);
     const declared = zstdContentSize(values.stored, header.position);
     if (declared !== total) throw corrupt(`frame at ${header.position}: zstd declares ${declared} bytes, the lengths ${total}`, header.position);
+    if (keepsCompressed(options)) {
+      for (let i = skip; i < header.count; i++) {
+        const next = i + 1 < header.count ? messagePosition(header, i + 1) : header.end;
+        yield message(header, i, keys[i], null, next, frame.values.lengths[i]);
+      }
+      return;
+    }
     const plain = decompressed(header, values.stored, total, options);
     values = [];
     let at = 0;
@@ -299,9 +316,10 @@ function joinedMessage(head, pieces, options) {
     at += piece.length;
   }
   if (at !== total) throw corrupt(`value at ${head.header.position}: pieces short of its size`, head.header.position);
-  let plain = value;
-  if (head.header.isCompressed) plain = decompressed(head.header, value, zstdContentSize(value, head.header.position), options);
-  return plain;
+  if (!head.header.isCompressed) return { value, size: total };
+  const size = zstdContentSize(value, head.header.position);
+  if (keepsCompressed(options)) return { value: null, size };
+  return { value: decompressed(head.header, value, size, options), size };
 }
 
 // --- checkpoint -----------------------------------------------------------------------
@@ -475,7 +493,7 @@ const stripQuery = (url) => String(url).split("?")[0];
  * (the 64-byte checkpoint) and optionally `indexUrl`.
  */
 export class HttpRangeSource {
-  constructor({ dataUrl, checkpointUrl, indexUrl, headers = {}, fetch: fetchFn = globalThis.fetch }) {
+  constructor({ dataUrl, checkpointUrl, indexUrl, headers = {}, fetch: fetchFn = browserFetch }) {
     Object.assign(this, { dataUrl, checkpointUrl, indexUrl, headers, fetchFn });
     this.remote = true;
   }
@@ -509,7 +527,7 @@ export class HttpRangeSource {
  * `read_access.location` (https://account/.../mv-<stream>?<sas>).
  */
 export class AzureSasSource extends HttpRangeSource {
-  constructor(location, { fetch: fetchFn = globalThis.fetch } = {}) {
+  constructor(location, { fetch: fetchFn = browserFetch } = {}) {
     const url = new URL(location);
     const blob = (name) => {
       const u = new URL(url);
@@ -679,8 +697,8 @@ export class StreamReader {
         got += piece.values[0].length;
         at = pieceHeader.end;
       }
-      const value = joinedMessage(frame, pieces, this.options);
-      yield message(header, 0, key, value, at);
+      const joined = joinedMessage(frame, pieces, this.options);
+      yield message(header, 0, key, joined.value, at, joined.size);
       position = at;
       skip = 0;
     }
@@ -816,12 +834,20 @@ function sleep(ms, signal) {
   });
 }
 
+/** An `Authorization` header for HTTP Basic: UTF-8 user and password, as the server reads them. */
+export function basicAuthorization(username, password = "") {
+  const bytes = utf8Encoder.encode(`${username}:${password}`);
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return `Basic ${btoa(binary)}`;
+}
+
 /** Decodes a run of whole frames (such as a binary read's body): messages after `skip`. */
-export function decodeFrames(data, { skip = 0, decompress } = {}) {
+export function decodeFrames(data, { skip = 0, decompress, compressed } = {}) {
   const bytes = asBytes(data);
   const out = [];
   let offset = 0;
-  const options = { decompress };
+  const options = { decompress, compressed };
   const base = bytes.length >= V1_HEADER ? decodeHeader(bytes, 0, Number(view(bytes).getBigUint64(16, true))).position : 0;
   while (offset < bytes.length) {
     const frame = decodeFrame(bytes, offset, base + offset);
@@ -844,7 +870,8 @@ export function decodeFrames(data, { skip = 0, decompress } = {}) {
         got += piece.values[0].length;
         at += piece.header.frameSize;
       }
-      out.push(message(header, 0, frame.keys[0], joinedMessage(frame, pieces, options), base + at));
+      const joined = joinedMessage(frame, pieces, options);
+      out.push(message(header, 0, frame.keys[0], joined.value, base + at, joined.size));
       offset = at;
     }
     skip = 0;
@@ -857,13 +884,15 @@ export function decodeFrames(data, { skip = 0, decompress } = {}) {
  * Accept: application/x-messagevault-batch); frames are checked here, CRCs included.
  */
 export class ServerReader {
-  constructor(baseUrl, stream, { username, password, fetch: fetchFn = globalThis.fetch, decompress } = {}) {
+  constructor(baseUrl, stream, { username, password, authorization, fetch: fetchFn = browserFetch, decompress, compressed } = {}) {
     this.baseUrl = String(baseUrl).replace(/\/$/, "");
     this.stream = stream;
     this.fetchFn = fetchFn;
     this.decompress = decompress;
+    this.compressed = compressed;
     this.headers = { Accept: BATCH_TYPE };
-    if (username !== undefined) this.headers.Authorization = `Basic ${btoa(`${username}:${password ?? ""}`)}`;
+    if (username !== undefined) this.headers.Authorization = basicAuthorization(username, password);
+    else if (authorization !== undefined) this.headers.Authorization = authorization;
   }
 
   /** One read: {messages, next, position}. `from` a position, or fromSequence / fromTime. */
@@ -875,22 +904,26 @@ export class ServerReader {
     if (limit !== undefined) query.set("limit", String(limit));
     if (wait !== undefined) query.set("wait", String(wait));
     const url = `${this.baseUrl}/streams/${encodeURIComponent(this.stream)}/messages?${query}`;
-    const response = await this.fetchFn(url, { headers: this.headers, signal });
+    // credentials "omit": the Authorization header above is the only credential sent, and a
+    // 401 cannot make a browser show its own login dialog.
+    const response = await this.fetchFn(url, { headers: this.headers, signal, credentials: "omit" });
     if (!response.ok) {
       let detail = "";
       try {
-        detail = (await response.json()).error?.message ?? "";
+        detail = (await response.json()).detail ?? "";
       } catch {
         detail = "";
       }
-      throw new MessageVaultError("ServerError", `GET ${url}: HTTP ${response.status} ${detail}`.trim());
+      const error = new MessageVaultError("ServerError", `GET ${url}: HTTP ${response.status} ${detail}`.trim());
+      error.status = response.status;
+      throw error;
     }
     const body = new Uint8Array(await response.arrayBuffer());
     const skip = Number(response.headers.get("x-skip") ?? 0);
     const next = Number(response.headers.get("x-next"));
     const position = Number(response.headers.get("x-position"));
     if (!Number.isSafeInteger(next)) throw new MessageVaultError("ServerError", `GET ${url}: the answer has no X-Next header`);
-    const messages = body.length ? decodeFrames(body, { skip, decompress: this.decompress }) : [];
+    const messages = body.length ? decodeFrames(body, { skip, decompress: this.decompress, compressed: this.compressed }) : [];
     return { messages, next, position };
   }
 

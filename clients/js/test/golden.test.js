@@ -291,3 +291,25 @@ test("checkpoints from Azure metadata, and bad ones", () => {
   );
   assert.throws(() => checkpointFromMetadata({ commit: "x1", length: "1" }), /not a number/);
 });
+
+test('golden v2: {compressed: "keep"} yields the compressed frame\'s messages with their sizes and no value', async () => {
+  const want = listing("golden-v2.json");
+  const checkpoint = decodeCheckpoint(bytes("golden-v2.checkpoint"));
+  const reader = new StreamReader(new BufferSource({ data: bytes("golden-v2.mvlog"), checkpoint }), { compressed: "keep" });
+  const got = [];
+  for await (const m of reader.messages()) got.push(m);
+  assert.equal(got.length, want.messages.length);
+  got.forEach((m, i) => {
+    const listed = want.messages[i];
+    assert.equal(m.sequence, listed.sequence);
+    assert.equal(m.position, listed.position);
+    assert.equal(m.size, listed.value_size);
+    if (m.compressed) {
+      assert.equal(m.value, null);
+    } else {
+      assert.equal(m.size, m.value.length);
+    }
+  });
+  assert.ok(got.some((m) => m.compressed), "the golden v2 stream has a compressed frame");
+  assert.equal(got.filter((m) => m.compressed)[0].position, 523);
+});

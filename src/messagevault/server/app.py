@@ -57,6 +57,7 @@ from messagevault.server.retention_task import (
 from messagevault.server.served import RequestObserver as RequestObserver  # noqa: PLC0414
 from messagevault.server.served import Served as Served  # noqa: PLC0414
 from messagevault.server.tls import refuse_plain_basic
+from messagevault.server.viewer import add_viewer_routes, is_viewer_path
 from messagevault.times import parse_time
 from messagevault.wire import (
     BATCH_CONTENT_TYPE,
@@ -72,6 +73,7 @@ from messagevault.wire import (
     appended_json,
     appended_minimal,
     error_body,
+    iso_time,
     json_append,
     parse_json,
     read_answer_json,
@@ -275,7 +277,7 @@ async def authentication(
         request[PRINCIPAL] = Principal(f"{user} via {node}", NODE_CLAIMS, node=True)
     elif auth is None:
         request[PRINCIPAL] = OPEN_ACCESS
-    elif request.path not in PUBLIC_PATHS:
+    elif request.path not in PUBLIC_PATHS and not is_viewer_path(request.path):
         header = request.headers.get("Authorization")
         refuse_plain_basic(request, header)
         principal = auth.known(header)
@@ -389,6 +391,7 @@ def create_app(
     app.router.add_get("/streams/{stream}/retention", get_retention)
     app.router.add_put("/streams/{stream}/retention", put_retention)
     app.router.add_delete("/streams/{stream}/retention", delete_retention)
+    add_viewer_routes(app)
 
     async def end_waits(app: web.Application) -> None:
         await app[RETENTION].stop()  # no trim starts once the server is stopping
@@ -529,7 +532,13 @@ async def list_streams(request: web.Request) -> web.Response:
             # another node creating it this moment) or not any more.
             continue
         streams.append(
-            {"stream": name, "length": checkpoint.length, "messages": checkpoint.next_sequence}
+            {
+                "stream": name,
+                "length": checkpoint.length,
+                "messages": checkpoint.next_sequence,
+                # Free here (the checkpoint holds it): the viewer's list shows it.
+                "last_write": iso_time(checkpoint.last_timestamp) if checkpoint.length else None,
+            }
         )
     return web.json_response({"streams": streams})
 

@@ -312,6 +312,7 @@ def openapi_document(*, max_read_messages: int = 10_000, max_wait: int = 60) -> 
                                                 "stream": {"type": "string"},
                                                 "length": {"type": "integer"},
                                                 "messages": {"type": "integer"},
+                                                "last_write": {"type": ["string", "null"]},
                                             },
                                         },
                                     }
