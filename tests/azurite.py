@@ -85,6 +85,18 @@ class Azurite:
             return False
         return True
 
+    def allow_origin(self, origin: str) -> None:
+        """Let pages on ``origin`` read this Azurite as the viewer does (its CORS rule).
+
+        Azurite keeps the rule until it is removed: tests share the session's
+        Azurite, so each allows the origin of the page it serves.
+        """
+        from azure.storage.blob import BlobServiceClient
+
+        from messagevault.storage.azure_cors import allow_origin
+
+        allow_origin(BlobServiceClient.from_connection_string(self.connection_string), origin)
+
     def stop(self) -> None:
         if self.process is None:
             return

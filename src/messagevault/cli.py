@@ -927,6 +927,96 @@ def users_grant(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
     click.echo(f"{name}: {' '.join(accounts.entries[name][1])}")
 
 
+# cors ---------------------------------------------------------------------------------
+
+
+@main.command(
+    "cors",
+    epilog=_examples(
+        'export MESSAGEVAULT_STORAGE="azure:$CONNECTION_STRING"',
+        "messagevault cors                                  # the rules there now",
+        "messagevault cors allow https://viewer.example     # pages there may read",
+        "messagevault cors allow http://localhost:8080      # a local viewer",
+        "messagevault cors remove https://viewer.example",
+    ),
+)
+@storage_option
+@click.argument("action", required=False, type=click.Choice(["allow", "remove"]))
+@click.argument("origin", required=False)
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "ndjson"]),
+    help="How the rules are shown. Default: table on a terminal, ndjson when piped.",
+)
+def cors(storage_url: str, action: str | None, origin: str | None, output: str | None) -> None:
+    """Show, allow or remove the CORS rules that let web pages on ORIGIN read Azure storage.
+
+    The browser viewer reads Azure streams straight from blob storage with
+    the SAS URLs the server hands out; a browser allows that only for the
+    origins (scheme://host[:port]) the account's Blob service has a CORS rule
+    for. `allow` adds the rule the viewer needs (GET, HEAD and OPTIONS;
+    Range; the blobs' metadata headers exposed), keeping the other rules;
+    `remove` takes ORIGIN out of every rule. `*` allows any origin: for local
+    development only. File storage needs no rule: there the viewer reads
+    through the server.
+    """
+    if (action is None) != (origin is None):
+        raise click.UsageError("give ACTION and ORIGIN together (allow/remove ORIGIN), or neither")
+    if not storage_url.startswith("azure:"):
+        raise click.UsageError(
+            "CORS rules are for Azure storage (--storage azure:CONNECTION_STRING); "
+            "on file storage the viewer reads through the server and needs none"
+        )
+    from messagevault.storage.azure import AzureStorage
+    from messagevault.storage.azure_cors import (
+        RulesFull,
+        allow_origin,
+        cors_rules,
+        remove_origin,
+        validate_origin,
+    )
+
+    try:
+        origin = None if origin is None else validate_origin(origin)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ORIGIN") from None
+    storage = _open(storage_url)
+    assert isinstance(storage, AzureStorage)  # what open_storage makes of azure:
+    try:
+        if action == "allow" and origin is not None:
+            done = allow_origin(storage.service, origin)
+            click.echo(
+                f"{origin} was already allowed: nothing changed"
+                if done == "unchanged"
+                else f"{done} the rule for {origin}: GET, HEAD, OPTIONS; pages there can read "
+                "streams with the server's SAS URLs"
+            )
+            return
+        if action == "remove" and origin is not None:
+            if not remove_origin(storage.service, origin):
+                raise click.ClickException(f"no CORS rule names {origin}: nothing changed")
+            click.echo(f"removed {origin}")
+            return
+    except RulesFull as exc:  # nothing written
+        raise click.ClickException(str(exc)) from None
+    rules = cors_rules(storage.service)
+    if default_format(output) == "ndjson":
+        for rule in rules:
+            click.echo(json.dumps(rule.as_json()))
+        return
+    if not rules:
+        click.echo(f"no CORS rules on {storage.describe()}: pages on other origins cannot read it")
+        return
+    # Lines, not a table: the header lists are long, and a table would cut them.
+    for number, rule in enumerate(rules, 1):
+        click.echo(f"rule {number} of {len(rules)}: {' '.join(rule.origins)}")
+        click.echo(f"  methods          {', '.join(rule.methods)}")
+        click.echo(f"  allowed headers  {', '.join(rule.allowed_headers) or '-'}")
+        click.echo(f"  exposed headers  {', '.join(rule.exposed_headers) or '-'}")
+        click.echo(f"  max age          {rule.max_age_seconds} s")
+
+
 def source_options(function: FC) -> FC:
     """``--url``, ``--storage(-file)``, ``--profile``: where a command goes (``cli_config``)."""
     options = [
