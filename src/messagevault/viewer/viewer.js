@@ -240,7 +240,11 @@ class DirectStream {
 
   async page(sequence, count) {
     await this.fresh();
-    const checkpoint = this.checkpoint ?? (await this.reader.checkpoint());
+    let checkpoint = this.checkpoint;
+    if (!checkpoint || sequence >= checkpoint.nextSequence) {
+      // Past what the last state() saw: Live may have shown newer messages since.
+      checkpoint = this.checkpoint = await this.reader.checkpoint();
+    }
     if (sequence >= checkpoint.nextSequence) return [];
     const from = this.nextPositions.get(sequence) ?? (await this.reader.seek({ sequence, checkpoint }));
     const out = [];
