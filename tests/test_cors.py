@@ -66,7 +66,7 @@ def service(azurite: Azurite) -> Iterator[BlobServiceClient]:
     client.set_service_properties(cors=[])
 
 
-def _run(storage: str, *args: str) -> tuple[int, str, str]:
+def _run(storage: str | None, *args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(
         main,
         ["cors", *args],
@@ -88,7 +88,7 @@ def _rule_of(origins: list[str], methods: list[str]) -> CorsRule:
 
 def test_allow_show_remove(azurite: Azurite, service: BlobServiceClient) -> None:
     storage = f"azure:{azurite.connection_string}"
-    code, out, _ = _run(storage, "--format", "table")
+    code, out, _ = _run(storage, "--format", "text")
     assert code == 0
     assert "no CORS rules" in out
 
@@ -108,7 +108,7 @@ def test_allow_show_remove(azurite: Azurite, service: BlobServiceClient) -> None
             "max_age_seconds": 3600,
         }
     ]
-    code, out, _ = _run(storage, "--format", "table")
+    code, out, _ = _run(storage, "--format", "text")
     assert code == 0
     assert out.splitlines()[:2] == [
         f"rule 1 of 1: {VIEWER}",
@@ -127,6 +127,17 @@ def test_allow_is_idempotent(azurite: Azurite, service: BlobServiceClient) -> No
     assert code == 0
     assert out == f"{VIEWER} was already allowed: nothing changed\n"
     assert allow_origin(service, VIEWER) == "unchanged"
+    assert cors_rules(service) == [viewer_rule(VIEWER)]
+
+
+def test_the_storage_can_come_from_a_file(
+    azurite: Azurite, service: BlobServiceClient, tmp_path: Path
+) -> None:
+    """As other storage commands take it: no account key on the command line."""
+    secret = tmp_path / "storage"
+    secret.write_text(f"azure:{azurite.connection_string}\n")
+    code, _, err = _run(None, "allow", VIEWER, "--storage-file", str(secret))
+    assert (code, err) == (0, "")
     assert cors_rules(service) == [viewer_rule(VIEWER)]
 
 
