@@ -570,6 +570,7 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
                 "host": host,
                 "port": bound_port,
                 "url": _local_url(scheme, host, bound_port),
+                "viewer": _local_url(scheme, host, bound_port) + "/ui/",
                 "storage": storage.describe(),
                 **settings,
             },
@@ -933,11 +934,11 @@ def users_grant(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
 @main.command(
     "cors",
     epilog=_examples(
-        'export MESSAGEVAULT_STORAGE="azure:$CONNECTION_STRING"',
-        "messagevault cors                                  # the rules there now",
+        "messagevault cors --storage-file azure.txt         # azure:CONNECTION_STRING in it",
         "messagevault cors allow https://viewer.example     # pages there may read",
         "messagevault cors allow http://localhost:8080      # a local viewer",
         "messagevault cors remove https://viewer.example",
+        "(or MESSAGEVAULT_STORAGE=azure:CONNECTION_STRING instead of --storage-file)",
     ),
 )
 @storage_option
