@@ -13,6 +13,9 @@ request ever reaches the file system.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from importlib import resources
 
 from aiohttp import web
@@ -36,6 +39,7 @@ CONTENT_SECURITY_POLICY = (
 )
 
 FILES = ("index.html", "viewer.js", "viewer.css", "messagevault.js", "icon.svg")
+STANDALONE = "messagevault-viewer.html"  # the whole viewer in one file, to open from disk
 
 
 def viewer_files() -> dict[str, tuple[bytes, str]]:
@@ -48,8 +52,76 @@ def viewer_files() -> dict[str, tuple[bytes, str]]:
     return found
 
 
+def standalone_page(files: dict[str, tuple[bytes, str]]) -> bytes:
+    """The viewer as one HTML file with its script, style and icon inside.
+
+    Opened from disk (file://) a page may not load module scripts beside it,
+    so the reader and the viewer become one inline script: the reader's
+    exports become the locals of a function whose result the viewer's import
+    line becomes. A CSP in the page allows exactly that script and style (by
+    hash); it reads Azure with a pasted SAS URL as the served page does.
+    """
+    html = files["index.html"][0].decode()
+    reader = files["messagevault.js"][0].decode()
+    viewer = files["viewer.js"][0].decode()
+    css = files["viewer.css"][0].decode()
+    icon = "data:image/svg+xml;base64," + base64.b64encode(files["icon.svg"][0]).decode()
+    imported = re.search(r'^import \{([^}]*)\} from "\./messagevault\.js";\n', viewer, re.M)
+    if imported is None:
+        raise RuntimeError(
+            "viewer.js no longer imports ./messagevault.js as the standalone page expects"
+        )
+    names = ", ".join(name.strip() for name in imported.group(1).split(",") if name.strip())
+    body = re.sub(r"^export ", "", reader, flags=re.M)
+    script = (
+        f'"use strict";\nconst {{ {names} }} = (() => {{\n{body}\nreturn {{ {names} }};\n}})();\n'
+        + viewer[: imported.start()]
+        + viewer[imported.end() :]
+    )
+    policy = (
+        f"default-src 'none'; script-src '{_sha256(script)}'; style-src '{_sha256(css)}'; "
+        "img-src data:; connect-src https: http:; base-uri 'none'; form-action 'none'"
+    )
+    replacements = {
+        '<link rel="stylesheet" href="viewer.css">': f"<style>{css}</style>",
+        # An inline classic script runs where it stands (a module would wait for the
+        # document): at the end of the body, as the served page's module effectively does.
+        '<script type="module" src="viewer.js"></script>': "",
+        "</body>": f"<script>{script}</script>\n</body>",
+        '<meta name="referrer" content="no-referrer">': (
+            '<meta name="referrer" content="no-referrer">\n'
+            f'  <meta http-equiv="Content-Security-Policy" content="{policy}">'
+        ),
+        'href="icon.svg"': f'href="{icon}"',
+        'src="icon.svg"': f'src="{icon}"',
+    }
+    for old, new in replacements.items():
+        if old not in html:
+            raise RuntimeError(
+                f"index.html no longer has {old!r}, which the standalone page replaces"
+            )
+        html = html.replace(old, new)
+    return html.encode()
+
+
+def _sha256(text: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
 def add_viewer_routes(app: web.Application) -> None:
     files = viewer_files()
+    standalone = standalone_page(files)
+
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(
+            body=standalone,
+            headers={
+                "Content-Type": "text/html; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="{STANDALONE}"',
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
 
     async def page(request: web.Request) -> web.Response:
         name = request.match_info.get("name") or "index.html"
@@ -70,6 +142,7 @@ def add_viewer_routes(app: web.Application) -> None:
     app.router.add_get("/", to_viewer)
     app.router.add_get("/ui", to_viewer)
     app.router.add_get(UI_PREFIX, page)
+    app.router.add_get(UI_PREFIX + STANDALONE, download)
     app.router.add_get(UI_PREFIX + "{name}", page)
 
 

@@ -161,9 +161,21 @@ function renderValue(m, mode) {
   target.replaceChildren();
   const kind = valueKind(m);
   if (kind === "compressed") {
+    if (app.api && !app.standalone && app.session) {
+      target.textContent = "zstd-compressed in storage: the server decodes it…";
+      decodedByServer(app.session.name, m).then(
+        (plain) => {
+          if (list.selected === m.sequence) renderValue(plain, $("detail-mode").value);
+        },
+        (error) => {
+          if (list.selected === m.sequence) target.textContent = `The server could not decode it: ${describe(error)}`;
+        },
+      );
+      return;
+    }
     target.textContent =
-      `This value is zstd-compressed in storage (${formatInt(m.size)} bytes once decoded) and this browser has no zstd decoder.\n` +
-      "Read it with the CLI: messagevault read STREAM --from POSITION -n 1";
+      `This value is zstd-compressed in storage (${formatInt(m.size)} bytes once decoded) and browsers have no zstd decoder.\n` +
+      `Read it with the CLI: messagevault read ${app.session?.name ?? "STREAM"} --from ${m.position} -n 1`;
     return;
   }
   if (mode === "auto") mode = kind === "json" ? "json" : kind === "binary" ? "hex" : "text";
@@ -183,6 +195,18 @@ function renderValue(m, mode) {
   } else {
     target.textContent = hexDump(m.value);
   }
+}
+
+/** A compressed message with its value as the server's JSON read gives it, decoded. */
+async function decodedByServer(stream, m) {
+  if (m.decoded) return m.decoded;
+  const answer = await app.api.get(`streams/${encodeURIComponent(stream)}/messages?from=${m.position}&limit=1`);
+  const record = answer.messages[0];
+  if (!record || record.sequence !== m.sequence) throw new MessageVaultError("ServerError", `no message ${m.sequence} at ${m.position}`);
+  const value =
+    record.encoding === "base64" ? Uint8Array.from(atob(record.value), (c) => c.charCodeAt(0)) : new TextEncoder().encode(record.value);
+  m.decoded = { ...m, value, size: value.length, compressed: false, kind: undefined };
+  return m.decoded;
 }
 
 // --- reading a stream: straight from storage, or through the server ----------------------
@@ -1167,6 +1191,7 @@ async function start() {
   }
   app.api = probe.api;
   $("connection").textContent = `server ${probe.api.base}`;
+  $("download-line").hidden = false;
   if (!probe.authorised) {
     sessionStorage.removeItem(CREDENTIALS);
     showWelcome({ login: true, sasTitle: "Or open a stream from a SAS URL" });
