@@ -137,7 +137,9 @@ def add_viewer_routes(app: web.Application) -> None:
         return response
 
     async def to_viewer(request: web.Request) -> web.Response:
-        raise web.HTTPFound(UI_PREFIX)
+        # Returned, not raised: the error middleware turns raised HTTP errors into
+        # JSON error answers, which would drop the Location.
+        return web.Response(status=302, headers={"Location": UI_PREFIX})
 
     app.router.add_get("/", to_viewer)
     app.router.add_get("/ui", to_viewer)
