@@ -24,6 +24,7 @@ const FILTER_PAGE = 500;
 const POLL_MS = 500; // direct follow: how often the checkpoint is read while Live
 const LONG_POLL_S = 25; // server follow: one request waits this long for news
 const LIST_REFRESH_MS = 10_000;
+const RENEW_BEFORE_MS = 120_000; // a SAS URL is replaced this long before it expires
 const PREVIEW_BYTES = 512;
 const DETAIL_MAX_BYTES = 2 * 1024 * 1024;
 const HEX_MAX_BYTES = 64 * 1024;
@@ -230,7 +231,7 @@ class DirectStream {
 
   async fresh() {
     // A SAS expires (an hour by default): take a new one from the server before it does.
-    if (this.renew && this.expiresAt && Date.now() > this.expiresAt * 1000 - 120_000) {
+    if (this.renew && this.expiresAt && Date.now() > this.expiresAt * 1000 - RENEW_BEFORE_MS) {
       const access = await this.renew();
       this.useLocation(access.location, access.expires_at);
     }
@@ -300,9 +301,26 @@ class DirectStream {
     return (await this.firstMessage(position, checkpoint)).sequence;
   }
 
+  /** Live, for as long as the page is open: the SAS is renewed between polls before it expires. */
   async *follow(from, signal) {
-    await this.fresh();
-    yield* this.reader.follow({ from, signal, interval: POLL_MS });
+    let position = from;
+    while (!signal.aborted) {
+      await this.fresh();
+      const round = new AbortController();
+      const end = () => round.abort();
+      signal.addEventListener("abort", end, { once: true });
+      // Until the SAS is due for renewal (fresh() renews it), then a new round.
+      const timer = this.renew && this.expiresAt ? setTimeout(end, Math.max(1000, this.expiresAt * 1000 - RENEW_BEFORE_MS - Date.now())) : 0;
+      try {
+        for await (const m of this.reader.follow({ from: position, signal: round.signal, interval: POLL_MS })) {
+          yield m;
+          position = m.nextPosition;
+        }
+      } finally {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", end);
+      }
+    }
   }
 }
 
