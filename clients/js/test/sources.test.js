@@ -98,3 +98,10 @@ test("follow yields each commit as the checkpoint moves, and stops on its signal
   }
   assert.deepEqual(seen, golden.messages.map((m) => m.sequence));
 });
+
+test("basicAuthorization: the user and password as UTF-8, as the server decodes them", async () => {
+  const { basicAuthorization } = await import("../messagevault.js");
+  assert.equal(basicAuthorization("app", "pw"), `Basic ${Buffer.from("app:pw").toString("base64")}`);
+  assert.equal(basicAuthorization("zoë", "pässwörd ✓"), `Basic ${Buffer.from("zoë:pässwörd ✓", "utf8").toString("base64")}`);
+  assert.equal(basicAuthorization("app"), `Basic ${Buffer.from("app:").toString("base64")}`);
+});
