@@ -948,7 +948,7 @@ def users_grant(storage_url: str, name: str, claims: tuple[str, ...]) -> None:
     "--format",
     "output",
     type=click.Choice(["text", "ndjson"]),
-    help="How the rules are shown: text (lines a rule) on a terminal, ndjson when piped.",
+    help="How the rules are shown: text (a few lines per rule) on a terminal, ndjson when piped.",
 )
 def cors(storage_url: str, action: str | None, origin: str | None, output: str | None) -> None:
     """Show, allow or remove the CORS rules that let web pages on ORIGIN read Azure storage.
