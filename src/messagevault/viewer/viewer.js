@@ -492,7 +492,13 @@ class VirtualList {
   render() {
     const first = Math.min(this.firstIndex(), Math.max(0, this.count - 1));
     const last = Math.min(this.count, first + this.visible + 1);
-    this.rows.style.top = `${this.scaled ? this.scroller.scrollTop : first * ROW}px`;
+    let top = this.scaled ? this.scroller.scrollTop : first * ROW;
+    if (this.scaled && first >= this.count - this.visible) {
+      // The last screen ends on the newest row, as an unscaled list's does: `visible` rows
+      // are taller than the view, and put at the top they would cut it at the bottom.
+      top -= Math.max(0, this.visible * ROW - this.scroller.clientHeight);
+    }
+    this.rows.style.top = `${top}px`;
     const fragment = document.createDocumentFragment();
     const missing = [];
     for (let i = first; i < last; i++) {
@@ -622,6 +628,8 @@ class Session {
     this.blocks.set(block, held);
     if (this.blocks.size > MAX_BLOCKS) this.blocks.delete(this.blocks.keys().next().value);
     this.list.render();
+    const wanted = this.list.awaited;
+    if (wanted === this.list.selected && held.has(wanted)) select(wanted);
   }
 
   async refresh() {
@@ -823,6 +831,8 @@ function select(sequence) {
   const m = session?.message(sequence) ?? session?.filter?.matches.find((x) => x.sequence === sequence);
   list.selected = sequence;
   list.render();
+  // A jump selects a message before its block is read: load() shows it when it arrives.
+  list.awaited = m ? null : sequence;
   if (!m) return;
   $("detail").hidden = false;
   $("detail-title").textContent = `Message ${formatInt(m.sequence)}`;
