@@ -78,10 +78,14 @@ def statsd_daemon() -> Iterator[StatsDDaemon]:
         daemon.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[Browser]:
-    """A headless Chromium for the session (each xdist worker its own); skips without one.
+    """A headless Chromium for one test; skips without one.
 
+    One per test, not per session: while Playwright's sync API is open, its
+    event loop counts as running in the thread, and every asyncio test the
+    same worker ran meanwhile failed ("Cannot run the event loop while
+    another loop is running"). A launch costs about a second.
     Browser tests are sync tests: Playwright's sync API will not run in an asyncio loop.
     """
     with open_browser() as chromium:
