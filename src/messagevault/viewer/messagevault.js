@@ -916,6 +916,7 @@ export class ServerReader {
       }
       const error = new MessageVaultError("ServerError", `GET ${url}: HTTP ${response.status} ${detail}`.trim());
       error.status = response.status;
+      error.detail = detail;
       throw error;
     }
     const body = new Uint8Array(await response.arrayBuffer());

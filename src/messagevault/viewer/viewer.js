@@ -160,6 +160,7 @@ function hexDump(bytes) {
 function renderValue(m, mode) {
   const target = $("detail-value");
   target.replaceChildren();
+  target.classList.remove("hex");
   const kind = valueKind(m);
   if (kind === "compressed") {
     if (app.api && !app.standalone && app.session) {
@@ -195,6 +196,7 @@ function renderValue(m, mode) {
     target.textContent = utf8.decode(bytes) + cut;
   } else {
     target.textContent = hexDump(m.value);
+    target.classList.add("hex"); // lines as dumped, scrolled sideways rather than wrapped
   }
 }
 
@@ -710,6 +712,8 @@ function describe(error) {
   if (error instanceof TypeError && app.session?.source.direct) {
     return `The browser could not read Azure storage (${error.message}). The storage account needs a CORS rule for ${location.origin}: messagevault cors allow ${location.origin}`;
   }
+  // The server's own words, without the request URL the reader's message starts with.
+  if (error?.code === "ServerError" && error.detail) return error.detail;
   return error?.message ?? String(error);
 }
 
