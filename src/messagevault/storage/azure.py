@@ -27,7 +27,8 @@ already stored, so readers never read past durable data, they see it at most
 an interval and a round trip later. After a crash the checkpoint may lag
 acknowledged commits: the next writer rolls forward (``checkpoint_may_lag``).
 
-Only this module, ``azure_lease.py`` and ``azure_leases.py`` import the Azure SDK.
+Only this module and its siblings (``azure_lease``, ``azure_leases``, ``azure_documents``,
+``azure_cors``) import the Azure SDK (tests/test_api.py keeps it so).
 """
 
 from __future__ import annotations
