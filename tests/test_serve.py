@@ -68,6 +68,7 @@ class _Server:
             stderr=subprocess.PIPE,
         )
         self.log: list[dict[str, Any]] = []
+        self.stderr = ""  # all of it, once the server has exited
         assert self.process.stderr is not None
         # The first start prints the new admin's password once, before listening.
         self.first_line = self.process.stderr.readline().decode()
@@ -92,6 +93,7 @@ class _Server:
         self._reader.join(timeout=30)
         assert self.process.stderr is not None
         stderr = self.first_line + b"".join(self._rest).decode()
+        self.stderr = stderr
         self.process.stderr.close()
         self.log = [json.loads(line) for line in stderr.splitlines() if line[:1] == "{"]
 
@@ -117,6 +119,9 @@ def test_serve_defaults_logs_and_sigterm(tmp_path: Path) -> None:
         assert server.stop() == 0
     lines = server.log
     assert any(line["message"] == "listening" and line["port"] == server.port for line in lines)
+    viewer = f"http://127.0.0.1:{server.port}/ui/"
+    assert any(line.get("viewer") == viewer for line in lines)
+    assert f"Browse the streams at {viewer} (log in as admin)." in server.stderr
     assert lines[-1]["message"] == "stopped"
     values = [m.value for m in Reader.open(FileStorage(tmp_path / "data"), "orders").read()]
     assert values == [b"one", b"two"]
