@@ -16,7 +16,10 @@ commits after a slow one go through the thread.
 Long-polling readers wait on a per-stream condition that commits notify
 while anyone waits. Reads reuse idle readers and, for the streams this
 server writes, take the committed length from the writer rather than from
-storage.
+storage. For the others (another node writes them, or nobody has for a
+while) the readers waiting at a stream's tail share one storage read of its
+checkpoint per ``recheck_interval``: any number of idle followers cost
+storage one request per stream per second on each node, as one does.
 """
 
 from __future__ import annotations
@@ -224,8 +227,12 @@ class StreamHub:
         self._commits: dict[str, asyncio.Condition] = {}
         self._tailing: dict[str, int] = {}  # long-polls waiting per stream: who to notify
         # Commits by another node do not notify; a long poll re-reads the
-        # checkpoint this often (seconds) to see them.
+        # checkpoint this often (seconds) to see them. At most WRITER_TRUST:
+        # a shared read is then never older than a writer's own word.
         self.recheck_interval = 1.0
+        # The checkpoint read shared by the readers at each stream's tail:
+        # when it was asked for, and the read (in flight or done).
+        self._watched: dict[str, tuple[float, asyncio.Future[Checkpoint]]] = {}
         self.stopping = False  # set by stop_waiting() when the server shuts down
         self._handoff: _Handoff | None = None
         self._idle_readers = _IdleReaders()
@@ -464,6 +471,7 @@ class StreamHub:
                 self._deleting.discard(stream)
                 self._idle_readers.forget(stream)
                 self._recovered.discard(stream)
+                self._watched.pop(stream, None)
         log.info("deleted stream", extra={"stream": stream})
         if self._tailing.get(stream):  # long polls look again, and find it gone
             condition = self._condition(stream)
@@ -532,7 +540,7 @@ class StreamHub:
             while (
                 not self.stopping
                 and not (gone is not None and gone())
-                and (await self.checkpoint(stream)).length <= beyond
+                and (await self._watched_checkpoint(stream)).length <= beyond
             ):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -544,6 +552,49 @@ class StreamHub:
                         )
         finally:
             self._tailing[stream] -= 1
+            if not self._tailing[stream]:
+                self._watched.pop(stream, None)
+
+    async def _watched_checkpoint(self, stream: str) -> Checkpoint:
+        """The checkpoint for readers at the tail: the writer's, else one shared storage read.
+
+        A storage read serves every reader of the stream for
+        ``recheck_interval`` seconds (and those who ask while it is in
+        flight): followers cost storage per stream, not per follower. A read
+        that finds the stream longer wakes the waiting readers at once.
+        """
+        known = self._known_checkpoint(stream)
+        if known is not None:
+            return known
+        loop = asyncio.get_running_loop()
+        entry = self._watched.get(stream)
+        if entry is not None:
+            asked_at, shared = entry
+            if not shared.done() or loop.time() - asked_at < self.recheck_interval:
+                return await asyncio.shield(shared)
+        before = entry[1].result().length if entry and _succeeded(entry[1]) else None
+        shared = asyncio.ensure_future(self._with_reader(stream, Reader.checkpoint))
+        shared.add_done_callback(_retrieved)
+        self._watched[stream] = (loop.time(), shared)
+        checkpoint = await asyncio.shield(shared)
+        if before is not None and checkpoint.length > before:
+            condition = self._condition(stream)
+            async with condition:
+                condition.notify_all()
+        return checkpoint
+
+    async def _at_watched_tail(self, stream: str, position: int) -> bool:
+        """Whether a read from ``position`` finds nothing, by the shared checkpoint read.
+
+        Only for streams this server does not write now, and only for the
+        exact length: anything else is read from storage as always (a shared
+        read may be up to ``recheck_interval`` old, and a trim meanwhile
+        must not send a reader into released bytes).
+        """
+        if self._known_checkpoint(stream) is not None:
+            return False
+        checkpoint = await self._watched_checkpoint(stream)
+        return position == checkpoint.length and position >= checkpoint.first_position
 
     async def stop_waiting(self) -> None:
         """End every long poll and tail now: the server is shutting down.
@@ -579,6 +630,8 @@ class StreamHub:
         self, stream: str, position: int, limit: int, max_bytes: int
     ) -> tuple[list[Message], int]:
         """Up to ``limit`` messages from ``position``; (messages, next position)."""
+        if await self._at_watched_tail(stream, position):
+            return [], position
         known = self._known_checkpoint(stream)
         return await self._with_reader(stream, _read_messages, known, position, limit, max_bytes)
 
@@ -628,6 +681,8 @@ class StreamHub:
         self, stream: str, position: int, max_bytes: int, max_messages: int | None = None
     ) -> RawFrames:
         """Whole stored frames from ``position`` (see ``Reader.read_frames``)."""
+        if await self._at_watched_tail(stream, position):
+            return RawFrames(b"", 0, position)
         read_frames = functools.partial(
             Reader.read_frames,
             position=position,
@@ -718,6 +773,16 @@ class StreamHub:
         await self.close_writers()
         self._pool.shutdown(wait=True)
         self._idle_readers.close()
+
+
+def _succeeded(future: asyncio.Future[Checkpoint]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _retrieved(future: asyncio.Future[Checkpoint]) -> None:
+    """A shared read's failure reaches whoever awaits it; nobody may, hence this look."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_failed_close(task: asyncio.Future[None]) -> None:
