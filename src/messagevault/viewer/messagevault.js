@@ -801,12 +801,31 @@ export class StreamReader {
   }
 
   /**
-   * Follows the stream: yields messages from `from` on as commits land, polling the
-   * checkpoint every `interval` ms, until `signal` (an AbortSignal) aborts.
+   * Follows the stream: yields messages from `from` on as commits land, until `signal`
+   * (an AbortSignal) aborts. The checkpoint is polled `interval` ms after the last news;
+   * each poll that finds nothing doubles the wait, up to `maxInterval` ms (by default
+   * 2000, or `interval` if that is longer).
    */
-  async *follow({ from, signal, interval = 1000 } = {}) {
+  follow({ from, signal, interval = 100, maxInterval } = {}) {
+    // A caller who asked for a slow interval alone gets that pace, not an error.
+    if (maxInterval === undefined) maxInterval = typeof interval === "number" ? Math.max(2000, interval) : 2000;
+    // Checked here rather than in the generator, so a bad option fails at the call.
+    for (const [name, value] of [["interval", interval], ["maxInterval", maxInterval]]) {
+      // setTimeout takes a longer wait as 1 ms, which would poll flat out.
+      if (typeof value !== "number" || !Number.isFinite(value) || value <= 0 || value > MAX_TIMER_MS) {
+        throw new TypeError(`follow: ${name} must be a positive finite number of ms up to ${MAX_TIMER_MS}, not ${String(value)}`);
+      }
+    }
+    if (maxInterval < interval) {
+      throw new TypeError(`follow: maxInterval (${maxInterval} ms) must not be below interval (${interval} ms)`);
+    }
+    return this._follow(from, signal, interval, maxInterval);
+  }
+
+  async *_follow(from, signal, interval, maxInterval) {
     let checkpoint = await this.checkpoint();
     let position = from ?? checkpoint.firstPosition;
+    let wait = interval;
     while (!signal?.aborted) {
       if (position < checkpoint.length) {
         for await (const m of this.messages({ from: position, checkpoint })) {
@@ -815,12 +834,18 @@ export class StreamReader {
           if (signal?.aborted) return;
         }
       }
-      await sleep(interval, signal);
+      await sleep(wait, signal);
       if (signal?.aborted) return;
+      const before = checkpoint.length;
       checkpoint = await this.checkpoint();
+      // Every poll is a billed storage request: an idle follower slows to one per
+      // maxInterval, and news brings back the fast pace, since more tends to follow.
+      wait = checkpoint.length > before ? interval : Math.min(wait * 2, maxInterval);
     }
   }
 }
+
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 function sleep(ms, signal) {
   return new Promise((resolve) => {
