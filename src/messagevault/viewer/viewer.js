@@ -21,7 +21,11 @@ const BLOCK = 100; // messages loaded at a time
 const MAX_BLOCKS = 80; // blocks kept in memory
 const MAX_SPACER = 8_000_000; // px: browsers cap an element's height; longer streams scroll by proportion
 const FILTER_PAGE = 500;
-const POLL_MS = 500; // direct follow: how often the checkpoint is read while Live
+// Live on a direct stream: the checkpoint is read LIVE_FIRST_MS after news, the wait doubling
+// while idle up to LIVE_CEILING_MS, which keeps the promise that a new message shows within a
+// second, and an idle open page to one storage request a second.
+const LIVE_FIRST_MS = 250;
+const LIVE_CEILING_MS = 1000;
 const LONG_POLL_S = 25; // server follow: one request waits this long for news
 const LIST_REFRESH_MS = 10_000;
 const RENEW_BEFORE_MS = 120_000; // a SAS URL is replaced this long before it expires
@@ -314,7 +318,7 @@ class DirectStream {
       // Until the SAS is due for renewal (fresh() renews it), then a new round.
       const timer = this.renew && this.expiresAt ? setTimeout(end, Math.max(1000, this.expiresAt * 1000 - RENEW_BEFORE_MS - Date.now())) : 0;
       try {
-        for await (const m of this.reader.follow({ from: position, signal: round.signal, interval: POLL_MS })) {
+        for await (const m of this.reader.follow({ from: position, signal: round.signal, interval: LIVE_FIRST_MS, maxInterval: LIVE_CEILING_MS })) {
           yield m;
           position = m.nextPosition;
         }
