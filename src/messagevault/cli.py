@@ -83,6 +83,7 @@ from messagevault.wire import DEFAULT_MAX_BODY
 from messagevault.writer import AppendResult, Writer
 
 if TYPE_CHECKING:
+    from messagevault.server.auth import Principal
     from messagevault.server.cluster import Cluster
     from messagevault.server.hub import StreamHub
     from messagevault.server.retention_task import RetentionSettings
@@ -225,6 +226,16 @@ def _examples(*lines: str) -> str:
 @click.version_option(package_name="messagevault")
 def main() -> None:
     """MessageVault: durable append-only message streams in blob storage."""
+
+
+def _anonymous(claims: tuple[str, ...]) -> Principal:
+    """The principal of requests without credentials (``serve --allow-anonymous``)."""
+    from messagevault.server.auth import Principal, validate_claim
+
+    try:
+        return Principal("anonymous", frozenset(validate_claim(claim) for claim in claims))
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="--allow-anonymous") from None
 
 
 def _serve_option(
@@ -439,6 +450,17 @@ def _serve_option(
     "readable (e.g. 10GiB, 500MB), trimming whole frames from the front. "
     "Env: MESSAGEVAULT_RETENTION_MAX_BYTES.",
 )
+@click.option(
+    "--allow-anonymous",
+    "anonymous_claims",
+    envvar="MESSAGEVAULT_ALLOW_ANONYMOUS",
+    multiple=True,
+    metavar="CLAIM",
+    help="Give requests without an Authorization header this claim (repeatable: all:read, "
+    "all:write, <stream>:read, admin...), for local development and the Durable Streams "
+    "conformance run. Wrong credentials are still refused. Default: none, every request "
+    "needs credentials.",
+)
 def serve(  # noqa: PLR0915 - one command, its options in a row; click passes them by name
     *,
     host: str,
@@ -471,13 +493,14 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
     retention_interval: float,
     retention_max_age: str | None,
     retention_max_bytes: str | None,
+    anonymous_claims: tuple[str, ...],
 ) -> None:
     """Run the HTTP server, the single writer of the storage's streams (or of its share of them)."""
     import asyncio
     import logging
 
     from messagevault.server import Limits, StreamHub, create_app
-    from messagevault.server.app import REQUEST_OBSERVERS
+    from messagevault.server.app import ANONYMOUS, REQUEST_OBSERVERS
     from messagevault.server.auth import Authenticator
     from messagevault.server.logs import configure, shutdown
     from messagevault.server.runner import CannotListen, serve_until_stopped
@@ -534,6 +557,8 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
         retention=retention,
     )
     app[PLAIN_HTTP_ALLOWED] = allow_plain_http
+    if anonymous_claims:
+        app[ANONYMOUS] = _anonymous(anonymous_claims)
     if access_log:
         from messagevault.server.access_log import log_request
 

@@ -277,8 +277,17 @@ async def authentication(
         request[PRINCIPAL] = Principal(f"{user} via {node}", NODE_CLAIMS, node=True)
     elif auth is None:
         request[PRINCIPAL] = OPEN_ACCESS
-    elif request.path not in PUBLIC_PATHS and not is_viewer_path(request.path):
+    elif (
+        request.path not in PUBLIC_PATHS
+        and not is_viewer_path(request.path)
+        and not is_preflight(request)
+    ):
         header = request.headers.get("Authorization")
+        if header is None and ANONYMOUS in request.app:
+            # serve --allow-anonymous: no credentials at all get these claims;
+            # wrong credentials are still refused below.
+            request[PRINCIPAL] = request.app[ANONYMOUS]
+            return await handler(request)
         refuse_plain_basic(request, header)
         principal = auth.known(header)
         if principal is None:
@@ -312,6 +321,8 @@ async def _verify(app: web.Application, auth: Authenticator, header: str | None)
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
+# serve --allow-anonymous: the principal of requests without an Authorization header.
+ANONYMOUS = web.AppKey("anonymous", Principal)
 OPEN_ACCESS = Principal("anonymous", frozenset({"admin"}))
 # What a node's credentials allow: appends it forwards (and reads, which writing implies).
 NODE_CLAIMS = frozenset({"all:write"})
@@ -324,7 +335,19 @@ def _require(request: web.Request, action: str, stream: str | None) -> None:
         raise Forbidden(f"user {principal.name!r} may not {action} {target}")
 
 
-def create_app(
+def add_durable_stream_routes(app: web.Application) -> None:
+    # Imported here: the protocol's module builds on this one's helpers.
+    from messagevault.server.durable_streams import add_durable_stream_routes as add
+
+    add(app)
+
+
+def is_preflight(request: web.Request) -> bool:
+    """A CORS preflight of a Durable Streams route (browsers send no credentials with one)."""
+    return request.method == "OPTIONS" and request.path.startswith("/v1/stream/")
+
+
+def create_app(  # noqa: PLR0915 - the routes, one statement each
     hub: StreamHub,
     limits: Limits | None = None,
     authenticator: Authenticator | None = None,
@@ -392,6 +415,7 @@ def create_app(
     app.router.add_put("/streams/{stream}/retention", put_retention)
     app.router.add_delete("/streams/{stream}/retention", delete_retention)
     add_viewer_routes(app)
+    add_durable_stream_routes(app)
 
     async def end_waits(app: web.Application) -> None:
         await app[RETENTION].stop()  # no trim starts once the server is stopping

@@ -1,0 +1,769 @@
+"""The Durable Streams protocol under ``/v1/stream/{path}``: PUT, POST, GET, HEAD, DELETE.
+
+Each Durable Streams stream is a MessageVault stream (durable_meta.py says
+which, and where its metadata lives); docs/DURABLE-STREAMS.md describes the
+mapping and what is not supported. Errors here answer in the protocol's
+way (its status codes and headers, a one-line text body), not in the
+native API's JSON shape: Durable Streams clients read the status and the
+headers.
+
+Every change to one stream (create, append, close, delete) runs under that
+stream's lock on this node, so that checking the metadata (closed?
+``Stream-Seq``? producer epoch?) and appending are one step. The
+metadata is cached in memory per node, with when the stream was last read
+or written (for a sliding ``Stream-TTL``): one server, or a cluster where
+one node serves the Durable Streams routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+
+from messagevault.durable_meta import (
+    CLOSED_KEY,
+    NOW,
+    START,
+    DurableMeta,
+    ProducerHeaders,
+    ProducerState,
+    closed_header,
+    creation_type,
+    format_offset,
+    is_json,
+    is_text,
+    json_array,
+    json_messages,
+    media_type,
+    meta_file,
+    parse_expires_at,
+    parse_offset,
+    parse_producer,
+    parse_ttl,
+    producer_id_bytes,
+    response_cursor,
+    stream_name,
+)
+from messagevault.errors import (
+    InvalidInput,
+    InvalidPosition,
+    PositionTrimmed,
+    SequenceGap,
+    StaleSequence,
+    StreamNotFound,
+)
+from messagevault.format import encode_batch
+from messagevault.retention_policy import system_files
+from messagevault.server.app import HUB, LIMITS, _body, _gone, _require
+from messagevault.server.hub import StreamHub
+
+log = logging.getLogger("messagevault.server.durable_streams")
+
+ROOT: Final = "/v1/stream/"
+LONG_POLL_SECONDS: Final = 30.0  # the reference server's; shortened by serve --max-wait
+SSE_SECONDS: Final = 60.0  # an SSE answer ends after this, for CDN collapsing (section 10.2)
+NEXT_OFFSET: Final = "Stream-Next-Offset"
+UP_TO_DATE: Final = "Stream-Up-To-Date"
+CLOSED: Final = "Stream-Closed"
+CURSOR: Final = "Stream-Cursor"
+ALLOWED_HEADERS: Final = (
+    "content-type, authorization, Stream-Seq, Stream-TTL, Stream-Expires-At, Stream-Closed, "
+    "Producer-Id, Producer-Epoch, Producer-Seq, Stream-Forked-From, Stream-Fork-Offset, "
+    "Stream-Fork-Sub-Offset, If-None-Match"
+)
+EXPOSED_HEADERS: Final = (
+    "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, Producer-Epoch, "
+    "Producer-Seq, Producer-Expected-Seq, Producer-Received-Seq, etag, content-type, "
+    "content-encoding, vary, Stream-TTL, Stream-Expires-At, Stream-SSE-Data-Encoding"
+)
+COMMON_HEADERS: Final = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+    "X-Content-Type-Options": "nosniff",
+    "Cross-Origin-Resource-Policy": "cross-origin",
+}
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+class Refused(Exception):
+    """A protocol answer other than success: status, one line of text, headers."""
+
+    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = headers or {}
+
+
+@dataclass
+class _Stream:
+    meta: DurableMeta
+    last_access: float  # wall clock of the last read or write (sliding TTL), this node only
+
+
+class DurableStreams:
+    """The protocol's state on this node: each stream's metadata and lock."""
+
+    def __init__(self, hub: StreamHub, long_poll: float, sse_seconds: float = SSE_SECONDS) -> None:
+        self.hub = hub
+        # Storage without system files (memory storage) fails here, at the first request.
+        self.files = system_files(hub.storage)
+        self.long_poll = long_poll
+        self.sse_seconds = sse_seconds
+        self._streams: dict[str, _Stream] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, stream: str) -> asyncio.Lock:
+        return self._locks.setdefault(stream, asyncio.Lock())
+
+    async def find(self, stream: str) -> _Stream | None:
+        """The stream's state (from memory, else storage); None if the protocol has no such stream.
+
+        An expired stream is deleted here, on first access after its expiry.
+        """
+        state = self._streams.get(stream)
+        if state is None:
+            state = await self._load(stream)
+            if state is None:
+                return None
+        if state.meta.expired(time.time(), state.last_access):
+            await self.delete(stream)
+            return None
+        return state
+
+    async def _load(self, stream: str) -> _Stream | None:
+        raw = await self.hub.run(self.files.read_system_file, meta_file(stream))
+        if raw is None:
+            return None
+        meta = DurableMeta.from_json(raw)
+        if not meta.closed:
+            # A crash between a closing append and the metadata's update:
+            # the log has the closing message, and the log wins.
+            closed_at = await self._closing_position(stream)
+            if closed_at is not None:
+                meta.closed, meta.closed_at = True, closed_at
+        state = _Stream(meta, time.time())
+        self._streams[stream] = state
+        return state
+
+    async def _closing_position(self, stream: str) -> int | None:
+        """The position of the closing message, if the stream's last message is one."""
+        try:
+            checkpoint = await self.hub.checkpoint(stream)
+        except StreamNotFound:
+            return None
+        if not checkpoint.length:
+            return None
+        messages, _ = await self.hub.read(stream, checkpoint.last_frame_position, 1 << 30, 1 << 30)
+        if messages and messages[-1].key == CLOSED_KEY:
+            return messages[-1].position
+        return None
+
+    async def create(self, stream: str, meta: DurableMeta) -> _Stream:
+        """A new stream: its metadata first (then it exists), then an empty MessageVault stream."""
+        try:
+            checkpoint = await self.hub.checkpoint(stream)
+        except StreamNotFound:
+            checkpoint = None
+        if checkpoint is not None and checkpoint.length:
+            # Left by a delete that stopped between the metadata and the log.
+            await self.hub.delete_stream(stream)
+        created = await self.hub.run(
+            self.files.create_system_file, meta_file(stream), meta.to_json()
+        )
+        if not created:
+            raise Refused(409, "another request created this stream at the same moment")
+        await self.hub.open_writer(stream)
+        state = _Stream(meta, time.time())
+        self._streams[stream] = state
+        return state
+
+    async def save(self, stream: str, state: _Stream) -> None:
+        await self.hub.run(self.files.write_system_file, meta_file(stream), state.meta.to_json())
+
+    async def delete(self, stream: str) -> None:
+        """Metadata first (the stream is gone for the protocol), then the messages."""
+        self._streams.pop(stream, None)
+        await self.hub.run(self.files.delete_system_file, meta_file(stream))
+        with contextlib.suppress(StreamNotFound):
+            await self.hub.delete_stream(stream)
+
+    def alive(self, stream: str, state: _Stream) -> bool:
+        """Whether ``state`` is still the stream's (not deleted, or replaced, meanwhile)."""
+        return self._streams.get(stream) is state
+
+    async def tail(self, stream: str, state: _Stream) -> int:
+        """The stream's tail offset: its final offset once closed, else its length."""
+        if state.meta.closed and state.meta.closed_at is not None:
+            return state.meta.closed_at
+        try:
+            return (await self.hub.checkpoint(stream)).length
+        except StreamNotFound:
+            return 0
+
+    async def append(
+        self,
+        stream: str,
+        state: _Stream,
+        values: list[bytes],
+        *,
+        close: bool,
+        producer: bytes | None = None,
+        producer_seq: int = 0,
+    ) -> tuple[int, bool]:
+        """Append ``values`` as one batch (with the closing message when ``close``).
+
+        One batch is one atomic commit: the final append and the closure
+        land together or not at all. Returns the new tail, and whether the
+        log found the batch a duplicate of one it holds (a producer's).
+        """
+        rows: list[tuple[bytes, bytes]] = [(b"", value) for value in values]
+        if close:
+            rows.append((CLOSED_KEY, b""))
+        batch = encode_batch(rows)
+        if producer is not None:
+            batch = batch.with_producer(producer, producer_seq)
+        result = await self.hub.append(stream, batch)
+        state.last_access = time.time()
+        if result.duplicate:
+            return await self.tail(stream, state), True
+        if not close:
+            return result.frame_position + result.frame_size, False
+        closed_at = result[-1].position
+        state.meta.closed, state.meta.closed_at = True, closed_at
+        await self.save(stream, state)
+        return closed_at, False
+
+    async def read(
+        self, stream: str, position: int, app: web.Application
+    ) -> tuple[list[bytes], int]:
+        """Values from ``position`` on, as many as one answer holds; and the offset after them."""
+        limits = app[LIMITS]
+        try:
+            messages, _ = await self.hub.read(
+                stream, position, limits.max_read_messages, limits.max_read_bytes
+            )
+        except StreamNotFound:
+            return [], position
+        values: list[bytes] = []
+        after = position
+        for message in messages:
+            if message.key == CLOSED_KEY:
+                break
+            values.append(message.value)
+            after = message.next_position
+        return values, after
+
+
+DURABLE = web.AppKey("durable_streams", DurableStreams)
+
+
+def add_durable_stream_routes(app: web.Application) -> None:
+    """Mount the protocol under ``/v1/stream/``."""
+    long_poll = min(LONG_POLL_SECONDS, app[LIMITS].max_wait)
+    app[DURABLE] = DurableStreams(app[HUB], long_poll)
+    route = ROOT + "{path:.+}"
+    app.router.add_put(route, _answered(create_stream))
+    app.router.add_post(route, _answered(append_stream))
+    app.router.add_get(route, _answered(read_stream), allow_head=False)
+    app.router.add_head(route, _answered(head_stream))
+    app.router.add_delete(route, _answered(delete_stream))
+    app.router.add_route("OPTIONS", route, _answered(preflight))
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _answered(handler: Handler) -> Handler:
+    """The handler's answer, or the protocol's answer to what it refused; common headers on it."""
+
+    @functools.wraps(handler)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except Refused as refused:
+            response = _text(refused.status, refused.text, refused.headers)
+        except PositionTrimmed as exc:
+            response = _text(410, str(exc))
+        except (InvalidInput, InvalidPosition) as exc:
+            response = _text(400, str(exc))
+        except StreamNotFound:
+            response = _text(404, "stream not found")
+        if not response.prepared:
+            response.headers.update(COMMON_HEADERS)
+        return response
+
+    return answer
+
+
+def _text(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    response = web.Response(status=status, text=text + "\n", headers=headers)
+    if status in (204, 304):
+        response.body = None
+    return response
+
+
+def _path(request: web.Request) -> str:
+    """The stream's URL path as sent (percent-encoding kept): the stream's identity."""
+    return request.rel_url.raw_path
+
+
+def _ds(request: web.Request) -> DurableStreams:
+    return request.app[DURABLE]
+
+
+def _single(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, [])
+    return values[0] if values else None
+
+
+async def preflight(request: web.Request) -> web.StreamResponse:
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, HEAD, OPTIONS",
+            "Access-Control-Allow-Headers": ALLOWED_HEADERS,
+        },
+    )
+
+
+async def _found(request: web.Request, stream: str) -> _Stream:
+    state = await _ds(request).find(stream)
+    if state is None:
+        raise Refused(404, "stream not found")
+    return state
+
+
+# PUT: create ------------------------------------------------------------------------------
+
+
+async def create_stream(request: web.Request) -> web.StreamResponse:
+    path = _path(request)
+    stream = stream_name(path)
+    _require(request, "write", stream)
+    headers = request.headers
+    if "Stream-Forked-From" in headers or "Stream-Fork-Sub-Offset" in headers:
+        raise Refused(501, "forks are not supported by this server")
+    ttl_raw = headers.get("Stream-TTL")
+    expires_raw = headers.get("Stream-Expires-At")
+    if ttl_raw is not None and expires_raw is not None:
+        raise Refused(400, "give Stream-TTL or Stream-Expires-At, not both")
+    ttl = parse_ttl(ttl_raw)
+    parse_expires_at(expires_raw)
+    content_type = creation_type(headers.get("Content-Type"))
+    close = closed_header(headers.get(CLOSED))
+    body = await _body(request)
+    values = _values(content_type, body, initial=True) if body else []
+    ds = _ds(request)
+    async with ds.lock(stream):
+        state = await ds.find(stream)
+        if state is not None:
+            if not state.meta.same_config(content_type, ttl, expires_raw, close):
+                raise Refused(409, "the stream exists with a different configuration")
+            return await _created(ds, stream, state, 200, "")
+        meta = DurableMeta(path, content_type, time.time(), ttl=ttl, expires_at=expires_raw)
+        state = await ds.create(stream, meta)
+        if values or close:
+            await ds.append(stream, state, values, close=close)
+    return await _created(ds, stream, state, 201, str(request.url.with_query(None)))
+
+
+async def _created(
+    ds: DurableStreams, stream: str, state: _Stream, status: int, location: str
+) -> web.Response:
+    headers = {
+        "Content-Type": state.meta.content_type,
+        NEXT_OFFSET: format_offset(await ds.tail(stream, state)),
+    }
+    if status == 201:
+        headers["Location"] = location
+    if state.meta.closed:
+        headers[CLOSED] = "true"
+    return web.Response(status=status, headers=headers)
+
+
+def _values(content_type: str, body: bytes, *, initial: bool) -> list[bytes]:
+    """The messages one body appends: JSON values (flattened), or the body itself."""
+    if is_json(content_type):
+        return json_messages(body, initial=initial)
+    return [body]
+
+
+# POST: append, close ----------------------------------------------------------------------
+
+
+async def append_stream(request: web.Request) -> web.StreamResponse:
+    path = _path(request)
+    stream = stream_name(path)
+    _require(request, "write", stream)
+    headers = request.headers
+    close = closed_header(headers.get(CLOSED))
+    producer = parse_producer(
+        _single(request, "Producer-Id"),
+        _single(request, "Producer-Epoch"),
+        _single(request, "Producer-Seq"),
+    )
+    body = await _body(request)
+    content_type = headers.get("Content-Type")
+    if not body and not close:
+        raise Refused(400, "an append needs a body (or Stream-Closed: true to close)")
+    if body and not content_type:
+        raise Refused(400, "an append needs a Content-Type")
+    ds = _ds(request)
+    async with ds.lock(stream):
+        state = await _found(request, stream)
+        meta = state.meta
+        if meta.closed:
+            return await _append_to_closed(ds, stream, state, producer, bool(body))
+        if body and media_type(content_type) != media_type(meta.content_type):
+            raise Refused(409, f"this stream's content type is {meta.content_type}")
+        if producer is not None and (refusal := _judge_producer(meta, producer)) is not None:
+            return refusal
+        seq = headers.get("Stream-Seq")
+        if (
+            seq is not None
+            and meta.stream_seq is not None
+            and _seq_key(seq) <= _seq_key(meta.stream_seq)
+        ):
+            raise Refused(409, f"Stream-Seq {seq!r} is not above the last one, {meta.stream_seq!r}")
+        values = _values(meta.content_type, body, initial=False) if body else []
+        return await _append_checked(ds, request, stream, state, values, close, producer, seq)
+
+
+async def _append_checked(  # noqa: PLR0917 - the append's parts, checked by the caller
+    ds: DurableStreams,
+    request: web.Request,
+    stream: str,
+    state: _Stream,
+    values: list[bytes],
+    close: bool,
+    producer: ProducerHeaders | None,
+    seq: str | None,
+) -> web.Response:
+    """Append what ``append_stream`` has checked; record Stream-Seq and the producer's state."""
+    meta = state.meta
+    headers: dict[str, str] = {}
+    mv_producer = None
+    if producer is not None:
+        mv_producer = producer_id_bytes(meta.path, producer.id, producer.epoch)
+        headers.update(_producer_headers(producer.epoch, producer.seq))
+    try:
+        tail, duplicate = await ds.append(
+            stream,
+            state,
+            values,
+            close=close,
+            producer=mv_producer,
+            producer_seq=producer.seq if producer is not None else 0,
+        )
+    except (SequenceGap, StaleSequence) as exc:  # memory and log disagree: the log wins
+        raise Refused(409, f"producer sequence refused by the log: {exc}") from exc
+    if seq is not None:
+        meta.stream_seq = seq
+    if producer is not None:
+        meta.producers[producer.id] = ProducerState(producer.epoch, producer.seq)
+        if close:
+            meta.closed_by = (producer.id, producer.epoch, producer.seq)
+    if seq is not None or producer is not None:
+        await ds.save(stream, state)
+    if duplicate:
+        # The log had this batch (the metadata had not heard of it: a crash
+        # between the two): the protocol's answer to a retry.
+        return web.Response(status=204, headers=headers)
+    headers[NEXT_OFFSET] = format_offset(tail)
+    if close:
+        headers[CLOSED] = "true"
+    # 200 for a producer's append, 204 for others and for any close.
+    status = 200 if producer is not None and values else 204
+    return web.Response(status=status, headers=headers)
+
+
+def _seq_key(seq: str) -> bytes:
+    return seq.encode("utf-8", "surrogatepass")
+
+
+async def _append_to_closed(
+    ds: DurableStreams,
+    stream: str,
+    state: _Stream,
+    producer: ProducerHeaders | None,
+    has_body: bool,
+) -> web.Response:
+    """A POST to a closed stream: a repeated close succeeds, anything else is 409."""
+    meta = state.meta
+    final = format_offset(await ds.tail(stream, state))
+    same_closer = producer is not None and meta.closed_by == (
+        producer.id,
+        producer.epoch,
+        producer.seq,
+    )
+    if same_closer and producer is not None:
+        return web.Response(
+            status=204,
+            headers={
+                NEXT_OFFSET: final,
+                CLOSED: "true",
+                **_producer_headers(producer.epoch, producer.seq),
+            },
+        )
+    if not has_body and producer is None:
+        return web.Response(status=204, headers={NEXT_OFFSET: final, CLOSED: "true"})
+    raise Refused(409, "the stream is closed", {CLOSED: "true", NEXT_OFFSET: final})
+
+
+def _producer_headers(epoch: int, seq: int) -> dict[str, str]:
+    return {"Producer-Epoch": str(epoch), "Producer-Seq": str(seq)}
+
+
+def _judge_producer(  # noqa: PLR0911 - the protocol's decision table, one answer a line
+    meta: DurableMeta, producer: ProducerHeaders
+) -> web.Response | None:
+    """The protocol's answer to a producer's batch that is not appended; None: append it.
+
+    The producer's epoch and last sequence are the metadata's (kept in
+    memory, saved after each accepted batch); the batch is also sent as
+    MessageVault producer batch ``seq`` of the producer id of this epoch,
+    so that the log itself refuses a batch committed twice.
+    """
+    known = meta.producers.get(producer.id)
+    if known is None:
+        if producer.seq != 0:
+            return _gap(0, producer.seq)
+        return None
+    if producer.epoch < known.epoch:
+        return web.Response(
+            status=403,
+            text="stale producer epoch\n",
+            headers={"Producer-Epoch": str(known.epoch)},
+        )
+    if producer.epoch > known.epoch:
+        if producer.seq != 0:
+            return web.Response(status=400, text="a new producer epoch must start at sequence 0\n")
+        return None
+    if producer.seq <= known.last_seq:
+        return web.Response(status=204, headers=_producer_headers(known.epoch, known.last_seq))
+    if producer.seq == known.last_seq + 1:
+        return None
+    return _gap(known.last_seq + 1, producer.seq)
+
+
+def _gap(expected: int, received: int) -> web.Response:
+    return web.Response(
+        status=409,
+        text="producer sequence gap\n",
+        headers={"Producer-Expected-Seq": str(expected), "Producer-Received-Seq": str(received)},
+    )
+
+
+# DELETE, HEAD -----------------------------------------------------------------------------
+
+
+async def delete_stream(request: web.Request) -> web.StreamResponse:
+    stream = stream_name(_path(request))
+    _require(request, "write", stream)
+    ds = _ds(request)
+    async with ds.lock(stream):
+        await _found(request, stream)
+        await ds.delete(stream)
+    return web.Response(status=204)
+
+
+async def head_stream(request: web.Request) -> web.StreamResponse:
+    stream = stream_name(_path(request))
+    _require(request, "read", stream)
+    ds = _ds(request)
+    state = await _found(request, stream)
+    meta = state.meta
+    tail = format_offset(await ds.tail(stream, state))
+    headers = {
+        "Content-Type": meta.content_type,
+        NEXT_OFFSET: tail,
+        "Cache-Control": "no-store",
+        "ETag": f'"{stream}:-1:{tail}{":c" if meta.closed else ""}"',
+    }
+    if meta.closed:
+        headers[CLOSED] = "true"
+    if meta.ttl is not None:
+        headers["Stream-TTL"] = str(meta.ttl)
+    if meta.expires_at is not None:
+        headers["Stream-Expires-At"] = meta.expires_at
+    return web.Response(status=200, headers=headers)
+
+
+# GET: catch-up, long-poll, SSE ------------------------------------------------------------
+
+
+async def read_stream(request: web.Request) -> web.StreamResponse:
+    stream = stream_name(_path(request))
+    _require(request, "read", stream)
+    ds = _ds(request)
+    query = request.query
+    offset = _offset_param(request)
+    live = query.get("live")
+    cursor = query.get("cursor")
+    state = await _found(request, stream)
+    if live in ("long-poll", "sse") and offset is None:
+        raise Refused(400, f"live={live} needs an offset")
+    tail = await ds.tail(stream, state)
+    start = _start(offset, tail)
+    state.last_access = time.time()
+    if live == "sse":
+        return await _server_sent_events(
+            request, ds, stream=stream, state=state, start=start, cursor=cursor
+        )
+    meta = state.meta
+    if offset == NOW and live != "long-poll":
+        headers = {
+            "Content-Type": meta.content_type,
+            NEXT_OFFSET: format_offset(tail),
+            UP_TO_DATE: "true",
+            "Cache-Control": "no-store",
+        }
+        if meta.closed:
+            headers[CLOSED] = "true"
+        return web.Response(body=b"[]" if is_json(meta.content_type) else b"", headers=headers)
+    values, after = await ds.read(stream, start, request.app)
+    if live == "long-poll" and not values and start >= tail:
+        if meta.closed:
+            return _no_content(start, closed=True)
+        values, after = await _long_poll(request, ds, stream, state, start)
+        if not values:
+            return _no_content(
+                start, closed=meta.closed, cursor=response_cursor(cursor, time.time())
+            )
+    tail = await ds.tail(stream, state)
+    up_to_date = after >= tail
+    final = meta.closed and up_to_date
+    headers = {"Content-Type": meta.content_type, NEXT_OFFSET: format_offset(after)}
+    if up_to_date:
+        headers[UP_TO_DATE] = "true"
+    if final:
+        headers[CLOSED] = "true"
+    if live == "long-poll":
+        headers[CURSOR] = response_cursor(cursor, time.time())
+    etag = f'"{stream}:{offset or START}:{format_offset(after)}{":c" if final else ""}"'
+    headers["ETag"] = etag
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    body = json_array(values) if is_json(meta.content_type) else b"".join(values)
+    return web.Response(body=body, headers=headers)
+
+
+def _offset_param(request: web.Request) -> str | None:
+    offsets = request.query.getall("offset", [])
+    if len(offsets) > 1:
+        raise Refused(400, "give one offset")
+    if offsets == [""]:
+        raise Refused(400, "the offset is empty")
+    return offsets[0] if offsets else None
+
+
+def _start(offset: str | None, tail: int) -> int:
+    """The position a read starts at: ``now`` is the tail, ``-1`` (or none) the start."""
+    if offset == NOW:
+        return tail
+    if offset is None or offset == START:
+        return 0
+    start = parse_offset(offset)
+    if start > tail:
+        raise Refused(400, f"offset {offset} is beyond the stream's end")
+    return start
+
+
+async def _long_poll(
+    request: web.Request, ds: DurableStreams, stream: str, state: _Stream, start: int
+) -> tuple[list[bytes], int]:
+    """What arrives at ``start`` within the long-poll timeout (nothing, at its end)."""
+    await ds.hub.wait_for_commit(stream, start, ds.long_poll, gone=_gone(request))
+    if not ds.alive(stream, state):
+        raise Refused(404, "stream not found")
+    state.last_access = time.time()
+    return await ds.read(stream, start, request.app)
+
+
+def _no_content(offset: int, *, closed: bool, cursor: str | None = None) -> web.Response:
+    headers = {NEXT_OFFSET: format_offset(offset), UP_TO_DATE: "true"}
+    if closed:
+        headers[CLOSED] = "true"
+    elif cursor is not None:
+        headers[CURSOR] = cursor
+    return web.Response(status=204, headers=headers)
+
+
+def _sse_event(kind: str, payload: str) -> bytes:
+    # Every line break in the payload starts a new data: line, so a payload
+    # can never end the event early or inject one (no space after data:, as
+    # a reader strips exactly one).
+    lines = _LINE_BREAK.split(payload)
+    return (f"event: {kind}\n" + "".join(f"data:{line}\n" for line in lines) + "\n").encode()
+
+
+def _sse_payload(content_type: str, values: list[bytes]) -> str:
+    if is_json(content_type):
+        return json_array(values).decode()
+    data = b"".join(values)
+    if is_text(content_type):
+        return data.decode("utf-8", "replace")
+    return base64.b64encode(data).decode()
+
+
+async def _server_sent_events(
+    request: web.Request,
+    ds: DurableStreams,
+    *,
+    stream: str,
+    state: _Stream,
+    start: int,
+    cursor: str | None,
+) -> web.StreamResponse:
+    """Data and control events from ``start``; ends when closed at the tail, or after a minute."""
+    meta = state.meta
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **COMMON_HEADERS}
+    if not is_text(meta.content_type):
+        headers["Stream-SSE-Data-Encoding"] = "base64"
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ds.sse_seconds
+    gone = _gone(request)
+    position = start
+    try:
+        while not ds.hub.stopping and not gone() and ds.alive(stream, state):
+            values, after = await ds.read(stream, position, request.app)
+            if values:
+                await response.write(_sse_event("data", _sse_payload(meta.content_type, values)))
+            tail = await ds.tail(stream, state)
+            at_tail = after >= tail
+            control: dict[str, object] = {"streamNextOffset": format_offset(after)}
+            if meta.closed and at_tail:
+                control["streamClosed"] = True
+                await response.write(_sse_event("control", json.dumps(control)))
+                break
+            control["streamCursor"] = response_cursor(cursor, time.time())
+            if at_tail:
+                control["upToDate"] = True
+            await response.write(_sse_event("control", json.dumps(control)))
+            position = after
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if at_tail:
+                await ds.hub.wait_for_commit(
+                    stream, position, min(remaining, ds.long_poll), gone=gone
+                )
+                state.last_access = time.time()
+        await response.write_eof()
+    except (ConnectionError, StreamNotFound):
+        log.debug("durable streams SSE reader gone", extra={"stream": stream})
+    return response
