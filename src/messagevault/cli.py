@@ -83,7 +83,6 @@ from messagevault.wire import DEFAULT_MAX_BODY
 from messagevault.writer import AppendResult, Writer
 
 if TYPE_CHECKING:
-    from messagevault.server.auth import Principal
     from messagevault.server.cluster import Cluster
     from messagevault.server.hub import StreamHub
     from messagevault.server.retention_task import RetentionSettings
@@ -228,14 +227,14 @@ def main() -> None:
     """MessageVault: durable append-only message streams in blob storage."""
 
 
-def _anonymous(claims: tuple[str, ...]) -> Principal:
-    """The principal of requests without credentials (``serve --allow-anonymous``)."""
-    from messagevault.server.auth import Principal, validate_claim
+def _claims(ctx: click.Context, param: click.Parameter, claims: tuple[str, ...]) -> tuple[str, ...]:
+    """``serve --allow-anonymous`` claims, checked before anything starts."""
+    from messagevault.server.auth import validate_claim
 
     try:
-        return Principal("anonymous", frozenset(validate_claim(claim) for claim in claims))
+        return tuple(validate_claim(claim) for claim in claims)
     except InvalidInput as exc:
-        raise click.BadParameter(str(exc), param_hint="--allow-anonymous") from None
+        raise click.BadParameter(str(exc)) from None
 
 
 def _serve_option(
@@ -456,6 +455,7 @@ def _serve_option(
     envvar="MESSAGEVAULT_ALLOW_ANONYMOUS",
     multiple=True,
     metavar="CLAIM",
+    callback=_claims,
     help="Give requests without an Authorization header this claim (repeatable: all:read, "
     "all:write, <stream>:read, admin...), for local development and the Durable Streams "
     "conformance run. Wrong credentials are still refused. Default: none, every request "
@@ -501,7 +501,7 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
 
     from messagevault.server import Limits, StreamHub, create_app
     from messagevault.server.app import ANONYMOUS, REQUEST_OBSERVERS
-    from messagevault.server.auth import Authenticator
+    from messagevault.server.auth import Authenticator, Principal
     from messagevault.server.logs import configure, shutdown
     from messagevault.server.runner import CannotListen, serve_until_stopped
     from messagevault.server.tls import PLAIN_HTTP_ALLOWED
@@ -558,7 +558,7 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
     )
     app[PLAIN_HTTP_ALLOWED] = allow_plain_http
     if anonymous_claims:
-        app[ANONYMOUS] = _anonymous(anonymous_claims)
+        app[ANONYMOUS] = Principal("anonymous", frozenset(anonymous_claims))
     if access_log:
         from messagevault.server.access_log import log_request
 
