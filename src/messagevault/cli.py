@@ -67,6 +67,12 @@ from messagevault.errors import (
 )
 from messagevault.format import MAX_FRAME_SIZE
 from messagevault.names import validate_stream_name
+from messagevault.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    PollBackoff,
+    interval_problem,
+)
 from messagevault.producers import DEFAULT_MAX_PRODUCERS, DEFAULT_PRODUCER_MAX_AGE
 from messagevault.profiles import config_path, save_profile
 from messagevault.reader import Reader, VerifyReport
@@ -1245,17 +1251,19 @@ def _print_messages(
     follow: bool,
     limit: int | None,
     output: str | None,
+    backoff: PollBackoff | None = None,
 ) -> None:
     """Print from ``position``: to the end, or following; flushed after each run.
 
     Ctrl-C ends a follow normally (exit 0) and anything else with 130.
+    ``backoff`` paces a follow of storage (``--poll``, ``--max-poll``).
     """
     printer = message_printer(default_format(output))
     stop = threading.Event()
     remaining = limit
     try:
         runs = (
-            source.follow(stream, position, stop)
+            source.follow(stream, position, stop, backoff)
             if follow
             else iter([source.read(stream, position)])
         )  # a bad stream or position fails here, even with --limit 0
@@ -1311,6 +1319,50 @@ def _start(
     if at_end:
         return source.info(stream).length
     return position or 0
+
+
+def _poll_seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and (problem := interval_problem(value)) is not None:
+        raise click.BadParameter(f"{value:g} {problem}")  # nan and inf pass click.FLOAT
+    return value
+
+
+def _poll_options(function: FC) -> FC:
+    """``--poll`` and ``--max-poll``: the pace of a follow that reads storage directly."""
+    options = [
+        click.option(
+            "--poll",
+            type=click.FLOAT,
+            default=DEFAULT_POLL_INTERVAL,
+            show_default=True,
+            metavar="SECONDS",
+            callback=_poll_seconds,
+            help="Following storage (--storage): seconds before the first check for new "
+            "messages at the tail; the wait doubles while the stream is idle, up to --max-poll, "
+            "and comes back to this once messages come. Through a server (--url) the follow "
+            "long-polls and these do not apply.",
+        ),
+        click.option(
+            "--max-poll",
+            type=click.FLOAT,
+            metavar="SECONDS",
+            callback=_poll_seconds,
+            help=f"Following storage: the longest wait between checks (each one a storage "
+            f"request) while the stream is idle; a new message shows within it. Default "
+            f"{DEFAULT_MAX_POLL_INTERVAL:g}, or --poll if longer.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _follow_backoff(poll: float, max_poll: float | None) -> PollBackoff:
+    """The pace of a follow of storage; a ceiling below the first wait is a usage error."""
+    try:
+        return PollBackoff(poll, max_poll, names=("--poll", "--max-poll"))
+    except InvalidInput as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _duration_value(
@@ -1371,6 +1423,7 @@ def _time_value(
 @click.option("--end", "at_end", is_flag=True, help="Start at the end (only new messages).")
 @click.option("--limit", type=click.IntRange(0), help="Stop after this many messages.")
 @click.option("--follow", "-f", is_flag=True, help="Keep waiting for new messages (Ctrl-C ends).")
+@_poll_options
 @_format_option
 def read(
     *,
@@ -1385,6 +1438,8 @@ def read(
     at_end: bool,
     limit: int | None,
     follow: bool,
+    poll: float,
+    max_poll: float | None,
     output: str | None,
 ) -> None:
     """Print STREAM's messages from a position, a sequence or a time (default: the start).
@@ -1397,6 +1452,7 @@ def read(
     "encoding": "base64" for a value and "key_encoding": "base64" for a key
     that is not UTF-8.
     """
+    backoff = _follow_backoff(poll, max_poll)  # a bad pace reads nothing
     with _source(url, storage, profile) as source:
         start = _start(
             source,
@@ -1407,7 +1463,9 @@ def read(
             at=at,
             at_end=at_end,
         )
-        _print_messages(source, stream, start, follow=follow, limit=limit, output=output)
+        _print_messages(
+            source, stream, start, follow=follow, limit=limit, output=output, backoff=backoff
+        )
 
 
 @main.command(
@@ -1427,6 +1485,7 @@ def read(
     show_default=True,
     help="Show the last N messages first.",
 )
+@_poll_options
 @_format_option
 def tail(
     *,
@@ -1435,15 +1494,20 @@ def tail(
     profile: str | None,
     stream: str,
     last: int,
+    poll: float,
+    max_poll: float | None,
     output: str | None,
 ) -> None:
     """Follow STREAM from its end, printing messages as they are committed; Ctrl-C ends."""
+    backoff = _follow_backoff(poll, max_poll)  # a bad pace reads nothing
     with _source(url, storage, profile) as source:
         info = source.info(stream)
         # A trimmed stream has fewer than its message count to show.
         first = max(info.messages - last, info.first_sequence)
         start = source.seek(stream, sequence=first) if last else info.length
-        _print_messages(source, stream, start, follow=True, limit=None, output=output)
+        _print_messages(
+            source, stream, start, follow=True, limit=None, output=output, backoff=backoff
+        )
 
 
 # streams, info, verify -----------------------------------------------------------------

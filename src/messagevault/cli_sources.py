@@ -21,6 +21,7 @@ from messagevault.cli_config import Target, server_target
 from messagevault.client.base import Trimmed
 from messagevault.errors import StreamNotFound
 from messagevault.format import EncodedBatch, Message, read_header
+from messagevault.polling import PollBackoff
 from messagevault.reader import Reader, VerifyReport
 from messagevault.replicate import FrameSource, ReaderFrames
 from messagevault.storage import open_storage
@@ -32,7 +33,6 @@ from messagevault.writer import AppendResult, Writer
 if TYPE_CHECKING:
     from messagevault.retention_policy import RetentionPolicy
 
-FOLLOW_POLL_INTERVAL = 0.1  # seconds between checkpoint reads at the tail of storage
 Progress = Callable[[int, int], None]
 
 
@@ -71,12 +71,17 @@ class Source(Protocol):
         ...
 
     def follow(
-        self, stream: str, position: int, stop: threading.Event
+        self,
+        stream: str,
+        position: int,
+        stop: threading.Event,
+        backoff: PollBackoff | None = None,
     ) -> Iterator[Iterable[Message]]:
         """Runs of messages as they are committed, until ``stop`` is set.
 
         Each run holds what arrived together: the caller flushes its output
-        after each one.
+        after each one. ``backoff`` paces the checks of storage at the tail
+        (default: ``PollBackoff()``); a server is long-polled instead.
         """
         ...
 
@@ -270,26 +275,40 @@ class StorageSource:
         return self.reader(stream).read(position)
 
     def follow(
-        self, stream: str, position: int, stop: threading.Event
+        self,
+        stream: str,
+        position: int,
+        stop: threading.Event,
+        backoff: PollBackoff | None = None,
     ) -> Iterator[Iterable[Message]]:
         reader = self.reader(stream)
         committed = reader.checkpoint().length
         first = reader.read(position, committed=committed)  # checks the position now
-        return self._runs(reader, first, max(position, committed), stop)
+        pace = backoff if backoff is not None else PollBackoff()
+        return self._runs(reader, first, max(position, committed), stop, pace)
 
     @staticmethod
     def _runs(
-        reader: Reader, first: Iterator[Message], position: int, stop: threading.Event
+        reader: Reader,
+        first: Iterator[Message],
+        position: int,
+        stop: threading.Event,
+        backoff: PollBackoff,
     ) -> Iterator[Iterable[Message]]:
-        """``first`` (messages up to ``position``), then what each new commit adds."""
+        """``first`` (messages up to ``position``), then what each new commit adds.
+
+        Each check is a checkpoint read (a billed request on Azure): they
+        thin out while the stream is idle, as ``Reader.follow``'s do.
+        """
         yield first
         while not stop.is_set():
             committed = reader.checkpoint().length
             if position < committed:
+                backoff.found()
                 yield reader.read(position, committed=committed)
                 position = committed
             else:
-                stop.wait(FOLLOW_POLL_INTERVAL)
+                stop.wait(backoff.idle())
 
     def publish(self, stream: str, batch: EncodedBatch) -> AppendResult:
         writer = self._writers.get(stream)
@@ -403,8 +422,13 @@ class ServerSource:
         return self.client.read(stream, position)
 
     def follow(
-        self, stream: str, position: int, stop: threading.Event
+        self,
+        stream: str,
+        position: int,
+        stop: threading.Event,
+        backoff: PollBackoff | None = None,
     ) -> Iterator[Iterable[Message]]:
+        del backoff  # the server's long poll answers at the commit: nothing to pace
         messages = self.client.follow(stream, position, stop=stop)
         return runs_as_they_come(messages, stop)
 

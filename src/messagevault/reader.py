@@ -30,6 +30,7 @@ from messagevault.format import (
     slot_index,
     verify_frame,
 )
+from messagevault.polling import DEFAULT_POLL_INTERVAL, PollBackoff
 from messagevault.storage import open_read_access
 from messagevault.storage.base import ReadAccess, Storage, StreamStore
 
@@ -301,24 +302,30 @@ class Reader:
         self,
         position: int = 0,
         *,
-        poll_interval: float = 0.1,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float | None = None,
         stop: threading.Event | None = None,
     ) -> Iterator[Message]:
         """Iterate messages from ``position`` forever, waiting for new commits.
 
-        Checks the checkpoint every ``poll_interval`` seconds while at the
-        tail. Ends cleanly when ``stop`` is set, when ``close()`` is called,
-        or when the caller closes the iterator. Position 0 and trimmed
-        positions are as for ``read``; a follower that falls behind a trim
-        gets ``PositionTrimmed``.
+        At the tail it checks the checkpoint (a storage request) after
+        ``poll_interval`` seconds, then waits twice as long after each check
+        that found nothing, up to ``max_poll_interval`` (default 2.0, or
+        ``poll_interval`` if longer); new data brings it back to
+        ``poll_interval``. So an idle follower costs at most one request per
+        ceiling, and a message after a silence is seen within the ceiling.
+        Both are more than 0 and at most 60 s (else ``InvalidInput``).
+        Ends cleanly when ``stop`` is set, when ``close()`` is called (seen
+        at the next check when a ``stop`` is given), or when the caller
+        closes the iterator. Position 0 and trimmed positions are as for
+        ``read``; a follower that falls behind a trim gets ``PositionTrimmed``.
         """
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
+        backoff = PollBackoff(poll_interval, max_poll_interval)
         frame_position, first, _ = self._start(position, None, None)
-        return chain.from_iterable(self._follow_frames(frame_position, first, poll_interval, stop))
+        return chain.from_iterable(self._follow_frames(frame_position, first, backoff, stop))
 
     def _follow_frames(
-        self, frame_position: int, first: int, poll_interval: float, stop: threading.Event | None
+        self, frame_position: int, first: int, backoff: PollBackoff, stop: threading.Event | None
     ) -> Iterator[Iterator[Message]]:
         waiter = stop if stop is not None else self._stop
         while not self._stopped(stop):
@@ -327,6 +334,7 @@ class Reader:
             if frame_position < checkpoint.first_position:
                 raise self._trimmed(frame_position, checkpoint)
             if frame_position < committed:
+                backoff.found()
                 frames = self._frames(frame_position, first, committed)
                 for messages in self._overtaken(frames, frame_position):
                     yield messages
@@ -334,7 +342,7 @@ class Reader:
                         return
                 frame_position, first = committed, 0
             else:
-                waiter.wait(poll_interval)
+                waiter.wait(backoff.idle())
 
     def seek(
         self,

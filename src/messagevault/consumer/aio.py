@@ -20,9 +20,10 @@ from messagevault.consumer.feeds import (
     StreamInfo,
     check_max_batch,
 )
-from messagevault.consumer.progress import Progress, Start, check_poll_interval
+from messagevault.consumer.progress import Progress, Start
 from messagevault.errors import InvalidPosition
 from messagevault.format import Message
+from messagevault.polling import DEFAULT_POLL_INTERVAL, check_poll_options
 from messagevault.positions import JsonValue, PositionStore, SavedPosition
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess, Storage
@@ -118,7 +119,8 @@ class AsyncConsumer:
     plain functions. Saves run in a thread; ``state()`` is called on the
     event loop, and what it returns must not change while it is saved
     (return a copy if other tasks change it). Stop with ``stop()`` or by
-    cancelling ``run``: a cancelled consumer does not save.
+    cancelling ``run``: a cancelled consumer does not save. ``poll_interval``
+    and ``max_poll_interval`` are as for ``Consumer``.
     """
 
     def __init__(
@@ -132,7 +134,8 @@ class AsyncConsumer:
         save_interval: float | None = 5.0,
         state: Callable[[], JsonValue] | None = None,
         start: int | Start = "beginning",
-        poll_interval: float = 0.1,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._progress = Progress(
@@ -145,11 +148,11 @@ class AsyncConsumer:
             start=start,
             clock=clock,
         )
-        check_poll_interval(poll_interval)
+        poll_interval, max_poll_interval = check_poll_options(poll_interval, max_poll_interval)
         self._client: AsyncStreamClient | None = None
         self._stream: Stream | None = None
         if isinstance(source, Reader | ReadAccess) or hasattr(source, "open_stream"):
-            self._stream = Stream(source, self._progress.stream, poll_interval)
+            self._stream = Stream(source, self._progress.stream, poll_interval, max_poll_interval)
         elif hasattr(source, "follow") and hasattr(source, "info"):
             self._client = source
         else:

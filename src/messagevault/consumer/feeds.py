@@ -18,6 +18,7 @@ from typing import Protocol
 from messagevault.consumer.progress import IDLE_WAKE
 from messagevault.errors import InvalidInput
 from messagevault.format import Message
+from messagevault.polling import PollBackoff
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess, Storage
 
@@ -25,6 +26,7 @@ from messagevault.storage.base import ReadAccess, Storage
 FEED_MAX_MESSAGES = 10_000
 FEED_MAX_BYTES = 32 * 1024 * 1024
 FEED_JOIN_TIMEOUT = 5.0
+_NEGLIGIBLE = 1e-9  # seconds
 
 
 class StreamInfo(Protocol):
@@ -47,13 +49,20 @@ class StreamClient(Protocol):
 class Stream:
     """One stream of one synchronous source: its end, and its messages from a position."""
 
-    def __init__(self, source: object, stream: str, poll_interval: float) -> None:
+    def __init__(
+        self,
+        source: object,
+        stream: str,
+        poll_interval: float,
+        max_poll_interval: float | None = None,
+    ) -> None:
         self._client: StreamClient | None = None
         self._reader: Reader | None = None
         self._storage: Storage | None = None  # opened into a reader by ``open``
         self._access: ReadAccess | None = None  # likewise
         self._stream = stream
         self._poll_interval = poll_interval
+        self._max_poll_interval = max_poll_interval
         if isinstance(source, Reader):
             check_same_stream(source.name, stream, "the reader")
             self._reader = source
@@ -94,7 +103,8 @@ class Stream:
     def feed(self, position: int, *, follow: bool, stop: threading.Event) -> Feed | ReaderFeed:
         """Messages from ``position``; ``InvalidPosition`` here if it is not a message's."""
         if self._reader is not None:
-            return ReaderFeed(self._reader, position, follow, self._poll_interval, stop)
+            backoff = PollBackoff(self._poll_interval, self._max_poll_interval)
+            return ReaderFeed(self._reader, position, follow, backoff, stop)
         client, stream = self._client, self._stream
         assert client is not None
         if follow:
@@ -117,8 +127,9 @@ class ReaderFeed:
     """Messages straight from a ``Reader``, read on the handler's own thread.
 
     A read never blocks (it stops at the committed end), so no fetching
-    thread is needed; at the end, ``follow`` reads again every
-    ``poll_interval`` seconds, as ``Reader.follow`` does.
+    thread is needed; at the end, ``follow`` reads again after the waits
+    ``backoff`` gives, as ``Reader.follow`` does: longer while the stream
+    is idle, short again once data comes.
     """
 
     def __init__(
@@ -126,13 +137,20 @@ class ReaderFeed:
         reader: Reader,
         position: int,
         follow: bool,
-        poll_interval: float,
+        backoff: PollBackoff,
         stop: threading.Event,
     ) -> None:
         self._reader = reader
         self._position = position
         self._follow = follow
-        self._poll_interval = poll_interval
+        self._backoff = backoff
+        # Seconds still to wait before storage is read again. The consumer's
+        # loop comes back every IDLE_WAKE at most (timed saves, stop events),
+        # so one backoff wait spans several takes. It is counted down by the
+        # waits asked for rather than a clock: an event wait ends early only
+        # when the consumer stops, and the feed's polls stay a pure function
+        # of its waits.
+        self._until_poll = 0.0
         self._stop = stop
         self._messages: Iterator[Message] = reader.read(position)
         self.error: BaseException | None = None
@@ -152,10 +170,19 @@ class ReaderFeed:
             if not batch:
                 if not self._follow:
                     return None
-                self._messages = self._reader.read(self._position)  # what was committed since
-                batch.extend(islice(self._messages, limit))
+                if self._until_poll <= 0:
+                    self._messages = self._reader.read(self._position)  # committed since
+                    batch.extend(islice(self._messages, limit))
+                    if batch:
+                        self._backoff.found()
+                    else:
+                        self._until_poll = self._backoff.idle()
                 if not batch:
-                    self._stop.wait(min(timeout, self._poll_interval))
+                    wait = min(timeout, self._until_poll)
+                    self._stop.wait(wait)
+                    self._until_poll -= wait
+                    if self._until_poll < _NEGLIGIBLE:  # float residue is no reason to wait
+                        self._until_poll = 0.0
                     return batch
         except Exception as exc:  # noqa: BLE001 - handed over, raised by run()
             self.error = exc

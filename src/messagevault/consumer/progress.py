@@ -13,7 +13,6 @@ Start = Literal["beginning", "end"]
 MAX_SAVE_EVERY = 1_000_000_000
 MAX_SAVE_INTERVAL = 24 * 3600.0
 MIN_SAVE_INTERVAL = 0.001
-MAX_POLL_INTERVAL = 60.0
 # The handling loop wakes at least this often (seconds) to notice a stop
 # event it cannot be notified of (one the caller sets) and due timed saves.
 IDLE_WAKE = 0.1
@@ -139,13 +138,3 @@ class Progress:
             # skip them (save first_position as the consumer's position).
             return PositionTrimmed(message, first_position=exc.first_position)
         return InvalidPosition(message)
-
-
-def check_poll_interval(poll_interval: float) -> None:
-    if isinstance(poll_interval, bool) or not (
-        isinstance(poll_interval, int | float) and 0 < poll_interval <= MAX_POLL_INTERVAL
-    ):
-        raise InvalidInput(
-            f"poll_interval must be more than 0 and at most {MAX_POLL_INTERVAL:.0f} seconds, "
-            f"not {poll_interval!r}"
-        )

@@ -17,9 +17,10 @@ from messagevault.consumer.feeds import (
     StreamClient,
     check_max_batch,
 )
-from messagevault.consumer.progress import Progress, Start, check_poll_interval
+from messagevault.consumer.progress import Progress, Start
 from messagevault.errors import InvalidPosition
 from messagevault.format import Message
+from messagevault.polling import DEFAULT_POLL_INTERVAL, check_poll_options
 from messagevault.positions import JsonValue, PositionStore, SavedPosition
 from messagevault.reader import Reader
 from messagevault.storage.base import ReadAccess, Storage
@@ -53,8 +54,10 @@ class Consumer:
     each position (any JSON value); ``load()`` gives it back after a
     restart. ``start`` is where a consumer with no saved position begins:
     ``"beginning"``, ``"end"`` or a position. ``stop`` is an event that
-    stops ``run`` when set, as ``stop()`` does. ``poll_interval`` is how
-    often a storage source is checked for new messages at the tail.
+    stops ``run`` when set, as ``stop()`` does. ``poll_interval`` and
+    ``max_poll_interval`` are how often a storage source is checked for new
+    messages at the tail, as for ``Reader.follow``: the wait doubles while
+    the stream is idle, up to the ceiling (default 2 s).
     """
 
     def __init__(
@@ -69,7 +72,8 @@ class Consumer:
         state: Callable[[], JsonValue] | None = None,
         start: int | Start = "beginning",
         stop: threading.Event | None = None,
-        poll_interval: float = 0.1,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._progress = Progress(
@@ -82,8 +86,8 @@ class Consumer:
             start=start,
             clock=clock,
         )
-        check_poll_interval(poll_interval)
-        self._stream = Stream(source, self._progress.stream, poll_interval)
+        poll_interval, max_poll_interval = check_poll_options(poll_interval, max_poll_interval)
+        self._stream = Stream(source, self._progress.stream, poll_interval, max_poll_interval)
         self._stop = stop if stop is not None else threading.Event()
         self._running = False
 
