@@ -96,6 +96,13 @@ bench-seek: $(STAMP) node_modules/.installed
 bench-follow: $(STAMP) node_modules/.installed
 	$(BIN)/python benchmarks/follow.py
 
+# The Durable Streams conformance suite against URL (a server's root; serve MessageVault
+# with --allow-anonymous all:write), or against the Node reference server without URL.
+# ARGS=--compare runs the reference beside URL and lists what it passes that URL fails.
+.PHONY: ds-conformance
+ds-conformance: $(STAMP) node_modules/.installed
+	$(BIN)/python benchmarks/ds_conformance.py $(URL) $(ARGS)
+
 # Redis Streams and NATS JetStream against MessageVault, same workloads; apt-get installs
 # redis-server and nats-server if they are missing. The peers' Python clients: the bench extra.
 bench-peers: $(STAMP)

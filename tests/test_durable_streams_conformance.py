@@ -18,6 +18,7 @@ from tests.durable_streams import (
     ConformanceError,
     Results,
     check_base_url,
+    parse_report,
     reference_server,
     regressions,
     run_conformance,
@@ -135,3 +136,35 @@ def test_a_bad_long_poll_timeout_is_refused(tmp_path: Path) -> None:
 def test_the_base_url_loses_its_trailing_slash() -> None:
     # The suite appends /v1/stream/... to it: a trailing slash would double it.
     assert check_base_url("http://127.0.0.1:8080/") == "http://127.0.0.1:8080"
+
+
+def test_a_timed_out_test_says_so() -> None:
+    # vitest's JSON report gives a timeout as a bare stack, "Error: STACK_TRACE_ERROR".
+    stack = "Error: STACK_TRACE_ERROR\n    at task (file:///chunk-artifact.js:1784:27)"
+    report = {
+        "testResults": [
+            {
+                "assertionResults": [
+                    {
+                        "fullName": "s waits",
+                        "status": "failed",
+                        "duration": 5000.9,
+                        "failureMessages": [stack],
+                    },
+                    {
+                        "fullName": "s asserts",
+                        "status": "failed",
+                        "duration": 3.0,
+                        "failureMessages": ["AssertionError: expected 404 to be 200\n    at x"],
+                    },
+                    {"fullName": "s opt-in", "status": "skipped", "failureMessages": []},
+                    {"fullName": "s later", "status": "todo", "failureMessages": []},
+                ]
+            }
+        ]
+    }
+    results = parse_report(report, "http://127.0.0.1:1")
+    assert results.outcomes["s waits"].first_line == "timed out after 5.0 s"
+    assert results.outcomes["s asserts"].first_line == "AssertionError: expected 404 to be 200"
+    assert results.failed == ["s waits", "s asserts"]
+    assert results.skipped == ["s opt-in", "s later"]

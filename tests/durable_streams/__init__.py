@@ -55,6 +55,7 @@ START_TIMEOUT = 30.0
 REFERENCE_LONG_POLL_MS = 500
 
 Status = Literal["passed", "failed", "skipped"]
+TIMEOUT_STACK = "Error: STACK_TRACE_ERROR"  # what vitest reports for a test that timed out
 
 
 class ConformanceError(RuntimeError):
@@ -118,7 +119,12 @@ def parse_report(report: Mapping[str, Any], base_url: str) -> Results:
         for test in test_file["assertionResults"]:
             status: Status = test["status"] if test["status"] in ("passed", "failed") else "skipped"
             messages = test.get("failureMessages") or []
-            outcomes[test["fullName"]] = Outcome(status, messages[0] if messages else "")
+            message = messages[0] if messages else ""
+            if message.startswith(TIMEOUT_STACK):
+                # vitest's JSON report gives a timed-out test's stack without the message.
+                duration = test.get("duration") or 0
+                message = f"timed out after {duration / 1000:.1f} s\n{message}"
+            outcomes[test["fullName"]] = Outcome(status, message)
     return Results(base_url, outcomes)
 
 
@@ -130,7 +136,7 @@ def check_base_url(base_url: str) -> str:
     return base_url.rstrip("/")
 
 
-def _check_answers(base_url: str) -> None:
+def check_answers(base_url: str) -> None:
     """Raise ConformanceError unless something answers HTTP at ``base_url`` (any status will do)."""
     try:
         with urllib.request.urlopen(base_url, timeout=10):
@@ -162,7 +168,7 @@ def run_conformance(
         raise ValueError(f"long_poll_timeout_ms must be positive, not {long_poll_timeout_ms}")
     if not VITEST.exists():
         raise ConformanceError(f"{VITEST} is missing: run `make node_modules/.installed` (npm ci)")
-    _check_answers(base_url)
+    check_answers(base_url)
     work_dir.mkdir(parents=True, exist_ok=True)
     report = work_dir / "conformance.json"
     report.unlink(missing_ok=True)
