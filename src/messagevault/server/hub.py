@@ -46,6 +46,7 @@ from messagevault.committer import (
 from messagevault.errors import (
     CommitterClosed,
     CorruptData,
+    MessageVaultError,
     NotWriter,
     StreamLocked,
     StreamNotFound,
@@ -233,6 +234,9 @@ class StreamHub:
         # The checkpoint read shared by the readers at each stream's tail:
         # when it was asked for, and the read (in flight or done).
         self._watched: dict[str, tuple[float, asyncio.Future[Checkpoint]]] = {}
+        # Per stream with readers waiting at its tail: the task that reads its
+        # checkpoint every recheck_interval and wakes them when it grew.
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         self.stopping = False  # set by stop_waiting() when the server shuts down
         self._handoff: _Handoff | None = None
         self._idle_readers = _IdleReaders()
@@ -536,6 +540,8 @@ class StreamHub:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._tailing[stream] = self._tailing.get(stream, 0) + 1
+        if stream not in self._watchers:
+            self._watchers[stream] = asyncio.ensure_future(self._watch(stream))
         try:
             while (
                 not self.stopping
@@ -555,13 +561,29 @@ class StreamHub:
             if not self._tailing[stream]:
                 self._watched.pop(stream, None)
 
-    async def _watched_checkpoint(self, stream: str) -> Checkpoint:
+    async def _watch(self, stream: str) -> None:
+        """While readers wait at ``stream``'s tail: a fresh shared read every ``recheck_interval``.
+
+        The readers themselves read nothing while the watch keeps the shared
+        read fresh: the stream costs storage one read per interval, however
+        many wait, and a commit made elsewhere wakes them all within one.
+        """
+        try:
+            while self._tailing.get(stream) and not self.stopping:
+                with contextlib.suppress(MessageVaultError):  # the readers get it themselves
+                    await self._watched_checkpoint(stream, fresh=True)
+                await asyncio.sleep(self.recheck_interval)
+        finally:
+            self._watchers.pop(stream, None)
+
+    async def _watched_checkpoint(self, stream: str, *, fresh: bool = False) -> Checkpoint:
         """The checkpoint for readers at the tail: the writer's, else one shared storage read.
 
-        A storage read serves every reader of the stream for
-        ``recheck_interval`` seconds (and those who ask while it is in
-        flight): followers cost storage per stream, not per follower. A read
-        that finds the stream longer wakes the waiting readers at once.
+        A storage read serves every reader of the stream until the watch
+        (``_watch``) reads again, a little over ``recheck_interval`` later,
+        and those who ask while it is in flight: followers cost storage per
+        stream, not per follower. A read that finds the stream longer wakes
+        the waiting readers at once. ``fresh``: read now (the watch).
         """
         known = self._known_checkpoint(stream)
         if known is not None:
@@ -570,7 +592,9 @@ class StreamHub:
         entry = self._watched.get(stream)
         if entry is not None:
             asked_at, shared = entry
-            if not shared.done() or loop.time() - asked_at < self.recheck_interval:
+            # While a watch runs, its next read is due before twice the interval.
+            kept = self.recheck_interval * (2 if stream in self._watchers else 1)
+            if not shared.done() or (not fresh and loop.time() - asked_at < kept):
                 return await asyncio.shield(shared)
         before = entry[1].result().length if entry and _succeeded(entry[1]) else None
         shared = asyncio.ensure_future(self._with_reader(stream, Reader.checkpoint))
@@ -603,6 +627,8 @@ class StreamHub:
         tail, for ever) while nothing is left for them to see.
         """
         self.stopping = True
+        for watcher in list(self._watchers.values()):
+            watcher.cancel()
         for condition in list(self._commits.values()):
             async with condition:
                 condition.notify_all()
