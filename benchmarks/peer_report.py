@@ -2,7 +2,10 @@
 
 The table has one row per workload figure (msgs/s written and read, W3's ack
 latency) and one column per system; every peer's cell carries the ratio
-MessageVault / peer. It fits a 100-column terminal.
+MessageVault / peer. It fits a 100-column terminal. The Durable Streams
+systems have a table of their own: MessageVault's native API, its Durable
+Streams endpoint and the protocol's reference server, then the two ratios
+to the reference.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.peer_systems import System
+from benchmarks.peer_systems import NATIVE, System
 from benchmarks.report import save_results
 from rich.console import Console
 from rich.table import Table
 
 VAULT = "messagevault"
+VAULT_DS = "messagevault-ds"
+REFERENCE = "ds-reference"
 TABLE_WIDTH = 100
 
 
@@ -118,7 +123,12 @@ def format_cell(value: float | None, metric: str, versus: float | None) -> str:
 def table_cells(
     results: dict[tuple[str, str], Result], systems: Sequence[System], skipped: dict[str, str]
 ) -> list[list[str]]:
-    """The table as text: a header row, then one row per ``ROWS`` line that was measured."""
+    """The table as text: a header row, then one row per ``ROWS`` line that was measured.
+
+    Only the systems driven through their own protocol: the Durable Streams
+    ones are in ``ds_table_cells``.
+    """
+    systems = [s for s in systems if s.protocol == NATIVE]
     rows = [["", *(s.title for s in systems)]]
     for label, workload, metric in ROWS:
         figures = {
@@ -140,6 +150,53 @@ def table_cells(
                 row.append(format_cell(theirs, metric, ratio(ours, theirs)))
         rows.append(row)
     return rows
+
+
+DS_COLUMNS = ("MessageVault", "MessageVault DS", "DS reference", "native / ref", "DS / ref")
+DS_RATIO_NOTE = (
+    "Durable Streams: native / ref = MessageVault through its own API over the protocol's "
+    "Node reference server; DS / ref = MessageVault's Durable Streams endpoint over the "
+    "reference server (msgs/s rows: above 1 means MessageVault is faster; latency rows: below "
+    "1). Both Durable Streams systems are driven by the same Python client "
+    "(benchmarks/ds_driver.py), whose reads are JSON with every element decoded; in the read "
+    "JSON rows MessageVault native is its JSON read (Client.read_records)."
+)
+
+
+def ds_table_cells(
+    results: dict[tuple[str, str], Result], systems: Sequence[System], skipped: dict[str, str]
+) -> list[list[str]] | None:
+    """The Durable Streams table as text, or None when neither Durable Streams system was chosen.
+
+    A row per ``ROWS`` line that any of the three measured; a system not
+    chosen shows ``-``, a skipped one SKIPPED, and a ratio needs both figures.
+    """
+    chosen = {s.key for s in systems}
+    if not chosen & {VAULT_DS, REFERENCE}:
+        return None
+    rows = [["", *DS_COLUMNS]]
+    for label, workload, metric in ROWS:
+        figures = {
+            key: results[key, workload].value(metric)
+            for key in (VAULT, VAULT_DS, REFERENCE)
+            if key in chosen and key not in skipped and (key, workload) in results
+        }
+        if not any(figure is not None for figure in figures.values()):
+            continue
+        row = [label]
+        row += [
+            "SKIPPED" if key in skipped else format_value(figures.get(key), metric)
+            for key in (VAULT, VAULT_DS, REFERENCE)
+        ]
+        versus = [ratio(figures.get(key), figures.get(REFERENCE)) for key in (VAULT, VAULT_DS)]
+        row += ["-" if each is None else f"{each:.2f}x" for each in versus]
+        rows.append(row)
+    return rows
+
+
+def has_columns(cells: list[list[str]]) -> bool:
+    """Whether a table has a system's column (not only its row labels)."""
+    return len(cells[0]) > 1
 
 
 def render_table(cells: list[list[str]], title: str) -> str:
@@ -243,8 +300,13 @@ def save(
     found: dict[str, dict[str, str]],
     cells: list[list[str]],
     title: str,
+    ds_cells: list[list[str]] | None = None,
 ) -> tuple[Path, Path]:
-    """benchmarks/results/peers-<time>.json and the same as Markdown beside it."""
+    """benchmarks/results/peers-<time>.json and the same as Markdown beside it.
+
+    ``cells`` with no system's column (only Durable Streams systems ran) is
+    left out of the Markdown; ``ds_cells`` is the Durable Streams table, if any.
+    """
     the_machine = machine()
     records = []
     for result in results.values():
@@ -273,6 +335,7 @@ def save(
             },
             "table": cells,
             "ratio": RATIO_NOTE,
+            **({"ds_table": ds_cells, "ds_ratio": DS_RATIO_NOTE} if ds_cells else {}),
         },
         records,
         the_machine,
@@ -283,10 +346,8 @@ def save(
         "",
         f"Machine: {describe_machine(the_machine)}. {title}.",
         "",
-        markdown_table(cells),
-        "",
-        RATIO_NOTE,
-        "",
+        *([markdown_table(cells), "", RATIO_NOTE, ""] if has_columns(cells) else []),
+        *([markdown_table(ds_cells), "", DS_RATIO_NOTE, ""] if ds_cells else []),
         *([cpu, ""] if (cpu := cpu_note(results, systems)) else []),
         *(f"- {text}" for text in notes(systems, skipped, found)),
         "",

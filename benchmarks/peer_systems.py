@@ -16,34 +16,47 @@ How each one is driven, the way its documentation shows:
   NATS          nats-py: ``publish_async`` of each message of a batch, then the
                 batch's acks gathered (one task per producer); a pull consumer's
                 ``fetch`` of 10,000 to read back. A message's subject is ``bench.<key>``.
+  Durable Streams  the protocol's Node reference server (file-backed, as
+                tests/durable_streams starts it for the conformance run) and
+                MessageVault's ``/v1/stream/`` endpoint (``serve --fsync always
+                --allow-anonymous all:write``), both through benchmarks/ds_driver.py:
+                a POST of a JSON array per batch (an idempotent producer per lane),
+                catch-up GETs from offset -1 to read back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks.ds_driver import DurableStreamsDriver
 from benchmarks.serving import PASSWORD, USER, Server
 from tests.azurite import free_port
+from tests.durable_streams import REFERENCE_SCRIPT
+from tests.durable_streams import ROOT as REPO
 
 import messagevault
 from messagevault.client import AsyncClient, Client
 from messagevault.server.auth import Users
 
 Batch = list[tuple[bytes, bytes]]
+NATIVE = "native"
+DURABLE_STREAMS = "durable-streams"
 STREAM = "bench"
 READ_PAGE = 10_000  # messages a read asks for at a time (Redis, NATS)
 SUBJECTS = "bench."  # NATS: a message's subject is this plus its key
@@ -57,7 +70,15 @@ class System:
     binary: str | None  # the server from Debian's packages; None: MessageVault's own
     clients: tuple[str, ...]  # Python distributions the driver needs
     driven: str  # how the benchmark writes and reads
+    protocol: str = NATIVE  # NATIVE: the system's own; DURABLE_STREAMS: over that protocol
 
+
+DS_DRIVEN = (
+    "benchmarks/ds_driver.py (http.client, a persistent connection per thread): a POST of a "
+    "JSON array of {key, value} per batch from an idempotent producer (Producer-Id/Epoch/Seq, "
+    "a thread per producer), catch-up GETs from offset -1 until Stream-Up-To-Date, every "
+    "element decoded (msgspec)"
+)
 
 SYSTEMS = (
     System(
@@ -100,11 +121,50 @@ SYSTEMS = (
         "nats-py, publish_async per message and the batch's acks gathered (a task per "
         "producer), pull consumer fetch of 10,000 to read; subject bench.<key>",
     ),
+    System(
+        "messagevault-ds",
+        "MessageVault DS",
+        "serve --fsync always (as MessageVault's), its Durable Streams endpoint "
+        "/v1/stream/ with --allow-anonymous all:write",
+        None,
+        ("msgspec",),
+        DS_DRIVEN,
+        DURABLE_STREAMS,
+    ),
+    System(
+        "ds-reference",
+        "DS reference",
+        "the protocol's Node reference server (@durable-streams/server), file-backed: each "
+        "append written and fdatasynced (concurrent appends share one) before the stream's "
+        "metadata is committed to LMDB and the append acked",
+        "node",
+        ("msgspec",),
+        DS_DRIVEN,
+        DURABLE_STREAMS,
+    ),
 )
 BY_KEY = {system.key: system for system in SYSTEMS}
 
 # The Debian package that brings each server, and the service it sets up on install.
 PACKAGES = {"redis-server": "redis-server", "nats-server": "nats-server"}
+# The Durable Streams reference server comes from npm (package.json), not from apt.
+REFERENCE_PACKAGE = REPO / "node_modules" / "@durable-streams" / "server" / "package.json"
+
+
+def apt_binaries(systems: Sequence[System]) -> list[str]:
+    """The servers of ``systems`` that apt-get can install when missing."""
+    return sorted({s.binary for s in systems if s.binary in PACKAGES})
+
+
+def missing_server(system: System) -> str | None:
+    """Why a server that apt-get does not bring cannot run here (the reference server), or None."""
+    if system.key != "ds-reference":
+        return None
+    if find_binary("node") is None:
+        return "node not found: the Durable Streams reference server runs under Node"
+    if not REFERENCE_PACKAGE.exists():
+        return "@durable-streams/server not installed: make node_modules/.installed (npm ci)"
+    return None
 
 
 def find_binary(name: str) -> str | None:
@@ -174,6 +234,15 @@ def missing_clients(system: System) -> str | None:
 def versions(system: System) -> dict[str, str]:
     """The server's and clients' versions."""
     found = {d: importlib.metadata.version(d) for d in system.clients}
+    if system.key == "ds-reference":
+        package = json.loads(REFERENCE_PACKAGE.read_text())["version"]
+        node = find_binary("node") or "node"
+        answer = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
+        return {
+            "@durable-streams/server": package,
+            "node": answer.stdout.strip().lstrip("v"),
+            **found,
+        }
     if system.binary is None:
         return {"messagevault": messagevault.__version__, **found}
     binary = find_binary(system.binary)
@@ -242,15 +311,24 @@ class PeerServer:
     outright leaves no Redis or NATS holding a port.
     """
 
-    def __init__(self, command: list[str], port: int, folder: Path) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        folder: Path,
+        *,
+        cwd: Path | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
         self.port = port
         self.log = folder / "server.log"
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
-                cwd=folder,
+                cwd=cwd or folder,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=environment,
                 preexec_fn=_die_with_parent(),  # noqa: PLW1509 - one prctl call, libc loaded before
             )
 
@@ -307,9 +385,63 @@ class VaultServer:
         self.server.stop()
 
 
+class ReferenceServer(PeerServer):
+    """The Durable Streams Node reference server, file-backed in ``folder``, on a port it picks.
+
+    It runs tests/durable_streams/reference_server.mjs, the script the
+    conformance tests start it with, which prints its URL once it listens.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        node = find_binary("node")
+        if node is None:
+            raise SystemExit("node is not installed")
+        command = [node, str(REFERENCE_SCRIPT), str(folder / "data")]
+        # From the repository, where Node finds node_modules; the port is in the URL line.
+        super().__init__(command, 0, folder, cwd=REPO)
+
+    def wait_until_up(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.port:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited early:\n{self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the reference server printed no URL in {timeout:g} s")
+            for line in self.log.read_text(errors="replace").splitlines():
+                if line.startswith("http://127.0.0.1:"):
+                    self.port = int(line.strip().rsplit(":", 1)[1])
+            time.sleep(0.05)
+        super().wait_until_up(max(1.0, deadline - time.monotonic()))
+
+
+def _vault_durable_streams(folder: Path) -> PeerServer:
+    """``messagevault serve --fsync always`` with anonymous writers for the protocol's routes.
+
+    The benchmarks' embedded server has no way to pass ``--allow-anonymous``,
+    so it is started here, with the same options otherwise (file storage,
+    no access log). Its first start creates an admin, unused.
+    """
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "messagevault.cli", "serve", "--host", "127.0.0.1"),
+        *("--port", str(port), "--storage", f"file:{folder / 'data'}", "--fsync", "always"),
+        *("--no-access-log", "--allow-anonymous", "all:write"),
+    ]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")}
+    return PeerServer(command, port, folder, environment=environment)
+
+
 def start(system: System, folder: Path, users: Users) -> Running:
     """Start ``system``'s server with its data in ``folder``; it listens when this returns."""
-    server = VaultServer(folder, users) if system.binary is None else _peer(system, folder)
+    server: VaultServer | PeerServer
+    if system.key == "messagevault-ds":
+        server = _vault_durable_streams(folder)
+    elif system.key == "ds-reference":
+        server = ReferenceServer(folder)
+    elif system.binary is None:
+        server = VaultServer(folder, users)
+    else:
+        server = _peer(system, folder)
     try:
         server.wait_until_up()
     except BaseException:  # Ctrl-C too: the caller never got the PID to stop
@@ -366,6 +498,8 @@ class Driver(Protocol):
 
 
 def driver(system: System, server: Running) -> Driver:
+    if system.protocol == DURABLE_STREAMS:
+        return DurableStreamsDriver(f"http://127.0.0.1:{server.port}", system.key, STREAM)
     if system.binary is None:
         return VaultDriver(f"http://127.0.0.1:{server.port}")
     if system.key.startswith("redis"):

@@ -1,15 +1,21 @@
-"""Peer benchmark: MessageVault against Redis Streams and NATS JetStream, same workloads, one run.
+"""Peer benchmark: MessageVault against Redis Streams, NATS JetStream and Durable Streams, one run.
 
     make bench-peers                                    # full size, 3 runs, medians
     python benchmarks/peers.py --scale 0.05 --runs 1    # a quick look
     python benchmarks/peers.py --only W3,messagevault,redis-always
+    python benchmarks/peers.py --only messagevault,ds     # Durable Streams: both servers
 
 Systems (benchmarks/peer_systems.py says how each is started and driven):
   messagevault    ``messagevault serve --fsync always`` on file storage, its client library
   redis-always    redis-server, AOF with appendfsync always, redis-py + hiredis
   redis-everysec  the same with appendfsync everysec
   nats            nats-server -js, file storage, nats-py
-The peers' servers come from Debian's packages, installed with apt-get when
+  messagevault-ds  the same MessageVault server's Durable Streams endpoint (/v1/stream/),
+                  driven over the protocol by benchmarks/ds_driver.py
+  ds-reference    the protocol's Node reference server (@durable-streams/server, from
+                  package.json's node_modules), file-backed, driven by the same driver
+                  (``ds`` names both Durable Streams systems)
+Redis's and NATS's servers come from Debian's packages, installed with apt-get when
 missing (``--no-install`` skips a missing one instead); a peer that cannot run
 here is skipped, and the table says so loudly. Each case gets a fresh server on
 a free 127.0.0.1 port with a temporary folder, stopped by PID when it ends,
@@ -29,7 +35,9 @@ and value, each message once, and each producer's messages in the order it
 sent them. A mismatch stops the benchmark with an error naming the message.
 
 The table gives msgs/s (write, read) and W3's ack latency, each a median over
-``--runs``, and for every peer's cell the ratio MessageVault / peer. Results go
+``--runs``, and for every peer's cell the ratio MessageVault / peer. The Durable
+Streams systems get a table of their own, beside MessageVault's native API, with
+the ratios MessageVault native / reference and MessageVault DS / reference. Results go
 to benchmarks/results/peers-<time>.json and .md, with the machine and versions
 (benchmarks/peer_report.py); ``--readme`` copies the newest table into README.md.
 """
@@ -59,12 +67,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from benchmarks.peer_report import (
+    DS_RATIO_NOTE,
     RATIO_NOTE,
     README,
     TABLE_WIDTH,
     VAULT,
     Result,
     cpu_note,
+    ds_table_cells,
+    has_columns,
     notes,
     refresh_readme,
     render_table,
@@ -77,10 +88,12 @@ from benchmarks.peer_systems import (
     Batch,
     Running,
     System,
+    apt_binaries,
     driver,
     find_binary,
     install,
     missing_clients,
+    missing_server,
     start,
     versions,
 )
@@ -297,7 +310,10 @@ def choose(
         return list(WORKLOADS), list(SYSTEMS)
     names = [n.strip() for n in only.split(",") if n.strip()]
     workloads = {w.name: w for w in WORKLOADS}
-    aliases = {"redis": ["redis-always", "redis-everysec"]}
+    aliases = {
+        "redis": ["redis-always", "redis-everysec"],
+        "ds": ["messagevault-ds", "ds-reference"],
+    }
     unknown = [n for n in names if n not in workloads and n not in BY_KEY and n not in aliases]
     if unknown or not names:
         parser.error(
@@ -314,7 +330,7 @@ def available(
     systems: list[System], allow_install: bool, say: Say
 ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """Why each system that cannot run here is skipped; and each other's versions."""
-    binaries = sorted({s.binary for s in systems if s.binary is not None})
+    binaries = apt_binaries(systems)
     if allow_install:
         why_missing = install(binaries, say)
     else:
@@ -324,7 +340,11 @@ def available(
     skipped: dict[str, str] = {}
     found: dict[str, dict[str, str]] = {}
     for system in systems:
-        reason = why_missing.get(system.binary or "") or missing_clients(system)
+        reason = (
+            why_missing.get(system.binary or "")
+            or missing_server(system)
+            or missing_clients(system)
+        )
         if reason is not None:
             skipped[system.key] = reason
             say(f"SKIPPING {system.key}: {reason}")
@@ -339,7 +359,7 @@ def main() -> None:
         "--only",
         default=None,
         help="comma-separated workloads (W1..W4) and/or systems (messagevault, redis-always, "
-        "redis-everysec, redis, nats) to run; default all",
+        "redis-everysec, redis, nats, messagevault-ds, ds-reference, ds) to run; default all",
     )
     parser.add_argument("--dir", type=Path, default=None, help="where the servers' folders go")
     parser.add_argument(
@@ -367,7 +387,7 @@ def main() -> None:
         refresh_readme(args.output, README)
         return
     if args.install_servers:
-        binaries = sorted({s.binary for s in SYSTEMS if s.binary is not None})
+        binaries = apt_binaries(SYSTEMS)
         still_missing = install(binaries, print)
         for why in still_missing.values():
             print(why)
@@ -425,12 +445,20 @@ def main() -> None:
 
     title = f"Median of {args.runs} run(s), scale {args.scale:g}"
     cells = table_cells(results, systems, skipped)
-    print(render_table(cells, title), end="")
+    ds_cells = ds_table_cells(results, systems, skipped)
+    texts = []
+    if has_columns(cells):
+        print(render_table(cells, title), end="")
+        texts.append(RATIO_NOTE)
+    if ds_cells is not None:
+        print(render_table(ds_cells, f"Durable Streams: {title}"), end="")
+        texts.append(DS_RATIO_NOTE)
     cpu = cpu_note(results, systems)
-    for text in [RATIO_NOTE, *([cpu] if cpu else []), *notes(systems, skipped, found)]:
+    for text in [*texts, *([cpu] if cpu else []), *notes(systems, skipped, found)]:
         print(textwrap.fill(text, TABLE_WIDTH, subsequent_indent="  "))
     json_path, markdown_path = save(
-        args.output, args.runs, args.scale, results, systems, skipped, found, cells, title
+        *(args.output, args.runs, args.scale, results, systems, skipped, found, cells, title),
+        ds_cells,
     )
     print(f"saved {json_path} and {markdown_path.name}")
 

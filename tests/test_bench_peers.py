@@ -7,6 +7,7 @@ skipped here, with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,9 +18,21 @@ from pathlib import Path
 import pytest
 from benchmarks import peer_report as report
 from benchmarks import peers
-from benchmarks.peer_systems import BY_KEY, SYSTEMS, find_binary, missing_clients
+from benchmarks.ds_driver import DurableStreamsDriver, Producer, ProtocolError
+from benchmarks.peer_systems import (
+    BY_KEY,
+    SYSTEMS,
+    find_binary,
+    missing_clients,
+    missing_server,
+    start,
+)
+
+from messagevault.server.auth import Users
 
 SCRIPT = Path(peers.__file__)
+PACKAGE_JSON = Path(__file__).resolve().parent.parent / "package.json"
+DS_SYSTEMS = ["messagevault", "messagevault-ds", "ds-reference"]
 
 
 def run_peers(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +66,7 @@ def require(system_keys: list[str]) -> None:
         system = BY_KEY[key]
         if system.binary is not None and find_binary(system.binary) is None:
             pytest.skip(f"{system.binary} is not installed here (make bench-peers installs it)")
-        if (why := missing_clients(system)) is not None:
+        if (why := missing_server(system) or missing_clients(system)) is not None:
             pytest.skip(why)
 
 
@@ -165,6 +178,48 @@ def test_a_full_table_of_four_systems_fits_100_columns() -> None:
     lines = rendered.splitlines()
     assert len(lines) == 1 + 3 + len(report.ROWS) + 1  # title, header, rows, bottom rule
     assert max(map(len, lines)) <= report.TABLE_WIDTH
+    # The Durable Streams systems are in a table of their own, which fits too.
+    assert "DS reference" not in lines[2]
+    ds_cells = report.ds_table_cells(results, systems, {})
+    assert ds_cells is not None
+    ds_lines = report.render_table(ds_cells, "a title").splitlines()
+    assert len(ds_lines) == 1 + 3 + len(report.ROWS) + 1
+    assert max(map(len, ds_lines)) <= report.TABLE_WIDTH
+
+
+def test_durable_streams_table_has_both_ratios_to_the_reference() -> None:
+    systems = [BY_KEY[k] for k in ("messagevault", "messagevault-ds", "ds-reference")]
+    results = {
+        ("messagevault", "W1"): result("messagevault", "W1", 0.01),  # 100k msgs/s
+        ("messagevault-ds", "W1"): result("messagevault-ds", "W1", 0.02),  # 50k msgs/s
+        ("ds-reference", "W1"): result("ds-reference", "W1", 0.04),  # 25k msgs/s
+        ("messagevault-ds", "W3"): result("messagevault-ds", "W3", 0.5, latency=1.5),
+        ("ds-reference", "W3"): result("ds-reference", "W3", 0.5, latency=0.5),
+    }
+    header, *rows = report.ds_table_cells(results, systems, {}) or []
+    assert header == ["", *report.DS_COLUMNS]
+    by_label = {row[0]: row[1:] for row in rows}
+    assert list(by_label) == [
+        "W1 write msgs/s",
+        "W1 read msgs/s",
+        "W1 read JSON msgs/s",
+        "W3 ack p50 ms",
+        "W3 ack p99 ms",
+    ]
+    assert by_label["W1 write msgs/s"] == ["100.0k", "50.0k", "25.0k", "4.00x", "2.00x"]
+    assert by_label["W1 read msgs/s"] == ["200.0k", "100.0k", "50.0k", "4.00x", "2.00x"]
+    # MessageVault's JSON read against the Durable Streams reads, which are JSON.
+    assert by_label["W1 read JSON msgs/s"] == ["400.0k", "100.0k", "50.0k", "8.00x", "2.00x"]
+    # MessageVault native did not run W3: no figure, no ratio.
+    assert by_label["W3 ack p50 ms"] == ["-", "1.50", "0.50", "-", "3.00x"]
+    # The peers' table leaves them out.
+    assert report.table_cells(results, systems, {})[0] == ["", "MessageVault"]
+
+    skipped = report.ds_table_cells(results, systems, {"ds-reference": "node not found"})
+    assert skipped is not None
+    assert skipped[1][1:] == ["100.0k", "50.0k", "SKIPPED", "-", "-"]
+    # Without a Durable Streams system there is no such table.
+    assert report.ds_table_cells(results, systems[:1], {}) is None
 
 
 # The verification, the same for every system ------------------------------------------
@@ -335,21 +390,141 @@ def test_tiny_run_saves_json_and_markdown_and_stops_every_server(
     assert max(len(line) for line in table_lines) <= report.TABLE_WIDTH
 
 
-@pytest.mark.parametrize(
-    ("tamper", "read"), [("messagevault", ""), ("messagevault:json", "read as JSON: ")]
-)
-def test_a_wrong_message_read_back_fails_loudly_and_still_stops_the_server(
-    tmp_path: Path, tamper: str, read: str
+def test_tiny_run_races_the_durable_streams_servers_and_states_the_ratios(
+    tmp_path: Path,
 ) -> None:
+    require(DS_SYSTEMS)
     output = tmp_path / "results"
     ran = run_peers(
         tmp_path,
         *("--scale", "0.002", "--runs", "1", "--output", str(output)),
-        *("--only", "messagevault,W1", "--tamper", tamper),
+        *("--only", "messagevault,ds"),  # ds: both Durable Streams systems
+    )
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    pids = server_pids(ran.stdout)
+    assert len(pids) == len(DS_SYSTEMS) * 4
+    assert_gone(pids)
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+    # Every case read everything back and passed the same check as the others.
+    for workload in ("W1", "W2", "W3", "W4"):
+        for system in DS_SYSTEMS:
+            assert re.search(rf"^\[.*\] {system} {workload}: write .*, verified$", ran.stdout, re.M)
+    assert ran.stdout.count(", verified") == len(DS_SYSTEMS) * 4
+    assert ran.stdout.count("; checking them") == len(DS_SYSTEMS) * 4
+
+    document = json.loads(next(output.glob("peers-*.json")).read_text())
+    assert list(document["systems"]) == DS_SYSTEMS
+    pinned = json.loads(PACKAGE_JSON.read_text())["devDependencies"]["@durable-streams/server"]
+    reference = document["systems"]["ds-reference"]
+    assert reference["versions"]["@durable-streams/server"] == pinned
+    assert re.fullmatch(r"\d+\.\d+\.\d+", reference["versions"]["node"])
+    assert "messagevault" in document["systems"]["messagevault-ds"]["versions"]
+    cases = {(c["system"], c["workload"]): c for c in document["cases"]}
+    assert set(cases) == {(s, w) for s in DS_SYSTEMS for w in ("W1", "W2", "W3", "W4")}
+    assert cases["ds-reference", "W4"]["producers"] == 16
+    for system in DS_SYSTEMS[1:]:
+        latency = cases[system, "W3"]["median_latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+        assert "read_json_msgs_per_s" not in cases[system, "W1"]  # their read is the JSON one
+
+    # The peers' table has MessageVault alone; the Durable Streams one has the ratios.
+    assert document["table"][0] == ["", "MessageVault"]
+    header, *rows = document["ds_table"]
+    assert header == ["", *report.DS_COLUMNS]
+    assert len(rows) == len(report.ROWS)
+    by_label = {row[0]: row[1:] for row in rows}
+    for label, workload, metric in report.ROWS:
+        if metric not in ("write", "read"):
+            continue
+        rate = {s: cases[s, workload][f"{metric}_msgs_per_s"] for s in DS_SYSTEMS}
+        native, vault_ds, ref = rate["messagevault"], rate["messagevault-ds"], rate["ds-reference"]
+        assert by_label[label][3:] == [f"{native / ref:.2f}x", f"{vault_ds / ref:.2f}x"]
+    assert all(re.fullmatch(r"\d+\.\d\dx", cell) for row in rows for cell in row[4:])
+
+    markdown = next(output.glob("peers-*.md")).read_text()
+    assert "| MessageVault | MessageVault DS | DS reference | native / ref | DS / ref |" in markdown
+    assert report.DS_RATIO_NOTE in markdown
+    assert "Durable Streams: Median of 1 run(s), scale 0.002" in ran.stdout
+    table_lines = [line for line in ran.stdout.splitlines() if line.startswith(("┃", "│", "┏"))]
+    assert len(table_lines) == 2 * (2 + len(report.ROWS))  # the peers' table and this one
+    assert max(len(line) for line in table_lines) <= report.TABLE_WIDTH
+
+
+@pytest.mark.parametrize("system", ["messagevault-ds", "ds-reference"])
+def test_the_durable_streams_driver_checks_acks_and_where_the_stream_ends(
+    tmp_path: Path, system: str
+) -> None:
+    """Against the real server: what a benchmark case relies on the driver to refuse."""
+    require([system])
+    server = start(BY_KEY[system], tmp_path, Users())
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        driver = DurableStreamsDriver(url, system, "checked")
+
+        async def case() -> None:
+            await driver.open()
+            lanes = [[[(b"a-%d" % i, b"x" * i)] for i in range(3)], [[(b"b", b"y"), (b"c", b"")]]]
+            await driver.write(lanes, None)
+            keys, values = await driver.read(5)
+            assert sorted(zip(keys, values, strict=True)) == [
+                (b"a-0", b""),
+                (b"a-1", b"x"),
+                (b"a-2", b"xx"),
+                (b"b", b"y"),
+                (b"c", b""),
+            ]
+            assert await driver.stored() == 5
+            # A message the read did not see: the stream ends elsewhere, and stored says so.
+            late = Producer(url, "/v1/stream/checked", system)
+            await asyncio.to_thread(late.send, [(b"late", b"z")])
+            with pytest.raises(
+                ProtocolError, match=r"HEAD says the stream ends at offset \S+, the read ended at"
+            ):
+                await driver.stored()
+            # The same producer seq again is a duplicate (204): not an acknowledged new batch.
+            late.seq = 0
+            with pytest.raises(ProtocolError, match=r"POST of producer seq 0 answered 204"):
+                await asyncio.to_thread(late.send, [(b"late", b"z")])
+            late.close()
+            await driver.close()
+
+        asyncio.run(case())
+    finally:
+        server.stop()
+    assert_gone([server.pid])
+
+
+def test_a_durable_streams_url_that_is_not_http_is_refused() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"ds-reference: a Durable Streams URL must be http://HOST:PORT, not ftp://x",
+    ):
+        DurableStreamsDriver("ftp://x", "ds-reference", "s")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "read"),
+    [
+        ("messagevault", ""),
+        ("messagevault:json", "read as JSON: "),
+        ("messagevault-ds", ""),
+        ("ds-reference", ""),
+    ],
+)
+def test_a_wrong_message_read_back_fails_loudly_and_still_stops_the_server(
+    tmp_path: Path, tamper: str, read: str
+) -> None:
+    system = tamper.split(":", maxsplit=1)[0]
+    require([system])
+    output = tmp_path / "results"
+    ran = run_peers(
+        tmp_path,
+        *("--scale", "0.002", "--runs", "1", "--output", str(output)),
+        *("--only", f"{system},W1", "--tamper", tamper),
     )
     assert ran.returncode == 1
     assert re.search(
-        rf"VERIFICATION FAILED: messagevault W1: {read}message 1000 \(key-000000001000\): "
+        rf"VERIFICATION FAILED: {system} W1: {read}message 1000 \(key-000000001000\): "
         r"the value differs",
         ran.stderr,
     )
@@ -414,6 +589,23 @@ def test_a_missing_server_is_skipped_with_its_reason_without_install(
     assert report.notes(systems, skipped, found)[1] == (
         "SKIPPED NATS JetStream: nats-server not found (--no-install)"
     )
+
+
+def test_a_missing_reference_server_is_skipped_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from benchmarks import peer_systems
+
+    monkeypatch.setattr(peer_systems, "REFERENCE_PACKAGE", tmp_path / "package.json")
+    said: list[str] = []
+    systems = [BY_KEY["messagevault-ds"], BY_KEY["ds-reference"]]
+    skipped, found = peers.available(systems, False, said.append)
+    reason = "@durable-streams/server not installed: make node_modules/.installed (npm ci)"
+    assert skipped == {"ds-reference": reason}
+    assert said == [f"SKIPPING ds-reference: {reason}"]
+    assert set(found) == {"messagevault-ds"}
+    # Node's server is not one apt-get installs.
+    assert peer_systems.apt_binaries(SYSTEMS) == ["nats-server", "redis-server"]
 
 
 def test_install_says_why_not_where_apt_get_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
