@@ -328,8 +328,10 @@ def test_serve_on_port_0_listens_on_a_free_port_and_says_which(tmp_path: Path) -
     )
     try:
         assert process.stderr is not None
-        lines = [process.stderr.readline().decode() for _ in range(3)]  # password, then listening
-        listening = json.loads(lines[2])
+        # The new admin's password, the listening line and where the viewer is, in some
+        # order (log lines go out through a queue): the first JSON line is the one.
+        lines = [process.stderr.readline().decode() for _ in range(4)]
+        listening = next(json.loads(line) for line in lines if line.startswith("{"))
         assert listening["message"] == "listening"
         assert listening["port"] != 0
         _wait_until_up(listening["port"], process)

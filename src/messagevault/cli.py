@@ -595,9 +595,6 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
         password = _first_admin(files, admin_password_file)
         if password is not None and save_profile:
             _save_admin_profile(save_profile, _local_url(scheme, host, bound_port), password)
-        if password is not None:  # a first start: someone new is reading this terminal
-            viewer = _local_url(scheme, host, bound_port) + "/ui/"
-            click.echo(f"Browse the streams at {viewer} (log in as admin).", err=True)
         log.info(
             "listening",
             extra={
@@ -609,6 +606,9 @@ def serve(  # noqa: PLR0915 - one command, its options in a row; click passes th
                 **settings,
             },
         )
+        if password is not None:  # a first start: someone new is reading this terminal
+            viewer = _local_url(scheme, host, bound_port) + "/ui/"
+            click.echo(f"Browse the streams at {viewer} (log in as admin).", err=True)
 
     # SIGINT/SIGTERM stop gracefully: no new requests, in-flight commits
     # finish (the hub drains its committers), exit 0.
