@@ -31,13 +31,17 @@ from tests.serve_process import serve_process
 # 338 tests (0.3.6); 6 fail and 6 are the opt-in subscription tests, skipped.
 REFERENCE_PASSES_AT_LEAST = 324
 ANONYMOUS_OPTION = "--allow-anonymous"
-# What `messagevault serve` gets beyond --port. Two offset=now long-poll tests
-# need an idle long poll to end within 5 s (tests/durable_streams/__init__.py):
-# a serve option for a short hold belongs here, and its value in the next line.
-MESSAGEVAULT_SERVE_ARGUMENTS = [ANONYMOUS_OPTION, "all:write"]
-# How long MessageVault's Durable Streams routes hold a long poll, in ms; None:
-# the suite's assumption, 20 s.
-MESSAGEVAULT_LONG_POLL_MS: int | None = None
+# Two offset=now long-poll tests need an idle long poll to end within 5 s
+# (tests/durable_streams/__init__.py); --max-wait also bounds the Durable
+# Streams routes' hold (30 s otherwise), as the reference's is 500 ms in its run.
+MESSAGEVAULT_SERVE_ARGUMENTS = [ANONYMOUS_OPTION, "all:write", "--max-wait", "1"]
+# That hold in ms, for the suite's own timeouts of tests that wait one out.
+MESSAGEVAULT_LONG_POLL_MS: int | None = 1000
+
+
+# A run may wait for the other worker's reference run, then run the suite
+# (each bounded by SUITE_TIMEOUT, 240 s): more than pytest's 300 s default.
+RUN_TIMEOUT = 600
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +52,7 @@ def reference_baseline(tmp_path_factory: pytest.TempPathFactory, worker_id: str)
     return shared_reference_results(base if worker_id == "master" else base.parent)
 
 
+@pytest.mark.timeout(RUN_TIMEOUT)
 def test_the_reference_server_baseline(reference_baseline: Results) -> None:
     print(summary({"reference": reference_baseline}))
     assert len(reference_baseline.passed) >= REFERENCE_PASSES_AT_LEAST, summary(
@@ -70,6 +75,7 @@ def _serve_has_anonymous_option() -> bool:
     return ANONYMOUS_OPTION in help_text
 
 
+@pytest.mark.timeout(RUN_TIMEOUT)
 @pytest.mark.parametrize("backend", ["file", "azure"])
 def test_messagevault_passes_what_the_reference_passes(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
