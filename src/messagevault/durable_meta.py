@@ -37,6 +37,9 @@ DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 JSON_TYPE: Final = "application/json"
 MAX_SAFE_INTEGER: Final = 2**53 - 1
 _OFFSET = re.compile(r"\d{16}")
+# The reference server's offsets are <read sequence>_<byte offset>, 16 digits each;
+# the conformance suite forks at its literal zero, 0000000000000000_0000000000000000.
+_REFERENCE_OFFSET = re.compile(r"(\d{16})_(\d{16})")
 _TTL = re.compile(r"0|[1-9][0-9]*")
 _DIGITS = re.compile(r"[0-9]+")
 _MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
@@ -67,6 +70,33 @@ def parse_offset(text: str) -> int:
             f"offset must be -1, now or an offset this server returned, not {text!r}"
         )
     return int(text)
+
+
+def parse_fork_offset(text: str) -> int:
+    """``Stream-Fork-Offset``: an offset this server returned, or the reference server's spelling.
+
+    ``<16 digits>_<16 digits>`` reads as the number its 32 digits make: with
+    a zero first half that is this server's offset of the second half
+    (``0000000000000000_0000000000000000`` is the start); anything else lies
+    beyond every stream, so the fork is refused as beyond the tail.
+    """
+    reference = _REFERENCE_OFFSET.fullmatch(text)
+    if reference:
+        return int(reference[1] + reference[2])
+    if not _OFFSET.fullmatch(text):
+        raise InvalidInput(
+            f"Stream-Fork-Offset must be an offset this server returned, not {text!r:.60}"
+        )
+    return int(text)
+
+
+def parse_sub_offset(raw: str | None) -> int:
+    """``Stream-Fork-Sub-Offset``: a non-negative decimal integer (no sign, zeros or point)."""
+    if raw is None:
+        return 0
+    if not _TTL.fullmatch(raw) or int(raw) > MAX_SAFE_INTEGER:
+        raise InvalidInput(f"Stream-Fork-Sub-Offset must be a whole number from 0, not {raw!r:.40}")
+    return int(raw)
 
 
 def media_type(content_type: str | None) -> str:
@@ -208,6 +238,17 @@ class DurableMeta:
     closed_by: tuple[str, int, int] | None = None  # the producer (id, epoch, seq) that closed it
     stream_seq: str | None = None  # the last Stream-Seq accepted
     producers: dict[str, ProducerState] = field(default_factory=dict)
+    # A fork: its source's URL path, the source offset it forked at (a
+    # position, which every inherited message keeps), the sub-offset, and
+    # the position where the fork's own appends begin (see fork_start).
+    forked_from: str | None = None
+    fork_offset: int | None = None
+    sub_offset: int = 0
+    own_from: int | None = None
+    # The URL paths of this stream's live forks: its reference count.
+    forks: list[str] = field(default_factory=list)
+    # Deleted while forks lived: a tombstone (410, its path blocked) until the last goes.
+    soft_deleted: bool = False
 
     def expiry(self, last_access: float) -> float | None:
         """When the stream expires, given when it was last read or written; None: never."""
@@ -231,6 +272,31 @@ class DurableMeta:
             and ttl == self.ttl
             and expires_at == self.expires_at
             and closed == self.closed
+            and self.forked_from is None
+        )
+
+    def same_fork(
+        self,
+        *,
+        content_type: str | None,
+        expiry: tuple[int | None, str | None] | None,
+        forked_from: str,
+        fork_offset: int | None,
+        sub_offset: int,
+        closed: bool,
+    ) -> bool:
+        """Whether a fork PUT asks for this stream as it is (then 200, else 409).
+
+        An absent content type, expiry or fork offset asks for what the fork
+        inherited or defaulted to, so it matches.
+        """
+        return (
+            self.forked_from == forked_from
+            and (content_type is None or media_type(content_type) == media_type(self.content_type))
+            and (expiry is None or expiry == (self.ttl, self.expires_at))
+            and (fork_offset is None or fork_offset == self.fork_offset)
+            and sub_offset == self.sub_offset
+            and closed == self.closed
         )
 
     def to_json(self) -> bytes:
@@ -246,6 +312,12 @@ class DurableMeta:
             "closed_by": list(self.closed_by) if self.closed_by else None,
             "stream_seq": self.stream_seq,
             "producers": {k: [v.epoch, v.last_seq] for k, v in self.producers.items()},
+            "forked_from": self.forked_from,
+            "fork_offset": self.fork_offset,
+            "sub_offset": self.sub_offset,
+            "own_from": self.own_from,
+            "forks": self.forks,
+            "soft_deleted": self.soft_deleted,
         }
         return json.dumps(document, separators=(",", ":")).encode()
 
@@ -269,7 +341,39 @@ class DurableMeta:
                 k: ProducerState(int(v[0]), int(v[1]))
                 for k, v in (document.get("producers") or {}).items()
             },
+            forked_from=document.get("forked_from"),
+            fork_offset=document.get("fork_offset"),
+            sub_offset=int(document.get("sub_offset") or 0),
+            own_from=document.get("own_from"),
+            forks=list(document.get("forks") or []),
+            soft_deleted=bool(document.get("soft_deleted")),
         )
+
+    def fork_start(self, start: int) -> int:
+        """Where a read of this fork from ``start`` begins.
+
+        A fork offset inside a source frame is copied as that frame's
+        messages before it, re-encoded: they keep their positions, but the
+        shorter frame ends past the fork offset (a frame's header and
+        per-message columns come before its values). The fork offset, which
+        a reader of the source may hold, then names where the fork's own
+        messages begin. With a sub-offset the fork offset is a message of
+        the fork, read as such.
+        """
+        if (
+            self.fork_offset is not None
+            and self.own_from is not None
+            and start == self.fork_offset
+            and not self.sub_offset
+        ):
+            return self.own_from
+        return start
+
+    def fork_expiry(self, ttl: int | None, expires_at: str | None) -> tuple[int | None, str | None]:
+        """A fork's TTL and expiry, this being its source: its own if asked, else the source's."""
+        if ttl is not None or expires_at is not None:
+            return ttl, expires_at
+        return self.ttl, self.expires_at
 
 
 def producer_id_bytes(path: str, producer: str, epoch: int) -> bytes:

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import re
@@ -48,8 +49,10 @@ from messagevault.durable_meta import (
     media_type,
     meta_file,
     parse_expires_at,
+    parse_fork_offset,
     parse_offset,
     parse_producer,
+    parse_sub_offset,
     parse_ttl,
     producer_id_bytes,
     response_cursor,
@@ -63,14 +66,17 @@ from messagevault.errors import (
     StaleSequence,
     StreamNotFound,
 )
-from messagevault.format import encode_batch
+from messagevault.format import Message, encode_batch, read_header
+from messagevault.reader import Reader
 from messagevault.retention_policy import system_files
 from messagevault.server.app import HUB, LIMITS, _body, _gone, _require
 from messagevault.server.hub import StreamHub
+from messagevault.writer import Writer
 
 log = logging.getLogger("messagevault.server.durable_streams")
 
 ROOT: Final = "/v1/stream/"
+FORK_COPY_BYTES: Final = 8 * 1024 * 1024  # a fork's inherited frames, copied this much at a time
 LONG_POLL_SECONDS: Final = 30.0  # the reference server's; shortened by serve --max-wait
 SSE_SECONDS: Final = 60.0  # an SSE answer ends after this, for CDN collapsing (section 10.2)
 NEXT_OFFSET: Final = "Stream-Next-Offset"
@@ -137,9 +143,10 @@ class DurableStreams:
             state = await self._load(stream)
             if state is None:
                 return None
-        if state.meta.expired(time.time(), state.last_access):
-            await self.delete(stream)
-            return None
+        if not state.meta.soft_deleted and state.meta.expired(time.time(), state.last_access):
+            # With forks alive it is soft-deleted (410), as by a DELETE.
+            await self.delete(stream, state)
+            return state if state.meta.soft_deleted else None
         return state
 
     async def _load(self, stream: str) -> _Stream | None:
@@ -170,15 +177,24 @@ class DurableStreams:
             return messages[-1].position
         return None
 
-    async def create(self, stream: str, meta: DurableMeta) -> _Stream:
-        """A new stream: its metadata first (then it exists), then an empty MessageVault stream."""
+    async def create(
+        self, stream: str, meta: DurableMeta, fork: _ForkCopy | None = None
+    ) -> _Stream:
+        """A new stream: its metadata first (then it exists), then an empty MessageVault stream.
+
+        A fork's log is written first (its copy of the source's frames), then
+        its metadata: a reader never sees a fork half copied.
+        """
         try:
             checkpoint = await self.hub.checkpoint(stream)
         except StreamNotFound:
             checkpoint = None
         if checkpoint is not None and checkpoint.length:
-            # Left by a delete that stopped between the metadata and the log.
+            # Left by a delete that stopped between the metadata and the log
+            # (or a fork's copy that stopped before its metadata).
             await self.hub.delete_stream(stream)
+        if fork is not None:
+            meta.own_from = await self.hub.run(fork.copy, self.hub, stream)
         created = await self.hub.run(
             self.files.create_system_file, meta_file(stream), meta.to_json()
         )
@@ -192,8 +208,43 @@ class DurableStreams:
     async def save(self, stream: str, state: _Stream) -> None:
         await self.hub.run(self.files.write_system_file, meta_file(stream), state.meta.to_json())
 
-    async def delete(self, stream: str) -> None:
-        """Metadata first (the stream is gone for the protocol), then the messages."""
+    async def delete(self, stream: str, state: _Stream) -> None:
+        """Delete the stream; a soft delete while it has forks; then release its source.
+
+        A hard delete removes the metadata first (the stream is gone for the
+        protocol), then the messages. A soft delete keeps the metadata as a
+        tombstone (410, its path blocked) and deletes the messages at once:
+        each fork holds its own copy. The source of a deleted fork forgets
+        it; a soft-deleted source with no fork left goes too, and so on up
+        the chain. Callers hold the stream's lock; this takes its source's
+        (locks go from fork to source, never back).
+        """
+        meta = state.meta
+        if meta.soft_deleted:
+            return
+        if meta.forks:
+            meta.soft_deleted = True
+            await self.save(stream, state)
+            with contextlib.suppress(StreamNotFound):
+                await self.hub.delete_stream(stream)
+            return
+        await self._delete_now(stream)
+        child, parent = meta.path, meta.forked_from
+        while parent is not None:
+            source = stream_name(parent)
+            async with self.lock(source):
+                found = self._streams.get(source) or await self._load(source)
+                if found is None:
+                    return
+                if child in found.meta.forks:
+                    found.meta.forks.remove(child)
+                if not (found.meta.soft_deleted and not found.meta.forks):
+                    await self.save(source, found)
+                    return
+                await self._delete_now(source)
+            child, parent = parent, found.meta.forked_from
+
+    async def _delete_now(self, stream: str) -> None:
         self._streams.pop(stream, None)
         await self.hub.run(self.files.delete_system_file, meta_file(stream))
         with contextlib.suppress(StreamNotFound):
@@ -264,6 +315,117 @@ class DurableStreams:
             values.append(message.value)
             after = message.next_position
         return values, after
+
+
+@dataclass(frozen=True)
+class _ForkCopy:
+    """What a fork inherits: its source's frames below the fork offset, copied as stored.
+
+    Copied frames keep their positions, sequences, timestamps and ids
+    (``Writer.append_frames``), so every inherited offset is the source's.
+    The frame holding the fork offset, if it is inside one, is re-encoded
+    at the same position with its messages before the offset (and, with a
+    sub-offset, the part past it that the fork inherits): those keep their
+    positions too, as long as the new frame's header is as long as the old
+    one's (a message's position is its frame's plus the header plus 4 per
+    message before it).
+    """
+
+    source: str  # the source's MessageVault stream
+    offset: int  # a message position of the source, or its tail
+    sub_offset: int
+    json: bool
+
+    def copy(self, hub: StreamHub, fork: str) -> int:
+        """Write the fork's log (in the I/O pool); returns where the fork's own appends begin."""
+        reader = Reader.open(hub.storage, self.source)
+        try:
+            cut, prefix = self._cut(reader)
+            writer = Writer.open(
+                hub.storage,
+                fork,
+                max_producers=hub.max_producers,
+                producer_max_age=hub.producer_max_age,
+            )
+            try:
+                position = 0
+                while position < cut:
+                    raw = reader.read_frames(position, max_bytes=FORK_COPY_BYTES)
+                    frames = _frames_below(raw.data, cut)
+                    writer.append_frames(frames)
+                    position = min(raw.next_position, cut)
+                if prefix:
+                    writer.append_frames(prefix)
+            finally:
+                writer.close()
+        finally:
+            reader.close()
+        return cut + len(prefix)
+
+    def _cut(self, reader: Reader) -> tuple[int, bytes]:
+        """Where the copy of whole frames stops, and the re-encoded frame that follows (if any)."""
+        checkpoint = reader.checkpoint()
+        if checkpoint.first_position > 0:
+            # A fork's log starts at position 0, like the source's: the
+            # frames below the trim are gone, so no copy can keep positions.
+            raise Refused(409, "the source stream has been trimmed; it cannot be forked")
+        if self.offset >= checkpoint.length:
+            if self.sub_offset:
+                raise InvalidInput("Stream-Fork-Sub-Offset: there is no data past the fork offset")
+            return checkpoint.length, b""
+        raw = reader.read_frames(self.offset, max_bytes=1, max_messages=1)
+        header = read_header(raw.data, 0, None)
+        messages = list(
+            itertools.islice(
+                reader.read(header.base_position, committed=checkpoint.length),
+                header.message_count,
+            )
+        )
+        kept = messages[: raw.skip]
+        rows = [(message.key, message.value) for message in kept]
+        rows += self._sub_rows(messages[raw.skip :])
+        if not rows:
+            return header.base_position, b""
+        batch = encode_batch(rows)
+        if header.has_producer:
+            # Keeps the frame's header size (so its messages' positions);
+            # the id names the source's path, so it never meets the fork's producers.
+            batch = batch.with_producer(header.producer, header.producer_seq)
+        frame = batch.frame(
+            header.base_position, header.base_sequence, header.timestamp, batch_ends=True
+        )
+        return header.base_position, frame
+
+    def _sub_rows(self, rest: list[Message]) -> list[tuple[bytes, bytes]]:
+        """The part past the fork offset that a sub-offset inherits, as messages."""
+        if not self.sub_offset:
+            return []
+        data = [message for message in rest if message.key != CLOSED_KEY]
+        if self.json:
+            if self.sub_offset > len(data):
+                raise InvalidInput(
+                    f"Stream-Fork-Sub-Offset {self.sub_offset} is past the {len(data)} "
+                    "messages of the append at the fork offset"
+                )
+            return [(b"", message.value) for message in data[: self.sub_offset]]
+        if not data or self.sub_offset > len(data[0].value):
+            size = len(data[0].value) if data else 0
+            raise InvalidInput(
+                f"Stream-Fork-Sub-Offset {self.sub_offset} is past the {size} bytes "
+                "of the append at the fork offset"
+            )
+        return [(b"", data[0].value[: self.sub_offset])]
+
+
+def _frames_below(data: bytes, position: int) -> bytes:
+    """The leading whole frames of ``data`` that start below ``position``."""
+    offset = 0
+    while offset < len(data):
+        header = read_header(data, offset, None)
+        if header.base_position >= position:
+            break
+        offset += header.frame_size
+    return data[:offset]
 
 
 DURABLE = web.AppKey("durable_streams", DurableStreams)
@@ -342,6 +504,8 @@ async def _found(request: web.Request, stream: str) -> _Stream:
     state = await _ds(request).find(stream)
     if state is None:
         raise Refused(404, "stream not found")
+    if state.meta.soft_deleted:
+        raise Refused(410, "the stream was deleted; its forks still hold its data")
     return state
 
 
@@ -353,14 +517,19 @@ async def create_stream(request: web.Request) -> web.StreamResponse:
     stream = stream_name(path)
     _require(request, "write", stream)
     headers = request.headers
-    if "Stream-Forked-From" in headers or "Stream-Fork-Sub-Offset" in headers:
-        raise Refused(501, "forks are not supported by this server")
+    forked_from = headers.get("Stream-Forked-From")
+    if forked_from is None and (
+        "Stream-Fork-Offset" in headers or "Stream-Fork-Sub-Offset" in headers
+    ):
+        raise Refused(400, "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From")
     ttl_raw = headers.get("Stream-TTL")
     expires_raw = headers.get("Stream-Expires-At")
     if ttl_raw is not None and expires_raw is not None:
         raise Refused(400, "give Stream-TTL or Stream-Expires-At, not both")
     ttl = parse_ttl(ttl_raw)
     parse_expires_at(expires_raw)
+    if forked_from is not None:
+        return await _create_fork(request, forked_from, ttl, expires_raw)
     content_type = creation_type(headers.get("Content-Type"))
     close = closed_header(headers.get(CLOSED))
     body = await _body(request)
@@ -369,11 +538,83 @@ async def create_stream(request: web.Request) -> web.StreamResponse:
     async with ds.lock(stream):
         state = await ds.find(stream)
         if state is not None:
+            if state.meta.soft_deleted:
+                raise Refused(409, "a deleted stream's forks still use this path")
             if not state.meta.same_config(content_type, ttl, expires_raw, close):
                 raise Refused(409, "the stream exists with a different configuration")
             return await _created(ds, stream, state, 200, "")
         meta = DurableMeta(path, content_type, time.time(), ttl=ttl, expires_at=expires_raw)
         state = await ds.create(stream, meta)
+        if values or close:
+            await ds.append(stream, state, values, close=close)
+    return await _created(ds, stream, state, 201, str(request.url.with_query(None)))
+
+
+async def _create_fork(
+    request: web.Request, forked_from: str, ttl: int | None, expires_raw: str | None
+) -> web.Response:
+    """PUT with ``Stream-Forked-From``: a new stream holding a copy of the source's data."""
+    path = _path(request)
+    stream = stream_name(path)
+    source = stream_name(forked_from)
+    _require(request, "read", source)
+    headers = request.headers
+    offset_raw = headers.get("Stream-Fork-Offset")
+    offset = parse_fork_offset(offset_raw) if offset_raw is not None else None
+    sub_offset = parse_sub_offset(headers.get("Stream-Fork-Sub-Offset"))
+    raw_type = headers.get("Content-Type")
+    asked_type = creation_type(raw_type) if raw_type and raw_type.strip() else None
+    close = closed_header(headers.get(CLOSED))
+    body = await _body(request)
+    asked_expiry = None if ttl is None and expires_raw is None else (ttl, expires_raw)
+    ds = _ds(request)
+    async with ds.lock(stream):
+        state = await ds.find(stream)
+        if state is not None:
+            if state.meta.soft_deleted:
+                raise Refused(409, "a deleted stream's forks still use this path")
+            if not state.meta.same_fork(
+                content_type=asked_type,
+                expiry=asked_expiry,
+                forked_from=forked_from,
+                fork_offset=offset,
+                sub_offset=sub_offset,
+                closed=close,
+            ):
+                raise Refused(409, "the stream exists with a different configuration")
+            return await _created(ds, stream, state, 200, "")
+        if source == stream:
+            raise Refused(404, "the stream to fork from does not exist")
+        async with ds.lock(source):
+            found = await ds.find(source)
+            if found is None:
+                raise Refused(404, "the stream to fork from does not exist")
+            origin = found.meta
+            if origin.soft_deleted:
+                raise Refused(409, "the stream to fork from was deleted")
+            if asked_type is not None and media_type(asked_type) != media_type(origin.content_type):
+                raise Refused(409, f"the stream to fork from is {origin.content_type}")
+            tail = await ds.tail(source, found)
+            at = tail if offset is None else offset
+            if at > tail:
+                raise Refused(400, f"Stream-Fork-Offset {offset_raw} is beyond the source's tail")
+            content_type = origin.content_type
+            values = _values(content_type, body, initial=True) if body else []
+            fork_ttl, fork_expires = origin.fork_expiry(ttl, expires_raw)
+            meta = DurableMeta(
+                path,
+                content_type,
+                time.time(),
+                ttl=fork_ttl,
+                expires_at=fork_expires,
+                forked_from=forked_from,
+                fork_offset=at,
+                sub_offset=sub_offset,
+            )
+            copy = _ForkCopy(source, at, sub_offset, is_json(content_type))
+            state = await ds.create(stream, meta, copy)
+            origin.forks.append(path)
+            await ds.save(source, found)
         if values or close:
             await ds.append(stream, state, values, close=close)
     return await _created(ds, stream, state, 201, str(request.url.with_query(None)))
@@ -574,8 +815,8 @@ async def delete_stream(request: web.Request) -> web.StreamResponse:
     _require(request, "write", stream)
     ds = _ds(request)
     async with ds.lock(stream):
-        await _found(request, stream)
-        await ds.delete(stream)
+        state = await _found(request, stream)
+        await ds.delete(stream, state)
     return web.Response(status=204)
 
 
@@ -616,7 +857,7 @@ async def read_stream(request: web.Request) -> web.StreamResponse:
     if live in ("long-poll", "sse") and offset is None:
         raise Refused(400, f"live={live} needs an offset")
     tail = await ds.tail(stream, state)
-    start = _start(offset, tail)
+    start = state.meta.fork_start(_start(offset, tail))
     state.last_access = time.time()
     if live == "sse":
         return await _server_sent_events(
