@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from messagevault import FileStorage, Reader
@@ -360,3 +360,259 @@ def test_anonymous_access_only_with_serve_allow_anonymous(tmp_path: Path) -> Non
     ) as url:
         assert _request(f"{url}/v1/stream/a", "PUT", plain) == 201
         assert _request(f"{url}/v1/stream/a", "PUT", {**plain, **wrong}) == 401
+
+
+# Forks ------------------------------------------------------------------------------------
+# A fork is its own ds- stream holding a byte-for-byte copy of the source's
+# frames below the fork offset (docs/DURABLE-STREAMS.md, "Forks").
+
+FORK = "/v1/stream/orders/eu-fork"
+FORK_STREAM = stream_name(FORK)
+TEXT = {"Content-Type": "text/plain"}
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
+def _messages(root: Path, stream: str) -> list[tuple[int, int, int, bytes, bytes, bytes]]:
+    """Everything a message keeps: position, sequence, timestamp, id, key, value."""
+    return [
+        (m.position, m.sequence, m.timestamp, m.id, m.key, m.value)
+        for m in Reader.open(FileStorage(root), stream).read()
+    ]
+
+
+def _fork_headers(offset: str | None = None, sub: str | None = None) -> dict[str, str]:
+    headers = {"Stream-Forked-From": PATH}
+    if offset is not None:
+        headers["Stream-Fork-Offset"] = offset
+    if sub is not None:
+        headers["Stream-Fork-Sub-Offset"] = sub
+    return headers
+
+
+async def _put(client: Client, path: str, **kwargs: object) -> ClientResponse:
+    # aiohttp would send Content-Type: application/octet-stream; a fork PUT may send none.
+    return await client.put(path, skip_auto_headers=("Content-Type",), **kwargs)  # type: ignore[arg-type]
+
+
+def _meta(root: Path, stream: str) -> DurableMeta | None:
+    raw = FileStorage(root).read_system_file(meta_file(stream))
+    return None if raw is None else DurableMeta.from_json(raw)
+
+
+async def test_a_forks_inherited_messages_keep_the_sources_offsets_sequences_and_ids(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, data=b"[1, 2]", headers=JSON_TYPE)
+    producer = {"Producer-Id": "p", "Producer-Epoch": "0", "Producer-Seq": "0", **JSON_TYPE}
+    assert (await client.post(PATH, data=b"[3, 4, 5]", headers=producer)).status == 200
+    middle = (await client.post(PATH, data=b"6", headers=JSON_TYPE)).headers["Stream-Next-Offset"]
+    await client.post(PATH, data=b"[7, 8]", headers=JSON_TYPE)
+    created = await _put(client, FORK, headers=_fork_headers(middle))
+    assert created.status == 201
+    assert created.headers["Stream-Next-Offset"] == middle
+    source = _messages(tmp_path, STREAM)
+    inherited = [m for m in source if m[0] < int(middle)]
+    assert [m[5] for m in inherited] == [b"1", b"2", b"3", b"4", b"5", b"6"]
+    assert _messages(tmp_path, FORK_STREAM) == inherited
+    # The fork's own appends start at the fork offset; the source's later ones are not in it.
+    appended = await client.post(FORK, data=b'"own"', headers=JSON_TYPE)
+    assert [m[0] for m in _messages(tmp_path, FORK_STREAM)][-1] == int(middle)
+    status, body, _ = await _read(client, middle)
+    assert (status, json.loads(body)) == (200, [7, 8])
+    fork_read = await client.get(FORK, params={"offset": middle})
+    assert await fork_read.json() == ["own"]
+    assert fork_read.headers["Stream-Next-Offset"] == appended.headers["Stream-Next-Offset"]
+    # Producer state is not inherited: the same (id, epoch, seq) is a fresh batch on the fork.
+    assert (await client.post(FORK, data=b"9", headers=producer)).status == 200
+    assert (await client.post(FORK, data=b"9", headers=producer)).status == 204
+    fork_values = [m[5] for m in _messages(tmp_path, FORK_STREAM)]
+    assert fork_values == [b"1", b"2", b"3", b"4", b"5", b"6", b'"own"', b"9"]
+
+
+async def test_a_fork_reads_through_the_native_api_and_from_storage(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, data=b"inherited", headers=TEXT)
+    assert (await _put(client, FORK, headers=_fork_headers())).status == 201
+    await client.post(FORK, data=b" own", headers=TEXT)
+    await client.post(PATH, data=b" source only", headers=TEXT)
+    native = await client.get(f"/streams/{FORK_STREAM}/messages")
+    assert native.status == 200
+    records = (await native.json())["messages"]
+    assert [r["position"] for r in records] == [m[0] for m in _messages(tmp_path, FORK_STREAM)]
+    assert [m[5] for m in _messages(tmp_path, FORK_STREAM)] == [b"inherited", b" own"]
+    status_body = await client.get(FORK, params={"offset": "-1"})
+    assert await status_body.read() == b"inherited own"
+
+
+async def test_a_fork_offset_inside_an_append_keeps_the_positions_before_it(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, data=b"[1, 2, 3]", headers=JSON_TYPE)
+    source = _messages(tmp_path, STREAM)
+    inside = f"{source[2][0]:016d}"  # message 3's position: inside the append's frame
+    assert (await _put(client, FORK, headers=_fork_headers(inside))).status == 201
+    assert _messages(tmp_path, FORK_STREAM) == source[:2]
+    # The cut frame is shorter, so the fork's own messages begin past the
+    # fork offset; a reader holding the fork offset reads them from there.
+    await client.post(FORK, data=b"4", headers=JSON_TYPE)
+    from_offset = await client.get(FORK, params={"offset": inside})
+    assert (from_offset.status, await from_offset.json()) == (200, [4])
+    assert await (await client.get(FORK, params={"offset": "-1"})).json() == [1, 2, 4]
+
+
+async def test_sub_offsets_take_the_first_messages_or_bytes_past_the_fork_offset(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    first = (await client.put(PATH, data=b"[1]", headers=JSON_TYPE)).headers["Stream-Next-Offset"]
+    # A producer's batch: its frame has the longer v2 header, which the cut copy keeps.
+    producer = {"Producer-Id": "p", "Producer-Epoch": "0", "Producer-Seq": "0", **JSON_TYPE}
+    await client.post(PATH, data=b"[2, 3, 4]", headers=producer)
+    created = await _put(client, FORK, headers=_fork_headers(first, "2"))
+    assert created.status == 201
+    source = _messages(tmp_path, STREAM)
+    assert _messages(tmp_path, FORK_STREAM) == source[:3]  # 1, 2, 3: all at their positions
+    assert int(created.headers["Stream-Next-Offset"]) > source[2][0]
+    # A sub-offset names a message of the fork: reading from the fork offset gives it.
+    from_anchor = await client.get(FORK, params={"offset": first})
+    assert await from_anchor.json() == [2, 3]
+
+    binary = "/v1/stream/bytes"
+    await client.put(binary, data=b"hello", headers=TEXT)
+    await client.post(binary, data=b"world", headers=TEXT)
+    bytes_fork = "/v1/stream/bytes-fork"
+    at_world = f"{_messages(tmp_path, stream_name(binary))[1][0]:016d}"
+    forked = await _put(
+        client,
+        bytes_fork,
+        headers={
+            "Stream-Forked-From": binary,
+            "Stream-Fork-Offset": at_world,
+            "Stream-Fork-Sub-Offset": "3",
+        },
+    )
+    assert forked.status == 201
+    inherited = _messages(tmp_path, stream_name(bytes_fork))
+    assert [m[5] for m in inherited] == [b"hello", b"wor"]
+    assert [m[:4] for m in inherited] == [m[:4] for m in _messages(tmp_path, stream_name(binary))]
+
+
+async def test_a_fork_of_a_closed_stream_leaves_the_closing_message_out(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, data=b"a", headers=TEXT)
+    await client.post(PATH, data=b"b", headers={**TEXT, "Stream-Closed": "true"})
+    created = await _put(client, FORK, headers=_fork_headers())
+    assert created.status == 201 and "Stream-Closed" not in created.headers
+    source = _messages(tmp_path, STREAM)
+    assert source[-1][4] == CLOSED_KEY
+    assert _messages(tmp_path, FORK_STREAM) == source[:2]
+    assert (await client.post(FORK, data=b"c", headers=TEXT)).status == 204
+    assert await (await client.get(FORK, params={"offset": "-1"})).read() == b"abc"
+    await client.close()
+    # A restarted server does not take the fork for closed either.
+    client = await _client(aiohttp_client, tmp_path)
+    head = await client.head(FORK)
+    assert head.status == 200 and "Stream-Closed" not in head.headers
+
+
+async def test_deleting_a_source_with_forks_soft_deletes_it_until_its_last_fork_goes(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    middle = "/v1/stream/orders/eu-fork-of-fork"
+    await client.put(PATH, data=b"A", headers=TEXT)
+    assert (await _put(client, FORK, headers=_fork_headers())).status == 201
+    await client.post(FORK, data=b"B", headers=TEXT)
+    assert (await _put(client, middle, headers={"Stream-Forked-From": FORK})).status == 201
+    assert (await client.delete(PATH)).status == 204
+    storage = FileStorage(tmp_path)
+    # Its data goes at once (the forks hold copies); its tombstone stays.
+    assert STREAM not in storage.list_streams()
+    assert (_meta(tmp_path, STREAM) or DurableMeta("", "", 0)).soft_deleted
+    for method in ("GET", "HEAD", "POST", "DELETE"):
+        response = await client.request(method, PATH, data=b"x", headers=TEXT)
+        assert response.status == 410, method
+    assert (await client.put(PATH, headers=TEXT)).status == 409
+    assert (await _put(client, "/v1/stream/x", headers=_fork_headers())).status == 409
+    assert await (await client.get(middle, params={"offset": "-1"})).read() == b"AB"
+    # The middle of the chain: soft-deleted too (its fork lives); the source still waits.
+    assert (await client.delete(FORK)).status == 204
+    assert (await client.head(FORK)).status == 410
+    assert _meta(tmp_path, STREAM) is not None
+    # The last fork goes: the whole chain's tombstones go with it.
+    assert (await client.delete(middle)).status == 204
+    for path in (PATH, FORK, middle):
+        assert _meta(tmp_path, stream_name(path)) is None, path
+        assert (await client.head(path)).status == 404
+    assert not [s for s in storage.list_streams() if s.startswith("ds-")]
+    assert (await client.put(PATH, headers=TEXT)).status == 201
+
+
+async def test_a_source_whose_forks_are_deleted_lives_on(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, data=b"alive", headers=TEXT)
+    await _put(client, FORK, headers=_fork_headers())
+    assert (_meta(tmp_path, STREAM) or DurableMeta("", "", 0)).forks == [FORK]
+    assert (await client.delete(FORK)).status == 204
+    assert (_meta(tmp_path, STREAM) or DurableMeta("", "", 0)).forks == []
+    assert (await client.delete(PATH)).status == 204
+    assert _meta(tmp_path, STREAM) is None  # no fork left: a plain delete
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (_fork_headers("0000000000000000", "-1"), 400),
+        (_fork_headers("0000000000000000", "05"), 400),
+        (_fork_headers("0000000000000000", "1.5"), 400),
+        (_fork_headers("0000000000000000", "6"), 400),  # past the 5 bytes of "hello"
+        (_fork_headers(None, "1"), 400),  # at the tail: no data past it
+        (_fork_headers("12"), 400),
+        (_fork_headers("9999999999999999_9999999999999999"), 400),
+        (_fork_headers("0000000000000099"), 400),  # beyond the tail
+        (_fork_headers("0000000000000001"), 400),  # no message position
+        ({"Stream-Fork-Offset": "0000000000000000"}, 400),  # no Stream-Forked-From
+        ({"Stream-Fork-Sub-Offset": "0"}, 400),
+        ({"Stream-Forked-From": "/v1/stream/nowhere"}, 404),
+        ({**_fork_headers(), "Content-Type": "application/json"}, 409),
+        ({**_fork_headers(), "Stream-TTL": "1", "Stream-Expires-At": "2099-01-01T00:00:00Z"}, 400),
+    ],
+)
+async def test_bad_fork_headers_change_nothing(
+    aiohttp_client: MakeClient, tmp_path: Path, headers: dict[str, str], status: int
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, data=b"hello", headers=TEXT)
+    before = _meta(tmp_path, STREAM)
+    response = await _put(client, FORK, headers=headers)
+    assert response.status == status
+    assert "\n" not in (await response.text()).strip()
+    assert _meta(tmp_path, FORK_STREAM) is None
+    assert FORK_STREAM not in FileStorage(tmp_path).list_streams()
+    assert _meta(tmp_path, STREAM) == before
+    assert _log(tmp_path) == [(b"", b"hello")]
+    assert (await client.head(FORK)).status == 404
+
+
+async def test_a_fork_gets_its_sources_expiry_unless_it_asks_for_its_own(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, data=b"x", headers={**TEXT, "Stream-TTL": "3600"})
+    await _put(client, FORK, headers=_fork_headers())
+    assert (await client.head(FORK)).headers["Stream-TTL"] == "3600"
+    own = await _put(client, "/v1/stream/own", headers={**_fork_headers(), "Stream-TTL": "60"})
+    assert own.status == 201
+    assert (await client.head("/v1/stream/own")).headers["Stream-TTL"] == "60"
+    # Idempotent: the same fork again is 200; another fork offset or sub-offset is 409.
+    assert (await _put(client, FORK, headers=_fork_headers())).status == 200
+    assert (await _put(client, FORK, headers=_fork_headers("0000000000000000"))).status == 409
+    assert (await _put(client, FORK, headers=TEXT)).status == 409  # a plain stream is not this fork
