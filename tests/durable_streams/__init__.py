@@ -152,6 +152,7 @@ def run_conformance(
     work_dir: Path,
     *,
     long_poll_timeout_ms: int | None = None,
+    test_timeout_ms: int | None = None,
     timeout: float = SUITE_TIMEOUT,
 ) -> Results:
     """Run the whole suite against the server at ``base_url``; each test's outcome.
@@ -159,6 +160,8 @@ def run_conformance(
     ``work_dir`` gets vitest's JSON report (``conformance.json``) and its
     console output (``vitest.log``). ``long_poll_timeout_ms``: how long the
     server holds a long poll (the suite's default assumption is 20 s).
+    ``test_timeout_ms``: vitest's limit per test (its default is 5 s), for
+    servers whose storage is round trips away.
     Failed tests are results, not errors; ConformanceError if the suite cannot
     start, reports no tests, or runs past ``timeout`` seconds (then it is
     stopped, with the workers it started).
@@ -187,6 +190,8 @@ def run_conformance(
         "--reporter=json",
         f"--outputFile={report}",
     ]
+    if test_timeout_ms is not None:
+        command.append(f"--testTimeout={test_timeout_ms}")
     with log.open("wb") as output:
         # Its own session, so a timeout stops vitest's worker processes with it.
         process = subprocess.Popen(

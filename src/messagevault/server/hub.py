@@ -610,12 +610,14 @@ class StreamHub:
     async def _at_watched_tail(self, stream: str, position: int) -> bool:
         """Whether a read from ``position`` finds nothing, by the shared checkpoint read.
 
-        Only for streams this server does not write now, and only for the
+        Only for streams this server does not write (no writer open here), and only for the
         exact length: anything else is read from storage as always (a shared
         read may be up to ``recheck_interval`` old, and a trim meanwhile
         must not send a reader into released bytes).
         """
-        if self._known_checkpoint(stream) is not None:
+        if stream in self._committers:
+            # This node writes it: its writer knows the length, and on Azure the
+            # stored checkpoint may trail what that writer acknowledged.
             return False
         checkpoint = await self._watched_checkpoint(stream)
         return position == checkpoint.length and position >= checkpoint.first_position
