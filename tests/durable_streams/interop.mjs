@@ -12,7 +12,7 @@
 //           append each of `values` (JSON values; with `raw`, strings of JSON text passed
 //           to the client as they are) with the client. Without `producer`,
 //           each is its own DurableStream.append, awaited in turn. With `producer`
-//           ({id, epoch, maxBatchBytes, repeatRequests}) they go through an
+//           ({id, epoch, maxBatchBytes, maxInFlight, repeatRequests}) they go through an
 //           IdempotentProducer; `repeatRequests` sends every producer POST twice and
 //           hands the client the second answer, as a transport would that retried after
 //           losing the first answer. Prints each POST's status, then done with the
@@ -85,6 +85,7 @@ async function append(request) {
     const producer = new IdempotentProducer(handle, request.producer.id, {
       epoch: request.producer.epoch ?? 0,
       maxBatchBytes: request.producer.maxBatchBytes ?? 1024 * 1024,
+      maxInFlight: request.producer.maxInFlight ?? 5,
       fetch: fetchClient,
       onError: (error) => errors.push(`${error.name}: ${error.message}`),
     })
