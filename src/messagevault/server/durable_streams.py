@@ -335,6 +335,10 @@ class _ForkCopy:
     offset: int  # a message position of the source, or its tail
     sub_offset: int
     json: bool
+    # The source's committed length and first position as its writer knows
+    # them: the stored checkpoint may lag commits (Azure's flush interval).
+    length: int
+    first_position: int
 
     def copy(self, hub: StreamHub, fork: str) -> int:
         """Write the fork's log (in the I/O pool); returns where the fork's own appends begin."""
@@ -350,7 +354,12 @@ class _ForkCopy:
             try:
                 position = 0
                 while position < cut:
-                    raw = reader.read_frames(position, max_bytes=FORK_COPY_BYTES)
+                    raw = reader.read_frames(
+                        position,
+                        max_bytes=FORK_COPY_BYTES,
+                        committed=self.length,
+                        first_position=self.first_position,
+                    )
                     frames = _frames_below(raw.data, cut)
                     writer.append_frames(frames)
                     position = min(raw.next_position, cut)
@@ -364,20 +373,21 @@ class _ForkCopy:
 
     def _cut(self, reader: Reader) -> tuple[int, bytes]:
         """Where the copy of whole frames stops, and the re-encoded frame that follows (if any)."""
-        checkpoint = reader.checkpoint()
-        if checkpoint.first_position > 0:
+        if self.first_position > 0:
             # A fork's log starts at position 0, like the source's: the
             # frames below the trim are gone, so no copy can keep positions.
             raise Refused(409, "the source stream has been trimmed; it cannot be forked")
-        if self.offset >= checkpoint.length:
+        if self.offset >= self.length:
             if self.sub_offset:
                 raise InvalidInput("Stream-Fork-Sub-Offset: there is no data past the fork offset")
-            return checkpoint.length, b""
-        raw = reader.read_frames(self.offset, max_bytes=1, max_messages=1)
+            return self.length, b""
+        raw = reader.read_frames(
+            self.offset, max_bytes=1, max_messages=1, committed=self.length, first_position=0
+        )
         header = read_header(raw.data, 0, None)
         messages = list(
             itertools.islice(
-                reader.read(header.base_position, committed=checkpoint.length),
+                reader.read(header.base_position, committed=self.length, first_position=0),
                 header.message_count,
             )
         )
@@ -415,6 +425,16 @@ class _ForkCopy:
                 "of the append at the fork offset"
             )
         return [(b"", data[0].value[: self.sub_offset])]
+
+
+async def _fork_copy(
+    ds: DurableStreams, source: str, offset: int, sub_offset: int, json_: bool
+) -> _ForkCopy:
+    try:
+        committed = await ds.hub.checkpoint(source)
+    except StreamNotFound:
+        return _ForkCopy(source, offset, sub_offset, json_, 0, 0)
+    return _ForkCopy(source, offset, sub_offset, json_, committed.length, committed.first_position)
 
 
 def _frames_below(data: bytes, position: int) -> bytes:
@@ -611,7 +631,7 @@ async def _create_fork(
                 fork_offset=at,
                 sub_offset=sub_offset,
             )
-            copy = _ForkCopy(source, at, sub_offset, is_json(content_type))
+            copy = await _fork_copy(ds, source, at, sub_offset, is_json(content_type))
             state = await ds.create(stream, meta, copy)
             origin.forks.append(path)
             await ds.save(source, found)
