@@ -67,7 +67,9 @@ class System:
     key: str  # as --only names it
     title: str  # as the table heads it
     durability: str  # when an acknowledged write reaches the disk
-    binary: str | None  # the server from Debian's packages; None: MessageVault's own
+    # The server's executable: Redis's and NATS's from Debian's packages, node for the
+    # reference server (its package from npm); None: MessageVault's own.
+    binary: str | None
     clients: tuple[str, ...]  # Python distributions the driver needs
     driven: str  # how the benchmark writes and reads
     protocol: str = NATIVE  # NATIVE: the system's own; DURABLE_STREAMS: over that protocol
