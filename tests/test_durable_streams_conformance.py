@@ -110,19 +110,13 @@ def test_messagevault_passes_what_the_reference_passes(
     baseline: Results = request.getfixturevalue("reference_baseline")
     label = f"messagevault ({backend})"
     print(summary({"reference": baseline, label: results}))
-    # Forks are being built (issue 16): until they land, their tests may fail, and only
-    # theirs; every other test the reference passes must pass.
-    missing = [name for name in regressions(baseline, results) if not _fork_test(name)]
+    missing = regressions(baseline, results)
     assert not missing, f"{len(missing)} tests the reference server passes fail on {label}:\n" + (
         "\n".join(f"  {name}: {results.outcomes[name].first_line}" for name in missing)
     )
 
 
 AZURE_TEST_TIMEOUT_MS = 30_000
-
-
-def _fork_test(name: str) -> bool:
-    return "fork" in name.lower()
 
 
 @pytest.mark.parametrize(
