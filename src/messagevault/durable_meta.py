@@ -184,6 +184,14 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float, refused when a double cannot hold it (1e400 is no Infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is beyond what a double holds")
+    return value
+
+
 def json_messages(body: bytes, *, initial: bool) -> list[bytes]:
     """A JSON append's messages: an array flattened one level, anything else one message.
 
@@ -191,7 +199,9 @@ def json_messages(body: bytes, *, initial: bool) -> list[bytes]:
     (a no-op that is likely a client bug) but creates an empty stream on PUT.
     """
     try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        document = json.loads(
+            body.decode("utf-8"), parse_constant=_no_constants, parse_float=_finite
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput(f"the body is not valid JSON: {exc}") from None
     values = document if isinstance(document, list) else [document]
@@ -201,7 +211,13 @@ def json_messages(body: bytes, *, initial: bool) -> list[bytes]:
 
 
 def _compact(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800", which JavaScript's JSON.stringify writes): no UTF-8
+        # holds it, so the value keeps its escapes, as it came.
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def json_array(values: list[bytes]) -> bytes:
