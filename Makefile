@@ -105,7 +105,7 @@ ds-conformance: $(STAMP) node_modules/.installed
 
 # Redis Streams and NATS JetStream against MessageVault, same workloads; apt-get installs
 # redis-server and nats-server if they are missing. The peers' Python clients: the bench extra.
-bench-peers: $(STAMP)
+bench-peers: $(STAMP) node_modules/.installed
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/peers.py
 
