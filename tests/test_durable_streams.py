@@ -26,6 +26,8 @@ from messagevault import FileStorage, Reader
 from messagevault.durable_meta import CLOSED_KEY, DurableMeta, meta_file, stream_name
 from messagevault.format import FrameHeader
 from messagevault.server import StreamHub, create_app
+from messagevault.server.app import HUB
+from messagevault.server.durable_streams import DURABLE
 from tests.serve_process import serve_process
 
 Client = TestClient[web.Request, web.Application]
@@ -616,3 +618,66 @@ async def test_a_fork_gets_its_sources_expiry_unless_it_asks_for_its_own(
     assert (await _put(client, FORK, headers=_fork_headers())).status == 200
     assert (await _put(client, FORK, headers=_fork_headers("0000000000000000"))).status == 409
     assert (await _put(client, FORK, headers=TEXT)).status == 409  # a plain stream is not this fork
+
+
+async def test_a_producers_sequence_lost_with_a_deferred_save_is_taken_from_the_log(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    """Sequences within an epoch are saved in the metadata only now and then.
+
+    A crash before that save: the next writer takes each producer's last
+    sequence from the log (its producer table), so the producer's next batch
+    is appended and its retries are duplicates, not gaps.
+    """
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, headers={"Content-Type": "text/plain"})
+
+    async def send(client: Client, value: bytes, seq: int) -> ClientResponse:
+        return await client.post(
+            PATH,
+            data=value,
+            headers={
+                "Content-Type": "text/plain",
+                "Producer-Id": "ledger",
+                "Producer-Epoch": "0",
+                "Producer-Seq": str(seq),
+            },
+        )
+
+    for seq in range(5):
+        assert (await send(client, f"v{seq}".encode(), seq)).status == 200
+    saved = _meta(tmp_path, STREAM)
+    assert saved is not None and saved.producers["ledger"].last_seq < 4  # deferred
+    # The crash: the deferred save never happens, the writer goes away.
+    durable = client.app[DURABLE]
+    for _, task in durable._saving.values():
+        task.cancel()
+    durable._saving.clear()
+    await client.app[HUB].close()
+    restarted = await _client(aiohttp_client, tmp_path)
+    assert (await send(restarted, b"v5", 5)).status == 200
+    retried = await send(restarted, b"v3", 3)
+    assert (retried.status, retried.headers["Producer-Seq"]) == (204, "5")
+    gap = await send(restarted, b"v7", 7)
+    assert (gap.status, gap.headers["Producer-Expected-Seq"]) == (409, "6")
+    assert _log(tmp_path) == [(b"", f"v{seq}".encode()) for seq in range(6)]
+
+
+async def test_a_deferred_save_lands_and_a_stopping_server_saves_at_once(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, headers={"Content-Type": "text/plain"})
+    producer = {"Content-Type": "text/plain", "Producer-Id": "p", "Producer-Epoch": "0"}
+    for seq in range(3):
+        answer = await client.post(PATH, data=b"x", headers={**producer, "Producer-Seq": str(seq)})
+        assert answer.status == 200
+    deadline = asyncio.get_running_loop().time() + 10
+    while (meta := _meta(tmp_path, STREAM)) is None or meta.producers["p"].last_seq != 2:
+        assert asyncio.get_running_loop().time() < deadline, "the deferred save never landed"
+        await asyncio.sleep(0.05)
+    answer = await client.post(PATH, data=b"y", headers={**producer, "Producer-Seq": "3"})
+    assert answer.status == 200
+    await client.app[DURABLE].flush()  # what the server does as it stops
+    meta = _meta(tmp_path, STREAM)
+    assert meta is not None and meta.producers["p"].last_seq == 3

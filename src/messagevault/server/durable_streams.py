@@ -61,6 +61,7 @@ from messagevault.durable_meta import (
 from messagevault.errors import (
     InvalidInput,
     InvalidPosition,
+    MessageVaultError,
     PositionTrimmed,
     SequenceGap,
     StaleSequence,
@@ -79,6 +80,7 @@ ROOT: Final = "/v1/stream/"
 FORK_COPY_BYTES: Final = 8 * 1024 * 1024  # a fork's inherited frames, copied this much at a time
 LONG_POLL_SECONDS: Final = 30.0  # the reference server's; shortened by serve --max-wait
 SSE_SECONDS: Final = 60.0  # an SSE answer ends after this, for CDN collapsing (section 10.2)
+SAVE_DELAY: Final = 1.0  # seconds a deferred metadata save waits for more changes
 NEXT_OFFSET: Final = "Stream-Next-Offset"
 UP_TO_DATE: Final = "Stream-Up-To-Date"
 CLOSED: Final = "Stream-Closed"
@@ -129,6 +131,9 @@ class DurableStreams:
         self.sse_seconds = sse_seconds
         self._streams: dict[str, _Stream] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Deferred metadata saves: a producer's next sequence in the same epoch is
+        # saved with the next ones, within SAVE_DELAY (see ``save_soon``).
+        self._saving: dict[str, tuple[_Stream, asyncio.Task[None]]] = {}
 
     def lock(self, stream: str) -> asyncio.Lock:
         return self._locks.setdefault(stream, asyncio.Lock())
@@ -160,9 +165,29 @@ class DurableStreams:
             closed_at = await self._closing_position(stream)
             if closed_at is not None:
                 meta.closed, meta.closed_at = True, closed_at
+        if meta.producers and not meta.soft_deleted:
+            await self._catch_up_producers(stream, meta)
         state = _Stream(meta, time.time())
         self._streams[stream] = state
         return state
+
+    async def _catch_up_producers(self, stream: str, meta: DurableMeta) -> None:
+        """Take each producer's last sequence from the log where the metadata is behind it.
+
+        A producer's sequences within an epoch are saved in the metadata
+        only now and then (``save_soon``); its batches are in the log as
+        MessageVault producer batches, whose table the writer rebuilds from
+        the log. So after a crash the log says how far each producer got.
+        """
+        names = list(meta.producers)
+        records = await self.hub.producer_records(
+            stream,
+            [producer_id_bytes(meta.path, name, meta.producers[name].epoch) for name in names],
+        )
+        for name, record in zip(names, records, strict=True):
+            known = meta.producers[name]
+            if record is not None and record.sequence > known.last_seq:
+                meta.producers[name] = ProducerState(known.epoch, record.sequence)
 
     async def _closing_position(self, stream: str) -> int | None:
         """The position of the closing message, if the stream's last message is one."""
@@ -207,6 +232,41 @@ class DurableStreams:
 
     async def save(self, stream: str, state: _Stream) -> None:
         await self.hub.run(self.files.write_system_file, meta_file(stream), state.meta.to_json())
+
+    def save_soon(self, stream: str, state: _Stream) -> None:
+        """Save the metadata within ``SAVE_DELAY``, with whatever else changed meanwhile.
+
+        For what the log can tell again (a producer's sequence in its epoch,
+        ``_catch_up_producers``): a rewrite of the metadata per append cost
+        three fsyncs besides the commit's one.
+        """
+        if stream not in self._saving:
+            self._saving[stream] = (state, asyncio.ensure_future(self._save_later(stream, state)))
+
+    async def _save_later(self, stream: str, state: _Stream) -> None:
+        await asyncio.sleep(SAVE_DELAY)
+        self._saving.pop(stream, None)
+        await self._save_if_alive(stream, state)
+
+    async def _save_if_alive(self, stream: str, state: _Stream) -> None:
+        async with self.lock(stream):  # never after a delete: that would bring it back
+            if self.alive(stream, state):
+                try:
+                    await self.save(stream, state)
+                except MessageVaultError:
+                    log.warning(
+                        "a deferred save of a Durable Streams stream's metadata failed "
+                        "(the log still has what it would have said)",
+                        exc_info=True,
+                        extra={"stream": stream},
+                    )
+
+    async def flush(self) -> None:
+        """The deferred saves, now (the server is stopping)."""
+        pending, self._saving = self._saving, {}
+        for stream, (state, task) in pending.items():
+            task.cancel()
+            await self._save_if_alive(stream, state)
 
     async def delete(self, stream: str, state: _Stream) -> None:
         """Delete the stream; a soft delete while it has forks; then release its source.
@@ -455,6 +515,11 @@ def add_durable_stream_routes(app: web.Application) -> None:
     """Mount the protocol under ``/v1/stream/``."""
     long_poll = min(LONG_POLL_SECONDS, app[LIMITS].max_wait)
     app[DURABLE] = DurableStreams(app[HUB], long_poll)
+
+    async def flush(app: web.Application) -> None:
+        await app[DURABLE].flush()
+
+    app.on_shutdown.append(flush)
     route = ROOT + "{path:.+}"
     app.router.add_put(route, _answered(create_stream))
     app.router.add_post(route, _answered(append_stream))
@@ -716,6 +781,7 @@ async def _append_checked(  # noqa: PLR0917 - the append's parts, checked by the
     meta = state.meta
     headers: dict[str, str] = {}
     mv_producer = None
+    before = meta.producers.get(producer.id) if producer is not None else None
     if producer is not None:
         mv_producer = producer_id_bytes(meta.path, producer.id, producer.epoch)
         headers.update(_producer_headers(producer.epoch, producer.seq))
@@ -736,8 +802,16 @@ async def _append_checked(  # noqa: PLR0917 - the append's parts, checked by the
         meta.producers[producer.id] = ProducerState(producer.epoch, producer.seq)
         if close:
             meta.closed_by = (producer.id, producer.epoch, producer.seq)
-    if seq is not None or producer is not None:
+    # A new producer or epoch is saved now: the log cannot tell those (its
+    # producer ids are hashes). A sequence within an epoch it can tell: saved soon.
+    if (
+        seq is not None
+        or close
+        or (producer is not None and (before is None or before.epoch != producer.epoch))
+    ):
         await ds.save(stream, state)
+    elif producer is not None:
+        ds.save_soon(stream, state)
     if duplicate:
         # The log had this batch (the metadata had not heard of it: a crash
         # between the two): the protocol's answer to a retry.

@@ -56,6 +56,7 @@ from messagevault.names import validate_stream_name
 from messagevault.producers import (
     DEFAULT_MAX_PRODUCERS,
     DEFAULT_PRODUCER_MAX_AGE,
+    ProducerRecord,
     ProducerTable,
 )
 from messagevault.reader import RawFrames, Reader
@@ -445,6 +446,21 @@ class StreamHub:
     async def open_writer(self, stream: str) -> None:
         """Open ``stream``'s writer now (several nodes: once this node has taken its lease)."""
         await self._committer(stream)
+
+    async def producer_records(
+        self, stream: str, producers: list[bytes]
+    ) -> list[ProducerRecord | None]:
+        """Each producer's last committed batch in ``stream``, from its writer's table.
+
+        The writer is opened if need be (its table is rebuilt from the log),
+        and asked between two commits.
+        """
+        committer = await self._committer(stream)
+
+        def look(writer: Writer) -> list[ProducerRecord | None]:
+            return [writer.producers.get(producer) for producer in producers]
+
+        return await self.run(functools.partial(committer.run_exclusive, look))
 
     def _refuse_if_deleting(self, stream: str) -> None:
         if stream in self._deleting:
