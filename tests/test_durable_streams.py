@@ -681,3 +681,55 @@ async def test_a_deferred_save_lands_and_a_stopping_server_saves_at_once(
     await client.app[DURABLE].flush()  # what the server does as it stops
     meta = _meta(tmp_path, STREAM)
     assert meta is not None and meta.producers["p"].last_seq == 3
+
+
+async def test_concurrent_producers_and_a_close_keep_every_rule(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    """Producers' appends run beside each other; a close waits for them and stops the rest.
+
+    Every acknowledged batch is in the log once, before the closing message,
+    each producer's in its order; every batch refused for the close is not.
+    """
+    client = await _client(aiohttp_client, tmp_path)
+    await client.put(PATH, headers={"Content-Type": "text/plain"})
+    acknowledged: dict[str, list[bytes]] = {}
+
+    async def producer(name: str) -> None:
+        acknowledged[name] = []
+        for seq in range(15):
+            value = f"{name}-{seq}".encode()
+            answer = await client.post(
+                PATH,
+                data=value,
+                headers={
+                    "Content-Type": "text/plain",
+                    "Producer-Id": name,
+                    "Producer-Epoch": "0",
+                    "Producer-Seq": str(seq),
+                },
+            )
+            if answer.status == 409 and answer.headers.get("Stream-Closed") == "true":
+                return
+            assert answer.status == 200, (name, seq, answer.status)
+            acknowledged[name].append(value)
+            if sum(map(len, acknowledged.values())) >= 30:
+                halfway.set()
+
+    halfway = asyncio.Event()
+
+    async def closer() -> None:
+        await halfway.wait()  # appends are under way: close in their midst
+        answer = await client.post(PATH, headers={"Stream-Closed": "true"})
+        assert answer.status == 204
+
+    await asyncio.gather(*(producer(f"p{i}") for i in range(8)), closer())
+    log = _log(tmp_path)
+    assert log[-1] == (CLOSED_KEY, b"")
+    stored = [value for key, value in log[:-1]]
+    assert all(key == b"" for key, _ in log[:-1])
+    for name, values in acknowledged.items():
+        mine = [value for value in stored if value.startswith(f"{name}-".encode())]
+        assert mine == values, name  # each acknowledged once, in order, nothing else
+    assert len(stored) == sum(len(values) for values in acknowledged.values())
+    assert 30 <= len(stored) < 8 * 15  # the close came in the middle

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -120,6 +120,44 @@ class _Stream:
     last_access: float  # wall clock of the last read or write (sliding TTL), this node only
 
 
+class _StreamLock:
+    """Shared or exclusive, exclusive first: a waiting close goes before later appends."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._sharing = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive holders waiting
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._sharing -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting += 1
+            try:
+                await self._changed.wait_for(lambda: not self._exclusive and not self._sharing)
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()
+
+
 class DurableStreams:
     """The protocol's state on this node: each stream's metadata and lock."""
 
@@ -130,13 +168,42 @@ class DurableStreams:
         self.long_poll = long_poll
         self.sse_seconds = sse_seconds
         self._streams: dict[str, _Stream] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _StreamLock] = {}
+        # (stream, Producer-Id) -> the lock a producer's judged append holds: the
+        # protocol serialises validation and append per producer, not per stream.
+        self._producer_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._save_locks: dict[str, asyncio.Lock] = {}
         # Deferred metadata saves: a producer's next sequence in the same epoch is
         # saved with the next ones, within SAVE_DELAY (see ``save_soon``).
         self._saving: dict[str, tuple[_Stream, asyncio.Task[None]]] = {}
 
-    def lock(self, stream: str) -> asyncio.Lock:
-        return self._locks.setdefault(stream, asyncio.Lock())
+    def lock(self, stream: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The stream to oneself: creation, closing, Stream-Seq, deletion, forks, saves."""
+        return self._locks.setdefault(stream, _StreamLock()).exclusive()
+
+    def shared(self, stream: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Beside other plain and producer appends, which then share group commits."""
+        return self._locks.setdefault(stream, _StreamLock()).shared()
+
+    @contextlib.asynccontextmanager
+    async def producer_lock(self, stream: str, producer: str) -> AsyncIterator[None]:
+        key = (stream, producer)
+        lock = self._producer_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._producer_locks.get(key) is lock:
+                del self._producer_locks[key]
+
+    def cached(self, stream: str) -> _Stream | None:
+        """The stream's state if this node holds it, live and unexpired; else None."""
+        state = self._streams.get(stream)
+        if state is None or state.meta.soft_deleted:
+            return None
+        if state.meta.expired(time.time(), state.last_access):
+            return None
+        return state
 
     async def find(self, stream: str) -> _Stream | None:
         """The stream's state (from memory, else storage); None if the protocol has no such stream.
@@ -231,7 +298,12 @@ class DurableStreams:
         return state
 
     async def save(self, stream: str, state: _Stream) -> None:
-        await self.hub.run(self.files.write_system_file, meta_file(stream), state.meta.to_json())
+        # One save at a time per stream, each taking the metadata as it is once its
+        # turn comes: appends beside each other (shared lock) may save at once, and
+        # an older copy must never land after a newer one.
+        async with self._save_locks.setdefault(stream, asyncio.Lock()):
+            document = state.meta.to_json()
+            await self.hub.run(self.files.write_system_file, meta_file(stream), document)
 
     def save_soon(self, stream: str, state: _Stream) -> None:
         """Save the metadata within ``SAVE_DELAY``, with whatever else changed meanwhile.
@@ -747,24 +819,55 @@ async def append_stream(request: web.Request) -> web.StreamResponse:
     if body and not content_type:
         raise Refused(400, "an append needs a Content-Type")
     ds = _ds(request)
-    async with ds.lock(stream):
-        state = await _found(request, stream)
-        meta = state.meta
-        if meta.closed:
-            return await _append_to_closed(ds, stream, state, producer, bool(body))
-        if body and media_type(content_type) != media_type(meta.content_type):
-            raise Refused(409, f"this stream's content type is {meta.content_type}")
-        if producer is not None and (refusal := _judge_producer(meta, producer)) is not None:
-            return refusal
-        seq = headers.get("Stream-Seq")
-        if (
-            seq is not None
-            and meta.stream_seq is not None
-            and _seq_key(seq) <= _seq_key(meta.stream_seq)
-        ):
-            raise Refused(409, f"Stream-Seq {seq!r} is not above the last one, {meta.stream_seq!r}")
-        values = _values(meta.content_type, body, initial=False) if body else []
-        return await _append_checked(ds, request, stream, state, values, close, producer, seq)
+    seq = headers.get("Stream-Seq")
+    held = ds.cached(stream)
+    if close or seq is not None or held is None:
+        # Closing and Stream-Seq check and change the whole stream; so may a
+        # first access (a load, an expiry): the stream to this request alone.
+        async with ds.lock(stream):
+            return await _append_locked(request, ds, stream, body, close, producer, seq)
+    async with (
+        ds.shared(stream),
+        ds.producer_lock(stream, producer.id) if producer is not None else _nothing(),
+    ):
+        if not ds.alive(stream, held):  # deleted or replaced while this one waited
+            raise Refused(404, "no such stream")
+        return await _append_locked(request, ds, stream, body, close, producer, seq)
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
+
+
+async def _append_locked(  # noqa: PLR0917 - the append's parts, as parsed
+    request: web.Request,
+    ds: DurableStreams,
+    stream: str,
+    body: bytes,
+    close: bool,
+    producer: ProducerHeaders | None,
+    seq: str | None,
+) -> web.Response:
+    """The checks and the append, under the lock ``append_stream`` chose."""
+    headers = request.headers
+    content_type = headers.get("Content-Type")
+    state = await _found(request, stream)
+    meta = state.meta
+    if meta.closed:
+        return await _append_to_closed(ds, stream, state, producer, bool(body))
+    if body and media_type(content_type) != media_type(meta.content_type):
+        raise Refused(409, f"this stream's content type is {meta.content_type}")
+    if producer is not None and (refusal := _judge_producer(meta, producer)) is not None:
+        return refusal
+    if (
+        seq is not None
+        and meta.stream_seq is not None
+        and _seq_key(seq) <= _seq_key(meta.stream_seq)
+    ):
+        raise Refused(409, f"Stream-Seq {seq!r} is not above the last one, {meta.stream_seq!r}")
+    values = _values(meta.content_type, body, initial=False) if body else []
+    return await _append_checked(ds, request, stream, state, values, close, producer, seq)
 
 
 async def _append_checked(  # noqa: PLR0917 - the append's parts, checked by the caller
