@@ -150,7 +150,12 @@ def test_sas_reader_reads_and_follows_without_the_account_key(
         assert 0 < access.expires_at - time.time() <= 3600 + 5  # hours, not years
 
         reader = Reader.from_read_access(access)
-        assert [m.value for m in reader.read()] == [b"first", b"second"]
+        # A reader of storage sees a commit once the writer's background checkpoint
+        # update lands (docs/OPERATIONS.md): a moment after the append returned.
+        deadline = time.monotonic() + 20
+        while not (read := [m.value for m in reader.read()]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert read == [b"first", b"second"]
         stop = threading.Event()
         seen: list[Message] = []
         thread = threading.Thread(
