@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from messagevault.storage.azure import AzureStorage
 from messagevault.storage.azure_cors import cors_rules, remove_origin
 from tests.azurite import Azurite, free_port
 from tests.serve_process import serve_process
+from tests.service_process import stop_gracefully
 from tests.viewer_pages import (
     PASSWORD,
     USER,
@@ -569,12 +569,7 @@ def static_server(folder: Path) -> Iterator[str]:
         until(lambda: _answers(f"{url}/index.html"), "the static server to start", timeout=30)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        stop_gracefully(process, timeout=30)
 
 
 def _answers(url: str) -> bool:
