@@ -17,8 +17,11 @@ Both servers and every direct follower wait on one stream that neither server
 writes (as when another node writes it). For --idle seconds nothing is
 written; then one message is appended from elsewhere, and each follower's
 delay from just before that append to its seeing the message is a sample.
-Reported per case: storage requests over the idle time, the rate per follower
-after the first 10 s (the issue's target: at most 1/s for a direct follower),
+Reported per case: storage requests over the idle time and, of them, those
+after the first --warmup seconds (a server's first read of the stream also
+rolls it forward, once, before any follower waits: not a following cost), the
+rate per follower after the warmup (the issue's target: at most 1/s for a
+direct follower),
 that rate as requests a day, and the delay p50/p99/max (target: within the
 ceiling). Medians over --runs. Results go to benchmarks/results/follow-<time>.json.
 """
@@ -203,6 +206,7 @@ def one_run(
                 "idle_s": idle,
                 "warmup_s": warmup,
                 "requests_idle": group.at_end,
+                "requests_after_warmup": group.at_end - group.at_warmup,
                 "per_follower_per_s_after_warmup": rate,
                 "missed": group.followers - len(delays),
                 "delay_p50_s": _quantile(delays, 0.5),
@@ -238,6 +242,7 @@ def report(
                 key: _median([r[key] for r in per_run])
                 for key in (
                     "requests_idle",
+                    "requests_after_warmup",
                     "per_follower_per_s_after_warmup",
                     "delay_p50_s",
                     "delay_p99_s",
@@ -256,7 +261,8 @@ def report(
         "case",
         "followers",
         "storage requests while idle",
-        f"per follower /s after {warmup:g} s",
+        f"of them after {warmup:g} s",
+        "per follower /s",
         "a day, per follower",
         "first message seen: p50 / p99 / max",
     ):
@@ -271,6 +277,7 @@ def report(
             case["case"],
             str(case["followers"]),
             f"{case['requests_idle']:,.0f}",
+            f"{case['requests_after_warmup']:,.0f}",
             f"{rate:.3f}",
             f"{rate * SECONDS_A_DAY:,.0f}",
             delays + (f" ({case['missed']} missed)" if case["missed"] else ""),
@@ -281,9 +288,13 @@ def report(
         server["server, 1 follower"],
         next(c for name, c in server.items() if name != "server, 1 follower"),
     )
+    # After the warmup: each server's first read rolls the stream forward (or
+    # finds it locked by the other server's doing so), a one-off cost that
+    # falls on whichever server comes first, whatever its followers.
     console.print(
         f"{many['followers']} followers through a server cost storage "
-        f"{many['requests_idle'] / max(1, one['requests_idle']):.2f}x what one does."
+        f"{many['requests_after_warmup'] / max(1, one['requests_after_warmup']):.2f}x "
+        f"what one does, once started ({idle - warmup:g} s)."
     )
     return cases
 

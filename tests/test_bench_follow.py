@@ -26,7 +26,11 @@ def test_follow_benchmark_runs_counts_and_saves_results(tmp_path: Path) -> None:
     one, many = cases["server, 1 follower"], cases["server, 10 followers"]
     assert all(case["missed"] == 0 for case in cases.values()), cases
     assert fixed["requests_idle"] > 3 * backoff["requests_idle"], (fixed, backoff)
-    assert many["requests_idle"] <= 1.5 * one["requests_idle"] + 2, (one, many)
+    # Once started: a server's first read rolls the stream forward, a one-off
+    # cost of whichever of the two servers comes first.
+    steady_one, steady_many = one["requests_after_warmup"], many["requests_after_warmup"]
+    assert steady_many <= 1.5 * steady_one + 2, (one, many)
+    assert fixed["requests_after_warmup"] > 3 * backoff["requests_after_warmup"], (fixed, backoff)
 
 
 def test_follow_benchmark_refuses_a_warmup_longer_than_the_idle_time(tmp_path: Path) -> None:
