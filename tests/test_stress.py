@@ -486,6 +486,46 @@ def test_sighup_before_the_run_still_stops_the_server(tmp_path: Path) -> None:
     assert _gone(servers, timeout=0) and not left_behind(tmp_path)
 
 
+SIGNAL_INSIDE_POPEN = """
+import os, signal, subprocess, sys
+from pathlib import Path
+from messagevault.stress.embedded import EmbeddedServer
+
+class Popen(subprocess.Popen):  # the real one; the signal lands as it returns, after the fork
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        print("started", self.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+def stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+signal.signal(signal.SIGHUP, stop)
+subprocess.Popen = Popen
+EmbeddedServer(parent=Path(sys.argv[1]))
+print("not stopped", flush=True)
+"""
+
+
+def test_a_signal_while_the_embedded_server_starts_stops_it_before_leaving(
+    tmp_path: Path,
+) -> None:
+    # SIGHUP inside Popen, child forked but not yet known: the server is still
+    # stopped, and its folder removed, by the time the process has exited.
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_INSIDE_POPEN, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 128 + signal.SIGHUP, result.stderr
+    assert "not stopped" not in result.stdout
+    server = int(result.stdout.split()[1])
+    assert _gone([server], timeout=0), "the server outlived the process that started it"
+    assert not left_behind(tmp_path)
+
+
 def test_a_second_ctrl_c_still_removes_server_and_folder(tmp_path: Path) -> None:
     process = _stress_in_background(tmp_path, "--duration", "120", "--consumers", "2")
     try:

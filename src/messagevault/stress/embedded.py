@@ -78,37 +78,51 @@ class EmbeddedServer:
         access_log: bool = False,
     ) -> None:
         self.owns_folder = folder is None
-        self.folder = folder or Path(tempfile.mkdtemp(prefix="mv-stress-", dir=parent))
-        self.password = password or secrets.token_urlsafe(18)
-        self.user = user
-        self.fsync = fsync
-        self.port = free_port()
-        self.data = self.folder / "data"
-        save_users(FileStorage(self.data), users or stress_users(self.password, user))
-        command = [sys.executable]
-        if profile is not None:
-            # serve stops gracefully on SIGTERM, so cProfile gets to write its file.
-            command += ["-m", "cProfile", "-o", str(profile)]
-        command += [
-            *("-m", "messagevault.leash"),
-            *(("--remove", str(self.folder)) if self.owns_folder else ()),
-            *("serve", "--host", "127.0.0.1"),
-            *("--port", str(self.port), "--storage", f"file:{self.data}"),
-            *("--fsync", fsync),
-            *(() if access_log else ("--no-access-log",)),
-        ]
-        self.log = self.folder / "server.log"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")}
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                command,
-                cwd=self.folder,
-                stdin=subprocess.PIPE,  # the leash: closed when this process ends
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=environment,
-                start_new_session=True,
-            )
+        # A Ctrl-C, SIGTERM or SIGHUP while the folder is made and the child
+        # started waits until both are known: landing inside Popen (after the
+        # fork) it would lose the child, which the caller could then not stop
+        # (the leash would, but only after this process had gone).
+        with _SignalsDeferred() as deferred:
+            self.folder = folder or Path(tempfile.mkdtemp(prefix="mv-stress-", dir=parent))
+            try:
+                self.password = password or secrets.token_urlsafe(18)
+                self.user = user
+                self.fsync = fsync
+                self.port = free_port()
+                self.data = self.folder / "data"
+                save_users(FileStorage(self.data), users or stress_users(self.password, user))
+                command = [sys.executable]
+                if profile is not None:
+                    # serve stops gracefully on SIGTERM, so cProfile gets to write its file.
+                    command += ["-m", "cProfile", "-o", str(profile)]
+                command += [
+                    *("-m", "messagevault.leash"),
+                    *(("--remove", str(self.folder)) if self.owns_folder else ()),
+                    *("serve", "--host", "127.0.0.1"),
+                    *("--port", str(self.port), "--storage", f"file:{self.data}"),
+                    *("--fsync", fsync),
+                    *(() if access_log else ("--no-access-log",)),
+                ]
+                self.log = self.folder / "server.log"
+                environment = {
+                    k: v for k, v in os.environ.items() if not k.startswith("MESSAGEVAULT_")
+                }
+                with self.log.open("wb") as log:
+                    self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                        command,
+                        cwd=self.folder,
+                        stdin=subprocess.PIPE,  # the leash: closed when this process ends
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=environment,
+                        start_new_session=True,
+                    )
+            except BaseException:
+                if self.owns_folder:
+                    shutil.rmtree(self.folder, ignore_errors=True)
+                raise
+            if deferred.received:
+                self.stop()  # before the signal is delivered, on leaving this block
 
     @property
     def url(self) -> str:
@@ -186,6 +200,35 @@ class EmbeddedServer:
 
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _SignalsDeferred:
+    """Hold the stopping signals back in a block, then deliver them as they came.
+
+    Unlike blocking them (``pthread_sigmask``), which a child started in the
+    block would inherit, this keeps a handler that notes them. Outside the
+    main thread, where handlers cannot be set, nothing is held.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[signal.Signals] = []
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> _SignalsDeferred:
+        if threading.current_thread() is threading.main_thread():
+            for signum in _HELD_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum: int, _frame: object) -> None:
+        self.received.append(signal.Signals(signum))
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            # None: set outside Python, cannot be put back; default is the closest.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in self.received:
+            signal.raise_signal(signum)
 
 
 def _hold_signals() -> dict[signal.Signals, Any]:
