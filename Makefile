@@ -58,7 +58,7 @@ browser:
 # Azurite waiting, not CPU, so two run in about half the time on two cores. Each
 # worker starts its own Azurite and StatsD daemon on free ports.
 pytest: $(STAMP) node_modules/.installed peer-servers container-engine browser
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 --durations=25
 
 test: lint typecheck pytest
 
