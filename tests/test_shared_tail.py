@@ -2,10 +2,10 @@
 
 Long polls and Server-Sent-Events tails waiting at the end of a stream the
 server does not write (another node writes it, or nobody has for a while)
-share one storage read of its checkpoint per ``recheck_interval``. Counted
-here as Azure requests (the SDK's own transport, on a real Azurite): forty
-waiting readers cost what one does, and each still sees a commit made
-elsewhere.
+share one storage read of its checkpoint per ``recheck_interval``, and the
+readers a commit wakes share one read of what it wrote. Counted here as
+Azure requests (the SDK's own transport, on a real Azurite): forty waiting
+readers cost what one does, and each still sees a commit made elsewhere.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from messagevault import Writer
+from messagevault.errors import InvalidPosition
 from messagevault.server import StreamHub, create_app
 from messagevault.storage.azure import CONTAINER_PREFIX, AzureStorage
+from messagevault.storage.base import Storage
+from messagevault.storage.memory import MemoryStorage
 from tests.azure_observed import READ_CHECKPOINT, ObservedTransport, observed_storage
 from tests.azurite import Azurite
 
@@ -49,7 +52,7 @@ async def _server(
     yield client, hub
 
 
-def _written_elsewhere(storage: AzureStorage, stream: str, values: list[bytes]) -> int:
+def _written_elsewhere(storage: Storage, stream: str, values: list[bytes]) -> int:
     """Append as another node would: a writer of its own, closed after. The new length."""
     writer = Writer.open(storage, stream)
     try:
@@ -104,6 +107,37 @@ async def test_every_waiting_reader_sees_a_commit_made_elsewhere(
         await asyncio.to_thread(_written_elsewhere, storage, "elsewhere", [b"after"])
         answers = await waiting
     assert [[m["value"] for m in answer["messages"]] for answer in answers] == [["after"]] * 30
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/x-messagevault-batch"])
+async def test_readers_woken_by_a_commit_share_one_read_of_it(
+    aiohttp_client: MakeClient, observed: Any, azurite: Azurite, accept: str
+) -> None:
+    storage, transport = observed
+    elsewhere, _ = observed_storage(azurite.connection_string)  # its requests are not counted
+    length = _written_elsewhere(elsewhere, "woken", [b"before"])
+    async with _server(aiohttp_client, storage) as (client, _):
+
+        async def one() -> bytes:
+            answer = await client.get(
+                "/streams/woken/messages",
+                params={"from": length, "wait": WAIT},
+                headers={"Accept": accept},
+            )
+            assert answer.status == 200
+            return await answer.read()
+
+        waiting = asyncio.gather(*(one() for _ in range(30)))
+        await asyncio.sleep(RECHECK * 2)  # they are waiting, sharing the tail's reads
+        before = sum(transport.sent.values())
+        new_length = await asyncio.to_thread(_written_elsewhere, elsewhere, "woken", [b"after"])
+        answers = await waiting
+        sent = sum(transport.sent.values()) - before
+    assert new_length > length
+    assert len(set(answers)) == 1 and b"after" in answers[0], answers[0]
+    # The watch's rechecks while the other node writes, then one read of the
+    # new frames for all thirty; each reading for itself costs 30 reads or more.
+    assert sent <= 12, sent
 
 
 async def _idle_reads_with_tails(
@@ -161,3 +195,26 @@ async def test_a_read_at_the_watched_tail_needs_no_storage_request(
         # A position below the tail is read from storage, as always.
         earlier = await client.get("/streams/pollers/messages", params={"from": 0})
         assert [m["value"] for m in (await earlier.json())["messages"]] == ["a", "b"]
+
+
+async def test_a_failed_shared_read_fails_every_reader_and_is_not_kept() -> None:
+    storage = MemoryStorage()
+    hub = StreamHub(storage)
+    hub.recheck_interval = 0.05  # the shared tail read keeps its answer no longer
+    _written_elsewhere(storage, "later", [b"first"])
+    # Where the stream will have its third message: beyond its end for now.
+    third = _written_elsewhere(storage, "scratch", [b"first", b"second"])
+    try:
+        failures = await asyncio.gather(
+            *(hub.read_frames("later", third, 1 << 20) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(failure, InvalidPosition) for failure in failures), failures
+        _written_elsewhere(storage, "later", [b"second", b"third"])
+        await asyncio.sleep(0.1)
+        frames = await asyncio.gather(*(hub.read_frames("later", third, 1 << 20) for _ in range(5)))
+        assert len({frame.data for frame in frames}) == 1 and b"third" in frames[0].data
+        # Each caller gets its own list of messages to keep or change.
+        first, second = await asyncio.gather(*(hub.read("later", 0, 10, 1 << 20) for _ in range(2)))
+        assert first == second and first is not second
+    finally:
+        await hub.close()

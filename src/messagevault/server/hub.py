@@ -34,7 +34,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from messagevault.checkpoint import Checkpoint
 from messagevault.committer import (
@@ -238,6 +238,10 @@ class StreamHub:
         # Per stream with readers waiting at its tail: the task that reads its
         # checkpoint every recheck_interval and wakes them when it grew.
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        # Reads in flight, by stream and everything that decides their answer:
+        # the readers a commit wakes together ask for the same bytes, and share
+        # one storage read of them (see _shared_read).
+        self._reads_in_flight: dict[tuple[object, ...], asyncio.Future[Any]] = {}
         self.stopping = False  # set by stop_waiting() when the server shuts down
         self._handoff: _Handoff | None = None
         self._idle_readers = _IdleReaders()
@@ -492,6 +496,8 @@ class StreamHub:
                 self._idle_readers.forget(stream)
                 self._recovered.discard(stream)
                 self._watched.pop(stream, None)
+                for key in [key for key in self._reads_in_flight if key[0] == stream]:
+                    del self._reads_in_flight[key]  # later reads start afresh
         log.info("deleted stream", extra={"stream": stream})
         if self._tailing.get(stream):  # long polls look again, and find it gone
             condition = self._condition(stream)
@@ -677,7 +683,14 @@ class StreamHub:
         if await self._at_watched_tail(stream, position):
             return [], position
         known = self._known_checkpoint(stream)
-        return await self._with_reader(stream, _read_messages, known, position, limit, max_bytes)
+        key = (stream, "messages", position, limit, max_bytes, known)
+        messages, next_position = await self._shared_read(
+            key,
+            functools.partial(
+                self._with_reader, stream, _read_messages, known, position, limit, max_bytes
+            ),
+        )
+        return list(messages), next_position  # the list is each caller's own
 
     async def first_header(self, stream: str, checkpoint: Checkpoint) -> FrameHeader | None:
         """The header of the stream's first readable frame; None when no message is left.
@@ -727,15 +740,47 @@ class StreamHub:
         """Whole stored frames from ``position`` (see ``Reader.read_frames``)."""
         if await self._at_watched_tail(stream, position):
             return RawFrames(b"", 0, position)
+        committed = self._known_length(stream)
+        first_position = self._known_first_position(stream)
         read_frames = functools.partial(
             Reader.read_frames,
             position=position,
             max_bytes=max_bytes,
             max_messages=max_messages,
-            committed=self._known_length(stream),
-            first_position=self._known_first_position(stream),
+            committed=committed,
+            first_position=first_position,
         )
-        return await self._with_reader(stream, read_frames)
+        key = (stream, "frames", position, max_bytes, max_messages, committed, first_position)
+        return await self._shared_read(
+            key, functools.partial(self._with_reader, stream, read_frames)
+        )
+
+    async def _shared_read(self, key: tuple[object, ...], read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``, or the answer of the same read already in flight.
+
+        A commit wakes every reader waiting at a stream's tail at once, and
+        they all ask for the same bytes: one storage read answers them all,
+        so a hundred followers through a server cost storage per commit what
+        one does. The key holds what this server knows of the stream (the
+        writer's length here), so a read asked after a commit never joins
+        one begun before it; without a writer here, a read may join one begun
+        a moment earlier, as fresh as the shared tail read already is
+        (``_at_watched_tail``).
+        """
+        in_flight = self._reads_in_flight.get(key)
+        if in_flight is None:
+            in_flight = asyncio.ensure_future(read())
+            self._reads_in_flight[key] = in_flight
+
+            def forget(done: asyncio.Future[Any]) -> None:
+                if self._reads_in_flight.get(key) is done:
+                    del self._reads_in_flight[key]
+
+            in_flight.add_done_callback(forget)
+            in_flight.add_done_callback(_retrieved)
+        # shield: a reader that goes away leaves the read to the others.
+        result: T = await asyncio.shield(in_flight)
+        return result
 
     async def seek(
         self, stream: str, *, sequence: int | None = None, time: datetime | float | None = None
@@ -823,7 +868,7 @@ def _succeeded(future: asyncio.Future[Checkpoint]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _retrieved(future: asyncio.Future[Checkpoint]) -> None:
+def _retrieved(future: asyncio.Future[Any]) -> None:
     """A shared read's failure reaches whoever awaits it; nobody may, hence this look."""
     if not future.cancelled():
         future.exception()
