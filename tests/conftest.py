@@ -33,16 +33,6 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Storage]] = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``slow`` first, the rest in their order.
-
-    ``make test`` runs two workers, each handed tests in this order: a
-    two-minute test handed out last would run alone at the end while the
-    other worker idles, and the suite has a 10-minute budget.
-    """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No test (nor a process it starts) reads or writes the user's own settings.

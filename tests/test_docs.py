@@ -61,7 +61,6 @@ def sh_blocks(page: Path) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```$", page.read_text(), flags=re.S | re.M)
 
 
-@pytest.mark.slow
 def test_cli_guide_runs(tmp_path: Path) -> None:
     """docs/cli.md's shell blocks, in order, in one bash: they start and stop their own server."""
     import os

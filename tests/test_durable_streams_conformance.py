@@ -52,7 +52,6 @@ def reference_baseline(tmp_path_factory: pytest.TempPathFactory, worker_id: str)
     return shared_reference_results(base if worker_id == "master" else base.parent)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT)
 def test_the_reference_server_baseline(reference_baseline: Results) -> None:
     print(summary({"reference": reference_baseline}))
@@ -76,9 +75,8 @@ def _serve_has_anonymous_option() -> bool:
     return ANONYMOUS_OPTION in help_text
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT)
-@pytest.mark.parametrize("backend", ["azure", "file"])  # Azure's run is the longest
+@pytest.mark.parametrize("backend", ["file", "azure"])
 def test_messagevault_passes_what_the_reference_passes(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
