@@ -277,9 +277,19 @@ def test_bad_jumps_change_nothing_and_say_why(browser: Browser, served: Served) 
             assert "http" not in page.inner_text("#error"), page.inner_text("#error")
             assert page.evaluate(_STATE) == before, (kind, value)
             page.evaluate("() => { document.getElementById('error').textContent = ''; }")
-        # And a good jump still works after them all.
+        # And a good jump still works after them all, and clears the last reason.
+        jump(page, "sequence", "12abc")
+        page.locator("#error", has_text="a sequence must be a whole number").wait_for()
         jump(page, "sequence", "7")
         landed_on(page, 7)
+        assert page.inner_text("#error") == ""
+        # As do the first and last buttons.
+        for button, sequence in (("#jump-last", 499), ("#jump-first", 0)):
+            jump(page, "time", "next tuesday")
+            page.locator("#error", has_text="is not a time").wait_for()
+            page.click(button)
+            until(lambda: page.inner_text("#error") == "", f"{button} to clear the reason")
+            until(lambda s=sequence: in_view(page, f"#rows .row[data-sequence='{s}']"), button)
 
 
 def test_key_filter_shows_only_matching_rows(browser: Browser, served: Served) -> None:

@@ -1157,11 +1157,16 @@ function bind() {
     const examples = { sequence: "e.g. 1000", position: "e.g. 52428", time: "2026-12-01T14:00Z" };
     $("jump-value").placeholder = examples[$("jump-kind").value];
   });
+  // Going somewhere else leaves a refused jump behind: its reason goes too.
   $("jump-first").addEventListener("click", () => {
+    clearError();
     clearFilter();
     list.scrollToIndex(0);
   });
-  $("jump-last").addEventListener("click", () => list.scrollToEnd());
+  $("jump-last").addEventListener("click", () => {
+    clearError();
+    list.scrollToEnd();
+  });
   let filterTimer = 0;
   $("filter-key").addEventListener("input", () => {
     clearTimeout(filterTimer);
