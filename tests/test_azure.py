@@ -37,6 +37,7 @@ from messagevault.storage.azure import (
     AzureStorage,
     azure_errors,
 )
+from tests.azure_observed import observed_storage
 from tests.azurite import Azurite
 
 
@@ -349,3 +350,36 @@ async def test_a_stream_being_created_is_left_out_of_the_list(
     )
     assert listed.exit_code == 0, listed.output
     assert [json.loads(line)["stream"] for line in listed.output.splitlines()] == ["whole-stream"]
+
+
+def test_system_files_cost_one_request_each_once_the_container_is_made(azurite: Azurite) -> None:
+    storage, transport = observed_storage(azurite.connection_string)
+    try:
+        storage.write_system_file("counted.json", b"{}")  # makes the container, and the lock
+        before = sum(transport.sent.values())
+        assert storage.read_system_file("counted.json") == b"{}"
+        storage.write_system_file("counted.json", b'{"v": 2}')
+        assert storage.create_system_file("counted-2.json", b"{}")
+        assert not storage.create_system_file("counted-2.json", b"[]")
+        assert storage.read_system_file("nothing-here.json") is None
+        storage.delete_system_file("counted-2.json")
+        # Each a single request: none of them makes sure of the container again.
+        assert sum(transport.sent.values()) - before == 6
+    finally:
+        storage.service.delete_container(SYSTEM_CONTAINER)
+
+
+def test_a_system_container_deleted_by_hand_is_made_again_on_write(azurite: Azurite) -> None:
+    storage = AzureStorage.from_connection_string(azurite.connection_string)
+    try:
+        storage.write_system_file("users.json", b'{"v": 1}')
+        storage.service.delete_container(SYSTEM_CONTAINER)
+        assert storage.read_system_file("users.json") is None  # gone: no file, no error
+        storage.write_system_file("users.json", b'{"v": 2}')
+        assert storage.read_system_file("users.json") == b'{"v": 2}'
+        storage.service.delete_container(SYSTEM_CONTAINER)
+        assert storage.create_system_file("policy.json", b"{}")
+        names = {blob.name for blob in storage.system_container().list_blobs()}
+        assert names == {"policy.json", LEADER_LOCK_BLOB}  # the leader lock is back too
+    finally:
+        storage.service.delete_container(SYSTEM_CONTAINER)

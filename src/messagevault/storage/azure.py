@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -115,6 +115,7 @@ MAX_RETRY_DELAY = 1.0
 CLOSE_DRAIN_TIMEOUT = 10.0
 
 log = logging.getLogger("messagevault.storage.azure")
+T = TypeVar("T")
 
 _LEASE_LOST_CODES = {
     "LeaseIdMismatchWithBlobOperation",
@@ -198,6 +199,7 @@ class AzureStorage:
         self.sas_expiry = sas_expiry
         self.checkpoint_interval = float(checkpoint_interval)
         self._leases: AzureLeases | None = None
+        self._system_made = False  # the system container and leader lock exist (system_container)
 
     @classmethod
     def from_connection_string(cls, connection_string: str, **kwargs: Any) -> AzureStorage:
@@ -263,17 +265,36 @@ class AzureStorage:
             store.close()
 
     def system_container(self) -> ContainerClient:
-        """The container for server state (users, leader lock), created on first use."""
+        """The container for server state (users, leader lock), created on first use.
+
+        Once made it is taken to stay: making sure on every use cost each
+        system file read or write two more requests (two billed 409s on
+        Azure). A write that finds it gone after all (deleted by hand) makes
+        it again (``_system_write``); a read finds no file, as it should.
+        """
         container = self.service.get_container_client(SYSTEM_CONTAINER)
-        with azure_errors("cannot create the system container"):
-            with contextlib.suppress(ResourceExistsError):
-                container.create_container()
-            with contextlib.suppress(ResourceExistsError):
-                container.get_blob_client(LEADER_LOCK_BLOB).upload_blob(b"", overwrite=False)
+        if not self._system_made:
+            with azure_errors("cannot create the system container"):
+                with contextlib.suppress(ResourceExistsError):
+                    container.create_container()
+                with contextlib.suppress(ResourceExistsError):
+                    container.get_blob_client(LEADER_LOCK_BLOB).upload_blob(b"", overwrite=False)
+            self._system_made = True
         return container
+
+    def _system_write(self, name: str, write: Callable[[BlobClient], T]) -> T:
+        """``write`` on the system blob ``name``; the system container is made again if gone."""
+        try:
+            return write(self.system_container().get_blob_client(name))
+        except ResourceNotFoundError as exc:
+            if error_code(exc) != "ContainerNotFound":
+                raise
+            self._system_made = False
+            return write(self.system_container().get_blob_client(name))
 
     def leader_lease(self) -> BlobLease:
         """A lease on the leader lock, for a server node to compete for leadership."""
+        self._system_made = False  # rare: make sure the lock is there
         return BlobLease(self.system_container().get_blob_client(LEADER_LOCK_BLOB))
 
     def describe(self) -> str:
@@ -299,7 +320,7 @@ class AzureStorage:
     def write_system_file(self, name: str, data: bytes) -> None:
         # A block blob upload replaces the whole blob atomically.
         with azure_errors(f"cannot write {name}"):
-            self.system_container().get_blob_client(name).upload_blob(data, overwrite=True)
+            self._system_write(name, lambda blob: blob.upload_blob(data, overwrite=True))
 
     def delete_system_file(self, name: str) -> None:
         try:
@@ -312,7 +333,7 @@ class AzureStorage:
         # overwrite=False sends If-None-Match: *, which Azure checks atomically.
         with azure_errors(f"cannot create {name}"):
             try:
-                self.system_container().get_blob_client(name).upload_blob(data, overwrite=False)
+                self._system_write(name, lambda blob: blob.upload_blob(data, overwrite=False))
             except ResourceExistsError:
                 return False
         return True
