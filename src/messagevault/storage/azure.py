@@ -272,15 +272,18 @@ class AzureStorage:
         Azure). A write that finds it gone after all (deleted by hand) makes
         it again (``_system_write``); a read finds no file, as it should.
         """
-        container = self.service.get_container_client(SYSTEM_CONTAINER)
         if not self._system_made:
-            with azure_errors("cannot create the system container"):
-                with contextlib.suppress(ResourceExistsError):
-                    container.create_container()
-                with contextlib.suppress(ResourceExistsError):
-                    container.get_blob_client(LEADER_LOCK_BLOB).upload_blob(b"", overwrite=False)
-            self._system_made = True
-        return container
+            self._make_system_container()
+        return self.service.get_container_client(SYSTEM_CONTAINER)
+
+    def _make_system_container(self) -> None:
+        container = self.service.get_container_client(SYSTEM_CONTAINER)
+        with azure_errors("cannot create the system container"):
+            with contextlib.suppress(ResourceExistsError):
+                container.create_container()
+            with contextlib.suppress(ResourceExistsError):
+                container.get_blob_client(LEADER_LOCK_BLOB).upload_blob(b"", overwrite=False)
+        self._system_made = True
 
     def _system_write(self, name: str, write: Callable[[BlobClient], T]) -> T:
         """``write`` on the system blob ``name``; the system container is made again if gone."""
@@ -289,12 +292,12 @@ class AzureStorage:
         except ResourceNotFoundError as exc:
             if error_code(exc) != "ContainerNotFound":
                 raise
-            self._system_made = False
+            self._make_system_container()
             return write(self.system_container().get_blob_client(name))
 
     def leader_lease(self) -> BlobLease:
         """A lease on the leader lock, for a server node to compete for leadership."""
-        self._system_made = False  # rare: make sure the lock is there
+        self._make_system_container()  # rare: the lock must be there, whatever happened since
         return BlobLease(self.system_container().get_blob_client(LEADER_LOCK_BLOB))
 
     def describe(self) -> str:
