@@ -26,7 +26,6 @@ benchmarks/results/cluster-<time>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -51,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.report import BenchmarkParser  # noqa: E402
 from tests.azurite import Azurite  # noqa: E402
 from tests.cluster_nodes import PASSWORD, USER, cluster_of  # noqa: E402
 
@@ -234,7 +234,7 @@ def _wait_for(condition: Any, timeout: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of each ingest run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backends", default="file,azure")
@@ -244,8 +244,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args()
     backends = options.backends.split(",")
-    sizes = [int(n) for n in options.nodes.split(",")]
     modes = options.modes.split(",")
+    try:
+        sizes = [int(n) for n in options.nodes.split(",")]
+    except ValueError:
+        parser.error(f"--nodes must be whole numbers separated by commas, not {options.nodes!r}")
+    if unknown := [b for b in backends if b not in ("file", "azure")]:
+        parser.error(f"unknown backend(s) {','.join(unknown)}: choose from file,azure")
+    if unknown := [m for m in modes if m not in ("any", "writers")]:
+        parser.error(f"unknown mode(s) {','.join(unknown)}: choose from any,writers")
+    if not all(1 <= n <= PRODUCERS for n in sizes):
+        parser.error(f"--nodes must each be 1 to {PRODUCERS}, not {options.nodes}")
+    if not options.duration > 0 or options.failovers < 0:
+        parser.error("--duration must be more than 0 and --failovers 0 or more")
     console = Console(width=132)
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []  # runs that failed (their stress error), made again

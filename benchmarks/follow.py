@@ -310,7 +310,11 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.warmup < args.idle:
         parser.error("--warmup must be more than 0 and less than --idle")
-    console = Console()
+    for option in ("followers", "direct"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, not {getattr(args, option)}")
+    # Wide enough for the table's seven columns wherever it is printed (a log, a pipe).
+    console = Console(width=120)
     runs = []
     azurite = Azurite()
     azurite.start()

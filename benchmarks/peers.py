@@ -392,8 +392,6 @@ def main() -> None:
         for why in still_missing.values():
             print(why)
         sys.exit(1 if still_missing else 0)
-    if args.runs < 1:
-        parser.error(f"--runs must be at least 1, not {args.runs}")
     if not 0 < args.scale <= 1:
         parser.error(f"--scale must be above 0 and at most 1, not {args.scale}")
     workloads, systems = choose(args.only, parser)

@@ -17,10 +17,24 @@ from typing import Any, Protocol
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+class BenchmarkParser(argparse.ArgumentParser):
+    """Checks ``--runs`` once parsed: no benchmark can take medians of no runs."""
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        parsed, rest = super().parse_known_args(*args, **kwargs)
+        if getattr(parsed, "runs", 1) < 1:
+            self.error(f"--runs must be at least 1, not {parsed.runs}")
+        return parsed, rest
+
+
 def benchmark_arguments(description: str) -> argparse.ArgumentParser:
-    """A parser with the options every benchmark takes: --runs, --scale, --output."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--runs", type=int, default=3)
+    """A parser with the options every benchmark takes: --runs, --scale, --output.
+
+    ``--runs`` is checked here (no medians of no runs); what ``--scale``
+    may be differs between benchmarks, each checks its own.
+    """
+    parser = BenchmarkParser(description=description)
+    parser.add_argument("--runs", type=int, default=3, help="runs to take medians of (1 or more)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the message counts")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser

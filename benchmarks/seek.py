@@ -660,7 +660,7 @@ def check_arguments(args: argparse.Namespace, backends: list[str]) -> str | None
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         return f"unknown backend(s) {','.join(unknown)}: choose from {','.join(BACKENDS)}"
-    for option in ("runs", "seeks", "appends"):
+    for option in ("seeks", "appends"):  # --runs: benchmark_arguments
         if getattr(args, option) < 1:
             return f"--{option} must be 1 or more"
     if args.walk_seeks < 1 or args.walk_seeks > args.seeks:

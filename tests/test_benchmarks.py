@@ -83,3 +83,29 @@ def test_large_values_benchmark_runs_and_saves_results(tmp_path: Path) -> None:
     assert stored[("256 MiB", "json")] < 0.5 < 1 <= stored[("256 MiB", "random")]
     (markdown,) = (tmp_path / "results").glob("large_values-*.md")
     assert "| 256 MiB | random | read |" in markdown.read_text()
+
+
+def test_benchmarks_refuse_bad_options_in_one_line_before_running(tmp_path: Path) -> None:
+    """Each was a traceback or a silent run of nothing (or of the wrong thing) before."""
+    for name, args, expected in (
+        *((name, ("--runs", "0"), "--runs must be at least 1, not 0") for name in ("core", "http")),
+        ("follow", ("--followers", "0"), "--followers must be at least 1, not 0"),
+        ("follow", ("--direct", "-1"), "--direct must be at least 1, not -1"),
+        ("cluster", ("--runs", "0"), "--runs must be at least 1, not 0"),
+        ("cluster", ("--backends", "file,azur"), "unknown backend(s) azur"),
+        ("cluster", ("--modes", "all"), "unknown mode(s) all"),
+        ("cluster", ("--nodes", "1,x"), "--nodes must be whole numbers"),
+        ("cluster", ("--nodes", "0"), "--nodes must each be 1 to 12"),
+        ("cluster", ("--duration", "0"), "--duration must be more than 0"),
+    ):
+        output = ("--out" if name == "cluster" else "--output", str(tmp_path))
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / f"{name}.py"), *args, *output],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, (name, args, result.stderr)
+        assert expected in result.stderr.splitlines()[-1], (name, args, result.stderr)
+    assert not list(tmp_path.iterdir())
