@@ -266,7 +266,12 @@ def report(
         "a day, per follower",
         "first message seen: p50 / p99 / max",
     ):
-        table.add_column(heading, justify="left" if heading == "case" else "right")
+        # A case or a delay cut over two lines misreads; the other headings may wrap.
+        table.add_column(
+            heading,
+            justify="left" if heading == "case" else "right",
+            no_wrap=heading == "case" or heading.startswith("first"),
+        )
     for case in cases:
         rate = case["per_follower_per_s_after_warmup"]
         delays = " / ".join(
@@ -314,7 +319,7 @@ def main() -> None:
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1, not {getattr(args, option)}")
     # Wide enough for the table's seven columns wherever it is printed (a log, a pipe).
-    console = Console(width=120)
+    console = Console(width=132)
     runs = []
     azurite = Azurite()
     azurite.start()
